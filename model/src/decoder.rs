@@ -1,0 +1,33 @@
+//! One decoder layer (`Gemma4TextDecoderLayer`): four sandwich norms and a learned scalar.
+//! h = r + post_attention_layernorm(attn(input_layernorm(h)));
+//! h = r + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
+//! h = h · layer_scalar  (new in Gemma 4; tensor `layers.{i}.layer_scalar`, shape [1]).
+
+use burn::prelude::*;
+
+use crate::attention::Attention;
+use crate::cache::LayerCache;
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub pre_feedforward_layernorm: RmsNorm<B>,
+    pub post_feedforward_layernorm: RmsNorm<B>,
+    pub layer_scalar: f32,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// h [t, hidden] -> [t, hidden].
+    pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, cache);
+        let h = h + self.post_attention_layernorm.forward(attn);
+        let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
+        let h = h + self.post_feedforward_layernorm.forward(ff);
+        h * self.layer_scalar
+    }
+}

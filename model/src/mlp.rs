@@ -1,0 +1,22 @@
+//! Gated MLP: down(gelu_tanh(gate(x)) · up(x)) (`Gemma4TextMLP`). In the 31B checkpoint these three
+//! are the NVFP4 linears.
+
+use burn::prelude::*;
+use burn::tensor::activation::gelu_approximate;
+
+use crate::linear::Linear;
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// x [n, hidden] -> [n, hidden].
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let gate = gelu_approximate(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

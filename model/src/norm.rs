@@ -1,0 +1,56 @@
+//! RMSNorm as Gemma 4 has it (`Gemma4RMSNorm` in modeling_gemma4.py): x · (mean(x²) + eps)^-½ · w,
+//! computed in f32. Gemma 2/3 multiplied by `1 + w`; Gemma 4 multiplies by `w`. `v_norm` (and the
+//! vision pre-projection norm) have no weight at all.
+
+use burn::module::Param;
+use burn::prelude::*;
+
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// [dim], or None for the weightless form.
+    pub weight: Option<Param<Tensor<B, 1>>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn new(weight: Option<Tensor<B, 1>>, eps: f64) -> Self {
+        Self { weight: weight.map(Param::from_tensor), eps }
+    }
+
+    /// Normalizes over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mean_sq = x.clone().square().mean_dim(D - 1);
+        let normed = x * mean_sq.add_scalar(self.eps).powf_scalar(-0.5);
+        match &self.weight {
+            Some(w) => normed * w.val().unsqueeze::<D>(),
+            None => normed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Cpu, Lcg};
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn matches_formula_with_weight_not_one_plus_weight() {
+        let device = Default::default();
+        let mut rng = Lcg::new(3);
+        let (rows, dim) = (3usize, 24usize);
+        let x: Vec<f32> = (0..rows * dim).map(|_| rng.next_f32() * 4.0 - 2.0).collect();
+        let w: Vec<f32> = (0..dim).map(|_| rng.next_f32() + 0.5).collect();
+        let norm = RmsNorm::<Cpu>::new(Some(Tensor::from_data(TensorData::new(w.clone(), [dim]), &device)), 1e-6);
+        let y = norm.forward(Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &device));
+        let y = y.into_data().to_vec::<f32>().unwrap();
+        for r in 0..rows {
+            let row = &x[r * dim..(r + 1) * dim];
+            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / dim as f64;
+            for c in 0..dim {
+                let e = row[c] as f64 / (ms + 1e-6).sqrt() * w[c] as f64;
+                assert!((y[r * dim + c] as f64 - e).abs() < 1e-5, "{} vs {e}", y[r * dim + c]);
+            }
+        }
+    }
+}

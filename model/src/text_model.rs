@@ -1,0 +1,208 @@
+//! The text tower (`Gemma4TextModel` + tied lm_head of `Gemma4ForConditionalGeneration`):
+//! scaled embedding, decoder layers, final norm, logits = h · embed_tokensᵀ, final softcap.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::attention::Attention;
+use crate::cache::KvCache;
+use crate::config::{LayerKind, TextConfig};
+use crate::decoder::DecoderLayer;
+use crate::error::{LoadError, RunError};
+use crate::linear::Linear;
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+use crate::nvfp4::{PackedNvfp4, GROUP_SIZE};
+use crate::rope::Rope;
+use crate::weights::{check_shape, dtype_name, Checkpoint};
+use safetensors::tensor::Dtype;
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position of the step: [t, vocab].
+    All,
+    /// Only the last position: [1, vocab] (generation).
+    Last,
+}
+
+#[derive(Module, Debug)]
+pub struct TextModel<B: Backend> {
+    /// [vocab, hidden]; also the lm_head (tied).
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// sqrt(hidden) rounded to the embedding's checkpoint dtype (bf16: sqrt(5376) = 73.32 -> 73.5),
+    /// as `Gemma4TextScaledWordEmbedding` multiplies by `embed_scale.to(weight.dtype)`.
+    pub embed_scale: f32,
+    pub final_logit_softcapping: Option<f32>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+}
+
+impl<B: Backend> TextModel<B> {
+    /// Runs `tokens` (the next tokens of the sequence held by `cache`) and returns logits.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<Tensor<B, 2>, RunError> {
+        if tokens.is_empty() {
+            return Err(RunError::EmptyInput);
+        }
+        if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_size) {
+            return Err(RunError::TokenOutOfRange { id, position: cache.seq_len + position, vocab: self.vocab_size });
+        }
+        let device = self.embed_tokens.device();
+        let t = tokens.len();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens.iter().map(|&i| i as i32).collect::<Vec<_>>(), [t]), &device);
+        let mut h = self.embed_tokens.val().select(0, ids) * self.embed_scale;
+        let pos0 = cache.seq_len;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(h, pos0, layer_cache);
+        }
+        cache.seq_len += t;
+        if which == Logits::Last {
+            h = h.slice([t - 1..t, 0..self.hidden_size]);
+        }
+        let h = self.norm.forward(h);
+        let logits = h.matmul(self.embed_tokens.val().transpose());
+        Ok(match self.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        })
+    }
+
+    /// Loads the text tower from a checkpoint, marking every tensor it uses.
+    pub fn load(ckpt: &mut Checkpoint, cfg: &TextConfig, device: &B::Device) -> Result<Self, LoadError> {
+        // Gemma4ForConditionalGeneration writes `model.language_model.*`; a text-only
+        // Gemma4ForCausalLM writes `model.*`.
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model" } else { "model" };
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_name = format!("{prefix}.embed_tokens.weight");
+        let embed_dtype = ckpt.dtype(&embed_name);
+        let embed = ckpt.float(&embed_name, &[v, h])?;
+        let embed_scale = round_to_dtype((h as f32).sqrt(), embed_dtype);
+        if !cfg.tie_word_embeddings {
+            return Err(LoadError::unsupported("tie_word_embeddings", "untied lm_head is not supported (Gemma 4 ties it)"));
+        }
+        if ckpt.contains("lm_head.weight") {
+            return Err(LoadError::unsupported("lm_head.weight", "the config ties embeddings but the checkpoint has an lm_head tensor"));
+        }
+
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (i, lc) in cfg.layers.iter().enumerate() {
+            let p = format!("{prefix}.layers.{i}");
+            let (nh, nkv, d) = (cfg.num_attention_heads, lc.num_key_value_heads, lc.head_dim);
+            let a = format!("{p}.self_attn");
+            // FP8 KV-cache scales (kv_cache_quant_algo FP8): a bf16 cache is the accurate default.
+            for s in ["k_proj.k_scale", "v_proj.v_scale", "k_scale", "v_scale"] {
+                ckpt.skip(&format!("{a}.{s}"));
+            }
+            let self_attn = Attention {
+                q_proj: load_linear(ckpt, &format!("{a}.q_proj"), nh * d, h, device)?,
+                k_proj: load_linear(ckpt, &format!("{a}.k_proj"), nkv * d, h, device)?,
+                v_proj: if lc.has_v_proj { Some(load_linear(ckpt, &format!("{a}.v_proj"), nkv * d, h, device)?) } else { None },
+                o_proj: load_linear(ckpt, &format!("{a}.o_proj"), h, nh * d, device)?,
+                q_norm: load_norm(ckpt, &format!("{a}.q_norm"), d, cfg.rms_norm_eps, device)?,
+                k_norm: load_norm(ckpt, &format!("{a}.k_norm"), d, cfg.rms_norm_eps, device)?,
+                v_norm: RmsNorm::new(None, cfg.rms_norm_eps),
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: d,
+                sliding_window: (lc.kind == LayerKind::Sliding).then_some(cfg.sliding_window),
+                rope: Rope::new(&lc.rope, d),
+            };
+            if !lc.has_v_proj && ckpt.contains(&format!("{a}.v_proj.weight")) {
+                return Err(LoadError::config(
+                    format!("{a}.v_proj.weight"),
+                    "present, but attention_k_eq_v says full layers take V from k_proj",
+                ));
+            }
+            let m = format!("{p}.mlp");
+            let i_size = cfg.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: load_linear(ckpt, &format!("{m}.gate_proj"), i_size, h, device)?,
+                up_proj: load_linear(ckpt, &format!("{m}.up_proj"), i_size, h, device)?,
+                down_proj: load_linear(ckpt, &format!("{m}.down_proj"), h, i_size, device)?,
+            };
+            let eps = cfg.rms_norm_eps;
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: load_norm(ckpt, &format!("{p}.input_layernorm"), h, eps, device)?,
+                post_attention_layernorm: load_norm(ckpt, &format!("{p}.post_attention_layernorm"), h, eps, device)?,
+                pre_feedforward_layernorm: load_norm(ckpt, &format!("{p}.pre_feedforward_layernorm"), h, eps, device)?,
+                post_feedforward_layernorm: load_norm(ckpt, &format!("{p}.post_feedforward_layernorm"), h, eps, device)?,
+                layer_scalar: ckpt.scalar(&format!("{p}.layer_scalar"))?,
+            });
+        }
+        let norm = load_norm(ckpt, &format!("{prefix}.norm"), h, cfg.rms_norm_eps, device)?;
+        Ok(TextModel {
+            embed_tokens: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, h]), device)),
+            layers,
+            norm,
+            embed_scale,
+            final_logit_softcapping: cfg.final_logit_softcapping.map(|c| c as f32),
+            vocab_size: v,
+            hidden_size: h,
+        })
+    }
+
+    /// Number of NVFP4 and dense linears (for the load report).
+    pub fn linear_counts(&self) -> (usize, usize) {
+        let mut all = vec![];
+        for l in &self.layers {
+            let a = &l.self_attn;
+            all.extend([&a.q_proj, &a.k_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+            if let Some(v) = &a.v_proj {
+                all.push(v);
+            }
+        }
+        let q = all.iter().filter(|l| l.is_nvfp4()).count();
+        (q, all.len() - q)
+    }
+}
+
+fn round_to_dtype(x: f32, dtype: Option<Dtype>) -> f32 {
+    match dtype {
+        Some(Dtype::BF16) => half::bf16::from_f32(x).to_f32(),
+        Some(Dtype::F16) => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+fn load_norm<B: Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
+    let w = ckpt.float(&format!("{prefix}.weight"), &[dim])?;
+    Ok(RmsNorm::new(Some(Tensor::from_data(TensorData::new(w, [dim]), device)), eps))
+}
+
+/// A linear `prefix` with weight [out, in]: NVFP4 when `weight` is U8 and `weight_scale` exists.
+pub fn load_linear<B: Backend>(ckpt: &mut Checkpoint, prefix: &str, out: usize, inp: usize, device: &B::Device) -> Result<Linear<B>, LoadError> {
+    let wname = format!("{prefix}.weight");
+    let sname = format!("{prefix}.weight_scale");
+    let is_nvfp4 = ckpt.dtype(&wname) == Some(Dtype::U8) && ckpt.contains(&sname);
+    if !is_nvfp4 {
+        if ckpt.dtype(&wname) == Some(Dtype::U8) {
+            return Err(LoadError::MissingTensor { name: sname });
+        }
+        let w = ckpt.float(&wname, &[out, inp])?;
+        // Stored transposed ([in, out]) so the forward is x · w.
+        let w = Tensor::<B, 2>::from_data(TensorData::new(w, [out, inp]), device).transpose();
+        return Ok(Linear::Dense(Param::from_tensor(w)));
+    }
+    if inp % GROUP_SIZE != 0 {
+        return Err(LoadError::Shape { name: wname, expected: vec![out, inp / 2], found: vec![out, inp] });
+    }
+    let global = ckpt.scalar(&format!("{prefix}.weight_scale_2"))?;
+    ckpt.skip(&format!("{prefix}.input_scale")); // W4A4 only; Hopper runs W4A16.
+    let scale = {
+        let s = ckpt.raw(&sname)?;
+        if s.dtype != Dtype::F8_E4M3 {
+            return Err(LoadError::Dtype { name: sname, expected: "F8_E4M3".into(), found: dtype_name(s.dtype) });
+        }
+        check_shape(&s, &[out, inp / GROUP_SIZE])?;
+        s.bytes.to_vec()
+    };
+    let w = ckpt.raw(&wname)?;
+    check_shape(&w, &[out, inp / 2])?;
+    let packed = PackedNvfp4::from_checkpoint(w.bytes, &scale, global, out, inp);
+    Ok(Linear::Nvfp4(packed.to_device(device)))
+}

@@ -1,0 +1,215 @@
+//! The `gemma4` binary. Subcommands:
+//! - `logits`: logits at every position of a token sequence, written to a safetensors file;
+//! - `generate`: prefill + decode with greedy or seeded sampling.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use clap::{Parser, Subcommand, ValueEnum};
+use gemma4_model::{generate, GenerateRequest, KvCache, Logits, Model, SamplingParams};
+
+#[derive(Parser)]
+#[command(name = "gemma4", version, about = "Gemma 4 (NVFP4) inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum DeviceArg {
+    /// Pure-Rust CPU reference backend (ndarray, f32).
+    Cpu,
+    /// CubeCL over wgpu (Vulkan/Metal/...; lavapipe on CPU-only machines). Needs the `wgpu` feature.
+    Wgpu,
+    /// CubeCL over CUDA. Needs the `cuda` feature and an NVIDIA driver.
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the logits at every position of `--tokens` to a safetensors file (tensor `logits`, f32 [tokens, vocab]).
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids, e.g. 2,10,20.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// Generate a continuation of `--tokens` or `--prompt`.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated prompt token ids (no tokenizer needed).
+        #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+        tokens: Option<Vec<u32>>,
+        /// Prompt text, encoded with the checkpoint's tokenizer.json (special tokens added as the tokenizer defines).
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// 0 disables top-k.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print `{"tokens": [...], "text": "..."}` as the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device = match &cli.command {
+        Command::Logits { device, .. } | Command::Generate { device, .. } => *device,
+    };
+    match device {
+        DeviceArg::Cpu => with_backend::<gemma4_model::CpuBackend>(cli, Default::default()),
+        DeviceArg::Wgpu => wgpu_device(cli),
+        DeviceArg::Cuda => cuda_device(cli),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device(cli: Cli) -> Result<()> {
+    with_backend::<burn::backend::Wgpu<f32, i32>>(cli, burn::backend::wgpu::WgpuDevice::default())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device(_: Cli) -> Result<()> {
+    bail!("this gemma4 binary was built without wgpu support: rebuild with `--features wgpu`")
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(cli: Cli) -> Result<()> {
+    // Without libcuda the first tensor op panics in a background thread: check first.
+    let found = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64", "/usr/local/cuda/lib64", "/usr/lib"]
+        .iter()
+        .map(PathBuf::from)
+        .chain(std::env::var("LD_LIBRARY_PATH").unwrap_or_default().split(':').filter(|s| !s.is_empty()).map(PathBuf::from))
+        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists());
+    if !found {
+        bail!("--device cuda: no NVIDIA driver library (libcuda.so.1) found on this machine");
+    }
+    with_backend::<burn::backend::Cuda<f32, i32>>(cli, burn::backend::cuda::CudaDevice::default())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_: Cli) -> Result<()> {
+    bail!("this gemma4 binary was built without CUDA support: rebuild with `--features cuda`")
+}
+
+fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
+    let start = Instant::now();
+    let model = Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    let r = &model.report;
+    eprintln!(
+        "loaded {} in {:.2}s: {} tensors, {} NVFP4 linears, {} dense linears{}",
+        dir.display(),
+        start.elapsed().as_secs_f64(),
+        r.tensors_used,
+        r.nvfp4_linears,
+        r.dense_linears,
+        if r.skipped.is_empty() { String::new() } else { format!(", {} vision tensors not loaded (vision tower not implemented yet)", r.skipped.len()) }
+    );
+    Ok(model)
+}
+
+fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
+    match cli.command {
+        Command::Logits { model, tokens, out, .. } => {
+            let m = load::<B>(&model, &device)?;
+            let mut cache = KvCache::new(&m.text);
+            let start = Instant::now();
+            let logits = m.text.forward(&tokens, &mut cache, Logits::All)?;
+            let [t, v] = logits.dims();
+            let data = logits.into_data().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            eprintln!("{t} positions in {:.3}s", start.elapsed().as_secs_f64());
+            let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, v], &bytes)?;
+            safetensors::serialize_to_file([("logits", view)], None, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(())
+        }
+        Command::Generate { model, tokens, prompt, max_new_tokens, temperature, top_k, top_p, min_p, seed, json, .. } => {
+            let m = load::<B>(&model, &device)?;
+            let tokenizer_path = model.join("tokenizer.json");
+            let tokenizer = if tokenizer_path.exists() {
+                Some(tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_path.display()))?)
+            } else {
+                None
+            };
+            let prompt_ids = match (tokens, prompt) {
+                (Some(ids), _) => ids,
+                (None, Some(text)) => {
+                    let Some(tok) = &tokenizer else { bail!("--prompt needs {}; pass --tokens instead", tokenizer_path.display()) };
+                    tok.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+                }
+                (None, None) => bail!("give --tokens or --prompt"),
+            };
+            let sampling = SamplingParams { temperature, top_k, top_p, min_p, seed };
+            let req = GenerateRequest {
+                prompt: prompt_ids.clone(),
+                max_new_tokens,
+                sampling,
+                stop_ids: m.stop_ids(),
+                suppress_ids: m.generation.suppress_tokens.clone(),
+                max_len: m.config.text.max_position_embeddings,
+            };
+            let out = generate(&m.text, &req, |id| {
+                if !json {
+                    match &tokenizer {
+                        Some(t) => print!("{}", t.decode(&[id], false).unwrap_or_default()),
+                        None => print!("{id} "),
+                    }
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                }
+            })?;
+            if !json {
+                println!();
+            }
+            let n = out.tokens.len();
+            eprintln!(
+                "prompt {} tokens in {:.3}s ({:.1} tok/s); {} new tokens in {:.3}s ({:.1} tok/s); finish: {:?}",
+                prompt_ids.len(),
+                out.prompt_seconds,
+                prompt_ids.len() as f64 / out.prompt_seconds.max(1e-9),
+                n,
+                out.decode_seconds,
+                n.saturating_sub(1) as f64 / out.decode_seconds.max(1e-9),
+                out.finish
+            );
+            if json {
+                let mut obj = serde_json::json!({ "tokens": out.tokens });
+                if let Some(t) = &tokenizer {
+                    obj["text"] = serde_json::Value::String(t.decode(&out.tokens, true).map_err(|e| anyhow::anyhow!("{e}"))?);
+                }
+                println!("{obj}");
+            }
+            Ok(())
+        }
+    }
+}
