@@ -66,14 +66,16 @@ def dequant_nvfp4_modelopt(packed: torch.Tensor, scale: torch.Tensor, scale_2: t
     return q.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: BLOCK})
 
 
-def load_dequantized_state_dict(fixture_dir: str, stats: dict | None = None) -> dict[str, torch.Tensor]:
+def load_dequantized_state_dict(
+    fixture_dir: str, stats: dict | None = None, use_direct: bool = False
+) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors as float32, NVFP4 linears dequantized.
 
     A linear X is NVFP4 when X.weight is U8 and X.weight_scale exists (decided from the tensors).
     ModelOpt's dequantization is used; it is asserted to equal the direct implementation up to one
     float32 rounding (ModelOpt multiplies scale * scale_2 first, then by the code value, which can
     round twice); `stats` receives the number of elements where the two differ and the largest
-    relative difference.
+    relative difference. `use_direct` returns the direct (single-rounding) values instead.
     """
     path = os.path.join(fixture_dir, "model.safetensors")
     sd: dict[str, torch.Tensor] = {}
@@ -104,7 +106,7 @@ def load_dequantized_state_dict(fixture_dir: str, stats: dict | None = None) -> 
                     max_rel = max(max_rel, rel)
                 n_diff += int(diff.sum())
                 n_total += diff.numel()
-                sd[k] = w_mo
+                sd[k] = w_direct if use_direct else w_mo
                 nvfp4.append(base)
             else:
                 assert t.dtype in (torch.bfloat16, torch.float32), (k, t.dtype)
