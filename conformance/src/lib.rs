@@ -1,1 +1,75 @@
+//! Golden-output conformance: the fixtures under `fixtures/` were made by transformers 5.23.0 and
+//! nvidia-modelopt 0.47.0 (`conformance/fixtures_gen/`); this crate reads their reference outputs
+//! and compares the engine against them. Tolerances are stated next to each check.
 
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Max |Δ logit| allowed against the f32 reference (issue 2).
+pub const LOGITS_TOLERANCE: f32 = 1e-3;
+/// Max |Δ logit| between decode-through-the-cache and one full prefill of the same sequence
+/// (same engine, different association of the same f32 sums).
+pub const CACHE_TOLERANCE: f32 = 1e-4;
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub generator: serde_json::Value,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub min_greedy_margin: f64,
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+/// Fixture directories that carry reference outputs, sorted by name.
+pub fn fixtures() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .expect("fixtures/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+pub fn load_reference(dir: &Path) -> Reference {
+    let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json parses")
+}
+
+/// `<case>.logits` from reference.safetensors: (values, [positions, vocab]).
+pub fn reference_logits(dir: &Path, case: &str) -> (Vec<f32>, [usize; 2]) {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference.safetensors parses");
+    let t = st.tensor(&format!("{case}.logits")).expect("case logits present");
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let shape = [t.shape()[0], t.shape()[1]];
+    let values = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (values, shape)
+}
+
+/// Max |a - b| and where it is.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
+    assert_eq!(a.len(), b.len(), "compared tensors differ in size");
+    let mut worst = (0f32, 0usize);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let d = (x - y).abs();
+        if d > worst.0 || d.is_nan() {
+            worst = (if d.is_nan() { f32::INFINITY } else { d }, i);
+        }
+    }
+    worst
+}
+
+pub fn name(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}

@@ -84,6 +84,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub image_token_id: Option<u32>,
+    pub video_token_id: Option<u32>,
+    pub audio_token_id: Option<u32>,
     pub quantization: Option<QuantConfig>,
 }
 
@@ -225,7 +227,8 @@ impl ModelConfig {
             }
         }
         let bos_token_id = root.opt_id("bos_token_id")?.or(text_obj.opt_id("bos_token_id")?);
-        let pad_token_id = root.opt_id("pad_token_id")?.or(text_obj.opt_id("pad_token_id")?);
+        // transformers reads text_config.pad_token_id for the placeholder replacement.
+        let pad_token_id = text_obj.opt_id("pad_token_id")?.or(root.opt_id("pad_token_id")?);
         let quantization = parse_quant(&root, hf_quant)?;
         Ok(ModelConfig {
             text,
@@ -234,8 +237,17 @@ impl ModelConfig {
             bos_token_id,
             pad_token_id,
             image_token_id: root.opt_id("image_token_id")?,
+            video_token_id: root.opt_id("video_token_id")?,
+            audio_token_id: root.opt_id("audio_token_id")?,
             quantization,
         })
+    }
+}
+
+impl ModelConfig {
+    /// Media placeholder ids present in the config (image, video, audio).
+    pub fn placeholder_ids(&self) -> Vec<u32> {
+        [self.image_token_id, self.video_token_id, self.audio_token_id].into_iter().flatten().collect()
     }
 }
 

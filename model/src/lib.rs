@@ -59,7 +59,9 @@ impl<B: Backend> Model<B> {
         let config = ModelConfig::from_dir(dir)?;
         let generation = GenerationConfig::from_dir(dir)?;
         let mut ckpt = weights::Checkpoint::open(dir)?;
-        let text = TextModel::load(&mut ckpt, &config.text, device)?;
+        let mut text = TextModel::load(&mut ckpt, &config.text, device)?;
+        text.placeholder_ids = config.placeholder_ids();
+        text.pad_token_id = config.pad_token_id.unwrap_or(0);
         // The vision tower is a later issue: its tensors are acknowledged, not silently dropped.
         let skipped: Vec<String> = ckpt
             .names()

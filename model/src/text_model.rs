@@ -39,6 +39,10 @@ pub struct TextModel<B: Backend> {
     pub final_logit_softcapping: Option<f32>,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// Image/video/audio placeholder ids: embedded as `pad_token_id` (`Gemma4Model.forward`
+    /// replaces them before the lookup; soft tokens overwrite them when media is attached).
+    pub placeholder_ids: Vec<u32>,
+    pub pad_token_id: u32,
 }
 
 impl<B: Backend> TextModel<B> {
@@ -52,7 +56,11 @@ impl<B: Backend> TextModel<B> {
         }
         let device = self.embed_tokens.device();
         let t = tokens.len();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens.iter().map(|&i| i as i32).collect::<Vec<_>>(), [t]), &device);
+        let ids: Vec<i32> = tokens
+            .iter()
+            .map(|&i| if self.placeholder_ids.contains(&i) { self.pad_token_id } else { i } as i32)
+            .collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [t]), &device);
         let mut h = self.embed_tokens.val().select(0, ids) * self.embed_scale;
         let pos0 = cache.seq_len;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -143,6 +151,8 @@ impl<B: Backend> TextModel<B> {
             final_logit_softcapping: cfg.final_logit_softcapping.map(|c| c as f32),
             vocab_size: v,
             hidden_size: h,
+            placeholder_ids: vec![],
+            pad_token_id: 0,
         })
     }
 
