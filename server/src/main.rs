@@ -2,6 +2,8 @@
 //! - `logits`: logits at every position of a token sequence, written to a safetensors file;
 //! - `generate`: prefill + decode with greedy or seeded sampling.
 
+mod check;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -71,6 +73,29 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
     },
+    /// Compare against a conformance fixture's reference logits and greedy outputs.
+    Check {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f32,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// End-to-end speed: prefill tokens/s and batch-1 decode tokens/s on random token ids.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        prompt_len: usize,
+        /// Decode steps measured after a 16-token prompt.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
 }
 
 fn main() {
@@ -83,7 +108,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let device = match &cli.command {
-        Command::Logits { device, .. } | Command::Generate { device, .. } => *device,
+        Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::Check { device, .. } => *device,
     };
     match device {
         DeviceArg::Cpu => with_backend::<gemma4_model::CpuBackend>(cli, Default::default()),
@@ -211,5 +236,59 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
+        Command::Check { model, tolerance, .. } => {
+            let m = load::<B>(&model, &device)?;
+            check::check(&m, &model, tolerance)
+        }
+        Command::Bench { model, prompt_len, decode_tokens, repeats, .. } => {
+            let m = load::<B>(&model, &device)?;
+            bench(&m, prompt_len, decode_tokens, repeats.max(1))
+        }
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prefill: one forward over `prompt_len` random ids (median of `repeats`, after a warm-up).
+/// Decode: `decode_tokens` greedy steps through the KV cache after a 16-token prompt.
+fn bench<B: Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize) -> Result<()> {
+    let vocab = m.text.vocab_size as u64;
+    let mut rng = gemma4_model::generation::Rng::new(1234);
+    let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let sync = |t: Tensor<B, 2>| t.into_data(); // reading back waits for the device
+    let mut cache = KvCache::new(&m.text);
+    sync(m.text.forward(&prompt, &mut cache, Logits::Last)?);
+    let mut prefill = vec![];
+    for _ in 0..repeats {
+        let mut cache = KvCache::new(&m.text);
+        let start = Instant::now();
+        sync(m.text.forward(&prompt, &mut cache, Logits::Last)?);
+        prefill.push(prompt_len as f64 / start.elapsed().as_secs_f64());
+    }
+    let mut decode = vec![];
+    for _ in 0..repeats.min(3) {
+        let mut cache = KvCache::new(&m.text);
+        let mut next = [prompt[0]];
+        sync(m.text.forward(&prompt[..16.min(prompt_len)], &mut cache, Logits::Last)?);
+        let start = Instant::now();
+        for _ in 0..decode_tokens {
+            let row = sync(m.text.forward(&next, &mut cache, Logits::Last)?).to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            next[0] = gemma4_model::generation::sample(&row, &SamplingParams::greedy(), &[], &mut gemma4_model::generation::Rng::new(0));
+        }
+        decode.push(decode_tokens as f64 / start.elapsed().as_secs_f64());
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "gemma4 (burn)",
+            "prompt_len": prompt_len,
+            "prefill_tok_s": median(prefill),
+            "decode_tokens": decode_tokens,
+            "decode_tok_s": median(decode),
+        })
+    );
+    Ok(())
 }
