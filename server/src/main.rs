@@ -134,7 +134,11 @@ fn cuda_device(cli: Cli) -> Result<()> {
         .iter()
         .map(PathBuf::from)
         .chain(std::env::var("LD_LIBRARY_PATH").unwrap_or_default().split(':').filter(|s| !s.is_empty()).map(PathBuf::from))
-        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists());
+        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists())
+        || std::process::Command::new("ldconfig")
+            .arg("-p")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libcuda.so.1"));
     if !found {
         bail!("--device cuda: no NVIDIA driver library (libcuda.so.1) found on this machine");
     }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One command for the GPU machine (no Rust toolchain there): checks the engine on CUDA against
+# every conformance fixture, then prints the end-to-end bench. Build the binary here first:
+#   CUDARC_CUDA_VERSION=13000 cargo build --release -p gemma4-server --features cuda
+#   mkdir -p dist && cp target/release/gemma4 dist/ && strip dist/gemma4
+# then run this script on the device with `dist` carried.
+set -uo pipefail
+BIN="${BIN:-dist/gemma4}"
+OUT="${OUT:-/tmp/device-check}"
+mkdir -p "$OUT"
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+for dir in fixtures/*/; do
+    [ -f "$dir/reference.json" ] || continue
+    echo "== check --device cuda $dir"
+    "$BIN" check --device cuda --model "$dir" 2>&1 | tee -a "$OUT/check.log" || status=1
+done
+for dir in fixtures/*/; do
+    [ -f "$dir/reference.json" ] || continue
+    echo "== bench --device cuda $dir"
+    "$BIN" bench --device cuda --model "$dir" --prompt-len 256 --decode-tokens 128 --repeats 5 2>&1 | tee -a "$OUT/bench.log" || status=1
+    echo "== bench --device cpu $dir (same machine, for the ratio)"
+    "$BIN" bench --device cpu --model "$dir" --prompt-len 256 --decode-tokens 128 --repeats 3 2>&1 | tee -a "$OUT/bench.log" || status=1
+done
+exit $status
