@@ -102,6 +102,15 @@ fn wrong_dtype_of_block_scale() {
 }
 
 #[test]
+fn nan_block_scale() {
+    let mut t = read_tensors(&source());
+    let name = first_ending(&t, ".weight_scale");
+    t.get_mut(&name).unwrap().2[3] = 0x7f;
+    let err = load_err(&damaged_copy("nan-scale", &t));
+    assert!(matches!(&err, LoadError::BadValue { name: n, .. } if *n == name), "{err}");
+}
+
+#[test]
 fn wrong_dtype_of_norm() {
     let mut t = read_tensors(&source());
     let name = first_ending(&t, "input_layernorm.weight");

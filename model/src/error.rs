@@ -21,6 +21,8 @@ pub enum LoadError {
     Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{name}`: dtype {found} is not supported here (expected {expected})")]
     Dtype { name: String, expected: String, found: String },
+    #[error("tensor `{name}`: {msg}")]
+    BadValue { name: String, msg: String },
     #[error("tensor `{name}` is stored in more than one file ({first} and {second})")]
     Duplicate { name: String, first: String, second: String },
     #[error("the checkpoint holds tensors the model does not use: {names}")]

@@ -36,6 +36,32 @@ pub fn e4m3_to_f32(byte: u8) -> f32 {
     sign * mag
 }
 
+/// E2M1 codes (0..15) to values with exact float arithmetic:
+/// |v| = m/2 + relu(m - 4)/2 + relu(m - 6) for m = code & 7 gives 0, .5, 1, 1.5, 2, 3, 4, 6.
+pub fn e2m1_decode<B: Backend, const D: usize>(codes: Tensor<B, D, Int>) -> Tensor<B, D> {
+    let sign = codes.clone().bitwise_right_shift_scalar(3.elem()).float();
+    let m = codes.bitwise_and_scalar(7.elem()).float();
+    let mag = m.clone() * 0.5 + (m.clone() - 4.0).clamp_min(0.0) * 0.5 + (m - 6.0).clamp_min(0.0);
+    mag * (sign * -2.0 + 1.0)
+}
+
+/// E4M3 bytes (0..255, NaN encodings excluded by the loader) to values with exact arithmetic:
+/// normal (1 + m/8)·2^(e-7), subnormal m·2^-9; 2^e is built from the bits of e so that no
+/// backend's `pow` rounding can enter.
+pub fn e4m3_decode<B: Backend, const D: usize>(bytes: Tensor<B, D, Int>) -> Tensor<B, D> {
+    let sign = bytes.clone().bitwise_right_shift_scalar(7.elem()).float();
+    let e = bytes.clone().bitwise_right_shift_scalar(3.elem()).bitwise_and_scalar(15.elem());
+    let m = bytes.bitwise_and_scalar(7.elem()).float();
+    let bit = |k: i32| e.clone().bitwise_right_shift_scalar(k.elem()).bitwise_and_scalar(1.elem()).float();
+    // 2^e = (1 + e0)(1 + 3 e1)(1 + 15 e2)(1 + 255 e3), each factor an exact small integer.
+    let pow2_e = (bit(0) + 1.0) * (bit(1) * 3.0 + 1.0) * (bit(2) * 15.0 + 1.0) * (bit(3) * 255.0 + 1.0);
+    let normal = (m.clone() * 0.125 + 1.0) * pow2_e * 2f32.powi(-7);
+    let is_normal = e.clamp_max(1).float();
+    let subnormal = m * 2f32.powi(-9);
+    let mag = normal * is_normal.clone() + subnormal * (is_normal * -1.0 + 1.0);
+    mag * (sign * -2.0 + 1.0)
+}
+
 /// A packed NVFP4 weight matrix [out, in] on a device.
 #[derive(Module, Debug)]
 pub struct Nvfp4Weight<B: Backend> {
@@ -131,40 +157,25 @@ pub fn scale_words_per_row(in_features: usize) -> usize {
 impl<B: Backend> Nvfp4Weight<B> {
     /// Dense [out, in] weight decoded with plain tensor ops (any backend): the reference path.
     pub fn dequantize(&self) -> Tensor<B, 2> {
-        let device = self.codes.device();
         let (out, inp) = (self.out_features, self.in_features);
-        // Codes: word [out, in/8] -> nibbles [out, in/8, 8] -> [out, in].
-        let shifts = Tensor::<B, 1, Int>::from_data(TensorData::new((0..8).map(|k| 4 * k).collect::<Vec<i32>>(), [8]), &device);
-        // Explicit expands: not every backend broadcasts integer bit ops.
-        let codes = self
-            .codes
-            .clone()
-            .unsqueeze_dim::<3>(2)
-            .expand([out, inp / 8, 8])
-            .bitwise_right_shift(shifts.reshape([1, 1, 8]).expand([out, inp / 8, 8]))
-            .bitwise_and_scalar(0xf.elem())
-            .reshape([out * inp]);
-        let table = Tensor::<B, 1>::from_data(TensorData::new(E2M1_VALUES.to_vec(), [16]), &device);
-        let values = table.select(0, codes).reshape([out, inp / GROUP_SIZE, GROUP_SIZE]);
-
-        // Scales: word [out, w] -> bytes [out, 4w] -> first in/16 -> f32 via a 256-entry table.
         let groups = inp / GROUP_SIZE;
-        let words = self.scales.dims()[1];
-        let shifts = Tensor::<B, 1, Int>::from_data(TensorData::new((0..4).map(|k| 8 * k).collect::<Vec<i32>>(), [4]), &device);
-        let bytes = self
-            .scales
-            .clone()
-            .unsqueeze_dim::<3>(2)
-            .expand([out, words, 4])
-            .bitwise_right_shift(shifts.reshape([1, 1, 4]).expand([out, words, 4]))
-            .bitwise_and_scalar(0xff.elem())
-            .reshape([out, words * 4])
-            .slice([0..out, 0..groups])
-            .reshape([out * groups]);
-        let e4m3: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
-        let table = Tensor::<B, 1>::from_data(TensorData::new(e4m3, [256]), &device);
-        let scales = table.select(0, bytes).reshape([out, groups, 1]) * self.global_scale;
+        // Codes: word [out, in/8] -> 8 nibbles -> [out, in/8, 8] -> [out, in]. Scalar shifts and
+        // elementwise arithmetic only: table lookups (`select`) and integer broadcasts are slow or
+        // missing on some backends.
+        let nibbles: Vec<Tensor<B, 3, Int>> = (0..8)
+            .map(|k| self.codes.clone().bitwise_right_shift_scalar((4 * k).elem()).bitwise_and_scalar(0xf.elem()).unsqueeze_dim(2))
+            .collect();
+        let codes = Tensor::cat(nibbles, 2).reshape([out, inp]);
+        let values = e2m1_decode(codes).reshape([out, groups, GROUP_SIZE]);
 
+        // Scales: word [out, w] -> 4 bytes -> [out, 4w] -> the first in/16 -> E4M3 decode.
+        let words = self.scales.dims()[1];
+        let bytes: Vec<Tensor<B, 3, Int>> = (0..4)
+            .map(|k| self.scales.clone().bitwise_right_shift_scalar((8 * k).elem()).bitwise_and_scalar(0xff.elem()).unsqueeze_dim(2))
+            .collect();
+        let bytes = Tensor::cat(bytes, 2).reshape([out, words * 4]).slice([0..out, 0..groups]);
+        // modelopt order: block scale times global scale first, then times the E2M1 value.
+        let scales = (e4m3_decode(bytes) * self.global_scale).reshape([out, groups, 1]);
         (values * scales).reshape([out, inp])
     }
 
@@ -202,6 +213,20 @@ mod tests {
             }
         }
         w
+    }
+
+    #[test]
+    fn tensor_decoders_match_tables_for_every_code() {
+        let device = Default::default();
+        let codes = Tensor::<Cpu, 1, Int>::from_data(TensorData::new((0..16).collect::<Vec<i32>>(), [16]), &device);
+        let got = e2m1_decode(codes).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got, E2M1_VALUES.to_vec());
+        let finite: Vec<i32> = (0..256).filter(|b| b & 0x7f != 0x7f).collect();
+        let n = finite.len();
+        let bytes = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(finite.clone(), [n]), &device);
+        let got = e4m3_decode(bytes).into_data().to_vec::<f32>().unwrap();
+        let expected: Vec<f32> = finite.iter().map(|&b| e4m3_to_f32(b as u8)).collect();
+        assert_eq!(got, expected);
     }
 
     #[test]

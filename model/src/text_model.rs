@@ -209,8 +209,15 @@ pub fn load_linear<B: Backend>(ckpt: &mut Checkpoint, prefix: &str, out: usize, 
             return Err(LoadError::Dtype { name: sname, expected: "F8_E4M3".into(), found: dtype_name(s.dtype) });
         }
         check_shape(&s, &[out, inp / GROUP_SIZE])?;
+        // 0x7f / 0xff are E4M3's NaN: a checkpoint holding one is corrupt.
+        if let Some(i) = s.bytes.iter().position(|b| b & 0x7f == 0x7f) {
+            return Err(LoadError::BadValue { name: sname, msg: format!("NaN block scale at flat index {i}") });
+        }
         s.bytes.to_vec()
     };
+    if !global.is_finite() {
+        return Err(LoadError::BadValue { name: format!("{prefix}.weight_scale_2"), msg: format!("non-finite global scale {global}") });
+    }
     let w = ckpt.raw(&wname)?;
     check_shape(&w, &[out, inp / 2])?;
     let packed = PackedNvfp4::from_checkpoint(w.bytes, &scale, global, out, inp);
