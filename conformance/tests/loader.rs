@@ -21,8 +21,24 @@ fn read_tensors(dir: &Path) -> Tensors {
     st.iter().map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
 }
 
+/// A temporary directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Copies the fixture's JSON files into a fresh temp dir and writes `tensors` as model.safetensors.
-fn damaged_copy(tag: &str, tensors: &Tensors) -> PathBuf {
+fn damaged_copy(tag: &str, tensors: &Tensors) -> Scratch {
     let src = source();
     let dir = std::env::temp_dir().join(format!("gemma4-loader-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -37,7 +53,7 @@ fn damaged_copy(tag: &str, tensors: &Tensors) -> PathBuf {
         .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-    dir
+    Scratch(dir)
 }
 
 fn load_err(dir: &Path) -> LoadError {

@@ -25,6 +25,7 @@ fn logits_writes_every_position_equal_to_reference() {
     let o = gemma4(&["logits", "--model", model.to_str().unwrap(), "--tokens", &ids.join(","), "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
@@ -87,6 +88,7 @@ fn works_without_tokenizer_and_refuses_prompt_text() {
     let o = gemma4(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("tokenizer.json"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
