@@ -13,8 +13,10 @@ use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::{apply_rope, Rope};
 
-/// Added to masked scores; finite so a bf16/f16 backend does not produce NaN.
-const MASKED: f32 = -1e30;
+/// Added to masked scores. Every row keeps at least its own position, so the softmax max is
+/// finite and exp(-inf - max) = 0 exactly (a large finite value sends libm's exp down its slow
+/// underflow path instead).
+const MASKED: f32 = f32::NEG_INFINITY;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
