@@ -1,0 +1,1 @@
+//! Chat template rendering (minijinja, Python-compatible): filled in next.

@@ -1,0 +1,6 @@
+//! The serving side of gemma4: an engine that runs requests over the model with continuous
+//! batching (knows nothing of HTTP), the prompt side (chat template), the output side (thinking and
+//! tool-call parser), and the OpenAI-compatible HTTP layer over them.
+
+pub mod chat_template;
+pub mod parser;

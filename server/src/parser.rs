@@ -1,0 +1,1 @@
+//! Per-request output parser over token ids: filled in next.
