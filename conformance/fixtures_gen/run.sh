@@ -28,4 +28,5 @@ fi
 cd "$REPO"
 # One CPU thread for bit-reproducible calibration and reference numbers.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CUDA_VISIBLE_DEVICES="" PYTHONHASHSEED=0
-exec "$VENV/bin/python" "$HERE/generate.py" "$@"
+"$VENV/bin/python" "$HERE/generate.py" "$@"
+exec "$VENV/bin/python" "$HERE/chat_renders.py"  # fixtures/chat/cases.json: reference chat-template renders

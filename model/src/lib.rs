@@ -56,9 +56,15 @@ impl<B: Backend> Model<B> {
     /// Loads `config.json`, `hf_quant_config.json`, `generation_config.json` and the weights of
     /// `dir`. Any missing, misshapen, mistyped or unused tensor is an error naming it.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self, LoadError> {
+        Self::load_with_progress(dir, device, |_, _| {})
+    }
+
+    /// As `load`, calling `progress(tensors loaded, total)` along the way.
+    pub fn load_with_progress(dir: &Path, device: &B::Device, progress: impl FnMut(usize, usize) + Send + 'static) -> Result<Self, LoadError> {
         let config = ModelConfig::from_dir(dir)?;
         let generation = GenerationConfig::from_dir(dir)?;
         let mut ckpt = weights::Checkpoint::open(dir)?;
+        ckpt.set_progress(progress);
         let mut text = TextModel::load(&mut ckpt, &config.text, device)?;
         text.placeholder_ids = config.placeholder_ids();
         text.pad_token_id = config.pad_token_id.unwrap_or(0);

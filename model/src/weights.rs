@@ -23,6 +23,8 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
     used: BTreeSet<String>,
+    /// Called with (tensors taken, total) as the model takes tensors (a progress bar).
+    progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
 }
 
 /// A borrowed tensor: dtype, shape and raw little-endian bytes.
@@ -50,7 +52,7 @@ impl Checkpoint {
         } else {
             vec![dir.join("model.safetensors")]
         };
-        let mut ckpt = Checkpoint { files: vec![], entries: HashMap::new(), used: BTreeSet::new() };
+        let mut ckpt = Checkpoint { files: vec![], entries: HashMap::new(), used: BTreeSet::new(), progress: None };
         for path in files {
             ckpt.add_file(path)?;
         }
@@ -84,6 +86,10 @@ impl Checkpoint {
         Ok(())
     }
 
+    pub fn set_progress(&mut self, f: impl FnMut(usize, usize) + Send + 'static) {
+        self.progress = Some(Box::new(f));
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
@@ -103,6 +109,9 @@ impl Checkpoint {
             .get_key_value(name)
             .ok_or_else(|| LoadError::MissingTensor { name: name.to_string() })?;
         self.used.insert(key.clone());
+        if let Some(p) = self.progress.as_mut() {
+            p(self.used.len(), self.entries.len());
+        }
         Ok(RawTensor { name: key, dtype: e.dtype, shape: &e.shape, bytes: &self.files[e.file].1[e.start..e.end] })
     }
 

@@ -3,4 +3,7 @@
 //! tool-call parser), and the OpenAI-compatible HTTP layer over them.
 
 pub mod chat_template;
+pub mod engine;
+pub mod http;
 pub mod parser;
+pub mod serve;

@@ -73,6 +73,36 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
     },
+    /// Serve the OpenAI-compatible API (chat completions, responses, models, tokenize, metrics, ...).
+    Serve {
+        /// Checkpoint directory; the bundled tiny fixture when omitted.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Name clients use in `model` (default: the checkpoint directory's name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize.
+        #[arg(long, env = "GEMMA4_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Context limit (prompt + output); default and maximum: the model's max_position_embeddings.
+        #[arg(long)]
+        max_model_len: Option<usize>,
+        /// Requests advanced together per engine step.
+        #[arg(long, default_value_t = 16)]
+        max_num_seqs: usize,
+        /// Requests that may wait for a slot; beyond that the server answers 503.
+        #[arg(long, default_value_t = 256)]
+        max_waiting: usize,
+        /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
+        #[arg(long, default_value_t = 10)]
+        shutdown_grace: u64,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
     /// Compare against a conformance fixture's reference logits and greedy outputs.
     Check {
         #[arg(long)]
@@ -99,6 +129,10 @@ enum Command {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -108,7 +142,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let device = match &cli.command {
-        Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::Check { device, .. } => *device,
+        Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::Check { device, .. }
+        | Command::Serve { device, .. } => *device,
     };
     match device {
         DeviceArg::Cpu => with_backend::<gemma4_model::CpuBackend>(cli, Default::default()),
@@ -239,6 +274,20 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
                 println!("{obj}");
             }
             Ok(())
+        }
+        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_waiting, shutdown_grace, .. } => {
+            let args = gemma4_server::serve::ServeArgs {
+                model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
+                host,
+                port,
+                served_model_name,
+                api_key,
+                max_model_len,
+                max_num_seqs,
+                max_waiting,
+                shutdown_grace,
+            };
+            gemma4_server::serve::run::<B>(args, device)
         }
         Command::Check { model, tolerance, .. } => {
             let m = load::<B>(&model, &device)?;

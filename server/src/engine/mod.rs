@@ -1,0 +1,344 @@
+//! The engine: owns the model on its own thread and runs requests with iteration-level
+//! (continuous) scheduling. A request joins the running set at the next step; each step advances
+//! every running sequence by one token; a finished, cancelled or disconnected request leaves at
+//! once and its KV cache is dropped with it. It knows nothing of HTTP: requests come in through
+//! `Engine::submit`, tokens go out through each request's own channel (TGI's router,
+//! mistral.rs's engine).
+//!
+//! Note: sequences advance in the same step but run their forward passes one after another; a
+//! single batched forward over all sequences needs the ragged-batch attention of the kernels issue.
+
+mod sampling;
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use burn::prelude::*;
+use gemma4_model::generation::Rng;
+use gemma4_model::{KvCache, Logits, Model, SamplingParams};
+use tokio::sync::mpsc as tokio_mpsc;
+
+pub use sampling::{apply_penalties, top_logprobs, Penalties, TokenLogprob};
+
+/// What a caller asks the engine to run (already tokenized and validated against the context).
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub penalties: Penalties,
+    /// Stop after emitting one of these ids (the id is reported, then the request finishes).
+    pub stop_ids: Vec<u32>,
+    /// Never sampled.
+    pub suppress_ids: Vec<u32>,
+    /// Some(k): report the chosen token's logprob and the k most likely alternatives.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id was produced.
+    Stop,
+    /// max_new_tokens or the context limit was reached.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// The prompt has been processed (for time-to-first-token accounting it precedes the first token).
+    Token { id: u32, logprob: Option<TokenLogprob> },
+    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Error(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The waiting queue is full (HTTP 503).
+    QueueFull { limit: usize },
+    /// The engine is not running (still loading, failed, or shut down).
+    NotReady,
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::QueueFull { limit } => write!(f, "the server is overloaded: {limit} requests are already waiting"),
+            SubmitError::NotReady => write!(f, "the engine is not ready"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences advanced together per step.
+    pub max_num_seqs: usize,
+    /// Requests that may wait for a slot before submissions get QueueFull.
+    pub max_waiting: usize,
+}
+
+/// Counters shared with the HTTP layer (Prometheus /metrics and /health).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub ready: AtomicBool,
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    /// KV entries (tokens × layers) held by running sequences.
+    pub kv_entries: AtomicUsize,
+    pub prompt_tokens_total: AtomicU64,
+    pub generation_tokens_total: AtomicU64,
+    pub requests_finished_total: AtomicU64,
+    pub requests_cancelled_total: AtomicU64,
+    pub steps_total: AtomicU64,
+}
+
+/// A submitted request: its event stream. Dropping it cancels the request (the engine notices
+/// at its next step and frees the slot and the cache).
+pub struct RequestHandle {
+    pub events: tokio_mpsc::UnboundedReceiver<EngineEvent>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+struct Submitted {
+    req: EngineRequest,
+    tx: tokio_mpsc::UnboundedSender<EngineEvent>,
+    cancelled: Arc<AtomicBool>,
+}
+
+enum Command {
+    Submit(Box<Submitted>),
+    Shutdown,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Command>,
+    pub stats: Arc<EngineStats>,
+    config: Arc<EngineConfig>,
+}
+
+impl Engine {
+    /// Starts the engine thread; `load` runs on it (the model never crosses threads).
+    /// Returns once the model is loaded, or the load error.
+    pub fn start<B, F>(config: EngineConfig, load: F) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
+    where
+        B: Backend,
+        F: FnOnce() -> anyhow::Result<Model<B>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_stats = stats.clone();
+        let thread_config = config.clone();
+        let handle = std::thread::Builder::new().name("gemma4-engine".into()).spawn(move || {
+            let model = match load() {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            thread_stats.ready.store(true, Ordering::SeqCst);
+            let _ = ready_tx.send(Ok(()));
+            run_loop(&model, &thread_config, &rx, &thread_stats);
+            thread_stats.ready.store(false, Ordering::SeqCst);
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok((Engine { tx, stats, config: Arc::new(config) }, handle)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => anyhow::bail!("the engine thread died while loading the model"),
+        }
+    }
+
+    pub fn submit(&self, req: EngineRequest) -> Result<RequestHandle, SubmitError> {
+        if !self.stats.ready.load(Ordering::SeqCst) {
+            return Err(SubmitError::NotReady);
+        }
+        if self.stats.waiting.load(Ordering::SeqCst) >= self.config.max_waiting {
+            return Err(SubmitError::QueueFull { limit: self.config.max_waiting });
+        }
+        let (tx, rx) = tokio_mpsc::unbounded_channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        let cmd = Command::Submit(Box::new(Submitted { req, tx, cancelled: cancelled.clone() }));
+        if self.tx.send(cmd).is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::NotReady);
+        }
+        Ok(RequestHandle { events: rx, cancelled })
+    }
+
+    /// Asks the engine to stop after the current step; running requests get an error event.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+}
+
+/// One running sequence and its state (cache, sampler, counters).
+struct Seq<B: Backend> {
+    sub: Box<Submitted>,
+    cache: KvCache<B>,
+    rng: Rng,
+    generated: Vec<u32>,
+    /// Logits row for the next token.
+    next_logits: Vec<f32>,
+}
+
+fn run_loop<B: Backend>(model: &Model<B>, config: &EngineConfig, rx: &mpsc::Receiver<Command>, stats: &EngineStats) {
+    let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
+    let mut running: Vec<Seq<B>> = Vec::new();
+    loop {
+        // Take new work: block only when there is nothing to do.
+        let mut shutdown = false;
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(Command::Submit(s)) => waiting.push_back(s),
+                Ok(Command::Shutdown) | Err(_) => shutdown = true,
+            }
+        }
+        while !shutdown {
+            match rx.try_recv() {
+                Ok(Command::Submit(s)) => waiting.push_back(s),
+                Ok(Command::Shutdown) => shutdown = true,
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    shutdown = true;
+                }
+            }
+        }
+        if shutdown {
+            for s in running.iter().map(|s| &s.sub).chain(waiting.iter()) {
+                let _ = s.tx.send(EngineEvent::Error("the server is shutting down".into()));
+            }
+            stats.running.store(0, Ordering::SeqCst);
+            stats.waiting.store(0, Ordering::SeqCst);
+            stats.kv_entries.store(0, Ordering::SeqCst);
+            return;
+        }
+
+        // Admit waiting requests into free slots: prefill each (the step they join).
+        while running.len() < config.max_num_seqs {
+            let Some(sub) = waiting.pop_front() else { break };
+            stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            if is_gone(&sub) {
+                stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let mut cache = KvCache::new(&model.text);
+            let prompt = sub.req.prompt.clone();
+            let prefill = catch_unwind(AssertUnwindSafe(|| model.text.forward(&prompt, &mut cache, Logits::Last)));
+            match prefill {
+                Ok(Ok(logits)) => {
+                    stats.prompt_tokens_total.fetch_add(prompt.len() as u64, Ordering::Relaxed);
+                    let rng = Rng::new(sub.req.sampling.seed);
+                    match logits.into_data().to_vec::<f32>() {
+                        Ok(row) => running.push(Seq { sub, cache, rng, generated: vec![], next_logits: row }),
+                        Err(e) => {
+                            let _ = sub.tx.send(EngineEvent::Error(format!("reading logits: {e:?}")));
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    let _ = sub.tx.send(EngineEvent::Error(e.to_string()));
+                }
+                Err(_) => {
+                    let _ = sub.tx.send(EngineEvent::Error("internal error during prefill".into()));
+                }
+            }
+        }
+
+        // One decode step for every running sequence.
+        let mut keep = Vec::with_capacity(running.len());
+        for mut seq in running.drain(..) {
+            if is_gone(&seq.sub) {
+                stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+                continue; // cache dropped here
+            }
+            match catch_unwind(AssertUnwindSafe(|| step(model, &mut seq))) {
+                Ok(StepOutcome::Continue) => keep.push(seq),
+                Ok(StepOutcome::Done(reason)) => {
+                    stats.requests_finished_total.fetch_add(1, Ordering::Relaxed);
+                    let _ = seq.sub.tx.send(EngineEvent::Finished {
+                        reason,
+                        prompt_tokens: seq.sub.req.prompt.len(),
+                        completion_tokens: seq.generated.len(),
+                    });
+                }
+                Ok(StepOutcome::Failed(msg)) => {
+                    let _ = seq.sub.tx.send(EngineEvent::Error(msg));
+                }
+                Err(_) => {
+                    let _ = seq.sub.tx.send(EngineEvent::Error("internal error during decoding".into()));
+                }
+            }
+            stats.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
+        }
+        running = keep;
+        stats.steps_total.fetch_add(1, Ordering::Relaxed);
+        stats.running.store(running.len(), Ordering::SeqCst);
+        stats.kv_entries.store(running.iter().map(|s| s.cache.entries()).sum(), Ordering::SeqCst);
+        if running.is_empty() && !waiting.is_empty() {
+            // Nothing admitted (all cancelled or failed): yield briefly before retrying.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn is_gone(sub: &Submitted) -> bool {
+    sub.cancelled.load(Ordering::Relaxed) || sub.tx.is_closed()
+}
+
+enum StepOutcome {
+    Continue,
+    Done(FinishReason),
+    Failed(String),
+}
+
+/// Samples the next token from the pending logits, reports it, and runs it through the model
+/// unless the request is finished.
+fn step<B: Backend>(model: &Model<B>, seq: &mut Seq<B>) -> StepOutcome {
+    let req = &seq.sub.req;
+    // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
+    let raw = req.logprobs.map(|_| seq.next_logits.clone());
+    apply_penalties(&mut seq.next_logits, &req.penalties, &req.prompt, &seq.generated);
+    let id = gemma4_model::generation::sample(&seq.next_logits, &req.sampling, &req.suppress_ids, &mut seq.rng);
+    let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
+    seq.generated.push(id);
+    if seq.sub.tx.send(EngineEvent::Token { id, logprob }).is_err() {
+        return StepOutcome::Done(FinishReason::Stop); // receiver gone: stop now
+    }
+    if req.stop_ids.contains(&id) {
+        return StepOutcome::Done(FinishReason::Stop);
+    }
+    if seq.generated.len() >= req.max_new_tokens {
+        return StepOutcome::Done(FinishReason::Length);
+    }
+    match model.text.forward(&[id], &mut seq.cache, Logits::Last) {
+        Ok(logits) => match logits.into_data().to_vec::<f32>() {
+            Ok(row) => {
+                seq.next_logits = row;
+                StepOutcome::Continue
+            }
+            Err(e) => StepOutcome::Failed(format!("reading logits: {e:?}")),
+        },
+        Err(e) => StepOutcome::Failed(e.to_string()),
+    }
+}

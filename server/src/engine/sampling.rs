@@ -1,0 +1,115 @@
+//! Host-side logit processing of the engine: OpenAI/vLLM penalties and logit bias, and logprobs.
+
+use std::collections::HashMap;
+
+/// Penalties and biases applied to a logits row before sampling.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Penalties {
+    /// Subtracted once from every token already generated (OpenAI `presence_penalty`).
+    pub presence: f32,
+    /// Subtracted per occurrence in the generated text (OpenAI `frequency_penalty`).
+    pub frequency: f32,
+    /// vLLM/HF `repetition_penalty` over prompt and output: positive logits divided, negative
+    /// multiplied; 1.0 is off.
+    pub repetition: f32,
+    /// Added to the logit of each id (OpenAI `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Penalties {
+    pub fn none() -> Self {
+        Penalties { presence: 0.0, frequency: 0.0, repetition: 1.0, logit_bias: vec![] }
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0 && (self.repetition == 1.0 || self.repetition == 0.0) && self.logit_bias.is_empty()
+    }
+}
+
+pub fn apply_penalties(logits: &mut [f32], p: &Penalties, prompt: &[u32], generated: &[u32]) {
+    if p.is_noop() {
+        return;
+    }
+    let vocab = logits.len();
+    if p.repetition != 1.0 && p.repetition > 0.0 {
+        let mut seen = vec![false; vocab];
+        for &t in prompt.iter().chain(generated) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, s) in logits.iter_mut().zip(seen) {
+            if s {
+                *l = if *l > 0.0 { *l / p.repetition } else { *l * p.repetition };
+            }
+        }
+    }
+    if p.presence != 0.0 || p.frequency != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, n) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.presence + p.frequency * n as f32;
+            }
+        }
+    }
+    for &(t, b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+}
+
+/// The chosen token's log-probability and the `k` most likely tokens, from one logits row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lp = |i: usize| logits[i] - lse;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = k.min(logits.len());
+    if k > 0 {
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        order.truncate(k);
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    } else {
+        order.clear();
+    }
+    TokenLogprob {
+        id: chosen,
+        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |_| lp(chosen as usize)),
+        top: order.into_iter().map(|i| (i as u32, lp(i))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_normalise_and_rank() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let t = top_logprobs(&logits, 2, 2);
+        let total: f64 = logits.iter().map(|&l| ((l - 3.0) as f64).exp()).sum();
+        let expected = (2.0 - 3.0) as f64 - total.ln();
+        assert!((t.logprob as f64 - expected).abs() < 1e-6);
+        assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn penalties_follow_their_definitions() {
+        let mut l = vec![2.0f32, -2.0, 1.0, 0.5];
+        let p = Penalties { presence: 0.5, frequency: 0.25, repetition: 2.0, logit_bias: vec![(3, 10.0)] };
+        apply_penalties(&mut l, &p, &[0], &[1, 1]);
+        // token 0: in prompt -> 2/2 = 1; token 1: -2*2 = -4, then -0.5 - 0.25*2 = -5; token 3: +10.
+        assert_eq!(l, vec![1.0, -5.0, 1.0, 10.5]);
+    }
+}

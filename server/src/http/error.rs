@@ -1,0 +1,81 @@
+//! One table from errors to HTTP statuses and OpenAI error objects, the same shape whether the
+//! response streams or not: `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), param: None }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn param(mut self, p: &str) -> Self {
+        self.param = Some(p.to_string());
+        self
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (kind, code) = match self.status {
+            StatusCode::BAD_REQUEST => ("invalid_request_error", "invalid_request"),
+            StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_api_key"),
+            StatusCode::NOT_FOUND => ("not_found_error", "model_not_found"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+            StatusCode::SERVICE_UNAVAILABLE => ("service_unavailable_error", "service_unavailable"),
+            _ => ("internal_error", "internal_error"),
+        };
+        ErrorBody {
+            error: ErrorObject { message: self.message.clone(), kind: kind.into(), param: self.param.clone(), code: Some(code.into()) },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection::*;
+        match r {
+            BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the server's limit")
+            }
+            // 400, not axum's 422, as OpenAI and vLLM answer.
+            other => ApiError::bad_request(other.body_text()),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! `gemma4 serve`: loads the model on the engine thread, then serves the OpenAI-compatible API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use burn::prelude::*;
+
+use crate::chat_template::ChatTemplate;
+use crate::engine::{Engine, EngineConfig};
+use crate::http::{self, AppState};
+use crate::parser::SpecialTokens;
+use gemma4_model::Model;
+
+#[derive(Debug, Clone)]
+pub struct ServeArgs {
+    pub model: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub served_model_name: Option<String>,
+    pub api_key: Option<String>,
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    pub max_waiting: usize,
+    /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
+    pub shutdown_grace: u64,
+}
+
+/// The bundled tiny checkpoint, served when no --model is given.
+pub fn bundled_model() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-31b-recipe"))
+}
+
+/// Everything but the engine: tokenizer, template, limits.
+pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<AppState> {
+    let dir = &args.model;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let special = SpecialTokens::from_tokenizer(&tokenizer).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let template = ChatTemplate::from_dir(dir).map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    if template.is_none() {
+        tracing::warn!("{} has no chat template: chat endpoints will answer 400", dir.display());
+    }
+    let max_model_len = args.max_model_len.unwrap_or(meta.max_position_embeddings).min(meta.max_position_embeddings);
+    let served_model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "gemma4".into()));
+    Ok(AppState {
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        template,
+        special: Arc::new(special),
+        served_model_name,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        max_model_len,
+        stop_ids: meta.stop_ids,
+        suppress_ids: meta.suppress_ids,
+        default_sampling: meta.default_sampling,
+        metrics: Default::default(),
+        kv_capacity: args.max_num_seqs * max_model_len * meta.num_layers,
+        request_counter: AtomicU64::new(0),
+        created: http::run::now_secs(),
+    })
+}
+
+/// What the HTTP side needs to know of the model (the model itself stays on the engine thread).
+#[derive(Debug, Clone)]
+pub struct ModelMeta {
+    pub max_position_embeddings: usize,
+    pub num_layers: usize,
+    pub stop_ids: Vec<u32>,
+    pub suppress_ids: Vec<u32>,
+    pub default_sampling: gemma4_model::SamplingParams,
+}
+
+/// Starts the engine with a model loaded on its thread (with a progress bar on stderr).
+pub fn start_engine<B: Backend>(args: &ServeArgs, device: B::Device, progress: bool) -> Result<(Engine, ModelMeta)> {
+    let dir = args.model.clone();
+    let (meta_tx, meta_rx) = std::sync::mpsc::channel();
+    let config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), max_waiting: args.max_waiting };
+    let (engine, _thread) = Engine::start::<B, _>(config, move || {
+        let bar = if progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let b = bar.clone();
+        let model = Model::<B>::load_with_progress(&dir, &device, move |done, total| {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        })
+        .with_context(|| format!("loading {}", dir.display()))?;
+        bar.finish_and_clear();
+        let meta = ModelMeta {
+            max_position_embeddings: model.config.text.max_position_embeddings,
+            num_layers: model.config.text.num_hidden_layers,
+            stop_ids: model.stop_ids(),
+            suppress_ids: model.generation.suppress_tokens.clone(),
+            default_sampling: model.default_sampling(0),
+        };
+        let r = &model.report;
+        tracing::info!(
+            tensors = r.tensors_used,
+            nvfp4_linears = r.nvfp4_linears,
+            dense_linears = r.dense_linears,
+            "loaded {}",
+            dir.display()
+        );
+        let _ = meta_tx.send(meta);
+        Ok(model)
+    })?;
+    let meta = meta_rx.recv().context("the engine did not report the model")?;
+    Ok((engine, meta))
+}
+
+pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, grace: Duration) -> Result<()> {
+    let engine = state.engine.clone();
+    let stats = engine.stats.clone();
+    let app = http::router(state.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_signal = async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let running = stats.running.load(Ordering::SeqCst);
+        let waiting = stats.waiting.load(Ordering::SeqCst);
+        tracing::info!(running, waiting, "shutting down: no new requests; in-flight requests get {}s to finish", grace.as_secs());
+        let _ = stop_tx.send(());
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal);
+    let server = tokio::spawn(async move { server.await });
+    // After the signal, give in-flight requests the grace period, then abort what is left.
+    let _ = stop_rx.await;
+    match tokio::time::timeout(grace, server).await {
+        Ok(_) => tracing::info!("all in-flight requests finished"),
+        Err(_) => {
+            let running = state.engine.stats.running.load(Ordering::SeqCst);
+            let waiting = state.engine.stats.waiting.load(Ordering::SeqCst);
+            tracing::warn!(running, waiting, "grace period over: aborting the remaining requests");
+        }
+    }
+    engine.shutdown();
+    Ok(())
+}
+
+pub fn run<B: Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
+    let (engine, meta) = start_engine::<B>(&args, device, true)?;
+    let state = Arc::new(build_state(&args, engine, meta)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad address {}:{}", args.host, args.port))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!(
+            "serving `{}` on http://{} (max_model_len {}, max_num_seqs {}, auth {})",
+            state.served_model_name,
+            listener.local_addr()?,
+            state.max_model_len,
+            args.max_num_seqs,
+            if state.api_key.is_some() { "on" } else { "off" }
+        );
+        serve(state, listener, Duration::from_secs(args.shutdown_grace)).await
+    })
+}
