@@ -9,16 +9,15 @@ Writes <repo>/fixtures/chat/cases.json (run through run.sh, or directly with the
    (`template_messages`), rendered by transformers' `apply_chat_template(..., tokenize=False)` with
    the fixture tokenizer (`expected`), and tokenized (`expected_ids`, no special tokens added).
 
-   `tool_results` says how tool messages were converted:
-   - "attach" (serving.md, for Google's template, which reads `tool_responses`): each run of tool
-     messages becomes `tool_responses: [{name, response}]` on the assistant message that made the
-     calls, and the tool messages are dropped;
-   - "keep" (for templates that read `role: "tool"` messages, like the fixture template): the tool
-     messages stay, with the function `name` found through `tool_call_id`.
-   Common to both: the call's name is looked up by `tool_call_id` among the preceding assistant
-   message's `tool_calls`; tool content given as text parts is joined with "\\n", then parsed as
-   JSON when it parses; `function.arguments` given as a JSON string is parsed (an empty string is
-   {}); `reasoning` becomes `reasoning_content`; role `developer` becomes `system`.
+   `tool_results` is "attach" for every case (serving.md): the fixture template, like Google's Gemma 4
+   template, reads tool results only from `tool_responses` and ignores `role: "tool"` messages, so
+   each run of tool messages becomes `tool_responses: [{name, response}]` on the assistant message
+   that made the calls, and the tool messages are dropped. The call's name is looked up by
+   `tool_call_id` among that assistant message's `tool_calls`; tool content given as text parts is
+   joined with "\\n", then parsed as JSON when it parses; `function.arguments` given as a JSON string
+   is parsed (an empty string is {}); `reasoning` becomes `reasoning_content`; role `developer`
+   becomes `system`. (The old "keep" style, tool messages kept as they are, is no longer recorded:
+   the fixture template would render those conversations without their results.)
 
 2. `feature_templates`: small templates exercising the Jinja features chat templates in the wild use
    (serving.md), rendered by the same transformers path, so the Rust environment can be checked
@@ -154,7 +153,7 @@ def _convert_assistant(msg: dict) -> dict:
     return out
 
 
-def to_template_messages(messages: list[dict], style: str) -> list[dict]:
+def to_template_messages(messages: list[dict]) -> list[dict]:
     out: list[dict] = []
     last_assistant = None  # index in `out` of the assistant message that made the calls
     run_pos = 0  # position of the tool message in its run
@@ -176,15 +175,7 @@ def to_template_messages(messages: list[dict], style: str) -> list[dict]:
                 name = calls[run_pos]["function"]["name"]
             run_pos += 1
             response = _parse_json_or_keep(_join_text(msg.get("content") or ""))
-            if style == "attach":
-                out[last_assistant].setdefault("tool_responses", []).append({"name": name, "response": response})
-            else:
-                kept = {"role": "tool"}
-                if tid is not None:
-                    kept["tool_call_id"] = tid
-                kept["name"] = name
-                kept["content"] = response
-                out.append(kept)
+            out[last_assistant].setdefault("tool_responses", []).append({"name": name, "response": response})
             continue
         run_pos = 0
         if role == "developer":
@@ -278,6 +269,10 @@ CASES = [
             {"role": "user", "content": "Thanks!"},
         ],
         tools=[WEATHER_TOOL],
+        # The result right after the call, the answer continuing the same model turn.
+        expected_contains="<|turn>model\n<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,days:2,unit:<|\"|>celsius<|\"|>}<tool_call|>"
+        "<|tool_response>response:get_weather{alerts:null,hourly:[20,21,23],rain:false,sky:<|\"|>clear<|\"|>,temp:21.5}<tool_response|>"
+        "It is 21.5 °C and clear in Paris.<turn|>\n<|turn>user\nThanks!<turn|>\n<|turn>model\n",
     ),
     dict(
         name="tool_call_two_results",
@@ -300,6 +295,53 @@ CASES = [
             {"role": "tool", "tool_call_id": "call_b", "content": "No flights found: the airport is closed."},
         ],
         tools=[WEATHER_TOOL, SEARCH_TOOL],
+        # Ends inside the open model turn: no new <|turn>model, the empty thought channel (thinking off).
+        expected_ends="<tool_call|><|tool_response>response:get_weather{sky:<|\"|>rain<|\"|>,temp:18}<tool_response|>"
+        "<|tool_response>response:search_flights{value:<|\"|>No flights found: the airport is closed.<|\"|>}<tool_response|>"
+        "<|channel>thought\n<channel|>",
+    ),
+    dict(
+        name="tool_result_generation_thinking",
+        messages=[
+            {"role": "user", "content": "What time is it?"},
+            {"role": "assistant", "content": None, "tool_calls": [call("c1", "get_time", {})]},
+            {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"utc": "12:00", "ok": True})},
+        ],
+        tools=[NO_PARAMS_TOOL],
+        kwargs={"enable_thinking": True},
+        # Thinking on: the generation prompt adds nothing; the model continues the open turn.
+        expected_ends="<turn|>\n<|turn>model\n<|tool_call>call:get_time{}<tool_call|>"
+        "<|tool_response>response:get_time{ok:true,utc:<|\"|>12:00<|\"|>}<tool_response|>",
+    ),
+    dict(
+        name="tool_calls_two_rounds",
+        messages=[
+            {"role": "user", "content": "Warmer: Paris or Rome?"},
+            {"role": "assistant", "content": "First Paris.", "tool_calls": [call("r1", "get_weather", {"city": "Paris"})]},
+            {"role": "tool", "tool_call_id": "r1", "content": json.dumps({"temp": 18})},
+            {"role": "assistant", "content": "Now Rome.", "tool_calls": [call("r2", "get_weather", {"city": "Rome"})]},
+            {"role": "tool", "tool_call_id": "r2", "content": json.dumps({"temp": 24})},
+            {"role": "assistant", "content": "Rome (24) is warmer than Paris (18)."},
+            {"role": "user", "content": "And Oslo?"},
+        ],
+        tools=[WEATHER_TOOL],
+        # Both rounds and the answer in one model turn.
+        expected_contains="<|turn>model\nFirst Paris.<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>"
+        "<|tool_response>response:get_weather{temp:18}<tool_response|>Now Rome.<|tool_call>call:get_weather{city:<|\"|>Rome<|\"|>}<tool_call|>"
+        "<|tool_response>response:get_weather{temp:24}<tool_response|>Rome (24) is warmer than Paris (18).<turn|>\n<|turn>user\nAnd Oslo?<turn|>\n",
+    ),
+    dict(
+        name="tool_result_then_user",
+        messages=[
+            {"role": "user", "content": "Time?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("t", "get_time", "{}")]},
+            {"role": "tool", "tool_call_id": "t", "content": "clock unavailable"},
+            {"role": "user", "content": "Never mind."},
+        ],
+        tools=[NO_PARAMS_TOOL],
+        # A user message closes the open model turn; a non-JSON result is kept as a string.
+        expected_contains="<|tool_call>call:get_time{}<tool_call|><|tool_response>response:get_time{value:<|\"|>clock unavailable<|\"|>}<tool_response|>"
+        "<turn|>\n<|turn>user\nNever mind.<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
     ),
     dict(
         name="tool_results_out_of_order_and_parts",
@@ -318,6 +360,11 @@ CASES = [
         ],
         tools=[WEATHER_TOOL, NO_PARAMS_TOOL],
         add_generation_prompt=False,
+        # Results in the order they came, named through tool_call_id.
+        expected_ends="<|tool_response>response:get_weather{sky:<|\"|>sun<|\"|>,temp:25}<tool_response|>"
+        "<|tool_response>response:get_weather{value:-3}<tool_response|>"
+        "<|tool_response>response:get_time{value:<|\"|>12:00 UTC<|\"|>}<tool_response|>"
+        "Oslo -3, Lima 25 and sunny; it is noon.<turn|>\n",
     ),
     dict(
         name="reasoning_sent_back",
@@ -366,13 +413,6 @@ CASES = [
         ],
     ),
 ]
-
-
-def _variants(case: dict) -> list[tuple[str, str]]:
-    """(name suffix, tool-result style) pairs: tool cases are recorded in both styles."""
-    if any(m["role"] == "tool" for m in case["messages"]):
-        return [("", "attach"), ("_keep", "keep")]
-    return [("", "attach")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,28 +706,33 @@ def main() -> None:
 
     cases = []
     for case in CASES:
-        for suffix, style in _variants(case):
-            openai = case["messages"]
-            native = to_template_messages(openai, style)
-            tools = case.get("tools")
-            agp = case.get("add_generation_prompt", True)
-            kwargs = case.get("kwargs", {})
-            expected = render(tok, copy.deepcopy(native), tools=copy.deepcopy(tools), add_generation_prompt=agp, kwargs=kwargs)
-            ids = tok(expected, add_special_tokens=False)["input_ids"]
-            assert tok.decode(ids) == expected, case["name"]
-            cases.append(
-                {
-                    "name": case["name"] + suffix,
-                    "tool_results": style,
-                    "openai_messages": openai,
-                    "template_messages": native,
-                    "tools": tools,
-                    "add_generation_prompt": agp,
-                    "kwargs": kwargs,
-                    "expected": expected,
-                    "expected_ids": ids,
-                }
-            )
+        openai = case["messages"]
+        native = to_template_messages(openai)
+        tools = case.get("tools")
+        agp = case.get("add_generation_prompt", True)
+        kwargs = case.get("kwargs", {})
+        expected = render(tok, copy.deepcopy(native), tools=copy.deepcopy(tools), add_generation_prompt=agp, kwargs=kwargs)
+        ids = tok(expected, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == expected, case["name"]
+        if "expected_contains" in case:
+            assert case["expected_contains"] in expected, (case["name"], expected)
+        if "expected_ends" in case:
+            assert expected.endswith(case["expected_ends"]), (case["name"], expected)
+        cases.append(
+            {
+                "name": case["name"],
+                "tool_results": "attach",
+                "openai_messages": openai,
+                "template_messages": native,
+                "tools": tools,
+                "add_generation_prompt": agp,
+                "kwargs": kwargs,
+                "expected": expected,
+                "expected_ids": ids,
+            }
+        )
+    names = [c["name"] for c in cases]
+    assert len(set(names)) == len(names), names
 
     features = []
     for feat in FEATURES:

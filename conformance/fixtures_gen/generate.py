@@ -358,10 +358,23 @@ def check_tokenizer(out_dir: str) -> dict:
         "tools": dict(
             conversation=[
                 {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [call],
+                    "tool_responses": [{"name": "get_weather", "response": "sunny"}],
+                },
+            ],
+            tools=tools,
+            add_generation_prompt=True,
+        ),
+        # Like Google's template, the fixture template ignores role: "tool" messages.
+        "tool_message_ignored": dict(
+            conversation=[
+                {"role": "user", "content": "Weather in Paris?"},
                 {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "content": "sunny"},
             ],
-            tools=tools,
             add_generation_prompt=True,
         ),
         "image": dict(
@@ -382,6 +395,8 @@ def check_tokenizer(out_dir: str) -> dict:
         "<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,n:1}<tool_call|>"
         "<|tool_response>response:get_weather{value:<|\"|>sunny<|\"|>}<tool_response|>"
         "<|channel>thought\n<channel|>",
+        "tool_message_ignored": "<bos><|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+        "<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,n:1}<tool_call|><|channel>thought\n<channel|>",
         "image": "<bos><|turn>user\n<|image|>Describe this image.<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
     }
     rendered = {}

@@ -25,12 +25,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+# The scripted test model answers every request with this (thinking, then a tool call).
+SCRIPT = ('<|channel>thought\nI should look up the weather.<channel|>'
+          '<|tool_call>call:get_weather{city:<|"|>Paris, France<|"|>,days:2,units:{temp:<|"|>C<|"|>}}<tool_call|><|tool_response>')
+WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def start(extra):
     binary = os.environ.get("GEMMA4_BIN", os.path.join(ROOT, "target", "debug", "gemma4"))
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "serve", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512"],
+        [binary, "serve", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", *extra],
         env={**os.environ, "GEMMA4_API_KEY": KEY},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -49,12 +55,29 @@ def server():
     else:
         proc.kill()
         raise RuntimeError("server did not become healthy")
-    yield base
+    return proc, base
+
+
+def stop(proc):
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start([])
+    yield base
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    proc, base = start(["--scripted-output", SCRIPT])
+    yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +201,50 @@ def test_bad_request(client):
 def test_unknown_model(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_tool_call_and_thinking(scripted):
+    r = scripted.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER_TOOL, reasoning_effort="medium")
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    msg = c.message.model_dump()
+    assert msg["reasoning"] == msg["reasoning_content"] == "I should look up the weather."
+    assert not c.message.content
+    [call] = c.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris, France", "days": 2, "units": {"temp": "C"}}
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_tool_call_streaming_chunks_are_complete(scripted):
+    stream = scripted.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER_TOOL, stream=True)
+    reasoning, calls, finish = "", [], None
+    for chunk in stream:
+        for ch in chunk.choices:
+            d = ch.delta.model_dump()
+            reasoning += d.get("reasoning") or ""
+            for tc in ch.delta.tool_calls or []:
+                # Every tool-call chunk carries index, id, type and name.
+                assert tc.index == 0 and tc.id and tc.type == "function" and tc.function.name == "get_weather"
+                calls.append(tc.function.arguments)
+            finish = ch.finish_reason or finish
+    assert reasoning == "I should look up the weather."
+    assert json.loads("".join(calls)) == {"city": "Paris, France", "days": 2, "units": {"temp": "C"}}
+    assert finish == "tool_calls"
+    # No special token text leaks.
+    assert "<|" not in reasoning and "|>" not in "".join(calls)
+
+
+def test_responses_function_call_and_reasoning(scripted):
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    r = scripted.responses.create(model="tiny", input="Weather in Paris?", tools=tools, reasoning={"effort": "low"})
+    kinds = [o.type for o in r.output]
+    assert kinds == ["reasoning", "function_call"]
+    call = r.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] == "Paris, France"
+    events = list(scripted.responses.create(model="tiny", input="Weather?", tools=tools, stream=True))
+    types = [e.type for e in events]
+    assert "response.reasoning_text.delta" in types and "response.function_call_arguments.done" in types
+    assert types[-1] == "response.completed"

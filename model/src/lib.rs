@@ -85,18 +85,30 @@ impl<B: Backend> Model<B> {
 
     /// Stop ids: union of config.json and generation_config.json eos ids.
     pub fn stop_ids(&self) -> Vec<u32> {
-        let mut ids = self.config.eos_token_ids.clone();
-        for id in &self.generation.eos_token_ids {
-            if !ids.contains(id) {
-                ids.push(*id);
-            }
-        }
-        ids
+        stop_ids(&self.config, &self.generation)
     }
 
     /// Default sampling from generation_config.json (greedy when `do_sample` is false).
     pub fn default_sampling(&self, seed: u64) -> SamplingParams {
-        let g = &self.generation;
+        self.generation.sampling(seed)
+    }
+}
+
+/// Union of config.json and generation_config.json eos ids.
+pub fn stop_ids(config: &ModelConfig, generation: &GenerationConfig) -> Vec<u32> {
+    let mut ids = config.eos_token_ids.clone();
+    for id in &generation.eos_token_ids {
+        if !ids.contains(id) {
+            ids.push(*id);
+        }
+    }
+    ids
+}
+
+impl GenerationConfig {
+    /// Default sampling from generation_config.json (greedy when `do_sample` is false).
+    pub fn sampling(&self, seed: u64) -> SamplingParams {
+        let g = self;
         if g.do_sample == Some(false) {
             return SamplingParams { seed, ..SamplingParams::greedy() };
         }

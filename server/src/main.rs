@@ -100,6 +100,9 @@ enum Command {
         /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
         #[arg(long, default_value_t = 10)]
         shutdown_grace: u64,
+        /// Test mode: answer every request with this text instead of running the model.
+        #[arg(long, hide = true)]
+        scripted_output: Option<String>,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
     },
@@ -275,7 +278,7 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_waiting, shutdown_grace, .. } => {
+        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_waiting, shutdown_grace, scripted_output, .. } => {
             let args = gemma4_server::serve::ServeArgs {
                 model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
                 host,
@@ -286,6 +289,7 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
                 max_num_seqs,
                 max_waiting,
                 shutdown_grace,
+                scripted_output,
             };
             gemma4_server::serve::run::<B>(args, device)
         }

@@ -27,6 +27,9 @@ pub struct ServeArgs {
     pub max_waiting: usize,
     /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
     pub shutdown_grace: u64,
+    /// Test mode: answer every request with this text (tokenized, special tokens included)
+    /// through `ScriptedModel` instead of running the weights.
+    pub scripted_output: Option<String>,
 }
 
 /// The bundled tiny checkpoint, served when no --model is given.
@@ -79,10 +82,13 @@ pub struct ModelMeta {
 
 /// Starts the engine with a model loaded on its thread (with a progress bar on stderr).
 pub fn start_engine<B: Backend>(args: &ServeArgs, device: B::Device, progress: bool) -> Result<(Engine, ModelMeta)> {
+    if let Some(text) = &args.scripted_output {
+        return start_scripted(args, text);
+    }
     let dir = args.model.clone();
     let (meta_tx, meta_rx) = std::sync::mpsc::channel();
     let config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), max_waiting: args.max_waiting };
-    let (engine, _thread) = Engine::start::<B, _>(config, move || {
+    let (engine, _thread) = Engine::start::<Model<B>, _>(config, move || {
         let bar = if progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(
             indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors {elapsed}")
@@ -114,6 +120,27 @@ pub fn start_engine<B: Backend>(args: &ServeArgs, device: B::Device, progress: b
         Ok(model)
     })?;
     let meta = meta_rx.recv().context("the engine did not report the model")?;
+    Ok((engine, meta))
+}
+
+/// The scripted test model with the checkpoint's configs and tokenizer (no weights loaded).
+fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
+    let config = gemma4_model::ModelConfig::from_dir(&args.model)?;
+    let generation = gemma4_model::GenerationConfig::from_dir(&args.model)?;
+    let tok_path = args.model.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let script = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the script: {e}"))?.get_ids().to_vec();
+    tracing::warn!(tokens = script.len(), "test mode: every request is answered with the scripted output, not the model");
+    let meta = ModelMeta {
+        max_position_embeddings: config.text.max_position_embeddings,
+        num_layers: config.text.num_hidden_layers,
+        stop_ids: gemma4_model::stop_ids(&config, &generation),
+        suppress_ids: generation.suppress_tokens.clone(),
+        default_sampling: generation.sampling(0),
+    };
+    let vocab_size = config.text.vocab_size;
+    let engine_config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), max_waiting: args.max_waiting };
+    let (engine, _thread) = Engine::start(engine_config, move || Ok(crate::engine::scripted::ScriptedModel { vocab_size, script }))?;
     Ok((engine, meta))
 }
 

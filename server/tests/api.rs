@@ -32,6 +32,7 @@ fn server() -> &'static Server {
             max_num_seqs: 8,
             max_waiting: 64,
             shutdown_grace: 1,
+            scripted_output: None,
         };
         let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false).expect("engine starts");
         let state = Arc::new(build_state(&args, engine, meta).expect("state"));

@@ -9,6 +9,7 @@
 //! single batched forward over all sequences needs the ragged-batch attention of the kernels issue.
 
 mod sampling;
+pub mod scripted;
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -19,6 +20,32 @@ use std::time::Duration;
 use burn::prelude::*;
 use gemma4_model::generation::Rng;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
+
+/// What the engine needs of a model: a fresh cache per request, and the logits of the last
+/// position after running tokens through it. Implemented by the Gemma 4 model on any backend,
+/// and by `scripted::ScriptedModel` for server tests.
+pub trait StepModel: 'static {
+    type Cache;
+    fn new_cache(&self) -> Self::Cache;
+    /// Runs `tokens` (the continuation of the sequence in `cache`); logits of the last one.
+    fn forward_last(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>, String>;
+    /// KV entries held (tokens × layers), for the usage gauge.
+    fn cache_entries(&self, cache: &Self::Cache) -> usize;
+}
+
+impl<B: Backend> StepModel for Model<B> {
+    type Cache = KvCache<B>;
+    fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(&self.text)
+    }
+    fn forward_last(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
+        let logits = self.text.forward(tokens, cache, Logits::Last).map_err(|e| e.to_string())?;
+        logits.into_data().to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))
+    }
+    fn cache_entries(&self, cache: &KvCache<B>) -> usize {
+        cache.entries()
+    }
+}
 use tokio::sync::mpsc as tokio_mpsc;
 
 pub use sampling::{apply_penalties, top_logprobs, Penalties, TokenLogprob};
@@ -134,10 +161,10 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; `load` runs on it (the model never crosses threads).
     /// Returns once the model is loaded, or the load error.
-    pub fn start<B, F>(config: EngineConfig, load: F) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
+    pub fn start<M, F>(config: EngineConfig, load: F) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
     where
-        B: Backend,
-        F: FnOnce() -> anyhow::Result<Model<B>> + Send + 'static,
+        M: StepModel,
+        F: FnOnce() -> anyhow::Result<M> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
@@ -193,18 +220,18 @@ impl Engine {
 }
 
 /// One running sequence and its state (cache, sampler, counters).
-struct Seq<B: Backend> {
+struct Seq<C> {
     sub: Box<Submitted>,
-    cache: KvCache<B>,
+    cache: C,
     rng: Rng,
     generated: Vec<u32>,
     /// Logits row for the next token.
     next_logits: Vec<f32>,
 }
 
-fn run_loop<B: Backend>(model: &Model<B>, config: &EngineConfig, rx: &mpsc::Receiver<Command>, stats: &EngineStats) {
+fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<Command>, stats: &EngineStats) {
     let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
-    let mut running: Vec<Seq<B>> = Vec::new();
+    let mut running: Vec<Seq<M::Cache>> = Vec::new();
     loop {
         // Take new work: block only when there is nothing to do.
         let mut shutdown = false;
@@ -242,22 +269,17 @@ fn run_loop<B: Backend>(model: &Model<B>, config: &EngineConfig, rx: &mpsc::Rece
                 stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let mut cache = KvCache::new(&model.text);
+            let mut cache = model.new_cache();
             let prompt = sub.req.prompt.clone();
-            let prefill = catch_unwind(AssertUnwindSafe(|| model.text.forward(&prompt, &mut cache, Logits::Last)));
+            let prefill = catch_unwind(AssertUnwindSafe(|| model.forward_last(&prompt, &mut cache)));
             match prefill {
-                Ok(Ok(logits)) => {
+                Ok(Ok(row)) => {
                     stats.prompt_tokens_total.fetch_add(prompt.len() as u64, Ordering::Relaxed);
                     let rng = Rng::new(sub.req.sampling.seed);
-                    match logits.into_data().to_vec::<f32>() {
-                        Ok(row) => running.push(Seq { sub, cache, rng, generated: vec![], next_logits: row }),
-                        Err(e) => {
-                            let _ = sub.tx.send(EngineEvent::Error(format!("reading logits: {e:?}")));
-                        }
-                    }
+                    running.push(Seq { sub, cache, rng, generated: vec![], next_logits: row });
                 }
                 Ok(Err(e)) => {
-                    let _ = sub.tx.send(EngineEvent::Error(e.to_string()));
+                    let _ = sub.tx.send(EngineEvent::Error(e));
                 }
                 Err(_) => {
                     let _ = sub.tx.send(EngineEvent::Error("internal error during prefill".into()));
@@ -294,7 +316,7 @@ fn run_loop<B: Backend>(model: &Model<B>, config: &EngineConfig, rx: &mpsc::Rece
         running = keep;
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         stats.running.store(running.len(), Ordering::SeqCst);
-        stats.kv_entries.store(running.iter().map(|s| s.cache.entries()).sum(), Ordering::SeqCst);
+        stats.kv_entries.store(running.iter().map(|s| model.cache_entries(&s.cache)).sum(), Ordering::SeqCst);
         if running.is_empty() && !waiting.is_empty() {
             // Nothing admitted (all cancelled or failed): yield briefly before retrying.
             std::thread::sleep(Duration::from_millis(1));
@@ -314,7 +336,7 @@ enum StepOutcome {
 
 /// Samples the next token from the pending logits, reports it, and runs it through the model
 /// unless the request is finished.
-fn step<B: Backend>(model: &Model<B>, seq: &mut Seq<B>) -> StepOutcome {
+fn step<M: StepModel>(model: &M, seq: &mut Seq<M::Cache>) -> StepOutcome {
     let req = &seq.sub.req;
     // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
     let raw = req.logprobs.map(|_| seq.next_logits.clone());
@@ -331,14 +353,11 @@ fn step<B: Backend>(model: &Model<B>, seq: &mut Seq<B>) -> StepOutcome {
     if seq.generated.len() >= req.max_new_tokens {
         return StepOutcome::Done(FinishReason::Length);
     }
-    match model.text.forward(&[id], &mut seq.cache, Logits::Last) {
-        Ok(logits) => match logits.into_data().to_vec::<f32>() {
-            Ok(row) => {
-                seq.next_logits = row;
-                StepOutcome::Continue
-            }
-            Err(e) => StepOutcome::Failed(format!("reading logits: {e:?}")),
-        },
-        Err(e) => StepOutcome::Failed(e.to_string()),
+    match model.forward_last(&[id], &mut seq.cache) {
+        Ok(row) => {
+            seq.next_logits = row;
+            StepOutcome::Continue
+        }
+        Err(e) => StepOutcome::Failed(e),
     }
 }

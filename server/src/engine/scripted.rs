@@ -1,0 +1,40 @@
+//! A test model behind the same engine (burn-lm's test-model idea): whatever the prompt, its
+//! logits put all the mass on the next token of a fixed script. Server tests use it to drive the
+//! paths a random-weight fixture never takes (thinking blocks, tool calls) through the real
+//! engine, parser and HTTP layer. Reachable only through `gemma4 serve --scripted-output`, which
+//! is hidden from `--help`.
+
+use super::StepModel;
+
+pub struct ScriptedModel {
+    pub vocab_size: usize,
+    /// Emitted in order; after the end, the last id repeats (end it with a stop id).
+    pub script: Vec<u32>,
+}
+
+impl StepModel for ScriptedModel {
+    /// (tokens seen, forward calls made).
+    type Cache = (usize, usize);
+
+    fn new_cache(&self) -> (usize, usize) {
+        (0, 0)
+    }
+
+    fn forward_last(&self, tokens: &[u32], cache: &mut (usize, usize)) -> Result<Vec<f32>, String> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(format!("token id {bad} is outside the vocabulary (size {})", self.vocab_size));
+        }
+        let step = cache.1;
+        cache.0 += tokens.len();
+        cache.1 += 1;
+        let mut logits = vec![-30.0f32; self.vocab_size];
+        if let Some(&id) = self.script.get(step).or(self.script.last()) {
+            logits[id as usize] = 30.0;
+        }
+        Ok(logits)
+    }
+
+    fn cache_entries(&self, cache: &(usize, usize)) -> usize {
+        cache.0
+    }
+}
