@@ -2008,8 +2008,8 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(
             template.tool_results(),
-            ToolResults::Keep,
-            "the fixture template reads role: tool"
+            ToolResults::Attach,
+            "the fixture template reads tool_responses, as Google's"
         );
     }
 
