@@ -142,3 +142,34 @@ fn media_placeholders_embed_as_pad() {
     }
     assert_ne!(logits(&[2, 200, 201, 300]), with_pad);
 }
+
+#[test]
+fn batched_decode_equals_per_sequence_decode() {
+    // Continuous batching: sequences at different positions (some past the sliding window)
+    // decoded together give the logits each gives alone, and match the reference.
+    for dir in fixtures() {
+        let model = load(&dir);
+        let reference = load_reference(&dir);
+        let cases = &reference.cases;
+        let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| KvCache::new(&model.text)).collect();
+        for (c, cache) in cases.iter().zip(caches.iter_mut()) {
+            model.text.forward(&c.prompt_ids, cache, Logits::Last).unwrap();
+        }
+        let steps = cases.iter().map(|c| c.greedy_ids.len()).min().unwrap();
+        let mut worst = 0f32;
+        for step in 0..steps {
+            let tokens: Vec<u32> = cases.iter().map(|c| c.greedy_ids[step]).collect();
+            let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
+            let batched = to_vec(model.text.forward_batch(&tokens, &mut refs).unwrap());
+            let vocab = model.text.vocab_size;
+            for (b, c) in cases.iter().enumerate() {
+                let (expected, _) = reference_logits(&dir, &c.name);
+                let pos = c.prompt_ids.len() + step;
+                let (d, _) = max_abs_diff(&batched[b * vocab..(b + 1) * vocab], &expected[pos * vocab..(pos + 1) * vocab]);
+                worst = worst.max(d);
+            }
+        }
+        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {LOGITS_TOLERANCE:.0e})", name(&dir), cases.len());
+        assert!(worst <= LOGITS_TOLERANCE);
+    }
+}

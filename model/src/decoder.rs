@@ -30,4 +30,13 @@ impl<B: Backend> DecoderLayer<B> {
         let h = h + self.post_feedforward_layernorm.forward(ff);
         h * self.layer_scalar
     }
+
+    /// Batched decode: one new token per sequence (see `Attention::forward_batch`).
+    pub fn forward_batch(&self, h: Tensor<B, 2>, positions: &[usize], caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward_batch(self.input_layernorm.forward(h.clone()), positions, caches);
+        let h = h + self.post_attention_layernorm.forward(attn);
+        let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
+        let h = h + self.post_feedforward_layernorm.forward(ff);
+        h * self.layer_scalar
+    }
 }

@@ -35,10 +35,17 @@ impl Rope {
 
     /// cos and sin tables [len, head_dim] for positions start..start+len (emb = cat(freqs, freqs)).
     pub fn tables<B: Backend>(&self, start: usize, len: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let positions: Vec<usize> = (start..start + len).collect();
+        self.tables_at(&positions, device)
+    }
+
+    /// cos and sin tables [positions.len(), head_dim] for arbitrary positions (batched decode).
+    pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let d = self.head_dim;
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * d);
         let mut sin = Vec::with_capacity(len * d);
-        for p in start..start + len {
+        for &p in positions {
             let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(row.iter().map(|a| a.cos()));

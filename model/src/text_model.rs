@@ -54,14 +54,8 @@ impl<B: Backend> TextModel<B> {
         if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_size) {
             return Err(RunError::TokenOutOfRange { id, position: cache.seq_len + position, vocab: self.vocab_size });
         }
-        let device = self.embed_tokens.device();
         let t = tokens.len();
-        let ids: Vec<i32> = tokens
-            .iter()
-            .map(|&i| if self.placeholder_ids.contains(&i) { self.pad_token_id } else { i } as i32)
-            .collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [t]), &device);
-        let mut h = self.embed_tokens.val().select(0, ids) * self.embed_scale;
+        let mut h = self.embed(tokens);
         let pos0 = cache.seq_len;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(h, pos0, layer_cache);
@@ -70,12 +64,53 @@ impl<B: Backend> TextModel<B> {
         if which == Logits::Last {
             h = h.slice([t - 1..t, 0..self.hidden_size]);
         }
+        Ok(self.logits(h))
+    }
+
+    /// Batched decode step: `tokens[b]` is the next token of the sequence held by `caches[b]`.
+    /// The linears, norms and MLP run once over all rows (continuous batching); attention runs per
+    /// sequence. Returns logits [n, vocab], row b for sequence b.
+    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Tensor<B, 2>, RunError> {
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(RunError::EmptyInput);
+        }
+        for (b, &id) in tokens.iter().enumerate() {
+            if id as usize >= self.vocab_size {
+                return Err(RunError::TokenOutOfRange { id, position: caches[b].seq_len, vocab: self.vocab_size });
+            }
+        }
+        let h = self.embed(tokens);
+        let positions: Vec<usize> = caches.iter().map(|c| c.seq_len).collect();
+        let mut h = h;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut crate::cache::LayerCache<B>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            h = layer.forward_batch(h, &positions, &mut layer_caches);
+        }
+        for c in caches.iter_mut() {
+            c.seq_len += 1;
+        }
+        Ok(self.logits(h))
+    }
+
+    /// Scaled embedding of `tokens` -> [n, hidden].
+    fn embed(&self, tokens: &[u32]) -> Tensor<B, 2> {
+        let device = self.embed_tokens.device();
+        let ids: Vec<i32> = tokens
+            .iter()
+            .map(|&i| if self.placeholder_ids.contains(&i) { self.pad_token_id } else { i } as i32)
+            .collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &device);
+        self.embed_tokens.val().select(0, ids) * self.embed_scale
+    }
+
+    /// Final norm, tied lm_head, softcap.
+    fn logits(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let h = self.norm.forward(h);
         let logits = h.matmul(self.embed_tokens.val().transpose());
-        Ok(match self.final_logit_softcapping {
+        match self.final_logit_softcapping {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
-        })
+        }
     }
 
     /// Loads the text tower from a checkpoint, marking every tensor it uses.

@@ -5,8 +5,9 @@
 //! `Engine::submit`, tokens go out through each request's own channel (TGI's router,
 //! mistral.rs's engine).
 //!
-//! Note: sequences advance in the same step but run their forward passes one after another; a
-//! single batched forward over all sequences needs the ragged-batch attention of the kernels issue.
+//! Each decode step runs all running sequences through the model together (`forward_batch`:
+//! linears, norms and MLP over all rows at once; attention per sequence against its own cache).
+//! Prefill of a newly admitted request runs on its own, in the step it joins.
 
 mod sampling;
 pub mod scripted;
@@ -29,6 +30,10 @@ pub trait StepModel: 'static {
     fn new_cache(&self) -> Self::Cache;
     /// Runs `tokens` (the continuation of the sequence in `cache`); logits of the last one.
     fn forward_last(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>, String>;
+    /// One new token per sequence, all sequences in one step; logits rows in order.
+    fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut Self::Cache]) -> Result<Vec<Vec<f32>>, String> {
+        tokens.iter().zip(caches.iter_mut()).map(|(t, c)| self.forward_last(&[*t], c)).collect()
+    }
     /// KV entries held (tokens × layers), for the usage gauge.
     fn cache_entries(&self, cache: &Self::Cache) -> usize;
 }
@@ -41,6 +46,12 @@ impl<B: Backend> StepModel for Model<B> {
     fn forward_last(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
         let logits = self.text.forward(tokens, cache, Logits::Last).map_err(|e| e.to_string())?;
         logits.into_data().to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))
+    }
+    fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>, String> {
+        let logits = self.text.forward_batch(tokens, caches).map_err(|e| e.to_string())?;
+        let vocab = self.text.vocab_size;
+        let flat = logits.into_data().to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
+        Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
     fn cache_entries(&self, cache: &KvCache<B>) -> usize {
         cache.entries()
@@ -287,16 +298,17 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             }
         }
 
-        // One decode step for every running sequence.
+        // One decode step for every running sequence: sample and report each one's next token,
+        // then run all continuing sequences through the model together.
         let mut keep = Vec::with_capacity(running.len());
         for mut seq in running.drain(..) {
             if is_gone(&seq.sub) {
                 stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
                 continue; // cache dropped here
             }
-            match catch_unwind(AssertUnwindSafe(|| step(model, &mut seq))) {
-                Ok(StepOutcome::Continue) => keep.push(seq),
-                Ok(StepOutcome::Done(reason)) => {
+            match catch_unwind(AssertUnwindSafe(|| sample_next(&mut seq))) {
+                Ok(Next::Continue(id)) => keep.push((seq, id)),
+                Ok(Next::Done(reason)) => {
                     stats.requests_finished_total.fetch_add(1, Ordering::Relaxed);
                     let _ = seq.sub.tx.send(EngineEvent::Finished {
                         reason,
@@ -304,16 +316,37 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                         completion_tokens: seq.generated.len(),
                     });
                 }
-                Ok(StepOutcome::Failed(msg)) => {
-                    let _ = seq.sub.tx.send(EngineEvent::Error(msg));
-                }
                 Err(_) => {
-                    let _ = seq.sub.tx.send(EngineEvent::Error("internal error during decoding".into()));
+                    let _ = seq.sub.tx.send(EngineEvent::Error("internal error while sampling".into()));
                 }
             }
             stats.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
         }
-        running = keep;
+        if !keep.is_empty() {
+            let tokens: Vec<u32> = keep.iter().map(|(_, id)| *id).collect();
+            let result = {
+                let mut caches: Vec<&mut M::Cache> = keep.iter_mut().map(|(s, _)| &mut s.cache).collect();
+                catch_unwind(AssertUnwindSafe(|| model.forward_batch(&tokens, &mut caches)))
+            };
+            match result {
+                Ok(Ok(rows)) => {
+                    for ((mut seq, _), row) in keep.into_iter().zip(rows) {
+                        seq.next_logits = row;
+                        running.push(seq);
+                    }
+                }
+                Ok(Err(msg)) => {
+                    for (seq, _) in keep {
+                        let _ = seq.sub.tx.send(EngineEvent::Error(msg.clone()));
+                    }
+                }
+                Err(_) => {
+                    for (seq, _) in keep {
+                        let _ = seq.sub.tx.send(EngineEvent::Error("internal error during decoding".into()));
+                    }
+                }
+            }
+        }
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         stats.running.store(running.len(), Ordering::SeqCst);
         stats.kv_entries.store(running.iter().map(|s| model.cache_entries(&s.cache)).sum(), Ordering::SeqCst);
@@ -328,15 +361,15 @@ fn is_gone(sub: &Submitted) -> bool {
     sub.cancelled.load(Ordering::Relaxed) || sub.tx.is_closed()
 }
 
-enum StepOutcome {
-    Continue,
+enum Next {
+    /// Reported; run it through the model.
+    Continue(u32),
     Done(FinishReason),
-    Failed(String),
 }
 
-/// Samples the next token from the pending logits, reports it, and runs it through the model
-/// unless the request is finished.
-fn step<M: StepModel>(model: &M, seq: &mut Seq<M::Cache>) -> StepOutcome {
+/// Samples the next token from the pending logits and reports it; says whether the request
+/// goes on (and with which token) or is finished.
+fn sample_next<C>(seq: &mut Seq<C>) -> Next {
     let req = &seq.sub.req;
     // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
     let raw = req.logprobs.map(|_| seq.next_logits.clone());
@@ -345,19 +378,13 @@ fn step<M: StepModel>(model: &M, seq: &mut Seq<M::Cache>) -> StepOutcome {
     let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
     seq.generated.push(id);
     if seq.sub.tx.send(EngineEvent::Token { id, logprob }).is_err() {
-        return StepOutcome::Done(FinishReason::Stop); // receiver gone: stop now
+        return Next::Done(FinishReason::Stop); // receiver gone: stop now
     }
     if req.stop_ids.contains(&id) {
-        return StepOutcome::Done(FinishReason::Stop);
+        return Next::Done(FinishReason::Stop);
     }
     if seq.generated.len() >= req.max_new_tokens {
-        return StepOutcome::Done(FinishReason::Length);
+        return Next::Done(FinishReason::Length);
     }
-    match model.forward_last(&[id], &mut seq.cache) {
-        Ok(row) => {
-            seq.next_logits = row;
-            StepOutcome::Continue
-        }
-        Err(e) => StepOutcome::Failed(e),
-    }
+    Next::Continue(id)
 }
