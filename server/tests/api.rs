@@ -320,3 +320,21 @@ fn responses_api() {
     let seqs: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
 }
+
+#[test]
+fn named_tool_choice_forces_the_call_syntax() {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let v = post(
+        "/v1/chat/completions",
+        chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "logprobs": true, "max_tokens": 12, "ignore_eos": true})),
+    )
+    .json();
+    let tokens: String = v["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
+    assert!(tokens.starts_with("<|tool_call>call:get_weather{"), "{tokens}");
+    // Required: the call syntax, the model picks the name.
+    let v = post("/v1/chat/completions", chat(json!({"tools": tools, "tool_choice": "required", "logprobs": true, "max_tokens": 4}))).json();
+    let first = v["choices"][0]["logprobs"]["content"][0]["token"].as_str().unwrap().to_string();
+    assert_eq!(first, "<|tool_call>");
+    assert_error(&post("/v1/chat/completions", chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}))), 400, "nope");
+    assert_error(&post("/v1/chat/completions", chat(json!({"tool_choice": "required"}))), 400, "tools");
+}

@@ -74,6 +74,9 @@ pub struct EngineRequest {
     pub suppress_ids: Vec<u32>,
     /// Some(k): report the chosen token's logprob and the k most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Emitted first, in place of sampling (e.g. `<|tool_call>call:NAME{` for a named
+    /// `tool_choice`): the model continues from there.
+    pub forced_prefix: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,7 +377,10 @@ fn sample_next<C>(seq: &mut Seq<C>) -> Next {
     // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
     let raw = req.logprobs.map(|_| seq.next_logits.clone());
     apply_penalties(&mut seq.next_logits, &req.penalties, &req.prompt, &seq.generated);
-    let id = gemma4_model::generation::sample(&seq.next_logits, &req.sampling, &req.suppress_ids, &mut seq.rng);
+    let id = match req.forced_prefix.get(seq.generated.len()) {
+        Some(&forced) => forced,
+        None => gemma4_model::generation::sample(&seq.next_logits, &req.sampling, &req.suppress_ids, &mut seq.rng),
+    };
     let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
     seq.generated.push(id);
     if seq.sub.tx.send(EngineEvent::Token { id, logprob }).is_err() {

@@ -81,6 +81,7 @@ async fn handle(state: Arc<AppState>, payload: Result<Json<ChatCompletionRequest
         stop: req.stop.clone().map(StopSpec::into_vec).unwrap_or_default(),
         logprobs,
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        forced_prefix: run::forced_tool_prefix(&state, req.tool_choice.as_ref(), req.tools.as_deref())?,
     };
     // Submit every choice first, so an overloaded server answers 503 before any stream starts.
     let mut handles = Vec::with_capacity(n);

@@ -152,6 +152,7 @@ async fn handle(state: Arc<AppState>, payload: Result<Json<ResponsesRequest>, Js
         stop: vec![],
         logprobs: None,
         ignore_eos: false,
+        forced_prefix: run::forced_tool_prefix(&state, req.tool_choice.as_ref(), req.tools.as_deref())?,
     };
     let handle = run::submit(&state, run::engine_request(&state, &prompt, &params, 0))?;
     let (tx, rx) = mpsc::channel(64);

@@ -78,6 +78,8 @@ pub struct GenParams {
     pub stop: Vec<String>,
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
+    /// Tokens the answer must start with (tool_choice "required" or a named tool).
+    pub forced_prefix: Vec<u32>,
 }
 
 pub struct SamplingFields {
@@ -192,7 +194,37 @@ pub fn engine_request(state: &AppState, prompt: &Prompt, p: &GenParams, seed_off
         stop_ids: if p.ignore_eos { vec![] } else { state.stop_ids.clone() },
         suppress_ids: state.suppress_ids.clone(),
         logprobs: p.logprobs,
+        forced_prefix: p.forced_prefix.clone(),
     }
+}
+
+/// `tool_choice` "required" or a named function: the answer is made to start with the Gemma 4
+/// tool-call syntax (`<|tool_call>call:` and, when named, `NAME{`), so the model must call a tool
+/// (and the named one) instead of being checked afterwards.
+pub fn forced_tool_prefix(state: &AppState, tool_choice: Option<&Value>, tools: Option<&[Value]>) -> Result<Vec<u32>, ApiError> {
+    let Some(choice) = tool_choice else { return Ok(vec![]) };
+    let text = match choice.as_str() {
+        Some("required") => {
+            if tools.is_none_or(|t| t.is_empty()) {
+                return Err(ApiError::bad_request("tool_choice \"required\" needs `tools`").param("tool_choice"));
+            }
+            "<|tool_call>call:".to_string()
+        }
+        Some(_) => return Ok(vec![]),
+        None => {
+            // Chat: {"type": "function", "function": {"name"}}; Responses: {"type": "function", "name"}.
+            let name = choice.get("function").and_then(|f| f.get("name")).or(choice.get("name")).and_then(Value::as_str).unwrap_or_default();
+            let declared = tools.unwrap_or_default().iter().any(|t| {
+                t.get("function").and_then(|f| f.get("name")).or(t.get("name")).and_then(Value::as_str) == Some(name)
+            });
+            if !declared {
+                return Err(ApiError::bad_request(format!("tool_choice names `{name}`, which is not among `tools`")).param("tool_choice"));
+            }
+            format!("<|tool_call>call:{name}{{")
+        }
+    };
+    let enc = state.tokenizer.encode(text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+    Ok(enc.get_ids().to_vec())
 }
 
 pub fn submit(state: &AppState, req: EngineRequest) -> Result<crate::engine::RequestHandle, ApiError> {
