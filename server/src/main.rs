@@ -94,6 +94,10 @@ enum Command {
         /// Requests advanced together per engine step.
         #[arg(long, default_value_t = 16)]
         max_num_seqs: usize,
+        /// Prompt tokens prefilled per engine step (chunked prefill): bounds how long a new long
+        /// prompt stalls the running streams.
+        #[arg(long, default_value_t = 2048)]
+        max_num_batched_tokens: usize,
         /// Requests that may wait for a slot; beyond that the server answers 503.
         #[arg(long, default_value_t = 256)]
         max_waiting: usize,
@@ -278,7 +282,7 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_waiting, shutdown_grace, scripted_output, .. } => {
+        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, shutdown_grace, scripted_output, .. } => {
             let args = gemma4_server::serve::ServeArgs {
                 model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
                 host,
@@ -287,6 +291,7 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
                 api_key,
                 max_model_len,
                 max_num_seqs,
+                max_num_batched_tokens,
                 max_waiting,
                 shutdown_grace,
                 scripted_output,

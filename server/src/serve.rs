@@ -24,6 +24,8 @@ pub struct ServeArgs {
     pub api_key: Option<String>,
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
+    /// Prompt tokens prefilled per engine step (chunked prefill), as vLLM's option of that name.
+    pub max_num_batched_tokens: usize,
     pub max_waiting: usize,
     /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
     pub shutdown_grace: u64,
@@ -87,7 +89,7 @@ pub fn start_engine<B: Backend>(args: &ServeArgs, device: B::Device, progress: b
     }
     let dir = args.model.clone();
     let (meta_tx, meta_rx) = std::sync::mpsc::channel();
-    let config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), max_waiting: args.max_waiting };
+    let config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), prefill_chunk: args.max_num_batched_tokens.max(1), max_waiting: args.max_waiting };
     let (engine, _thread) = Engine::start::<Model<B>, _>(config, move || {
         let bar = if progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(
@@ -139,7 +141,7 @@ fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
         default_sampling: generation.sampling(0),
     };
     let vocab_size = config.text.vocab_size;
-    let engine_config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), max_waiting: args.max_waiting };
+    let engine_config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), prefill_chunk: args.max_num_batched_tokens.max(1), max_waiting: args.max_waiting };
     let (engine, _thread) = Engine::start(engine_config, move || Ok(crate::engine::scripted::ScriptedModel { vocab_size, script }))?;
     Ok((engine, meta))
 }

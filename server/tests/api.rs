@@ -30,6 +30,8 @@ fn server() -> &'static Server {
             api_key: Some(KEY.into()),
             max_model_len: Some(256),
             max_num_seqs: 8,
+            // Small chunks, so that prompts are prefilled over several steps in these tests.
+            max_num_batched_tokens: 7,
             max_waiting: 64,
             shutdown_grace: 1,
             scripted_output: None,

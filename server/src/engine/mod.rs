@@ -116,6 +116,8 @@ impl std::fmt::Display for SubmitError {
 pub struct EngineConfig {
     /// Sequences advanced together per step.
     pub max_num_seqs: usize,
+    /// Prompt tokens prefilled per step, over all sequences (chunked prefill).
+    pub prefill_chunk: usize,
     /// Requests that may wait for a slot before submissions get QueueFull.
     pub max_waiting: usize,
 }
@@ -239,7 +241,9 @@ struct Seq<C> {
     cache: C,
     rng: Rng,
     generated: Vec<u32>,
-    /// Logits row for the next token.
+    /// Prompt tokens already run through the model (chunked prefill).
+    prefilled: usize,
+    /// Logits row for the next token; empty while the prompt is still being prefilled.
     next_logits: Vec<f32>,
 }
 
@@ -275,7 +279,7 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             return;
         }
 
-        // Admit waiting requests into free slots: prefill each (the step they join).
+        // Admit waiting requests into free slots.
         while running.len() < config.max_num_seqs {
             let Some(sub) = waiting.pop_front() else { break };
             stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -283,31 +287,54 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                 stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let mut cache = model.new_cache();
-            let prompt = sub.req.prompt.clone();
-            let prefill = catch_unwind(AssertUnwindSafe(|| model.forward_last(&prompt, &mut cache)));
-            match prefill {
+            let rng = Rng::new(sub.req.sampling.seed);
+            running.push(Seq { cache: model.new_cache(), sub, rng, generated: vec![], prefilled: 0, next_logits: vec![] });
+        }
+
+        // Chunked prefill: at most `prefill_chunk` prompt tokens per step over all sequences,
+        // so a long prompt delays the running streams by one chunk, not by its whole length.
+        let mut budget = config.prefill_chunk.max(1);
+        let mut still = Vec::with_capacity(running.len());
+        for mut seq in running.drain(..) {
+            let total = seq.sub.req.prompt.len();
+            if seq.prefilled == total || budget == 0 || is_gone(&seq.sub) {
+                still.push(seq);
+                continue;
+            }
+            let end = total.min(seq.prefilled + budget);
+            budget -= end - seq.prefilled;
+            let chunk = seq.sub.req.prompt[seq.prefilled..end].to_vec();
+            match catch_unwind(AssertUnwindSafe(|| model.forward_last(&chunk, &mut seq.cache))) {
                 Ok(Ok(row)) => {
-                    stats.prompt_tokens_total.fetch_add(prompt.len() as u64, Ordering::Relaxed);
-                    let rng = Rng::new(sub.req.sampling.seed);
-                    running.push(Seq { sub, cache, rng, generated: vec![], next_logits: row });
+                    stats.prompt_tokens_total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    seq.prefilled = end;
+                    if end == total {
+                        seq.next_logits = row;
+                    }
+                    still.push(seq);
                 }
                 Ok(Err(e)) => {
-                    let _ = sub.tx.send(EngineEvent::Error(e));
+                    let _ = seq.sub.tx.send(EngineEvent::Error(e));
                 }
                 Err(_) => {
-                    let _ = sub.tx.send(EngineEvent::Error("internal error during prefill".into()));
+                    let _ = seq.sub.tx.send(EngineEvent::Error("internal error during prefill".into()));
                 }
             }
         }
+        running = still;
 
         // One decode step for every running sequence: sample and report each one's next token,
         // then run all continuing sequences through the model together.
         let mut keep = Vec::with_capacity(running.len());
+        let mut prefilling = Vec::new();
         for mut seq in running.drain(..) {
             if is_gone(&seq.sub) {
                 stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
                 continue; // cache dropped here
+            }
+            if seq.prefilled < seq.sub.req.prompt.len() {
+                prefilling.push(seq);
+                continue;
             }
             match catch_unwind(AssertUnwindSafe(|| sample_next(&mut seq))) {
                 Ok(Next::Continue(id)) => keep.push((seq, id)),
@@ -350,6 +377,7 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                 }
             }
         }
+        running.extend(prefilling);
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         stats.running.store(running.len(), Ordering::SeqCst);
         stats.kv_entries.store(running.iter().map(|s| model.cache_entries(&s.cache)).sum(), Ordering::SeqCst);
