@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 TARGET="${CARGO_TARGET_DIR:-target}"
 
 cargo test --workspace
-cargo build -p gemma4-server
+# Same feature set as the tests (a `-p` build would resolve features anew and rebuild everything).
+cargo build --workspace --bins
 
 VENV="${TEST_VENV:-.venv-test}"
 if [ ! -x "$VENV/bin/pytest" ]; then
