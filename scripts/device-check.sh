@@ -22,4 +22,7 @@ for dir in fixtures/*/; do
     echo "== bench --device cpu $dir (same machine, for the ratio)"
     "$BIN" bench --device cpu --model "$dir" --prompt-len 256 --decode-tokens 128 --repeats 3 2>&1 | tee -a "$OUT/bench.log" || status=1
 done
+echo "== synth 31b-6l (real 31B layer shapes, 6 layers) and bench --device cuda"
+"$BIN" synth --preset 31b-6l --out /tmp/synth-31b-6l 2>&1 | tail -1 || status=1
+"$BIN" bench --device cuda --model /tmp/synth-31b-6l --prompt-len 256 --decode-tokens 32 --repeats 3 2>&1 | tee -a "$OUT/bench.log" || status=1
 exit $status

@@ -7,3 +7,4 @@ pub mod engine;
 pub mod http;
 pub mod parser;
 pub mod serve;
+pub mod synth;

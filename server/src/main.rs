@@ -110,6 +110,19 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
     },
+    /// Write a checkpoint with the real Gemma 4 names, shapes, dtypes and NVFP4 layout and random
+    /// values (for benchmarks; presets: 31b, 31b-6l, small, tiny).
+    Synth {
+        #[arg(long, default_value = "31b")]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest shard size in GB (an index is written when there is more than one shard).
+        #[arg(long, default_value_t = 5.0)]
+        shard_gb: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Compare against a conformance fixture's reference logits and greedy outputs.
     Check {
         #[arg(long)]
@@ -148,7 +161,20 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Command::Synth { preset, out, shard_gb, seed } = &cli.command {
+        let p = gemma4_server::synth::preset(preset)?;
+        let (mlp, attn, embed, other) = gemma4_server::synth::byte_budget(&p);
+        eprintln!(
+            "synth {preset}: NVFP4 MLP {:.2} GB, bf16 attention {:.2} GB, bf16 embedding {:.2} GB, other {:.3} GB",
+            mlp as f64 / 1e9,
+            attn as f64 / 1e9,
+            embed as f64 / 1e9,
+            other as f64 / 1e9
+        );
+        return gemma4_server::synth::synth(preset, out, (shard_gb * 1e9) as usize, *seed);
+    }
     let device = match &cli.command {
+        Command::Synth { .. } => DeviceArg::Cpu,
         Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::Check { device, .. }
         | Command::Serve { device, .. } => *device,
     };
@@ -298,6 +324,7 @@ fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
             };
             gemma4_server::serve::run::<B>(args, device)
         }
+        Command::Synth { .. } => unreachable!("handled before a backend is chosen"),
         Command::Check { model, tolerance, .. } => {
             let m = load::<B>(&model, &device)?;
             check::check(&m, &model, tolerance)
