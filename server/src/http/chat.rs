@@ -160,14 +160,19 @@ async fn collect(
         created: run::now_secs(),
         model,
         choices,
-        usage: Usage {
-            prompt_tokens: prompt_tokens * n,
-            completion_tokens: completion,
-            total_tokens: prompt_tokens * n + completion,
-            prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
-            completion_tokens_details: CompletionTokensDetails { reasoning_tokens: reasoning },
-        },
+        usage: usage(prompt_tokens * n, completion, reasoning),
     })
+}
+
+/// Usage over all choices (each choice counts the prompt once, as OpenAI does for `n`).
+fn usage(prompt_tokens: usize, completion_tokens: usize, reasoning_tokens: usize) -> Usage {
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
+        completion_tokens_details: CompletionTokensDetails { reasoning_tokens },
+    }
 }
 
 fn stream(
@@ -225,14 +230,7 @@ fn stream(
             }
         }
         if include_usage {
-            let usage = Usage {
-                prompt_tokens: prompt_tokens * n,
-                completion_tokens: completion,
-                total_tokens: prompt_tokens * n + completion,
-                prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
-                completion_tokens_details: CompletionTokensDetails { reasoning_tokens: reasoning },
-            };
-            let _ = out_tx.send(chunk(vec![], Some(usage))).await;
+            let _ = out_tx.send(chunk(vec![], Some(usage(prompt_tokens * n, completion, reasoning)))).await;
         }
         let _ = out_tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
