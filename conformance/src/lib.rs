@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::prelude::Backend;
+use gemma4_model::{generate, GenerateRequest, KvCache, Logits, RunError, SamplingParams, TextModel};
 use serde::Deserialize;
 
 /// Max |Δ logit| allowed against the f32 reference (issue 2).
@@ -24,6 +26,34 @@ pub struct Case {
     pub prompt_ids: Vec<u32>,
     pub greedy_ids: Vec<u32>,
     pub min_greedy_margin: f64,
+}
+
+impl Case {
+    /// prompt_ids + greedy_ids: the sequence whose logits the reference holds.
+    pub fn sequence(&self) -> Vec<u32> {
+        self.prompt_ids.iter().chain(&self.greedy_ids).copied().collect()
+    }
+}
+
+/// The engine's logits at every position of the case's sequence, one prefill: [positions · vocab].
+pub fn case_logits<B: Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<f32>, RunError> {
+    let mut cache = KvCache::new(model);
+    let logits = model.forward(&case.sequence(), &mut cache, Logits::All)?;
+    Ok(logits.into_data().to_vec::<f32>().expect("f32 logits"))
+}
+
+/// The engine's greedy continuation of the case's prompt, as long as the reference's (no eos
+/// stop, as the reference was made).
+pub fn case_greedy<B: Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<u32>, RunError> {
+    let req = GenerateRequest {
+        prompt: case.prompt_ids.clone(),
+        max_new_tokens: case.greedy_ids.len(),
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+        suppress_ids: vec![],
+        max_len: usize::MAX,
+    };
+    Ok(generate(model, &req, |_| {})?.tokens)
 }
 
 pub fn fixtures_dir() -> PathBuf {

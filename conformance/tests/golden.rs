@@ -3,7 +3,7 @@
 //! prefill, and insta snapshots of the greedy outputs.
 
 use gemma4_conformance::*;
-use gemma4_model::{generate, CpuBackend, GenerateRequest, KvCache, Logits, Model, SamplingParams};
+use gemma4_model::{CpuBackend, KvCache, Logits, Model};
 
 type B = CpuBackend;
 
@@ -27,11 +27,10 @@ fn logits_match_reference() {
         let model = load(&dir);
         let reference = load_reference(&dir);
         for case in &reference.cases {
-            let seq: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+            let seq = case.sequence();
             let (expected, shape) = reference_logits(&dir, &case.name);
             assert_eq!(shape, [seq.len(), model.text.vocab_size], "{}/{} reference shape", name(&dir), case.name);
-            let mut cache = KvCache::new(&model.text);
-            let got = to_vec(model.text.forward(&seq, &mut cache, Logits::All).unwrap());
+            let got = case_logits(&model.text, case).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
                 "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {LOGITS_TOLERANCE:.0e}) at position {}",
@@ -45,21 +44,18 @@ fn logits_match_reference() {
     }
 }
 
+/// Named so the snapshot files' recorded expression (`out.tokens`) stays as it was.
+struct Greedy {
+    tokens: Vec<u32>,
+}
+
 #[test]
 fn greedy_matches_reference_and_snapshots() {
     for dir in fixtures() {
         let model = load(&dir);
         let reference = load_reference(&dir);
         for case in &reference.cases {
-            let req = GenerateRequest {
-                prompt: case.prompt_ids.clone(),
-                max_new_tokens: case.greedy_ids.len(),
-                sampling: SamplingParams::greedy(),
-                stop_ids: vec![], // the reference continuation does not stop at eos
-                suppress_ids: vec![],
-                max_len: model.config.text.max_position_embeddings,
-            };
-            let out = generate(&model.text, &req, |_| {}).unwrap();
+            let out = Greedy { tokens: case_greedy(&model.text, case).unwrap() };
             println!("{}/{}: greedy {:?} (reference min margin {:.3})", name(&dir), case.name, out.tokens, case.min_greedy_margin);
             assert_eq!(out.tokens, case.greedy_ids, "{}/{} greedy continuation", name(&dir), case.name);
             insta::assert_json_snapshot!(format!("{}-{}", name(&dir), case.name), out.tokens);
@@ -73,10 +69,9 @@ fn decode_through_cache_equals_prefill() {
         let model = load(&dir);
         let reference = load_reference(&dir);
         for case in &reference.cases {
-            let seq: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+            let seq = case.sequence();
             let vocab = model.text.vocab_size;
-            let mut cache = KvCache::new(&model.text);
-            let full = to_vec(model.text.forward(&seq, &mut cache, Logits::All).unwrap());
+            let full = case_logits(&model.text, case).unwrap();
 
             // Prefill the prompt in two uneven chunks, then one token at a time.
             let p = case.prompt_ids.len();

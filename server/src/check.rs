@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
-use gemma4_conformance::{load_reference, max_abs_diff, reference_logits};
-use gemma4_model::{generate, GenerateRequest, KvCache, Logits, Model, SamplingParams};
+use gemma4_conformance::{case_greedy, case_logits, load_reference, max_abs_diff, reference_logits};
+use gemma4_model::Model;
 
 pub fn check<B: Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Result<()> {
     if !dir.join("reference.json").exists() {
@@ -16,27 +16,16 @@ pub fn check<B: Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Result<()>
     let reference = load_reference(dir);
     let mut failures = 0;
     for case in &reference.cases {
-        let seq: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
         let (expected, _) = reference_logits(dir, &case.name);
-        let mut cache = KvCache::new(&m.text);
-        let got = m.text.forward(&seq, &mut cache, Logits::All)?.into_data().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let (d, _) = max_abs_diff(&got, &expected);
-        let req = GenerateRequest {
-            prompt: case.prompt_ids.clone(),
-            max_new_tokens: case.greedy_ids.len(),
-            sampling: SamplingParams::greedy(),
-            stop_ids: vec![],
-            suppress_ids: vec![],
-            max_len: usize::MAX,
-        };
-        let greedy = generate(&m.text, &req, |_| {})?.tokens;
+        let (d, _) = max_abs_diff(&case_logits(&m.text, case)?, &expected);
+        let greedy = case_greedy(&m.text, case)?;
         let ok = d <= tolerance && greedy == case.greedy_ids;
         failures += usize::from(!ok);
         println!(
             "{} {}: {} positions, max|Δlogit| {d:.2e} (tolerance {tolerance:.0e}), greedy {}",
             if ok { "PASS" } else { "FAIL" },
             case.name,
-            seq.len(),
+            case.sequence().len(),
             if greedy == case.greedy_ids { "identical".to_string() } else { format!("{greedy:?} != {:?}", case.greedy_ids) }
         );
     }

@@ -274,10 +274,7 @@ impl OutputParser {
                     self.name_ids.clear();
                     self.state = State::ChannelName;
                 } else if id == sp.tool_call_start {
-                    self.emit_text(false, true);
-                    self.text.clear();
-                    self.call_ids.clear();
-                    self.state = State::ToolCall;
+                    self.start_tool_call(false);
                 } else if !sp.is_special(id) {
                     self.text.ids.push(id);
                 }
@@ -285,10 +282,7 @@ impl OutputParser {
             State::ChannelName => {
                 if id == sp.tool_call_start {
                     self.end_name_line();
-                    self.emit_text(true, true);
-                    self.text.clear();
-                    self.call_ids.clear();
-                    self.state = State::ToolCall;
+                    self.start_tool_call(true);
                     return;
                 }
                 self.reasoning_tokens += 1;
@@ -304,10 +298,7 @@ impl OutputParser {
             }
             State::Reasoning => {
                 if id == sp.tool_call_start {
-                    self.emit_text(true, true);
-                    self.text.clear();
-                    self.call_ids.clear();
-                    self.state = State::ToolCall;
+                    self.start_tool_call(true);
                     return;
                 }
                 self.reasoning_tokens += 1;
@@ -372,6 +363,14 @@ impl OutputParser {
     }
 
     /// Emits what the current segment has ready, as reasoning or content.
+    /// `<|tool_call>` seen: flush the pending text (reasoning or content) and collect the call.
+    fn start_tool_call(&mut self, reasoning: bool) {
+        self.emit_text(reasoning, true);
+        self.text.clear();
+        self.call_ids.clear();
+        self.state = State::ToolCall;
+    }
+
     fn emit_text(&mut self, reasoning: bool, last: bool) {
         if let Some(text) = self.text.next_text(&self.tokenizer, last) {
             self.push_delta(if reasoning { ParsedDelta::Reasoning(text) } else { ParsedDelta::Content(text) });

@@ -259,7 +259,7 @@ pub async fn run_choice(
                 }
                 last = Some(now);
                 tokens += 1;
-                let mut delta = deltas(&state, parser.push(&[id]), &mut stopper, &mut tool_calls);
+                let mut delta = deltas(parser.push(&[id]), &mut stopper, &mut tool_calls);
                 if let Some(lp) = logprob {
                     delta.logprobs.push(logprob_content(&state, lp));
                 }
@@ -280,7 +280,7 @@ pub async fn run_choice(
                 }
             }
             EngineEvent::Finished { reason, prompt_tokens, completion_tokens } => {
-                let mut delta = deltas(&state, parser.finish(), &mut stopper, &mut tool_calls);
+                let mut delta = deltas(parser.finish(), &mut stopper, &mut tool_calls);
                 let rest = stopper.flush();
                 delta.content.push_str(&rest);
                 if !delta.is_empty() && tx.send((index, delta.into_event())).await.is_err() {
@@ -330,7 +330,7 @@ impl Pending {
     }
 }
 
-fn deltas(_state: &AppState, parsed: Vec<ParsedDelta>, stopper: &mut StopMatcher, tool_calls: &mut usize) -> Pending {
+fn deltas(parsed: Vec<ParsedDelta>, stopper: &mut StopMatcher, tool_calls: &mut usize) -> Pending {
     let mut p = Pending { reasoning: String::new(), content: String::new(), tool_calls: vec![], logprobs: vec![], hit: false };
     for d in parsed {
         if p.hit {
