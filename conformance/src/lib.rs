@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::prelude::Backend;
+use gemma4_model::Gemma4Backend;
 use gemma4_model::{generate, GenerateRequest, KvCache, Logits, RunError, SamplingParams, TextModel};
 use serde::Deserialize;
 
@@ -36,7 +36,7 @@ impl Case {
 }
 
 /// The engine's logits at every position of the case's sequence, one prefill: [positions · vocab].
-pub fn case_logits<B: Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<f32>, RunError> {
+pub fn case_logits<B: Gemma4Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<f32>, RunError> {
     let mut cache = KvCache::new(model);
     let logits = model.forward(&case.sequence(), &mut cache, Logits::All)?;
     Ok(logits.into_data().to_vec::<f32>().expect("f32 logits"))
@@ -44,7 +44,7 @@ pub fn case_logits<B: Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<
 
 /// The engine's greedy continuation of the case's prompt, as long as the reference's (no eos
 /// stop, as the reference was made).
-pub fn case_greedy<B: Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<u32>, RunError> {
+pub fn case_greedy<B: Gemma4Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<u32>, RunError> {
     let req = GenerateRequest {
         prompt: case.prompt_ids.clone(),
         max_new_tokens: case.greedy_ids.len(),

@@ -1,3 +1,13 @@
-//! CubeCL kernels for the Gemma 4 NVFP4 engine.
+//! The Gemma 4 engine's numeric kernels: the NVFP4 weight format, attention, and the
+//! [`Gemma4Backend`] operations through which the model reaches them. Each fast kernel
+//! (CubeCL, for wgpu and CUDA) lives beside its plain Burn reference and is tested against it.
 
+pub mod attention;
+pub mod backend;
+pub mod nvfp4;
 pub mod nvfp4_gemv;
+
+#[doc(hidden)]
+pub mod testing;
+
+pub use backend::Gemma4Backend;

@@ -13,13 +13,13 @@
 
 use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
-    kernel::into_contiguous, ops::numeric::empty_device_dtype, CubeBackend, CubeRuntime,
+    kernel::into_contiguous, BoolElement, ops::numeric::empty_device_dtype, CubeBackend, CubeRuntime,
 };
 use cubecl::prelude::*;
 
 /// The backend the kernel runs on: any CubeCL runtime with f32 floats and i32 ints
 /// (`burn::backend::Wgpu<f32, i32>` without fusion is `CubeBackend<WgpuRuntime, f32, i32, u32>`).
-pub type Nvfp4Backend<R> = CubeBackend<R, f32, i32, u32>;
+pub type Nvfp4Backend<R, BT = u32> = CubeBackend<R, f32, i32, BT>;
 
 /// Inputs per E4M3 block scale.
 pub const GROUP_SIZE: usize = 16;
@@ -172,14 +172,14 @@ fn nvfp4_gemv_kernel(
 
 /// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]`, x f32 `[m, in]` with
 /// m in 1..=[`MAX_M`]; returns y `[m, out_features]`.
-pub fn nvfp4_matmul<R: CubeRuntime>(
-    x: BurnTensor<Nvfp4Backend<R>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R>, 2, Int>,
+pub fn nvfp4_matmul<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-) -> Result<BurnTensor<Nvfp4Backend<R>, 2>, KernelError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, KernelError> {
     if in_features == 0 || !in_features.is_multiple_of(GROUP_SIZE) {
         return Err(KernelError::InFeatures { in_features });
     }

@@ -4,8 +4,8 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use gemma4_kernels::nvfp4_gemv::{nvfp4_matmul, KernelError, MAX_M};
-use gemma4_model::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
-use gemma4_model::testing::Lcg;
+use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
+use gemma4_kernels::testing::Lcg;
 
 type Gpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Cpu = NdArray<f32, i32>;

@@ -4,8 +4,9 @@
 //! `attention_k_eq_v` no v_proj: V = v_norm(k_proj x), while K = RoPE(k_norm(k_proj x)), so K ≠ V.
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
-use burn::tensor::TensorData;
+use gemma4_kernels::attention::AttentionParams;
+
+use crate::Gemma4Backend;
 
 use crate::cache::LayerCache;
 use crate::config::LayerKind;
@@ -13,13 +14,8 @@ use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::{apply_rope, Rope};
 
-/// Added to masked scores. Every row keeps at least its own position, so the softmax max is
-/// finite and exp(-inf - max) = 0 exactly (a large finite value sends libm's exp down its slow
-/// underflow path instead).
-const MASKED: f32 = f32::NEG_INFINITY;
-
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: Gemma4Backend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     /// None on full layers with `attention_k_eq_v`.
@@ -37,7 +33,7 @@ pub struct Attention<B: Backend> {
     pub rope: Rope,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: Gemma4Backend> Attention<B> {
     pub fn kind(&self) -> LayerKind {
         if self.sliding_window.is_some() { LayerKind::Sliding } else { LayerKind::Full }
     }
@@ -86,34 +82,7 @@ impl<B: Backend> Attention<B> {
 
     /// Attention of t queries at pos0.. over the cache plus these t keys; [t, heads · d].
     fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, pos0: usize, cache: &mut LayerCache<B>) -> Tensor<B, 2> {
-        let device = q.device();
-        let t = q.dims()[0];
-        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (k_all, v_all, k_start) = cache.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
-        let s = k_all.dims()[1];
-
-        // GQA by reshaping: query head h = kv * groups + j uses KV head kv (repeat_kv order).
-        let groups = nh / nkv;
-        let q = q.swap_dims(0, 1).reshape([nkv, groups * t, d]);
-        let scores = q.matmul(k_all.swap_dims(1, 2)).reshape([nkv, groups, t, s]); // scaling 1.0
-        let scores = scores + self.mask(pos0, t, k_start, s, &device).unsqueeze::<4>();
-        let probs = softmax(scores, 3).reshape([nkv, groups * t, s]);
-        probs.matmul(v_all).reshape([nh, t, d]).swap_dims(0, 1).reshape([t, nh * d])
-    }
-
-    /// [t, s] additive mask: 0 where query pos0+i may see key k_start+j, MASKED elsewhere.
-    fn mask(&self, pos0: usize, t: usize, k_start: usize, s: usize, device: &B::Device) -> Tensor<B, 2> {
-        let mut m = vec![0f32; t * s];
-        for i in 0..t {
-            let qp = pos0 + i;
-            for j in 0..s {
-                let kp = k_start + j;
-                let visible = kp <= qp && self.sliding_window.is_none_or(|w| qp - kp < w);
-                if !visible {
-                    m[i * s + j] = MASKED;
-                }
-            }
-        }
-        Tensor::from_data(TensorData::new(m, [t, s]), device)
+        <B as Gemma4Backend>::attention(q, k_all, v_all, &AttentionParams::causal(pos0, k_start, self.sliding_window))
     }
 }

@@ -3,11 +3,12 @@
 //! full layers keep the whole context.
 
 use burn::prelude::*;
+use crate::Gemma4Backend;
 
 use crate::text_model::TextModel;
 
 #[derive(Debug, Clone)]
-pub struct LayerCache<B: Backend> {
+pub struct LayerCache<B: Gemma4Backend> {
     /// [kv_heads, cached, head_dim] after k_norm and RoPE.
     pub k: Option<Tensor<B, 3>>,
     /// [kv_heads, cached, head_dim] after v_norm.
@@ -18,7 +19,7 @@ pub struct LayerCache<B: Backend> {
     pub keep: Option<usize>,
 }
 
-impl<B: Backend> LayerCache<B> {
+impl<B: Gemma4Backend> LayerCache<B> {
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, |k| k.dims()[1])
     }
@@ -51,13 +52,13 @@ impl<B: Backend> LayerCache<B> {
 }
 
 #[derive(Debug, Clone)]
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: Gemma4Backend> {
     pub layers: Vec<LayerCache<B>>,
     /// Tokens processed so far (the position of the next token).
     pub seq_len: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: Gemma4Backend> KvCache<B> {
     /// A fresh cache shaped for this model's layers.
     pub fn new(model: &TextModel<B>) -> Self {
         let layers = model

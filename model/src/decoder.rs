@@ -4,6 +4,7 @@
 //! h = h · layer_scalar  (new in Gemma 4; tensor `layers.{i}.layer_scalar`, shape [1]).
 
 use burn::prelude::*;
+use crate::Gemma4Backend;
 
 use crate::attention::Attention;
 use crate::cache::LayerCache;
@@ -11,7 +12,7 @@ use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 
 #[derive(Module, Debug)]
-pub struct DecoderLayer<B: Backend> {
+pub struct DecoderLayer<B: Gemma4Backend> {
     pub self_attn: Attention<B>,
     pub mlp: Mlp<B>,
     pub input_layernorm: RmsNorm<B>,
@@ -21,7 +22,7 @@ pub struct DecoderLayer<B: Backend> {
     pub layer_scalar: f32,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: Gemma4Backend> DecoderLayer<B> {
     /// h [t, hidden] -> [t, hidden].
     pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>) -> Tensor<B, 2> {
         let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, cache);

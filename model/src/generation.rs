@@ -1,7 +1,7 @@
 //! Generation: prefill, then one token at a time through the KV cache; greedy or seeded sampling
 //! (temperature, top-k, top-p, min-p); stops on eos ids.
 
-use burn::prelude::*;
+use crate::Gemma4Backend;
 
 use crate::cache::KvCache;
 use crate::error::RunError;
@@ -147,7 +147,7 @@ pub struct GenerateOutput {
 }
 
 /// Runs one request to the end. `on_token` sees each new token as it is produced.
-pub fn generate<B: Backend>(
+pub fn generate<B: Gemma4Backend>(
     model: &TextModel<B>,
     req: &GenerateRequest,
     mut on_token: impl FnMut(u32),

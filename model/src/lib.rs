@@ -12,17 +12,18 @@ pub mod generation;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
-pub mod nvfp4;
+/// The NVFP4 weight format and its reference decode live with the kernels that read them.
+pub use gemma4_kernels::nvfp4;
 pub mod rope;
 pub mod text_model;
 pub mod weights;
 
 #[doc(hidden)]
-pub mod testing;
+pub use gemma4_kernels::testing;
+pub use gemma4_kernels::Gemma4Backend;
 
 use std::path::Path;
 
-use burn::prelude::*;
 
 pub use cache::KvCache;
 pub use config::{GenerationConfig, ModelConfig};
@@ -45,14 +46,14 @@ pub struct LoadReport {
 
 /// A loaded checkpoint: configs and the text tower.
 #[derive(Debug)]
-pub struct Model<B: Backend> {
+pub struct Model<B: Gemma4Backend> {
     pub config: ModelConfig,
     pub generation: GenerationConfig,
     pub text: TextModel<B>,
     pub report: LoadReport,
 }
 
-impl<B: Backend> Model<B> {
+impl<B: Gemma4Backend> Model<B> {
     /// Loads `config.json`, `hf_quant_config.json`, `generation_config.json` and the weights of
     /// `dir`. Any missing, misshapen, mistyped or unused tensor is an error naming it.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self, LoadError> {

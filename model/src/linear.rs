@@ -4,17 +4,18 @@
 
 use burn::module::Param;
 use burn::prelude::*;
+use crate::Gemma4Backend;
 
 use crate::nvfp4::Nvfp4Weight;
 
 #[derive(Module, Debug)]
-pub enum Linear<B: Backend> {
+pub enum Linear<B: Gemma4Backend> {
     /// Weight stored transposed, [in, out], so the forward is a plain x · w.
     Dense(Param<Tensor<B, 2>>),
     Nvfp4(Nvfp4Weight<B>),
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: Gemma4Backend> Linear<B> {
     /// x [n, in] -> [n, out].
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {

@@ -2,18 +2,19 @@
 //! are the NVFP4 linears.
 
 use burn::prelude::*;
+use crate::Gemma4Backend;
 use burn::tensor::activation::gelu_approximate;
 
 use crate::linear::Linear;
 
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: Gemma4Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: Gemma4Backend> Mlp<B> {
     /// x [n, hidden] -> [n, hidden].
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let gate = gelu_approximate(self.gate_proj.forward(x.clone()));

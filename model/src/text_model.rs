@@ -3,6 +3,7 @@
 
 use burn::module::Param;
 use burn::prelude::*;
+use crate::Gemma4Backend;
 use burn::tensor::TensorData;
 
 use crate::attention::Attention;
@@ -28,7 +29,7 @@ pub enum Logits {
 }
 
 #[derive(Module, Debug)]
-pub struct TextModel<B: Backend> {
+pub struct TextModel<B: Gemma4Backend> {
     /// [vocab, hidden]; also the lm_head (tied).
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<DecoderLayer<B>>,
@@ -45,7 +46,7 @@ pub struct TextModel<B: Backend> {
     pub pad_token_id: u32,
 }
 
-impl<B: Backend> TextModel<B> {
+impl<B: Gemma4Backend> TextModel<B> {
     /// Runs `tokens` (the next tokens of the sequence held by `cache`) and returns logits.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<Tensor<B, 2>, RunError> {
         if tokens.is_empty() {
@@ -214,13 +215,13 @@ fn round_to_dtype(x: f32, dtype: Option<Dtype>) -> f32 {
     }
 }
 
-fn load_norm<B: Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
+fn load_norm<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
     let w = ckpt.float(&format!("{prefix}.weight"), &[dim])?;
     Ok(RmsNorm::new(Some(Tensor::from_data(TensorData::new(w, [dim]), device)), eps))
 }
 
 /// A linear `prefix` with weight [out, in]: NVFP4 when `weight` is U8 and `weight_scale` exists.
-pub fn load_linear<B: Backend>(ckpt: &mut Checkpoint, prefix: &str, out: usize, inp: usize, device: &B::Device) -> Result<Linear<B>, LoadError> {
+pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: usize, inp: usize, device: &B::Device) -> Result<Linear<B>, LoadError> {
     let wname = format!("{prefix}.weight");
     let sname = format!("{prefix}.weight_scale");
     let is_nvfp4 = ckpt.dtype(&wname) == Some(Dtype::U8) && ckpt.contains(&sname);

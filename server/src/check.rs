@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use burn::prelude::*;
+use gemma4_model::Gemma4Backend;
 use gemma4_conformance::{case_greedy, case_logits, load_reference, max_abs_diff, reference_logits};
 use gemma4_model::Model;
 
-pub fn check<B: Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Result<()> {
+pub fn check<B: Gemma4Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Result<()> {
     if !dir.join("reference.json").exists() {
         bail!("{} has no reference.json: not a conformance fixture", dir.display());
     }

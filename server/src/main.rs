@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use gemma4_model::Gemma4Backend;
 use clap::{Parser, Subcommand, ValueEnum};
 use gemma4_model::{generate, GenerateRequest, KvCache, Logits, Model, SamplingParams};
 
@@ -218,7 +219,7 @@ fn cuda_device(_: Cli) -> Result<()> {
     bail!("this gemma4 binary was built without CUDA support: rebuild with `--features cuda`")
 }
 
-fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
+fn load<B: Gemma4Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
     let start = Instant::now();
     let model = Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
     let r = &model.report;
@@ -234,7 +235,7 @@ fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
     Ok(model)
 }
 
-fn with_backend<B: Backend>(cli: Cli, device: B::Device) -> Result<()> {
+fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
     match cli.command {
         Command::Logits { model, tokens, out, .. } => {
             let m = load::<B>(&model, &device)?;
@@ -343,7 +344,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Prefill: one forward over `prompt_len` random ids (median of `repeats`, after a warm-up).
 /// Decode: `decode_tokens` greedy steps through the KV cache after a 16-token prompt.
-fn bench<B: Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize) -> Result<()> {
+fn bench<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize) -> Result<()> {
     let vocab = m.text.vocab_size as u64;
     let mut rng = gemma4_model::generation::Rng::new(1234);
     let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();

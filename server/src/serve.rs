@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use burn::prelude::*;
+use gemma4_model::Gemma4Backend;
 
 use crate::chat_template::ChatTemplate;
 use crate::engine::{Engine, EngineConfig};
@@ -83,7 +83,7 @@ pub struct ModelMeta {
 }
 
 /// Starts the engine with a model loaded on its thread (with a progress bar on stderr).
-pub fn start_engine<B: Backend>(args: &ServeArgs, device: B::Device, progress: bool) -> Result<(Engine, ModelMeta)> {
+pub fn start_engine<B: Gemma4Backend>(args: &ServeArgs, device: B::Device, progress: bool) -> Result<(Engine, ModelMeta)> {
     if let Some(text) = &args.scripted_output {
         return start_scripted(args, text);
     }
@@ -174,7 +174,7 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, grac
     Ok(())
 }
 
-pub fn run<B: Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
+pub fn run<B: Gemma4Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
     let (engine, meta) = start_engine::<B>(&args, device, true)?;
     let state = Arc::new(build_state(&args, engine, meta)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use burn::prelude::*;
+use gemma4_model::Gemma4Backend;
 use gemma4_model::generation::Rng;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
 
@@ -38,7 +38,7 @@ pub trait StepModel: 'static {
     fn cache_entries(&self, cache: &Self::Cache) -> usize;
 }
 
-impl<B: Backend> StepModel for Model<B> {
+impl<B: Gemma4Backend> StepModel for Model<B> {
     type Cache = KvCache<B>;
     fn new_cache(&self) -> KvCache<B> {
         KvCache::new(&self.text)

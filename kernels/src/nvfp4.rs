@@ -12,7 +12,7 @@
 //! In memory the weight stays packed: codes as i32 words of 8 nibbles ([out, in/8]; nibble k of
 //! word w is column 8w + k, which is the checkpoint's byte order read little-endian), scales as
 //! i32 words of 4 E4M3 bytes ([out, ceil(in/64)], row padded with zero bytes). The fast kernels
-//! (kernels crate) read the same words; the reference below decodes them with tensor ops.
+//! (`nvfp4_gemv`, `cpu`) read the same words; the reference below decodes them with tensor ops.
 
 use burn::prelude::*;
 use burn::tensor::{ElementConversion, TensorData};
@@ -179,9 +179,17 @@ impl<B: Backend> Nvfp4Weight<B> {
         (values * scales).reshape([out, inp])
     }
 
-    /// y = x · Wᵀ with x [n, in] -> [n, out] (reference: decode, then a dense matmul).
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// y = x · Wᵀ with x [n, in] -> [n, out], plain tensor ops: decode, then a dense matmul.
+    /// The reference of every fast NVFP4 path.
+    pub fn forward_reference(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         x.matmul(self.dequantize().transpose())
+    }
+}
+
+impl<B: crate::Gemma4Backend> Nvfp4Weight<B> {
+    /// y = x · Wᵀ on the backend's fastest path.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        B::nvfp4_linear(x, self)
     }
 }
 
@@ -260,7 +268,7 @@ mod tests {
         let x: Vec<f32> = (0..n * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         let dev: Nvfp4Weight<Cpu> = packed.to_device(&device);
         let y = dev
-            .forward(Tensor::from_data(TensorData::new(x.clone(), [n, inp]), &device))
+            .forward_reference(Tensor::from_data(TensorData::new(x.clone(), [n, inp]), &device))
             .into_data()
             .to_vec::<f32>()
             .unwrap();
