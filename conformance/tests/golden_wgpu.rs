@@ -1,0 +1,18 @@
+//! The golden checks on wgpu (Mesa's lavapipe in CI): the same fixtures and tolerances as on the
+//! CPU, with the model going through the CubeCL kernels of `gemma4-kernels`.
+
+mod suite;
+
+use burn::backend::wgpu::{Wgpu, WgpuDevice};
+
+type B = Wgpu<f32, i32>;
+
+// One test, so the device starts once and the cases run in order in one process.
+#[test]
+fn golden_fixtures_on_wgpu() {
+    let device = WgpuDevice::default();
+    suite::logits_match_reference::<B>(&device);
+    suite::greedy_matches_reference::<B>(&device);
+    suite::decode_through_cache_equals_prefill::<B>(&device);
+    suite::batched_decode_matches_reference::<B>(&device);
+}
