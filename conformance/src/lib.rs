@@ -78,13 +78,72 @@ pub fn load_reference(dir: &Path) -> Reference {
 
 /// `<case>.logits` from reference.safetensors: (values, [positions, vocab]).
 pub fn reference_logits(dir: &Path, case: &str) -> (Vec<f32>, [usize; 2]) {
+    let (values, shape) = reference_f32(dir, &format!("{case}.logits"));
+    (values, [shape[0], shape[1]])
+}
+
+/// Any F32 tensor of reference.safetensors: (values, shape).
+pub fn reference_f32(dir: &Path, tensor: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference.safetensors parses");
-    let t = st.tensor(&format!("{case}.logits")).expect("case logits present");
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let shape = [t.shape()[0], t.shape()[1]];
+    let t = st.tensor(tensor).unwrap_or_else(|e| panic!("{tensor} in reference.safetensors: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{tensor} dtype");
     let values = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    (values, shape)
+    (values, t.shape().to_vec())
+}
+
+/// A U8 tensor of reference.safetensors: (bytes, shape).
+pub fn reference_u8(dir: &Path, tensor: &str) -> (Vec<u8>, Vec<usize>) {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference.safetensors parses");
+    let t = st.tensor(tensor).unwrap_or_else(|e| panic!("{tensor} in reference.safetensors: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::U8, "{tensor} dtype");
+    (t.data().to_vec(), t.shape().to_vec())
+}
+
+/// A multimodal case of a vision fixture's reference.json: images placed among text.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MultimodalCase {
+    pub name: String,
+    /// Image files, relative to the fixture directory, in prompt order.
+    pub images: Vec<String>,
+    /// With each image's placeholders already expanded (boi + n x image + eoi).
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub min_greedy_margin: f32,
+    pub soft_tokens_tensors: Vec<String>,
+}
+
+/// One image of a vision fixture and the budget it was processed at.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageCase {
+    pub file: String,
+    pub max_soft_tokens: usize,
+    pub num_soft_tokens: usize,
+    pub soft_tokens_tensor: String,
+    /// Whether our decoder reproduces PIL's pixels for this file (JPEG decoders differ).
+    pub decode_exact: bool,
+    /// PIL's decoded RGB pixels [h, w, 3], stored where decoders may differ.
+    pub decoded_tensor: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionReference {
+    pub multimodal_cases: Vec<MultimodalCase>,
+    pub images: Vec<ImageCase>,
+}
+
+/// Fixture directories with multimodal reference cases.
+pub fn vision_fixtures() -> Vec<PathBuf> {
+    fixtures()
+        .into_iter()
+        .filter(|d| std::fs::read_to_string(d.join("reference.json")).is_ok_and(|t| t.contains("\"multimodal_cases\"")))
+        .collect()
+}
+
+pub fn load_vision_reference(dir: &Path) -> VisionReference {
+    let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json has multimodal_cases and images")
 }
 
 /// Max |a - b| and where it is.

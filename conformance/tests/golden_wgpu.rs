@@ -15,4 +15,6 @@ fn golden_fixtures_on_wgpu() {
     suite::greedy_matches_reference::<B>(&device);
     suite::decode_through_cache_equals_prefill::<B>(&device);
     suite::batched_decode_matches_reference::<B>(&device);
+    suite::vision::soft_tokens_match_reference::<B>(&device);
+    suite::vision::multimodal_cases_match_reference::<B>(&device);
 }

@@ -3,6 +3,8 @@
 //! no attention softcap; full layers have their own head_dim and KV heads, and with
 //! `attention_k_eq_v` no v_proj: V = v_norm(k_proj x), while K = RoPE(k_norm(k_proj x)), so K ≠ V.
 
+use std::ops::Range;
+
 use burn::prelude::*;
 use gemma4_kernels::attention::AttentionParams;
 
@@ -39,11 +41,14 @@ impl<B: Gemma4Backend> Attention<B> {
     }
 
     /// x [t, hidden] at positions pos0..pos0+t -> [t, hidden]; appends this step's K/V to `cache`.
-    pub fn forward(&self, x: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>) -> Tensor<B, 2> {
+    /// `images`: absolute position ranges of image soft tokens, which see each other in both
+    /// directions on sliding layers only (full layers stay causal).
+    pub fn forward(&self, x: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
         let t = x.dims()[0];
         let (cos, sin) = self.rope.tables::<B>(pos0, t, &x.device());
         let (q, k, v) = self.project(x, &cos, &sin);
-        self.o_proj.forward(self.attend(q, k, v, pos0, cache))
+        let images = if self.sliding_window.is_some() { images } else { &[] };
+        self.o_proj.forward(self.attend(q, k, v, pos0, cache, images))
     }
 
     /// Batched decode: row b of x [n, hidden] is the next token of sequence b, at position
@@ -58,7 +63,7 @@ impl<B: Gemma4Backend> Attention<B> {
             .enumerate()
             .map(|(b, cache)| {
                 let row = |t: &Tensor<B, 3>, heads: usize| t.clone().slice([b..b + 1, 0..heads, 0..d]);
-                self.attend(row(&q, nh), row(&k, nkv), row(&v, nkv), positions[b], cache)
+                self.attend(row(&q, nh), row(&k, nkv), row(&v, nkv), positions[b], cache, &[])
             })
             .collect();
         self.o_proj.forward(Tensor::cat(outs, 0))
@@ -81,8 +86,9 @@ impl<B: Gemma4Backend> Attention<B> {
     }
 
     /// Attention of t queries at pos0.. over the cache plus these t keys; [t, heads · d].
-    fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, pos0: usize, cache: &mut LayerCache<B>) -> Tensor<B, 2> {
+    fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, pos0: usize, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
         let (k_all, v_all, k_start) = cache.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
-        <B as Gemma4Backend>::attention(q, k_all, v_all, &AttentionParams::causal(pos0, k_start, self.sliding_window))
+        let params = AttentionParams { bidirectional: images.to_vec(), ..AttentionParams::causal(pos0, k_start, self.sliding_window) };
+        <B as Gemma4Backend>::attention(q, k_all, v_all, &params)
     }
 }

@@ -73,6 +73,12 @@ pub struct VisionConfig {
     pub pooling_kernel_size: usize,
     pub position_embedding_size: usize,
     pub default_output_length: usize,
+    pub num_key_value_heads: usize,
+    pub rms_norm_eps: f64,
+    /// Axial 2-D RoPE base (`rope_parameters.rope_theta`, 100 in the 31B).
+    pub rope_theta: f64,
+    /// Pooled features become (h - std_bias) · std_scale.
+    pub standardize: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +90,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub image_token_id: Option<u32>,
+    /// `<|image>` and `<image|>`, around each image's placeholders.
+    pub boi_token_id: Option<u32>,
+    pub eoi_token_id: Option<u32>,
     pub video_token_id: Option<u32>,
     pub audio_token_id: Option<u32>,
     pub quantization: Option<QuantConfig>,
@@ -237,6 +246,8 @@ impl ModelConfig {
             bos_token_id,
             pad_token_id,
             image_token_id: root.opt_id("image_token_id")?,
+            boi_token_id: root.opt_id("boi_token_id")?,
+            eoi_token_id: root.opt_id("eoi_token_id")?,
             video_token_id: root.opt_id("video_token_id")?,
             audio_token_id: root.opt_id("audio_token_id")?,
             quantization,
@@ -406,7 +417,7 @@ fn parse_rope(o: &Obj, layer_type: &str, default: RopeConfig) -> Result<RopeConf
 }
 
 fn parse_vision(o: &Obj) -> Result<VisionConfig, LoadError> {
-    Ok(VisionConfig {
+    let v = VisionConfig {
         hidden_size: o.usize("hidden_size")?,
         intermediate_size: o.usize("intermediate_size")?,
         num_hidden_layers: o.usize("num_hidden_layers")?,
@@ -416,7 +427,27 @@ fn parse_vision(o: &Obj) -> Result<VisionConfig, LoadError> {
         pooling_kernel_size: o.opt_usize("pooling_kernel_size")?.unwrap_or(3),
         position_embedding_size: o.opt_usize("position_embedding_size")?.unwrap_or(10 * 1024),
         default_output_length: o.opt_usize("default_output_length")?.unwrap_or(280),
-    })
+        num_key_value_heads: o.opt_usize("num_key_value_heads")?.unwrap_or(o.usize("num_attention_heads")?),
+        rms_norm_eps: o.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_theta: match o.get("rope_parameters") {
+            Some(r) => Obj::new(r, &o.field("rope_parameters"))?.opt_f64("rope_theta")?.unwrap_or(100.0),
+            None => 100.0,
+        },
+        standardize: o.opt_bool("standardize")?.unwrap_or(false),
+    };
+    // Refuse what the vision tower does not implement, naming the field.
+    if o.opt_bool("use_clipped_linears")? == Some(true) {
+        return Err(LoadError::unsupported(o.field("use_clipped_linears"), "clipped vision linears are not supported (the 31B has none)"));
+    }
+    if let Some(act) = o.opt_str("hidden_activation")? {
+        if act != "gelu_pytorch_tanh" {
+            return Err(LoadError::unsupported(o.field("hidden_activation"), format!("`{act}`: only gelu_pytorch_tanh")));
+        }
+    }
+    if v.head_dim % 4 != 0 || v.num_attention_heads % v.num_key_value_heads != 0 {
+        return Err(LoadError::config(o.field("head_dim"), format!("{} heads of {} over {} KV heads: the 2-D RoPE needs head_dim % 4 == 0 and whole GQA groups", v.num_attention_heads, v.head_dim, v.num_key_value_heads)));
+    }
+    Ok(v)
 }
 
 fn parse_quant(root: &Obj, hf_quant: Option<&Value>) -> Result<Option<QuantConfig>, LoadError> {

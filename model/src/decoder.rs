@@ -3,6 +3,8 @@
 //! h = r + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
 //! h = h · layer_scalar  (new in Gemma 4; tensor `layers.{i}.layer_scalar`, shape [1]).
 
+use std::ops::Range;
+
 use burn::prelude::*;
 use crate::Gemma4Backend;
 
@@ -23,9 +25,9 @@ pub struct DecoderLayer<B: Gemma4Backend> {
 }
 
 impl<B: Gemma4Backend> DecoderLayer<B> {
-    /// h [t, hidden] -> [t, hidden].
-    pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, cache);
+    /// h [t, hidden] -> [t, hidden]; `images` as in `Attention::forward`.
+    pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, cache, images);
         let h = h + self.post_attention_layernorm.forward(attn);
         let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
         let h = h + self.post_feedforward_layernorm.forward(ff);

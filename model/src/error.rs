@@ -49,4 +49,10 @@ pub enum RunError {
     ContextOverflow { len: usize, max: usize },
     #[error("invalid sampling parameter `{field}`: {msg}")]
     Sampling { field: &'static str, msg: String },
+    #[error("the input has {expected} image placeholders but {got} soft tokens were given")]
+    SoftTokens { expected: usize, got: usize },
+    #[error("this checkpoint has no vision tower")]
+    NoVision,
+    #[error("image: {0}")]
+    Image(String),
 }

@@ -16,11 +16,14 @@ pub mod norm;
 pub use gemma4_kernels::nvfp4;
 pub mod rope;
 pub mod text_model;
+pub mod vision;
 pub mod weights;
 
 #[doc(hidden)]
 pub use gemma4_kernels::testing;
 pub use gemma4_kernels::Gemma4Backend;
+/// The kernels crate (attention parameters and references, NVFP4 format), for benches and tools.
+pub use gemma4_kernels as kernels;
 
 use std::path::Path;
 
@@ -40,7 +43,7 @@ pub struct LoadReport {
     pub tensors_used: usize,
     pub nvfp4_linears: usize,
     pub dense_linears: usize,
-    /// Tensors present but deliberately not loaded yet (the vision tower until it lands).
+    /// Vision tensors present in a checkpoint whose config has no vision tower.
     pub skipped: Vec<String>,
 }
 
@@ -50,6 +53,8 @@ pub struct Model<B: Gemma4Backend> {
     pub config: ModelConfig,
     pub generation: GenerationConfig,
     pub text: TextModel<B>,
+    /// Present when the checkpoint has a vision tower.
+    pub vision: Option<vision::VisionTower<B>>,
     pub report: LoadReport,
 }
 
@@ -69,10 +74,19 @@ impl<B: Gemma4Backend> Model<B> {
         let mut text = TextModel::load(&mut ckpt, &config.text, device)?;
         text.placeholder_ids = config.placeholder_ids();
         text.pad_token_id = config.pad_token_id.unwrap_or(0);
-        // The vision tower is a later issue: its tensors are acknowledged, not silently dropped.
+        text.image_token_id = config.image_token_id;
+        let vision = match &config.vision {
+            Some(vc) if ckpt.contains("model.vision_tower.patch_embedder.input_proj.weight") => {
+                Some(vision::VisionTower::load(&mut ckpt, vc, config.text.hidden_size, device)?)
+            }
+            _ => None,
+        };
+        // A checkpoint without the tower (text-only export) loads as text; stray vision tensors
+        // are acknowledged in the report rather than silently dropped.
         let skipped: Vec<String> = ckpt
             .names()
             .filter(|n| n.starts_with("model.vision_tower.") || n.starts_with("model.embed_vision."))
+            .filter(|_| vision.is_none())
             .map(str::to_string)
             .collect();
         for n in &skipped {
@@ -81,7 +95,13 @@ impl<B: Gemma4Backend> Model<B> {
         ckpt.finish()?;
         let (nvfp4_linears, dense_linears) = text.linear_counts();
         let report = LoadReport { tensors_used: ckpt.used_count() - skipped.len(), nvfp4_linears, dense_linears, skipped };
-        Ok(Model { config, generation, text, report })
+        Ok(Model { config, generation, text, vision, report })
+    }
+
+    /// Soft tokens `[n, text_hidden]` of one preprocessed image.
+    pub fn encode_image(&self, image: &vision::PreprocessedImage) -> Result<burn::tensor::Tensor<B, 2>, RunError> {
+        let tower = self.vision.as_ref().ok_or(RunError::NoVision)?;
+        Ok(tower.encode(image, &self.text.embed_tokens.device()))
     }
 
     /// Stop ids: union of config.json and generation_config.json eos ids.

@@ -44,11 +44,23 @@ pub struct TextModel<B: Gemma4Backend> {
     /// replaces them before the lookup; soft tokens overwrite them when media is attached).
     pub placeholder_ids: Vec<u32>,
     pub pad_token_id: u32,
+    /// `<|image|>`: the placeholders whose rows take the vision tower's soft tokens.
+    pub image_token_id: Option<u32>,
 }
 
 impl<B: Gemma4Backend> TextModel<B> {
     /// Runs `tokens` (the next tokens of the sequence held by `cache`) and returns logits.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<Tensor<B, 2>, RunError> {
+        self.forward_multimodal(tokens, None, cache, which)
+    }
+
+    /// As `forward`, with `soft` `[n, hidden]` the soft tokens of the n image placeholders among
+    /// `tokens`, in order (`Gemma4Model.forward`: the placeholders embed as pad, then
+    /// `masked_scatter` puts the vision features in their rows, unscaled); `None` leaves them
+    /// as pad embeddings. Each run of
+    /// placeholders is one image: its tokens see each other in both directions on sliding
+    /// layers, so a run must not be split across calls.
+    pub fn forward_multimodal(&self, tokens: &[u32], soft: Option<Tensor<B, 2>>, cache: &mut KvCache<B>, which: Logits) -> Result<Tensor<B, 2>, RunError> {
         if tokens.is_empty() {
             return Err(RunError::EmptyInput);
         }
@@ -56,10 +68,43 @@ impl<B: Gemma4Backend> TextModel<B> {
             return Err(RunError::TokenOutOfRange { id, position: cache.seq_len + position, vocab: self.vocab_size });
         }
         let t = tokens.len();
-        let mut h = self.embed(tokens);
         let pos0 = cache.seq_len;
+        let is_image = |id: u32| Some(id) == self.image_token_id;
+        let placeholders = tokens.iter().filter(|&&id| is_image(id)).count();
+        let mut h = self.embed(tokens);
+        let mut images = Vec::new();
+        // Without soft tokens the placeholders stay pad embeddings and attention stays causal,
+        // as transformers does when no pixel_values are given.
+        if let Some(soft) = soft {
+            let [n, width] = soft.dims();
+            if n != placeholders || width != self.hidden_size {
+                return Err(RunError::SoftTokens { expected: placeholders, got: n });
+            }
+            // One gather over [embeddings; soft tokens]: row i of the result is soft row k for
+            // the k-th placeholder, else embedding row i.
+            let mut k = 0;
+            let index: Vec<i32> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| if is_image(id) { k += 1; (t + k - 1) as i32 } else { i as i32 })
+                .collect();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [t]), &h.device());
+            h = Tensor::cat(vec![h, soft], 0).select(0, index);
+            let mut i = 0;
+            while i < t {
+                if is_image(tokens[i]) {
+                    let start = i;
+                    while i < t && is_image(tokens[i]) {
+                        i += 1;
+                    }
+                    images.push(pos0 + start..pos0 + i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(h, pos0, layer_cache);
+            h = layer.forward(h, pos0, layer_cache, &images);
         }
         cache.seq_len += t;
         if which == Logits::Last {
@@ -68,9 +113,6 @@ impl<B: Gemma4Backend> TextModel<B> {
         Ok(self.logits(h))
     }
 
-    /// Batched decode step: `tokens[b]` is the next token of the sequence held by `caches[b]`.
-    /// The linears, norms and MLP run once over all rows (continuous batching); attention runs per
-    /// sequence. Returns logits [n, vocab], row b for sequence b.
     pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Tensor<B, 2>, RunError> {
         if tokens.is_empty() || tokens.len() != caches.len() {
             return Err(RunError::EmptyInput);
@@ -189,6 +231,7 @@ impl<B: Gemma4Backend> TextModel<B> {
             hidden_size: h,
             placeholder_ids: vec![],
             pad_token_id: 0,
+            image_token_id: None,
         })
     }
 
@@ -215,7 +258,7 @@ fn round_to_dtype(x: f32, dtype: Option<Dtype>) -> f32 {
     }
 }
 
-fn load_norm<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
+pub fn load_norm<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
     let w = ckpt.float(&format!("{prefix}.weight"), &[dim])?;
     Ok(RmsNorm::new(Some(Tensor::from_data(TensorData::new(w, [dim]), device)), eps))
 }

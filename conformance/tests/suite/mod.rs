@@ -1,6 +1,10 @@
 //! The golden checks, generic over the backend: `golden.rs` runs them on the CPU reference
 //! backend, `golden_wgpu.rs` on wgpu, where the model goes through the CubeCL kernels.
 
+#![allow(dead_code)] // each test binary uses part of the suite
+
+pub mod vision;
+
 use gemma4_conformance::*;
 use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
 

@@ -5,6 +5,7 @@
 //! head h / (heads / kv_heads) (transformers' `repeat_kv` order); the output is `[t, heads · d]`.
 //! Query i sits at absolute position `q_start + i`, key j at `k_start + j`.
 
+pub mod flash;
 pub mod reference;
 
 use std::ops::Range;
@@ -18,7 +19,7 @@ pub struct AttentionParams {
     pub k_start: usize,
     /// Causal: key position ≤ query position. False for the vision encoder (bidirectional).
     pub causal: bool,
-    /// Sliding window in keys including the query itself: visible iff q - k < window.
+    /// Sliding window in keys including the query itself: a key is visible only if q - k < window.
     pub window: Option<usize>,
     /// Multiplies q·k before the softmax (Gemma 4: 1.0, the norms do the scaling).
     pub scale: f32,
@@ -40,10 +41,12 @@ impl AttentionParams {
         AttentionParams { q_start: 0, k_start: 0, causal: false, window: None, scale: 1.0, softcap: None, bidirectional: Vec::new() }
     }
 
-    /// Whether the query at absolute position `q` sees the key at absolute position `k`.
+    /// Whether the query at absolute position `q` sees the key at absolute position `k`:
+    /// transformers' AND(sliding_window, OR(causal, blockwise)) (`create_masks_for_vision_model`),
+    /// where the window bounds the past only (`kv_idx > q_idx - sliding_window`).
     pub fn visible(&self, q: usize, k: usize) -> bool {
-        let in_window = |a: usize, b: usize| self.window.is_none_or(|w| a.abs_diff(b) < w);
-        let causal_ok = (!self.causal || k <= q) && in_window(q, k);
-        causal_ok || self.bidirectional.iter().any(|r| r.contains(&q) && r.contains(&k))
+        let in_window = self.window.is_none_or(|w| k + w > q);
+        let same_block = || self.bidirectional.iter().any(|r| r.contains(&q) && r.contains(&k));
+        in_window && (!self.causal || k <= q || same_block())
     }
 }
