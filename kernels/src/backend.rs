@@ -6,9 +6,10 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 
-use crate::attention::{reference, AttentionParams};
+use crate::attention::{flash, reference, AttentionParams};
+use crate::cpu;
 use crate::nvfp4::Nvfp4Weight;
-use crate::nvfp4_gemv;
+use crate::{nvfp4_gemm, nvfp4_gemv};
 
 pub trait Gemma4Backend: Backend {
     /// y = x · Wᵀ for a packed NVFP4 weight; x `[n, in]` -> `[n, out]`.
@@ -22,17 +23,56 @@ pub trait Gemma4Backend: Backend {
     }
 }
 
-/// The CPU reference backend.
-impl Gemma4Backend for NdArray<f32, i32> {}
+/// The CPU backend: the NVFP4 matmul of [`crate::cpu`] on the tensors' own buffers (no copy of the
+/// packed weight; x is copied only when it is not contiguous); the reference elsewhere.
+impl Gemma4Backend for NdArray<f32, i32> {
+    fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
+        use burn::backend::ndarray::NdArrayTensor;
+        use burn::tensor::{TensorData, TensorPrimitive};
+        use std::borrow::Cow;
+
+        let [m, inp] = x.dims();
+        assert_eq!(inp, w.in_features, "nvfp4_linear: x has {inp} features, the weight {}", w.in_features);
+        let device = x.device();
+        // Cloning a tensor clones an Arc; the views below borrow the shared buffers.
+        let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), NdArrayTensor::I32(cs), NdArrayTensor::I32(ss)) =
+            (x.clone().into_primitive(), w.codes.clone().into_primitive(), w.scales.clone().into_primitive())
+        else {
+            return w.forward_reference(x);
+        };
+        let (xv, cv, sv) = (xs.view(), cs.view(), ss.view());
+        let (Some(codes), Some(scales)) = (cv.as_slice(), sv.as_slice()) else {
+            // Weights the loader built are contiguous; anything else takes the reference path.
+            return w.forward_reference(x);
+        };
+        let xd: Cow<[f32]> = match xv.as_slice() {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(xv.iter().copied().collect()),
+        };
+        let mut y = vec![0f32; m * w.out_features];
+        cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
+        Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device)
+    }
+}
 
 /// wgpu and CUDA: the CubeCL kernels where their limits allow, the reference elsewhere.
 impl<R: CubeRuntime, BT: BoolElement> Gemma4Backend for CubeBackend<R, f32, i32, BT> {
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
+        // Decode rows: the GEMV (codes decoded in registers); prefill: the tiled GEMM (weight
+        // tiles decoded into shared memory). Both read the loader's packed words as they are.
         let m = x.dims()[0];
-        if m > nvfp4_gemv::MAX_M {
-            return w.forward_reference(x);
+        let (codes, scales) = (w.codes.clone(), w.scales.clone());
+        if m <= nvfp4_gemv::MAX_M {
+            nvfp4_gemv::nvfp4_matmul(x, codes, scales, w.global_scale, w.out_features, w.in_features)
+                .unwrap_or_else(|e| panic!("NVFP4 GEMV on a loader-checked weight: {e}"))
+        } else {
+            nvfp4_gemm::nvfp4_gemm(x.clone(), codes, scales, w.global_scale, w.out_features, w.in_features)
+                .unwrap_or_else(|_| w.forward_reference(x))
         }
-        nvfp4_gemv::nvfp4_matmul(x, w.codes.clone(), w.scales.clone(), w.global_scale, w.out_features, w.in_features)
-            .unwrap_or_else(|e| panic!("NVFP4 GEMV on a loader-checked weight: {e}"))
+    }
+
+    fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
+        // Every refusal (shape or limit outside the kernel's) happens before a launch.
+        flash::fused_attention(q.clone(), k.clone(), v.clone(), params).unwrap_or_else(|_| reference::attention(q, k, v, params))
     }
 }

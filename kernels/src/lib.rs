@@ -4,7 +4,9 @@
 
 pub mod attention;
 pub mod backend;
+pub mod cpu;
 pub mod nvfp4;
+pub mod nvfp4_gemm;
 pub mod nvfp4_gemv;
 
 #[doc(hidden)]

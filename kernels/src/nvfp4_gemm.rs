@@ -1,0 +1,973 @@
+//! NVFP4 prefill GEMM (any m ≥ 1): `y[m, o] = Σ_c x[m, c] · W[o, c]` with W kept packed.
+//!
+//! Weight layout as in [`crate::nvfp4`] and [`crate::nvfp4_gemv`]: `codes` i32 `[out, in/8]`
+//! (nibble k of word w is column 8w + k, E2M1 with bit 3 the sign), `scales` i32
+//! `[out, ceil(in/64)]` (byte j of word w is the E4M3 scale of group 4w + j, 16 inputs per group,
+//! rows padded with zero bytes), W = e2m1 · (e4m3 · global_scale), decoded with integer bit
+//! operations (WGSL has no fp4/fp8 types) and accumulated in f32.
+//!
+//! Portable path (every CubeCL runtime, f32 only, so it runs on wgpu/lavapipe): a classic
+//! shared-memory tiled GEMM. Each cube owns a `BM × BN` tile of y (BM activation rows, BN output
+//! features) and walks K in steps of `BK`. Per step its threads cooperatively
+//! - load the `BM × BK` tile of x into shared memory (zeros past m and past in), and
+//! - decode the `BN × BK` tile of W from the packed words into shared memory as f32 (one code
+//!   word = 8 weights, one E4M3 scale per 16; zeros past out and past in),
+//!
+//! then synchronise, multiply-accumulate from shared memory into a `TM × TN` register block per
+//! thread, and synchronise again. Both shared tiles are k-major and in vec4s of 4 rows / 4
+//! features (`[BK][BM/4]`, `[BK][BN/4]`), so a k step costs a thread `TM/4 + TN/4` vec4 reads for
+//! `TM · TN` FMAs (as vec4 FMAs). Thread (ty, tx) owns the row quads `ty + q·(BM/TM)` and the
+//! feature quads `tx + p·(BN/TN)`: neighbouring threads read neighbouring shared vec4s and write
+//! neighbouring y quads. Every global read and write is bounds-checked (edge tiles, `in` not a
+//! multiple of BK), so any m ≥ 1, out ≥ 1 and in a multiple of 16 work.
+//!
+//! Tile: BM = BN = 64, BK = 32, TM = TN = 8 → 64 threads per cube, (64 + 64) · 32 · 4 B =
+//! 16 KiB of shared memory (the WebGPU default `maxComputeWorkgroupStorageSize`); one W tile is
+//! 256 code words, one (feature quad, word) item of 4 words per thread. Chosen on lavapipe
+//! (m = 256, out = in = 1024, best of 5): this shape ≈ Burn's own f32 matmul; scalar (non-vec4)
+//! shared tiles were 2.5–3× slower, 4×4 register blocks ~1.3×, BK = 16 or 32-wide tiles slower.
+//! Other shapes can be timed through [`nvfp4_gemm_tiled`].
+//!
+//! Tensor-core path: [`nvfp4_gemm_cmma`] (bf16 operands in shared memory, cubecl `cmma` 16×16×16
+//! with f32 accumulation, 64 × 64 tiles on 4 planes). It is OPT-IN and has never run: no runtime
+//! available here reports cmma (wgpu's WGSL backend never does), so nothing selects it
+//! automatically; it refuses with [`GemmError::NoCmma`] where [`cmma_supported`] is false. Its
+//! CUDA C++ was generated and read (wmma loads/stores, offsets, alignment) but not compiled
+//! by NVRTC. See the notes above the kernel.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{bf16, DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
+use burn_cubecl::{
+    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime,
+};
+use cubecl::prelude::*;
+
+pub use crate::nvfp4_gemv::{KernelError, Nvfp4Backend};
+
+/// Inputs per E4M3 block scale.
+pub const GROUP_SIZE: usize = 16;
+/// Activation rows per cube tile.
+pub const TILE_M: usize = 64;
+/// Output features per cube tile.
+pub const TILE_N: usize = 64;
+/// Inputs per K step (a multiple of 8: whole code words).
+pub const TILE_K: usize = 32;
+/// Rows of the per-thread register block.
+const THREAD_M: usize = 8;
+/// Columns of the per-thread register block.
+const THREAD_N: usize = 8;
+/// Threads per cube.
+pub const THREADS: usize = (TILE_M / THREAD_M) * (TILE_N / THREAD_N);
+/// Shared memory of one cube in bytes: the x tile and the decoded W tile, f32.
+pub const SHARED_BYTES: usize = (TILE_M + TILE_N) * TILE_K * 4;
+/// Largest cube count along one grid axis (the WebGPU / Vulkan minimum guarantee).
+const MAX_GRID_AXIS: usize = 65_535;
+/// Largest m: the grid's y axis holds `MAX_GRID_AXIS` row tiles.
+pub const MAX_ROWS: usize = MAX_GRID_AXIS * TILE_M;
+/// Largest out_features: the grid's x axis holds `MAX_GRID_AXIS` feature tiles.
+pub const MAX_OUT_FEATURES: usize = MAX_GRID_AXIS * TILE_N;
+
+/// Errors of [`nvfp4_gemm`]: the shape checks it shares with the GEMV, and device limits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GemmError {
+    #[error(transparent)]
+    Shape(#[from] KernelError),
+    #[error("the GEMM tile needs {needed} bytes of shared memory per cube; the device allows {available}")]
+    SharedMemory { needed: usize, available: usize },
+    #[error("y has shape {got:?}, expected {expected:?} ([m, out])")]
+    OutputShape {
+        expected: [usize; 2],
+        got: [usize; 2],
+    },
+    #[error("the runtime does not report bf16 16x16x16 cmma with 32-lane planes")]
+    NoCmma,
+    #[error("the GEMM needs {needed} threads per cube; the device allows {available}")]
+    CubeDim { needed: usize, available: usize },
+}
+
+/// E4M3 "fn" byte (bias 7) to f32, exactly: normal (8 + m)·2^e·2^-10, subnormal m·2^-9 (the
+/// same integer construction as the GEMV). NaN (0x7f) is excluded by the loader.
+#[cube]
+fn e4m3_to_f32(byte: u32) -> f32 {
+    let e = (byte >> 3) & 15;
+    let man = byte & 7;
+    let mut mag = f32::cast_from(man) * 0.001953125f32; // m·2^-9
+    if e != 0 {
+        // (1 + m/8)·2^(e-7) = (8 + m)·2^e·2^-10; (8 + m) << e < 2^19, exact in f32.
+        mag = f32::cast_from((8 + man) << e) * 0.0009765625f32;
+    }
+    if (byte >> 7) != 0 {
+        mag = -mag;
+    }
+    mag
+}
+
+/// E2M1 nibble k of `word` times `scale`. Magnitudes in half units 0,1,2,3,4,6,8,12 are the
+/// nibbles of 0xC8643210; bit 3 is the sign.
+#[cube]
+fn e2m1_scaled(word: u32, k: u32, scale: f32) -> f32 {
+    let code = (word >> (4 * k)) & 15;
+    let half_units = (0xC864_3210u32 >> ((code & 7) * 4)) & 15;
+    let sign = 1.0f32 - 2.0f32 * f32::cast_from(code >> 3);
+    (f32::cast_from(half_units) * 0.5f32 * sign) * scale
+}
+
+type F4 = Vector<f32, Const<4>>;
+
+/// The portable tiled kernel (see the module doc). Launched unchecked: every global access is
+/// guarded by the kernel itself, and every shared / register index is in range by construction.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn nvfp4_gemm_kernel(
+    x: &Tensor<f32>,      // [m, in]
+    codes: &Tensor<i32>,  // [out, in/8]
+    scales: &Tensor<i32>, // [out, spr]
+    y: &mut Tensor<f32>,  // [m, out]
+    global_scale: f32,
+    m: u32,
+    out_features: u32,
+    in_features: u32,
+    words: u32,
+    spr: u32,
+    #[comptime] bm: usize,
+    #[comptime] bn: usize,
+    #[comptime] bk: usize,
+    #[comptime] tm: usize,
+    #[comptime] tn: usize,
+) {
+    let threads_n = bn / tn;
+    let threads_m = bm / tm;
+    let threads = threads_m * threads_n;
+    let qm = bm / 4; // row quads per tile
+    let qn = bn / 4; // column quads per tile
+    let vm = tm / 4; // row quads per thread
+    let vn = tn / 4; // column quads per thread
+    let x_loads = (bk * qm).div_ceil(threads);
+    let words_per_row = bk / 8;
+    let w_items = qn * words_per_row; // (column quad, word) pairs
+    let w_loads = w_items.div_ceil(threads);
+
+    let tid = UNIT_POS_X as usize;
+    let tx = tid % threads_n;
+    let ty = tid / threads_n;
+    let col0 = CUBE_POS_X as usize * bn;
+    let row0 = CUBE_POS_Y as usize * bm;
+    let m = m as usize;
+    let out_features = out_features as usize;
+    let in_features = in_features as usize;
+    let words = words as usize;
+    let spr = spr as usize;
+
+    let mut xs = SharedMemory::<F4>::new(bk * qm); // [bk][bm/4]
+    let mut ws = SharedMemory::<F4>::new(bk * qn); // [bk][bn/4]
+    let mut acc = Array::<F4>::new(tm * vn); // [tm][tn/4]
+    #[unroll]
+    for i in 0..tm * vn {
+        acc[i] = F4::new(0.0f32);
+    }
+    let mut a = Array::<F4>::new(vm);
+    let mut b = Array::<F4>::new(vn);
+
+    let k_tiles = in_features.div_ceil(bk);
+    for kt in 0..k_tiles {
+        let k0 = kt * bk;
+
+        // x tile: item (quad, c) -> x[4·quad..4·quad+4, k0 + c]; neighbouring threads, neighbouring c.
+        #[unroll]
+        for l in 0..x_loads {
+            let idx = l * threads + tid;
+            if idx < bk * qm {
+                let c = idx % bk;
+                let quad = idx / bk;
+                let gc = k0 + c;
+                let mut v = F4::empty();
+                #[unroll]
+                for e in 0..4usize {
+                    let gr = row0 + 4 * quad + e;
+                    let mut val = 0.0f32;
+                    if gr < m && gc < in_features {
+                        val = x[gr * in_features + gc];
+                    }
+                    v[e] = val;
+                }
+                xs[c * qm + quad] = v;
+            }
+        }
+
+        // W tile: item (quad, w) -> the 4 rows' code words w: 8 vec4s of decoded weights.
+        #[unroll]
+        for l in 0..w_loads {
+            let idx = l * threads + tid;
+            if idx < w_items {
+                let w = idx % words_per_row;
+                let quad = idx / words_per_row;
+                let gw = k0 / 8 + w;
+                let g = gw / 2;
+                let mut cws = Array::<u32>::new(4usize);
+                let mut ss = Array::<f32>::new(4usize);
+                #[unroll]
+                for e in 0..4usize {
+                    let gr = col0 + 4 * quad + e;
+                    let mut cw = 0u32;
+                    let mut sc = 0.0f32;
+                    if gr < out_features && gw < words {
+                        cw = u32::cast_from(codes[gr * words + gw]);
+                        // Word gw holds inputs 8gw..8gw+8: group gw/2, byte (gw/2)%4 of word (gw/2)/4.
+                        let sw = u32::cast_from(scales[gr * spr + g / 4]);
+                        let sbyte = (sw >> (((g % 4) * 8) as u32)) & 255;
+                        sc = e4m3_to_f32(sbyte) * global_scale;
+                    }
+                    cws[e] = cw;
+                    ss[e] = sc;
+                }
+                #[unroll]
+                for j in 0..8usize {
+                    let mut v = F4::empty();
+                    #[unroll]
+                    for e in 0..4usize {
+                        v[e] = e2m1_scaled(cws[e], j as u32, ss[e]);
+                    }
+                    ws[(8 * w + j) * qn + quad] = v;
+                }
+            }
+        }
+        sync_cube();
+
+        #[unroll]
+        for k in 0..bk {
+            #[unroll]
+            for q in 0..vm {
+                a[q] = xs[k * qm + ty + q * threads_m];
+            }
+            #[unroll]
+            for p in 0..vn {
+                b[p] = ws[k * qn + tx + p * threads_n];
+            }
+            #[unroll]
+            for q in 0..vm {
+                let av = a[q];
+                #[unroll]
+                for e in 0..4usize {
+                    let ai = F4::new(av[e]);
+                    #[unroll]
+                    for p in 0..vn {
+                        acc[(4 * q + e) * vn + p] += ai * b[p];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    #[unroll]
+    for q in 0..vm {
+        #[unroll]
+        for e in 0..4usize {
+            let gr = row0 + 4 * (ty + q * threads_m) + e;
+            #[unroll]
+            for p in 0..vn {
+                let v = acc[(4 * q + e) * vn + p];
+                #[unroll]
+                for f in 0..4usize {
+                    let gc = col0 + 4 * (tx + p * threads_n) + f;
+                    if gr < m && gc < out_features {
+                        y[gr * out_features + gc] = v[f];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Checks the shapes and limits shared by the GEMM paths; returns (m, words, spr).
+fn check_shapes(
+    x_dims: [usize; 2],
+    codes_dims: [usize; 2],
+    scales_dims: [usize; 2],
+    out_features: usize,
+    in_features: usize,
+    cfg: TileConfig,
+) -> Result<(usize, usize, usize), KernelError> {
+    if in_features == 0 || !in_features.is_multiple_of(GROUP_SIZE) {
+        return Err(KernelError::InFeatures { in_features });
+    }
+    if out_features == 0 {
+        return Err(KernelError::OutFeatures { out_features });
+    }
+    let [m, x_in] = x_dims;
+    if x_in != in_features {
+        return Err(KernelError::XColumns {
+            expected: in_features,
+            got: x_in,
+        });
+    }
+    let max_rows = MAX_GRID_AXIS * cfg.bm;
+    if m == 0 || m > max_rows {
+        return Err(KernelError::Rows { m, max: max_rows });
+    }
+    let words = in_features / 8;
+    let spr = (in_features / GROUP_SIZE).div_ceil(4);
+    if codes_dims != [out_features, words] {
+        return Err(KernelError::CodesShape {
+            expected: [out_features, words],
+            got: codes_dims,
+        });
+    }
+    if scales_dims != [out_features, spr] {
+        return Err(KernelError::ScalesShape {
+            expected: [out_features, spr],
+            got: scales_dims,
+        });
+    }
+    let limit = u32::MAX as usize;
+    for (what, elements) in [
+        ("x", m * in_features),
+        ("codes", out_features * words),
+        ("y", m * out_features),
+        ("m grid", m.div_ceil(cfg.bm) * cfg.bm),
+        ("out_features grid", out_features.div_ceil(cfg.bn) * cfg.bn),
+    ] {
+        if elements > limit {
+            return Err(KernelError::TooLarge { what, elements });
+        }
+    }
+    if out_features.div_ceil(cfg.bn) > MAX_GRID_AXIS {
+        return Err(KernelError::TooLarge {
+            what: "out_features (grid x axis)",
+            elements: out_features,
+        });
+    }
+    Ok((m, words, spr))
+}
+
+/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]` and x f32 `[m, in]`,
+/// any m in 1..=[`MAX_ROWS`]; returns y `[m, out_features]`. The portable tiled kernel (f32
+/// throughout), on any CubeCL runtime.
+pub fn nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    global_scale: f32,
+    out_features: usize,
+    in_features: usize,
+) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    launch(
+        x,
+        codes,
+        scales,
+        global_scale,
+        out_features,
+        in_features,
+        None,
+        TileConfig::DEFAULT,
+    )
+}
+
+/// Tile shape of the portable kernel (exposed for tuning benches only; see [`nvfp4_gemm_tiled`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileConfig {
+    /// Activation rows per cube (multiple of `tm`).
+    pub bm: usize,
+    /// Output features per cube (multiple of `tn`).
+    pub bn: usize,
+    /// Inputs per K step (multiple of 8).
+    pub bk: usize,
+    /// Rows per thread (multiple of 4).
+    pub tm: usize,
+    /// Columns per thread (multiple of 4).
+    pub tn: usize,
+}
+
+impl TileConfig {
+    pub const DEFAULT: TileConfig = TileConfig {
+        bm: TILE_M,
+        bn: TILE_N,
+        bk: TILE_K,
+        tm: THREAD_M,
+        tn: THREAD_N,
+    };
+    pub fn threads(&self) -> usize {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+    pub fn shared_bytes(&self) -> usize {
+        (self.bm + self.bn) * self.bk * 4
+    }
+    fn valid(&self) -> bool {
+        self.tm > 0
+            && self.tn > 0
+            && self.tm.is_multiple_of(4)
+            && self.tn.is_multiple_of(4)
+            && self.bm.is_multiple_of(self.tm)
+            && self.bn.is_multiple_of(self.tn)
+            && self.bk > 0
+            && self.bk.is_multiple_of(8)
+    }
+}
+
+/// [`nvfp4_gemm`] with another tile shape, for tuning benches (panics on an invalid shape).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn nvfp4_gemm_tiled<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    global_scale: f32,
+    out_features: usize,
+    in_features: usize,
+    cfg: TileConfig,
+) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    assert!(cfg.valid(), "{cfg:?}");
+    launch(
+        x,
+        codes,
+        scales,
+        global_scale,
+        out_features,
+        in_features,
+        None,
+        cfg,
+    )
+}
+
+/// [`nvfp4_gemm`] writing into a given y `[m, out_features]` f32 (every element is written), and
+/// returning it: for tests that fill y with NaN first, so that an element the kernel misses shows.
+#[doc(hidden)]
+pub fn nvfp4_gemm_into<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    global_scale: f32,
+    out_features: usize,
+    in_features: usize,
+    y: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    launch(
+        x,
+        codes,
+        scales,
+        global_scale,
+        out_features,
+        in_features,
+        Some(y),
+        TileConfig::DEFAULT,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    global_scale: f32,
+    out_features: usize,
+    in_features: usize,
+    y: Option<BurnTensor<Nvfp4Backend<R, BT>, 2>>,
+    cfg: TileConfig,
+) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    let (m, words, spr) = check_shapes(
+        x.dims(),
+        codes.dims(),
+        scales.dims(),
+        out_features,
+        in_features,
+        cfg,
+    )?;
+    if let Some(y) = &y {
+        if y.dims() != [m, out_features] {
+            return Err(GemmError::OutputShape {
+                expected: [m, out_features],
+                got: y.dims(),
+            });
+        }
+    }
+
+    let x = x.into_primitive().tensor();
+    let codes = codes.into_primitive();
+    let scales = scales.into_primitive();
+    if x.dtype != DType::F32 {
+        return Err(KernelError::Dtype {
+            what: "x",
+            got: x.dtype,
+            expected: "f32",
+        }
+        .into());
+    }
+    for (what, t) in [("codes", &codes), ("scales", &scales)] {
+        if !matches!(t.dtype, DType::I32) {
+            return Err(KernelError::Dtype {
+                what,
+                got: t.dtype,
+                expected: "i32",
+            }
+            .into());
+        }
+    }
+    x.assert_is_on_same_device(&codes);
+    x.assert_is_on_same_device(&scales);
+
+    let client = x.client.clone();
+    let hw = &client.properties().hardware;
+    let shared = cfg.shared_bytes();
+    if hw.max_shared_memory_size < shared {
+        return Err(GemmError::SharedMemory {
+            needed: shared,
+            available: hw.max_shared_memory_size,
+        });
+    }
+    if (hw.max_units_per_cube as usize) < cfg.threads() {
+        return Err(GemmError::CubeDim {
+            needed: cfg.threads(),
+            available: hw.max_units_per_cube as usize,
+        });
+    }
+
+    // The kernel indexes row-major contiguous buffers (a no-op when already contiguous).
+    let x = into_contiguous(x);
+    let codes = into_contiguous(codes);
+    let scales = into_contiguous(scales);
+    let y = match y {
+        Some(y) => {
+            let y = y.into_primitive().tensor();
+            if y.dtype != DType::F32 {
+                return Err(KernelError::Dtype {
+                    what: "y",
+                    got: y.dtype,
+                    expected: "f32",
+                }
+                .into());
+            }
+            x.assert_is_on_same_device(&y);
+            into_contiguous(y)
+        }
+        None => empty_device_dtype::<R>(
+            client.clone(),
+            x.device.clone(),
+            Shape::new([m, out_features]),
+            DType::F32,
+        ),
+    };
+
+    let count = CubeCount::Static(
+        out_features.div_ceil(cfg.bn) as u32,
+        m.div_ceil(cfg.bm) as u32,
+        1,
+    );
+    let dim = CubeDim::new_1d(cfg.threads() as u32);
+    let (xa, ca, sa, ya) = (
+        x.into_tensor_arg(),
+        codes.into_tensor_arg(),
+        scales.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+    );
+    let (m32, o32, i32_, w32, s32) = (
+        m as u32,
+        out_features as u32,
+        in_features as u32,
+        words as u32,
+        spr as u32,
+    );
+    // SAFETY: the kernel bounds-checks every global read and write against m, out_features,
+    // in_features and words (the scale index g/4 < spr follows from gw < words), the buffers are
+    // contiguous with the checked shapes, and shared / register indices are below their
+    // comptime sizes for any valid TileConfig.
+    unsafe {
+        nvfp4_gemm_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            xa,
+            ca,
+            sa,
+            ya,
+            global_scale,
+            m32,
+            o32,
+            i32_,
+            w32,
+            s32,
+            cfg.bm,
+            cfg.bn,
+            cfg.bk,
+            cfg.tm,
+            cfg.tn,
+        );
+    }
+
+    Ok(BurnTensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path (opt-in, UNTESTED on hardware: no runtime here reports cmma).
+//
+// Same cube tiling (64 × 64 outputs, BK = 32), 4 planes of 32 lanes in a 2 × 2 grid, each plane
+// a 32 × 32 sub-tile = 2 × 2 cmma accumulators of 16 × 16 (f32). Per K step the cube stages
+// - x as bf16 `[64 rows][32 k]` row-major (the A operand), and
+// - W' = e2m1 · e4m3 (without the global scale) as bf16 `[64 features][32 k]`, which is B
+//   (`[k][n]`) in column-major with stride 32. e2m1 · e4m3 has at most 2 + 4 significant bits and
+//   an exponent within bf16's range, so W' is exact in bf16;
+// the global scale multiplies the f32 accumulator at the end (a change of rounding order against
+// the f32 reference of at most one f32 rounding per weight). The only real loss is x → bf16
+// (relative 2^-9 per element), as in any bf16 prefill.
+// The accumulators go through a 64 × 64 f32 shared staging tile so that edge tiles can be
+// written with bounds checks. Shared memory: 4 + 4 + 16 KiB = 24 KiB.
+// ---------------------------------------------------------------------------------------------
+
+/// Rows and features per cube of the cmma kernel, and its K step.
+const CMMA_BM: usize = 64;
+const CMMA_BN: usize = 64;
+const CMMA_BK: usize = 32;
+/// Planes (warps) per cube and their lane count.
+const CMMA_PLANES: usize = 4;
+const CMMA_PLANE_DIM: usize = 32;
+
+/// The cmma configuration the kernel needs: bf16 × bf16 → f32, 16 × 16 × 16.
+fn cmma_config() -> cubecl::ir::features::MmaConfig {
+    use cubecl::ir::{ElemType, FloatKind};
+    cubecl::ir::features::MmaConfig {
+        a_type: ElemType::Float(FloatKind::BF16).into(),
+        b_type: ElemType::Float(FloatKind::BF16).into(),
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: 16,
+        n: 16,
+        k: 16,
+    }
+}
+
+/// Whether the runtime of this client reports what [`nvfp4_gemm_cmma`] needs (bf16 16×16×16
+/// cmma with f32 accumulation, 32-lane planes, 24 KiB of shared memory).
+pub fn cmma_supported<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    let hw = &client.properties().hardware;
+    client.features().matmul.cmma.contains(&cmma_config())
+        && hw.plane_size_min as usize == CMMA_PLANE_DIM
+        && hw.plane_size_max as usize == CMMA_PLANE_DIM
+        && hw.max_shared_memory_size >= (CMMA_BM + CMMA_BN) * CMMA_BK * 2 + CMMA_BM * CMMA_BN * 4
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn nvfp4_gemm_cmma_kernel(
+    x: &Tensor<f32>,      // [m, in]
+    codes: &Tensor<i32>,  // [out, in/8]
+    scales: &Tensor<i32>, // [out, spr]
+    y: &mut Tensor<f32>,  // [m, out]
+    global_scale: f32,
+    m: u32,
+    out_features: u32,
+    in_features: u32,
+    words: u32,
+    spr: u32,
+) {
+    let bm = 64usize;
+    let bn = 64usize;
+    let bk = 32usize;
+    let threads = 128usize;
+    let words_per_row = bk / 8;
+
+    let tid = UNIT_POS as usize;
+    let plane = UNIT_POS_Y as usize; // 0..4
+    let pm = plane / 2; // plane's 32-row half
+    let pn = plane % 2; // plane's 32-feature half
+    let col0 = CUBE_POS_X as usize * bn;
+    let row0 = CUBE_POS_Y as usize * bm;
+    let m = m as usize;
+    let out_features = out_features as usize;
+    let in_features = in_features as usize;
+    let words = words as usize;
+    let spr = spr as usize;
+
+    let mut xs = SharedMemory::<bf16>::new_aligned(bm * bk, 32usize); // [bm][bk]
+    let mut ws = SharedMemory::<bf16>::new_aligned(bn * bk, 32usize); // [bn][bk]
+    let mut stage = SharedMemory::<f32>::new_aligned(bm * bn, 32usize); // [bm][bn]
+
+    let acc00 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let acc01 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let acc10 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let acc11 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+
+    let k_tiles = in_features.div_ceil(bk);
+    for kt in 0..k_tiles {
+        let k0 = kt * bk;
+
+        // x tile, row-major [bm][bk]: 2048 elements, 16 per thread, neighbouring threads along k.
+        #[unroll]
+        for l in 0..(bm * bk / threads) {
+            let idx = l * threads + tid;
+            let r = idx / bk;
+            let c = idx % bk;
+            let gr = row0 + r;
+            let gc = k0 + c;
+            let mut v = 0.0f32;
+            if gr < m && gc < in_features {
+                v = x[gr * in_features + gc];
+            }
+            xs[r * bk + c] = bf16::cast_from(v);
+        }
+
+        // W' tile, [bn][bk]: 256 code words, 2 per thread.
+        #[unroll]
+        for l in 0..(bn * words_per_row / threads) {
+            let idx = l * threads + tid;
+            let r = idx / words_per_row;
+            let w = idx % words_per_row;
+            let gr = col0 + r;
+            let gw = k0 / 8 + w;
+            let mut cw = 0u32;
+            let mut sc = 0.0f32;
+            if gr < out_features && gw < words {
+                cw = u32::cast_from(codes[gr * words + gw]);
+                let g = gw / 2;
+                let sw = u32::cast_from(scales[gr * spr + g / 4]);
+                sc = e4m3_to_f32((sw >> (((g % 4) * 8) as u32)) & 255);
+            }
+            #[unroll]
+            for j in 0..8usize {
+                ws[r * bk + 8 * w + j] = bf16::cast_from(e2m1_scaled(cw, j as u32, sc));
+            }
+        }
+        sync_cube();
+
+        #[unroll]
+        for kk in 0..2usize {
+            let a_base = (pm * 32) * bk + kk * 16;
+            let b_base = (pn * 32) * bk + kk * 16;
+            let a0 = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &xs.slice(a_base, bm * bk),
+                bk as u32,
+            );
+            let a1 = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &xs.slice(a_base + 16 * bk, bm * bk),
+                bk as u32,
+            );
+            let b0 = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &ws.slice(b_base, bn * bk),
+                bk as u32,
+            );
+            let b1 = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &ws.slice(b_base + 16 * bk, bn * bk),
+                bk as u32,
+            );
+            cmma::execute::<bf16, bf16, f32, f32>(&a0, &b0, &acc00, &acc00);
+            cmma::execute::<bf16, bf16, f32, f32>(&a0, &b1, &acc01, &acc01);
+            cmma::execute::<bf16, bf16, f32, f32>(&a1, &b0, &acc10, &acc10);
+            cmma::execute::<bf16, bf16, f32, f32>(&a1, &b1, &acc11, &acc11);
+        }
+        sync_cube();
+    }
+
+    let s_base = (pm * 32) * bn + pn * 32;
+    cmma::store(
+        &mut stage.slice_mut(s_base, bm * bn),
+        &acc00,
+        bn as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut stage.slice_mut(s_base + 16, bm * bn),
+        &acc01,
+        bn as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut stage.slice_mut(s_base + 16 * bn, bm * bn),
+        &acc10,
+        bn as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut stage.slice_mut(s_base + 16 * bn + 16, bm * bn),
+        &acc11,
+        bn as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    sync_cube();
+
+    #[unroll]
+    for l in 0..(bm * bn / threads) {
+        let idx = l * threads + tid;
+        let r = idx / bn;
+        let c = idx % bn;
+        let gr = row0 + r;
+        let gc = col0 + c;
+        if gr < m && gc < out_features {
+            y[gr * out_features + gc] = stage[idx] * global_scale;
+        }
+    }
+}
+
+/// `y = x · Wᵀ` on tensor cores (bf16 operands, f32 accumulation): OPT-IN and UNTESTED on
+/// hardware (nothing here reports cmma; wgpu's WGSL path never does). Returns
+/// [`GemmError::NoCmma`] where [`cmma_supported`] is false. Accuracy: x is rounded to bf16
+/// (W is exact), so expect |Δ| up to ~2^-8 · Σ|x·w| rather than the portable path's ~1e-6.
+/// Validate it on the GPU (the `cmma_*` test of `tests/nvfp4_gemm.rs` runs where supported)
+/// before routing anything to it.
+pub fn nvfp4_gemm_cmma<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    global_scale: f32,
+    out_features: usize,
+    in_features: usize,
+) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    let cfg = TileConfig {
+        bm: CMMA_BM,
+        bn: CMMA_BN,
+        bk: CMMA_BK,
+        tm: 4,
+        tn: 4,
+    };
+    let (m, words, spr) = check_shapes(
+        x.dims(),
+        codes.dims(),
+        scales.dims(),
+        out_features,
+        in_features,
+        cfg,
+    )?;
+    let x = x.into_primitive().tensor();
+    let codes = codes.into_primitive();
+    let scales = scales.into_primitive();
+    if x.dtype != DType::F32 {
+        return Err(KernelError::Dtype {
+            what: "x",
+            got: x.dtype,
+            expected: "f32",
+        }
+        .into());
+    }
+    for (what, t) in [("codes", &codes), ("scales", &scales)] {
+        if !matches!(t.dtype, DType::I32) {
+            return Err(KernelError::Dtype {
+                what,
+                got: t.dtype,
+                expected: "i32",
+            }
+            .into());
+        }
+    }
+    x.assert_is_on_same_device(&codes);
+    x.assert_is_on_same_device(&scales);
+    let client = x.client.clone();
+    if !cmma_supported(&client) {
+        return Err(GemmError::NoCmma);
+    }
+    let x = into_contiguous(x);
+    let codes = into_contiguous(codes);
+    let scales = into_contiguous(scales);
+    let y = empty_device_dtype::<R>(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([m, out_features]),
+        DType::F32,
+    );
+    let count = CubeCount::Static(
+        out_features.div_ceil(CMMA_BN) as u32,
+        m.div_ceil(CMMA_BM) as u32,
+        1,
+    );
+    let dim = CubeDim::new_2d(CMMA_PLANE_DIM as u32, CMMA_PLANES as u32);
+    // SAFETY: as for the portable kernel: guarded global accesses, contiguous checked buffers,
+    // shared indices below their sizes.
+    unsafe {
+        nvfp4_gemm_cmma_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            codes.into_tensor_arg(),
+            scales.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            global_scale,
+            m as u32,
+            out_features as u32,
+            in_features as u32,
+            words as u32,
+            spr as u32,
+        );
+    }
+    Ok(BurnTensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// Times [`nvfp4_gemm`] on one shape, for the bench: one warm-up call (shader compile), then
+/// `iters` back-to-back calls closed by a device sync (kernel time, no read-back). Returns the
+/// mean per call.
+pub fn time_nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
+    x: &BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: &BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: &BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    global_scale: f32,
+    out_features: usize,
+    in_features: usize,
+    iters: usize,
+) -> Result<Duration, GemmError> {
+    use burn::tensor::backend::Backend;
+    let device = x.device();
+    let call = || {
+        nvfp4_gemm(
+            x.clone(),
+            codes.clone(),
+            scales.clone(),
+            global_scale,
+            out_features,
+            in_features,
+        )
+    };
+    drop(call()?);
+    Nvfp4Backend::<R, BT>::sync(&device).expect("device sync");
+    let iters = iters.max(1);
+    let start = Instant::now();
+    for _ in 0..iters {
+        drop(call()?);
+    }
+    Nvfp4Backend::<R, BT>::sync(&device).expect("device sync");
+    Ok(start.elapsed() / iters as u32)
+}
