@@ -5,6 +5,7 @@ The server serves the bundled tiny fixture (random weights: the text is gibberis
 assert on structure, determinism, usage counts and parsing, not on meaning).
 """
 
+import base64
 import json
 import os
 import socket
@@ -76,6 +77,14 @@ def server():
 @pytest.fixture(scope="module")
 def scripted():
     proc, base = start(["--scripted-output", SCRIPT])
+    yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def vision():
+    """The vision fixture (a tiny random model with a vision tower)."""
+    proc, base = start(["--model", os.path.join(ROOT, "fixtures", "tiny-vision")])
     yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
     stop(proc)
 
@@ -196,6 +205,55 @@ def test_bad_request(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 2000}], max_tokens=4)
     assert "maximum context length is 512" in str(e.value)
+
+
+def image_url(name):
+    with open(os.path.join(ROOT, "fixtures", "tiny-vision", "images", name), "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def test_image_chat(vision):
+    parts = [{"type": "text", "text": "What is in this picture?"},
+             {"type": "image_url", "image_url": {"url": image_url("noise_square.png")}}]
+    r = vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(r.choices[0].message.content, str)
+    text_only = vision.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "What is in this picture?"}], max_tokens=1, temperature=0)
+    # 64 soft tokens (48x48 upscaled to 384x384 at the fixture's budget of 70) plus <|image> and <image|>
+    assert r.usage.prompt_tokens == text_only.usage.prompt_tokens + 64 + 2
+    stream = vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+    # A larger budget gives more soft tokens.
+    big = vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [parts[1]]}], max_tokens=1,
+                                         extra_body={"mm_processor_kwargs": {"max_soft_tokens": 140}})
+    small = vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [parts[1]]}], max_tokens=1)
+    assert big.usage.prompt_tokens >= small.usage.prompt_tokens
+
+
+def test_image_errors(vision, client):
+    bad = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": bad}], max_tokens=2)
+    assert "messages[0].content[0]" in str(e.value)
+    remote = [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": remote}], max_tokens=2)
+    assert "--allow-image-urls" in str(e.value)
+    # The text-only fixture has no vision tower.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url("noise_square.png")}}]}], max_tokens=2)
+    assert "vision tower" in str(e.value)
+
+
+def test_responses_input_image(vision):
+    r = vision.responses.create(model="tiny", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Describe it"}, {"type": "input_image", "image_url": image_url("gradient_tall.png")}]}],
+        max_output_tokens=4, temperature=0)
+    assert r.status in ("completed", "incomplete")
+    assert r.usage.input_tokens > 64
 
 
 def test_unknown_model(client):

@@ -2,6 +2,7 @@
 //! batching (knows nothing of HTTP), the prompt side (chat template), the output side (thinking and
 //! tool-call parser), and the OpenAI-compatible HTTP layer over them.
 
+pub mod bench;
 pub mod chat_template;
 pub mod engine;
 pub mod http;

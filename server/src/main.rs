@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::prelude::*;
 use gemma4_model::Gemma4Backend;
 use clap::{Parser, Subcommand, ValueEnum};
 use gemma4_model::{generate, GenerateRequest, KvCache, Logits, Model, SamplingParams};
@@ -105,6 +104,17 @@ enum Command {
         /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
         #[arg(long, default_value_t = 10)]
         shutdown_grace: u64,
+        /// Fetch http:// image URLs in requests (data: URLs are always taken). Hosts that resolve
+        /// to loopback, private or link-local addresses are refused, redirects are not followed,
+        /// and https:// is not supported (no TLS client in this build).
+        #[arg(long)]
+        allow_image_urls: bool,
+        /// Images per request; a request with more gets a 400.
+        #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_LIMIT_PER_PROMPT)]
+        limit_images_per_prompt: usize,
+        /// Seconds the fetch of one image URL may take (with --allow-image-urls).
+        #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_FETCH_TIMEOUT_SECS)]
+        image_fetch_timeout: u64,
         /// Test mode: answer every request with this text instead of running the model.
         #[arg(long, hide = true)]
         scripted_output: Option<String>,
@@ -133,7 +143,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
     },
-    /// End-to-end speed: prefill tokens/s and batch-1 decode tokens/s on random token ids.
+    /// End-to-end speed on random token ids: prefill tokens/s, decode tokens/s at batch 1, and
+    /// batched decode tokens/s with --batch sequences stepping together.
     Bench {
         #[arg(long)]
         model: PathBuf,
@@ -144,6 +155,44 @@ enum Command {
         decode_tokens: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Sequences in the batched decode measurement (1 skips it).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// Time to encode one image at each soft-token budget with the checkpoint's vision tower
+    /// (`gemma4 synth --preset 31b-6l` has the 31B's).
+    BenchVision {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_delimiter = ',', default_values_t = [70usize, 140, 280, 560, 1120])]
+        budgets: Vec<usize>,
+        /// Run the whole tower only up to this budget; above it the time is composed from one
+        /// measured encoder layer.
+        #[arg(long, default_value_t = 280)]
+        full_up_to: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// Each kernel at the 31B shapes on random data: time, GB/s, TFLOP/s, fraction of the
+    /// roofline (bytes over the copy bandwidth measured in the same run) and speed-up over the
+    /// plain Burn reference.
+    BenchKernels {
+        /// m of the prefill GEMM and t of the prefill attention.
+        #[arg(long, default_value_t = 64)]
+        prefill_rows: usize,
+        /// Keys of the full-layer decode attention.
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Skip the reference timings (slow on big shapes).
+        #[arg(long)]
+        no_reference: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
     },
@@ -176,7 +225,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     let device = match &cli.command {
         Command::Synth { .. } => DeviceArg::Cpu,
-        Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::Check { device, .. }
+        Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::BenchKernels { device, .. } | Command::BenchVision { device, .. } | Command::Check { device, .. }
         | Command::Serve { device, .. } => *device,
     };
     match device {
@@ -230,7 +279,7 @@ fn load<B: Gemma4Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
         r.tensors_used,
         r.nvfp4_linears,
         r.dense_linears,
-        if r.skipped.is_empty() { String::new() } else { format!(", {} vision tensors not loaded (vision tower not implemented yet)", r.skipped.len()) }
+        if r.skipped.is_empty() { String::new() } else { format!(", {} vision tensors not loaded (the config has no vision_config)", r.skipped.len()) }
     );
     Ok(model)
 }
@@ -309,7 +358,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, shutdown_grace, scripted_output, .. } => {
+        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, shutdown_grace, scripted_output, allow_image_urls, limit_images_per_prompt, image_fetch_timeout, .. } => {
             let args = gemma4_server::serve::ServeArgs {
                 model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
                 host,
@@ -322,6 +371,9 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
                 max_waiting,
                 shutdown_grace,
                 scripted_output,
+                allow_image_urls,
+                limit_images_per_prompt,
+                image_fetch_timeout,
             };
             gemma4_server::serve::run::<B>(args, device)
         }
@@ -330,55 +382,26 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let m = load::<B>(&model, &device)?;
             check::check(&m, &model, tolerance)
         }
-        Command::Bench { model, prompt_len, decode_tokens, repeats, .. } => {
+        Command::Bench { model, prompt_len, decode_tokens, repeats, batch, .. } => {
             let m = load::<B>(&model, &device)?;
-            bench(&m, prompt_len, decode_tokens, repeats.max(1))
+            println!("{}", gemma4_server::bench::end_to_end(&m, prompt_len, decode_tokens, repeats.max(1), batch)?);
+            Ok(())
+        }
+        Command::BenchVision { model, budgets, full_up_to, .. } => {
+            let m = load::<B>(&model, &device)?;
+            println!("{}", gemma4_server::bench::vision(&m, &model, &budgets, full_up_to)?);
+            Ok(())
+        }
+        Command::BenchKernels { prefill_rows, context, repeats, no_reference, json, device: device_arg } => {
+            let host = matches!(device_arg, DeviceArg::Cpu);
+            let table = gemma4_server::bench::kernels::<B>(&device, prefill_rows.max(1), context.max(1), repeats.max(1), !no_reference, host)?;
+            if json {
+                println!("{table}");
+            } else {
+                gemma4_server::bench::print_kernel_table(&table);
+            }
+            Ok(())
         }
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Prefill: one forward over `prompt_len` random ids (median of `repeats`, after a warm-up).
-/// Decode: `decode_tokens` greedy steps through the KV cache after a 16-token prompt.
-fn bench<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize) -> Result<()> {
-    let vocab = m.text.vocab_size as u64;
-    let mut rng = gemma4_model::generation::Rng::new(1234);
-    let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let sync = |t: Tensor<B, 2>| t.into_data(); // reading back waits for the device
-    let mut cache = KvCache::new(&m.text);
-    sync(m.text.forward(&prompt, &mut cache, Logits::Last)?);
-    let mut prefill = vec![];
-    for _ in 0..repeats {
-        let mut cache = KvCache::new(&m.text);
-        let start = Instant::now();
-        sync(m.text.forward(&prompt, &mut cache, Logits::Last)?);
-        prefill.push(prompt_len as f64 / start.elapsed().as_secs_f64());
-    }
-    let mut decode = vec![];
-    for _ in 0..repeats.min(3) {
-        let mut cache = KvCache::new(&m.text);
-        let mut next = [prompt[0]];
-        sync(m.text.forward(&prompt[..16.min(prompt_len)], &mut cache, Logits::Last)?);
-        let start = Instant::now();
-        for _ in 0..decode_tokens {
-            let row = sync(m.text.forward(&next, &mut cache, Logits::Last)?).to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            next[0] = gemma4_model::generation::sample(&row, &SamplingParams::greedy(), &[], &mut gemma4_model::generation::Rng::new(0));
-        }
-        decode.push(decode_tokens as f64 / start.elapsed().as_secs_f64());
-    }
-    println!(
-        "{}",
-        serde_json::json!({
-            "engine": "gemma4 (burn)",
-            "prompt_len": prompt_len,
-            "prefill_tok_s": median(prefill),
-            "decode_tokens": decode_tokens,
-            "decode_tok_s": median(decode),
-        })
-    );
-    Ok(())
-}

@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// Test mode: answer every request with this text (tokenized, special tokens included)
     /// through `ScriptedModel` instead of running the weights.
     pub scripted_output: Option<String>,
+    /// Fetch http:// image URLs (otherwise only data: URLs are taken).
+    pub allow_image_urls: bool,
+    /// Images per request; more is a 400.
+    pub limit_images_per_prompt: usize,
+    /// Seconds a fetch of one image URL may take.
+    pub image_fetch_timeout: u64,
 }
 
 /// The bundled tiny checkpoint, served when no --model is given.
@@ -69,6 +75,13 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         kv_capacity: args.max_num_seqs * max_model_len * meta.num_layers,
         request_counter: AtomicU64::new(0),
         created: http::run::now_secs(),
+        images: http::images::ImageSettings::new(
+            meta.vision,
+            meta.image_token_id,
+            args.allow_image_urls,
+            args.limit_images_per_prompt,
+            Duration::from_secs(args.image_fetch_timeout.max(1)),
+        ),
     })
 }
 
@@ -80,6 +93,24 @@ pub struct ModelMeta {
     pub stop_ids: Vec<u32>,
     pub suppress_ids: Vec<u32>,
     pub default_sampling: gemma4_model::SamplingParams,
+    /// The config's image placeholder id (also for text-only checkpoints).
+    pub image_token_id: Option<u32>,
+    /// Present when the checkpoint takes images.
+    pub vision: Option<http::images::VisionMeta>,
+}
+
+/// The vision side of a checkpoint: its placeholder ids and the image processor config, when the
+/// model has a vision tower (`has_tower`) and the config names all three ids.
+fn vision_meta(dir: &std::path::Path, config: &gemma4_model::ModelConfig, has_tower: bool) -> Result<Option<http::images::VisionMeta>> {
+    if !has_tower {
+        return Ok(None);
+    }
+    let (Some(image), Some(boi), Some(eoi)) = (config.image_token_id, config.boi_token_id, config.eoi_token_id) else {
+        tracing::warn!("the checkpoint has a vision tower but its config lacks image_token_id, boi_token_id or eoi_token_id: images are disabled");
+        return Ok(None);
+    };
+    let processor = gemma4_model::vision::preprocess::ImageProcessorConfig::from_dir(dir).map_err(|e| anyhow::anyhow!("image processor config: {e}"))?;
+    Ok(Some(http::images::VisionMeta { image_token_id: image, boi_token_id: boi, eoi_token_id: eoi, processor }))
 }
 
 /// Starts the engine with a model loaded on its thread (with a progress bar on stderr).
@@ -109,6 +140,8 @@ pub fn start_engine<B: Gemma4Backend>(args: &ServeArgs, device: B::Device, progr
             stop_ids: model.stop_ids(),
             suppress_ids: model.generation.suppress_tokens.clone(),
             default_sampling: model.default_sampling(0),
+            image_token_id: model.config.image_token_id,
+            vision: vision_meta(&dir, &model.config, model.vision.is_some())?,
         };
         let r = &model.report;
         tracing::info!(
@@ -139,10 +172,13 @@ fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
         stop_ids: gemma4_model::stop_ids(&config, &generation),
         suppress_ids: generation.suppress_tokens.clone(),
         default_sampling: generation.sampling(0),
+        image_token_id: config.image_token_id,
+        vision: vision_meta(&args.model, &config, config.vision.is_some())?,
     };
     let vocab_size = config.text.vocab_size;
+    let image_token_id = config.image_token_id;
     let engine_config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), prefill_chunk: args.max_num_batched_tokens.max(1), max_waiting: args.max_waiting };
-    let (engine, _thread) = Engine::start(engine_config, move || Ok(crate::engine::scripted::ScriptedModel { vocab_size, script }))?;
+    let (engine, _thread) = Engine::start(engine_config, move || Ok(crate::engine::scripted::ScriptedModel { vocab_size, script, image_token_id }))?;
     Ok((engine, meta))
 }
 

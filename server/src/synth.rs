@@ -25,16 +25,32 @@ pub struct Preset {
     pub vocab: usize,
     pub sliding_window: usize,
     pub max_positions: usize,
+    pub vision: VisionPreset,
 }
+
+/// Shape numbers of the vision tower (bf16, excluded from NVFP4 as in NVIDIA's recipe).
+#[derive(Debug, Clone)]
+pub struct VisionPreset {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub position_embedding_size: usize,
+}
+
+/// The 31B's vision tower (../shared/spec/gemma4.md section 1).
+const VISION_31B: VisionPreset = VisionPreset { hidden: 1152, intermediate: 4304, layers: 27, heads: 16, head_dim: 72, position_embedding_size: 10_240 };
+const VISION_SMALL: VisionPreset = VisionPreset { hidden: 64, intermediate: 144, layers: 2, heads: 4, head_dim: 16, position_embedding_size: 1024 };
 
 pub fn preset(name: &str) -> Result<Preset> {
     Ok(match name {
         // google/gemma-4-31B-it (../shared/spec/gemma4.md section 1).
-        "31b" => Preset { hidden: 5376, intermediate: 21504, layers: 60, heads: 32, kv_heads: 16, global_kv_heads: 4, head_dim: 256, global_head_dim: 512, vocab: 262_144, sliding_window: 1024, max_positions: 262_144 },
+        "31b" => Preset { hidden: 5376, intermediate: 21504, layers: 60, heads: 32, kv_heads: 16, global_kv_heads: 4, head_dim: 256, global_head_dim: 512, vocab: 262_144, sliding_window: 1024, max_positions: 262_144, vision: VISION_31B },
         // Same layer shapes as the 31B, 6 layers and a small vocabulary: a quick GPU run.
         "31b-6l" => Preset { layers: 6, vocab: 32_768, ..preset("31b")? },
-        "small" => Preset { hidden: 1024, intermediate: 4096, layers: 6, heads: 8, kv_heads: 4, global_kv_heads: 2, head_dim: 128, global_head_dim: 256, vocab: 32_768, sliding_window: 512, max_positions: 32_768 },
-        "tiny" => Preset { hidden: 128, intermediate: 256, layers: 6, heads: 4, kv_heads: 2, global_kv_heads: 1, head_dim: 32, global_head_dim: 64, vocab: 512, sliding_window: 16, max_positions: 4096 },
+        "small" => Preset { hidden: 1024, intermediate: 4096, layers: 6, heads: 8, kv_heads: 4, global_kv_heads: 2, head_dim: 128, global_head_dim: 256, vocab: 32_768, sliding_window: 512, max_positions: 32_768, vision: VISION_SMALL },
+        "tiny" => Preset { hidden: 128, intermediate: 256, layers: 6, heads: 4, kv_heads: 2, global_kv_heads: 1, head_dim: 32, global_head_dim: 64, vocab: 512, sliding_window: 16, max_positions: 4096, vision: VISION_SMALL },
         other => bail!("unknown preset `{other}` (31b, 31b-6l, small, tiny)"),
     })
 }
@@ -108,6 +124,25 @@ fn specs(p: &Preset) -> Vec<Spec> {
         }
         v.push(bf16(format!("{l}.layer_scalar"), vec![1], Fill::Bf16Const(1.0)));
     }
+    let vp = &p.vision;
+    let t = "model.vision_tower";
+    v.push(bf16(format!("{t}.patch_embedder.input_proj.weight"), vec![vp.hidden, 3 * 16 * 16], Fill::Bf16(std(768))));
+    v.push(bf16(format!("{t}.patch_embedder.position_embedding_table"), vec![2, vp.position_embedding_size, vp.hidden], Fill::Bf16(0.02)));
+    for i in 0..vp.layers {
+        let l = format!("{t}.encoder.layers.{i}");
+        let inner = vp.heads * vp.head_dim;
+        for (proj, out, inp) in [("self_attn.q_proj", inner, vp.hidden), ("self_attn.k_proj", inner, vp.hidden), ("self_attn.v_proj", inner, vp.hidden), ("self_attn.o_proj", vp.hidden, inner), ("mlp.gate_proj", vp.intermediate, vp.hidden), ("mlp.up_proj", vp.intermediate, vp.hidden), ("mlp.down_proj", vp.hidden, vp.intermediate)] {
+            v.push(bf16(format!("{l}.{proj}.linear.weight"), vec![out, inp], Fill::Bf16(std(inp))));
+        }
+        v.push(bf16(format!("{l}.self_attn.q_norm.weight"), vec![vp.head_dim], Fill::Bf16Const(1.0)));
+        v.push(bf16(format!("{l}.self_attn.k_norm.weight"), vec![vp.head_dim], Fill::Bf16Const(1.0)));
+        for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+            v.push(bf16(format!("{l}.{n}.weight"), vec![vp.hidden], Fill::Bf16Const(1.0)));
+        }
+    }
+    v.push(bf16(format!("{t}.std_bias"), vec![vp.hidden], Fill::Bf16Const(0.0)));
+    v.push(bf16(format!("{t}.std_scale"), vec![vp.hidden], Fill::Bf16Const(1.0)));
+    v.push(bf16("model.embed_vision.embedding_projection.weight".into(), vec![p.hidden, vp.hidden], Fill::Bf16(std(vp.hidden))));
     v
 }
 
@@ -157,7 +192,17 @@ pub fn config_json(p: &Preset) -> serde_json::Value {
         "architectures": ["Gemma4ForConditionalGeneration"],
         "model_type": "gemma4",
         "audio_config": null,
-        "image_token_id": p.vocab.saturating_sub(2).min(258_880),
+        // The 31B's ids where the vocabulary has them, the top of a smaller vocabulary otherwise.
+        "boi_token_id": if p.vocab > 258_882 { 255_999 } else { p.vocab - 4 },
+        "image_token_id": if p.vocab > 258_882 { 258_880 } else { p.vocab - 3 },
+        "eoi_token_id": if p.vocab > 258_882 { 258_882 } else { p.vocab - 2 },
+        "vision_config": {
+            "model_type": "gemma4_vision", "hidden_size": p.vision.hidden, "intermediate_size": p.vision.intermediate,
+            "num_hidden_layers": p.vision.layers, "num_attention_heads": p.vision.heads, "num_key_value_heads": p.vision.heads,
+            "head_dim": p.vision.head_dim, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "patch_size": 16,
+            "pooling_kernel_size": 3, "position_embedding_size": p.vision.position_embedding_size, "default_output_length": 280,
+            "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}, "standardize": true, "use_clipped_linears": false
+        },
         "eos_token_id": [1, 106],
         "dtype": "bfloat16",
         "tie_word_embeddings": true,
@@ -186,7 +231,9 @@ pub fn config_json(p: &Preset) -> serde_json::Value {
 pub fn byte_budget(p: &Preset) -> (usize, usize, usize, usize) {
     let (mut mlp, mut attn, mut embed, mut other) = (0, 0, 0, 0);
     for s in specs(p) {
-        if s.name.contains(".mlp.") {
+        if s.name.contains("vision") {
+            other += s.bytes();
+        } else if s.name.contains(".mlp.") {
             mlp += s.bytes();
         } else if s.name.contains("_proj.weight") {
             attn += s.bytes();
@@ -209,6 +256,8 @@ pub fn synth(preset_name: &str, out: &Path, shard_bytes: usize, seed: u64) -> Re
     write_json("hf_quant_config.json", json!({"producer": {"name": "gemma4 synth", "version": env!("CARGO_PKG_VERSION")},
         "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": null, "group_size": 16,
         "exclude_modules": ["lm_head", "model.embed_vision*", "model.language_model.layers.*.self_attn*", "model.vision_tower*"]}}))?;
+    write_json("processor_config.json", json!({"image_processor": {"image_processor_type": "Gemma4ImageProcessor",
+        "patch_size": 16, "pooling_kernel_size": 3, "max_soft_tokens": 280}}))?;
     write_json("generation_config.json", json!({"bos_token_id": 2, "eos_token_id": [1, 106, 50], "pad_token_id": 0,
         "do_sample": true, "temperature": 1.0, "top_k": 64, "top_p": 0.95}))?;
 
@@ -270,6 +319,7 @@ mod tests {
         assert!(dir.join("model.safetensors.index.json").exists());
         let model = gemma4_model::Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default()).unwrap();
         assert_eq!(model.report.nvfp4_linears, 18);
+        assert!(model.vision.is_some(), "the synthetic vision tower loads");
         let mut cache = gemma4_model::KvCache::new(&model.text);
         let logits = model.text.forward(&[2, 10, 20, 30], &mut cache, gemma4_model::Logits::All).unwrap();
         let v = logits.into_data().to_vec::<f32>().unwrap();

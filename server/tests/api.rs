@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -21,35 +22,43 @@ struct Server {
 /// One server for the whole test binary (loading once; tests run concurrently against it).
 fn server() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        let args = ServeArgs {
-            model: bundled_model(),
-            host: "127.0.0.1".into(),
-            port: 0,
-            served_model_name: Some("tiny".into()),
-            api_key: Some(KEY.into()),
-            max_model_len: Some(256),
-            max_num_seqs: 8,
-            // Small chunks, so that prompts are prefilled over several steps in these tests.
-            max_num_batched_tokens: 7,
-            max_waiting: 64,
-            shutdown_grace: 1,
-            scripted_output: None,
-        };
-        let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false).expect("engine starts");
-        let state = Arc::new(build_state(&args, engine, meta).expect("state"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let st = state.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, gemma4_server::http::router(st)).await.unwrap();
-            });
+    // Small chunks, so that prompts are prefilled over several steps in these tests.
+    S.get_or_init(|| start(bundled_model(), 256, 7, false, |_| {}))
+}
+
+/// Starts the server in-process on a free loopback port.
+fn start(model: PathBuf, max_model_len: usize, chunk: usize, allow_image_urls: bool, tweak: impl FnOnce(&mut AppState)) -> Server {
+    let args = ServeArgs {
+        model,
+        host: "127.0.0.1".into(),
+        port: 0,
+        served_model_name: Some("tiny".into()),
+        api_key: Some(KEY.into()),
+        max_model_len: Some(max_model_len),
+        max_num_seqs: 8,
+        max_num_batched_tokens: chunk,
+        max_waiting: 64,
+        shutdown_grace: 1,
+        scripted_output: None,
+        allow_image_urls,
+        limit_images_per_prompt: 8,
+        image_fetch_timeout: 5,
+    };
+    let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false).expect("engine starts");
+    let mut state = build_state(&args, engine, meta).expect("state");
+    tweak(&mut state);
+    let state = Arc::new(state);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let st = state.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, gemma4_server::http::router(st)).await.unwrap();
         });
-        Server { addr: rx.recv().unwrap(), state }
-    })
+    });
+    Server { addr: rx.recv().unwrap(), state }
 }
 
 struct Reply {
@@ -68,7 +77,11 @@ impl Reply {
 }
 
 fn request(method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Reply {
-    let mut s = TcpStream::connect(server().addr).unwrap();
+    request_to(server().addr, method, path, body, key)
+}
+
+fn request_to(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(k) = key {
@@ -250,7 +263,7 @@ fn bad_requests_are_400_and_the_server_keeps_serving() {
     let long = "word ".repeat(400);
     assert_error(&post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": long}]}))), 400, "maximum context length is 256");
     let image = json!([{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]);
-    assert_error(&post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": image}]}))), 400, "image");
+    assert_error(&post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": image}]}))), 400, "no vision tower");
     let huge = vec![b'x'; gemma4_server::http::BODY_LIMIT + 1024];
     let r = request("POST", "/v1/chat/completions", Some(&huge), Some(KEY));
     assert!(r.status == 413 || r.status == 0, "status {}", r.status); // 0: the peer closed before answering
@@ -339,4 +352,271 @@ fn named_tool_choice_forces_the_call_syntax() {
     assert_eq!(first, "<|tool_call>");
     assert_error(&post("/v1/chat/completions", chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}))), 400, "nope");
     assert_error(&post("/v1/chat/completions", chat(json!({"tool_choice": "required"}))), 400, "tools");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Images, against the vision fixture (random weights with a vision tower; processor budget 70).
+
+fn vision_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-vision"))
+}
+
+/// The vision fixture served with small prefill chunks (16 tokens: every image's run of
+/// placeholders is longer, so chunks get extended to the end of the run).
+fn vision_server() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        assert!(vision_dir().join("config.json").is_file(), "fixtures/tiny-vision is missing (conformance/fixtures_gen/generate_vision.py)");
+        start(vision_dir(), 1024, 16, false, |_| {})
+    })
+}
+
+fn vpost(path: &str, body: Value) -> Reply {
+    request_to(vision_server().addr, "POST", path, Some(body.to_string().as_bytes()), Some(KEY))
+}
+
+fn fixture_image(name: &str) -> Vec<u8> {
+    std::fs::read(vision_dir().join("images").join(name)).unwrap_or_else(|e| panic!("fixtures/tiny-vision/images/{name}: {e}"))
+}
+
+fn data_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn image_chat(parts: Value, extra: Value) -> Value {
+    let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": parts}], "max_tokens": 6, "temperature": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+const QUESTION: &str = "What is in this picture?";
+
+fn one_image(url: &str) -> Value {
+    json!([{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}])
+}
+
+/// The prompt length and the first `n` greedy tokens (as text) computed directly through
+/// gemma4_model: the template with one image part, the k-th `<|image|>` expanded to
+/// `<|image>` + n × `<|image|>` + `<image|>`, the vision tower, `forward_multimodal`.
+fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
+    use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, ImageProcessorConfig};
+    use gemma4_model::{KvCache, Logits, Model, SamplingParams};
+    let dir = vision_dir();
+    let model = Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default()).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let template = gemma4_server::chat_template::ChatTemplate::from_dir(&dir).unwrap().expect("a chat template");
+    let msgs = template.convert_openai_messages(&[json!({"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]})]).unwrap();
+    let text = template.render(&msgs, None, true, &Default::default()).unwrap();
+    let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+    let cfg = ImageProcessorConfig::from_dir(&dir).unwrap();
+    let pre = preprocess(&decode_image(image, &DecodeLimits::default()).unwrap(), &cfg, cfg.max_soft_tokens).unwrap();
+    let c = &model.config;
+    let (img, boi, eoi) = (c.image_token_id.unwrap(), c.boi_token_id.unwrap(), c.eoi_token_id.unwrap());
+    assert_eq!(ids.iter().filter(|&&t| t == img).count(), 1);
+    let mut prompt = vec![];
+    for &t in &ids {
+        if t == img {
+            prompt.push(boi);
+            prompt.extend(std::iter::repeat_n(img, pre.num_soft_tokens));
+            prompt.push(eoi);
+        } else {
+            prompt.push(t);
+        }
+    }
+    let soft = model.encode_image(&pre).unwrap();
+    let mut cache = KvCache::new(&model.text);
+    let mut logits = model.text.forward_multimodal(&prompt, Some(soft), &mut cache, Logits::Last).unwrap();
+    let mut rng = gemma4_model::generation::Rng::new(0);
+    let mut out = vec![];
+    for _ in 0..n {
+        let row = logits.into_data().to_vec::<f32>().unwrap();
+        let id = gemma4_model::generation::sample(&row, &SamplingParams::greedy(), &model.generation.suppress_tokens, &mut rng);
+        out.push(tok.decode(&[id], false).unwrap());
+        logits = model.text.forward(&[id], &mut cache, Logits::Last).unwrap();
+    }
+    (prompt.len(), out)
+}
+
+#[test]
+fn image_chat_equals_the_model_run_directly() {
+    let png = fixture_image("noise_square.png");
+    let r = vpost("/v1/chat/completions", image_chat(one_image(&data_url(&png)), json!({"logprobs": true, "ignore_eos": true})));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
+    let (prompt_len, expected) = reference_greedy(&png, 6);
+    // 48x48 -> 384x384 at the fixture's budget of 70: 24x24 patches, 64 soft tokens.
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, prompt_len);
+    assert!(prompt_len > 64 + 2);
+    assert_eq!(tokens, expected);
+    // /tokenize expands the same way.
+    let t = vpost("/tokenize", json!({"messages": [{"role": "user", "content": one_image(&data_url(&png))}]})).json();
+    assert_eq!(t["count"].as_u64().unwrap() as usize, prompt_len);
+}
+
+#[test]
+fn image_streaming_equals_non_streaming() {
+    let url = data_url(&fixture_image("gradient_tall.png"));
+    let whole = vpost("/v1/chat/completions", image_chat(one_image(&url), json!({"max_tokens": 8}))).json();
+    let r = vpost("/v1/chat/completions", image_chat(one_image(&url), json!({"max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}})));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"], whole["usage"]["prompt_tokens"]);
+    assert_eq!(stream_text(&r), whole["choices"][0]["message"]["content"].as_str().unwrap());
+}
+
+#[test]
+fn image_budget_and_several_images() {
+    let url = data_url(&fixture_image("large_gradient.png"));
+    let count = |mm: Value| {
+        let t = vpost("/tokenize", json!({"messages": [{"role": "user", "content": one_image(&url)}], "mm_processor_kwargs": mm}));
+        assert_eq!(t.status, 200, "{}", t.body);
+        t.json()["count"].as_u64().unwrap()
+    };
+    let (d, small, big) = (count(json!({})), count(json!({"max_soft_tokens": 70})), count(json!({"max_soft_tokens": 140})));
+    assert_eq!(d, small, "the fixture's default budget is 70");
+    assert!(big > small + 40, "{small} -> {big}");
+    // Two images (the string form of image_url too) in one user turn: 200, both counted, the
+    // same count as /tokenize.
+    let parts = json!([{"type": "image_url", "image_url": url}, {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]);
+    let mm = json!({"max_soft_tokens": 140});
+    let two = vpost("/v1/chat/completions", image_chat(parts.clone(), json!({"max_tokens": 2, "mm_processor_kwargs": mm})));
+    assert_eq!(two.status, 200, "{}", two.body);
+    let p2 = two.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    let t = vpost("/tokenize", json!({"messages": [{"role": "user", "content": parts}], "mm_processor_kwargs": mm})).json();
+    assert_eq!(t["count"].as_u64().unwrap(), p2);
+    assert!(p2 > big + 40, "{big} -> {p2}");
+}
+
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = kind.to_vec();
+        c.extend(data);
+        out.extend((data.len() as u32).to_be_bytes());
+        out.extend(&c);
+        out.extend(crc32(&c).to_be_bytes());
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x01, 0x00, 0x00]);
+    out
+}
+
+#[test]
+fn bad_images_are_400_and_the_server_keeps_serving() {
+    let chat_with = |url: &str, extra: Value| vpost("/v1/chat/completions", image_chat(one_image(url), extra));
+    let at = "messages[0].content[1]";
+    let e = chat_with("data:image/png;base64,@@@not base64@@@", json!({}));
+    assert_error(&e, 400, "base64");
+    assert_error(&e, 400, at);
+    assert_error(&chat_with(&data_url(b"this is not an image, just some text"), json!({})), 400, "unrecognised image format");
+    let bomb = chat_with(&data_url(&png_header(100_000, 100_000)), json!({}));
+    assert_error(&bomb, 400, "pixels");
+    assert_error(&bomb, 400, at);
+    let tiny = data_url(&fixture_image("pixel_1x1.png"));
+    let many: Vec<Value> = (0..9).map(|_| json!({"type": "image_url", "image_url": {"url": tiny}})).collect();
+    assert_error(&vpost("/v1/chat/completions", image_chat(json!(many), json!({}))), 400, "limit of 8");
+    assert_error(&chat_with("http://example.com/cat.png", json!({})), 400, "--allow-image-urls");
+    assert_error(&chat_with("https://example.com/cat.png", json!({})), 400, "--allow-image-urls");
+    assert_error(&chat_with("ftp://example.com/cat.png", json!({})), 400, "unsupported image URL");
+    for bad in [json!({"max_soft_tokens": 100}), json!({"max_soft_tokens": "280"}), json!("280")] {
+        assert_error(&chat_with(&tiny, json!({"mm_processor_kwargs": bad})), 400, "mm_processor_kwargs");
+    }
+    // The placeholder token typed in the text is not an image.
+    let typed = vpost("/v1/chat/completions", image_chat(json!("look: <|image|>"), json!({})));
+    assert_error(&typed, 400, "<|image|>");
+    let no_url = vpost("/v1/chat/completions", image_chat(json!([{"type": "image_url", "image_url": {}}]), json!({})));
+    assert_error(&no_url, 400, "no URL");
+    // Still serving, images included.
+    assert_eq!(request_to(vision_server().addr, "GET", "/health", None, None).status, 200);
+    assert_eq!(chat_with(&tiny, json!({"max_tokens": 2})).status, 200);
+}
+
+#[test]
+fn responses_input_image() {
+    let url = data_url(&fixture_image("noise_square.png"));
+    let input = json!([{"role": "user", "content": [{"type": "input_text", "text": QUESTION}, {"type": "input_image", "image_url": url}]}]);
+    let r = vpost("/v1/responses", json!({"input": input, "max_output_tokens": 4, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let chat = vpost("/v1/chat/completions", image_chat(one_image(&url), json!({"max_tokens": 4}))).json();
+    assert_eq!(v["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    let bad = json!([{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]);
+    let e = vpost("/v1/responses", json!({"input": bad}));
+    assert_error(&e, 400, "input[0].content[0]");
+    assert_eq!(e.json()["error"]["param"], "input");
+}
+
+/// A local HTTP server for the fetch tests: /ok.png, a redirect, an oversized and a slow answer.
+fn image_host(png: Vec<u8>) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let png = png.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let resp: Vec<u8> = match path.as_str() {
+                    "/ok.png" => [format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len()).into_bytes(), png].concat(),
+                    "/redirect" => b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1/ok.png\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                    "/huge" => b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999\r\nConnection: close\r\n\r\n".to_vec(),
+                    "/slow" => {
+                        std::thread::sleep(Duration::from_secs(5));
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+                    }
+                    _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                };
+                let _ = s.write_all(&resp);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn image_urls_with_allow_image_urls() {
+    let png = fixture_image("noise_square.png");
+    let host = image_host(png.clone());
+    // Loopback is refused in production; this test server lets it through to reach `host`.
+    let fetching = start(vision_dir(), 1024, 64, true, |s| {
+        s.images.allow_private_hosts = true;
+        s.images.fetch_timeout = Duration::from_secs(2);
+    });
+    let post_f = |url: String| request_to(fetching.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&url), json!({"max_tokens": 3})).to_string().as_bytes()), Some(KEY));
+    let ok = post_f(format!("http://{host}/ok.png"));
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let inline = post_f(data_url(&png));
+    assert_eq!(ok.json()["usage"], inline.json()["usage"]);
+    assert_error(&post_f(format!("http://{host}/redirect")), 400, "redirects are not followed");
+    assert_error(&post_f(format!("http://{host}/missing.png")), 400, "404");
+    assert_error(&post_f(format!("http://{host}/huge")), 400, "limit");
+    assert_error(&post_f(format!("http://{host}/slow")), 400, "within");
+    assert_error(&post_f("https://example.com/x.png".into()), 400, "TLS");
+    // Without the test override, loopback hosts are refused.
+    let strict = start(vision_dir(), 1024, 64, true, |_| {});
+    let r = request_to(strict.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&format!("http://{host}/ok.png")), json!({})).to_string().as_bytes()), Some(KEY));
+    assert_error(&r, 400, "non-public");
+    assert_eq!(post_f(data_url(&png)).status, 200);
 }

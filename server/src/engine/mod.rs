@@ -8,11 +8,18 @@
 //! Each decode step runs all running sequences through the model together (`forward_batch`:
 //! linears, norms and MLP over all rows at once; attention per sequence against its own cache).
 //! Prefill of a newly admitted request runs on its own, in the step it joins.
+//!
+//! Images: a request carries its preprocessed images and a prompt in which each image is a run of
+//! `n` image placeholder ids (the model's `image_token_id`). The engine encodes them (vision tower)
+//! on its thread at the request's first prefill chunk, then hands each prefill chunk the soft-token
+//! rows of the placeholders in that chunk. A chunk never ends inside a run of placeholders: one
+//! image's soft tokens attend to each other bidirectionally, so they must be run in one call.
 
 mod sampling;
 pub mod scripted;
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -20,6 +27,7 @@ use std::time::Duration;
 
 use gemma4_model::Gemma4Backend;
 use gemma4_model::generation::Rng;
+use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
 
 /// What the engine needs of a model: a fresh cache per request, and the logits of the last
@@ -27,9 +35,33 @@ use gemma4_model::{KvCache, Logits, Model, SamplingParams};
 /// and by `scripted::ScriptedModel` for server tests.
 pub trait StepModel: 'static {
     type Cache;
+    /// The soft tokens (vision tower output) of one request's images, all images concatenated
+    /// in prompt order: one row per image placeholder of the prompt.
+    type Soft;
     fn new_cache(&self) -> Self::Cache;
     /// Runs `tokens` (the continuation of the sequence in `cache`); logits of the last one.
     fn forward_last(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>, String>;
+    /// The image placeholder id (`<|image|>`), when the model takes images.
+    fn image_token_id(&self) -> Option<u32> {
+        None
+    }
+    /// Soft tokens of a request's images, concatenated in order (None when there are none).
+    fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Self::Soft>, String> {
+        if images.is_empty() {
+            Ok(None)
+        } else {
+            Err("this model does not take images".into())
+        }
+    }
+    /// A prefill chunk: as `forward_last`, with `soft` the request's soft tokens and the rows of
+    /// them that belong to the image placeholders among `tokens` (in order). `tokens` never
+    /// splits one image's run of placeholders.
+    fn forward_prefill(&self, tokens: &[u32], soft: Option<(&Self::Soft, Range<usize>)>, cache: &mut Self::Cache) -> Result<Vec<f32>, String> {
+        match soft {
+            Some((_, rows)) if !rows.is_empty() => Err("this model does not take images".into()),
+            _ => self.forward_last(tokens, cache),
+        }
+    }
     /// One new token per sequence, all sequences in one step; logits rows in order.
     fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut Self::Cache]) -> Result<Vec<Vec<f32>>, String> {
         tokens.iter().zip(caches.iter_mut()).map(|(t, c)| self.forward_last(&[*t], c)).collect()
@@ -40,11 +72,29 @@ pub trait StepModel: 'static {
 
 impl<B: Gemma4Backend> StepModel for Model<B> {
     type Cache = KvCache<B>;
+    type Soft = burn::tensor::Tensor<B, 2>;
     fn new_cache(&self) -> KvCache<B> {
         KvCache::new(&self.text)
     }
     fn forward_last(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
-        let logits = self.text.forward(tokens, cache, Logits::Last).map_err(|e| e.to_string())?;
+        self.forward_prefill(tokens, None, cache)
+    }
+    fn image_token_id(&self) -> Option<u32> {
+        self.config.image_token_id
+    }
+    fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Self::Soft>, String> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let soft = images.iter().map(|img| self.encode_image(img).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(burn::tensor::Tensor::cat(soft, 0)))
+    }
+    fn forward_prefill(&self, tokens: &[u32], soft: Option<(&Self::Soft, Range<usize>)>, cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
+        let rows = soft.filter(|(_, r)| !r.is_empty()).map(|(s, r)| {
+            let width = s.dims()[1];
+            s.clone().slice([r, 0..width])
+        });
+        let logits = self.text.forward_multimodal(tokens, rows, cache, Logits::Last).map_err(|e| e.to_string())?;
         logits.into_data().to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))
     }
     fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>, String> {
@@ -77,6 +127,9 @@ pub struct EngineRequest {
     /// Emitted first, in place of sampling (e.g. `<|tool_call>call:NAME{` for a named
     /// `tool_choice`): the model continues from there.
     pub forced_prefix: Vec<u32>,
+    /// The request's images in prompt order; image k is the k-th run of image placeholder ids
+    /// in `prompt`, `num_soft_tokens` long. Encoded on the engine thread at the first prefill.
+    pub images: Vec<Arc<PreprocessedImage>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +289,7 @@ impl Engine {
 }
 
 /// One running sequence and its state (cache, sampler, counters).
-struct Seq<C> {
+struct Seq<C, S> {
     sub: Box<Submitted>,
     cache: C,
     rng: Rng,
@@ -245,11 +298,15 @@ struct Seq<C> {
     prefilled: usize,
     /// Logits row for the next token; empty while the prompt is still being prefilled.
     next_logits: Vec<f32>,
+    /// Soft tokens of the request's images, from the first prefill chunk until the prompt is done.
+    soft: Option<S>,
+    /// Soft-token rows already used by earlier prefill chunks (placeholders in `prompt[..prefilled]`).
+    soft_used: usize,
 }
 
 fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<Command>, stats: &EngineStats) {
     let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
-    let mut running: Vec<Seq<M::Cache>> = Vec::new();
+    let mut running: Vec<Seq<M::Cache, M::Soft>> = Vec::new();
     loop {
         // Take new work: block only when there is nothing to do.
         let mut shutdown = false;
@@ -288,7 +345,7 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                 continue;
             }
             let rng = Rng::new(sub.req.sampling.seed);
-            running.push(Seq { cache: model.new_cache(), sub, rng, generated: vec![], prefilled: 0, next_logits: vec![] });
+            running.push(Seq { cache: model.new_cache(), sub, rng, generated: vec![], prefilled: 0, next_logits: vec![], soft: None, soft_used: 0 });
         }
 
         // Chunked prefill: at most `prefill_chunk` prompt tokens per step over all sequences,
@@ -301,15 +358,26 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                 still.push(seq);
                 continue;
             }
-            let end = total.min(seq.prefilled + budget);
-            budget -= end - seq.prefilled;
-            let chunk = seq.sub.req.prompt[seq.prefilled..end].to_vec();
-            match catch_unwind(AssertUnwindSafe(|| model.forward_last(&chunk, &mut seq.cache))) {
+            let image_id = model.image_token_id();
+            let end = chunk_end(&seq.sub.req.prompt, seq.prefilled, budget, image_id);
+            budget = budget.saturating_sub(end - seq.prefilled);
+            let chunk = &seq.sub.req.prompt[seq.prefilled..end];
+            let placeholders = image_id.map_or(0, |id| chunk.iter().filter(|&&t| t == id).count());
+            let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>, String> {
+                if seq.prefilled == 0 && !seq.sub.req.images.is_empty() {
+                    seq.soft = encode_request_images(model, &seq.sub.req, image_id)?;
+                }
+                let rows = seq.soft_used..seq.soft_used + placeholders;
+                model.forward_prefill(chunk, seq.soft.as_ref().map(|s| (s, rows)), &mut seq.cache)
+            }));
+            match result {
                 Ok(Ok(row)) => {
                     stats.prompt_tokens_total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     seq.prefilled = end;
+                    seq.soft_used += placeholders;
                     if end == total {
                         seq.next_logits = row;
+                        seq.soft = None; // the soft tokens live on in the KV cache only
                     }
                     still.push(seq);
                 }
@@ -388,6 +456,45 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
     }
 }
 
+/// End of the next prefill chunk from `start` with `budget` tokens: at most `budget` tokens, but
+/// extended to the end of a run of image placeholders rather than ending inside one.
+fn chunk_end(prompt: &[u32], start: usize, budget: usize, image_id: Option<u32>) -> usize {
+    let total = prompt.len();
+    let mut end = total.min(start + budget.max(1));
+    if let Some(id) = image_id {
+        while end < total && end > start && prompt[end - 1] == id && prompt[end] == id {
+            end += 1;
+        }
+    }
+    end
+}
+
+/// Checks that the request's images match its placeholders (one run of `num_soft_tokens` per
+/// image, in order) and encodes them.
+fn encode_request_images<M: StepModel>(model: &M, req: &EngineRequest, image_id: Option<u32>) -> Result<Option<M::Soft>, String> {
+    let Some(id) = image_id else {
+        return Err("this model does not take images".into());
+    };
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < req.prompt.len() {
+        if req.prompt[i] == id {
+            let start = i;
+            while i < req.prompt.len() && req.prompt[i] == id {
+                i += 1;
+            }
+            runs.push(i - start);
+        } else {
+            i += 1;
+        }
+    }
+    let expected: Vec<usize> = req.images.iter().map(|img| img.num_soft_tokens).collect();
+    if runs != expected {
+        return Err(format!("the prompt's image placeholder runs {runs:?} do not match the images' soft-token counts {expected:?}"));
+    }
+    model.encode_images(&req.images)
+}
+
 fn is_gone(sub: &Submitted) -> bool {
     sub.cancelled.load(Ordering::Relaxed) || sub.tx.is_closed()
 }
@@ -400,7 +507,7 @@ enum Next {
 
 /// Samples the next token from the pending logits and reports it; says whether the request
 /// goes on (and with which token) or is finished.
-fn sample_next<C>(seq: &mut Seq<C>) -> Next {
+fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
     let req = &seq.sub.req;
     // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
     let raw = req.logprobs.map(|_| seq.next_logits.clone());
@@ -421,4 +528,116 @@ fn sample_next<C>(seq: &mut Seq<C>) -> Next {
         return Next::Done(FinishReason::Length);
     }
     Next::Continue(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn chunks_never_end_inside_an_image_run() {
+        let p = [1, 9, 5, 5, 5, 5, 8, 2, 3];
+        assert_eq!(chunk_end(&p, 0, 3, Some(5)), 6); // [1 9 5 | 5 5 5] -> extended to the run's end
+        assert_eq!(chunk_end(&p, 0, 2, Some(5)), 2); // ends before the run
+        assert_eq!(chunk_end(&p, 0, 6, Some(5)), 6); // ends exactly at the run's end
+        assert_eq!(chunk_end(&p, 6, 100, Some(5)), 9);
+        assert_eq!(chunk_end(&p, 0, 3, None), 3);
+        assert_eq!(chunk_end(&p, 2, 0, Some(5)), 6); // a zero budget still makes progress
+    }
+
+    /// Each prefill chunk and the soft rows it was given.
+    type Chunks = Vec<(Vec<u32>, Range<usize>)>;
+
+    /// Records every prefill chunk and the soft rows it was given.
+    struct Recording {
+        log: Arc<Mutex<Chunks>>,
+    }
+
+    impl StepModel for Recording {
+        type Cache = ();
+        type Soft = Vec<u32>; // one "row" per soft token: its index
+        fn new_cache(&self) {}
+        fn forward_last(&self, tokens: &[u32], c: &mut ()) -> Result<Vec<f32>, String> {
+            self.forward_prefill(tokens, None, c)
+        }
+        fn image_token_id(&self) -> Option<u32> {
+            Some(5)
+        }
+        fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Vec<u32>>, String> {
+            let n: usize = images.iter().map(|i| i.num_soft_tokens).sum();
+            Ok(Some((0..n as u32).collect()))
+        }
+        fn forward_prefill(&self, tokens: &[u32], soft: Option<(&Vec<u32>, Range<usize>)>, _: &mut ()) -> Result<Vec<f32>, String> {
+            let rows = soft.map_or(0..0, |(s, r)| {
+                assert!(r.end <= s.len());
+                r
+            });
+            self.log.lock().unwrap().push((tokens.to_vec(), rows));
+            let mut logits = vec![0.0; 16];
+            logits[15] = 10.0;
+            Ok(logits)
+        }
+        fn cache_entries(&self, _: &()) -> usize {
+            0
+        }
+    }
+
+    fn image(n: usize) -> Arc<PreprocessedImage> {
+        Arc::new(PreprocessedImage { pixel_values: vec![], positions: vec![], patches_h: 0, patches_w: 0, num_soft_tokens: n })
+    }
+
+    fn request(prompt: Vec<u32>, images: Vec<Arc<PreprocessedImage>>) -> EngineRequest {
+        EngineRequest {
+            prompt,
+            max_new_tokens: 1,
+            sampling: SamplingParams::greedy(),
+            penalties: Penalties::none(),
+            stop_ids: vec![],
+            suppress_ids: vec![],
+            logprobs: None,
+            forced_prefix: vec![],
+            images,
+        }
+    }
+
+    fn run(prompt: Vec<u32>, images: Vec<Arc<PreprocessedImage>>) -> (Chunks, Vec<EngineEvent>) {
+        let log = Arc::new(Mutex::new(vec![]));
+        let l = log.clone();
+        let config = EngineConfig { max_num_seqs: 2, prefill_chunk: 3, max_waiting: 4 };
+        let (engine, thread) = Engine::start(config, move || Ok(Recording { log: l })).unwrap();
+        let mut h = engine.submit(request(prompt, images)).unwrap();
+        let mut events = vec![];
+        while let Some(e) = h.events.blocking_recv() {
+            let done = !matches!(e, EngineEvent::Token { .. });
+            events.push(e);
+            if done {
+                break;
+            }
+        }
+        engine.shutdown();
+        thread.join().unwrap();
+        let log = log.lock().unwrap().clone();
+        (log, events)
+    }
+
+    #[test]
+    fn prefill_hands_each_chunk_its_soft_rows() {
+        let prompt = vec![1, 9, 5, 5, 5, 5, 8, 2, 9, 5, 5, 8, 3];
+        let (log, events) = run(prompt.clone(), vec![image(4), image(2)]);
+        let chunks: Vec<Vec<u32>> = log.iter().map(|(c, _)| c.clone()).collect();
+        assert_eq!(chunks.concat(), prompt);
+        assert_eq!(
+            log,
+            vec![(vec![1, 9, 5, 5, 5, 5], 0..4), (vec![8, 2, 9], 4..4), (vec![5, 5, 8], 4..6), (vec![3], 6..6)]
+        );
+        assert!(matches!(events.last(), Some(EngineEvent::Finished { prompt_tokens: 13, .. })), "{events:?}");
+    }
+
+    #[test]
+    fn mismatched_images_are_an_error_event() {
+        let (log, events) = run(vec![1, 9, 5, 5, 8], vec![image(3)]);
+        assert!(log.is_empty());
+        assert!(matches!(events.last(), Some(EngineEvent::Error(m)) if m.contains("soft-token counts")), "{events:?}");
+    }
 }

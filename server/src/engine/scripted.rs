@@ -4,17 +4,27 @@
 //! engine, parser and HTTP layer. Reachable only through `gemma4 serve --scripted-output`, which
 //! is hidden from `--help`.
 
+use std::ops::Range;
+use std::sync::Arc;
+
+use gemma4_model::vision::PreprocessedImage;
+
 use super::StepModel;
 
 pub struct ScriptedModel {
     pub vocab_size: usize,
     /// Emitted in order; after the end, the last id repeats (end it with a stop id).
     pub script: Vec<u32>,
+    /// The checkpoint's `image_token_id`: image requests are checked (soft rows against
+    /// placeholders) and otherwise ignored.
+    pub image_token_id: Option<u32>,
 }
 
 impl StepModel for ScriptedModel {
     /// (tokens seen, forward calls made).
     type Cache = (usize, usize);
+    /// The number of soft-token rows (no vision tower runs).
+    type Soft = usize;
 
     fn new_cache(&self) -> (usize, usize) {
         (0, 0)
@@ -32,6 +42,23 @@ impl StepModel for ScriptedModel {
             logits[id as usize] = 30.0;
         }
         Ok(logits)
+    }
+
+    fn image_token_id(&self) -> Option<u32> {
+        self.image_token_id
+    }
+
+    fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<usize>, String> {
+        Ok((!images.is_empty()).then(|| images.iter().map(|i| i.num_soft_tokens).sum()))
+    }
+
+    fn forward_prefill(&self, tokens: &[u32], soft: Option<(&usize, Range<usize>)>, cache: &mut (usize, usize)) -> Result<Vec<f32>, String> {
+        let placeholders = self.image_token_id.map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
+        let (total, rows) = soft.map_or((0, 0..0), |(n, r)| (*n, r));
+        if rows.len() != placeholders || rows.end > total {
+            return Err(format!("{placeholders} image placeholders but soft rows {rows:?} of {total}"));
+        }
+        self.forward_last(tokens, cache)
     }
 
     fn cache_entries(&self, cache: &(usize, usize)) -> usize {

@@ -50,7 +50,7 @@ async fn handle(state: Arc<AppState>, payload: Result<Json<ChatCompletionRequest
         Some("none") => None,
         _ => req.tools.as_deref(),
     };
-    let prompt = run::chat_prompt(&state, &req.messages, tools, thinking(&req), req.chat_template_kwargs.as_ref())?;
+    let prompt = run::chat_prompt(&state, &req.messages, None, tools, thinking(&req), req.chat_template_kwargs.as_ref(), req.mm_processor_kwargs.as_ref()).await?;
     let n = req.n.unwrap_or(1) as usize;
     if n == 0 || n > 16 {
         return Err(ApiError::bad_request("n must be between 1 and 16").param("n"));

@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod images;
 pub mod metrics;
 pub mod responses;
 pub mod run;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub kv_capacity: usize,
     pub request_counter: AtomicU64,
     pub created: u64,
+    /// Image inputs: the vision side of the checkpoint and the operator's limits.
+    pub images: images::ImageSettings,
 }
 
 impl AppState {
@@ -141,7 +144,7 @@ async fn tokenize(State(state): State<Arc<AppState>>, payload: Result<Json<Token
             .to_vec(),
         (None, Some(m)) => {
             let thinking = req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")).and_then(|v| v.as_bool());
-            run::chat_prompt(&state, m, None, thinking, req.chat_template_kwargs.as_ref())?.ids
+            run::chat_prompt(&state, m, None, None, thinking, req.chat_template_kwargs.as_ref(), req.mm_processor_kwargs.as_ref()).await?.ids
         }
         _ => return Err(ApiError::bad_request("give exactly one of `prompt` or `messages`")),
     };

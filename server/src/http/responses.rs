@@ -41,7 +41,8 @@ fn text_of(content: &Value) -> Result<Value, ApiError> {
             for p in parts {
                 match p.get("type").and_then(Value::as_str) {
                     Some("input_text" | "output_text" | "text") => out.push(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(Value::Null)})),
-                    Some("input_image") => return Err(ApiError::bad_request("image inputs are not supported yet: this server has no vision tower (text only)").param("input")),
+                    // Passed on as a chat image part; `chat_prompt` checks and loads it.
+                    Some("input_image" | "image_url" | "image") => out.push(p.clone()),
                     other => return Err(ApiError::bad_request(format!("unsupported content part type {other:?}")).param("input")),
                 }
             }
@@ -51,14 +52,20 @@ fn text_of(content: &Value) -> Result<Value, ApiError> {
     }
 }
 
-/// Responses input items to chat messages.
-fn to_messages(req: &ResponsesRequest) -> Result<Vec<Value>, ApiError> {
+/// Responses input items to chat messages, and the name of each message's item (`input[3]`)
+/// for error messages.
+fn to_messages(req: &ResponsesRequest) -> Result<(Vec<Value>, Vec<String>), ApiError> {
     let mut msgs = vec![];
+    let mut labels = vec![];
     if let Some(i) = &req.instructions {
         msgs.push(json!({"role": "system", "content": i}));
+        labels.push("instructions".to_string());
     }
     match &req.input {
-        Value::String(s) => msgs.push(json!({"role": "user", "content": s})),
+        Value::String(s) => {
+            msgs.push(json!({"role": "user", "content": s}));
+            labels.push("input".to_string());
+        }
         Value::Array(items) => {
             for (n, item) in items.iter().enumerate() {
                 let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
@@ -66,6 +73,7 @@ fn to_messages(req: &ResponsesRequest) -> Result<Vec<Value>, ApiError> {
                     "message" => {
                         let role = item.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request(format!("input[{n}]: missing role")).param("input"))?;
                         msgs.push(json!({"role": role, "content": text_of(item.get("content").unwrap_or(&Value::Null))?}));
+                        labels.push(format!("input[{n}]"));
                     }
                     "function_call" => {
                         let call = json!({"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}});
@@ -76,7 +84,10 @@ fn to_messages(req: &ResponsesRequest) -> Result<Vec<Value>, ApiError> {
                                     calls.push(call);
                                 }
                             }
-                            _ => msgs.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                            _ => {
+                                msgs.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
+                                labels.push(format!("input[{n}]"));
+                            }
                         }
                     }
                     "function_call_output" => {
@@ -86,6 +97,7 @@ fn to_messages(req: &ResponsesRequest) -> Result<Vec<Value>, ApiError> {
                             None => String::new(),
                         };
                         msgs.push(json!({"role": "tool", "tool_call_id": item.get("call_id"), "content": output}));
+                        labels.push(format!("input[{n}]"));
                     }
                     "reasoning" => {} // earlier reasoning is not re-sent to the model
                     other => return Err(ApiError::bad_request(format!("input[{n}]: unsupported item type `{other}`")).param("input")),
@@ -94,7 +106,7 @@ fn to_messages(req: &ResponsesRequest) -> Result<Vec<Value>, ApiError> {
         }
         _ => return Err(ApiError::bad_request("`input` must be a string or a list of items").param("input")),
     }
-    Ok(msgs)
+    Ok((msgs, labels))
 }
 
 /// Responses tools are flat ({type, name, description, parameters}); the template takes chat-style ones.
@@ -140,10 +152,12 @@ fn base(state: &AppState, req: &ResponsesRequest, id: &str, status: &str) -> Res
 async fn handle(state: Arc<AppState>, payload: Result<Json<ResponsesRequest>, JsonRejection>) -> Result<Response, ApiError> {
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
-    let messages = to_messages(&req)?;
+    let (messages, labels) = to_messages(&req)?;
     let tools = req.tools.as_deref().map(chat_tools);
     let thinking = req.reasoning.as_ref().and_then(|r| r.effort.as_ref()).map(|e| e != "none");
-    let prompt = run::chat_prompt(&state, &messages, tools.as_deref(), thinking, None)?;
+    let prompt = run::chat_prompt(&state, &messages, Some(&labels), tools.as_deref(), thinking, None, req.mm_processor_kwargs.as_ref())
+        .await
+        .map_err(|e| if e.param.as_deref() == Some("messages") { e.param("input") } else { e })?;
     let sampling = run::sampling(&state, &SamplingFields { temperature: req.temperature, top_p: req.top_p, top_k: None, min_p: None, seed: req.seed })?;
     let params = GenParams {
         max_tokens: run::max_tokens(&state, prompt.ids.len(), req.max_output_tokens)?,

@@ -9,56 +9,75 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
+use super::images;
 use super::types::{LogprobContent, ToolCallChunk, TopLogprob, FunctionCall};
 use super::AppState;
 use crate::engine::{EngineEvent, EngineRequest, FinishReason, Penalties, SubmitError};
 use crate::parser::{OutputParser, ParsedDelta};
+use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::SamplingParams;
 
-/// A rendered, tokenized prompt.
+/// A rendered, tokenized prompt, with its images: each image is a run of `num_soft_tokens`
+/// image placeholder ids in `ids` (between `<|image>` and `<image|>`), in order.
 pub struct Prompt {
     pub ids: Vec<u32>,
+    pub images: Vec<Arc<PreprocessedImage>>,
 }
 
-/// Renders chat messages with the checkpoint's template and tokenizes them.
-pub fn chat_prompt(
+/// Renders chat messages with the checkpoint's template, tokenizes them, and loads the images
+/// (fetch, decode, preprocess) and expands their placeholders. `labels[i]` names message i in
+/// error messages (default `messages[i]`); `mm` is the request's `mm_processor_kwargs`.
+pub async fn chat_prompt(
     state: &AppState,
     messages: &[Value],
+    labels: Option<&[String]>,
     tools: Option<&[Value]>,
     thinking: Option<bool>,
     extra_kwargs: Option<&Map<String, Value>>,
+    mm: Option<&Value>,
 ) -> Result<Prompt, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("`messages` must not be empty").param("messages"));
     }
+    let label = |i: usize| labels.and_then(|l| l.get(i).cloned()).unwrap_or_else(|| format!("messages[{i}]"));
+    let budget = images::soft_token_budget(&state.images, mm)?;
+    let mut refs = Vec::new();
+    // The template gets `{"type": "image"}` in place of each image part (no URL data in it).
+    let mut rendered: Vec<Value> = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-            ApiError::bad_request(format!("messages[{i}]: `role` is missing or not a string")).param("messages")
+            ApiError::bad_request(format!("{}: `role` is missing or not a string", label(i))).param("messages")
         })?;
         if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
-            return Err(ApiError::bad_request(format!("messages[{i}]: unknown role `{role}`")).param("messages"));
+            return Err(ApiError::bad_request(format!("{}: unknown role `{role}`", label(i))).param("messages"));
         }
-        if let Some(Value::Array(parts)) = m.get("content") {
-            for p in parts {
+        let mut m = m.clone();
+        if let Some(Value::Array(parts)) = m.get_mut("content") {
+            for (j, p) in parts.iter_mut().enumerate() {
                 match p.get("type").and_then(Value::as_str) {
                     Some("text") | Some("input_text") | Some("output_text") => {}
                     Some("image_url") | Some("input_image") | Some("image") => {
-                        return Err(ApiError::bad_request(
-                            "image inputs are not supported yet: this server has no vision tower (text only)",
-                        )
-                        .param("messages"))
+                        let location = format!("{}.content[{j}]", label(i));
+                        if role == "tool" {
+                            return Err(ApiError::bad_request(format!("{location}: images in tool messages are not supported")).param("messages"));
+                        }
+                        let url = images::part_url(p).map_err(|e| ApiError::bad_request(format!("{location}: {e}")).param("messages"))?;
+                        refs.push(images::ImageRef { location, url });
+                        *p = serde_json::json!({"type": "image"});
                     }
                     other => {
-                        return Err(ApiError::bad_request(format!("messages[{i}]: unsupported content part type {other:?}")).param("messages"))
+                        return Err(ApiError::bad_request(format!("{}: unsupported content part type {other:?}", label(i))).param("messages"))
                     }
                 }
             }
         }
+        rendered.push(m);
     }
+    images::check_refs(&state.images, &refs).map_err(|e| e.param("messages"))?;
     let Some(template) = &state.template else {
         return Err(ApiError::bad_request("this model has no chat template; use /tokenize and a completion client"));
     };
-    let converted = template.convert_openai_messages(messages).map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+    let converted = template.convert_openai_messages(&rendered).map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
     let mut kwargs = extra_kwargs.cloned().unwrap_or_default();
     if let Some(t) = thinking {
         kwargs.insert("enable_thinking".into(), Value::Bool(t));
@@ -67,7 +86,29 @@ pub fn chat_prompt(
         .render(&converted, tools, true, &kwargs)
         .map_err(|e| ApiError::bad_request(format!("rendering the chat template: {e}")))?;
     let enc = state.tokenizer.encode(text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
-    Ok(Prompt { ids: enc.get_ids().to_vec() })
+    let ids = enc.get_ids().to_vec();
+    // Every image placeholder of the prompt must be one of the request's images.
+    let placeholders = state.images.image_token_id.map_or(0, |id| ids.iter().filter(|&&t| t == id).count());
+    if placeholders != refs.len() {
+        return Err(ApiError::bad_request(if refs.is_empty() {
+            "the prompt contains the image placeholder token `<|image|>` but the request has no image".to_string()
+        } else {
+            format!(
+                "the chat template rendered {placeholders} image placeholders for the request's {} images (images are taken in user, system and assistant messages; the text must not contain `<|image|>`)",
+                refs.len()
+            )
+        })
+        .param("messages"));
+    }
+    if refs.is_empty() {
+        return Ok(Prompt { ids, images: vec![] });
+    }
+    let (Some(vision), Some(budget)) = (state.images.vision.clone(), budget) else {
+        return Err(ApiError::bad_request("this model has no vision tower: image inputs are not supported"));
+    };
+    let loaded = images::load(&state.images, refs, budget).await.map_err(|e| if e.param.is_none() && e.status == axum::http::StatusCode::BAD_REQUEST { e.param("messages") } else { e })?;
+    let counts: Vec<usize> = loaded.iter().map(|p| p.num_soft_tokens).collect();
+    Ok(Prompt { ids: images::expand_placeholders(&ids, &vision, &counts), images: loaded })
 }
 
 /// Sampling, penalties and limits taken from a request.
@@ -195,6 +236,7 @@ pub fn engine_request(state: &AppState, prompt: &Prompt, p: &GenParams, seed_off
         suppress_ids: state.suppress_ids.clone(),
         logprobs: p.logprobs,
         forced_prefix: p.forced_prefix.clone(),
+        images: prompt.images.clone(),
     }
 }
 

@@ -67,6 +67,8 @@ pub struct ChatCompletionRequest {
     pub ignore_eos: Option<bool>,
     #[schema(value_type = Object)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// `{"max_soft_tokens": 70 | 140 | 280 | 560 | 1120}`: soft tokens per image (default: the
+    /// checkpoint's processor config).
     #[schema(value_type = Object)]
     pub mm_processor_kwargs: Option<Value>,
 }
@@ -225,6 +227,9 @@ pub struct TokenizeRequest {
     pub add_generation_prompt: Option<bool>,
     #[schema(value_type = Object)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// As in chat completions: image placeholders are expanded with this budget.
+    #[schema(value_type = Object)]
+    pub mm_processor_kwargs: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -272,6 +277,9 @@ pub struct ResponsesRequest {
     pub tool_choice: Option<Value>,
     pub stream: Option<bool>,
     pub seed: Option<i64>,
+    /// `{"max_soft_tokens": 70 | 140 | 280 | 560 | 1120}` (vLLM extension, as in chat completions).
+    #[schema(value_type = Object)]
+    pub mm_processor_kwargs: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema, Default)]

@@ -1,0 +1,291 @@
+//! `gemma4 bench`: end-to-end tokens/s on a checkpoint, and `gemma4 bench-kernels`: each kernel
+//! of the engine at the 31B shapes on random data, against the plain Burn reference measured in
+//! the same run and against the roofline (bytes moved over the copy bandwidth measured in the
+//! same run). Everything goes through `Gemma4Backend`, so the same code measures the CPU fast
+//! path, wgpu and CUDA.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use gemma4_model::nvfp4::{scale_words_per_row, Nvfp4Weight, GROUP_SIZE};
+use gemma4_model::kernels::attention::{reference, AttentionParams};
+use gemma4_model::generation::{sample, Rng};
+use gemma4_model::{Gemma4Backend, KvCache, Logits, Model, SamplingParams};
+use serde_json::{json, Value};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn sync<B: Gemma4Backend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| anyhow!("device sync: {e:?}"))
+}
+
+/// Median seconds of `f` over `repeats` runs after one warm-up, each run ended by a device sync.
+fn time<B: Gemma4Backend, T>(device: &B::Device, repeats: usize, mut f: impl FnMut() -> T) -> Result<f64> {
+    drop(f());
+    sync::<B>(device)?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        let out = f();
+        sync::<B>(device)?;
+        times.push(start.elapsed().as_secs_f64());
+        drop(out);
+    }
+    Ok(median(times))
+}
+
+/// Prefill tokens/s over `prompt_len` random ids; decode tokens/s at batch 1 (greedy, through
+/// the cache after a 16-token prompt); batched decode tokens/s with `batch` sequences stepping
+/// together (the engine's continuous-batching forward).
+pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize, batch: usize) -> Result<Value> {
+    let vocab = m.text.vocab_size as u64;
+    let mut rng = Rng::new(1234);
+    let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let read = |t: Tensor<B, 2>| t.into_data(); // reading back waits for the device
+    read(m.text.forward(&prompt, &mut KvCache::new(&m.text), Logits::Last)?);
+    let mut prefill = vec![];
+    for _ in 0..repeats {
+        let mut cache = KvCache::new(&m.text);
+        let start = Instant::now();
+        read(m.text.forward(&prompt, &mut cache, Logits::Last)?);
+        prefill.push(prompt_len as f64 / start.elapsed().as_secs_f64());
+    }
+    let short = &prompt[..16.min(prompt_len)];
+    let mut decode = vec![];
+    for _ in 0..repeats.min(3) {
+        let mut cache = KvCache::new(&m.text);
+        read(m.text.forward(short, &mut cache, Logits::Last)?);
+        let mut next = [prompt[0]];
+        let start = Instant::now();
+        for _ in 0..decode_tokens {
+            let row = read(m.text.forward(&next, &mut cache, Logits::Last)?).to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+            next[0] = sample(&row, &SamplingParams::greedy(), &[], &mut Rng::new(0));
+        }
+        decode.push(decode_tokens as f64 / start.elapsed().as_secs_f64());
+    }
+    let mut batched = None;
+    if batch > 1 {
+        let mut caches: Vec<KvCache<B>> = (0..batch).map(|_| KvCache::new(&m.text)).collect();
+        for c in caches.iter_mut() {
+            read(m.text.forward(short, c, Logits::Last)?);
+        }
+        let steps = (decode_tokens / 4).max(4);
+        let tokens: Vec<u32> = (0..batch).map(|b| prompt[b % prompt.len()]).collect();
+        let start = Instant::now();
+        for _ in 0..steps {
+            let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
+            read(m.text.forward_batch(&tokens, &mut refs)?);
+        }
+        batched = Some((batch * steps) as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(json!({
+        "engine": "gemma4 (burn)",
+        "prompt_len": prompt_len,
+        "prefill_tok_s": median(prefill),
+        "decode_tokens": decode_tokens,
+        "decode_tok_s": median(decode),
+        "batch": batch,
+        "batched_decode_tok_s": batched,
+    }))
+}
+
+/// Random packed NVFP4 weight [out, in]: random codes, finite E4M3 scales near 1.
+fn random_nvfp4<B: Gemma4Backend>(out: usize, inp: usize, device: &B::Device) -> Nvfp4Weight<B> {
+    let mut rng = Rng::new((out * 31 + inp) as u64);
+    let codes: Vec<i32> = (0..out * inp / 8).map(|_| rng.next_u64() as i32).collect();
+    let spr = scale_words_per_row(inp);
+    // E4M3 0x30..0x3f are 0.5..0.9375 / 1..1.875: finite, never NaN.
+    let scales: Vec<i32> = (0..out * spr).map(|_| i32::from_le_bytes([0x30 + (rng.next_u64() % 16) as u8; 4])).collect();
+    Nvfp4Weight {
+        codes: Tensor::from_data(TensorData::new(codes, [out, inp / 8]), device),
+        scales: Tensor::from_data(TensorData::new(scales, [out, spr]), device),
+        global_scale: 0.01,
+        out_features: out,
+        in_features: inp,
+    }
+}
+
+struct Row {
+    kernel: String,
+    shape: String,
+    seconds: f64,
+    bytes: f64,
+    flops: f64,
+    reference_seconds: Option<f64>,
+}
+
+/// The kernel table at the 31B shapes. `prefill_rows`: m of the prefill GEMM and t of the
+/// prefill attention (keep it small on the CPU); `context`: keys of the full-layer decode.
+pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, context: usize, repeats: usize, with_reference: bool, host: bool) -> Result<Value> {
+    // The roofline's bandwidth, measured in this run: on a device, y = x + 1 over 64 Mi f32
+    // (reads 256 MiB, writes 256 MiB); on the host, a plain read of 256 MiB on every core
+    // (the tensor library's elementwise ops are far below the memory's speed there).
+    let (copy_bw, baseline) = if host {
+        (host_read_bandwidth(), "host memory read, 256 MiB, all cores")
+    } else {
+        let n = 64 << 20;
+        let x = Tensor::<B, 1>::random([n], Distribution::Default, device);
+        let copy_s = time::<B, _>(device, repeats, || x.clone() + 1.0)?;
+        ((2 * n * 4) as f64 / copy_s, "device copy y = x + 1, 256 MiB read + 256 MiB written")
+    };
+
+    let mut rows = Vec::new();
+    // NVFP4 MLP linears: gate/up [21504, 5376] and down [5376, 21504].
+    for (name, out, inp) in [("nvfp4 gate/up_proj", 21504usize, 5376usize), ("nvfp4 down_proj", 5376, 21504)] {
+        let w = random_nvfp4::<B>(out, inp, device);
+        let weight_bytes = (out * inp / 2 + out * inp / GROUP_SIZE) as f64;
+        for m in [1usize, 16, prefill_rows] {
+            let x = Tensor::<B, 2>::random([m, inp], Distribution::Uniform(-1.0, 1.0), device);
+            let seconds = time::<B, _>(device, repeats, || w.forward(x.clone()))?;
+            let reference_seconds =
+                if with_reference { Some(time::<B, _>(device, repeats.min(3), || w.forward_reference(x.clone()))?) } else { None };
+            rows.push(Row {
+                kernel: name.into(),
+                shape: format!("m={m} out={out} in={inp}"),
+                seconds,
+                bytes: weight_bytes + ((m * inp + m * out) * 4) as f64,
+                flops: (2 * m * out * inp) as f64,
+                reference_seconds,
+            });
+        }
+    }
+
+    // Attention: full layers (32 query heads over 4 KV heads of 512), sliding layers (32 over 16
+    // KV heads of 256, window 1024). Decode: one query against the cache; prefill: t queries.
+    let attention = |rows: &mut Vec<Row>, name: &str, t: usize, s: usize, kv: usize, d: usize, window: Option<usize>| -> Result<()> {
+        let q = Tensor::<B, 3>::random([t, 32, d], Distribution::Uniform(-1.0, 1.0), device);
+        let k = Tensor::<B, 3>::random([kv, s, d], Distribution::Uniform(-1.0, 1.0), device);
+        let v = Tensor::<B, 3>::random([kv, s, d], Distribution::Uniform(-1.0, 1.0), device);
+        let p = AttentionParams::causal(s - t, 0, window);
+        let seconds = time::<B, _>(device, repeats, || <B as Gemma4Backend>::attention(q.clone(), k.clone(), v.clone(), &p))?;
+        let reference_seconds = if with_reference {
+            Some(time::<B, _>(device, repeats.min(3), || reference::attention(q.clone(), k.clone(), v.clone(), &p))?)
+        } else {
+            None
+        };
+        let visible: usize = (0..t).map(|i| { let qp = s - t + i; window.map_or(qp + 1, |w| w.min(qp + 1)) }).sum();
+        rows.push(Row {
+            kernel: name.into(),
+            shape: format!("t={t} s={s} heads=32 kv={kv} d={d}{}", window.map_or(String::new(), |w| format!(" window={w}"))),
+            seconds,
+            bytes: ((2 * kv * s * d + 2 * t * 32 * d) * 4) as f64,
+            flops: (4 * 32 * d * visible) as f64,
+            reference_seconds,
+        });
+        Ok(())
+    };
+    attention(&mut rows, "attention decode, full", 1, context, 4, 512, None)?;
+    attention(&mut rows, "attention decode, sliding", 1, 1024, 16, 256, Some(1024))?;
+    attention(&mut rows, "attention prefill, full", prefill_rows, prefill_rows, 4, 512, None)?;
+    attention(&mut rows, "attention prefill, sliding", prefill_rows, prefill_rows, 16, 256, Some(1024))?;
+
+    // Dense linears stay Burn's matmul (bf16 in the checkpoint; f32 on these backends): q_proj
+    // of a sliding layer [8192, 5376] at decode.
+    let w = Tensor::<B, 2>::random([5376, 8192], Distribution::Uniform(-0.1, 0.1), device);
+    let x = Tensor::<B, 2>::random([1, 5376], Distribution::Uniform(-1.0, 1.0), device);
+    rows.push(Row {
+        kernel: "dense q_proj (Burn matmul, f32)".into(),
+        shape: "m=1 out=8192 in=5376".into(),
+        seconds: time::<B, _>(device, repeats, || x.clone().matmul(w.clone()))?,
+        bytes: (5376 * 8192 * 4) as f64,
+        flops: (2 * 5376 * 8192) as f64,
+        reference_seconds: None,
+    });
+
+    let table: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "kernel": r.kernel,
+                "shape": r.shape,
+                "us": r.seconds * 1e6,
+                "GB_s": r.bytes / r.seconds / 1e9,
+                "TFLOP_s": r.flops / r.seconds / 1e12,
+                "roofline_fraction": (r.bytes / copy_bw) / r.seconds,
+                "reference_us": r.reference_seconds.map(|s| s * 1e6),
+                "speedup_vs_reference": r.reference_seconds.map(|s| s / r.seconds),
+            })
+        })
+        .collect();
+    Ok(json!({ "copy_bandwidth_GB_s": copy_bw / 1e9, "bandwidth_baseline": baseline, "kernels": table }))
+}
+
+/// Bytes per second of a plain read of 256 MiB split over the available cores (best of 5).
+pub fn host_read_bandwidth() -> f64 {
+    let words = vec![1u64; 32 << 20];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = words.len().div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = words.chunks(chunk).map(|c| s.spawn(move || c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max((words.len() * 8) as f64 / secs);
+    }
+    best
+}
+
+/// The table as aligned text, for people.
+pub fn print_kernel_table(v: &Value) {
+    println!("bandwidth for the roofline ({}): {:.1} GB/s", v["bandwidth_baseline"].as_str().unwrap_or(""), v["copy_bandwidth_GB_s"].as_f64().unwrap_or(0.0));
+    println!("{:<32} {:<44} {:>11} {:>9} {:>9} {:>9} {:>9}", "kernel", "shape", "us", "GB/s", "TFLOP/s", "roofline", "vs ref");
+    for r in v["kernels"].as_array().into_iter().flatten() {
+        let f = |k: &str| r[k].as_f64();
+        println!(
+            "{:<32} {:<44} {:>11.1} {:>9.2} {:>9.4} {:>8.0}% {:>9}",
+            r["kernel"].as_str().unwrap_or(""),
+            r["shape"].as_str().unwrap_or(""),
+            f("us").unwrap_or(0.0),
+            f("GB_s").unwrap_or(0.0),
+            f("TFLOP_s").unwrap_or(0.0),
+            100.0 * f("roofline_fraction").unwrap_or(0.0),
+            f("speedup_vs_reference").map_or("-".into(), |s| format!("{s:.1}x")),
+        );
+    }
+}
+
+/// Time to encode one image at each soft-token budget: the whole tower where `full_up_to`
+/// allows (budget ≤ it), and always its parts — patch embedding, one encoder layer, pooling and
+/// projection — composed as embed + layers × layer + pool (every encoder layer has the same
+/// shapes), so the large budgets can be estimated where a full run would take too long.
+pub fn vision<B: Gemma4Backend>(m: &Model<B>, dir: &std::path::Path, budgets: &[usize], full_up_to: usize) -> Result<Value> {
+    use gemma4_model::vision::preprocess::{preprocess, ImageProcessorConfig};
+    let tower = m.vision.as_ref().ok_or_else(|| anyhow!("this checkpoint has no vision tower"))?;
+    let device = m.text.embed_tokens.device();
+    let cfg = ImageProcessorConfig::from_dir(dir).map_err(|e| anyhow!("{e}"))?;
+    // A 4:3 photo-sized gradient: every budget resizes it to nearly its full token count.
+    let img = image::RgbImage::from_fn(1200, 900, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]));
+    let mut rows = Vec::new();
+    for &budget in budgets {
+        let pre = preprocess(&img, &cfg, budget).map_err(|e| anyhow!("{e}"))?;
+        let n = pre.positions.len();
+        let pixels = Tensor::<B, 2>::from_data(TensorData::new(pre.pixel_values.clone(), [n, pre.pixel_values.len() / n]), &device);
+        let xs: Vec<usize> = pre.positions.iter().map(|p| p[0] as usize).collect();
+        let ys: Vec<usize> = pre.positions.iter().map(|p| p[1] as usize).collect();
+        let embed_s = time::<B, _>(&device, 1, || tower.patch_embedder.forward(pixels.clone(), &xs, &ys))?;
+        let h = tower.patch_embedder.forward(pixels.clone(), &xs, &ys);
+        let (cos, sin) = tower.rope.tables::<B>(&xs, &ys, &device);
+        let layer_s = time::<B, _>(&device, 1, || tower.layers[0].forward(h.clone(), &cos, &sin))?;
+        let pool_s = time::<B, _>(&device, 1, || tower.embed_vision.forward(tower.pooler.forward(h.clone(), pre.patches_h, pre.patches_w)))?;
+        let composed = embed_s + tower.layers.len() as f64 * layer_s + pool_s;
+        let full = if budget <= full_up_to { Some(time::<B, _>(&device, 1, || m.encode_image(&pre))?) } else { None };
+        rows.push(json!({
+            "max_soft_tokens": budget,
+            "soft_tokens": pre.num_soft_tokens,
+            "patches": n,
+            "resized": format!("{}x{}", pre.patches_w * 16, pre.patches_h * 16),
+            "layer_s": layer_s,
+            "estimated_encode_s": composed,
+            "measured_encode_s": full,
+        }));
+    }
+    Ok(json!({ "vision_layers": tower.layers.len(), "images": rows }))
+}

@@ -1,0 +1,442 @@
+//! Image inputs of the OpenAI API: finding the image parts of a request, getting their bytes
+//! (`data:` base64 URLs always; `http://` URLs only with `--allow-image-urls`), decoding and
+//! preprocessing them off the async runtime, and expanding the prompt's `<|image|>` placeholders.
+//!
+//! The chat template renders one `<|image|>` per image part; as transformers' `Gemma4Processor`
+//! does, the k-th placeholder of the tokenized prompt becomes `<|image>` + n_k × `<|image|>` +
+//! `<image|>`, n_k the soft tokens of image k under the request's budget.
+//!
+//! Fetching: hyper's HTTP/1.1 client (already in the tree through axum) over a TCP connection to an
+//! address checked before connecting: hosts that resolve to loopback, private, link-local,
+//! unspecified or other non-public addresses are refused; redirects are not followed; the whole
+//! fetch has a timeout and the body a size limit. There is no TLS client in this build (it would
+//! add a TLS stack to the server), so `https://` URLs get a 400 that says so.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{header, Request, StatusCode, Uri};
+use base64::Engine as _;
+use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, ImageProcessorConfig, SUPPORTED_SOFT_TOKENS};
+use gemma4_model::vision::PreprocessedImage;
+use http_body_util::{BodyExt, Empty};
+use serde_json::Value;
+
+use super::error::ApiError;
+
+/// What the HTTP side knows of the checkpoint's vision side.
+#[derive(Debug, Clone)]
+pub struct VisionMeta {
+    pub image_token_id: u32,
+    pub boi_token_id: u32,
+    pub eoi_token_id: u32,
+    pub processor: ImageProcessorConfig,
+}
+
+/// Default of `--limit-images-per-prompt`.
+pub const DEFAULT_LIMIT_PER_PROMPT: usize = 8;
+/// Default of `--image-fetch-timeout` (seconds).
+pub const DEFAULT_FETCH_TIMEOUT_SECS: u64 = 10;
+
+/// How image inputs are handled.
+#[derive(Debug)]
+pub struct ImageSettings {
+    /// None: a text-only checkpoint (image requests are a 400).
+    pub vision: Option<VisionMeta>,
+    /// The image placeholder id of the config, even for a text-only checkpoint (a prompt that
+    /// contains it without an image is refused).
+    pub image_token_id: Option<u32>,
+    /// Fetch http:// image URLs (`--allow-image-urls`).
+    pub allow_urls: bool,
+    /// Let fetched URLs reach loopback and private addresses (tests only; no flag).
+    pub allow_private_hosts: bool,
+    /// Images per request (`--limit-images-per-prompt`).
+    pub limit_per_prompt: usize,
+    /// Whole-fetch timeout per image URL.
+    pub fetch_timeout: Duration,
+    /// Encoded size (bytes) and header dimensions (pixels) accepted, checked before decoding.
+    pub decode: DecodeLimits,
+    /// Bounds the images decoded at once over all requests (decoding allocates width × height × 3).
+    pub decode_permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl ImageSettings {
+    pub fn new(vision: Option<VisionMeta>, image_token_id: Option<u32>, allow_urls: bool, limit_per_prompt: usize, fetch_timeout: Duration) -> Self {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        ImageSettings {
+            vision,
+            image_token_id,
+            allow_urls,
+            allow_private_hosts: false,
+            limit_per_prompt,
+            fetch_timeout,
+            decode: DecodeLimits::default(),
+            decode_permits: Arc::new(tokio::sync::Semaphore::new(cpus.max(1))),
+        }
+    }
+}
+
+/// One image part of a request.
+#[derive(Debug, Clone)]
+pub struct ImageRef {
+    /// Where it is in the request, for error messages: `messages[1].content[0]`.
+    pub location: String,
+    pub url: String,
+}
+
+/// The URL of an image content part: chat `{"type": "image_url", "image_url": {"url"}}` or
+/// `"image_url": "..."`; Responses `{"type": "input_image", "image_url": "..."}`; the HF-style
+/// `{"type": "image", "url" | "image" | "image_url": ...}`.
+pub fn part_url(part: &Value) -> Result<String, String> {
+    let field = ["image_url", "url", "image"].iter().find_map(|k| part.get(*k).filter(|v| !v.is_null()));
+    let url = match field {
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
+        _ => None,
+    };
+    match url {
+        Some(u) if !u.trim().is_empty() => Ok(u.trim().to_string()),
+        _ if part.get("file_id").is_some() => Err("images given by `file_id` are not supported: send a data: URL".into()),
+        _ => Err("the image part has no URL (expected `image_url: {\"url\": \"data:image/png;base64,...\"}`)".into()),
+    }
+}
+
+/// Checks the request-level rules before any work: a vision tower, the per-prompt limit, and
+/// the URL schemes the server takes.
+pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), ApiError> {
+    if refs.is_empty() {
+        return Ok(());
+    }
+    if settings.vision.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "{}: this model has no vision tower (a text-only checkpoint): image inputs are not supported",
+            refs[0].location
+        )));
+    }
+    if refs.len() > settings.limit_per_prompt {
+        return Err(ApiError::bad_request(format!(
+            "the request has {} images, more than this server's limit of {} per prompt (--limit-images-per-prompt)",
+            refs.len(),
+            settings.limit_per_prompt
+        )));
+    }
+    for r in refs {
+        let scheme = r.url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+        match scheme.as_str() {
+            "data" => {}
+            "http" if settings.allow_urls => {}
+            "http" | "https" if !settings.allow_urls => {
+                return Err(ApiError::bad_request(format!(
+                    "{}: image URLs are not fetched by this server: send the image inline as a data: URL \
+                     (data:image/png;base64,...), or start the server with --allow-image-urls to fetch http:// URLs",
+                    r.location
+                )))
+            }
+            "https" => {
+                return Err(ApiError::bad_request(format!(
+                    "{}: https:// image URLs are not supported (this build has no TLS client): send the image as a \
+                     data: URL (data:image/png;base64,...) or use an http:// URL",
+                    r.location
+                )))
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{}: unsupported image URL (expected data:image/...;base64,... or http://...)",
+                    r.location
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `mm_processor_kwargs.max_soft_tokens`, or the checkpoint's default (validated even without
+/// images).
+pub fn soft_token_budget(settings: &ImageSettings, mm: Option<&Value>) -> Result<Option<usize>, ApiError> {
+    let bad = |msg: String| ApiError::bad_request(msg).param("mm_processor_kwargs");
+    let requested = match mm {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => match o.get("max_soft_tokens") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let n = v.as_u64().filter(|n| SUPPORTED_SOFT_TOKENS.contains(&(*n as usize)));
+                match n {
+                    Some(n) => Some(n as usize),
+                    None => return Err(bad(format!("mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560 or 1120, not {v}"))),
+                }
+            }
+        },
+        Some(_) => return Err(bad("mm_processor_kwargs must be an object".into())),
+    };
+    Ok(requested.or(settings.vision.as_ref().map(|v| v.processor.max_soft_tokens)))
+}
+
+/// Fetches (http), decodes and preprocesses every image, in order; the decoding runs on the
+/// blocking pool, at most `decode_permits` at once.
+pub async fn load(settings: &ImageSettings, refs: Vec<ImageRef>, budget: usize) -> Result<Vec<Arc<PreprocessedImage>>, ApiError> {
+    let Some(vision) = settings.vision.clone() else {
+        return Err(ApiError::bad_request("this model has no vision tower: image inputs are not supported"));
+    };
+    let mut out = Vec::with_capacity(refs.len());
+    for r in refs {
+        let fetched = if r.url.len() >= 5 && r.url[..5].eq_ignore_ascii_case("data:") {
+            None
+        } else {
+            let bytes = fetch(&r.url, settings).await.map_err(|e| ApiError::bad_request(format!("{}: fetching {}: {e}", r.location, short(&r.url))))?;
+            Some(bytes)
+        };
+        let permit = settings.decode_permits.clone().acquire_owned().await.map_err(|_| ApiError::internal("image decoding is shut down"))?;
+        let limits = settings.decode;
+        let processor = vision.processor;
+        let location = r.location.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let bytes = match fetched {
+                Some(b) => b,
+                None => decode_data_url(&r.url)?,
+            };
+            let img = decode_image(&bytes, &limits).map_err(|e| e.to_string())?;
+            drop(bytes);
+            preprocess(&img, &processor, budget).map_err(|e| e.to_string())
+        })
+        .await;
+        match result {
+            Ok(Ok(p)) => out.push(Arc::new(p)),
+            Ok(Err(e)) => return Err(ApiError::bad_request(format!("{location}: {e}"))),
+            Err(_) => return Err(ApiError::internal(format!("{location}: internal error while decoding the image"))),
+        }
+    }
+    Ok(out)
+}
+
+fn short(url: &str) -> String {
+    if url.len() > 80 {
+        let mut end = 80;
+        while !url.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &url[..end])
+    } else {
+        url.to_string()
+    }
+}
+
+/// The bytes of a `data:[<mediatype>][;params];base64,<data>` URL (whitespace in the data is
+/// ignored, padding optional).
+pub fn decode_data_url(url: &str) -> Result<Vec<u8>, String> {
+    let rest = url.get(5..).ok_or("not a data: URL")?;
+    let (meta, data) = rest.split_once(',').ok_or("malformed data: URL (no comma before the data)")?;
+    if !meta.split(';').any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+        return Err("data: URLs must be base64-encoded (data:image/png;base64,...)".into());
+    }
+    let media = meta.split(';').next().unwrap_or("").trim();
+    if !media.is_empty() && !media.to_ascii_lowercase().starts_with("image/") && media != "application/octet-stream" {
+        return Err(format!("the data: URL has media type `{media}`, not an image"));
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let decoded = if data.bytes().any(|b| b.is_ascii_whitespace()) {
+        let compact: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        engine.decode(compact)
+    } else {
+        engine.decode(data)
+    };
+    decoded.map_err(|e| format!("invalid base64 in the data: URL: {e}"))
+}
+
+/// Replaces the k-th `image_token_id` of `ids` by `boi + counts[k] × image + eoi`.
+pub fn expand_placeholders(ids: &[u32], vision: &VisionMeta, counts: &[usize]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(ids.len() + counts.iter().map(|n| n + 1).sum::<usize>());
+    let mut k = 0;
+    for &id in ids {
+        if id == vision.image_token_id && k < counts.len() {
+            out.push(vision.boi_token_id);
+            out.extend(std::iter::repeat_n(vision.image_token_id, counts[k]));
+            out.push(vision.eoi_token_id);
+            k += 1;
+        } else {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// Whether `ip` is a public unicast address (not loopback, private, link-local, unspecified,
+/// shared, documentation, benchmarking, reserved, broadcast or multicast, nor one of those behind
+/// an IPv4-mapped / NAT64 IPv6 address).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_v4(v4);
+            }
+            let s = v6.segments();
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                // NAT64 well-known prefix 64:ff9b::/96
+                return is_public_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+            }
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || v6 == Ipv6Addr::from(0u128))
+        }
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    !(ip.is_private()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || o[0] == 0 // "this network"
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // shared address space 100.64/10
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // benchmarking 198.18/15
+        || o[0] >= 240) // reserved
+}
+
+/// GET of an http:// URL: address policy, no redirects, timeout, size limit.
+async fn fetch(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, String> {
+    let timeout = settings.fetch_timeout;
+    match tokio::time::timeout(timeout, fetch_inner(url, settings)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no complete answer within {} s", timeout.as_secs_f64())),
+    }
+}
+
+async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+    if !uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("http")) {
+        return Err("only http:// URLs are fetched".into());
+    }
+    let authority = uri.authority().ok_or("the URL has no host")?.clone();
+    if authority.as_str().contains('@') {
+        return Err("URLs with credentials are not fetched".into());
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = authority.port_u16().unwrap_or(80);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect();
+    if addrs.is_empty() {
+        return Err(format!("{host} does not resolve"));
+    }
+    if !settings.allow_private_hosts {
+        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+            return Err(format!(
+                "{host} resolves to {}, a loopback, private, link-local or otherwise non-public address: not fetched",
+                bad.ip()
+            ));
+        }
+    }
+    // Connect to an address checked above (no second resolution).
+    let mut last_err = String::new();
+    let mut stream = None;
+    for a in &addrs {
+        match tokio::net::TcpStream::connect(a).await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last_err = format!("connecting to {a}: {e}"),
+        }
+    }
+    let stream = stream.ok_or(last_err)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    // The connection task outlives the fetch's own timeout a little, so that a slow server is
+    // reported as a timeout rather than as a dropped connection; then it is dropped too.
+    let linger = settings.fetch_timeout + Duration::from_secs(5);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(linger, conn).await;
+    });
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let req = Request::get(path)
+        .header(header::HOST, authority.as_str())
+        .header(header::USER_AGENT, concat!("gemma4/", env!("CARGO_PKG_VERSION")))
+        .header(header::ACCEPT, "image/*")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("building the request: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status();
+    if status.is_redirection() {
+        let to = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("?");
+        return Err(format!("the server answered {status} (a redirect to {}); redirects are not followed: give the final URL", short(to)));
+    }
+    if status != StatusCode::OK {
+        return Err(format!("the server answered {status}"));
+    }
+    let max = settings.decode.max_bytes;
+    let declared = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > max as u64) {
+        return Err(format!("the image is {n} bytes, more than the limit of {max} bytes"));
+    }
+    let mut body = resp.into_body();
+    let mut out = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() + data.len() > max {
+                return Err(format!("the image is more than the limit of {max} bytes"));
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_policy() {
+        for bad in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "255.255.255.255", "224.0.0.1",
+            "::1", "::", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a00:1"]
+        {
+            assert!(!is_public(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_public(good.parse().unwrap()), "{good}");
+        }
+    }
+
+    #[test]
+    fn data_urls() {
+        assert_eq!(decode_data_url("data:image/png;base64,aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(decode_data_url("data:image/png;base64,aGVsbG8").unwrap(), b"hello");
+        assert_eq!(decode_data_url("data:;base64,aGVs\nbG8=").unwrap(), b"hello");
+        assert!(decode_data_url("data:image/png;base64,***").unwrap_err().contains("base64"));
+        assert!(decode_data_url("data:image/png,hello").unwrap_err().contains("base64"));
+        assert!(decode_data_url("data:text/plain;base64,aGVsbG8=").unwrap_err().contains("not an image"));
+    }
+
+    #[test]
+    fn expansion() {
+        let v = VisionMeta { image_token_id: 7, boi_token_id: 8, eoi_token_id: 9, processor: ImageProcessorConfig::default() };
+        assert_eq!(expand_placeholders(&[1, 7, 2, 7], &v, &[2, 1]), vec![1, 8, 7, 7, 9, 2, 8, 7, 9]);
+    }
+
+    #[tokio::test]
+    async fn loopback_urls_are_refused() {
+        let s = ImageSettings::new(None, None, true, 8, Duration::from_secs(2));
+        let e = fetch("http://127.0.0.1:9/x.png", &s).await.unwrap_err();
+        assert!(e.contains("non-public"), "{e}");
+        let e = fetch("http://localhost:9/x.png", &s).await.unwrap_err();
+        assert!(e.contains("non-public"), "{e}");
+        let e = fetch("http://[::1]:9/x.png", &s).await.unwrap_err();
+        assert!(e.contains("non-public"), "{e}");
+    }
+}
