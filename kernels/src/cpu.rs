@@ -564,6 +564,7 @@ fn gemm_micro_generic<const FMA: bool, const LW: usize>(
 struct Segment<'a> {
     codes: &'a [i32],
     /// Words ahead of each code row to prefetch (the same place in the next block of rows).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     prefetch_ahead: usize,
     nw_seg: usize,
     code_stride: usize,
