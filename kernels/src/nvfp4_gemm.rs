@@ -43,6 +43,8 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
+use crate::nvfp4_gemv::e4m3_to_f32;
+
 pub use crate::nvfp4_gemv::{KernelError, Nvfp4Backend};
 
 /// Inputs per E4M3 block scale.
@@ -84,23 +86,6 @@ pub enum GemmError {
     NoCmma,
     #[error("the GEMM needs {needed} threads per cube; the device allows {available}")]
     CubeDim { needed: usize, available: usize },
-}
-
-/// E4M3 "fn" byte (bias 7) to f32, exactly: normal (8 + m)·2^e·2^-10, subnormal m·2^-9 (the
-/// same integer construction as the GEMV). NaN (0x7f) is excluded by the loader.
-#[cube]
-fn e4m3_to_f32(byte: u32) -> f32 {
-    let e = (byte >> 3) & 15;
-    let man = byte & 7;
-    let mut mag = f32::cast_from(man) * 0.001953125f32; // m·2^-9
-    if e != 0 {
-        // (1 + m/8)·2^(e-7) = (8 + m)·2^e·2^-10; (8 + m) << e < 2^19, exact in f32.
-        mag = f32::cast_from((8 + man) << e) * 0.0009765625f32;
-    }
-    if (byte >> 7) != 0 {
-        mag = -mag;
-    }
-    mag
 }
 
 /// E2M1 nibble k of `word` times `scale`. Magnitudes in half units 0,1,2,3,4,6,8,12 are the

@@ -63,9 +63,9 @@ pub enum KernelError {
 
 /// Builds an E4M3 "fn" byte (bias 7) in f32 exactly: normal (8 + m)·2^e·2^-10, subnormal
 /// m·2^-9; every step is an exact integer or a power-of-two scaling. NaN (0x7f) is not handled:
-/// the loader excludes it.
+/// the loader excludes it. Shared with the prefill GEMM.
 #[cube]
-fn e4m3_to_f32(byte: u32) -> f32 {
+pub(crate) fn e4m3_to_f32(byte: u32) -> f32 {
     let e = (byte >> 3) & 15;
     let man = byte & 7;
     let mut mag = f32::cast_from(man) * 0.001953125f32; // m·2^-9
