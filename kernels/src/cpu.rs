@@ -1195,17 +1195,10 @@ pub fn bench_report(rounds: usize) {
 mod tests {
     use super::*;
     use crate::nvfp4::{e4m3_to_f32, Nvfp4Weight, PackedNvfp4, E2M1_VALUES};
-    use crate::testing::{Cpu, Lcg};
+    use crate::testing::{random_packed, Cpu, Lcg};
     use burn::prelude::*;
     use burn::tensor::TensorData;
 
-    /// Random checkpoint bytes: any codes, finite E4M3 scales of either sign (subnormals included).
-    fn random_weight(rng: &mut Lcg, out: usize, inp: usize, global_scale: f32) -> PackedNvfp4 {
-        let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
-        let scale: Vec<u8> =
-            (0..out * inp / 16).map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80)).collect();
-        PackedNvfp4::from_checkpoint(&weight, &scale, global_scale, out, inp)
-    }
 
     /// Relative tolerance on |y − y_exact| / Σ|x·w| (f32 accumulation over up to a few thousand terms).
     const RTOL: f64 = 2e-6;
@@ -1250,7 +1243,7 @@ mod tests {
             for &m in &[1usize, 2, 3, 6, 16, 40] {
                 let mut rng = Lcg::new(1000 * si as u64 + m as u64);
                 let gs = 0.25 + rng.next_f32();
-                let packed = random_weight(&mut rng, out, inp, gs);
+                let packed = random_packed(&mut rng, out, inp, gs);
                 let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
                 for isa in Isa::available() {
                     for th in [1usize, 2] {
@@ -1271,7 +1264,7 @@ mod tests {
         // Several panels and several blocks of the input dimension (m·in large).
         let (m, out, inp) = (150usize, 24usize, 3072usize);
         let mut rng = Lcg::new(77);
-        let packed = random_weight(&mut rng, out, inp, 0.6);
+        let packed = random_packed(&mut rng, out, inp, 0.6);
         let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         for isa in Isa::available() {
             let mut y = vec![f32::NAN; m * out];
@@ -1339,7 +1332,7 @@ mod tests {
         let device = Default::default();
         for &(m, out, inp) in &[(1usize, 37usize, 80usize), (16, 64, 1040), (40, 130, 208)] {
             let mut rng = Lcg::new(m as u64 * 7 + out as u64);
-            let packed = random_weight(&mut rng, out, inp, 0.8);
+            let packed = random_packed(&mut rng, out, inp, 0.8);
             let w: Nvfp4Weight<Cpu> = packed.to_device(&device);
             let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
             let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [m, inp]), &device);

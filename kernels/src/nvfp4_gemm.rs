@@ -43,12 +43,11 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use crate::nvfp4_gemv::e4m3_to_f32;
+use crate::nvfp4_gemv::{check_packed_shapes, e4m3_to_f32, packed_inputs};
 
 pub use crate::nvfp4_gemv::{KernelError, Nvfp4Backend};
 
-/// Inputs per E4M3 block scale.
-pub const GROUP_SIZE: usize = 16;
+pub use crate::nvfp4::GROUP_SIZE;
 /// Activation rows per cube tile.
 pub const TILE_M: usize = 64;
 /// Output features per cube tile.
@@ -265,7 +264,8 @@ fn nvfp4_gemm_kernel(
     }
 }
 
-/// Checks the shapes and limits shared by the GEMM paths; returns (m, words, spr).
+/// The NVFP4 shape checks ([`check_packed_shapes`]) with this kernel's row limit and grid;
+/// returns (m, words, spr).
 fn check_shapes(
     x_dims: [usize; 2],
     codes_dims: [usize; 2],
@@ -274,56 +274,16 @@ fn check_shapes(
     in_features: usize,
     cfg: TileConfig,
 ) -> Result<(usize, usize, usize), KernelError> {
-    if in_features == 0 || !in_features.is_multiple_of(GROUP_SIZE) {
-        return Err(KernelError::InFeatures { in_features });
-    }
-    if out_features == 0 {
-        return Err(KernelError::OutFeatures { out_features });
-    }
-    let [m, x_in] = x_dims;
-    if x_in != in_features {
-        return Err(KernelError::XColumns {
-            expected: in_features,
-            got: x_in,
-        });
-    }
-    let max_rows = MAX_GRID_AXIS * cfg.bm;
-    if m == 0 || m > max_rows {
-        return Err(KernelError::Rows { m, max: max_rows });
-    }
-    let words = in_features / 8;
-    let spr = (in_features / GROUP_SIZE).div_ceil(4);
-    if codes_dims != [out_features, words] {
-        return Err(KernelError::CodesShape {
-            expected: [out_features, words],
-            got: codes_dims,
-        });
-    }
-    if scales_dims != [out_features, spr] {
-        return Err(KernelError::ScalesShape {
-            expected: [out_features, spr],
-            got: scales_dims,
-        });
-    }
-    let limit = u32::MAX as usize;
-    for (what, elements) in [
-        ("x", m * in_features),
-        ("codes", out_features * words),
-        ("y", m * out_features),
-        ("m grid", m.div_ceil(cfg.bm) * cfg.bm),
-        ("out_features grid", out_features.div_ceil(cfg.bn) * cfg.bn),
-    ] {
-        if elements > limit {
-            return Err(KernelError::TooLarge { what, elements });
-        }
-    }
+    let m = x_dims[0];
+    let grids = [("m grid", m.div_ceil(cfg.bm) * cfg.bm), ("out_features grid", out_features.div_ceil(cfg.bn) * cfg.bn)];
+    let shapes = check_packed_shapes(x_dims, codes_dims, scales_dims, out_features, in_features, MAX_GRID_AXIS * cfg.bm, &grids)?;
     if out_features.div_ceil(cfg.bn) > MAX_GRID_AXIS {
         return Err(KernelError::TooLarge {
             what: "out_features (grid x axis)",
             elements: out_features,
         });
     }
-    Ok((m, words, spr))
+    Ok(shapes)
 }
 
 /// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]` and x f32 `[m, in]`,
@@ -468,29 +428,7 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
         }
     }
 
-    let x = x.into_primitive().tensor();
-    let codes = codes.into_primitive();
-    let scales = scales.into_primitive();
-    if x.dtype != DType::F32 {
-        return Err(KernelError::Dtype {
-            what: "x",
-            got: x.dtype,
-            expected: "f32",
-        }
-        .into());
-    }
-    for (what, t) in [("codes", &codes), ("scales", &scales)] {
-        if !matches!(t.dtype, DType::I32) {
-            return Err(KernelError::Dtype {
-                what,
-                got: t.dtype,
-                expected: "i32",
-            }
-            .into());
-        }
-    }
-    x.assert_is_on_same_device(&codes);
-    x.assert_is_on_same_device(&scales);
+    let (x, codes, scales) = packed_inputs(x, codes, scales)?;
 
     let client = x.client.clone();
     let hw = &client.properties().hardware;
@@ -508,10 +446,6 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
         });
     }
 
-    // The kernel indexes row-major contiguous buffers (a no-op when already contiguous).
-    let x = into_contiguous(x);
-    let codes = into_contiguous(codes);
-    let scales = into_contiguous(scales);
     let y = match y {
         Some(y) => {
             let y = y.into_primitive().tensor();
@@ -858,36 +792,11 @@ pub fn nvfp4_gemm_cmma<R: CubeRuntime, BT: BoolElement>(
         in_features,
         cfg,
     )?;
-    let x = x.into_primitive().tensor();
-    let codes = codes.into_primitive();
-    let scales = scales.into_primitive();
-    if x.dtype != DType::F32 {
-        return Err(KernelError::Dtype {
-            what: "x",
-            got: x.dtype,
-            expected: "f32",
-        }
-        .into());
-    }
-    for (what, t) in [("codes", &codes), ("scales", &scales)] {
-        if !matches!(t.dtype, DType::I32) {
-            return Err(KernelError::Dtype {
-                what,
-                got: t.dtype,
-                expected: "i32",
-            }
-            .into());
-        }
-    }
-    x.assert_is_on_same_device(&codes);
-    x.assert_is_on_same_device(&scales);
+    let (x, codes, scales) = packed_inputs(x, codes, scales)?;
     let client = x.client.clone();
     if !cmma_supported(&client) {
         return Err(GemmError::NoCmma);
     }
-    let x = into_contiguous(x);
-    let codes = into_contiguous(codes);
-    let scales = into_contiguous(scales);
     let y = empty_device_dtype::<R>(
         client.clone(),
         x.device.clone(),

@@ -13,7 +13,7 @@
 
 use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
-    kernel::into_contiguous, BoolElement, ops::numeric::empty_device_dtype, CubeBackend, CubeRuntime,
+    kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime,
 };
 use cubecl::prelude::*;
 
@@ -21,8 +21,8 @@ use cubecl::prelude::*;
 /// (`burn::backend::Wgpu<f32, i32>` without fusion is `CubeBackend<WgpuRuntime, f32, i32, u32>`).
 pub type Nvfp4Backend<R, BT = u32> = CubeBackend<R, f32, i32, BT>;
 
-/// Inputs per E4M3 block scale.
-pub const GROUP_SIZE: usize = 16;
+pub use crate::nvfp4::GROUP_SIZE;
+use crate::nvfp4::scale_words_per_row;
 /// Largest number of activation rows per launch (the shared accumulator is sized for it).
 pub const MAX_M: usize = 16;
 /// Threads per cube.
@@ -170,6 +170,73 @@ fn nvfp4_gemv_kernel(
     }
 }
 
+/// The shape checks of every NVFP4 kernel (this GEMV and the GEMM), in one order: in_features
+/// a positive multiple of [`GROUP_SIZE`], out_features positive, x `[m, in]` with m in
+/// 1..=`max_rows`, codes `[out, in/8]`, scales `[out, ceil(in/64)]`, then x, codes, y and the
+/// kernel's own `extra` counts within the 32-bit index range. Returns (m, words, spr).
+pub(crate) fn check_packed_shapes(
+    x_dims: [usize; 2],
+    codes_dims: [usize; 2],
+    scales_dims: [usize; 2],
+    out_features: usize,
+    in_features: usize,
+    max_rows: usize,
+    extra: &[(&'static str, usize)],
+) -> Result<(usize, usize, usize), KernelError> {
+    if in_features == 0 || !in_features.is_multiple_of(GROUP_SIZE) {
+        return Err(KernelError::InFeatures { in_features });
+    }
+    if out_features == 0 {
+        return Err(KernelError::OutFeatures { out_features });
+    }
+    let [m, x_in] = x_dims;
+    if x_in != in_features {
+        return Err(KernelError::XColumns { expected: in_features, got: x_in });
+    }
+    if m == 0 || m > max_rows {
+        return Err(KernelError::Rows { m, max: max_rows });
+    }
+    let words = in_features / 8;
+    let spr = scale_words_per_row(in_features);
+    if codes_dims != [out_features, words] {
+        return Err(KernelError::CodesShape { expected: [out_features, words], got: codes_dims });
+    }
+    if scales_dims != [out_features, spr] {
+        return Err(KernelError::ScalesShape { expected: [out_features, spr], got: scales_dims });
+    }
+    let limit = u32::MAX as usize;
+    let common = [("x", m * in_features), ("codes", out_features * words), ("y", m * out_features)];
+    for &(what, elements) in common.iter().chain(extra) {
+        if elements > limit {
+            return Err(KernelError::TooLarge { what, elements });
+        }
+    }
+    Ok((m, words, spr))
+}
+
+/// x, codes and scales as the NVFP4 kernels read them: f32, i32, i32 on one device, row-major
+/// contiguous (a no-op when they already are).
+pub(crate) fn packed_inputs<R: CubeRuntime, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), KernelError> {
+    let x = x.into_primitive().tensor();
+    let codes = codes.into_primitive();
+    let scales = scales.into_primitive();
+    if x.dtype != DType::F32 {
+        return Err(KernelError::Dtype { what: "x", got: x.dtype, expected: "f32" });
+    }
+    for (what, t) in [("codes", &codes), ("scales", &scales)] {
+        if !matches!(t.dtype, DType::I32) {
+            return Err(KernelError::Dtype { what, got: t.dtype, expected: "i32" });
+        }
+    }
+    x.assert_is_on_same_device(&codes);
+    x.assert_is_on_same_device(&scales);
+    Ok((into_contiguous(x), into_contiguous(codes), into_contiguous(scales)))
+}
+
 /// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]`, x f32 `[m, in]` with
 /// m in 1..=[`MAX_M`]; returns y `[m, out_features]`.
 pub fn nvfp4_matmul<R: CubeRuntime, BT: BoolElement>(
@@ -180,75 +247,10 @@ pub fn nvfp4_matmul<R: CubeRuntime, BT: BoolElement>(
     out_features: usize,
     in_features: usize,
 ) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, KernelError> {
-    if in_features == 0 || !in_features.is_multiple_of(GROUP_SIZE) {
-        return Err(KernelError::InFeatures { in_features });
-    }
-    if out_features == 0 {
-        return Err(KernelError::OutFeatures { out_features });
-    }
-    let [m, x_in] = x.dims();
-    if x_in != in_features {
-        return Err(KernelError::XColumns {
-            expected: in_features,
-            got: x_in,
-        });
-    }
-    if m == 0 || m > MAX_M {
-        return Err(KernelError::Rows { m, max: MAX_M });
-    }
-    let words = in_features / 8;
-    let spr = (in_features / GROUP_SIZE).div_ceil(4);
-    let codes_dims = codes.dims();
-    if codes_dims != [out_features, words] {
-        return Err(KernelError::CodesShape {
-            expected: [out_features, words],
-            got: codes_dims,
-        });
-    }
-    let scales_dims = scales.dims();
-    if scales_dims != [out_features, spr] {
-        return Err(KernelError::ScalesShape {
-            expected: [out_features, spr],
-            got: scales_dims,
-        });
-    }
-    let limit = u32::MAX as usize;
-    for (what, elements) in [
-        ("x", m * in_features),
-        ("codes", out_features * words),
-        ("y", m * out_features),
-        ("grid", out_features.div_ceil(MAX_GRID_AXIS) * MAX_GRID_AXIS),
-    ] {
-        if elements > limit {
-            return Err(KernelError::TooLarge { what, elements });
-        }
-    }
-
-    let x = x.into_primitive().tensor();
-    let codes = codes.into_primitive();
-    let scales = scales.into_primitive();
-    if x.dtype != DType::F32 {
-        return Err(KernelError::Dtype {
-            what: "x",
-            got: x.dtype,
-            expected: "f32",
-        });
-    }
-    for (what, t) in [("codes", &codes), ("scales", &scales)] {
-        if !matches!(t.dtype, DType::I32) {
-            return Err(KernelError::Dtype {
-                what,
-                got: t.dtype,
-                expected: "i32",
-            });
-        }
-    }
-    x.assert_is_on_same_device(&codes);
-    x.assert_is_on_same_device(&scales);
-    // The kernel indexes row-major contiguous buffers (a no-op when already contiguous).
-    let x = into_contiguous(x);
-    let codes = into_contiguous(codes);
-    let scales = into_contiguous(scales);
+    let grid = out_features.div_ceil(MAX_GRID_AXIS) * MAX_GRID_AXIS;
+    let (m, words, spr) =
+        check_packed_shapes(x.dims(), codes.dims(), scales.dims(), out_features, in_features, MAX_M, &[("grid", grid)])?;
+    let (x, codes, scales) = packed_inputs(x, codes, scales)?;
 
     let client = x.client.clone();
     let y = empty_device_dtype::<R>(

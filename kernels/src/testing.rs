@@ -19,3 +19,11 @@ impl Lcg {
         (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32
     }
 }
+
+/// A random packed NVFP4 weight [out, inp] from random checkpoint bytes: any codes, finite E4M3
+/// scales of either sign (subnormals included; 0x7f/0xff, NaN, never drawn).
+pub fn random_packed(rng: &mut Lcg, out: usize, inp: usize, global_scale: f32) -> crate::nvfp4::PackedNvfp4 {
+    let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
+    let scale: Vec<u8> = (0..out * inp / 16).map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80)).collect();
+    crate::nvfp4::PackedNvfp4::from_checkpoint(&weight, &scale, global_scale, out, inp)
+}

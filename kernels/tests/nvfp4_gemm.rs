@@ -16,20 +16,12 @@ use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
 use gemma4_kernels::nvfp4_gemm::{
     nvfp4_gemm, nvfp4_gemm_into, time_nvfp4_gemm, GemmError, KernelError, MAX_ROWS,
 };
-use gemma4_kernels::testing::Lcg;
+use gemma4_kernels::testing::{random_packed, Lcg};
 
 type Gpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
 const REL_TOL: f64 = 1e-5;
 
-/// Random checkpoint bytes: any codes, finite E4M3 scales of either sign (subnormals included).
-fn random_weight(rng: &mut Lcg, out: usize, inp: usize, global_scale: f32) -> PackedNvfp4 {
-    let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
-    let scale: Vec<u8> = (0..out * inp / 16)
-        .map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80))
-        .collect();
-    PackedNvfp4::from_checkpoint(&weight, &scale, global_scale, out, inp)
-}
 
 /// The kernel's y, written into a NaN-filled buffer so that any element it misses stays NaN.
 fn run_kernel(packed: &PackedNvfp4, x: &[f32], m: usize, device: &WgpuDevice) -> Vec<f32> {
@@ -95,7 +87,7 @@ fn matches_reference_on_shape_grid() {
             for &m in &ms {
                 let mut rng = Lcg::new((m * 1_000_003 + out * 1009 + inp) as u64);
                 let gs = 0.25 + rng.next_f32();
-                let packed = random_weight(&mut rng, out, inp, gs);
+                let packed = random_packed(&mut rng, out, inp, gs);
                 let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
                 let got = run_kernel(&packed, &x, m, &gpu);
                 let name = format!("(m,out,in)=({m},{out},{inp})");
@@ -230,7 +222,7 @@ fn timing_m256_1024() {
     let dev = WgpuDevice::default();
     let (m, out, inp, iters) = (256usize, 1024usize, 1024usize, 5usize);
     let mut rng = Lcg::new(77);
-    let packed = random_weight(&mut rng, out, inp, 0.5);
+    let packed = random_packed(&mut rng, out, inp, 0.5);
     let w: Nvfp4Weight<Gpu> = packed.to_device(&dev);
     let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
     let xt = Tensor::<Gpu, 2>::from_data(TensorData::new(x, [m, inp]), &dev);
@@ -267,7 +259,7 @@ fn tune_tiles() {
     let dev = WgpuDevice::default();
     let (m, out, inp, iters) = (256usize, 1024usize, 1024usize, 3usize);
     let mut rng = Lcg::new(78);
-    let packed = random_weight(&mut rng, out, inp, 0.5);
+    let packed = random_packed(&mut rng, out, inp, 0.5);
     let w: Nvfp4Weight<Gpu> = packed.to_device(&dev);
     let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
     let xt = Tensor::<Gpu, 2>::from_data(TensorData::new(x, [m, inp]), &dev);
@@ -351,7 +343,7 @@ fn cmma_path_refuses_or_matches() {
         (257, 256, 1024),
     ] {
         let mut rng = Lcg::new((m * 7 + out * 11 + inp) as u64);
-        let packed = random_weight(&mut rng, out, inp, 0.75);
+        let packed = random_packed(&mut rng, out, inp, 0.75);
         let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         let w: Nvfp4Weight<Gpu> = packed.to_device(&dev);
         let xt = Tensor::<Gpu, 2>::from_data(TensorData::new(x.clone(), [m, inp]), &dev);

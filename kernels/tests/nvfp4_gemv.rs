@@ -5,19 +5,11 @@ use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use gemma4_kernels::nvfp4_gemv::{nvfp4_matmul, KernelError, MAX_M};
 use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
-use gemma4_kernels::testing::Lcg;
+use gemma4_kernels::testing::{random_packed, Lcg};
 
 type Gpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Cpu = NdArray<f32, i32>;
 
-/// Random checkpoint bytes: any codes, finite E4M3 scales of either sign (subnormals included).
-fn random_weight(rng: &mut Lcg, out: usize, inp: usize, global_scale: f32) -> PackedNvfp4 {
-    let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
-    let scale: Vec<u8> = (0..out * inp / 16)
-        .map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80))
-        .collect();
-    PackedNvfp4::from_checkpoint(&weight, &scale, global_scale, out, inp)
-}
 
 fn run_kernel(packed: &PackedNvfp4, x: &[f32], m: usize, device: &WgpuDevice) -> Vec<f32> {
     let w: Nvfp4Weight<Gpu> = packed.to_device(device);
@@ -51,7 +43,7 @@ fn matches_reference_on_shape_grid() {
         for seed in [1u64, 2, 3] {
             let mut rng = Lcg::new(seed * 1000 + out as u64);
             let gs = 0.25 + rng.next_f32();
-            let packed = random_weight(&mut rng, out, inp, gs);
+            let packed = random_packed(&mut rng, out, inp, gs);
             let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
 
             let got = run_kernel(&packed, &x, m, &gpu);
