@@ -1195,7 +1195,7 @@ pub fn bench_report(rounds: usize) {
 mod tests {
     use super::*;
     use crate::nvfp4::{e4m3_to_f32, Nvfp4Weight, PackedNvfp4, E2M1_VALUES};
-    use crate::testing::{random_packed, Cpu, Lcg};
+    use crate::testing::{every_code_and_scale, finite_e4m3_bytes, random_packed, Cpu, Lcg};
     use burn::prelude::*;
     use burn::tensor::TensorData;
 
@@ -1296,14 +1296,9 @@ mod tests {
     /// E2M1_VALUES[code] · (e4m3(byte) · global) bit for bit on every path.
     #[test]
     fn every_code_and_scale_decodes_exactly() {
-        let bytes: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
-        let out = bytes.len();
-        let inp = 16;
         // Row r: codes 0..15 in columns 0..15, scale byte bytes[r].
-        let word0 = (0..8).fold(0u32, |w, k| w | (k << (4 * k))) as i32;
-        let word1 = (0..8).fold(0u32, |w, k| w | ((k + 8) << (4 * k))) as i32;
-        let codes: Vec<i32> = (0..out).flat_map(|_| [word0, word1]).collect();
-        let scales: Vec<i32> = bytes.iter().map(|&b| b as i32).collect();
+        let bytes = finite_e4m3_bytes();
+        let PackedNvfp4 { codes, scales, out_features: out, in_features: inp, .. } = every_code_and_scale(1.0);
         // x rows 0..15 one-hot; m = 48 (zero rows after) takes the tiled path, m = 16 the other.
         let x: Vec<f32> = (0..48 * 16).map(|i| if i / 16 == i % 16 { 1.0 } else { 0.0 }).collect();
         for isa in Isa::available() {

@@ -27,3 +27,19 @@ pub fn random_packed(rng: &mut Lcg, out: usize, inp: usize, global_scale: f32) -
     let scale: Vec<u8> = (0..out * inp / 16).map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80)).collect();
     crate::nvfp4::PackedNvfp4::from_checkpoint(&weight, &scale, global_scale, out, inp)
 }
+
+/// Every E2M1 code under every finite E4M3 scale byte: row r is codes 0..15 in columns 0..15
+/// with scale byte r of the 254 finite ones ([`finite_e4m3_bytes`]); 16 inputs. Read back through
+/// one-hot activations, y[i, r] = W[r, i].
+pub fn every_code_and_scale(global_scale: f32) -> crate::nvfp4::PackedNvfp4 {
+    let bytes = finite_e4m3_bytes();
+    let out = bytes.len();
+    // Codes 0..15 in columns 0..15 of every row: bytes 0x10, 0x32, ..., 0xfe.
+    let weight: Vec<u8> = (0..out).flat_map(|_| (0..8u8).map(|k| (2 * k) | ((2 * k + 1) << 4))).collect();
+    crate::nvfp4::PackedNvfp4::from_checkpoint(&weight, &bytes, global_scale, out, 16)
+}
+
+/// The 254 E4M3 bytes that are not NaN (0x7f, 0xff), in order.
+pub fn finite_e4m3_bytes() -> Vec<u8> {
+    (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect()
+}

@@ -5,7 +5,7 @@ use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use gemma4_kernels::nvfp4_gemv::{nvfp4_matmul, KernelError, MAX_M};
 use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
-use gemma4_kernels::testing::{random_packed, Lcg};
+use gemma4_kernels::testing::{every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
 
 type Gpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Cpu = NdArray<f32, i32>;
@@ -86,13 +86,8 @@ fn matches_reference_on_shape_grid() {
 fn decodes_every_code_and_scale_exactly() {
     let gpu = WgpuDevice::default();
     let (m, inp) = (16usize, 16usize);
-    let bytes: Vec<u8> = (0u8..=255).filter(|b| b & 0x7f != 0x7f).collect();
-    let out = bytes.len();
-    // Codes 0..15 in columns 0..15 of every row: bytes 0x10, 0x32, ..., 0xfe.
-    let weight: Vec<u8> = (0..out)
-        .flat_map(|_| (0..8u8).map(|k| (2 * k) | ((2 * k + 1) << 4)))
-        .collect();
-    let packed = PackedNvfp4::from_checkpoint(&weight, &bytes, 1.0, out, inp);
+    let packed = every_code_and_scale(1.0);
+    let (out, bytes) = (packed.out_features, finite_e4m3_bytes());
     let mut x = vec![0f32; m * inp];
     for i in 0..m {
         x[i * inp + i] = 1.0;
