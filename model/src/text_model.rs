@@ -90,17 +90,8 @@ impl<B: Gemma4Backend> TextModel<B> {
                 .collect();
             let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [t]), &h.device());
             h = Tensor::cat(vec![h, soft], 0).select(0, index);
-            let mut i = 0;
-            while i < t {
-                if is_image(tokens[i]) {
-                    let start = i;
-                    while i < t && is_image(tokens[i]) {
-                        i += 1;
-                    }
-                    images.push(pos0 + start..pos0 + i);
-                } else {
-                    i += 1;
-                }
+            if let Some(id) = self.image_token_id {
+                images = image_runs(tokens, id).into_iter().map(|r| pos0 + r.start..pos0 + r.end).collect();
             }
         }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -248,6 +239,24 @@ impl<B: Gemma4Backend> TextModel<B> {
         let q = all.iter().filter(|l| l.is_nvfp4()).count();
         (q, all.len() - q)
     }
+}
+
+/// The runs of consecutive `image_token_id` in `tokens` (one image each), as index ranges.
+pub fn image_runs(tokens: &[u32], image_token_id: u32) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        if tokens[i] == image_token_id {
+            let start = i;
+            while i < tokens.len() && tokens[i] == image_token_id {
+                i += 1;
+            }
+            runs.push(start..i);
+        } else {
+            i += 1;
+        }
+    }
+    runs
 }
 
 fn round_to_dtype(x: f32, dtype: Option<Dtype>) -> f32 {

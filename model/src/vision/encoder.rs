@@ -39,8 +39,9 @@ impl AxialRope {
         ([cx, cy], [sx, sy])
     }
 
-    /// x [n, heads, d]: the first d/2 channels rotated by x, the rest by y.
-    pub fn apply<B: Backend>(&self, x: Tensor<B, 3>, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 3> {
+    /// x [n, heads, d]: the first d/2 channels rotated by x, the rest by y, with the tables of
+    /// [`AxialRope::tables`].
+    pub fn apply<B: Backend>(x: Tensor<B, 3>, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 3> {
         let [n, heads, d] = x.dims();
         let half = d / 2;
         let first = apply_rope(x.clone().slice([0..n, 0..heads, 0..half]), &cos[0], &sin[0]);
@@ -65,11 +66,11 @@ pub struct VisionAttention<B: Gemma4Backend> {
 
 impl<B: Gemma4Backend> VisionAttention<B> {
     /// x [n, hidden] -> [n, hidden], bidirectional over the image's patches.
-    pub fn forward(&self, x: Tensor<B, 2>, rope: &AxialRope, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<B, 2>, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 2> {
         let n = x.dims()[0];
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = rope.apply(self.q_norm.forward(self.q_proj.forward(x.clone()).reshape([n, nh, d])), cos, sin);
-        let k = rope.apply(self.k_norm.forward(self.k_proj.forward(x.clone()).reshape([n, nkv, d])), cos, sin);
+        let q = AxialRope::apply(self.q_norm.forward(self.q_proj.forward(x.clone()).reshape([n, nh, d])), cos, sin);
+        let k = AxialRope::apply(self.k_norm.forward(self.k_proj.forward(x.clone()).reshape([n, nkv, d])), cos, sin);
         let v = self.v_norm.forward(self.v_proj.forward(x).reshape([n, nkv, d]));
         let out = <B as Gemma4Backend>::attention(q, k.swap_dims(0, 1), v.swap_dims(0, 1), &AttentionParams::bidirectional());
         self.o_proj.forward(out)
@@ -84,13 +85,11 @@ pub struct VisionEncoderLayer<B: Gemma4Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: RmsNorm<B>,
     pub post_feedforward_layernorm: RmsNorm<B>,
-    #[module(skip)]
-    pub rope: AxialRope,
 }
 
 impl<B: Gemma4Backend> VisionEncoderLayer<B> {
     pub fn forward(&self, h: Tensor<B, 2>, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), &self.rope, cos, sin);
+        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), cos, sin);
         let h = h + self.post_attention_layernorm.forward(attn);
         let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
         h + self.post_feedforward_layernorm.forward(ff)
@@ -127,7 +126,6 @@ impl<B: Gemma4Backend> VisionEncoderLayer<B> {
             post_attention_layernorm: norm(ckpt, "post_attention_layernorm")?,
             pre_feedforward_layernorm: norm(ckpt, "pre_feedforward_layernorm")?,
             post_feedforward_layernorm: norm(ckpt, "post_feedforward_layernorm")?,
-            rope: AxialRope::new(d, cfg.rope_theta),
         })
     }
 }

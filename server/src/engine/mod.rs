@@ -475,19 +475,7 @@ fn encode_request_images<M: StepModel>(model: &M, req: &EngineRequest, image_id:
     let Some(id) = image_id else {
         return Err("this model does not take images".into());
     };
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < req.prompt.len() {
-        if req.prompt[i] == id {
-            let start = i;
-            while i < req.prompt.len() && req.prompt[i] == id {
-                i += 1;
-            }
-            runs.push(i - start);
-        } else {
-            i += 1;
-        }
-    }
+    let runs: Vec<usize> = gemma4_model::text_model::image_runs(&req.prompt, id).iter().map(|r| r.len()).collect();
     let expected: Vec<usize> = req.images.iter().map(|img| img.num_soft_tokens).collect();
     if runs != expected {
         return Err(format!("the prompt's image placeholder runs {runs:?} do not match the images' soft-token counts {expected:?}"));
