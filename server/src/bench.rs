@@ -125,7 +125,8 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
     // on the host, a plain read of 256 MiB on every core
     // (the tensor library's elementwise ops are far below the memory's speed there).
     let (copy_bw, baseline) = if host {
-        (host_read_bandwidth(), "host memory read, 256 MiB, all cores")
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (gemma4_model::kernels::cpu::bench_read_bandwidth(256 << 20, threads, 5) * 1e9, "host memory read, 256 MiB, all cores")
     } else {
         // Eight buffers of 64 MiB: far beyond any L2, each within wgpu's default buffer limit.
         let n = 16 << 20;
@@ -214,25 +215,6 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
         })
         .collect();
     Ok(json!({ "copy_bandwidth_GB_s": copy_bw / 1e9, "bandwidth_baseline": baseline, "kernels": table }))
-}
-
-/// Bytes per second of a plain read of 256 MiB split over the available cores (best of 5).
-pub fn host_read_bandwidth() -> f64 {
-    let words = vec![1u64; 32 << 20];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = words.len().div_ceil(threads);
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let total: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = words.chunks(chunk).map(|c| s.spawn(move || c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
-        });
-        let secs = start.elapsed().as_secs_f64();
-        std::hint::black_box(total);
-        best = best.max((words.len() * 8) as f64 / secs);
-    }
-    best
 }
 
 /// The table as aligned text, for people.
