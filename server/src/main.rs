@@ -104,11 +104,14 @@ enum Command {
         /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
         #[arg(long, default_value_t = 10)]
         shutdown_grace: u64,
-        /// Fetch http:// image URLs in requests (data: URLs are always taken). Hosts that resolve
-        /// to loopback, private or link-local addresses are refused, redirects are not followed,
-        /// and https:// is not supported (no TLS client in this build).
+        /// Fetch http:// and https:// image URLs in requests (data: URLs are always taken). Hosts
+        /// that resolve to loopback, private or link-local addresses are refused, and redirects
+        /// are not followed. https is verified against Mozilla's roots (compiled in).
         #[arg(long)]
         allow_image_urls: bool,
+        /// PEM file of CA certificates also trusted for https:// image URLs.
+        #[arg(long)]
+        image_ca_file: Option<PathBuf>,
         /// Images per request; a request with more gets a 400.
         #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_LIMIT_PER_PROMPT)]
         limit_images_per_prompt: usize,
@@ -358,7 +361,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, shutdown_grace, scripted_output, allow_image_urls, limit_images_per_prompt, image_fetch_timeout, .. } => {
+        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, shutdown_grace, scripted_output, allow_image_urls, image_ca_file, limit_images_per_prompt, image_fetch_timeout, .. } => {
             let args = gemma4_server::serve::ServeArgs {
                 model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
                 host,
@@ -372,6 +375,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
                 shutdown_grace,
                 scripted_output,
                 allow_image_urls,
+                image_ca_file,
                 limit_images_per_prompt,
                 image_fetch_timeout,
             };

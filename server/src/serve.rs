@@ -32,8 +32,10 @@ pub struct ServeArgs {
     /// Test mode: answer every request with this text (tokenized, special tokens included)
     /// through `ScriptedModel` instead of running the weights.
     pub scripted_output: Option<String>,
-    /// Fetch http:// image URLs (otherwise only data: URLs are taken).
+    /// Fetch http(s):// image URLs (otherwise only data: URLs are taken).
     pub allow_image_urls: bool,
+    /// PEM CA certificates trusted for https:// image URLs besides Mozilla's roots.
+    pub image_ca_file: Option<PathBuf>,
     /// Images per request; more is a 400.
     pub limit_images_per_prompt: usize,
     /// Seconds a fetch of one image URL may take.
@@ -56,6 +58,16 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         tracing::warn!("{} has no chat template: chat endpoints will answer 400", dir.display());
     }
     let max_model_len = args.max_model_len.unwrap_or(meta.max_position_embeddings).min(meta.max_position_embeddings);
+    let mut images = http::images::ImageSettings::new(
+        meta.vision,
+        meta.image_token_id,
+        args.allow_image_urls,
+        args.limit_images_per_prompt,
+        Duration::from_secs(args.image_fetch_timeout.max(1)),
+    );
+    if let Some(path) = &args.image_ca_file {
+        images.add_ca_file(path).map_err(|e| anyhow::anyhow!("--image-ca-file {e}"))?;
+    }
     let served_model_name = args
         .served_model_name
         .clone()
@@ -75,13 +87,7 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         kv_capacity: args.max_num_seqs * max_model_len * meta.num_layers,
         request_counter: AtomicU64::new(0),
         created: http::run::now_secs(),
-        images: http::images::ImageSettings::new(
-            meta.vision,
-            meta.image_token_id,
-            args.allow_image_urls,
-            args.limit_images_per_prompt,
-            Duration::from_secs(args.image_fetch_timeout.max(1)),
-        ),
+        images,
     })
 }
 

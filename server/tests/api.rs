@@ -41,6 +41,7 @@ fn start(model: PathBuf, max_model_len: usize, chunk: usize, allow_image_urls: b
         shutdown_grace: 1,
         scripted_output: None,
         allow_image_urls,
+        image_ca_file: None,
         limit_images_per_prompt: 8,
         image_fetch_timeout: 5,
     };
@@ -565,6 +566,78 @@ fn responses_input_image() {
     assert_eq!(e.json()["error"]["param"], "input");
 }
 
+#[test]
+fn https_image_urls() {
+    let png = fixture_image("noise_square.png");
+    let host = tls_image_host(png.clone());
+    let tls_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls"));
+    // Trusts the test CA (--image-ca-file) besides Mozilla's roots; loopback let through as above.
+    let trusting = start(vision_dir(), 1024, 64, true, |s| {
+        s.images.allow_private_hosts = true;
+        s.images.add_ca_file(&tls_dir.join("ca.pem")).expect("the test CA loads");
+    });
+    let post = |srv: &Server, url: String| request_to(srv.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&url), json!({"max_tokens": 3})).to_string().as_bytes()), Some(KEY));
+    let ok = post(&trusting, format!("https://localhost:{}/ok.png", host.port()));
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let inline = post(&trusting, data_url(&png));
+    assert_eq!(ok.json()["usage"], inline.json()["usage"]);
+    assert_eq!(ok.json()["choices"][0]["message"], inline.json()["choices"][0]["message"]);
+    // The certificate names localhost and 127.0.0.1, not other names of the host.
+    assert_error(&post(&trusting, format!("https://127.0.0.2:{}/ok.png", host.port())), 400, "TLS handshake");
+    assert_error(&post(&trusting, format!("https://localhost:{}/missing.png", host.port())), 400, "404");
+    // Without the CA the certificate is not trusted.
+    let default_roots = start(vision_dir(), 1024, 64, true, |s| s.images.allow_private_hosts = true);
+    assert_error(&post(&default_roots, format!("https://localhost:{}/ok.png", host.port())), 400, "TLS handshake");
+    // A file without certificates is refused at startup, naming it.
+    let mut settings = gemma4_server::http::images::ImageSettings::new(None, None, true, 8, Duration::from_secs(1));
+    let e = settings.add_ca_file(&tls_dir.join("README.md")).unwrap_err();
+    assert!(e.contains("README.md"), "{e}");
+}
+
+/// An https server for the fetch test, with the test certificate of tests/data/tls: /ok.png, else 404.
+fn tls_image_host(png: Vec<u8>) -> SocketAddr {
+    use gemma4_server_tls::*;
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls"));
+    let certs = CertificateDer::pem_file_iter(dir.join("server.pem")).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let cfg = Arc::new(cfg);
+    // Every loopback address, so that 127.0.0.2 (a name the certificate lacks) connects too.
+    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let (png, cfg) = (png.clone(), cfg.clone());
+            std::thread::spawn(move || {
+                let Ok(conn) = ServerConnection::new(cfg) else { return };
+                let mut tls = StreamOwned::new(conn, s);
+                let mut buf = [0u8; 4096];
+                let Ok(n) = tls.read(&mut buf) else { return };
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let resp: Vec<u8> = match head.split_whitespace().nth(1).unwrap_or("/") {
+                    "/ok.png" => [format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len()).into_bytes(), png].concat(),
+                    _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                };
+                let _ = tls.write_all(&resp);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    addr
+}
+
+/// rustls, through the server's own dependency.
+mod gemma4_server_tls {
+    pub use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer, pki_types::PrivateKeyDer, ServerConfig, ServerConnection, StreamOwned};
+}
+
 /// A local HTTP server for the fetch tests: /ok.png, a redirect, an oversized and a slow answer.
 fn image_host(png: Vec<u8>) -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -613,7 +686,6 @@ fn image_urls_with_allow_image_urls() {
     assert_error(&post_f(format!("http://{host}/missing.png")), 400, "404");
     assert_error(&post_f(format!("http://{host}/huge")), 400, "limit");
     assert_error(&post_f(format!("http://{host}/slow")), 400, "within");
-    assert_error(&post_f("https://example.com/x.png".into()), 400, "TLS");
     // Without the test override, loopback hosts are refused.
     let strict = start(vision_dir(), 1024, 64, true, |_| {});
     let r = request_to(strict.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&format!("http://{host}/ok.png")), json!({})).to_string().as_bytes()), Some(KEY));

@@ -1,5 +1,5 @@
 //! Image inputs of the OpenAI API: finding the image parts of a request, getting their bytes
-//! (`data:` base64 URLs always; `http://` URLs only with `--allow-image-urls`), decoding and
+//! (`data:` base64 URLs always; `http://` and `https://` URLs only with `--allow-image-urls`), decoding and
 //! preprocessing them off the async runtime, and expanding the prompt's `<|image|>` placeholders.
 //!
 //! The chat template renders one `<|image|>` per image part; as transformers' `Gemma4Processor`
@@ -9,8 +9,9 @@
 //! Fetching: hyper's HTTP/1.1 client (already in the tree through axum) over a TCP connection to an
 //! address checked before connecting: hosts that resolve to loopback, private, link-local,
 //! unspecified or other non-public addresses are refused; redirects are not followed; the whole
-//! fetch has a timeout and the body a size limit. There is no TLS client in this build (it would
-//! add a TLS stack to the server), so `https://` URLs get a 400 that says so.
+//! fetch has a timeout and the body a size limit. `https://` runs over rustls (ring), verifying
+//! the server against Mozilla's roots (webpki-roots, compiled in) plus the operator's
+//! `--image-ca-file`; the name checked is the URL's host, SNI included.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, I
 use gemma4_model::vision::PreprocessedImage;
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
+use tokio_rustls::rustls::{self, pki_types};
 
 use super::error::ApiError;
 
@@ -60,6 +62,8 @@ pub struct ImageSettings {
     pub decode: DecodeLimits,
     /// Bounds the images decoded at once over all requests (decoding allocates width × height × 3).
     pub decode_permits: Arc<tokio::sync::Semaphore>,
+    /// TLS client of https:// fetches (roots: webpki-roots, plus `--image-ca-file`).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 impl ImageSettings {
@@ -74,8 +78,39 @@ impl ImageSettings {
             fetch_timeout,
             decode: DecodeLimits::default(),
             decode_permits: Arc::new(tokio::sync::Semaphore::new(cpus.max(1))),
+            tls: tls_config(&[]).unwrap_or_else(|e| unreachable!("the default TLS client config: {e}")),
         }
     }
+
+    /// Also trusts the CA certificates of a PEM file (`--image-ca-file`): an internal image
+    /// host, or a proxy that re-signs. Refused when the file has no certificate.
+    pub fn add_ca_file(&mut self, path: &std::path::Path) -> Result<(), String> {
+        use pki_types::pem::PemObject as _;
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let certs = pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no CERTIFICATE block", path.display()));
+        }
+        self.tls = tls_config(&certs).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// rustls over ring, TLS 1.2 and 1.3, HTTP/1.1 by ALPN; Mozilla's roots plus `extra`.
+fn tls_config(extra: &[pki_types::CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for c in extra {
+        roots.add(c.clone()).map_err(|e| format!("certificate refused as a root: {e}"))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// One image part of a request.
@@ -126,24 +161,17 @@ pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), Api
         let scheme = r.url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
         match scheme.as_str() {
             "data" => {}
-            "http" if settings.allow_urls => {}
-            "http" | "https" if !settings.allow_urls => {
+            "http" | "https" if settings.allow_urls => {}
+            "http" | "https" => {
                 return Err(ApiError::bad_request(format!(
                     "{}: image URLs are not fetched by this server: send the image inline as a data: URL \
-                     (data:image/png;base64,...), or start the server with --allow-image-urls to fetch http:// URLs",
-                    r.location
-                )))
-            }
-            "https" => {
-                return Err(ApiError::bad_request(format!(
-                    "{}: https:// image URLs are not supported (this build has no TLS client): send the image as a \
-                     data: URL (data:image/png;base64,...) or use an http:// URL",
+                     (data:image/png;base64,...), or start the server with --allow-image-urls to fetch http(s):// URLs",
                     r.location
                 )))
             }
             _ => {
                 return Err(ApiError::bad_request(format!(
-                    "{}: unsupported image URL (expected data:image/...;base64,... or http://...)",
+                    "{}: unsupported image URL (expected data:image/...;base64,..., http://... or https://...)",
                     r.location
                 )))
             }
@@ -308,7 +336,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || o[0] >= 240) // reserved
 }
 
-/// GET of an http:// URL: address policy, no redirects, timeout, size limit.
+/// GET of an http(s):// URL: address policy, no redirects, timeout, size limit.
 async fn fetch(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, String> {
     let timeout = settings.fetch_timeout;
     match tokio::time::timeout(timeout, fetch_inner(url, settings)).await {
@@ -319,15 +347,17 @@ async fn fetch(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, String> {
 
 async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, String> {
     let uri: Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
-    if !uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("http")) {
-        return Err("only http:// URLs are fetched".into());
-    }
+    let https = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err("only http:// and https:// URLs are fetched".into()),
+    };
     let authority = uri.authority().ok_or("the URL has no host")?.clone();
     if authority.as_str().contains('@') {
         return Err("URLs with credentials are not fetched".into());
     }
     let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect();
     if addrs.is_empty() {
         return Err(format!("{host} does not resolve"));
@@ -353,15 +383,6 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
         }
     }
     let stream = stream.ok_or(last_err)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    // The connection task outlives the fetch's own timeout a little, so that a slow server is
-    // reported as a timeout rather than as a dropped connection; then it is dropped too.
-    let linger = settings.fetch_timeout + Duration::from_secs(5);
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(linger, conn).await;
-    });
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let req = Request::get(path)
         .header(header::HOST, authority.as_str())
@@ -369,7 +390,16 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
         .header(header::ACCEPT, "image/*")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("building the request: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("request failed: {e}"))?;
+    let resp = if https {
+        let name = pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(settings.tls.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+        send(tls, req, settings).await?
+    } else {
+        send(stream, req, settings).await?
+    };
     let status = resp.status();
     if status.is_redirection() {
         let to = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("?");
@@ -395,6 +425,23 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
         }
     }
     Ok(out)
+}
+
+/// One HTTP/1.1 request over an open connection (plain TCP or TLS).
+async fn send<S>(stream: S, req: Request<Empty<Bytes>>, settings: &ImageSettings) -> Result<hyper::Response<hyper::body::Incoming>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    // The connection task outlives the fetch's own timeout a little, so that a slow server is
+    // reported as a timeout rather than as a dropped connection; then it is dropped too.
+    let linger = settings.fetch_timeout + Duration::from_secs(5);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(linger, conn).await;
+    });
+    sender.send_request(req).await.map_err(|e| format!("request failed: {e}"))
 }
 
 #[cfg(test)]
@@ -437,6 +484,8 @@ mod tests {
         let e = fetch("http://localhost:9/x.png", &s).await.unwrap_err();
         assert!(e.contains("non-public"), "{e}");
         let e = fetch("http://[::1]:9/x.png", &s).await.unwrap_err();
+        assert!(e.contains("non-public"), "{e}");
+        let e = fetch("https://127.0.0.1:9/x.png", &s).await.unwrap_err();
         assert!(e.contains("non-public"), "{e}");
     }
 }
