@@ -8,6 +8,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 
 use crate::attention::{flash, reference, AttentionParams};
 use crate::cpu;
+use crate::fused::reference as fused_ref;
 use crate::nvfp4::Nvfp4Weight;
 use crate::{nvfp4_gemm, nvfp4_gemv};
 
@@ -20,6 +21,31 @@ pub trait Gemma4Backend: Backend {
     /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` -> `[t, heads · d]` (see [`crate::attention`]).
     fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
         reference::attention(q, k, v, params)
+    }
+
+    /// x · w for an unquantized weight stored transposed, `[in, out]`; x `[n, in]` -> `[n, out]`.
+    fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w)
+    }
+
+    /// RMSNorm over the last dimension of x `[rows, dim]` (see [`crate::fused`]).
+    fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
+        fused_ref::rms_norm(x, weight, eps)
+    }
+
+    /// `(residual + rms_norm(x) · weight) · scale` (see [`crate::fused`]).
+    fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
+        fused_ref::rms_norm_add(residual, x, weight, eps, scale)
+    }
+
+    /// Per-head RMSNorm then rotate-half RoPE: x `[t, heads, d]`, cos/sin `[t, d]`.
+    fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        fused_ref::rms_norm_rope(x, weight, eps, cos, sin)
+    }
+
+    /// `gelu_tanh(gate) · up`, both `[rows, width]`.
+    fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused_ref::gelu_tanh_mul(gate, up)
     }
 }
 

@@ -14,7 +14,7 @@ use crate::cache::LayerCache;
 use crate::config::LayerKind;
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
-use crate::rope::{apply_rope, Rope};
+use crate::rope::Rope;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Gemma4Backend> {
@@ -74,13 +74,13 @@ impl<B: Gemma4Backend> Attention<B> {
         let t = x.dims()[0];
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([t, nh, d]);
-        let q = apply_rope(self.q_norm.forward(q), cos, sin);
+        let q = self.q_norm.forward_rope(q, cos.clone(), sin.clone());
         let k_raw = self.k_proj.forward(x.clone()).reshape([t, nkv, d]);
         let v_raw = match &self.v_proj {
             Some(v_proj) => v_proj.forward(x).reshape([t, nkv, d]),
             None => k_raw.clone(),
         };
-        let k = apply_rope(self.k_norm.forward(k_raw), cos, sin);
+        let k = self.k_norm.forward_rope(k_raw, cos.clone(), sin.clone());
         let v = self.v_norm.forward(v_raw);
         (q, k, v)
     }

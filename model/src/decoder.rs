@@ -28,18 +28,18 @@ impl<B: Gemma4Backend> DecoderLayer<B> {
     /// h [t, hidden] -> [t, hidden]; `images` as in `Attention::forward`.
     pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
         let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, cache, images);
-        let h = h + self.post_attention_layernorm.forward(attn);
-        let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
-        let h = h + self.post_feedforward_layernorm.forward(ff);
-        h * self.layer_scalar
+        self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
     }
 
     /// Batched decode: one new token per sequence (see `Attention::forward_batch`).
     pub fn forward_batch(&self, h: Tensor<B, 2>, positions: &[usize], caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
         let attn = self.self_attn.forward_batch(self.input_layernorm.forward(h.clone()), positions, caches);
-        let h = h + self.post_attention_layernorm.forward(attn);
+        self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
+    }
+
+    /// The feed-forward half, with the layer's scalar folded into the residual add.
+    fn feed_forward(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
-        let h = h + self.post_feedforward_layernorm.forward(ff);
-        h * self.layer_scalar
+        self.post_feedforward_layernorm.forward_add(h, ff, self.layer_scalar)
     }
 }

@@ -19,7 +19,7 @@ impl<B: Gemma4Backend> Linear<B> {
     /// x [n, in] -> [n, out].
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
-            Linear::Dense(w) => x.matmul(w.val()),
+            Linear::Dense(w) => B::dense_linear(x, w.val()),
             Linear::Nvfp4(w) => w.forward(x),
         }
     }

@@ -3,7 +3,6 @@
 
 use burn::prelude::*;
 use crate::Gemma4Backend;
-use burn::tensor::activation::gelu_approximate;
 
 use crate::linear::Linear;
 
@@ -17,7 +16,7 @@ pub struct Mlp<B: Gemma4Backend> {
 impl<B: Gemma4Backend> Mlp<B> {
     /// x [n, hidden] -> [n, hidden].
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let gate = gelu_approximate(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gated = B::gelu_tanh_mul(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(gated)
     }
 }

@@ -1,30 +1,49 @@
 //! RMSNorm as Gemma 4 has it (`Gemma4RMSNorm` in modeling_gemma4.py): x · (mean(x²) + eps)^-½ · w,
 //! computed in f32. Gemma 2/3 multiplied by `1 + w`; Gemma 4 multiplies by `w`. `v_norm` (and the
-//! vision pre-projection norm) have no weight at all.
+//! vision pre-projection norm) have no weight at all. The arithmetic is the backend's
+//! (`Gemma4Backend::rms_norm` and its fused neighbours; the reference in `kernels::fused`).
 
 use burn::module::Param;
 use burn::prelude::*;
 
+use crate::Gemma4Backend;
+
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: Gemma4Backend> {
     /// [dim], or None for the weightless form.
     pub weight: Option<Param<Tensor<B, 1>>>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: Gemma4Backend> RmsNorm<B> {
     pub fn new(weight: Option<Tensor<B, 1>>, eps: f64) -> Self {
         Self { weight: weight.map(Param::from_tensor), eps }
     }
 
     /// Normalizes over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let mean_sq = x.clone().square().mean_dim(D - 1);
-        let normed = x * mean_sq.add_scalar(self.eps).powf_scalar(-0.5);
-        match &self.weight {
-            Some(w) => normed * w.val().unsqueeze::<D>(),
-            None => normed,
+        let dims = x.dims();
+        let dim = dims[D - 1];
+        let rows = dims.iter().product::<usize>() / dim.max(1);
+        B::rms_norm(x.reshape([rows, dim]), self.weight(), self.eps).reshape(dims)
+    }
+
+    /// `(residual + self.forward(x)) · scale` in one pass: the sandwich norm after a block, its
+    /// residual add, and (after the feed-forward block) the layer's `layer_scalar`.
+    pub fn forward_add(&self, residual: Tensor<B, 2>, x: Tensor<B, 2>, scale: f32) -> Tensor<B, 2> {
+        match self.weight() {
+            Some(w) => B::rms_norm_add(residual, x, w, self.eps, scale),
+            None => (residual + self.forward(x)) * scale,
         }
+    }
+
+    /// The q/k norm per head, then rotate-half RoPE: x `[t, heads, d]`, cos/sin `[t, d]`.
+    pub fn forward_rope(&self, x: Tensor<B, 3>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 3> {
+        B::rms_norm_rope(x, self.weight(), self.eps, cos, sin)
+    }
+
+    fn weight(&self) -> Option<Tensor<B, 1>> {
+        self.weight.as_ref().map(|w| w.val())
     }
 }
 

@@ -59,19 +59,10 @@ impl Rope {
     }
 }
 
-/// x [len, heads, d] rotated with cos/sin [len, d]: x·cos + rotate_half(x)·sin.
-pub fn apply_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
-    let [len, heads, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().slice([0..len, 0..heads, 0..half]);
-    let x2 = x.clone().slice([0..len, 0..heads, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-    x * cos.clone().unsqueeze_dim::<3>(1) + rotated * sin.clone().unsqueeze_dim::<3>(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::fused::reference::apply_rope;
     use crate::testing::{Cpu, Lcg};
 
     #[test]
@@ -93,7 +84,7 @@ mod tests {
         let mut rng = Lcg::new(5);
         let x: Vec<f32> = (0..len * heads * d).map(|_| rng.next_f32() - 0.5).collect();
         let (cos, sin) = rope.tables::<Cpu>(7, len, &device);
-        let y = apply_rope(Tensor::<Cpu, 3>::from_data(TensorData::new(x.clone(), [len, heads, d]), &device), &cos, &sin)
+        let y = apply_rope(Tensor::<Cpu, 3>::from_data(TensorData::new(x.clone(), [len, heads, d]), &device), cos, sin)
             .into_data()
             .to_vec::<f32>()
             .unwrap();

@@ -12,7 +12,8 @@ use crate::error::LoadError;
 use crate::linear::Linear;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
-use crate::rope::{apply_rope, Rope};
+use crate::kernels::fused::reference::apply_rope;
+use crate::rope::Rope;
 use crate::text_model::{load_linear, load_norm};
 use crate::weights::Checkpoint;
 use crate::Gemma4Backend;
@@ -44,8 +45,8 @@ impl AxialRope {
     pub fn apply<B: Backend>(x: Tensor<B, 3>, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 3> {
         let [n, heads, d] = x.dims();
         let half = d / 2;
-        let first = apply_rope(x.clone().slice([0..n, 0..heads, 0..half]), &cos[0], &sin[0]);
-        let second = apply_rope(x.slice([0..n, 0..heads, half..d]), &cos[1], &sin[1]);
+        let first = apply_rope(x.clone().slice([0..n, 0..heads, 0..half]), cos[0].clone(), sin[0].clone());
+        let second = apply_rope(x.slice([0..n, 0..heads, half..d]), cos[1].clone(), sin[1].clone());
         Tensor::cat(vec![first, second], 2)
     }
 }
@@ -90,9 +91,9 @@ pub struct VisionEncoderLayer<B: Gemma4Backend> {
 impl<B: Gemma4Backend> VisionEncoderLayer<B> {
     pub fn forward(&self, h: Tensor<B, 2>, cos: &[Tensor<B, 2>; 2], sin: &[Tensor<B, 2>; 2]) -> Tensor<B, 2> {
         let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), cos, sin);
-        let h = h + self.post_attention_layernorm.forward(attn);
+        let h = self.post_attention_layernorm.forward_add(h, attn, 1.0);
         let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
-        h + self.post_feedforward_layernorm.forward(ff)
+        self.post_feedforward_layernorm.forward_add(h, ff, 1.0)
     }
 
     pub fn load(ckpt: &mut Checkpoint, p: &str, cfg: &VisionConfig, device: &B::Device) -> Result<Self, LoadError> {
