@@ -379,6 +379,42 @@ fn fused_attention_uses_its_plan() {
     );
 }
 
+/// K/V as views of a larger buffer (the KV cache: `[kv_heads, capacity, d]`, live entries
+/// `first..first + s`) are read through their strides, not copied, and give the reference's output.
+#[test]
+fn strided_cache_views_match_reference() {
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    // (t, s, heads, kv heads, d, capacity, first): decode and prefill, d 64 and 256.
+    for (n, &(t, s, heads, kv, d, cap, first)) in [(1usize, 300usize, 8usize, 2usize, 64usize, 512usize, 64usize), (5, 70, 4, 2, 256, 128, 16), (1, 40, 4, 4, 256, 96, 0)].iter().enumerate() {
+        let mut rng = Lcg::new(77 + n as u64);
+        let q = random(&mut rng, t * heads * d, 1.0);
+        let kb = random(&mut rng, kv * cap * d, 1.0);
+        let vb = random(&mut rng, kv * cap * d, 1.0);
+        let p = AttentionParams::causal(first + s - t, first, Some(48));
+        let live = [0..kv, first..first + s, 0..d];
+        let expected = reference::attention(
+            Tensor::<Cpu, 3>::from_data(TensorData::new(q.clone(), [t, heads, d]), &cpu),
+            Tensor::<Cpu, 3>::from_data(TensorData::new(kb.clone(), [kv, cap, d]), &cpu).slice(live.clone()),
+            Tensor::<Cpu, 3>::from_data(TensorData::new(vb.clone(), [kv, cap, d]), &cpu).slice(live.clone()),
+            &p,
+        )
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+        let kt = Tensor::<Gpu, 3>::from_data(TensorData::new(kb, [kv, cap, d]), &gpu).slice(live.clone());
+        let vt = Tensor::<Gpu, 3>::from_data(TensorData::new(vb, [kv, cap, d]), &gpu).slice(live);
+        let got = fused_attention(Tensor::<Gpu, 3>::from_data(TensorData::new(q, [t, heads, d]), &gpu), kt, vt, &p)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let max_err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        println!("strided view t {t} s {s} d {d} capacity {cap} first {first}: max |Δ| = {max_err:.2e}");
+        assert!(max_err <= 1e-4, "t {t} s {s} d {d}: max |Δ| {max_err:e}");
+    }
+}
+
 /// Queries that see no key at all get zeros (the reference would give NaN).
 #[test]
 fn rows_without_visible_keys_are_zero() {

@@ -259,14 +259,14 @@ fn load_q_chunk(
 }
 
 /// Stages keys `j0 .. j0 + nkeys` of KV head `kvh` (those below `j_hi`, zero elsewhere), columns
-/// `col0 .. col0 + width`, from `src` into `dst` with row stride `stride`.
+/// `col0 .. col0 + width`, from `src` into `dst` with row stride `stride`. `src` is `[kv_heads, s, d]`
+/// with any head and key strides (the KV cache is a view of a larger buffer), columns contiguous.
 #[cube]
 fn load_kv(
     src: &Tensor<f32>,
     dst: &mut SharedMemory<f32>,
     tid: usize,
     kvh: usize,
-    s: usize,
     j0: usize,
     j_hi: usize,
     col0: usize,
@@ -286,7 +286,7 @@ fn load_kv(
             let key = j0 + jj;
             let mut val = 0.0f32;
             if key < j_hi && col < d {
-                val = src[(kvh * s + key) * d + col];
+                val = src[kvh * src.stride(0) + key * src.stride(1) + col];
             }
             dst[jj * stride + cc] = val;
         }
@@ -338,7 +338,6 @@ fn flash_attention_kernel(
     spans: &Tensor<i32>,
     t: u32,
     heads: u32,
-    s: u32,
     groups: u32,
     q_start: u32,
     k_start: u32,
@@ -374,7 +373,6 @@ fn flash_attention_kernel(
     let split_idx = CUBE_POS_Z as usize;
     let t = t as usize;
     let heads = heads as usize;
-    let s = s as usize;
     let groups = groups as usize;
     let q_start = q_start as usize;
     let k_start = k_start as usize;
@@ -449,7 +447,7 @@ fn flash_attention_kernel(
                     q, &mut qs, tid, row0, rows_total, groups, heads, kvh, c0, d, dc, bq, nt,
                 );
             }
-            load_kv(k, &mut kv, tid, kvh, s, j0, j_hi, c0, d, bk, dc, dc + 1, nt);
+            load_kv(k, &mut kv, tid, kvh, j0, j_hi, c0, d, bk, dc, dc + 1, nt);
             sync_cube();
             // Runtime loop over the chunk in steps of `ud` columns, unrolled within a step: short
             // code, and few loop iterations (lavapipe caps them, see the module docs).
@@ -526,7 +524,7 @@ fn flash_attention_kernel(
         let mut jb = 0;
         while jb < bk {
             sync_cube();
-            load_kv(v, &mut kv, tid, kvh, s, j0 + jb, j_hi, 0, d, bkv, d, d, nt);
+            load_kv(v, &mut kv, tid, kvh, j0 + jb, j_hi, 0, d, bkv, d, d, nt);
             sync_cube();
             let mut j = 0;
             while j < bkv {
@@ -630,6 +628,15 @@ fn split_reduce_kernel(
             out[row * d + c] = acc * inv;
             c += nt;
         }
+    }
+}
+
+/// `x` itself when its last dimension is contiguous, else a contiguous copy.
+fn rows_contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    if x.meta.strides()[2] == 1 {
+        x
+    } else {
+        into_contiguous(x)
     }
 }
 
@@ -749,8 +756,17 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
     q.assert_is_on_same_device(&k);
     q.assert_is_on_same_device(&v);
     let q = into_contiguous(q);
-    let k = into_contiguous(k);
-    let v = into_contiguous(v);
+    // K and V are read through their strides (a view of the KV cache's buffer is not copied);
+    // only the columns must be contiguous, and every index must stay in 32 bits.
+    let k = rows_contiguous(k);
+    let v = rows_contiguous(v);
+    for (what, x) in [("k span", &k), ("v span", &v)] {
+        let st = x.meta.strides();
+        let span = (kv_heads - 1) * st[0] + (s - 1) * st[1] + d;
+        if span > limit {
+            return Err(AttentionError::TooLarge { what, value: span, limit });
+        }
+    }
     let device = q.device.clone();
 
     let out: CubeTensor<R> = match out {
@@ -855,7 +871,6 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
         spans_t.into_tensor_arg(),
         t as u32,
         heads as u32,
-        s as u32,
         groups as u32,
         p.q_start as u32,
         p.k_start as u32,
