@@ -8,7 +8,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 
 use crate::attention::{flash, reference, AttentionParams};
 use crate::cpu;
-use crate::fused::reference as fused_ref;
+use crate::fused::{cube as fused, reference as fused_ref};
 use crate::nvfp4::Nvfp4Weight;
 use crate::{nvfp4_gemm, nvfp4_gemv};
 
@@ -100,5 +100,24 @@ impl<R: CubeRuntime, BT: BoolElement> Gemma4Backend for CubeBackend<R, f32, i32,
     fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
         // Every refusal (shape or limit outside the kernel's) happens before a launch.
         flash::fused_attention(q.clone(), k.clone(), v.clone(), params).unwrap_or_else(|_| reference::attention(q, k, v, params))
+    }
+
+    // The fused steps: one kernel each instead of a chain of element-wise launches.
+    fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
+        fused::rms_norm(x.clone(), weight.clone(), eps, None).unwrap_or_else(|_| fused_ref::rms_norm(x, weight, eps))
+    }
+
+    fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
+        fused::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale, None)
+            .unwrap_or_else(|_| fused_ref::rms_norm_add(residual, x, weight, eps, scale))
+    }
+
+    fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        fused::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone(), None)
+            .unwrap_or_else(|_| fused_ref::rms_norm_rope(x, weight, eps, cos, sin))
+    }
+
+    fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused::gelu_tanh_mul(gate.clone(), up.clone(), None).unwrap_or_else(|_| fused_ref::gelu_tanh_mul(gate, up))
     }
 }

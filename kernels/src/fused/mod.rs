@@ -9,4 +9,5 @@
 //!
 //! [`Gemma4Backend`](crate::Gemma4Backend) exposes each with the reference as its default.
 
+pub mod cube;
 pub mod reference;
