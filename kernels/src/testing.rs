@@ -10,11 +10,12 @@ impl Lcg {
     pub fn new(seed: u64) -> Self {
         Lcg(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
     }
+    /// 32 random bits (the high half of the state).
     pub fn next_u32(&mut self) -> u32 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
+        (self.0 >> 32) as u32
     }
-    /// Uniform in [0, 1).
+    /// Uniform in [0, 1), 24 bits.
     pub fn next_f32(&mut self) -> f32 {
         (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32
     }
