@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 
 use crate::attention::{flash, reference, AttentionParams};
-use crate::cpu;
+use crate::{cpu, cpu_dense};
 use crate::fused::{cube as fused, reference as fused_ref};
 use crate::nvfp4::Nvfp4Weight;
 use crate::{nvfp4_gemm, nvfp4_gemv};
@@ -49,13 +49,36 @@ pub trait Gemma4Backend: Backend {
     }
 }
 
-/// The CPU backend: the NVFP4 matmul of [`crate::cpu`] on the tensors' own buffers (no copy of the
-/// packed weight; x is copied only when it is not contiguous); the reference elsewhere.
+/// The CPU backend: the NVFP4 matmul of [`crate::cpu`] and the dense matmul of
+/// [`crate::cpu_dense`] on the tensors' own buffers (no copy of a weight; x is copied only when it
+/// is not contiguous); the reference elsewhere.
 impl Gemma4Backend for NdArray<f32, i32> {
+    fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        use burn::backend::ndarray::NdArrayTensor;
+        use burn::tensor::{TensorData, TensorPrimitive};
+
+        let ([m, inp], [w_in, out]) = (x.dims(), w.dims());
+        assert_eq!(inp, w_in, "dense_linear: x has {inp} features, the weight {w_in}");
+        let device = x.device();
+        let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), TensorPrimitive::Float(NdArrayTensor::F32(ws))) =
+            (x.clone().into_primitive(), w.clone().into_primitive())
+        else {
+            return x.matmul(w);
+        };
+        let (xv, wv) = (xs.view(), ws.view());
+        // The loader's weights are contiguous [in, out]; any other layout takes Burn's matmul.
+        let Some(wd) = wv.as_slice() else {
+            return x.matmul(w);
+        };
+        let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
+        let mut y = vec![0f32; m * out];
+        cpu_dense::dense_matmul(&xd, m, wd, inp, out, &mut y);
+        Tensor::from_data(TensorData::new(y, [m, out]), &device)
+    }
+
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
         use burn::backend::ndarray::NdArrayTensor;
         use burn::tensor::{TensorData, TensorPrimitive};
-        use std::borrow::Cow;
 
         let [m, inp] = x.dims();
         assert_eq!(inp, w.in_features, "nvfp4_linear: x has {inp} features, the weight {}", w.in_features);
@@ -71,13 +94,18 @@ impl Gemma4Backend for NdArray<f32, i32> {
             // Weights the loader built are contiguous; anything else takes the reference path.
             return w.forward_reference(x);
         };
-        let xd: Cow<[f32]> = match xv.as_slice() {
-            Some(s) => Cow::Borrowed(s),
-            None => Cow::Owned(xv.iter().copied().collect()),
-        };
+        let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
         let mut y = vec![0f32; m * w.out_features];
         cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
         Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device)
+    }
+}
+
+/// An ndarray view's elements in row-major order: its slice when it is contiguous, else a copy.
+fn contiguous<'a>(slice: Option<&'a [f32]>, copy: impl FnOnce() -> Vec<f32>) -> std::borrow::Cow<'a, [f32]> {
+    match slice {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(copy()),
     }
 }
 

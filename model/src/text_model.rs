@@ -272,6 +272,23 @@ pub fn load_norm<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usi
     Ok(RmsNorm::new(Some(Tensor::from_data(TensorData::new(w, [dim]), device)), eps))
 }
 
+/// `a` `[rows, cols]` row-major, transposed to `[cols, rows]`, in 32 × 32 tiles (cache-friendly
+/// for the 31B's large matrices).
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut t = vec![0f32; a.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    t[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+    t
+}
+
 /// A linear `prefix` with weight [out, in]: NVFP4 when `weight` is U8 and `weight_scale` exists.
 pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: usize, inp: usize, device: &B::Device) -> Result<Linear<B>, LoadError> {
     let wname = format!("{prefix}.weight");
@@ -282,8 +299,9 @@ pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: u
             return Err(LoadError::MissingTensor { name: sname });
         }
         let w = ckpt.float(&wname, &[out, inp])?;
-        // Stored transposed ([in, out]) so the forward is x · w.
-        let w = Tensor::<B, 2>::from_data(TensorData::new(w, [out, inp]), device).transpose();
+        // Stored transposed and contiguous ([in, out]) so the forward is x · w with rows of w
+        // along the outputs (what the CPU dense kernel streams; a transposed view is strided).
+        let w = Tensor::<B, 2>::from_data(TensorData::new(transpose(&w, out, inp), [inp, out]), device);
         return Ok(Linear::Dense(Param::from_tensor(w)));
     }
     if inp % GROUP_SIZE != 0 {

@@ -1,0 +1,125 @@
+//! Dense f32 matmul y = x · w (w [in, out]) on the CPU at the 31B attention projection shapes,
+//! [`gemma4_kernels::cpu_dense::dense_matmul`] against burn-ndarray's `Tensor::matmul` on the same
+//! data, next to the memory-read bandwidth measured in the same run:
+//! `cargo run --release -p gemma4-kernels --example cpu_dense_bench [rounds] [m,m,...]`.
+//!
+//! Rounds interleave every configuration (and the read baseline), so that all of them see the
+//! same background load; each call follows calls on other weights (every weight here is larger
+//! than the 32 MB L3), so no call finds its weight in the caches. Prints the best and worst wall
+//! time over the rounds, and GB/s (weight bytes, 4·in·out) and GFLOP/s (2·m·in·out) at the best
+//! time.
+
+use std::time::Instant;
+
+use burn::backend::NdArray;
+use burn::tensor::{Tensor, TensorData};
+use gemma4_kernels::cpu::{bench_read_bandwidth, Isa};
+use gemma4_kernels::cpu_dense::dense_matmul_with;
+use gemma4_kernels::testing::Lcg;
+
+type Cpu = NdArray<f32, i32>;
+
+/// (name, in, out) of the 31B text model (hidden 5376, 32 query heads; sliding layers: head_dim
+/// 256, 16 KV heads; full layers: head_dim 512, 4 KV heads, V from k_proj).
+const SHAPES: [(&str, usize, usize); 6] = [
+    ("sliding q_proj", 5376, 8192),
+    ("sliding k/v_proj", 5376, 4096),
+    ("sliding o_proj", 8192, 5376),
+    ("full q_proj", 5376, 16384),
+    ("full k_proj", 5376, 2048),
+    ("full o_proj", 16384, 5376),
+];
+
+fn random(rng: &mut Lcg, n: usize) -> Vec<f32> {
+    (0..n).map(|_| ((rng.next_u32() >> 7) & 0xff_ffff) as f32 / (1u32 << 23) as f32 - 1.0).collect()
+}
+
+/// Best and worst seconds of one configuration over the rounds.
+#[derive(Clone, Copy)]
+struct Range(f64, f64);
+
+impl Range {
+    fn new() -> Self {
+        Range(f64::INFINITY, 0.0)
+    }
+    fn add(&mut self, s: f64) {
+        self.0 = self.0.min(s);
+        self.1 = self.1.max(s);
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let ms: Vec<usize> =
+        args.next().map(|a| a.split(',').map(|v| v.parse().expect("m list: 1,16,256")).collect()).unwrap_or(vec![1, 16, 256]);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let isa = Isa::detect();
+    let device = Default::default();
+
+    let mut rng = Lcg::new(11);
+    let weights: Vec<Vec<f32>> = SHAPES.iter().map(|&(_, i, o)| random(&mut rng, i * o)).collect();
+    let wt: Vec<Tensor<Cpu, 2>> =
+        SHAPES.iter().zip(&weights).map(|(&(_, i, o), w)| Tensor::from_data(TensorData::new(w.clone(), [i, o]), &device)).collect();
+    let max_m = *ms.iter().max().unwrap_or(&1);
+    let xs = random(&mut rng, max_m * 16384);
+    let mut y = vec![0f32; max_m * 16384];
+
+    let n = SHAPES.len() * ms.len();
+    let (mut ours, mut nd) = (vec![Range::new(); n], vec![Range::new(); n]);
+    let (mut read1, mut read_all) = (Range::new(), Range::new());
+    for round in 0..rounds.max(1) {
+        let gbs = |t: usize| 1.0 / bench_read_bandwidth(256 << 20, t, 1);
+        read1.add(gbs(1));
+        read_all.add(gbs(threads));
+        for (mi, &m) in ms.iter().enumerate() {
+            for (si, &(_, inp, out)) in SHAPES.iter().enumerate() {
+                let c = mi * SHAPES.len() + si;
+                let x = &xs[..m * inp];
+                let t = Instant::now();
+                dense_matmul_with(isa, threads, x, m, &weights[si], inp, out, &mut y[..m * out]);
+                ours[c].add(t.elapsed().as_secs_f64());
+                let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_vec(), [m, inp]), &device);
+                let t = Instant::now();
+                let yt = xt.matmul(wt[si].clone());
+                nd[c].add(t.elapsed().as_secs_f64());
+                std::hint::black_box(yt);
+            }
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    std::hint::black_box(&y);
+
+    // read1/read_all hold seconds per GB: best = highest bandwidth.
+    println!(
+        "memory read (256 MB sum): 1 thread {:.1}-{:.1} GB/s, {threads} threads {:.1}-{:.1} GB/s ({rounds} rounds, worst-best)",
+        1.0 / read1.1,
+        1.0 / read1.0,
+        1.0 / read_all.1,
+        1.0 / read_all.0
+    );
+    println!("ours: {isa:?}, {threads} threads; ndarray: burn-ndarray Tensor::matmul (matrixmultiply sgemm). GB/s = 4·in·out bytes / best time");
+    println!(
+        "{:<17} {:>5} {:>5} {:>4} | {:>19} {:>5} {:>6} | {:>19} {:>5} {:>6} | {:>7}",
+        "shape", "in", "out", "m", "ours ms (best-worst)", "GB/s", "GFLOP/s", "ndarray ms", "GB/s", "GFLOP/s", "speedup"
+    );
+    for (mi, &m) in ms.iter().enumerate() {
+        for (si, &(name, inp, out)) in SHAPES.iter().enumerate() {
+            let c = mi * SHAPES.len() + si;
+            let (bytes, flop) = ((4 * inp * out) as f64, (2 * m * inp * out) as f64);
+            let (o, d) = (ours[c], nd[c]);
+            println!(
+                "{name:<17} {inp:>5} {out:>5} {m:>4} | {:>9.2}-{:<9.2} {:>5.1} {:>7.1} | {:>9.2}-{:<9.2} {:>5.2} {:>7.1} | {:>6.1}x",
+                o.0 * 1e3,
+                o.1 * 1e3,
+                bytes / o.0 / 1e9,
+                flop / o.0 / 1e9,
+                d.0 * 1e3,
+                d.1 * 1e3,
+                bytes / d.0 / 1e9,
+                flop / d.0 / 1e9,
+                d.0 / o.0
+            );
+        }
+    }
+}
