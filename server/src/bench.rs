@@ -10,6 +10,7 @@ use anyhow::{anyhow, Result};
 use burn::tensor::{Distribution, Tensor, TensorData};
 use gemma4_model::nvfp4::{scale_words_per_row, Nvfp4Weight, GROUP_SIZE};
 use gemma4_model::kernels::attention::{reference, AttentionParams};
+use gemma4_model::kernels::fused::reference as fused_ref;
 use gemma4_model::generation::{sample, Rng};
 use gemma4_model::{Gemma4Backend, KvCache, Logits, Model, SamplingParams};
 use serde_json::{json, Value};
@@ -185,19 +186,48 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
     attention(&mut rows, "attention prefill, full", prefill_rows, prefill_rows, 4, 512, None)?;
     attention(&mut rows, "attention prefill, sliding", prefill_rows, prefill_rows, 16, 256, Some(1024))?;
 
-    // Dense linears stay Burn's matmul (bf16 in the checkpoint; f32 on these backends): the
-    // k_proj of a sliding layer [4096, 5376] at decode (q_proj's 176 MB in f32 is over wgpu's
-    // default buffer limit).
+    // The fused steps around the matmuls, at decode (m = 1) and prefill rows; the reference is
+    // the chain of Burn ops they replace. Bytes: every input read once, the output written once.
+    let unif = |shape: [usize; 2]| Tensor::<B, 2>::random(shape, Distribution::Uniform(-1.0, 1.0), device);
+    for m in [1usize, prefill_rows] {
+        let (h, x, w) = (unif([m, 5376]), unif([m, 5376]), Tensor::<B, 1>::random([5376], Distribution::Uniform(0.5, 1.5), device));
+        let seconds = time::<B, _>(device, repeats, || B::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?;
+        let reference_seconds = if with_reference { Some(time::<B, _>(device, repeats, || fused_ref::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?) } else { None };
+        rows.push(Row { kernel: "rms_norm_add (sandwich norm)".into(), shape: format!("m={m} dim=5376"), seconds, bytes: ((3 * m + 1) * 5376 * 4) as f64, flops: 0.0, reference_seconds });
+
+        let q = Tensor::<B, 3>::random([m, 32, 256], Distribution::Uniform(-1.0, 1.0), device);
+        let (cos, sin, qw) = (unif([m, 256]), unif([m, 256]), Tensor::<B, 1>::random([256], Distribution::Uniform(0.5, 1.5), device));
+        let seconds = time::<B, _>(device, repeats, || B::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?;
+        let reference_seconds = if with_reference {
+            Some(time::<B, _>(device, repeats, || fused_ref::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?)
+        } else {
+            None
+        };
+        rows.push(Row { kernel: "rms_norm_rope (q, sliding)".into(), shape: format!("t={m} heads=32 d=256"), seconds, bytes: ((2 * m * 32 * 256 + 2 * m * 256 + 256) * 4) as f64, flops: 0.0, reference_seconds });
+
+        let (gate, up) = (unif([m, 21504]), unif([m, 21504]));
+        let seconds = time::<B, _>(device, repeats, || B::gelu_tanh_mul(gate.clone(), up.clone()))?;
+        let reference_seconds = if with_reference { Some(time::<B, _>(device, repeats, || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()))?) } else { None };
+        rows.push(Row { kernel: "gelu_tanh_mul (MLP gate)".into(), shape: format!("m={m} width=21504"), seconds, bytes: (3 * m * 21504 * 4) as f64, flops: 0.0, reference_seconds });
+    }
+
+    // Dense linears (bf16 in the checkpoint; f32 on these backends) through the backend's
+    // `dense_linear`, against Burn's matmul: the k_proj of a sliding layer [4096, 5376] (q_proj's
+    // 176 MB in f32 is over wgpu's default buffer limit).
     let w = Tensor::<B, 2>::random([5376, 4096], Distribution::Uniform(-0.1, 0.1), device);
-    let x = Tensor::<B, 2>::random([1, 5376], Distribution::Uniform(-1.0, 1.0), device);
-    rows.push(Row {
-        kernel: "dense k_proj (Burn matmul, f32)".into(),
-        shape: "m=1 out=4096 in=5376".into(),
-        seconds: time::<B, _>(device, repeats, || x.clone().matmul(w.clone()))?,
-        bytes: (5376 * 4096 * 4) as f64,
-        flops: (2 * 5376 * 4096) as f64,
-        reference_seconds: None,
-    });
+    for m in [1usize, 16, prefill_rows] {
+        let x = unif([m, 5376]);
+        let seconds = time::<B, _>(device, repeats, || B::dense_linear(x.clone(), w.clone()))?;
+        let reference_seconds = if with_reference { Some(time::<B, _>(device, repeats.min(3), || x.clone().matmul(w.clone()))?) } else { None };
+        rows.push(Row {
+            kernel: "dense k_proj (f32)".into(),
+            shape: format!("m={m} out=4096 in=5376"),
+            seconds,
+            bytes: ((5376 * 4096 + m * (5376 + 4096)) * 4) as f64,
+            flops: (2 * m * 5376 * 4096) as f64,
+            reference_seconds,
+        });
+    }
 
     let table: Vec<Value> = rows
         .iter()
