@@ -8,7 +8,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 
 use crate::attention::{flash, reference, AttentionParams};
 use crate::{cpu, cpu_dense};
-use crate::fused::{cube as fused, reference as fused_ref};
+use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::Nvfp4Weight;
 use crate::{nvfp4_gemm, nvfp4_gemv};
 
@@ -76,6 +76,57 @@ impl Gemma4Backend for NdArray<f32, i32> {
         Tensor::from_data(TensorData::new(y, [m, out]), &device)
     }
 
+    // The fused steps as single passes over the rows (see `fused::cpu`).
+    fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
+        let [rows, dim] = x.dims();
+        if rows * dim == 0 {
+            return fused_ref::rms_norm(x, weight, eps);
+        }
+        let mut out = vec![0f32; rows * dim];
+        with_host(&x, |xs| match &weight {
+            Some(w) => with_host(w, |ws| fused_cpu::rms_norm(xs, dim, Some(ws), eps, None, &mut out)),
+            None => fused_cpu::rms_norm(xs, dim, None, eps, None, &mut out),
+        });
+        Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device())
+    }
+
+    fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
+        let [rows, dim] = x.dims();
+        if rows * dim == 0 || residual.dims() != x.dims() {
+            return fused_ref::rms_norm_add(residual, x, weight, eps, scale);
+        }
+        let mut out = vec![0f32; rows * dim];
+        with_host(&x, |xs| with_host(&weight, |ws| with_host(&residual, |hs| fused_cpu::rms_norm(xs, dim, Some(ws), eps, Some((hs, scale)), &mut out))));
+        Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device())
+    }
+
+    fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        let [t, heads, d] = x.dims();
+        if t * heads * d == 0 || d % 2 != 0 || cos.dims() != [t, d] || sin.dims() != [t, d] {
+            return fused_ref::rms_norm_rope(x, weight, eps, cos, sin);
+        }
+        let mut out = vec![0f32; t * heads * d];
+        with_host(&x, |xs| {
+            with_host(&cos, |cs| {
+                with_host(&sin, |ss| match &weight {
+                    Some(w) => with_host(w, |ws| fused_cpu::rms_norm_rope(xs, heads, d, Some(ws), eps, cs, ss, &mut out)),
+                    None => fused_cpu::rms_norm_rope(xs, heads, d, None, eps, cs, ss, &mut out),
+                })
+            })
+        });
+        Tensor::from_data(TensorData::new(out, [t, heads, d]), &x.device())
+    }
+
+    fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let dims = gate.dims();
+        if up.dims() != dims {
+            return fused_ref::gelu_tanh_mul(gate, up);
+        }
+        let mut out = vec![0f32; dims[0] * dims[1]];
+        with_host(&gate, |gs| with_host(&up, |us| fused_cpu::gelu_tanh_mul(gs, us, &mut out)));
+        Tensor::from_data(TensorData::new(out, dims), &gate.device())
+    }
+
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
         use burn::backend::ndarray::NdArrayTensor;
         use burn::tensor::{TensorData, TensorPrimitive};
@@ -98,6 +149,20 @@ impl Gemma4Backend for NdArray<f32, i32> {
         let mut y = vec![0f32; m * w.out_features];
         cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
         Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device)
+    }
+}
+
+/// Runs `f` on an ndarray tensor's f32 elements in row-major order: its own buffer when it is
+/// contiguous, else a copy.
+fn with_host<const D: usize, R>(t: &Tensor<NdArray<f32, i32>, D>, f: impl FnOnce(&[f32]) -> R) -> R {
+    use burn::backend::ndarray::NdArrayTensor;
+    use burn::tensor::TensorPrimitive;
+    match t.clone().into_primitive() {
+        TensorPrimitive::Float(NdArrayTensor::F32(a)) => {
+            let v = a.view();
+            f(&contiguous(v.as_slice(), || v.iter().copied().collect()))
+        }
+        _ => f(&t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()),
     }
 }
 

@@ -7,7 +7,9 @@
 //! - `rms_norm_rope`: the q/k norm per head followed by rotate-half RoPE;
 //! - `gelu_tanh_mul`: the MLP gate, `gelu_tanh(gate)·up`.
 //!
-//! [`Gemma4Backend`](crate::Gemma4Backend) exposes each with the reference as its default.
+//! [`Gemma4Backend`](crate::Gemma4Backend) exposes each with the reference as its default;
+//! [`cube`] holds the CubeCL kernels (wgpu, CUDA), [`cpu`] the loops of the ndarray backend.
 
+pub mod cpu;
 pub mod cube;
 pub mod reference;
