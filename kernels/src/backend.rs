@@ -6,7 +6,7 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 
-use crate::attention::{flash, reference, AttentionParams};
+use crate::attention::{self, flash, reference, AttentionParams};
 use crate::{cpu, cpu_dense};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::Nvfp4Weight;
@@ -74,6 +74,16 @@ impl Gemma4Backend for NdArray<f32, i32> {
         let mut y = vec![0f32; m * out];
         cpu_dense::dense_matmul(&xd, m, wd, inp, out, &mut y);
         Tensor::from_data(TensorData::new(y, [m, out]), &device)
+    }
+
+    fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
+        let ([t, heads, d], [kv_heads, s, dk]) = (q.dims(), k.dims());
+        if dk != d || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return reference::attention(q, k, v, params);
+        }
+        let mut out = vec![0f32; t * heads * d];
+        with_host(&q, |qs| with_host(&k, |ks| with_host(&v, |vs| attention::cpu::attention(qs, ks, vs, t, heads, kv_heads, s, d, params, &mut out))));
+        Tensor::from_data(TensorData::new(out, [t, heads * d]), &q.device())
     }
 
     // The fused steps as single passes over the rows (see `fused::cpu`).

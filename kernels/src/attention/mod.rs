@@ -1,10 +1,11 @@
 //! Attention of the Gemma 4 towers: the parameters every path shares, the plain Burn reference,
-//! and the fused CubeCL kernels beside it.
+//! and beside it the fused CubeCL kernels (`flash`) and the CPU loops of the ndarray backend (`cpu`).
 //!
 //! Layout (the KV cache's): q `[t, heads, d]`, k and v `[kv_heads, s, d]`; query head h reads KV
 //! head h / (heads / kv_heads) (transformers' `repeat_kv` order); the output is `[t, heads · d]`.
 //! Query i sits at absolute position `q_start + i`, key j at `k_start + j`.
 
+pub mod cpu;
 pub mod flash;
 pub mod reference;
 
