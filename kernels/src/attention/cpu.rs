@@ -9,10 +9,17 @@
 //! (as the fused CubeCL kernel; the reference would give NaN).
 
 use super::AttentionParams;
+use crate::cpu::Isa;
 
 /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` (row-major) -> out `[t, heads · d]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_heads: usize, s: usize, d: usize, p: &AttentionParams, out: &mut [f32]) {
+    attention_with(Isa::detect(), q, k, v, t, heads, kv_heads, s, d, p, out)
+}
+
+/// [`attention`] on a given instruction set (tests run every one the CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(isa: Isa, q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_heads: usize, s: usize, d: usize, p: &AttentionParams, out: &mut [f32]) {
     assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "attention: {heads} heads over {kv_heads} KV heads");
     assert_eq!(q.len(), t * heads * d, "attention: q is not [{t}, {heads}, {d}]");
     assert_eq!((k.len(), v.len()), (kv_heads * s * d, kv_heads * s * d), "attention: k/v are not [{kv_heads}, {s}, {d}]");
@@ -21,6 +28,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_hea
         return;
     }
     let rows = t * heads;
+    let row = row_for(isa);
     // Below ~1M multiply-adds a second thread costs more than it saves.
     let threads = if rows * s * d < (1 << 20) { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows) };
     let per = rows.div_ceil(threads.max(1));
@@ -41,7 +49,36 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_hea
     });
 }
 
+type RowFn = fn(&[f32], &[f32], &[f32], usize, usize, usize, usize, usize, &AttentionParams, &mut Vec<f32>, &mut [f32]);
+
+/// [`row`] compiled for the widest vectors the CPU has (the build's baseline is SSE2): the same
+/// code, autovectorized with AVX2 or AVX-512 inside a `#[target_feature]` function.
+fn row_for(isa: Isa) -> RowFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        fn avx2(q: &[f32], k: &[f32], v: &[f32], r: usize, h: usize, kvh: usize, s: usize, d: usize, p: &AttentionParams, sc: &mut Vec<f32>, o: &mut [f32]) {
+            row(q, k, v, r, h, kvh, s, d, p, sc, o)
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        fn avx512(q: &[f32], k: &[f32], v: &[f32], r: usize, h: usize, kvh: usize, s: usize, d: usize, p: &AttentionParams, sc: &mut Vec<f32>, o: &mut [f32]) {
+            row(q, k, v, r, h, kvh, s, d, p, sc, o)
+        }
+        // SAFETY (both): `Isa::detect` reports a path only when the CPU has its features.
+        match isa {
+            Isa::Avx512 => return |q, k, v, r, h, kvh, s, d, p, sc, o| unsafe { avx512(q, k, v, r, h, kvh, s, d, p, sc, o) },
+            Isa::Avx2 => return |q, k, v, r, h, kvh, s, d, p, sc, o| unsafe { avx2(q, k, v, r, h, kvh, s, d, p, sc, o) },
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    row
+}
+
 /// One (query, head) row: `row` = i · heads + h.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn row(q: &[f32], k: &[f32], v: &[f32], row: usize, heads: usize, kv_heads: usize, s: usize, d: usize, p: &AttentionParams, scores: &mut Vec<f32>, o: &mut [f32]) {
     let (i, h) = (row / heads, row % heads);
@@ -88,6 +125,7 @@ fn row(q: &[f32], k: &[f32], v: &[f32], row: usize, heads: usize, kv_heads: usiz
 }
 
 /// a · b in f32 with 8 partial sums (vectorizable).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -143,11 +181,13 @@ mod tests {
             .into_data()
             .to_vec()
             .unwrap();
-            let mut out = vec![f32::NAN; t * heads * d];
-            attention(&q, &k, &v, t, heads, kv, s, d, &p, &mut out);
-            let v_max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let err = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(out.iter().all(|x| x.is_finite()) && err <= 1e-5 * v_max, "case {n} (t {t} s {s} d {d}): max |Δ| {err:e}");
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; t * heads * d];
+                attention_with(isa, &q, &k, &v, t, heads, kv, s, d, &p, &mut out);
+                let v_max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(out.iter().all(|x| x.is_finite()) && err <= 1e-5 * v_max, "case {n} (t {t} s {s} d {d}) {isa:?}: max |Δ| {err:e}");
+            }
         }
     }
 
