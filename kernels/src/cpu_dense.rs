@@ -509,18 +509,20 @@ unsafe fn gemm_tile<S: Simd, const MR: usize, const NV: usize>(
 unsafe fn gemm_cols<S: Simd, const MR: usize, const NV: usize>(p: &Dense, c0: usize, c1: usize) {
     let nr = NV * S::W;
     let ng = p.m.div_ceil(MR);
+    // Buffers sized to this call (a small linear must not zero KC·NC floats per call).
+    let kc = KC.min(p.inp);
     // Packed x for one block of inputs, [group][k][MR] (groups KC·MR apart; rows past m stay
     // zero), and packed w for one block of inputs and columns, [panel][k][NR] (columns past the
     // block zero). Panels are one cache line more than KC·NR apart: the packing writes a row into
     // every panel, and panels a power of two apart would fall on the same L1 sets.
-    let mut xbuf = AlignedBuf::zeroed(ng * KC * MR);
-    let pstride = KC * nr + 16;
-    let mut wbuf = AlignedBuf::zeroed(NC.div_ceil(nr) * pstride);
+    let mut xbuf = AlignedBuf::zeroed(ng * kc * MR);
+    let pstride = kc * nr + 16;
+    let mut wbuf = AlignedBuf::zeroed(NC.min(c1 - c0).div_ceil(nr) * pstride);
     let (xp, wp) = (xbuf.as_mut_ptr(), wbuf.as_mut_ptr());
     for kb in (0..p.inp).step_by(KC) {
         let kn = KC.min(p.inp - kb);
         for g in 0..ng {
-            let dst = xp.add(g * KC * MR);
+            let dst = xp.add(g * kc * MR);
             for r in 0..MR.min(p.m - g * MR) {
                 let src = p.x.add((g * MR + r) * p.inp + kb);
                 for k in 0..kn {
@@ -560,7 +562,7 @@ unsafe fn gemm_cols<S: Simd, const MR: usize, const NV: usize>(p: &Dense, c0: us
                 for pi in 0..np {
                     let cols = nr.min(ncols - pi * nr);
                     let y = p.y.add(g * MR * p.out + nb + pi * nr);
-                    gemm_tile::<S, MR, NV>(kn, xp.add(g * KC * MR), wp.add(pi * pstride), y, p.out, rows, cols, kb == 0);
+                    gemm_tile::<S, MR, NV>(kn, xp.add(g * kc * MR), wp.add(pi * pstride), y, p.out, rows, cols, kb == 0);
                 }
             }
         }
