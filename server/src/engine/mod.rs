@@ -37,7 +37,7 @@ pub trait StepModel: 'static {
     type Cache;
     /// The soft tokens (vision tower output) of one request's images, all images concatenated
     /// in prompt order: one row per image placeholder of the prompt.
-    type Soft;
+    type Soft: Clone;
     fn new_cache(&self) -> Self::Cache;
     /// Runs `tokens` (the continuation of the sequence in `cache`); logits of the last one.
     fn forward_last(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>, String>;
@@ -307,6 +307,10 @@ struct Seq<C, S> {
 fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<Command>, stats: &EngineStats) {
     let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
     let mut running: Vec<Seq<M::Cache, M::Soft>> = Vec::new();
+    // The last images encoded and their soft tokens: the `n` choices of one request carry the
+    // same images (the same `Arc`s), which are encoded once. Dropped when no sequence still
+    // prefilling, or waiting, carries them.
+    let mut encoded: Option<(Vec<Arc<PreprocessedImage>>, M::Soft)> = None;
     loop {
         // Take new work: block only when there is nothing to do.
         let mut shutdown = false;
@@ -365,7 +369,7 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             let placeholders = image_id.map_or(0, |id| chunk.iter().filter(|&&t| t == id).count());
             let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>, String> {
                 if seq.prefilled == 0 && !seq.sub.req.images.is_empty() {
-                    seq.soft = encode_request_images(model, &seq.sub.req, image_id)?;
+                    seq.soft = encode_request_images(model, &seq.sub.req, image_id, &mut encoded)?;
                 }
                 let rows = seq.soft_used..seq.soft_used + placeholders;
                 model.forward_prefill(chunk, seq.soft.as_ref().map(|s| (s, rows)), &mut seq.cache)
@@ -390,6 +394,13 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             }
         }
         running = still;
+        if let Some((images, _)) = &encoded {
+            let needed = running.iter().any(|s| s.prefilled == 0 && same_images(&s.sub.req.images, images))
+                || waiting.iter().any(|s| same_images(&s.req.images, images));
+            if !needed {
+                encoded = None;
+            }
+        }
 
         // One decode step for every running sequence: sample and report each one's next token,
         // then run all continuing sequences through the model together.
@@ -470,8 +481,14 @@ fn chunk_end(prompt: &[u32], start: usize, budget: usize, image_id: Option<u32>)
 }
 
 /// Checks that the request's images match its placeholders (one run of `num_soft_tokens` per
-/// image, in order) and encodes them.
-fn encode_request_images<M: StepModel>(model: &M, req: &EngineRequest, image_id: Option<u32>) -> Result<Option<M::Soft>, String> {
+/// image, in order) and encodes them, or takes the soft tokens of `encoded` when those are of the
+/// same images (another choice of the same request).
+fn encode_request_images<M: StepModel>(
+    model: &M,
+    req: &EngineRequest,
+    image_id: Option<u32>,
+    encoded: &mut Option<(Vec<Arc<PreprocessedImage>>, M::Soft)>,
+) -> Result<Option<M::Soft>, String> {
     let Some(id) = image_id else {
         return Err("this model does not take images".into());
     };
@@ -480,7 +497,21 @@ fn encode_request_images<M: StepModel>(model: &M, req: &EngineRequest, image_id:
     if runs != expected {
         return Err(format!("the prompt's image placeholder runs {runs:?} do not match the images' soft-token counts {expected:?}"));
     }
-    model.encode_images(&req.images)
+    if let Some((images, soft)) = encoded {
+        if same_images(images, &req.images) {
+            return Ok(Some(soft.clone()));
+        }
+    }
+    let soft = model.encode_images(&req.images)?;
+    if let Some(s) = &soft {
+        *encoded = Some((req.images.clone(), s.clone()));
+    }
+    Ok(soft)
+}
+
+/// The same image objects in the same order (not merely equal pixels).
+fn same_images(a: &[Arc<PreprocessedImage>], b: &[Arc<PreprocessedImage>]) -> bool {
+    !a.is_empty() && a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
 fn is_gone(sub: &Submitted) -> bool {
@@ -540,6 +571,7 @@ mod tests {
     /// Records every prefill chunk and the soft rows it was given.
     struct Recording {
         log: Arc<Mutex<Chunks>>,
+        encodes: Arc<AtomicUsize>,
     }
 
     impl StepModel for Recording {
@@ -553,6 +585,7 @@ mod tests {
             Some(5)
         }
         fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Vec<u32>>, String> {
+            self.encodes.fetch_add(1, Ordering::SeqCst);
             let n: usize = images.iter().map(|i| i.num_soft_tokens).sum();
             Ok(Some((0..n as u32).collect()))
         }
@@ -590,23 +623,48 @@ mod tests {
     }
 
     fn run(prompt: Vec<u32>, images: Vec<Arc<PreprocessedImage>>) -> (Chunks, Vec<EngineEvent>) {
+        let (log, mut events, _) = run_all(vec![request(prompt, images)]);
+        (log, events.remove(0))
+    }
+
+    /// Runs the requests to completion together; the events of each, and the encode calls.
+    fn run_all(requests: Vec<EngineRequest>) -> (Chunks, Vec<Vec<EngineEvent>>, usize) {
         let log = Arc::new(Mutex::new(vec![]));
-        let l = log.clone();
+        let encodes = Arc::new(AtomicUsize::new(0));
+        let (l, e) = (log.clone(), encodes.clone());
         let config = EngineConfig { max_num_seqs: 2, prefill_chunk: 3, max_waiting: 4 };
-        let (engine, thread) = Engine::start(config, move || Ok(Recording { log: l })).unwrap();
-        let mut h = engine.submit(request(prompt, images)).unwrap();
-        let mut events = vec![];
-        while let Some(e) = h.events.blocking_recv() {
-            let done = !matches!(e, EngineEvent::Token { .. });
-            events.push(e);
-            if done {
-                break;
+        let (engine, thread) = Engine::start(config, move || Ok(Recording { log: l, encodes: e })).unwrap();
+        let handles: Vec<_> = requests.into_iter().map(|r| engine.submit(r).unwrap()).collect();
+        let mut all = vec![];
+        for mut h in handles {
+            let mut events = vec![];
+            while let Some(e) = h.events.blocking_recv() {
+                let done = !matches!(e, EngineEvent::Token { .. });
+                events.push(e);
+                if done {
+                    break;
+                }
             }
+            all.push(events);
         }
         engine.shutdown();
         thread.join().unwrap();
         let log = log.lock().unwrap().clone();
-        (log, events)
+        (log, all, encodes.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn choices_of_one_request_encode_their_images_once() {
+        // `n` choices carry the same image objects: one encode, each choice gets the soft rows.
+        let prompt = vec![1, 9, 5, 5, 5, 5, 8];
+        let images = vec![image(4)];
+        let (log, events, encodes) = run_all(vec![request(prompt.clone(), images.clone()), request(prompt.clone(), images)]);
+        assert_eq!(encodes, 1);
+        assert_eq!(log.iter().filter(|(_, rows)| *rows == (0..4)).count(), 2, "{log:?}");
+        assert!(events.iter().all(|e| matches!(e.last(), Some(EngineEvent::Finished { .. }))), "{events:?}");
+        // Equal images in distinct objects (two requests) are encoded each.
+        let (_, _, encodes) = run_all(vec![request(prompt.clone(), vec![image(4)]), request(prompt, vec![image(4)])]);
+        assert_eq!(encodes, 2);
     }
 
     #[test]
