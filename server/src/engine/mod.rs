@@ -308,14 +308,22 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
     let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
     let mut running: Vec<Seq<M::Cache, M::Soft>> = Vec::new();
     // The last images encoded and their soft tokens: the `n` choices of one request carry the
-    // same images (the same `Arc`s), which are encoded once. Dropped when no sequence still
-    // prefilling, or waiting, carries them.
+    // same images (the same `Arc`s), which are encoded once. Replaced by the next encode, and
+    // dropped when the engine goes idle.
     let mut encoded: Option<(Vec<Arc<PreprocessedImage>>, M::Soft)> = None;
     loop {
         // Take new work: block only when there is nothing to do.
         let mut shutdown = false;
         if running.is_empty() && waiting.is_empty() {
-            match rx.recv() {
+            let next = match rx.try_recv() {
+                Ok(c) => Ok(c),
+                Err(mpsc::TryRecvError::Empty) => {
+                    encoded = None; // idle: nothing submitted can share them any more
+                    rx.recv().map_err(|_| ())
+                }
+                Err(mpsc::TryRecvError::Disconnected) => Err(()),
+            };
+            match next {
                 Ok(Command::Submit(s)) => waiting.push_back(s),
                 Ok(Command::Shutdown) | Err(_) => shutdown = true,
             }
@@ -394,13 +402,6 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             }
         }
         running = still;
-        if let Some((images, _)) = &encoded {
-            let needed = running.iter().any(|s| s.prefilled == 0 && same_images(&s.sub.req.images, images))
-                || waiting.iter().any(|s| same_images(&s.req.images, images));
-            if !needed {
-                encoded = None;
-            }
-        }
 
         // One decode step for every running sequence: sample and report each one's next token,
         // then run all continuing sequences through the model together.
@@ -572,6 +573,8 @@ mod tests {
     struct Recording {
         log: Arc<Mutex<Chunks>>,
         encodes: Arc<AtomicUsize>,
+        /// Held by the test while it submits, so that encoding waits for every submission.
+        gate: Arc<Mutex<()>>,
     }
 
     impl StepModel for Recording {
@@ -585,6 +588,7 @@ mod tests {
             Some(5)
         }
         fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Vec<u32>>, String> {
+            let _submitted = self.gate.lock().unwrap();
             self.encodes.fetch_add(1, Ordering::SeqCst);
             let n: usize = images.iter().map(|i| i.num_soft_tokens).sum();
             Ok(Some((0..n as u32).collect()))
@@ -631,10 +635,13 @@ mod tests {
     fn run_all(requests: Vec<EngineRequest>) -> (Chunks, Vec<Vec<EngineEvent>>, usize) {
         let log = Arc::new(Mutex::new(vec![]));
         let encodes = Arc::new(AtomicUsize::new(0));
-        let (l, e) = (log.clone(), encodes.clone());
+        let gate = Arc::new(Mutex::new(()));
+        let (l, e, g) = (log.clone(), encodes.clone(), gate.clone());
         let config = EngineConfig { max_num_seqs: 2, prefill_chunk: 3, max_waiting: 4 };
-        let (engine, thread) = Engine::start(config, move || Ok(Recording { log: l, encodes: e })).unwrap();
+        let (engine, thread) = Engine::start(config, move || Ok(Recording { log: l, encodes: e, gate: g })).unwrap();
+        let submitting = gate.lock().unwrap();
         let handles: Vec<_> = requests.into_iter().map(|r| engine.submit(r).unwrap()).collect();
+        drop(submitting);
         let mut all = vec![];
         for mut h in handles {
             let mut events = vec![];
