@@ -815,6 +815,11 @@ def write_readme(fixtures_dir: str, summaries: list[dict], vers: dict) -> None:
         "`<|tool_response>response:NAME{...}<tool_response|>` inside the model turn (strings between `<|\"|>`,",
         "other values bare, keys sorted), and `<|image|>` / `<|audio|>` / `<|video|>` for media parts.",
         "",
+        "`tiny-vision` (the 31B text recipe plus a 2-layer vision tower, test images, and the reference's pixel",
+        "values, soft tokens and multimodal logits and greedy outputs) is written by",
+        "`conformance/fixtures_gen/generate_vision.py`, which `run.sh` also runs; its own `tiny-vision/README.md`",
+        "and `tiny-vision/MANIFEST.json` describe it.",
+        "",
     ]
     with open(os.path.join(fixtures_dir, "README.md"), "w") as fh:
         fh.write("\n".join(lines))
