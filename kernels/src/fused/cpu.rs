@@ -46,6 +46,7 @@ pub fn rms_norm(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f64, residua
 }
 
 /// Per-head RMSNorm then rotate-half RoPE: x and out `[t, heads, d]`, cos/sin `[t, d]`.
+#[allow(clippy::too_many_arguments)]
 pub fn rms_norm_rope(x: &[f32], heads: usize, d: usize, weight: Option<&[f32]>, eps: f64, cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let t = cos.len() / d.max(1);
     assert!(d > 0 && d.is_multiple_of(2), "rms_norm_rope: head_dim {d} must be even");
