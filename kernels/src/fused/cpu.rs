@@ -3,24 +3,12 @@
 //! burn's gelu calling `powf`, `tanh` and `expm1` per element). Rows are independent, so the
 //! loops are plain and LLVM vectorizes them; sums are f32 in 8 lanes, like a SIMD reduction.
 
+use crate::attention::cpu::dot;
 use crate::cpu::Isa;
-
-/// Σ v² in f32, 8 partial sums (vectorizable, and closer to the exact sum than one chain).
-fn sum_squares(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x * x;
-        }
-    }
-    acc.iter().sum::<f32>() + tail.iter().map(|x| x * x).sum::<f32>()
-}
 
 /// `(mean(x²) + eps)^-½` of one row, as the reference forms it (f32 mean, then the power).
 fn inv_rms(row: &[f32], eps: f64) -> f32 {
-    (sum_squares(row) / row.len() as f32 + eps as f32).powf(-0.5)
+    (dot(row, row) / row.len() as f32 + eps as f32).powf(-0.5)
 }
 
 /// RMSNorm of `rows` rows of `dim`: `out = x · r · w` (w = 1 when None), or with `residual`,
