@@ -20,7 +20,7 @@ pub mod vision;
 pub mod weights;
 
 #[doc(hidden)]
-pub use gemma4_kernels::testing;
+pub mod testing;
 pub use gemma4_kernels::Gemma4Backend;
 /// The kernels crate (attention parameters and references, NVFP4 format), for benches and tools.
 pub use gemma4_kernels as kernels;

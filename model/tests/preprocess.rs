@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use gemma4_model::testing::png_header;
 use gemma4_model::vision::preprocess::{
     aspect_ratio_preserving_size, decode_image, preprocess, resize_bicubic_antialias, DecodeLimits, ImageProcessorConfig,
     PreprocessError, PreprocessedImage, RESCALE_FACTOR, SUPPORTED_SOFT_TOKENS,
@@ -308,34 +309,6 @@ fn size_edge_cases_and_errors() {
     for b in [0, 1, 69, 71, 280 * 9, usize::MAX] {
         assert_eq!(preprocess(&img, &cfg, b), Err(PreprocessError::UnsupportedBudget { budget: b }));
     }
-}
-
-fn png_header(width: u32, height: u32, color_type: u8) -> Vec<u8> {
-    fn crc32(data: &[u8]) -> u32 {
-        let mut c = 0xFFFF_FFFFu32;
-        for &b in data {
-            c ^= u32::from(b);
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-        }
-        !c
-    }
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(width.to_be_bytes());
-    ihdr.extend(height.to_be_bytes());
-    ihdr.extend([8, color_type, 0, 0, 0]);
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    out.extend(13u32.to_be_bytes());
-    out.extend(&ihdr);
-    out.extend(crc32(&ihdr).to_be_bytes());
-    // An IDAT that claims to hold the rest (a few bytes of a zlib stream).
-    let mut idat = b"IDAT".to_vec();
-    idat.extend([0x78, 0x9c, 0x01, 0x00, 0x00]);
-    out.extend(5u32.to_be_bytes());
-    out.extend(&idat);
-    out.extend(crc32(&idat).to_be_bytes());
-    out
 }
 
 #[test]

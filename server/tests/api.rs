@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use gemma4_server::http::AppState;
 use gemma4_server::serve::{build_state, bundled_model, start_engine, ServeArgs};
+use gemma4_model::testing::png_header;
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key";
@@ -494,33 +495,6 @@ fn image_budget_and_several_images() {
     assert!(p2 > big + 40, "{big} -> {p2}");
 }
 
-fn png_header(width: u32, height: u32) -> Vec<u8> {
-    fn crc32(data: &[u8]) -> u32 {
-        let mut c = 0xFFFF_FFFFu32;
-        for &b in data {
-            c ^= u32::from(b);
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-        }
-        !c
-    }
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        let mut c = kind.to_vec();
-        c.extend(data);
-        out.extend((data.len() as u32).to_be_bytes());
-        out.extend(&c);
-        out.extend(crc32(&c).to_be_bytes());
-    };
-    let mut ihdr = width.to_be_bytes().to_vec();
-    ihdr.extend(height.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[0x78, 0x9c, 0x01, 0x00, 0x00]);
-    out
-}
-
 #[test]
 fn bad_images_are_400_and_the_server_keeps_serving() {
     let chat_with = |url: &str, extra: Value| vpost("/v1/chat/completions", image_chat(one_image(url), extra));
@@ -529,7 +503,7 @@ fn bad_images_are_400_and_the_server_keeps_serving() {
     assert_error(&e, 400, "base64");
     assert_error(&e, 400, at);
     assert_error(&chat_with(&data_url(b"this is not an image, just some text"), json!({})), 400, "unrecognised image format");
-    let bomb = chat_with(&data_url(&png_header(100_000, 100_000)), json!({}));
+    let bomb = chat_with(&data_url(&png_header(100_000, 100_000, 2)), json!({}));
     assert_error(&bomb, 400, "pixels");
     assert_error(&bomb, 400, at);
     let tiny = data_url(&fixture_image("pixel_1x1.png"));
