@@ -24,6 +24,15 @@ fn sync<B: Gemma4Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| anyhow!("device sync: {e:?}"))
 }
 
+/// [`time`] when `on` (the kernel table's reference column), else None.
+fn time_if<B: Gemma4Backend, T>(on: bool, device: &B::Device, repeats: usize, f: impl FnMut() -> T) -> Result<Option<f64>> {
+    if on {
+        time::<B, T>(device, repeats, f).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// Median seconds of `f` over `repeats` runs after one warm-up, each run ended by a device sync.
 fn time<B: Gemma4Backend, T>(device: &B::Device, repeats: usize, mut f: impl FnMut() -> T) -> Result<f64> {
     drop(f());
@@ -144,8 +153,7 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
         for m in [1usize, 16, prefill_rows] {
             let x = Tensor::<B, 2>::random([m, inp], Distribution::Uniform(-1.0, 1.0), device);
             let seconds = time::<B, _>(device, repeats, || w.forward(x.clone()))?;
-            let reference_seconds =
-                if with_reference { Some(time::<B, _>(device, repeats.min(3), || w.forward_reference(x.clone()))?) } else { None };
+            let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || w.forward_reference(x.clone()))?;
             rows.push(Row {
                 kernel: name.into(),
                 shape: format!("m={m} out={out} in={inp}"),
@@ -165,11 +173,7 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
         let v = Tensor::<B, 3>::random([kv, s, d], Distribution::Uniform(-1.0, 1.0), device);
         let p = AttentionParams::causal(s - t, 0, window);
         let seconds = time::<B, _>(device, repeats, || <B as Gemma4Backend>::attention(q.clone(), k.clone(), v.clone(), &p))?;
-        let reference_seconds = if with_reference {
-            Some(time::<B, _>(device, repeats.min(3), || reference::attention(q.clone(), k.clone(), v.clone(), &p))?)
-        } else {
-            None
-        };
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || reference::attention(q.clone(), k.clone(), v.clone(), &p))?;
         let visible: usize = (0..t).map(|i| { let qp = s - t + i; window.map_or(qp + 1, |w| w.min(qp + 1)) }).sum();
         rows.push(Row {
             kernel: name.into(),
@@ -192,22 +196,18 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
     for m in [1usize, prefill_rows] {
         let (h, x, w) = (unif([m, 5376]), unif([m, 5376]), Tensor::<B, 1>::random([5376], Distribution::Uniform(0.5, 1.5), device));
         let seconds = time::<B, _>(device, repeats, || B::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?;
-        let reference_seconds = if with_reference { Some(time::<B, _>(device, repeats, || fused_ref::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?) } else { None };
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || fused_ref::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?;
         rows.push(Row { kernel: "rms_norm_add (sandwich norm)".into(), shape: format!("m={m} dim=5376"), seconds, bytes: ((3 * m + 1) * 5376 * 4) as f64, flops: 0.0, reference_seconds });
 
         let q = Tensor::<B, 3>::random([m, 32, 256], Distribution::Uniform(-1.0, 1.0), device);
         let (cos, sin, qw) = (unif([m, 256]), unif([m, 256]), Tensor::<B, 1>::random([256], Distribution::Uniform(0.5, 1.5), device));
         let seconds = time::<B, _>(device, repeats, || B::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?;
-        let reference_seconds = if with_reference {
-            Some(time::<B, _>(device, repeats, || fused_ref::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?)
-        } else {
-            None
-        };
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || fused_ref::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?;
         rows.push(Row { kernel: "rms_norm_rope (q, sliding)".into(), shape: format!("t={m} heads=32 d=256"), seconds, bytes: ((2 * m * 32 * 256 + 2 * m * 256 + 256) * 4) as f64, flops: 0.0, reference_seconds });
 
         let (gate, up) = (unif([m, 21504]), unif([m, 21504]));
         let seconds = time::<B, _>(device, repeats, || B::gelu_tanh_mul(gate.clone(), up.clone()))?;
-        let reference_seconds = if with_reference { Some(time::<B, _>(device, repeats, || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()))?) } else { None };
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()))?;
         rows.push(Row { kernel: "gelu_tanh_mul (MLP gate)".into(), shape: format!("m={m} width=21504"), seconds, bytes: (3 * m * 21504 * 4) as f64, flops: 0.0, reference_seconds });
     }
 
@@ -218,7 +218,7 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
     for m in [1usize, 16, prefill_rows] {
         let x = unif([m, 5376]);
         let seconds = time::<B, _>(device, repeats, || B::dense_linear(x.clone(), w.clone()))?;
-        let reference_seconds = if with_reference { Some(time::<B, _>(device, repeats.min(3), || x.clone().matmul(w.clone()))?) } else { None };
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || x.clone().matmul(w.clone()))?;
         rows.push(Row {
             kernel: "dense k_proj (f32)".into(),
             shape: format!("m={m} out=4096 in=5376"),
