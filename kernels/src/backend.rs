@@ -93,10 +93,7 @@ impl Gemma4Backend for NdArray<f32, i32> {
             return fused_ref::rms_norm(x, weight, eps);
         }
         let mut out = vec![0f32; rows * dim];
-        with_host(&x, |xs| match &weight {
-            Some(w) => with_host(w, |ws| fused_cpu::rms_norm(xs, dim, Some(ws), eps, None, &mut out)),
-            None => fused_cpu::rms_norm(xs, dim, None, eps, None, &mut out),
-        });
+        with_host(&x, |xs| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm(xs, dim, ws, eps, None, &mut out)));
         Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device())
     }
 
@@ -117,12 +114,7 @@ impl Gemma4Backend for NdArray<f32, i32> {
         }
         let mut out = vec![0f32; t * heads * d];
         with_host(&x, |xs| {
-            with_host(&cos, |cs| {
-                with_host(&sin, |ss| match &weight {
-                    Some(w) => with_host(w, |ws| fused_cpu::rms_norm_rope(xs, heads, d, Some(ws), eps, cs, ss, &mut out)),
-                    None => fused_cpu::rms_norm_rope(xs, heads, d, None, eps, cs, ss, &mut out),
-                })
-            })
+            with_host(&cos, |cs| with_host(&sin, |ss| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm_rope(xs, heads, d, ws, eps, cs, ss, &mut out))))
         });
         Tensor::from_data(TensorData::new(out, [t, heads, d]), &x.device())
     }
@@ -159,6 +151,14 @@ impl Gemma4Backend for NdArray<f32, i32> {
         let mut y = vec![0f32; m * w.out_features];
         cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
         Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device)
+    }
+}
+
+/// [`with_host`] for an optional tensor (a norm's weight).
+fn with_host_opt<const D: usize, R>(t: Option<&Tensor<NdArray<f32, i32>, D>>, f: impl FnOnce(Option<&[f32]>) -> R) -> R {
+    match t {
+        Some(t) => with_host(t, |s| f(Some(s))),
+        None => f(None),
     }
 }
 
