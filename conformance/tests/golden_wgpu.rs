@@ -4,6 +4,7 @@
 mod suite;
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
+use gemma4_conformance::Tolerances;
 
 type B = Wgpu<f32, i32>;
 
@@ -11,10 +12,10 @@ type B = Wgpu<f32, i32>;
 #[test]
 fn golden_fixtures_on_wgpu() {
     let device = WgpuDevice::default();
-    suite::logits_match_reference::<B>(&device);
+    suite::logits_match_reference::<B>(&device, Tolerances::F32);
     suite::greedy_matches_reference::<B>(&device);
-    suite::decode_through_cache_equals_prefill::<B>(&device);
-    suite::batched_decode_matches_reference::<B>(&device);
-    suite::vision::soft_tokens_match_reference::<B>(&device);
-    suite::vision::multimodal_cases_match_reference::<B>(&device);
+    suite::decode_through_cache_equals_prefill::<B>(&device, Tolerances::F32);
+    suite::batched_decode_matches_reference::<B>(&device, Tolerances::F32);
+    suite::vision::soft_tokens_match_reference::<B>(&device, Tolerances::F32);
+    suite::vision::multimodal_cases_match_reference::<B>(&device, Tolerances::F32);
 }

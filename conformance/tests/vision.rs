@@ -3,6 +3,7 @@
 
 mod suite;
 
+use gemma4_conformance::Tolerances;
 use gemma4_model::CpuBackend;
 
 #[test]
@@ -12,10 +13,10 @@ fn vision_fixture_is_present() {
 
 #[test]
 fn soft_tokens_match_reference() {
-    suite::vision::soft_tokens_match_reference::<CpuBackend>(&Default::default());
+    suite::vision::soft_tokens_match_reference::<CpuBackend>(&Default::default(), Tolerances::F32);
 }
 
 #[test]
 fn multimodal_cases_match_reference() {
-    suite::vision::multimodal_cases_match_reference::<CpuBackend>(&Default::default());
+    suite::vision::multimodal_cases_match_reference::<CpuBackend>(&Default::default(), Tolerances::F32);
 }

@@ -28,6 +28,13 @@ pub trait Gemma4Backend: Backend {
         x.matmul(w)
     }
 
+    /// The tied lm_head: h `[n, hidden]` · embedᵀ with embed `[vocab, hidden]` as loaded, read in
+    /// place (no transposed copy of the embedding per step) -> `[n, vocab]`. The default is Burn's
+    /// matmul over the transposed view, which the CubeCL matmuls read through its strides.
+    fn lm_head(h: Tensor<Self, 2>, embed: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        h.matmul(embed.transpose())
+    }
+
     /// RMSNorm over the last dimension of x `[rows, dim]` (see [`crate::fused`]).
     fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
         fused_ref::rms_norm(x, weight, eps)
@@ -74,6 +81,15 @@ impl Gemma4Backend for NdArray<f32, i32> {
         let mut y = vec![0f32; m * out];
         cpu_dense::dense_matmul(&xd, m, wd, inp, out, &mut y);
         Tensor::from_data(TensorData::new(y, [m, out]), &device)
+    }
+
+    fn lm_head(h: Tensor<Self, 2>, embed: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let ([m, hidden], [vocab, e_hidden]) = (h.dims(), embed.dims());
+        assert_eq!(hidden, e_hidden, "lm_head: h has {hidden} features, the embedding {e_hidden}");
+        let mut y = vec![0f32; m * vocab];
+        // The loader's embedding is contiguous [vocab, hidden]: its rows are streamed in place.
+        with_host(&h, |hs| with_host(&embed, |es| cpu_dense::dense_matmul_nt(hs, m, es, vocab, hidden, &mut y)));
+        Tensor::from_data(TensorData::new(y, [m, vocab]), &h.device())
     }
 
     fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {

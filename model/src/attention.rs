@@ -14,7 +14,7 @@ use crate::cache::LayerCache;
 use crate::config::LayerKind;
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
-use crate::rope::Rope;
+use crate::rope::{Rope, RopeTables};
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Gemma4Backend> {
@@ -41,12 +41,11 @@ impl<B: Gemma4Backend> Attention<B> {
     }
 
     /// x [t, hidden] at positions pos0..pos0+t -> [t, hidden]; appends this step's K/V to `cache`.
+    /// `rope`: this layer kind's tables for those positions (`self.rope`'s, made once per step).
     /// `images`: absolute position ranges of image soft tokens, which see each other in both
     /// directions on sliding layers only (full layers stay causal).
-    pub fn forward(&self, x: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
-        let t = x.dims()[0];
-        let (cos, sin) = self.rope.tables::<B>(pos0, t, &x.device());
-        let (q, k, v) = self.project(x, &cos, &sin);
+    pub fn forward(&self, x: Tensor<B, 2>, pos0: usize, rope: &RopeTables<B>, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
+        let (q, k, v) = self.project(x, rope);
         let images = if self.sliding_window.is_some() { images } else { &[] };
         self.o_proj.forward(self.attend(q, k, v, pos0, cache, images))
     }
@@ -54,9 +53,8 @@ impl<B: Gemma4Backend> Attention<B> {
     /// Batched decode: row b of x [n, hidden] is the next token of sequence b, at position
     /// `positions[b]` with cache `caches[b]`. The projections run once over all rows; attention
     /// runs per sequence against its own cache.
-    pub fn forward_batch(&self, x: Tensor<B, 2>, positions: &[usize], caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
-        let (cos, sin) = self.rope.tables_at::<B>(positions, &x.device());
-        let (q, k, v) = self.project(x, &cos, &sin);
+    pub fn forward_batch(&self, x: Tensor<B, 2>, positions: &[usize], rope: &RopeTables<B>, caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
+        let (q, k, v) = self.project(x, rope);
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let outs: Vec<Tensor<B, 2>> = caches
             .iter_mut()
@@ -70,17 +68,17 @@ impl<B: Gemma4Backend> Attention<B> {
     }
 
     /// q [t, heads, d] and k, v [t, kv_heads, d]: normed, and q/k rotated.
-    fn project(&self, x: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    fn project(&self, x: Tensor<B, 2>, rope: &RopeTables<B>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let t = x.dims()[0];
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([t, nh, d]);
-        let q = self.q_norm.forward_rope(q, cos.clone(), sin.clone());
+        let q = self.q_norm.forward_rope(q, rope.cos.clone(), rope.sin.clone());
         let k_raw = self.k_proj.forward(x.clone()).reshape([t, nkv, d]);
         let v_raw = match &self.v_proj {
             Some(v_proj) => v_proj.forward(x).reshape([t, nkv, d]),
             None => k_raw.clone(),
         };
-        let k = self.k_norm.forward_rope(k_raw, cos.clone(), sin.clone());
+        let k = self.k_norm.forward_rope(k_raw, rope.cos.clone(), rope.sin.clone());
         let v = self.v_norm.forward(v_raw);
         (q, k, v)
     }

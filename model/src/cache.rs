@@ -5,8 +5,6 @@
 use burn::prelude::*;
 use crate::Gemma4Backend;
 
-use crate::text_model::TextModel;
-
 /// One layer's keys and values in preallocated buffers `[kv_heads, capacity, head_dim]`, written
 /// in place: a step appends its entries with `slice_assign` and attention reads a view of the live
 /// entries (no copy of the cache per step; the fused attention kernel reads the view's strides).
@@ -103,14 +101,10 @@ pub struct KvCache<B: Gemma4Backend> {
 }
 
 impl<B: Gemma4Backend> KvCache<B> {
-    /// A fresh cache shaped for this model's layers.
-    pub fn new(model: &TextModel<B>) -> Self {
-        let layers = model
-            .layers
-            .iter()
-            .map(|l| LayerCache::new(l.self_attn.sliding_window.map(|w| w - 1)))
-            .collect();
-        KvCache { layers, seq_len: 0 }
+    /// A fresh cache with one layer per item of `keep`: the entries that layer keeps after a
+    /// step (None: all). `TextModel::new_cache` gives the model's.
+    pub fn new(keep: impl IntoIterator<Item = Option<usize>>) -> Self {
+        KvCache { layers: keep.into_iter().map(LayerCache::new).collect(), seq_len: 0 }
     }
 
     /// Cached entries over all layers (for memory accounting and leak tests).

@@ -12,6 +12,7 @@ use crate::attention::Attention;
 use crate::cache::LayerCache;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
+use crate::rope::RopeTables;
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Gemma4Backend> {
@@ -26,14 +27,14 @@ pub struct DecoderLayer<B: Gemma4Backend> {
 
 impl<B: Gemma4Backend> DecoderLayer<B> {
     /// h [t, hidden] -> [t, hidden]; `images` as in `Attention::forward`.
-    pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, cache, images);
+    pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, rope: &RopeTables<B>, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, rope, cache, images);
         self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
     }
 
     /// Batched decode: one new token per sequence (see `Attention::forward_batch`).
-    pub fn forward_batch(&self, h: Tensor<B, 2>, positions: &[usize], caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward_batch(self.input_layernorm.forward(h.clone()), positions, caches);
+    pub fn forward_batch(&self, h: Tensor<B, 2>, positions: &[usize], rope: &RopeTables<B>, caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward_batch(self.input_layernorm.forward(h.clone()), positions, rope, caches);
         self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
     }
 

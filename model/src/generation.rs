@@ -3,7 +3,6 @@
 
 use crate::Gemma4Backend;
 
-use crate::cache::KvCache;
 use crate::error::RunError;
 use crate::text_model::{Logits, TextModel};
 
@@ -160,12 +159,12 @@ pub fn generate<B: Gemma4Backend>(
         return Err(RunError::ContextOverflow { len: req.prompt.len(), max: req.max_len });
     }
     let budget = req.max_new_tokens.min(req.max_len - req.prompt.len());
-    let mut cache = KvCache::new(model);
+    let mut cache = model.new_cache();
     let mut rng = Rng::new(req.sampling.seed);
     let mut tokens = Vec::with_capacity(budget);
     let start = std::time::Instant::now();
     let mut logits = model.forward(&req.prompt, &mut cache, Logits::Last)?;
-    let mut row = logits.into_data().to_vec::<f32>().expect("f32 logits");
+    let mut row = crate::to_host_f32(logits);
     let prompt_seconds = start.elapsed().as_secs_f64();
     let start = std::time::Instant::now();
     let mut finish = FinishReason::Length;
@@ -181,7 +180,7 @@ pub fn generate<B: Gemma4Backend>(
             break;
         }
         logits = model.forward(&[next], &mut cache, Logits::Last)?;
-        row = logits.into_data().to_vec::<f32>().expect("f32 logits");
+        row = crate::to_host_f32(logits);
     }
     Ok(GenerateOutput { tokens, finish, prompt_seconds, decode_seconds: start.elapsed().as_secs_f64() })
 }

@@ -27,6 +27,8 @@ pub use gemma4_kernels as kernels;
 
 use std::path::Path;
 
+use burn::prelude::Backend;
+
 
 pub use cache::KvCache;
 pub use config::{GenerationConfig, ModelConfig};
@@ -37,6 +39,12 @@ pub use text_model::{Logits, TextModel};
 /// The CPU reference backend (pure Rust, f32; NVFP4 words in i32).
 pub type CpuBackend = burn::backend::NdArray<f32, i32>;
 
+/// A float tensor's elements as f32 on the host, whatever the backend's float type (logits of a
+/// half-precision backend are widened here, after the device has done its work).
+pub fn to_host_f32<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32 just above")
+}
+
 /// What the loader did, for logs.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
@@ -45,6 +53,47 @@ pub struct LoadReport {
     pub dense_linears: usize,
     /// Vision tensors present in a checkpoint whose config has no vision tower.
     pub skipped: Vec<String>,
+    /// Weight bytes on the device by kind.
+    pub bytes: WeightBytes,
+}
+
+/// Weight bytes on the device: NVFP4 linears packed (4-bit codes and E4M3 block scales, as in the
+/// checkpoint), and every other weight in the backend's float type (bf16/f16 weights are not
+/// widened on a half-precision backend; the f32 CPU backend widens them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightBytes {
+    pub nvfp4: usize,
+    pub float: usize,
+    /// The float weights' dtype on the device, e.g. `F16`.
+    pub float_dtype: String,
+}
+
+impl WeightBytes {
+    pub fn total(&self) -> usize {
+        self.nvfp4 + self.float
+    }
+}
+
+impl std::fmt::Display for WeightBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gb = |b: usize| b as f64 / 1e9;
+        write!(f, "weights {:.3} GB: NVFP4 packed {:.3} GB, {} {:.3} GB", gb(self.total()), gb(self.nvfp4), self.float_dtype, gb(self.float))
+    }
+}
+
+/// Sums the float parameters' bytes in their device dtype.
+struct FloatBytes {
+    bytes: usize,
+    dtype: Option<burn::tensor::DType>,
+}
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for FloatBytes {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+        let t = param.val();
+        let dtype = t.dtype();
+        self.bytes += t.shape().num_elements() * dtype.size();
+        self.dtype.get_or_insert(dtype);
+    }
 }
 
 /// A loaded checkpoint: configs and the text tower.
@@ -94,7 +143,17 @@ impl<B: Gemma4Backend> Model<B> {
         }
         ckpt.finish()?;
         let (nvfp4_linears, dense_linears) = text.linear_counts();
-        let report = LoadReport { tensors_used: ckpt.used_count() - skipped.len(), nvfp4_linears, dense_linears, skipped };
+        let mut floats = FloatBytes { bytes: 0, dtype: None };
+        burn::module::Module::visit(&text, &mut floats);
+        if let Some(v) = &vision {
+            burn::module::Module::visit(v, &mut floats);
+        }
+        let bytes = WeightBytes {
+            nvfp4: ckpt.nvfp4_bytes,
+            float: floats.bytes,
+            float_dtype: floats.dtype.map_or_else(|| "float".into(), |d| format!("{d:?}")),
+        };
+        let report = LoadReport { tensors_used: ckpt.used_count() - skipped.len(), nvfp4_linears, dense_linears, skipped, bytes };
         Ok(Model { config, generation, text, vision, report })
     }
 

@@ -11,6 +11,15 @@ use burn::tensor::TensorData;
 
 use crate::config::{RopeConfig, RopeKind};
 
+/// cos and sin `[positions, head_dim]` for one step's positions, on the device: computed once per
+/// step for each layer kind and shared by all layers of that kind (the 31B has 50 sliding and 10
+/// full layers, two tables each instead of one upload per layer).
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 2>,
+    pub sin: Tensor<B, 2>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Rope {
     /// [head_dim / 2], f32 as transformers computes it.
@@ -39,7 +48,16 @@ impl Rope {
         self.tables_at(&positions, device)
     }
 
+    /// [`Self::tables_at`] as a [`RopeTables`].
+    pub fn step_tables<B: Backend>(&self, positions: &[usize], device: &B::Device) -> RopeTables<B> {
+        let (cos, sin) = self.tables_at(positions, device);
+        RopeTables { cos, sin }
+    }
+
     /// cos and sin tables [positions.len(), head_dim] for arbitrary positions (batched decode).
+    /// The angles are p · inv_freq in f32 on the host, as transformers computes them (a half
+    /// precision backend could not even represent positions above 2048 exactly), then cast to
+    /// the backend's float type on upload.
     pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let d = self.head_dim;
         let len = positions.len();

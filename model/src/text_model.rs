@@ -15,7 +15,7 @@ use crate::linear::Linear;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::nvfp4::{PackedNvfp4, GROUP_SIZE};
-use crate::rope::Rope;
+use crate::rope::{Rope, RopeTables};
 use crate::weights::{check_shape, dtype_name, Checkpoint};
 use safetensors::tensor::Dtype;
 
@@ -94,8 +94,11 @@ impl<B: Gemma4Backend> TextModel<B> {
                 images = image_runs(tokens, id).into_iter().map(|r| pos0 + r.start..pos0 + r.end).collect();
             }
         }
+        let positions: Vec<usize> = (pos0..pos0 + t).collect();
+        let ropes = self.step_ropes(&positions);
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(h, pos0, layer_cache, &images);
+            let rope = ropes.get(layer.self_attn.kind());
+            h = layer.forward(h, pos0, rope, layer_cache, &images);
         }
         cache.seq_len += t;
         if which == Logits::Last {
@@ -113,17 +116,36 @@ impl<B: Gemma4Backend> TextModel<B> {
                 return Err(RunError::TokenOutOfRange { id, position: caches[b].seq_len, vocab: self.vocab_size });
             }
         }
-        let h = self.embed(tokens);
+        let mut h = self.embed(tokens);
         let positions: Vec<usize> = caches.iter().map(|c| c.seq_len).collect();
-        let mut h = h;
+        let ropes = self.step_ropes(&positions);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut layer_caches: Vec<&mut crate::cache::LayerCache<B>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = layer.forward_batch(h, &positions, &mut layer_caches);
+            h = layer.forward_batch(h, &positions, ropes.get(layer.self_attn.kind()), &mut layer_caches);
         }
         for c in caches.iter_mut() {
             c.seq_len += 1;
         }
         Ok(self.logits(h))
+    }
+
+    /// A fresh cache shaped for this model's layers (sliding layers keep the window minus the
+    /// next query itself).
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.iter().map(|l| l.self_attn.sliding_window.map(|w| w - 1)))
+    }
+
+    /// This step's RoPE tables, one pair per layer kind present.
+    fn step_ropes(&self, positions: &[usize]) -> StepRopes<B> {
+        let device = self.embed_tokens.device();
+        let mut kinds: Vec<(LayerKind, RopeTables<B>)> = Vec::with_capacity(2);
+        for layer in &self.layers {
+            let kind = layer.self_attn.kind();
+            if !kinds.iter().any(|(k, _)| *k == kind) {
+                kinds.push((kind, layer.self_attn.rope.step_tables(positions, &device)));
+            }
+        }
+        StepRopes(kinds)
     }
 
     /// Scaled embedding of `tokens` -> [n, hidden].
@@ -137,10 +159,11 @@ impl<B: Gemma4Backend> TextModel<B> {
         self.embed_tokens.val().select(0, ids) * self.embed_scale
     }
 
-    /// Final norm, tied lm_head, softcap.
+    /// Final norm, tied lm_head (the embedding read in place, never transposed into a copy),
+    /// softcap.
     fn logits(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let h = self.norm.forward(h);
-        let logits = h.matmul(self.embed_tokens.val().transpose());
+        let logits = B::lm_head(h, self.embed_tokens.val());
         match self.final_logit_softcapping {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
@@ -155,7 +178,7 @@ impl<B: Gemma4Backend> TextModel<B> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_name = format!("{prefix}.embed_tokens.weight");
         let embed_dtype = ckpt.dtype(&embed_name);
-        let embed = ckpt.float(&embed_name, &[v, h])?;
+        let embed = ckpt.float_data(&embed_name, &[v, h])?;
         let embed_scale = round_to_dtype((h as f32).sqrt(), embed_dtype);
         if !cfg.tie_word_embeddings {
             return Err(LoadError::unsupported("tie_word_embeddings", "untied lm_head is not supported (Gemma 4 ties it)"));
@@ -213,7 +236,7 @@ impl<B: Gemma4Backend> TextModel<B> {
         }
         let norm = load_norm(ckpt, &format!("{prefix}.norm"), h, cfg.rms_norm_eps, device)?;
         Ok(TextModel {
-            embed_tokens: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, h]), device)),
+            embed_tokens: Param::from_tensor(Tensor::from_data(embed, device)),
             layers,
             norm,
             embed_scale,
@@ -238,6 +261,15 @@ impl<B: Gemma4Backend> TextModel<B> {
         }
         let q = all.iter().filter(|l| l.is_nvfp4()).count();
         (q, all.len() - q)
+    }
+}
+
+/// One step's RoPE tables by layer kind (every layer of a kind shares its `Rope`).
+struct StepRopes<B: Gemma4Backend>(Vec<(LayerKind, RopeTables<B>)>);
+
+impl<B: Gemma4Backend> StepRopes<B> {
+    fn get(&self, kind: LayerKind) -> &RopeTables<B> {
+        &self.0.iter().find(|(k, _)| *k == kind).expect("step_ropes covers every layer kind").1
     }
 }
 
@@ -268,15 +300,32 @@ fn round_to_dtype(x: f32, dtype: Option<Dtype>) -> f32 {
 }
 
 pub fn load_norm<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
-    let w = ckpt.float(&format!("{prefix}.weight"), &[dim])?;
-    Ok(RmsNorm::new(Some(Tensor::from_data(TensorData::new(w, [dim]), device)), eps))
+    let w = ckpt.float_data(&format!("{prefix}.weight"), &[dim])?;
+    Ok(RmsNorm::new(Some(Tensor::from_data(w, device)), eps))
+}
+
+/// A `[rows, cols]` float tensor's data transposed to `[cols, rows]`, in its own dtype.
+fn transpose_data(data: TensorData, rows: usize, cols: usize) -> TensorData {
+    let dtype = data.dtype;
+    let bytes = data.as_bytes();
+    let out: Vec<u8> = match dtype.size() {
+        2 => {
+            let a: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+            transpose(&a, rows, cols).into_iter().flat_map(u16::to_le_bytes).collect()
+        }
+        _ => {
+            let a: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            transpose(&a, rows, cols).into_iter().flat_map(u32::to_le_bytes).collect()
+        }
+    };
+    TensorData::from_bytes_vec(out, [cols, rows], dtype)
 }
 
 /// `a` `[rows, cols]` row-major, transposed to `[cols, rows]`, in 32 × 32 tiles (cache-friendly
 /// for the 31B's large matrices).
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+fn transpose<T: Copy + Default>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 32;
-    let mut t = vec![0f32; a.len()];
+    let mut t = vec![T::default(); a.len()];
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
             for r in r0..(r0 + TILE).min(rows) {
@@ -298,10 +347,10 @@ pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: u
         if ckpt.dtype(&wname) == Some(Dtype::U8) {
             return Err(LoadError::MissingTensor { name: sname });
         }
-        let w = ckpt.float(&wname, &[out, inp])?;
+        let w = ckpt.float_data(&wname, &[out, inp])?;
         // Stored transposed and contiguous ([in, out]) so the forward is x · w with rows of w
         // along the outputs (what the CPU dense kernel streams; a transposed view is strided).
-        let w = Tensor::<B, 2>::from_data(TensorData::new(transpose(&w, out, inp), [inp, out]), device);
+        let w = Tensor::<B, 2>::from_data(transpose_data(w, out, inp), device);
         return Ok(Linear::Dense(Param::from_tensor(w)));
     }
     if inp % GROUP_SIZE != 0 {
@@ -327,5 +376,6 @@ pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: u
     let w = ckpt.raw(&wname)?;
     check_shape(&w, &[out, inp / 2])?;
     let packed = PackedNvfp4::from_checkpoint(w.bytes, &scale, global, out, inp);
+    ckpt.nvfp4_bytes += (packed.codes.len() + packed.scales.len()) * 4;
     Ok(Linear::Nvfp4(packed.to_device(device)))
 }

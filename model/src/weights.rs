@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use burn::tensor::{DType, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -23,6 +24,8 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
     used: BTreeSet<String>,
+    /// Bytes of the NVFP4 linears taken so far (codes and block scales, packed as they stay).
+    pub nvfp4_bytes: usize,
     /// Called with (tensors taken, total) as the model takes tensors (a progress bar).
     progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
 }
@@ -52,7 +55,7 @@ impl Checkpoint {
         } else {
             vec![dir.join("model.safetensors")]
         };
-        let mut ckpt = Checkpoint { files: vec![], entries: HashMap::new(), used: BTreeSet::new(), progress: None };
+        let mut ckpt = Checkpoint { files: vec![], entries: HashMap::new(), used: BTreeSet::new(), nvfp4_bytes: 0, progress: None };
         for path in files {
             ckpt.add_file(path)?;
         }
@@ -127,6 +130,21 @@ impl Checkpoint {
         let t = self.raw(name)?;
         check_shape(&t, shape)?;
         to_f32(&t)
+    }
+
+    /// A float tensor (BF16, F16 or F32) of the given shape in its checkpoint dtype, unwidened:
+    /// the backend converts it to its own float type on upload, so a bf16 weight stays two bytes
+    /// on a half-precision backend (the f32 CPU backend widens it).
+    pub fn float_data(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, LoadError> {
+        let t = self.raw(name)?;
+        check_shape(&t, shape)?;
+        let dtype = match t.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            other => return Err(LoadError::Dtype { name: t.name.into(), expected: "BF16, F16 or F32".into(), found: dtype_name(other) }),
+        };
+        Ok(TensorData::from_bytes_vec(t.bytes.to_vec(), shape.to_vec(), dtype))
     }
 
     /// A scalar F32/BF16/F16 tensor of shape [] or [1].

@@ -56,10 +56,10 @@ pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_toke
     let mut rng = Rng::new(1234);
     let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
     let read = |t: Tensor<B, 2>| t.into_data(); // reading back waits for the device
-    read(m.text.forward(&prompt, &mut KvCache::new(&m.text), Logits::Last)?);
+    read(m.text.forward(&prompt, &mut m.text.new_cache(), Logits::Last)?);
     let mut prefill = vec![];
     for _ in 0..repeats {
-        let mut cache = KvCache::new(&m.text);
+        let mut cache = m.text.new_cache();
         let start = Instant::now();
         read(m.text.forward(&prompt, &mut cache, Logits::Last)?);
         prefill.push(prompt_len as f64 / start.elapsed().as_secs_f64());
@@ -67,19 +67,19 @@ pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_toke
     let short = &prompt[..16.min(prompt_len)];
     let mut decode = vec![];
     for _ in 0..repeats.min(3) {
-        let mut cache = KvCache::new(&m.text);
+        let mut cache = m.text.new_cache();
         read(m.text.forward(short, &mut cache, Logits::Last)?);
         let mut next = [prompt[0]];
         let start = Instant::now();
         for _ in 0..decode_tokens {
-            let row = read(m.text.forward(&next, &mut cache, Logits::Last)?).to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+            let row = gemma4_model::to_host_f32(m.text.forward(&next, &mut cache, Logits::Last)?);
             next[0] = sample(&row, &SamplingParams::greedy(), &[], &mut Rng::new(0));
         }
         decode.push(decode_tokens as f64 / start.elapsed().as_secs_f64());
     }
     let mut batched = None;
     if batch > 1 {
-        let mut caches: Vec<KvCache<B>> = (0..batch).map(|_| KvCache::new(&m.text)).collect();
+        let mut caches: Vec<KvCache<B>> = (0..batch).map(|_| m.text.new_cache()).collect();
         for c in caches.iter_mut() {
             read(m.text.forward(short, c, Logits::Last)?);
         }

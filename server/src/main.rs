@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use gemma4_model::Gemma4Backend;
 use clap::{Parser, Subcommand, ValueEnum};
-use gemma4_model::{generate, GenerateRequest, KvCache, Logits, Model, SamplingParams};
+use gemma4_model::{generate, GenerateRequest, Logits, Model, SamplingParams};
 
 #[derive(Parser)]
 #[command(name = "gemma4", version, about = "Gemma 4 (NVFP4) inference engine")]
@@ -29,6 +29,29 @@ enum DeviceArg {
     Cuda,
 }
 
+/// The float type the model computes and stores its non-NVFP4 weights in (NVFP4 weights stay
+/// packed; every kernel accumulates in f32).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum DtypeArg {
+    /// bfloat16 on cuda, float32 on cpu and wgpu.
+    Auto,
+    /// CUDA only (WGSL has no bf16; the CPU kernels are f32).
+    Bfloat16,
+    /// wgpu where the adapter has SHADER_F16 (Mesa's lavapipe does), and cuda. Not a serving
+    /// default: Gemma's activations can exceed f16's range on real weights.
+    Float16,
+    Float32,
+}
+
+/// Where the model runs and in which float type.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct BackendArgs {
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: DtypeArg,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Write the logits at every position of `--tokens` to a safetensors file (tensor `logits`, f32 [tokens, vocab]).
@@ -40,8 +63,8 @@ enum Command {
         tokens: Vec<u32>,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Generate a continuation of `--tokens` or `--prompt`.
     Generate {
@@ -70,8 +93,8 @@ enum Command {
         /// Print `{"tokens": [...], "text": "..."}` as the last line of stdout.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Serve the OpenAI-compatible API (chat completions, responses, models, tokenize, metrics, ...).
     Serve {
@@ -121,8 +144,8 @@ enum Command {
         /// Test mode: answer every request with this text instead of running the model.
         #[arg(long, hide = true)]
         scripted_output: Option<String>,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Write a checkpoint with the real Gemma 4 names, shapes, dtypes and NVFP4 layout and random
     /// values (for benchmarks; presets: 31b, 31b-6l, small, tiny).
@@ -141,10 +164,12 @@ enum Command {
     Check {
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, default_value_t = 1e-3)]
-        tolerance: f32,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        /// Max |Δ logit|; default: the conformance tolerance of the dtype (1e-3 for float32,
+        /// 0.1 for float16, 0.75 for bfloat16).
+        #[arg(long)]
+        tolerance: Option<f32>,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// End-to-end speed on random token ids: prefill tokens/s, decode tokens/s at batch 1, and
     /// batched decode tokens/s with --batch sequences stepping together.
@@ -161,8 +186,8 @@ enum Command {
         /// Sequences in the batched decode measurement (1 skips it).
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Time to encode one image at each soft-token budget with the checkpoint's vision tower
     /// (`gemma4 synth --preset 31b-6l` has the 31B's).
@@ -175,8 +200,8 @@ enum Command {
         /// measured encoder layer.
         #[arg(long, default_value_t = 280)]
         full_up_to: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Each kernel at the 31B shapes on random data: time, GB/s, TFLOP/s, fraction of the
     /// roofline (bytes over the copy bandwidth measured in the same run) and speed-up over the
@@ -196,8 +221,8 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
 }
 
@@ -226,30 +251,48 @@ fn run(cli: Cli) -> Result<()> {
         );
         return gemma4_server::synth::synth(preset, out, (shard_gb * 1e9) as usize, *seed);
     }
-    let device = match &cli.command {
-        Command::Synth { .. } => DeviceArg::Cpu,
-        Command::Logits { device, .. } | Command::Generate { device, .. } | Command::Bench { device, .. } | Command::BenchKernels { device, .. } | Command::BenchVision { device, .. } | Command::Check { device, .. }
-        | Command::Serve { device, .. } => *device,
+    let backend = match &cli.command {
+        Command::Synth { .. } => unreachable!("handled above"),
+        Command::Logits { backend, .. } | Command::Generate { backend, .. } | Command::Bench { backend, .. } | Command::BenchKernels { backend, .. } | Command::BenchVision { backend, .. } | Command::Check { backend, .. }
+        | Command::Serve { backend, .. } => *backend,
     };
-    match device {
-        DeviceArg::Cpu => with_backend::<gemma4_model::CpuBackend>(cli, Default::default()),
-        DeviceArg::Wgpu => wgpu_device(cli),
-        DeviceArg::Cuda => cuda_device(cli),
+    match backend.device {
+        DeviceArg::Cpu => match backend.dtype {
+            DtypeArg::Auto | DtypeArg::Float32 => with_backend::<gemma4_model::CpuBackend>(cli, Default::default()),
+            other => bail!("--device cpu computes in float32 (its kernels are f32); --dtype {} needs --device wgpu or cuda", dtype_name(other)),
+        },
+        DeviceArg::Wgpu => wgpu_device(cli, backend.dtype),
+        DeviceArg::Cuda => cuda_device(cli, backend.dtype),
     }
 }
 
+fn dtype_name(d: DtypeArg) -> String {
+    d.to_possible_value().map_or_else(|| format!("{d:?}"), |v| v.get_name().to_string())
+}
+
 #[cfg(feature = "wgpu")]
-fn wgpu_device(cli: Cli) -> Result<()> {
-    with_backend::<burn::backend::Wgpu<f32, i32>>(cli, burn::backend::wgpu::WgpuDevice::default())
+fn wgpu_device(cli: Cli, dtype: DtypeArg) -> Result<()> {
+    use burn::backend::wgpu::{Wgpu, WgpuDevice, WgpuRuntime};
+    let device = WgpuDevice::default();
+    match dtype {
+        DtypeArg::Auto | DtypeArg::Float32 => with_backend::<Wgpu<f32, i32>>(cli, device),
+        DtypeArg::Float16 => {
+            if !gemma4_model::kernels::device::supports_f16::<WgpuRuntime>(&device) {
+                bail!("--dtype float16: the wgpu adapter ({device:?}) has no SHADER_F16; use --dtype float32");
+            }
+            bail!("--dtype float16 on wgpu: the CubeCL kernels are not yet generic over the float type")
+        }
+        DtypeArg::Bfloat16 => bail!("--device wgpu has no bfloat16 (WGSL has none; burn's Wgpu<bf16> would store f16): use --dtype float16 or float32"),
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu_device(_: Cli) -> Result<()> {
+fn wgpu_device(_: Cli, _: DtypeArg) -> Result<()> {
     bail!("this gemma4 binary was built without wgpu support: rebuild with `--features wgpu`")
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device(cli: Cli) -> Result<()> {
+fn cuda_device(cli: Cli, dtype: DtypeArg) -> Result<()> {
     // Without libcuda the first tensor op panics in a background thread: check first.
     let found = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64", "/usr/local/cuda/lib64", "/usr/lib"]
         .iter()
@@ -263,11 +306,16 @@ fn cuda_device(cli: Cli) -> Result<()> {
     if !found {
         bail!("--device cuda: no NVIDIA driver library (libcuda.so.1) found on this machine");
     }
-    with_backend::<burn::backend::Cuda<f32, i32>>(cli, burn::backend::cuda::CudaDevice::default())
+    use burn::backend::cuda::{Cuda, CudaDevice};
+    let device = CudaDevice::default();
+    match dtype {
+        DtypeArg::Auto | DtypeArg::Bfloat16 | DtypeArg::Float16 => bail!("--dtype {}: the CubeCL kernels are not yet generic over the float type", dtype_name(dtype)),
+        DtypeArg::Float32 => with_backend::<Cuda<f32, i32>>(cli, device),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(_: Cli) -> Result<()> {
+fn cuda_device(_: Cli, _: DtypeArg) -> Result<()> {
     bail!("this gemma4 binary was built without CUDA support: rebuild with `--features cuda`")
 }
 
@@ -276,12 +324,13 @@ fn load<B: Gemma4Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
     let model = Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
     let r = &model.report;
     eprintln!(
-        "loaded {} in {:.2}s: {} tensors, {} NVFP4 linears, {} dense linears{}",
+        "loaded {} in {:.2}s: {} tensors, {} NVFP4 linears, {} dense linears; {}{}",
         dir.display(),
         start.elapsed().as_secs_f64(),
         r.tensors_used,
         r.nvfp4_linears,
         r.dense_linears,
+        r.bytes,
         if r.skipped.is_empty() { String::new() } else { format!(", {} vision tensors not loaded (the config has no vision_config)", r.skipped.len()) }
     );
     Ok(model)
@@ -291,11 +340,11 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
     match cli.command {
         Command::Logits { model, tokens, out, .. } => {
             let m = load::<B>(&model, &device)?;
-            let mut cache = KvCache::new(&m.text);
+            let mut cache = m.text.new_cache();
             let start = Instant::now();
             let logits = m.text.forward(&tokens, &mut cache, Logits::All)?;
             let [t, v] = logits.dims();
-            let data = logits.into_data().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let data = gemma4_model::to_host_f32(logits);
             eprintln!("{t} positions in {:.3}s", start.elapsed().as_secs_f64());
             let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
             let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, v], &bytes)?;
@@ -384,6 +433,9 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Synth { .. } => unreachable!("handled before a backend is chosen"),
         Command::Check { model, tolerance, .. } => {
             let m = load::<B>(&model, &device)?;
+            let dtype = m.text.embed_tokens.val().dtype();
+            let tolerance = tolerance.unwrap_or(gemma4_conformance::Tolerances::for_dtype(dtype).logits);
+            eprintln!("checking in {dtype:?} against the f32 reference, tolerance {tolerance:.0e}");
             check::check(&m, &model, tolerance)
         }
         Command::Bench { model, prompt_len, decode_tokens, repeats, batch, .. } => {
@@ -396,8 +448,8 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             println!("{}", gemma4_server::bench::vision(&m, &model, &budgets, full_up_to)?);
             Ok(())
         }
-        Command::BenchKernels { prefill_rows, context, repeats, no_reference, json, device: device_arg } => {
-            let host = matches!(device_arg, DeviceArg::Cpu);
+        Command::BenchKernels { prefill_rows, context, repeats, no_reference, json, backend } => {
+            let host = matches!(backend.device, DeviceArg::Cpu);
             let table = gemma4_server::bench::kernels::<B>(&device, prefill_rows.max(1), context.max(1), repeats.max(1), !no_reference, host)?;
             if json {
                 println!("{table}");

@@ -320,9 +320,9 @@ mod tests {
         let model = gemma4_model::Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default()).unwrap();
         assert_eq!(model.report.nvfp4_linears, 18);
         assert!(model.vision.is_some(), "the synthetic vision tower loads");
-        let mut cache = gemma4_model::KvCache::new(&model.text);
+        let mut cache = model.text.new_cache();
         let logits = model.text.forward(&[2, 10, 20, 30], &mut cache, gemma4_model::Logits::All).unwrap();
-        let v = logits.into_data().to_vec::<f32>().unwrap();
+        let v = gemma4_model::to_host_f32(logits);
         assert_eq!(v.len(), 4 * 512);
         assert!(v.iter().all(|x| x.is_finite()));
         let _ = std::fs::remove_dir_all(&dir);

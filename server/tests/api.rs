@@ -429,7 +429,7 @@ fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
         }
     }
     let soft = model.encode_image(&pre).unwrap();
-    let mut cache = KvCache::new(&model.text);
+    let mut cache = model.text.new_cache();
     let mut logits = model.text.forward_multimodal(&prompt, Some(soft), &mut cache, Logits::Last).unwrap();
     let mut rng = gemma4_model::generation::Rng::new(0);
     let mut out = vec![];

@@ -16,8 +16,8 @@ fn to_vec<B: Gemma4Backend>(t: burn::tensor::Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
-/// Logits within LOGITS_TOLERANCE of transformers at every position of every case.
-pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device) {
+/// Logits within `tol.logits` of transformers at every position of every case.
+pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
         let reference = load_reference(&dir);
@@ -28,13 +28,14 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device) {
             let got = case_logits(&model.text, case).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {LOGITS_TOLERANCE:.0e}) at position {}",
+                "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {:.0e}) at position {}",
                 name(&dir),
                 case.name,
                 seq.len(),
+                tol.logits,
                 at / shape[1]
             );
-            assert!(d <= LOGITS_TOLERANCE, "{}/{}: max|Δ| {d} at flat index {at}", name(&dir), case.name);
+            assert!(d <= tol.logits, "{}/{}: max|Δ| {d} at flat index {at}", name(&dir), case.name);
         }
     }
 }
@@ -56,7 +57,7 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
 }
 
 /// Prefill in chunks then one token at a time equals one prefill; sliding caches keep their window.
-pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device) {
+pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
         let reference = load_reference(&dir);
@@ -68,7 +69,7 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device)
             // Prefill the prompt in two uneven chunks, then one token at a time.
             let p = case.prompt_ids.len();
             let split = (p / 3).max(1);
-            let mut cache = KvCache::new(&model.text);
+            let mut cache = model.text.new_cache();
             let mut stepped = to_vec(model.text.forward(&seq[..split], &mut cache, Logits::All).unwrap());
             if split < p {
                 stepped.extend(to_vec(model.text.forward(&seq[split..p], &mut cache, Logits::All).unwrap()));
@@ -78,8 +79,8 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device)
             }
             assert_eq!(cache.seq_len, seq.len());
             let (d, at) = max_abs_diff(&stepped, &full);
-            println!("{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {CACHE_TOLERANCE:.0e})", name(&dir), case.name);
-            assert!(d <= CACHE_TOLERANCE, "{}/{}: position {}", name(&dir), case.name, at / vocab);
+            println!("{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.0e})", name(&dir), case.name, tol.cache);
+            assert!(d <= tol.cache, "{}/{}: position {}", name(&dir), case.name, at / vocab);
 
             // Sliding layers keep only their window.
             for (l, layer) in cache.layers.iter().zip(&model.text.layers) {
@@ -95,14 +96,14 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device)
 
 
 /// Continuous batching: one forward over sequences at different positions matches the reference.
-pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device) {
+pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     // Continuous batching: sequences at different positions (some past the sliding window)
     // decoded together give the logits each gives alone, and match the reference.
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
         let reference = load_reference(&dir);
         let cases = &reference.cases;
-        let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| KvCache::new(&model.text)).collect();
+        let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| model.text.new_cache()).collect();
         for (c, cache) in cases.iter().zip(caches.iter_mut()) {
             model.text.forward(&c.prompt_ids, cache, Logits::Last).unwrap();
         }
@@ -120,7 +121,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device) {
                 worst = worst.max(d);
             }
         }
-        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {LOGITS_TOLERANCE:.0e})", name(&dir), cases.len());
-        assert!(worst <= LOGITS_TOLERANCE);
+        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.0e})", name(&dir), cases.len(), tol.logits);
+        assert!(worst <= tol.logits);
     }
 }

@@ -9,9 +9,6 @@ use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
 
 use burn::tensor::Tensor;
 
-/// Soft tokens are compared in absolute terms; their magnitude in the fixture is a few units.
-pub const SOFT_TOKEN_TOLERANCE: f32 = 1e-4;
-
 fn to_vec<B: Gemma4Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
@@ -32,7 +29,7 @@ fn image_from_reference_pixels(dir: &std::path::Path, tensor: &str, budget: usiz
 }
 
 /// Every fixture image: our preprocessing + vision tower against the reference's soft tokens.
-pub fn soft_tokens_match_reference<B: Gemma4Backend>(device: &B::Device) {
+pub fn soft_tokens_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in vision_fixtures() {
         let model = crate::suite::load::<B>(&dir, device);
         for case in load_vision_reference(&dir).images {
@@ -47,8 +44,8 @@ pub fn soft_tokens_match_reference<B: Gemma4Backend>(device: &B::Device) {
             let (expected, shape) = reference_f32(&dir, &case.soft_tokens_tensor);
             assert_eq!(shape[0], case.num_soft_tokens);
             let (d, at) = max_abs_diff(&got, &expected);
-            println!("{}/{}: {} soft tokens, max|Δ| = {d:.2e} (tolerance {SOFT_TOKEN_TOLERANCE:.0e})", name(&dir), case.file, shape[0]);
-            assert!(d <= SOFT_TOKEN_TOLERANCE, "{}: soft tokens differ by {d} at flat index {at}", case.file);
+            println!("{}/{}: {} soft tokens, max|Δ| = {d:.2e} (tolerance {:.0e})", name(&dir), case.file, shape[0], tol.soft_tokens);
+            assert!(d <= tol.soft_tokens, "{}: soft tokens differ by {d} at flat index {at}", case.file);
         }
     }
 }
@@ -66,9 +63,9 @@ fn case_soft<B: Gemma4Backend>(model: &Model<B>, dir: &std::path::Path, case: &M
     Tensor::cat(rows, 0)
 }
 
-/// Logits at every position within LOGITS_TOLERANCE, and greedy continuations (through the KV
+/// Logits at every position within `tol.logits`, and greedy continuations (through the KV
 /// cache, image tokens prefilled in one piece) identical to the reference's.
-pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device) {
+pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in vision_fixtures() {
         let model = crate::suite::load::<B>(&dir, device);
         let reference = load_vision_reference(&dir);
@@ -76,15 +73,15 @@ pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device) {
             let soft = case_soft(&model, &dir, case, &reference.images);
             let mut seq = case.prompt_ids.clone();
             seq.extend(&case.greedy_ids);
-            let got = to_vec(model.text.forward_multimodal(&seq, Some(soft.clone()), &mut KvCache::new(&model.text), Logits::All).unwrap());
+            let got = to_vec(model.text.forward_multimodal(&seq, Some(soft.clone()), &mut model.text.new_cache(), Logits::All).unwrap());
             let (expected, shape) = reference_logits(&dir, &case.name);
             let (d, at) = max_abs_diff(&got, &expected);
-            println!("{}/{}: {} positions, {} images, max|Δlogit| = {d:.2e} (tolerance {LOGITS_TOLERANCE:.0e})", name(&dir), case.name, shape[0], case.images.len());
-            assert!(d <= LOGITS_TOLERANCE, "{}/{}: max|Δ| {d} at position {}", name(&dir), case.name, at / shape[1]);
+            println!("{}/{}: {} positions, {} images, max|Δlogit| = {d:.2e} (tolerance {:.0e})", name(&dir), case.name, shape[0], case.images.len(), tol.logits);
+            assert!(d <= tol.logits, "{}/{}: max|Δ| {d} at position {}", name(&dir), case.name, at / shape[1]);
 
             // Greedy through the cache: the prompt (with its images) in one prefill, then one
             // token at a time.
-            let mut cache = KvCache::new(&model.text);
+            let mut cache = model.text.new_cache();
             let mut row = to_vec(model.text.forward_multimodal(&case.prompt_ids, Some(soft), &mut cache, Logits::Last).unwrap());
             let mut tokens = Vec::new();
             for _ in 0..case.greedy_ids.len() {

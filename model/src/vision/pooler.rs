@@ -4,7 +4,6 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::TensorData;
 
 use crate::config::VisionConfig;
 use crate::error::LoadError;
@@ -40,8 +39,8 @@ impl<B: Gemma4Backend> Pooler<B> {
             if !cfg.standardize {
                 return Ok(None);
             }
-            let v = ckpt.float(&format!("{p}.{name}"), &[h])?;
-            Ok(Some(Param::from_tensor(Tensor::from_data(TensorData::new(v, [h]), device))))
+            let v = ckpt.float_data(&format!("{p}.{name}"), &[h])?;
+            Ok(Some(Param::from_tensor(Tensor::from_data(v, device))))
         };
         let std_bias = vector("std_bias")?;
         let std_scale = vector("std_scale")?;

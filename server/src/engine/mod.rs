@@ -74,7 +74,7 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
     type Cache = KvCache<B>;
     type Soft = burn::tensor::Tensor<B, 2>;
     fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(&self.text)
+        self.text.new_cache()
     }
     fn forward_last(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
         self.forward_prefill(tokens, None, cache)
@@ -95,12 +95,12 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
             s.clone().slice([r, 0..width])
         });
         let logits = self.text.forward_multimodal(tokens, rows, cache, Logits::Last).map_err(|e| e.to_string())?;
-        logits.into_data().to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))
+        Ok(gemma4_model::to_host_f32(logits))
     }
     fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>, String> {
         let logits = self.text.forward_batch(tokens, caches).map_err(|e| e.to_string())?;
         let vocab = self.text.vocab_size;
-        let flat = logits.into_data().to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
+        let flat = gemma4_model::to_host_f32(logits);
         Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
     fn cache_entries(&self, cache: &KvCache<B>) -> usize {
