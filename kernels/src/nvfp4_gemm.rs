@@ -6,7 +6,11 @@
 //! rows padded with zero bytes), W = e2m1 · (e4m3 · global_scale), decoded with integer bit
 //! operations (WGSL has no fp4/fp8 types) and accumulated in f32.
 //!
-//! Portable path (every CubeCL runtime, f32 only, so it runs on wgpu/lavapipe): a classic
+//! Element type: x and y are the backend's float `F` (f32, f16, bf16); x is widened to f32 as
+//! its tile is staged, so the shared tiles, the decode (global and E4M3 scales in f32) and the
+//! accumulation are f32, and y is rounded to `F` once on store.
+//!
+//! The kernel (every CubeCL runtime, so it runs on wgpu/lavapipe): a classic
 //! shared-memory tiled GEMM. Each cube owns a `BM × BN` tile of y (BM activation rows, BN output
 //! features) and walks K in steps of `BK`. Per step its threads cooperatively
 //! - load the `BM × BK` tile of x into shared memory (zeros past m and past in), and
@@ -30,9 +34,9 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
+use burn::tensor::{Element, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
-    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime,
+    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime, FloatElement,
 };
 use cubecl::prelude::*;
 
@@ -53,7 +57,7 @@ const THREAD_M: usize = 8;
 const THREAD_N: usize = 8;
 /// Threads per cube.
 pub const THREADS: usize = (TILE_M / THREAD_M) * (TILE_N / THREAD_N);
-/// Shared memory of one cube in bytes: the x tile and the decoded W tile, f32.
+/// Shared memory of one cube in bytes: the x tile and the decoded W tile, f32 for every `F`.
 pub const SHARED_BYTES: usize = (TILE_M + TILE_N) * TILE_K * 4;
 /// Largest cube count along one grid axis (the WebGPU / Vulkan minimum guarantee).
 const MAX_GRID_AXIS: usize = 65_535;
@@ -90,15 +94,15 @@ fn e2m1_scaled(word: u32, k: u32, scale: f32) -> f32 {
 
 type F4 = Vector<f32, Const<4>>;
 
-/// The portable tiled kernel (see the module doc). Launched unchecked: every global access is
+/// The tiled kernel (see the module doc). Launched unchecked: every global access is
 /// guarded by the kernel itself, and every shared / register index is in range by construction.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn nvfp4_gemm_kernel(
-    x: &Tensor<f32>,      // [m, in]
+fn nvfp4_gemm_kernel<F: Float>(
+    x: &Tensor<F>,        // [m, in]
     codes: &Tensor<i32>,  // [out, in/8]
     scales: &Tensor<i32>, // [out, spr]
-    y: &mut Tensor<f32>,  // [m, out]
+    y: &mut Tensor<F>,    // [m, out]
     global_scale: f32,
     m: u32,
     out_features: u32,
@@ -162,7 +166,7 @@ fn nvfp4_gemm_kernel(
                     let gr = row0 + 4 * quad + e;
                     let mut val = 0.0f32;
                     if gr < m && gc < in_features {
-                        val = x[gr * in_features + gc];
+                        val = f32::cast_from(x[gr * in_features + gc]);
                     }
                     v[e] = val;
                 }
@@ -247,7 +251,7 @@ fn nvfp4_gemm_kernel(
                 for f in 0..4usize {
                     let gc = col0 + 4 * (tx + p * threads_n) + f;
                     if gr < m && gc < out_features {
-                        y[gr * out_features + gc] = v[f];
+                        y[gr * out_features + gc] = F::cast_from(v[f]);
                     }
                 }
             }
@@ -277,17 +281,17 @@ fn check_shapes(
     Ok(shapes)
 }
 
-/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]` and x f32 `[m, in]`,
-/// any m in 1..=[`MAX_ROWS`]; returns y `[m, out_features]`. The portable tiled kernel (f32
-/// throughout), on any CubeCL runtime.
-pub fn nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]` and x `[m, in]`,
+/// any m in 1..=[`MAX_ROWS`]; returns y `[m, out_features]`. The tiled kernel (x and y of the
+/// backend's float element, f32 inside), on any CubeCL runtime.
+pub fn nvfp4_gemm<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     launch(
         x,
         codes,
@@ -345,15 +349,15 @@ impl TileConfig {
 /// [`nvfp4_gemm`] with another tile shape, for tuning benches (panics on an invalid shape).
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn nvfp4_gemm_tiled<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+pub fn nvfp4_gemm_tiled<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
     cfg: TileConfig,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     assert!(cfg.valid(), "{cfg:?}");
     launch(
         x,
@@ -367,18 +371,18 @@ pub fn nvfp4_gemm_tiled<R: CubeRuntime, BT: BoolElement>(
     )
 }
 
-/// [`nvfp4_gemm`] writing into a given y `[m, out_features]` f32 (every element is written), and
+/// [`nvfp4_gemm`] writing into a given y `[m, out_features]` (every element is written), and
 /// returning it: for tests that fill y with NaN first, so that an element the kernel misses shows.
 #[doc(hidden)]
-pub fn nvfp4_gemm_into<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+pub fn nvfp4_gemm_into<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-    y: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    y: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     launch(
         x,
         codes,
@@ -392,16 +396,16 @@ pub fn nvfp4_gemm_into<R: CubeRuntime, BT: BoolElement>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+fn launch<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-    y: Option<BurnTensor<Nvfp4Backend<R, BT>, 2>>,
+    y: Option<BurnTensor<Nvfp4Backend<R, F, BT>, 2>>,
     cfg: TileConfig,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     let (m, words, spr) = check_shapes(
         x.dims(),
         codes.dims(),
@@ -440,11 +444,11 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
     let y = match y {
         Some(y) => {
             let y = y.into_primitive().tensor();
-            if y.dtype != DType::F32 {
+            if y.dtype != <F as Element>::dtype() {
                 return Err(KernelError::Dtype {
                     what: "y",
                     got: y.dtype,
-                    expected: "f32",
+                    expected: "the backend's float element",
                 }
                 .into());
             }
@@ -455,7 +459,7 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
             client.clone(),
             x.device.clone(),
             Shape::new([m, out_features]),
-            DType::F32,
+            <F as Element>::dtype(),
         ),
     };
 
@@ -483,7 +487,7 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
     // contiguous with the checked shapes, and shared / register indices are below their
     // comptime sizes for any valid TileConfig.
     unsafe {
-        nvfp4_gemm_kernel::launch_unchecked::<R>(
+        nvfp4_gemm_kernel::launch_unchecked::<F, R>(
             &client,
             count,
             dim,
@@ -511,10 +515,10 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
 /// Times [`nvfp4_gemm`] on one shape, for the bench: one warm-up call (shader compile), then
 /// `iters` back-to-back calls closed by a device sync (kernel time, no read-back). Returns the
 /// mean per call.
-pub fn time_nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
-    x: &BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: &BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: &BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+pub fn time_nvfp4_gemm<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: &BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: &BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: &BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
@@ -533,12 +537,12 @@ pub fn time_nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
         )
     };
     drop(call()?);
-    Nvfp4Backend::<R, BT>::sync(&device).expect("device sync");
+    Nvfp4Backend::<R, F, BT>::sync(&device).expect("device sync");
     let iters = iters.max(1);
     let start = Instant::now();
     for _ in 0..iters {
         drop(call()?);
     }
-    Nvfp4Backend::<R, BT>::sync(&device).expect("device sync");
+    Nvfp4Backend::<R, F, BT>::sync(&device).expect("device sync");
     Ok(start.elapsed() / iters as u32)
 }
