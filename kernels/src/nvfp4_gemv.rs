@@ -219,13 +219,16 @@ pub(crate) fn check_packed_shapes(
     Ok((m, words, spr))
 }
 
+/// x, codes and scales, ready for a launch.
+type PackedInputs<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
+
 /// x, codes and scales as the NVFP4 kernels read them: `F`, i32, i32 on one device, row-major
 /// contiguous (a no-op when they already are).
 pub(crate) fn packed_inputs<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
     codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
-) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), KernelError> {
+) -> Result<PackedInputs<R>, KernelError> {
     let x = x.into_primitive().tensor();
     let codes = codes.into_primitive();
     let scales = scales.into_primitive();
