@@ -5,6 +5,7 @@ mod suite;
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use gemma4_conformance::Tolerances;
+use gemma4_model::kernels::fallback;
 
 type B = Wgpu<f32, i32>;
 
@@ -18,4 +19,14 @@ fn golden_fixtures_on_wgpu() {
     suite::batched_decode_matches_reference::<B>(&device, Tolerances::F32);
     suite::vision::soft_tokens_match_reference::<B>(&device, Tolerances::F32);
     suite::vision::multimodal_cases_match_reference::<B>(&device, Tolerances::F32);
+
+    // Every kernel family ran (the fixtures' prefills of 40..120 tokens take the GEMM, decode
+    // steps the GEMV), and nothing fell back to the reference (the default policy is Strict, so a
+    // refusal would already have panicked; the counts say so explicitly).
+    let counts = fallback::counts();
+    eprintln!("kernel launches / fallbacks: {counts:?}");
+    for (kernel, launches, fallbacks) in counts {
+        assert!(launches > 0, "{kernel} never launched");
+        assert_eq!(fallbacks, 0, "{kernel} fell back to the reference {fallbacks} times");
+    }
 }

@@ -4,10 +4,10 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement};
 
 use crate::attention::{self, flash, reference, AttentionParams};
-use crate::{cpu, cpu_dense};
+use crate::{cpu, cpu_dense, fallback};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::Nvfp4Weight;
 use crate::{nvfp4_gemm, nvfp4_gemv};
@@ -200,43 +200,85 @@ fn contiguous<'a>(slice: Option<&'a [f32]>, copy: impl FnOnce() -> Vec<f32>) -> 
     }
 }
 
-/// wgpu and CUDA: the CubeCL kernels where their limits allow, the reference elsewhere.
-impl<R: CubeRuntime, BT: BoolElement> Gemma4Backend for CubeBackend<R, f32, i32, BT> {
+/// wgpu and CUDA, any float element (f32, f16, bf16; the kernels accumulate in f32): the CubeCL
+/// kernels, each call through [`fallback::run`], so a refusal panics (the default
+/// [`fallback::Policy::Strict`]) or, under [`fallback::Policy::Warn`], runs the reference and is
+/// counted and logged.
+impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend for CubeBackend<R, F, i32, BT> {
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
         // Decode rows: the GEMV (codes decoded in registers); prefill: the tiled GEMM (weight
         // tiles decoded into shared memory). Both read the loader's packed words as they are.
-        let m = x.dims()[0];
+        let x_dims = x.dims();
+        let shape = || format!("x {x_dims:?}, weight [{}, {}]", w.out_features, w.in_features);
         let (codes, scales) = (w.codes.clone(), w.scales.clone());
-        if m <= nvfp4_gemv::MAX_M {
-            nvfp4_gemv::nvfp4_matmul(x, codes, scales, w.global_scale, w.out_features, w.in_features)
-                .unwrap_or_else(|e| panic!("NVFP4 GEMV on a loader-checked weight: {e}"))
+        if x_dims[0] <= nvfp4_gemv::MAX_M {
+            fallback::run(
+                "nvfp4_gemv",
+                shape,
+                || nvfp4_gemv::nvfp4_matmul(x.clone(), codes, scales, w.global_scale, w.out_features, w.in_features),
+                || w.forward_reference(x.clone()),
+            )
         } else {
-            nvfp4_gemm::nvfp4_gemm(x.clone(), codes, scales, w.global_scale, w.out_features, w.in_features)
-                .unwrap_or_else(|_| w.forward_reference(x))
+            fallback::run(
+                "nvfp4_gemm",
+                shape,
+                || nvfp4_gemm::nvfp4_gemm(x.clone(), codes, scales, w.global_scale, w.out_features, w.in_features),
+                || w.forward_reference(x.clone()),
+            )
         }
     }
 
     fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
         // Every refusal (shape or limit outside the kernel's) happens before a launch.
-        flash::fused_attention(q.clone(), k.clone(), v.clone(), params).unwrap_or_else(|_| reference::attention(q, k, v, params))
+        let shape = || format!("q {:?}, k {:?}, v {:?}, {params:?}", q.dims(), k.dims(), v.dims());
+        fallback::run(
+            "flash_attention",
+            shape,
+            || flash::fused_attention(q.clone(), k.clone(), v.clone(), params),
+            || reference::attention(q.clone(), k.clone(), v.clone(), params),
+        )
     }
 
     // The fused steps: one kernel each instead of a chain of element-wise launches.
     fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
-        fused::rms_norm(x.clone(), weight.clone(), eps, None).unwrap_or_else(|_| fused_ref::rms_norm(x, weight, eps))
+        let shape = || format!("x {:?}, weight {:?}", x.dims(), weight.as_ref().map(|w| w.dims()));
+        fallback::run(
+            "rms_norm",
+            shape,
+            || fused::rms_norm(x.clone(), weight.clone(), eps, None),
+            || fused_ref::rms_norm(x.clone(), weight.clone(), eps),
+        )
     }
 
     fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
-        fused::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale, None)
-            .unwrap_or_else(|_| fused_ref::rms_norm_add(residual, x, weight, eps, scale))
+        let shape = || format!("residual {:?}, x {:?}, weight {:?}", residual.dims(), x.dims(), weight.dims());
+        fallback::run(
+            "rms_norm_add",
+            shape,
+            || fused::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale, None),
+            || fused_ref::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale),
+        )
     }
 
     fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
-        fused::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone(), None)
-            .unwrap_or_else(|_| fused_ref::rms_norm_rope(x, weight, eps, cos, sin))
+        let shape = || {
+            format!("x {:?}, weight {:?}, cos {:?}, sin {:?}", x.dims(), weight.as_ref().map(|w| w.dims()), cos.dims(), sin.dims())
+        };
+        fallback::run(
+            "rms_norm_rope",
+            shape,
+            || fused::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone(), None),
+            || fused_ref::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone()),
+        )
     }
 
     fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        fused::gelu_tanh_mul(gate.clone(), up.clone(), None).unwrap_or_else(|_| fused_ref::gelu_tanh_mul(gate, up))
+        let shape = || format!("gate {:?}, up {:?}", gate.dims(), up.dims());
+        fallback::run(
+            "gelu_tanh_mul",
+            shape,
+            || fused::gelu_tanh_mul(gate.clone(), up.clone(), None),
+            || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()),
+        )
     }
 }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cpu;
 pub mod cpu_dense;
 pub mod device;
+pub mod fallback;
 pub mod fused;
 pub mod nvfp4;
 pub mod nvfp4_gemm;

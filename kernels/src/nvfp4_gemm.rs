@@ -6,7 +6,11 @@
 //! rows padded with zero bytes), W = e2m1 · (e4m3 · global_scale), decoded with integer bit
 //! operations (WGSL has no fp4/fp8 types) and accumulated in f32.
 //!
-//! Portable path (every CubeCL runtime, f32 only, so it runs on wgpu/lavapipe): a classic
+//! Element type: x and y are the backend's float `F` (f32, f16, bf16); x is widened to f32 as
+//! its tile is staged, so the shared tiles, the decode (global and E4M3 scales in f32) and the
+//! accumulation are f32, and y is rounded to `F` once on store.
+//!
+//! The kernel (every CubeCL runtime, so it runs on wgpu/lavapipe): a classic
 //! shared-memory tiled GEMM. Each cube owns a `BM × BN` tile of y (BM activation rows, BN output
 //! features) and walks K in steps of `BK`. Per step its threads cooperatively
 //! - load the `BM × BK` tile of x into shared memory (zeros past m and past in), and
@@ -27,19 +31,12 @@
 //! (m = 256, out = in = 1024, best of 5): this shape ≈ Burn's own f32 matmul; scalar (non-vec4)
 //! shared tiles were 2.5–3× slower, 4×4 register blocks ~1.3×, BK = 16 or 32-wide tiles slower.
 //! Other shapes can be timed through [`nvfp4_gemm_tiled`].
-//!
-//! Tensor-core path: [`nvfp4_gemm_cmma`] (bf16 operands in shared memory, cubecl `cmma` 16×16×16
-//! with f32 accumulation, 64 × 64 tiles on 4 planes). It is OPT-IN and has never run: no runtime
-//! available here reports cmma (wgpu's WGSL backend never does), so nothing selects it
-//! automatically; it refuses with [`GemmError::NoCmma`] where [`cmma_supported`] is false. Its
-//! CUDA C++ was generated and read (wmma loads/stores, offsets, alignment) but not compiled
-//! by NVRTC. See the notes above the kernel.
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{bf16, DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
+use burn::tensor::{Element, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
-    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime,
+    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime, FloatElement,
 };
 use cubecl::prelude::*;
 
@@ -60,7 +57,7 @@ const THREAD_M: usize = 8;
 const THREAD_N: usize = 8;
 /// Threads per cube.
 pub const THREADS: usize = (TILE_M / THREAD_M) * (TILE_N / THREAD_N);
-/// Shared memory of one cube in bytes: the x tile and the decoded W tile, f32.
+/// Shared memory of one cube in bytes: the x tile and the decoded W tile, f32 for every `F`.
 pub const SHARED_BYTES: usize = (TILE_M + TILE_N) * TILE_K * 4;
 /// Largest cube count along one grid axis (the WebGPU / Vulkan minimum guarantee).
 const MAX_GRID_AXIS: usize = 65_535;
@@ -81,8 +78,6 @@ pub enum GemmError {
         expected: [usize; 2],
         got: [usize; 2],
     },
-    #[error("the runtime does not report bf16 16x16x16 cmma with 32-lane planes")]
-    NoCmma,
     #[error("the GEMM needs {needed} threads per cube; the device allows {available}")]
     CubeDim { needed: usize, available: usize },
 }
@@ -99,15 +94,15 @@ fn e2m1_scaled(word: u32, k: u32, scale: f32) -> f32 {
 
 type F4 = Vector<f32, Const<4>>;
 
-/// The portable tiled kernel (see the module doc). Launched unchecked: every global access is
+/// The tiled kernel (see the module doc). Launched unchecked: every global access is
 /// guarded by the kernel itself, and every shared / register index is in range by construction.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn nvfp4_gemm_kernel(
-    x: &Tensor<f32>,      // [m, in]
+fn nvfp4_gemm_kernel<F: Float>(
+    x: &Tensor<F>,        // [m, in]
     codes: &Tensor<i32>,  // [out, in/8]
     scales: &Tensor<i32>, // [out, spr]
-    y: &mut Tensor<f32>,  // [m, out]
+    y: &mut Tensor<F>,    // [m, out]
     global_scale: f32,
     m: u32,
     out_features: u32,
@@ -171,7 +166,7 @@ fn nvfp4_gemm_kernel(
                     let gr = row0 + 4 * quad + e;
                     let mut val = 0.0f32;
                     if gr < m && gc < in_features {
-                        val = x[gr * in_features + gc];
+                        val = f32::cast_from(x[gr * in_features + gc]);
                     }
                     v[e] = val;
                 }
@@ -256,7 +251,7 @@ fn nvfp4_gemm_kernel(
                 for f in 0..4usize {
                     let gc = col0 + 4 * (tx + p * threads_n) + f;
                     if gr < m && gc < out_features {
-                        y[gr * out_features + gc] = v[f];
+                        y[gr * out_features + gc] = F::cast_from(v[f]);
                     }
                 }
             }
@@ -286,17 +281,17 @@ fn check_shapes(
     Ok(shapes)
 }
 
-/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]` and x f32 `[m, in]`,
-/// any m in 1..=[`MAX_ROWS`]; returns y `[m, out_features]`. The portable tiled kernel (f32
-/// throughout), on any CubeCL runtime.
-pub fn nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]` and x `[m, in]`,
+/// any m in 1..=[`MAX_ROWS`]; returns y `[m, out_features]`. The tiled kernel (x and y of the
+/// backend's float element, f32 inside), on any CubeCL runtime.
+pub fn nvfp4_gemm<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     launch(
         x,
         codes,
@@ -354,15 +349,15 @@ impl TileConfig {
 /// [`nvfp4_gemm`] with another tile shape, for tuning benches (panics on an invalid shape).
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn nvfp4_gemm_tiled<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+pub fn nvfp4_gemm_tiled<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
     cfg: TileConfig,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     assert!(cfg.valid(), "{cfg:?}");
     launch(
         x,
@@ -376,18 +371,18 @@ pub fn nvfp4_gemm_tiled<R: CubeRuntime, BT: BoolElement>(
     )
 }
 
-/// [`nvfp4_gemm`] writing into a given y `[m, out_features]` f32 (every element is written), and
+/// [`nvfp4_gemm`] writing into a given y `[m, out_features]` (every element is written), and
 /// returning it: for tests that fill y with NaN first, so that an element the kernel misses shows.
 #[doc(hidden)]
-pub fn nvfp4_gemm_into<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+pub fn nvfp4_gemm_into<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-    y: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+    y: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     launch(
         x,
         codes,
@@ -401,16 +396,16 @@ pub fn nvfp4_gemm_into<R: CubeRuntime, BT: BoolElement>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+fn launch<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-    y: Option<BurnTensor<Nvfp4Backend<R, BT>, 2>>,
+    y: Option<BurnTensor<Nvfp4Backend<R, F, BT>, 2>>,
     cfg: TileConfig,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, GemmError> {
     let (m, words, spr) = check_shapes(
         x.dims(),
         codes.dims(),
@@ -449,11 +444,11 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
     let y = match y {
         Some(y) => {
             let y = y.into_primitive().tensor();
-            if y.dtype != DType::F32 {
+            if y.dtype != <F as Element>::dtype() {
                 return Err(KernelError::Dtype {
                     what: "y",
                     got: y.dtype,
-                    expected: "f32",
+                    expected: "the backend's float element",
                 }
                 .into());
             }
@@ -464,7 +459,7 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
             client.clone(),
             x.device.clone(),
             Shape::new([m, out_features]),
-            DType::F32,
+            <F as Element>::dtype(),
         ),
     };
 
@@ -492,7 +487,7 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
     // contiguous with the checked shapes, and shared / register indices are below their
     // comptime sizes for any valid TileConfig.
     unsafe {
-        nvfp4_gemm_kernel::launch_unchecked::<R>(
+        nvfp4_gemm_kernel::launch_unchecked::<F, R>(
             &client,
             count,
             dim,
@@ -517,327 +512,13 @@ fn launch<R: CubeRuntime, BT: BoolElement>(
     Ok(BurnTensor::from_primitive(TensorPrimitive::Float(y)))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tensor-core path (opt-in, UNTESTED on hardware: no runtime here reports cmma).
-//
-// Same cube tiling (64 × 64 outputs, BK = 32), 4 planes of 32 lanes in a 2 × 2 grid, each plane
-// a 32 × 32 sub-tile = 2 × 2 cmma accumulators of 16 × 16 (f32). Per K step the cube stages
-// - x as bf16 `[64 rows][32 k]` row-major (the A operand), and
-// - W' = e2m1 · e4m3 (without the global scale) as bf16 `[64 features][32 k]`, which is B
-//   (`[k][n]`) in column-major with stride 32. e2m1 · e4m3 has at most 2 + 4 significant bits and
-//   an exponent within bf16's range, so W' is exact in bf16;
-// the global scale multiplies the f32 accumulator at the end (a change of rounding order against
-// the f32 reference of at most one f32 rounding per weight). The only real loss is x → bf16
-// (relative 2^-9 per element), as in any bf16 prefill.
-// The accumulators go through a 64 × 64 f32 shared staging tile so that edge tiles can be
-// written with bounds checks. Shared memory: 4 + 4 + 16 KiB = 24 KiB.
-// ---------------------------------------------------------------------------------------------
-
-/// Rows and features per cube of the cmma kernel, and its K step.
-const CMMA_BM: usize = 64;
-const CMMA_BN: usize = 64;
-const CMMA_BK: usize = 32;
-/// Planes (warps) per cube and their lane count.
-const CMMA_PLANES: usize = 4;
-const CMMA_PLANE_DIM: usize = 32;
-
-/// The cmma configuration the kernel needs: bf16 × bf16 → f32, 16 × 16 × 16.
-fn cmma_config() -> cubecl::ir::features::MmaConfig {
-    use cubecl::ir::{ElemType, FloatKind};
-    cubecl::ir::features::MmaConfig {
-        a_type: ElemType::Float(FloatKind::BF16).into(),
-        b_type: ElemType::Float(FloatKind::BF16).into(),
-        cd_type: ElemType::Float(FloatKind::F32).into(),
-        m: 16,
-        n: 16,
-        k: 16,
-    }
-}
-
-/// Whether the runtime of this client reports what [`nvfp4_gemm_cmma`] needs (bf16 16×16×16
-/// cmma with f32 accumulation, 32-lane planes, 24 KiB of shared memory).
-pub fn cmma_supported<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
-    let hw = &client.properties().hardware;
-    client.features().matmul.cmma.contains(&cmma_config())
-        && hw.plane_size_min as usize == CMMA_PLANE_DIM
-        && hw.plane_size_max as usize == CMMA_PLANE_DIM
-        && hw.max_shared_memory_size >= (CMMA_BM + CMMA_BN) * CMMA_BK * 2 + CMMA_BM * CMMA_BN * 4
-}
-
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn nvfp4_gemm_cmma_kernel(
-    x: &Tensor<f32>,      // [m, in]
-    codes: &Tensor<i32>,  // [out, in/8]
-    scales: &Tensor<i32>, // [out, spr]
-    y: &mut Tensor<f32>,  // [m, out]
-    global_scale: f32,
-    m: u32,
-    out_features: u32,
-    in_features: u32,
-    words: u32,
-    spr: u32,
-) {
-    let bm = 64usize;
-    let bn = 64usize;
-    let bk = 32usize;
-    let threads = 128usize;
-    let words_per_row = bk / 8;
-
-    let tid = UNIT_POS as usize;
-    let plane = UNIT_POS_Y as usize; // 0..4
-    let pm = plane / 2; // plane's 32-row half
-    let pn = plane % 2; // plane's 32-feature half
-    let col0 = CUBE_POS_X as usize * bn;
-    let row0 = CUBE_POS_Y as usize * bm;
-    let m = m as usize;
-    let out_features = out_features as usize;
-    let in_features = in_features as usize;
-    let words = words as usize;
-    let spr = spr as usize;
-
-    let mut xs = SharedMemory::<bf16>::new_aligned(bm * bk, 32usize); // [bm][bk]
-    let mut ws = SharedMemory::<bf16>::new_aligned(bn * bk, 32usize); // [bn][bk]
-    let mut stage = SharedMemory::<f32>::new_aligned(bm * bn, 32usize); // [bm][bn]
-
-    let acc00 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let acc01 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let acc10 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let acc11 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-
-    let k_tiles = in_features.div_ceil(bk);
-    for kt in 0..k_tiles {
-        let k0 = kt * bk;
-
-        // x tile, row-major [bm][bk]: 2048 elements, 16 per thread, neighbouring threads along k.
-        #[unroll]
-        for l in 0..(bm * bk / threads) {
-            let idx = l * threads + tid;
-            let r = idx / bk;
-            let c = idx % bk;
-            let gr = row0 + r;
-            let gc = k0 + c;
-            let mut v = 0.0f32;
-            if gr < m && gc < in_features {
-                v = x[gr * in_features + gc];
-            }
-            xs[r * bk + c] = bf16::cast_from(v);
-        }
-
-        // W' tile, [bn][bk]: 256 code words, 2 per thread.
-        #[unroll]
-        for l in 0..(bn * words_per_row / threads) {
-            let idx = l * threads + tid;
-            let r = idx / words_per_row;
-            let w = idx % words_per_row;
-            let gr = col0 + r;
-            let gw = k0 / 8 + w;
-            let mut cw = 0u32;
-            let mut sc = 0.0f32;
-            if gr < out_features && gw < words {
-                cw = u32::cast_from(codes[gr * words + gw]);
-                let g = gw / 2;
-                let sw = u32::cast_from(scales[gr * spr + g / 4]);
-                sc = e4m3_to_f32((sw >> (((g % 4) * 8) as u32)) & 255);
-            }
-            #[unroll]
-            for j in 0..8usize {
-                ws[r * bk + 8 * w + j] = bf16::cast_from(e2m1_scaled(cw, j as u32, sc));
-            }
-        }
-        sync_cube();
-
-        #[unroll]
-        for kk in 0..2usize {
-            let a_base = (pm * 32) * bk + kk * 16;
-            let b_base = (pn * 32) * bk + kk * 16;
-            let a0 = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &xs.slice(a_base, bm * bk),
-                bk as u32,
-            );
-            let a1 = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &xs.slice(a_base + 16 * bk, bm * bk),
-                bk as u32,
-            );
-            let b0 = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &ws.slice(b_base, bn * bk),
-                bk as u32,
-            );
-            let b1 = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &ws.slice(b_base + 16 * bk, bn * bk),
-                bk as u32,
-            );
-            cmma::execute::<bf16, bf16, f32, f32>(&a0, &b0, &acc00, &acc00);
-            cmma::execute::<bf16, bf16, f32, f32>(&a0, &b1, &acc01, &acc01);
-            cmma::execute::<bf16, bf16, f32, f32>(&a1, &b0, &acc10, &acc10);
-            cmma::execute::<bf16, bf16, f32, f32>(&a1, &b1, &acc11, &acc11);
-        }
-        sync_cube();
-    }
-
-    let s_base = (pm * 32) * bn + pn * 32;
-    cmma::store(
-        &mut stage.slice_mut(s_base, bm * bn),
-        &acc00,
-        bn as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut stage.slice_mut(s_base + 16, bm * bn),
-        &acc01,
-        bn as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut stage.slice_mut(s_base + 16 * bn, bm * bn),
-        &acc10,
-        bn as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut stage.slice_mut(s_base + 16 * bn + 16, bm * bn),
-        &acc11,
-        bn as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    sync_cube();
-
-    #[unroll]
-    for l in 0..(bm * bn / threads) {
-        let idx = l * threads + tid;
-        let r = idx / bn;
-        let c = idx % bn;
-        let gr = row0 + r;
-        let gc = col0 + c;
-        if gr < m && gc < out_features {
-            y[gr * out_features + gc] = stage[idx] * global_scale;
-        }
-    }
-}
-
-/// `y = x · Wᵀ` on tensor cores (bf16 operands, f32 accumulation): OPT-IN and UNTESTED on
-/// hardware (nothing here reports cmma; wgpu's WGSL path never does). Returns
-/// [`GemmError::NoCmma`] where [`cmma_supported`] is false. Accuracy: x is rounded to bf16
-/// (W is exact), so expect |Δ| up to ~2^-8 · Σ|x·w| rather than the portable path's ~1e-6.
-/// Validate it on the GPU (the `cmma_*` test of `tests/nvfp4_gemm.rs` runs where supported)
-/// before routing anything to it.
-pub fn nvfp4_gemm_cmma<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    global_scale: f32,
-    out_features: usize,
-    in_features: usize,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, GemmError> {
-    let cfg = TileConfig {
-        bm: CMMA_BM,
-        bn: CMMA_BN,
-        bk: CMMA_BK,
-        tm: 4,
-        tn: 4,
-    };
-    let (m, words, spr) = check_shapes(
-        x.dims(),
-        codes.dims(),
-        scales.dims(),
-        out_features,
-        in_features,
-        cfg,
-    )?;
-    let (x, codes, scales) = packed_inputs(x, codes, scales)?;
-    let client = x.client.clone();
-    if !cmma_supported(&client) {
-        return Err(GemmError::NoCmma);
-    }
-    let y = empty_device_dtype::<R>(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([m, out_features]),
-        DType::F32,
-    );
-    let count = CubeCount::Static(
-        out_features.div_ceil(CMMA_BN) as u32,
-        m.div_ceil(CMMA_BM) as u32,
-        1,
-    );
-    let dim = CubeDim::new_2d(CMMA_PLANE_DIM as u32, CMMA_PLANES as u32);
-    // SAFETY: as for the portable kernel: guarded global accesses, contiguous checked buffers,
-    // shared indices below their sizes.
-    unsafe {
-        nvfp4_gemm_cmma_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            dim,
-            x.into_tensor_arg(),
-            codes.into_tensor_arg(),
-            scales.into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            global_scale,
-            m as u32,
-            out_features as u32,
-            in_features as u32,
-            words as u32,
-            spr as u32,
-        );
-    }
-    Ok(BurnTensor::from_primitive(TensorPrimitive::Float(y)))
-}
-
 /// Times [`nvfp4_gemm`] on one shape, for the bench: one warm-up call (shader compile), then
 /// `iters` back-to-back calls closed by a device sync (kernel time, no read-back). Returns the
 /// mean per call.
-pub fn time_nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
-    x: &BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: &BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: &BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+pub fn time_nvfp4_gemm<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: &BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: &BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: &BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
@@ -856,12 +537,12 @@ pub fn time_nvfp4_gemm<R: CubeRuntime, BT: BoolElement>(
         )
     };
     drop(call()?);
-    Nvfp4Backend::<R, BT>::sync(&device).expect("device sync");
+    Nvfp4Backend::<R, F, BT>::sync(&device).expect("device sync");
     let iters = iters.max(1);
     let start = Instant::now();
     for _ in 0..iters {
         drop(call()?);
     }
-    Nvfp4Backend::<R, BT>::sync(&device).expect("device sync");
+    Nvfp4Backend::<R, F, BT>::sync(&device).expect("device sync");
     Ok(start.elapsed() / iters as u32)
 }

@@ -5,21 +5,26 @@
 //! the E4M3 scale of group 4w + j (16 inputs per group). W[o, c] = e2m1 · (e4m3 · global_scale),
 //! decoded with integer bit operations (WGSL has no fp4/fp8 types), accumulated in f32.
 //!
+//! Element type: x and y are the backend's float `F` (f32, f16, bf16); every x element is widened
+//! to f32 on load, the weights are decoded and the global / E4M3 scales applied in f32, the dot
+//! products accumulate in f32, and y is rounded to `F` once on store.
+//!
 //! Structure: one cube (workgroup) per output row, `BLOCK` threads per cube. Thread t walks the
 //! row's code words t, t + BLOCK, ... (one word = 8 inputs, half a scale group), decodes the 8
 //! weights once and applies them to all m activation rows, accumulating into its own slot of a
 //! shared `[MAX_M, BLOCK]` buffer; a tree reduction over the slots then gives the m outputs,
 //! which threads 0..m write. Cubes past `out` (grid padding) do no loads and write nothing.
 
-use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
+use burn::tensor::{DType, Element, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
     kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime,
+    FloatElement,
 };
 use cubecl::prelude::*;
 
-/// The backend the kernel runs on: any CubeCL runtime with f32 floats and i32 ints
-/// (`burn::backend::Wgpu<f32, i32>` without fusion is `CubeBackend<WgpuRuntime, f32, i32, u32>`).
-pub type Nvfp4Backend<R, BT = u32> = CubeBackend<R, f32, i32, BT>;
+/// The backend the kernel runs on: any CubeCL runtime with float element `F` and i32 ints
+/// (`burn::backend::Wgpu<F, i32>` without fusion is `CubeBackend<WgpuRuntime, F, i32, u32>`).
+pub type Nvfp4Backend<R, F = f32, BT = u32> = CubeBackend<R, F, i32, BT>;
 
 pub use crate::nvfp4::GROUP_SIZE;
 use crate::nvfp4::scale_words_per_row;
@@ -90,11 +95,11 @@ fn e2m1_scaled(word: u32, #[comptime] k: u32, scale: f32) -> f32 {
 }
 
 #[cube(launch)]
-fn nvfp4_gemv_kernel(
-    x: &Tensor<f32>,      // [m, in]
+fn nvfp4_gemv_kernel<F: Float>(
+    x: &Tensor<F>,        // [m, in]
     codes: &Tensor<i32>,  // [out, in/8]
     scales: &Tensor<i32>, // [out, spr]
-    y: &mut Tensor<f32>,  // [m, out]
+    y: &mut Tensor<F>,    // [m, out]
     global_scale: f32,
     m: u32,
     out_features: u32,
@@ -137,14 +142,14 @@ fn nvfp4_gemv_kernel(
             let col = 8 * w;
             for i in 0..m {
                 let base = i * in_features + col;
-                let part = x[base] * w0
-                    + x[base + 1] * w1
-                    + x[base + 2] * w2
-                    + x[base + 3] * w3
-                    + x[base + 4] * w4
-                    + x[base + 5] * w5
-                    + x[base + 6] * w6
-                    + x[base + 7] * w7;
+                let part = f32::cast_from(x[base]) * w0
+                    + f32::cast_from(x[base + 1]) * w1
+                    + f32::cast_from(x[base + 2]) * w2
+                    + f32::cast_from(x[base + 3]) * w3
+                    + f32::cast_from(x[base + 4]) * w4
+                    + f32::cast_from(x[base + 5]) * w5
+                    + f32::cast_from(x[base + 6]) * w6
+                    + f32::cast_from(x[base + 7]) * w7;
                 acc[i * block + tid] += part;
             }
             w += block;
@@ -166,7 +171,7 @@ fn nvfp4_gemv_kernel(
     }
 
     if row < out_features && tid < m {
-        y[tid * out_features + row] = acc[tid * block];
+        y[tid * out_features + row] = F::cast_from(acc[tid * block]);
     }
 }
 
@@ -214,18 +219,21 @@ pub(crate) fn check_packed_shapes(
     Ok((m, words, spr))
 }
 
-/// x, codes and scales as the NVFP4 kernels read them: f32, i32, i32 on one device, row-major
+/// x, codes and scales, ready for a launch.
+type PackedInputs<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
+
+/// x, codes and scales as the NVFP4 kernels read them: `F`, i32, i32 on one device, row-major
 /// contiguous (a no-op when they already are).
-pub(crate) fn packed_inputs<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), KernelError> {
+pub(crate) fn packed_inputs<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+) -> Result<PackedInputs<R>, KernelError> {
     let x = x.into_primitive().tensor();
     let codes = codes.into_primitive();
     let scales = scales.into_primitive();
-    if x.dtype != DType::F32 {
-        return Err(KernelError::Dtype { what: "x", got: x.dtype, expected: "f32" });
+    if x.dtype != <F as Element>::dtype() {
+        return Err(KernelError::Dtype { what: "x", got: x.dtype, expected: "the backend's float element" });
     }
     for (what, t) in [("codes", &codes), ("scales", &scales)] {
         if !matches!(t.dtype, DType::I32) {
@@ -237,16 +245,17 @@ pub(crate) fn packed_inputs<R: CubeRuntime, BT: BoolElement>(
     Ok((into_contiguous(x), into_contiguous(codes), into_contiguous(scales)))
 }
 
-/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]`, x f32 `[m, in]` with
-/// m in 1..=[`MAX_M`]; returns y `[m, out_features]`.
-pub fn nvfp4_matmul<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<Nvfp4Backend<R, BT>, 2>,
-    codes: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
-    scales: BurnTensor<Nvfp4Backend<R, BT>, 2, Int>,
+/// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]`, x `[m, in]` of the
+/// backend's float element `F` with m in 1..=[`MAX_M`]; returns y `[m, out_features]` (`F`,
+/// accumulated in f32).
+pub fn nvfp4_matmul<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<Nvfp4Backend<R, F, BT>, 2>,
+    codes: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
+    scales: BurnTensor<Nvfp4Backend<R, F, BT>, 2, Int>,
     global_scale: f32,
     out_features: usize,
     in_features: usize,
-) -> Result<BurnTensor<Nvfp4Backend<R, BT>, 2>, KernelError> {
+) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, KernelError> {
     let grid = out_features.div_ceil(MAX_GRID_AXIS) * MAX_GRID_AXIS;
     let (m, words, spr) =
         check_packed_shapes(x.dims(), codes.dims(), scales.dims(), out_features, in_features, MAX_M, &[("grid", grid)])?;
@@ -257,12 +266,12 @@ pub fn nvfp4_matmul<R: CubeRuntime, BT: BoolElement>(
         client.clone(),
         x.device.clone(),
         Shape::new([m, out_features]),
-        DType::F32,
+        <F as Element>::dtype(),
     );
 
     let grid_x = out_features.min(MAX_GRID_AXIS);
     let grid_y = out_features.div_ceil(grid_x);
-    nvfp4_gemv_kernel::launch::<R>(
+    nvfp4_gemv_kernel::launch::<F, R>(
         &client,
         CubeCount::Static(grid_x as u32, grid_y as u32, 1),
         CubeDim::new_1d(BLOCK as u32),

@@ -1,20 +1,61 @@
-//! Fused attention kernels on wgpu (lavapipe here) against the plain Burn reference on NdArray.
+//! Fused attention kernels on wgpu (lavapipe here), in f32 and in f16, against the plain Burn
+//! reference on NdArray (f32) from the same inputs (for f16, q, k, v rounded to f16 first).
 //!
 //! Tolerance: max |Δ| ≤ 1e-4 · max|v| (the output is a convex combination of v rows, so max|v|
-//! is the output's scale). Every case runs with the automatic plan and with a second plan that
-//! takes the other path (split-K vs direct) and another row tile, into a NaN-poisoned output.
+//! is the output's scale). In f16 the kernel widens q, k, v to f32 as it stages them and runs the
+//! dot products, the online softmax and P·V in f32 as in the f32 run, then rounds the output to
+//! f16 once: at most half an ulp, 2^-11 · |out| (f16 has 11 significant bits), or 2^-25 absolute
+//! in f16's subnormal range; so per element |Δ| ≤ 1e-4 · max|v| + 2^-11 · |out_ref| + 2^-25.
+//! Every case runs with the automatic plan and with a second plan that takes the other path
+//! (split-K vs direct) and another row tile, into a NaN-poisoned output.
 
 use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{f16, DType, Element, ElementConversion, Tensor, TensorData};
+use burn_cubecl::FloatElement;
 use gemma4_kernels::attention::flash::{
     fused_attention, fused_attention_with_plan, plan, AttentionError, FlashPlan,
 };
 use gemma4_kernels::attention::{reference, AttentionParams};
 use gemma4_kernels::testing::{Cpu, Lcg};
 
-type Gpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
+type Gpu<F = f32> = CubeBackend<WgpuRuntime, F, i32, u32>;
 
 const TOL: f64 = 1e-4;
+/// f16's unit roundoff, 2^-11: the largest relative error of rounding an f32 to f16.
+const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
+/// Half of f16's smallest subnormal, 2^-25: the rounding error below f16's normal range.
+const F16_SUBNORMAL_HALF_ULP: f64 = 1.0 / 33_554_432.0;
+
+fn dtype<F: FloatElement>() -> DType {
+    <F as Element>::dtype()
+}
+
+/// The values the kernel sees: `v` rounded to F (a no-op for f32).
+fn round<F: FloatElement>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.elem::<F>().elem::<f32>()).collect()
+}
+
+/// `v` as a `Gpu<F>` tensor. F's dtype is given explicitly: the device's default float dtype is
+/// whichever backend touched it first (f32 and f16 share it here).
+fn gpu<F: FloatElement, const D: usize>(v: &[f32], dims: [usize; D], dev: &WgpuDevice) -> Tensor<Gpu<F>, D> {
+    Tensor::from_data(TensorData::new(v.to_vec(), dims), (dev, dtype::<F>()))
+}
+
+/// A kernel output widened to f32 (and checked to be F).
+fn read<F: FloatElement, const D: usize>(t: Tensor<Gpu<F>, D>) -> Vec<f32> {
+    let data = t.into_data();
+    assert_eq!(data.dtype, dtype::<F>());
+    data.convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// The per-element tolerance of the module docs for F.
+fn tolerance<F: FloatElement>(v_max: f64, reference: f32) -> f64 {
+    let mut tol = TOL * v_max;
+    if dtype::<F>() == DType::F16 {
+        tol += F16_ROUNDOFF * (reference as f64).abs() + F16_SUBNORMAL_HALF_ULP;
+    }
+    tol
+}
 
 struct Case {
     name: &'static str,
@@ -273,16 +314,18 @@ fn random(rng: &mut Lcg, n: usize, amp: f32) -> Vec<f32> {
     (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * amp).collect()
 }
 
-#[test]
-fn matches_reference_on_shape_grid() {
-    let gpu = WgpuDevice::default();
+/// Every case of [`cases`] in F; returns the largest |Δ| and |Δ| / max|v| over the grid.
+fn shape_grid<F: FloatElement>() -> (f64, f64) {
+    let gpu_dev = WgpuDevice::default();
     let cpu = Default::default();
+    let f16 = dtype::<F>() == DType::F16;
     let start = std::time::Instant::now();
+    let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
     for (n, c) in cases().iter().enumerate() {
-        let mut rng = Lcg::new(1000 + n as u64);
-        let q = random(&mut rng, c.t * c.heads * c.d, 1.0);
-        let k = random(&mut rng, c.kv_heads * c.s * c.d, 1.0);
-        let v = random(&mut rng, c.kv_heads * c.s * c.d, 1.5);
+        let mut rng = Lcg::new(1000 + n as u64 + if f16 { 500 } else { 0 });
+        let q = round::<F>(&random(&mut rng, c.t * c.heads * c.d, 1.0));
+        let k = round::<F>(&random(&mut rng, c.kv_heads * c.s * c.d, 1.0));
+        let v = round::<F>(&random(&mut rng, c.kv_heads * c.s * c.d, 1.5));
         let v_max = v.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
         let p = params(c);
         let qd = [c.t, c.heads, c.d];
@@ -304,49 +347,66 @@ fn matches_reference_on_shape_grid() {
             splits: if auto.splits > 1 { 1 } else { 3 },
         };
         for (label, pl) in [("auto", auto), ("other", other)] {
-            let qt = Tensor::<Gpu, 3>::from_data(TensorData::new(q.clone(), qd), &gpu);
-            let kt = Tensor::<Gpu, 3>::from_data(TensorData::new(k.clone(), kd), &gpu);
-            let vt = Tensor::<Gpu, 3>::from_data(TensorData::new(v.clone(), kd), &gpu);
-            let poisoned = Tensor::<Gpu, 2>::full([c.t, c.heads * c.d], f32::NAN, &gpu);
-            let got = fused_attention_with_plan(qt, kt, vt, &p, pl, Some(poisoned))
+            let poisoned = Tensor::<Gpu<F>, 2>::full([c.t, c.heads * c.d], f32::NAN, (&gpu_dev, dtype::<F>()));
+            let got = fused_attention_with_plan(gpu::<F, 3>(&q, qd, &gpu_dev), gpu::<F, 3>(&k, kd, &gpu_dev), gpu::<F, 3>(&v, kd, &gpu_dev), &p, pl, Some(poisoned))
                 .unwrap_or_else(|e| panic!("{}: {e}", c.name));
             assert_eq!(got.dims(), [c.t, c.heads * c.d], "{}", c.name);
-            let got = got.into_data().to_vec::<f32>().unwrap();
+            let got = read(got);
             let mut max_err = 0f64;
             for (idx, (g, e)) in got.iter().zip(&expected).enumerate() {
                 let d = (*g as f64 - *e as f64).abs();
+                let tol = tolerance::<F>(v_max, *e);
                 assert!(
-                    g.is_finite() && d <= TOL * v_max,
-                    "{} ({label} plan {pl:?}): out[{}, {}] = {g} vs reference {e} (|Δ| {d:e} > {:e})",
+                    g.is_finite() && d <= tol,
+                    "{} {:?} ({label} plan {pl:?}): out[{}, {}] = {g} vs reference {e} (|Δ| {d:e} > {tol:e})",
                     c.name,
+                    dtype::<F>(),
                     idx / (c.heads * c.d),
                     idx % (c.heads * c.d),
-                    TOL * v_max
                 );
                 max_err = max_err.max(d);
             }
-            println!(
-                "{:<44} {label:<5} rows/cube {:>2} splits {:>3}: max |Δ| = {max_err:.2e} (tol {:.1e})",
+            eprintln!(
+                "flash_attention {:?} {:<44} {label:<5} rows/cube {:>2} splits {:>3}: max |Δ| = {max_err:.2e}, / max|v| = {:.2e} (f32 tol {:.1e})",
+                dtype::<F>(),
                 c.name,
                 pl.rows_per_cube,
                 pl.splits,
+                max_err / v_max,
                 TOL * v_max
             );
+            worst_abs = worst_abs.max(max_err);
+            worst_rel = worst_rel.max(max_err / v_max);
         }
     }
-    println!("grid took {:.1} s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "flash_attention {:?} whole grid: max |Δ| = {worst_abs:.2e}, max |Δ|/max|v| = {worst_rel:.2e}; took {:.1} s",
+        dtype::<F>(),
+        start.elapsed().as_secs_f64()
+    );
+    (worst_abs, worst_rel)
+}
+
+#[test]
+fn matches_reference_on_shape_grid_f32() {
+    shape_grid::<f32>();
+}
+
+#[test]
+fn matches_reference_on_shape_grid_f16() {
+    shape_grid::<f16>();
 }
 
 /// The default entry point picks the plan itself.
-#[test]
-fn fused_attention_uses_its_plan() {
-    let gpu = WgpuDevice::default();
+fn uses_its_plan<F: FloatElement>() {
+    let gpu_dev = WgpuDevice::default();
     let cpu = Default::default();
     let (t, s, heads, kv, d) = (2usize, 300usize, 8usize, 2usize, 64usize);
     let mut rng = Lcg::new(7);
-    let q = random(&mut rng, t * heads * d, 1.0);
-    let k = random(&mut rng, kv * s * d, 1.0);
-    let v = random(&mut rng, kv * s * d, 1.0);
+    let q = round::<F>(&random(&mut rng, t * heads * d, 1.0));
+    let k = round::<F>(&random(&mut rng, kv * s * d, 1.0));
+    let v = round::<F>(&random(&mut rng, kv * s * d, 1.0));
+    let v_max = v.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
     let p = AttentionParams::causal(s - t, 0, None);
     let run_ref = reference::attention(
         Tensor::<Cpu, 3>::from_data(TensorData::new(q.clone(), [t, heads, d]), &cpu),
@@ -357,40 +417,45 @@ fn fused_attention_uses_its_plan() {
     .into_data()
     .to_vec::<f32>()
     .unwrap();
-    let got = fused_attention(
-        Tensor::<Gpu, 3>::from_data(TensorData::new(q, [t, heads, d]), &gpu),
-        Tensor::<Gpu, 3>::from_data(TensorData::new(k, [kv, s, d]), &gpu),
-        Tensor::<Gpu, 3>::from_data(TensorData::new(v, [kv, s, d]), &gpu),
-        &p,
-    )
-    .unwrap()
-    .into_data()
-    .to_vec::<f32>()
-    .unwrap();
-    let max_err = got
-        .iter()
-        .zip(&run_ref)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(max_err <= 1e-4, "max |Δ| {max_err:e}");
+    let got = read(
+        fused_attention(gpu::<F, 3>(&q, [t, heads, d], &gpu_dev), gpu::<F, 3>(&k, [kv, s, d], &gpu_dev), gpu::<F, 3>(&v, [kv, s, d], &gpu_dev), &p)
+            .unwrap(),
+    );
+    let mut max_err = 0f64;
+    for (g, e) in got.iter().zip(&run_ref) {
+        let d = (*g as f64 - *e as f64).abs();
+        assert!(d <= tolerance::<F>(v_max, *e), "{:?}: {g} vs {e}", dtype::<F>());
+        max_err = max_err.max(d);
+    }
+    eprintln!("flash_attention {:?} default plan: max |Δ| = {max_err:.2e}", dtype::<F>());
     assert!(
         plan(t, heads, kv, s, &p).splits > 1,
         "decode-sized input should split the keys"
     );
 }
 
+#[test]
+fn fused_attention_uses_its_plan_f32() {
+    uses_its_plan::<f32>();
+}
+
+#[test]
+fn fused_attention_uses_its_plan_f16() {
+    uses_its_plan::<f16>();
+}
+
 /// K/V as views of a larger buffer (the KV cache: `[kv_heads, capacity, d]`, live entries
 /// `first..first + s`) are read through their strides, not copied, and give the reference's output.
-#[test]
-fn strided_cache_views_match_reference() {
-    let gpu = WgpuDevice::default();
+fn strided_cache_views<F: FloatElement>() {
+    let gpu_dev = WgpuDevice::default();
     let cpu = Default::default();
     // (t, s, heads, kv heads, d, capacity, first): decode and prefill, d 64 and 256.
     for (n, &(t, s, heads, kv, d, cap, first)) in [(1usize, 300usize, 8usize, 2usize, 64usize, 512usize, 64usize), (5, 70, 4, 2, 256, 128, 16), (1, 40, 4, 4, 256, 96, 0)].iter().enumerate() {
         let mut rng = Lcg::new(77 + n as u64);
-        let q = random(&mut rng, t * heads * d, 1.0);
-        let kb = random(&mut rng, kv * cap * d, 1.0);
-        let vb = random(&mut rng, kv * cap * d, 1.0);
+        let q = round::<F>(&random(&mut rng, t * heads * d, 1.0));
+        let kb = round::<F>(&random(&mut rng, kv * cap * d, 1.0));
+        let vb = round::<F>(&random(&mut rng, kv * cap * d, 1.0));
+        let v_max = vb.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
         let p = AttentionParams::causal(first + s - t, first, Some(48));
         let live = [0..kv, first..first + s, 0..d];
         let expected = reference::attention(
@@ -402,43 +467,62 @@ fn strided_cache_views_match_reference() {
         .into_data()
         .to_vec::<f32>()
         .unwrap();
-        let kt = Tensor::<Gpu, 3>::from_data(TensorData::new(kb, [kv, cap, d]), &gpu).slice(live.clone());
-        let vt = Tensor::<Gpu, 3>::from_data(TensorData::new(vb, [kv, cap, d]), &gpu).slice(live);
-        let got = fused_attention(Tensor::<Gpu, 3>::from_data(TensorData::new(q, [t, heads, d]), &gpu), kt, vt, &p)
-            .unwrap()
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        let max_err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        println!("strided view t {t} s {s} d {d} capacity {cap} first {first}: max |Δ| = {max_err:.2e}");
-        assert!(max_err <= 1e-4, "t {t} s {s} d {d}: max |Δ| {max_err:e}");
+        let kt = gpu::<F, 3>(&kb, [kv, cap, d], &gpu_dev).slice(live.clone());
+        let vt = gpu::<F, 3>(&vb, [kv, cap, d], &gpu_dev).slice(live);
+        let got = read(fused_attention(gpu::<F, 3>(&q, [t, heads, d], &gpu_dev), kt, vt, &p).unwrap());
+        let mut max_err = 0f64;
+        for (g, e) in got.iter().zip(&expected) {
+            let diff = (*g as f64 - *e as f64).abs();
+            assert!(diff <= tolerance::<F>(v_max, *e), "{:?} t {t} s {s} d {d}: {g} vs {e}", dtype::<F>());
+            max_err = max_err.max(diff);
+        }
+        eprintln!("flash_attention {:?} strided view t {t} s {s} d {d} capacity {cap} first {first}: max |Δ| = {max_err:.2e}", dtype::<F>());
     }
 }
 
-/// Queries that see no key at all get zeros (the reference would give NaN).
 #[test]
-fn rows_without_visible_keys_are_zero() {
-    let gpu = WgpuDevice::default();
+fn strided_cache_views_match_reference_f32() {
+    strided_cache_views::<f32>();
+}
+
+#[test]
+fn strided_cache_views_match_reference_f16() {
+    strided_cache_views::<f16>();
+}
+
+/// Queries that see no key at all get zeros (the reference would give NaN).
+fn rows_without_visible_keys<F: FloatElement>() {
+    let dev = WgpuDevice::default();
     let (t, s, heads, d) = (3usize, 40usize, 2usize, 32usize);
     // Keys at positions 10..50, queries at 0..3: nothing is causally visible.
     let p = AttentionParams::causal(0, 10, None);
-    let out = fused_attention(
-        Tensor::<Gpu, 3>::ones([t, heads, d], &gpu),
-        Tensor::<Gpu, 3>::ones([heads, s, d], &gpu),
-        Tensor::<Gpu, 3>::ones([heads, s, d], &gpu),
-        &p,
-    )
-    .unwrap()
-    .into_data()
-    .to_vec::<f32>()
-    .unwrap();
+    let opts = (&dev, dtype::<F>());
+    let out = read(
+        fused_attention(
+            Tensor::<Gpu<F>, 3>::ones([t, heads, d], opts),
+            Tensor::<Gpu<F>, 3>::ones([heads, s, d], opts),
+            Tensor::<Gpu<F>, 3>::ones([heads, s, d], opts),
+            &p,
+        )
+        .unwrap(),
+    );
     assert!(out.iter().all(|&x| x == 0.0), "{out:?}");
+}
+
+#[test]
+fn rows_without_visible_keys_are_zero_f32() {
+    rows_without_visible_keys::<f32>();
+}
+
+#[test]
+fn rows_without_visible_keys_are_zero_f16() {
+    rows_without_visible_keys::<f16>();
 }
 
 #[test]
 fn refusals_carry_the_numbers() {
     let dev = WgpuDevice::default();
-    let x = |a: usize, b: usize, c: usize| Tensor::<Gpu, 3>::zeros([a, b, c], &dev);
+    let x = |a: usize, b: usize, c: usize| Tensor::<Gpu, 3>::zeros([a, b, c], (&dev, DType::F32));
     let p = AttentionParams::causal(0, 0, None);
     let call = |q, k, v, p: &AttentionParams| fused_attention(q, k, v, p).map(|_| ()).unwrap_err();
 

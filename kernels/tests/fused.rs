@@ -1,6 +1,7 @@
-//! Fused norm / RoPE / GELU kernels on wgpu (lavapipe here) against the plain Burn references
-//! on NdArray, on fresh random inputs (one Lcg seed per case), every output poisoned with NaN
-//! first so that an unwritten element fails.
+//! Fused norm / RoPE / GELU kernels on wgpu (lavapipe here), in f32 and in f16, against the plain
+//! Burn references on NdArray (f32) from the same inputs (for f16, every input rounded to f16
+//! first), on fresh random inputs (one Lcg seed per case), every output poisoned with NaN first
+//! so that an unwritten element fails.
 //!
 //! Tolerances, all relative to the scale of what is compared:
 //! - norms: max |Δ| ≤ 1e-5 · S per row, S = max |reference| of the row (for `rms_norm_add`,
@@ -12,20 +13,61 @@
 //! - GELU: |Δ| ≤ 2e-6 · |gate| · |up| per element. The reference forms 1 + tanh(z), whose rounding
 //!   (~1 ulp of 1, 1.2e-7) is the dominant error where tanh → −1; ours forms 1/(1 + e^(−2z)),
 //!   exact to a few ulp (Vulkan's exp: 3 ulp near 0); times 0.5·|gate|·|up| that is < 5e-7.
+//!
+//! f16: the kernels widen every input to f32 on load and compute exactly as in f32, then round
+//! the output to f16 once: at most half an ulp, 2^-11 · |out| (f16 has 11 significant bits), or
+//! 2^-25 absolute in f16's subnormal range. The f16 tolerances add that to the f32 ones:
+//! - norms: + 2^-11 · S (|out| ≤ S for `rms_norm` and `rms_norm_add` by the choice of S), for
+//!   RoPE + 2^-10 · S (|n_i·cos − n_j·sin| ≤ |n_i| + |n_j| ≤ 2·S); plus 2^-25 absolute;
+//! - GELU: + 2^-11 · |reference| + 2^-25 per element.
 
 use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{f16, DType, Element, ElementConversion, Tensor, TensorData};
+use burn_cubecl::FloatElement;
 use gemma4_kernels::fused::cube::{
     gelu_tanh_mul, rms_norm, rms_norm_add, rms_norm_rope, FusedError,
 };
 use gemma4_kernels::fused::reference;
 use gemma4_kernels::testing::{Cpu, Lcg};
 
-type Gpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
+type Gpu<F = f32> = CubeBackend<WgpuRuntime, F, i32, u32>;
 
 const NORM_TOL: f64 = 1e-5;
 const GELU_TOL: f64 = 2e-6;
 const EPS: f64 = 1e-6;
+/// f16's unit roundoff, 2^-11: the largest relative error of rounding an f32 to f16.
+const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
+/// Half of f16's smallest subnormal, 2^-25: the rounding error below f16's normal range.
+const F16_SUBNORMAL_HALF_ULP: f64 = 1.0 / 33_554_432.0;
+
+fn dtype<F: FloatElement>() -> DType {
+    <F as Element>::dtype()
+}
+
+fn is_f16<F: FloatElement>() -> bool {
+    dtype::<F>() == DType::F16
+}
+
+/// The values the kernel sees: `v` rounded to F (a no-op for f32).
+fn round<F: FloatElement>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.elem::<F>().elem::<f32>()).collect()
+}
+
+/// The norm tolerance relative to the row scale S for F: `rounding_multiple` · 2^-11 added in f16
+/// (1 where |out| ≤ S, 2 for RoPE), and the absolute floor.
+fn norm_tol<F: FloatElement>(rounding_multiple: f64) -> (f64, f64) {
+    if is_f16::<F>() {
+        (NORM_TOL + rounding_multiple * F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP)
+    } else {
+        (NORM_TOL, 1e-30)
+    }
+}
+
+/// Tensor creation options for F: its dtype explicitly, since the device's default float dtype
+/// is whichever backend touched it first (f32 and f16 share it here).
+fn opts<F: FloatElement>(dev: &WgpuDevice) -> (&WgpuDevice, DType) {
+    (dev, dtype::<F>())
+}
 
 /// How a 2-D input is laid out in device memory (the logical `[rows, cols]` values are the same).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,19 +97,20 @@ fn cpu1(v: &[f32]) -> Tensor<Cpu, 1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())
 }
 
-fn gpu1(v: &[f32], dev: &WgpuDevice) -> Tensor<Gpu, 1> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), dev)
+fn gpu1<F: FloatElement>(v: &[f32], dev: &WgpuDevice) -> Tensor<Gpu<F>, 1> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), opts::<F>(dev))
 }
 
 /// `v` (`[rows, cols]` row-major) on the device in `layout`.
-fn gpu2(v: &[f32], rows: usize, cols: usize, layout: Layout, dev: &WgpuDevice) -> Tensor<Gpu, 2> {
+fn gpu2<F: FloatElement>(v: &[f32], rows: usize, cols: usize, layout: Layout, dev: &WgpuDevice) -> Tensor<Gpu<F>, 2> {
+    let dev = opts::<F>(dev);
     let t = match layout {
         Layout::Contiguous => Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), dev),
         Layout::Transposed => {
             let tr: Vec<f32> = (0..cols * rows)
                 .map(|k| v[(k % rows) * cols + k / rows])
                 .collect();
-            Tensor::<Gpu, 2>::from_data(TensorData::new(tr, [cols, rows]), dev).transpose()
+            Tensor::<Gpu<F>, 2>::from_data(TensorData::new(tr, [cols, rows]), dev).transpose()
         }
         Layout::ColumnSlice => {
             let w = cols + 5;
@@ -75,13 +118,13 @@ fn gpu2(v: &[f32], rows: usize, cols: usize, layout: Layout, dev: &WgpuDevice) -
             for i in 0..rows {
                 p[i * w + 3..i * w + 3 + cols].copy_from_slice(&v[i * cols..(i + 1) * cols]);
             }
-            Tensor::<Gpu, 2>::from_data(TensorData::new(p, [rows, w]), dev)
+            Tensor::<Gpu<F>, 2>::from_data(TensorData::new(p, [rows, w]), dev)
                 .slice([0..rows, 3..3 + cols])
         }
         Layout::RowOffset => {
             let mut p = vec![f32::NAN; 4 * cols];
             p.extend_from_slice(v);
-            Tensor::<Gpu, 2>::from_data(TensorData::new(p, [rows + 4, cols]), dev)
+            Tensor::<Gpu<F>, 2>::from_data(TensorData::new(p, [rows + 4, cols]), dev)
                 .slice([4..rows + 4, 0..cols])
         }
     };
@@ -90,10 +133,18 @@ fn gpu2(v: &[f32], rows: usize, cols: usize, layout: Layout, dev: &WgpuDevice) -
 }
 
 fn values<const D: usize, B: burn::tensor::backend::Backend>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().unwrap()
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
-/// Checks `got` against `expected` row by row (rows of `len`): finite and |Δ| ≤ tol · scale[row].
+/// A kernel output widened to f32, checked to be F.
+fn read<F: FloatElement, const D: usize>(t: Tensor<Gpu<F>, D>) -> Vec<f32> {
+    let data = t.into_data();
+    assert_eq!(data.dtype, dtype::<F>());
+    data.convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Checks `got` against `expected` row by row (rows of `len`): finite and
+/// |Δ| ≤ tol · scale[row] + floor, with (tol, floor) from [`norm_tol`].
 /// Returns (max |Δ|, max |Δ| / scale).
 fn check_rows(
     name: &str,
@@ -101,7 +152,7 @@ fn check_rows(
     expected: &[f32],
     len: usize,
     scale: &[f64],
-    tol: f64,
+    (tol, floor): (f64, f64),
 ) -> (f64, f64) {
     assert_eq!(got.len(), expected.len(), "{name}: length");
     let (mut max_abs, mut max_rel) = (0f64, 0f64);
@@ -109,7 +160,7 @@ fn check_rows(
         let s = scale[idx / len];
         let d = (*g as f64 - *e as f64).abs();
         assert!(
-            g.is_finite() && d <= tol * s + 1e-30,
+            g.is_finite() && d <= tol * s + floor,
             "{name}: out[{}, {}] = {g} vs reference {e} (|Δ| {d:e} > {tol:e} · {s:e})",
             idx / len,
             idx % len
@@ -129,9 +180,10 @@ fn row_max(v: &[f32], len: usize) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn rms_norm_matches_reference() {
+fn rms_norm_grid<F: FloatElement>() {
     let dev = WgpuDevice::default();
+    let tol = norm_tol::<F>(1.0);
+    let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
     let start = std::time::Instant::now();
     // (name, rows, dim, weight, x amplitude, layout)
     let cases: [(&str, usize, usize, bool, f32, Layout); 12] = [
@@ -184,39 +236,49 @@ fn rms_norm_matches_reference() {
         ("rows1_dim21503", 1, 21503, false, 1.0, Layout::Contiguous),
     ];
     for (n, &(name, rows, dim, has_w, amp, layout)) in cases.iter().enumerate() {
-        let mut rng = Lcg::new(100 + n as u64);
-        let x = random(&mut rng, rows * dim, amp);
-        let w: Vec<f32> = random(&mut rng, dim, 1.5);
+        let mut rng = Lcg::new(100 + n as u64 + if is_f16::<F>() { 50 } else { 0 });
+        let x = round::<F>(&random(&mut rng, rows * dim, amp));
+        let w: Vec<f32> = round::<F>(&random(&mut rng, dim, 1.5));
         let expected = values(reference::rms_norm(
             cpu2(&x, rows, dim),
             has_w.then(|| cpu1(&w)),
             EPS,
         ));
-        let poisoned = Tensor::<Gpu, 2>::full([rows, dim], f32::NAN, &dev);
+        let poisoned = Tensor::<Gpu<F>, 2>::full([rows, dim], f32::NAN, opts::<F>(&dev));
         let got = rms_norm(
-            gpu2(&x, rows, dim, layout, &dev),
-            has_w.then(|| gpu1(&w, &dev)),
+            gpu2::<F>(&x, rows, dim, layout, &dev),
+            has_w.then(|| gpu1::<F>(&w, &dev)),
             EPS,
             Some(poisoned),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dims(), [rows, dim], "{name}");
-        let (abs, rel) = check_rows(
-            name,
-            &values(got),
-            &expected,
-            dim,
-            &row_max(&expected, dim),
-            NORM_TOL,
-        );
-        println!("rms_norm      {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {NORM_TOL:.0e})");
+        let (abs, rel) = check_rows(name, &read(got), &expected, dim, &row_max(&expected, dim), tol);
+        eprintln!("rms_norm      {:?} {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {:.2e})", dtype::<F>(), tol.0);
+        worst_abs = worst_abs.max(abs);
+        worst_rel = worst_rel.max(rel);
     }
-    println!("rms_norm grid took {:.1} s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "rms_norm      {:?} whole grid: max |Δ| = {worst_abs:.2e}, / row scale = {worst_rel:.2e}; took {:.1} s",
+        dtype::<F>(),
+        start.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
-fn rms_norm_add_matches_reference() {
+fn rms_norm_matches_reference_f32() {
+    rms_norm_grid::<f32>();
+}
+
+#[test]
+fn rms_norm_matches_reference_f16() {
+    rms_norm_grid::<f16>();
+}
+
+fn rms_norm_add_grid<F: FloatElement>() {
     let dev = WgpuDevice::default();
+    let tol = norm_tol::<F>(1.0);
+    let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
     let start = std::time::Instant::now();
     // (name, rows, dim, scale, layout); the last case has 65 537 cubes: a 2-D grid.
     let cases: [(&str, usize, usize, f32, Layout); 8] = [
@@ -248,10 +310,10 @@ fn rms_norm_add_matches_reference() {
         ),
     ];
     for (n, &(name, rows, dim, scale, layout)) in cases.iter().enumerate() {
-        let mut rng = Lcg::new(200 + n as u64);
-        let residual = random(&mut rng, rows * dim, 30.0);
-        let x = random(&mut rng, rows * dim, 2.0);
-        let w = random(&mut rng, dim, 1.5);
+        let mut rng = Lcg::new(200 + n as u64 + if is_f16::<F>() { 50 } else { 0 });
+        let residual = round::<F>(&random(&mut rng, rows * dim, 30.0));
+        let x = round::<F>(&random(&mut rng, rows * dim, 2.0));
+        let w = round::<F>(&random(&mut rng, dim, 1.5));
         let expected = values(reference::rms_norm_add(
             cpu2(&residual, rows, dim),
             cpu2(&x, rows, dim),
@@ -274,24 +336,37 @@ fn rms_norm_add_matches_reference() {
                     * scale.abs() as f64
             })
             .collect();
-        let poisoned = Tensor::<Gpu, 2>::full([rows, dim], f32::NAN, &dev);
+        let poisoned = Tensor::<Gpu<F>, 2>::full([rows, dim], f32::NAN, opts::<F>(&dev));
         let got = rms_norm_add(
-            gpu2(&residual, rows, dim, Layout::Contiguous, &dev),
-            gpu2(&x, rows, dim, layout, &dev),
-            gpu1(&w, &dev),
+            gpu2::<F>(&residual, rows, dim, Layout::Contiguous, &dev),
+            gpu2::<F>(&x, rows, dim, layout, &dev),
+            gpu1::<F>(&w, &dev),
             EPS,
             scale,
             Some(poisoned),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dims(), [rows, dim], "{name}");
-        let (abs, rel) = check_rows(name, &values(got), &expected, dim, &row_scale, NORM_TOL);
-        println!("rms_norm_add  {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {NORM_TOL:.0e})");
+        let (abs, rel) = check_rows(name, &read(got), &expected, dim, &row_scale, tol);
+        eprintln!("rms_norm_add  {:?} {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {:.2e})", dtype::<F>(), tol.0);
+        worst_abs = worst_abs.max(abs);
+        worst_rel = worst_rel.max(rel);
     }
-    println!(
-        "rms_norm_add grid took {:.1} s",
+    eprintln!(
+        "rms_norm_add  {:?} whole grid: max |Δ| = {worst_abs:.2e}, / row scale = {worst_rel:.2e}; took {:.1} s",
+        dtype::<F>(),
         start.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn rms_norm_add_matches_reference_f32() {
+    rms_norm_add_grid::<f32>();
+}
+
+#[test]
+fn rms_norm_add_matches_reference_f16() {
+    rms_norm_add_grid::<f16>();
 }
 
 /// cos/sin `[t, d]` of positions p0..p0+t: emb = cat(freqs, freqs), freqs[k] = pos · θ^(−2k/d).
@@ -309,9 +384,10 @@ fn rope_tables(p0: usize, t: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-#[test]
-fn rms_norm_rope_matches_reference() {
+fn rms_norm_rope_grid<F: FloatElement>() {
     let dev = WgpuDevice::default();
+    let tol = norm_tol::<F>(2.0);
+    let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
     let start = std::time::Instant::now();
     // (name, t, heads, d, weight, non-contiguous x (stored [heads, t, d]) and cos/sin at an offset)
     let cases: [(&str, usize, usize, usize, bool, bool); 10] = [
@@ -327,11 +403,12 @@ fn rms_norm_rope_matches_reference() {
         ("t17_h4_d512", 17, 4, 512, false, false),
     ];
     for (n, &(name, t, heads, d, has_w, strided)) in cases.iter().enumerate() {
-        let mut rng = Lcg::new(300 + n as u64);
-        let x = random(&mut rng, t * heads * d, 3.0);
-        let w = random(&mut rng, d, 1.5);
+        let mut rng = Lcg::new(300 + n as u64 + if is_f16::<F>() { 50 } else { 0 });
+        let x = round::<F>(&random(&mut rng, t * heads * d, 3.0));
+        let w = round::<F>(&random(&mut rng, d, 1.5));
         let p0 = (rng.next_u32() % 100_000) as usize;
         let (cos, sin) = rope_tables(p0, t, d);
+        let (cos, sin) = (round::<F>(&cos), round::<F>(&sin));
         let xd = [t, heads, d];
         let cpu_x =
             Tensor::<Cpu, 3>::from_data(TensorData::new(x.clone(), xd), &Default::default());
@@ -356,44 +433,51 @@ fn rms_norm_rope_matches_reference() {
                     p[(h * t + i) * d..(h * t + i + 1) * d].copy_from_slice(&x[src..src + d]);
                 }
             }
-            Tensor::<Gpu, 3>::from_data(TensorData::new(p, [heads, t, d]), &dev).swap_dims(0, 1)
+            Tensor::<Gpu<F>, 3>::from_data(TensorData::new(p, [heads, t, d]), opts::<F>(&dev)).swap_dims(0, 1)
         } else {
-            Tensor::<Gpu, 3>::from_data(TensorData::new(x.clone(), xd), &dev)
+            Tensor::<Gpu<F>, 3>::from_data(TensorData::new(x.clone(), xd), opts::<F>(&dev))
         };
         let layout = if strided {
             Layout::RowOffset
         } else {
             Layout::Contiguous
         };
-        let poisoned = Tensor::<Gpu, 3>::full(xd, f32::NAN, &dev);
+        let poisoned = Tensor::<Gpu<F>, 3>::full(xd, f32::NAN, opts::<F>(&dev));
         let got = rms_norm_rope(
             gx,
-            has_w.then(|| gpu1(&w, &dev)),
+            has_w.then(|| gpu1::<F>(&w, &dev)),
             EPS,
-            gpu2(&cos, t, d, layout, &dev),
-            gpu2(&sin, t, d, layout, &dev),
+            gpu2::<F>(&cos, t, d, layout, &dev),
+            gpu2::<F>(&sin, t, d, layout, &dev),
             Some(poisoned),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dims(), xd, "{name}");
-        let (abs, rel) = check_rows(
-            name,
-            &values(got),
-            &expected,
-            d,
-            &row_max(&normed, d),
-            NORM_TOL,
-        );
-        println!("rms_norm_rope {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {NORM_TOL:.0e})");
+        let (abs, rel) = check_rows(name, &read(got), &expected, d, &row_max(&normed, d), tol);
+        eprintln!("rms_norm_rope {:?} {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {:.2e})", dtype::<F>(), tol.0);
+        worst_abs = worst_abs.max(abs);
+        worst_rel = worst_rel.max(rel);
     }
-    println!(
-        "rms_norm_rope grid took {:.1} s",
+    eprintln!(
+        "rms_norm_rope {:?} whole grid: max |Δ| = {worst_abs:.2e}, / row scale = {worst_rel:.2e}; took {:.1} s",
+        dtype::<F>(),
         start.elapsed().as_secs_f64()
     );
 }
 
-/// Checks gelu_tanh(gate)·up against the reference; returns (max |Δ|, max |Δ| / (|gate|·|up|)).
-fn check_gelu(
+#[test]
+fn rms_norm_rope_matches_reference_f32() {
+    rms_norm_rope_grid::<f32>();
+}
+
+#[test]
+fn rms_norm_rope_matches_reference_f16() {
+    rms_norm_rope_grid::<f16>();
+}
+
+/// Checks gelu_tanh(gate)·up against the reference; returns (max |Δ|, max |Δ| / (|gate|·|up|),
+/// max |Δ| / tolerance).
+fn check_gelu<F: FloatElement>(
     name: &str,
     gate: &[f32],
     up: &[f32],
@@ -401,41 +485,48 @@ fn check_gelu(
     width: usize,
     layout: Layout,
     dev: &WgpuDevice,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let expected = values(reference::gelu_tanh_mul(
         cpu2(gate, rows, width),
         cpu2(up, rows, width),
     ));
-    let poisoned = Tensor::<Gpu, 2>::full([rows, width], f32::NAN, dev);
+    let poisoned = Tensor::<Gpu<F>, 2>::full([rows, width], f32::NAN, opts::<F>(dev));
     let got = gelu_tanh_mul(
-        gpu2(gate, rows, width, layout, dev),
-        gpu2(up, rows, width, Layout::Contiguous, dev),
+        gpu2::<F>(gate, rows, width, layout, dev),
+        gpu2::<F>(up, rows, width, Layout::Contiguous, dev),
         Some(poisoned),
     )
     .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(got.dims(), [rows, width], "{name}");
-    let got = values(got);
-    let (mut max_abs, mut max_rel) = (0f64, 0f64);
+    let got = read(got);
+    let (mut max_abs, mut max_rel, mut max_frac) = (0f64, 0f64, 0f64);
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
         let s = (gate[i] as f64).abs() * (up[i] as f64).abs();
         let d = (*g as f64 - *e as f64).abs();
+        let tol = if is_f16::<F>() {
+            GELU_TOL * s + F16_ROUNDOFF * (*e as f64).abs() + F16_SUBNORMAL_HALF_ULP
+        } else {
+            GELU_TOL * s + 1e-30
+        };
         assert!(
-            g.is_finite() && d <= GELU_TOL * s + 1e-30,
-            "{name}: out[{i}] = {g} vs reference {e} for gate {} up {} (|Δ| {d:e})",
+            g.is_finite() && d <= tol,
+            "{name} {:?}: out[{i}] = {g} vs reference {e} for gate {} up {} (|Δ| {d:e})",
+            dtype::<F>(),
             gate[i],
             up[i]
         );
         max_abs = max_abs.max(d);
+        max_frac = max_frac.max(d / tol);
         if s > 0.0 {
             max_rel = max_rel.max(d / s);
         }
     }
-    (max_abs, max_rel)
+    (max_abs, max_rel, max_frac)
 }
 
-#[test]
-fn gelu_tanh_mul_matches_reference() {
+fn gelu_grid<F: FloatElement>() {
     let dev = WgpuDevice::default();
+    let (mut worst_abs, mut worst_rel, mut worst_frac) = (0f64, 0f64, 0f64);
     let start = std::time::Instant::now();
     // (name, rows, width, gate amplitude, layout); the last case has 65 793 cubes: a 2-D grid.
     let cases: [(&str, usize, usize, f32, Layout); 9] = [
@@ -462,21 +553,35 @@ fn gelu_tanh_mul_matches_reference() {
         ),
     ];
     for (n, &(name, rows, width, amp, layout)) in cases.iter().enumerate() {
-        let mut rng = Lcg::new(400 + n as u64);
-        let gate = random(&mut rng, rows * width, amp);
-        let up = random(&mut rng, rows * width, 2.0);
-        let (abs, rel) = check_gelu(name, &gate, &up, rows, width, layout, &dev);
-        println!("gelu_tanh_mul {name:<36} max |Δ| = {abs:.2e}, / |gate·up| = {rel:.2e} (tol {GELU_TOL:.0e})");
+        let mut rng = Lcg::new(400 + n as u64 + if is_f16::<F>() { 50 } else { 0 });
+        let gate = round::<F>(&random(&mut rng, rows * width, amp));
+        let up = round::<F>(&random(&mut rng, rows * width, 2.0));
+        let (abs, rel, frac) = check_gelu::<F>(name, &gate, &up, rows, width, layout, &dev);
+        eprintln!("gelu_tanh_mul {:?} {name:<36} max |Δ| = {abs:.2e}, / |gate·up| = {rel:.2e}, / tolerance = {frac:.2}", dtype::<F>());
+        worst_abs = worst_abs.max(abs);
+        worst_rel = worst_rel.max(rel);
+        worst_frac = worst_frac.max(frac);
     }
-    println!(
-        "gelu_tanh_mul grid took {:.1} s",
+    eprintln!(
+        "gelu_tanh_mul {:?} whole grid: max |Δ| = {worst_abs:.2e}, / |gate·up| = {worst_rel:.2e}, / tolerance = {worst_frac:.2}; took {:.1} s",
+        dtype::<F>(),
         start.elapsed().as_secs_f64()
     );
 }
 
-/// Large |gate| must neither overflow nor turn into NaN: gelu(x) → x for x → +∞, → 0 for −∞.
 #[test]
-fn gelu_tanh_mul_large_inputs() {
+fn gelu_tanh_mul_matches_reference_f32() {
+    gelu_grid::<f32>();
+}
+
+#[test]
+fn gelu_tanh_mul_matches_reference_f16() {
+    gelu_grid::<f16>();
+}
+
+/// Large |gate| must neither overflow nor turn into NaN: gelu(x) → x for x → +∞, → 0 for −∞.
+/// (±1e4 and 1e4 · 1.5 are within f16's range, 65 504.)
+fn gelu_large<F: FloatElement>() {
     let dev = WgpuDevice::default();
     let special = [
         0.0f32, 1e-6, -1e-6, 1e-3, -1e-3, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 5.0, -5.0, 9.0, -9.0,
@@ -484,20 +589,17 @@ fn gelu_tanh_mul_large_inputs() {
     ];
     let mut rng = Lcg::new(500);
     for (label, width) in [("vector", 100usize), ("scalar", 75)] {
-        let gate: Vec<f32> = (0..width).map(|i| special[i % special.len()]).collect();
-        let up: Vec<f32> = (0..width).map(|_| 0.5 + rng.next_f32()).collect();
+        let gate: Vec<f32> = round::<F>(&(0..width).map(|i| special[i % special.len()]).collect::<Vec<_>>());
+        let up: Vec<f32> = round::<F>(&(0..width).map(|_| 0.5 + rng.next_f32()).collect::<Vec<_>>());
         let name = format!("special_values_{label}");
-        let (abs, rel) = check_gelu(&name, &gate, &up, 1, width, Layout::Contiguous, &dev);
-        println!("gelu_tanh_mul {name:<36} max |Δ| = {abs:.2e}, / |gate·up| = {rel:.2e} (tol {GELU_TOL:.0e})");
+        let (abs, rel, frac) = check_gelu::<F>(&name, &gate, &up, 1, width, Layout::Contiguous, &dev);
+        eprintln!("gelu_tanh_mul {:?} {name:<36} max |Δ| = {abs:.2e}, / |gate·up| = {rel:.2e}, / tolerance = {frac:.2}", dtype::<F>());
     }
     // The extremes exactly: gelu(1e4) = 1e4, gelu(-1e4) = 0 (to 1e-30).
-    let out = values(
+    let out = read(
         gelu_tanh_mul(
-            Tensor::<Gpu, 2>::from_data(
-                TensorData::new(vec![1e4f32, -1e4, 30.0, -30.0], [1, 4]),
-                &dev,
-            ),
-            Tensor::<Gpu, 2>::ones([1, 4], &dev),
+            Tensor::<Gpu<F>, 2>::from_data(TensorData::new(vec![1e4f32, -1e4, 30.0, -30.0], [1, 4]), opts::<F>(&dev)),
+            Tensor::<Gpu<F>, 2>::ones([1, 4], opts::<F>(&dev)),
             None,
         )
         .unwrap(),
@@ -506,6 +608,16 @@ fn gelu_tanh_mul_large_inputs() {
     assert!(out[1].abs() < 1e-30, "{out:?}");
     assert_eq!(out[2], 30.0, "{out:?}");
     assert!(out[3].abs() < 1e-30, "{out:?}");
+}
+
+#[test]
+fn gelu_tanh_mul_large_inputs_f32() {
+    gelu_large::<f32>();
+}
+
+#[test]
+fn gelu_tanh_mul_large_inputs_f16() {
+    gelu_large::<f16>();
 }
 
 /// Without `out`, or with an `out` someone else still holds, the kernels allocate their own
@@ -519,38 +631,12 @@ fn output_allocation() {
     let expected = values(reference::rms_norm(cpu2(&x, rows, dim), None, EPS));
     let scale = row_max(&expected, dim);
 
-    let got = rms_norm(
-        gpu2(&x, rows, dim, Layout::Contiguous, &dev),
-        None,
-        EPS,
-        None,
-    )
-    .unwrap();
-    check_rows(
-        "rms_norm_no_out",
-        &values(got),
-        &expected,
-        dim,
-        &scale,
-        NORM_TOL,
-    );
+    let got = rms_norm(gpu2::<f32>(&x, rows, dim, Layout::Contiguous, &dev), None, EPS, None).unwrap();
+    check_rows("rms_norm_no_out", &read(got), &expected, dim, &scale, norm_tol::<f32>(1.0));
 
-    let held = Tensor::<Gpu, 2>::full([rows, dim], f32::NAN, &dev);
-    let got = rms_norm(
-        gpu2(&x, rows, dim, Layout::Contiguous, &dev),
-        None,
-        EPS,
-        Some(held.clone()),
-    )
-    .unwrap();
-    check_rows(
-        "rms_norm_shared_out",
-        &values(got),
-        &expected,
-        dim,
-        &scale,
-        NORM_TOL,
-    );
+    let held = Tensor::<Gpu, 2>::full([rows, dim], f32::NAN, opts::<f32>(&dev));
+    let got = rms_norm(gpu2::<f32>(&x, rows, dim, Layout::Contiguous, &dev), None, EPS, Some(held.clone())).unwrap();
+    check_rows("rms_norm_shared_out", &read(got), &expected, dim, &scale, norm_tol::<f32>(1.0));
     assert!(
         values(held).iter().all(|v| v.is_nan()),
         "a shared out tensor was written"
@@ -560,9 +646,9 @@ fn output_allocation() {
 #[test]
 fn refusals_carry_the_numbers() {
     let dev = WgpuDevice::default();
-    let z2 = |a: usize, b: usize| Tensor::<Gpu, 2>::zeros([a, b], &dev);
-    let z1 = |a: usize| Tensor::<Gpu, 1>::zeros([a], &dev);
-    let z3 = |a: usize, b: usize, c: usize| Tensor::<Gpu, 3>::zeros([a, b, c], &dev);
+    let z2 = |a: usize, b: usize| Tensor::<Gpu, 2>::zeros([a, b], opts::<f32>(&dev));
+    let z1 = |a: usize| Tensor::<Gpu, 1>::zeros([a], opts::<f32>(&dev));
+    let z3 = |a: usize, b: usize, c: usize| Tensor::<Gpu, 3>::zeros([a, b, c], opts::<f32>(&dev));
     let shape = |what: &'static str, expected: &[usize], got: &[usize]| FusedError::Shape {
         what,
         expected: expected.to_vec(),

@@ -1,5 +1,9 @@
-//! Fused attention in CubeCL, f32, for any CubeCL runtime (wgpu now, CUDA later): one
-//! flash-style kernel for prefill and decode, plus the small reduction of its split-K mode.
+//! Fused attention in CubeCL, for any CubeCL runtime (wgpu now, CUDA later) and any float
+//! element `F` of the backend (f32, f16, bf16): one flash-style kernel for prefill and decode,
+//! plus the small reduction of its split-K mode. q, k, v and the output are `F`; q and k/v are
+//! widened to f32 as they are staged in shared memory, so the dot products, the online softmax
+//! (max, sum, rescaling) and P·V run in f32, and the output is rounded to `F` once on store. The
+//! split-K partials (unnormalised output, max, sum) stay f32.
 //!
 //! Semantics are those of [`super::reference::attention`]: q `[t, heads, d]`, k and v
 //! `[kv_heads, s, d]`, output `[t, heads · d]`, query head h reads KV head h / groups, visibility
@@ -38,17 +42,17 @@
 //! most ~15 000 keys at d = 512 (measured: 16 000 fails, 8 000 passes), ~60 000+ at d ≤ 256.
 //! Real GPUs have no such cap.
 
-use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Element, Int, Shape, Tensor as BurnTensor, TensorData, TensorPrimitive};
 use burn_cubecl::{
     kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, BoolElement,
-    CubeBackend, CubeRuntime,
+    CubeBackend, CubeRuntime, FloatElement,
 };
 use cubecl::prelude::*;
 
 use super::AttentionParams;
 
-/// The backend of the kernels: any CubeCL runtime with f32 floats and i32 ints.
-pub type AttentionBackend<R, BT = u32> = CubeBackend<R, f32, i32, BT>;
+/// The backend of the kernels: any CubeCL runtime with float element `F` and i32 ints.
+pub type AttentionBackend<R, F = f32, BT = u32> = CubeBackend<R, F, i32, BT>;
 
 /// Largest head_dim (the output accumulators live in registers).
 pub const MAX_HEAD_DIM: usize = 512;
@@ -75,7 +79,7 @@ const MIN_KEYS_PER_SPLIT: usize = 2 * BK;
 /// Largest cube count along one grid axis (the WebGPU / Vulkan minimum guarantee).
 const MAX_GRID_AXIS: usize = 65_535;
 
-/// Why [`fused_attention`] did not run; the caller falls back to the reference.
+/// Why [`fused_attention`] did not run (see [`crate::fallback`] for what the backend does then).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttentionError {
     #[error("{spans} bidirectional spans, the kernel takes at most {max}")]
@@ -92,8 +96,8 @@ pub enum AttentionError {
     Empty { t: usize, s: usize },
     #[error("sliding window 0 hides every key")]
     ZeroWindow,
-    #[error("{what} has dtype {got:?}, expected f32")]
-    Dtype { what: &'static str, got: DType },
+    #[error("{what} has dtype {got:?}, expected the backend's float element {expected:?}")]
+    Dtype { what: &'static str, got: DType, expected: DType },
     #[error("{what} = {value} exceeds the kernel's 32-bit range or grid limit {limit}")]
     TooLarge {
         what: &'static str,
@@ -225,8 +229,8 @@ fn sees(
 
 /// Stages columns `col0 .. col0 + dc` of the cube's q rows into `qs` (`[bq, dc]`, zero padded).
 #[cube]
-fn load_q_chunk(
-    q: &Tensor<f32>,
+fn load_q_chunk<F: Float>(
+    q: &Tensor<F>,
     qs: &mut SharedMemory<f32>,
     tid: usize,
     row0: usize,
@@ -251,7 +255,7 @@ fn load_q_chunk(
             if rg < rows_total && col < d {
                 let i = rg / groups;
                 let h = kvh * groups + rg % groups;
-                val = q[(i * heads + h) * d + col];
+                val = f32::cast_from(q[(i * heads + h) * d + col]);
             }
             qs[x] = val;
         }
@@ -262,8 +266,8 @@ fn load_q_chunk(
 /// `col0 .. col0 + width`, from `src` into `dst` with row stride `stride`. `src` is `[kv_heads, s, d]`
 /// with any head and key strides (the KV cache is a view of a larger buffer), columns contiguous.
 #[cube]
-fn load_kv(
-    src: &Tensor<f32>,
+fn load_kv<F: Float>(
+    src: &Tensor<F>,
     dst: &mut SharedMemory<f32>,
     tid: usize,
     kvh: usize,
@@ -286,7 +290,7 @@ fn load_kv(
             let key = j0 + jj;
             let mut val = 0.0f32;
             if key < j_hi && col < d {
-                val = src[kvh * src.stride(0) + key * src.stride(1) + col];
+                val = f32::cast_from(src[kvh * src.stride(0) + key * src.stride(1) + col]);
             }
             dst[jj * stride + cc] = val;
         }
@@ -325,15 +329,16 @@ const fn v_keys(d: usize) -> usize {
 }
 
 /// The attention kernel. Grid: x = row tiles of `bq` rows, y = KV heads, z = key splits.
-/// Direct mode (`split` false): `out` is `[t, heads · d]`, normalised. Split mode: `out` is
-/// `[splits, t · heads, d]` unnormalised and `part_ml` `[splits, t · heads, 2]` holds (max, sum).
+/// Direct mode (`split` false): `out` is `[t, heads · d]`, normalised, of the element `O` = `F`.
+/// Split mode: `out` is `[splits, t · heads, d]` unnormalised, `O` = f32, and `part_ml`
+/// `[splits, t · heads, 2]` holds (max, sum).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-fn flash_attention_kernel(
-    q: &Tensor<f32>,
-    k: &Tensor<f32>,
-    v: &Tensor<f32>,
-    out: &mut Tensor<f32>,
+fn flash_attention_kernel<F: Float, O: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<O>,
     part_ml: &mut Tensor<f32>,
     spans: &Tensor<i32>,
     t: u32,
@@ -558,7 +563,7 @@ fn flash_attention_kernel(
             for x in 0..cpd {
                 let c = lane + x * tpr;
                 if c < d {
-                    out[base + c] = o[x];
+                    out[base + c] = O::cast_from(o[x]);
                 }
             }
             if lane == 0 {
@@ -572,7 +577,7 @@ fn flash_attention_kernel(
             for x in 0..cpd {
                 let c = lane + x * tpr;
                 if c < d {
-                    out[row * d + c] = o[x] * inv;
+                    out[row * d + c] = O::cast_from(o[x] * inv);
                 }
             }
         }
@@ -581,10 +586,10 @@ fn flash_attention_kernel(
 
 /// Combines the splits: one cube per output row (query × head), threads over d.
 #[cube(launch)]
-fn split_reduce_kernel(
+fn split_reduce_kernel<F: Float>(
     part_o: &Tensor<f32>,  // [splits, rows, d]
     part_ml: &Tensor<f32>, // [splits, rows, 2]
-    out: &mut Tensor<f32>, // [rows, d]
+    out: &mut Tensor<F>,   // [rows, d]
     rows: u32,
     splits: u32,
     #[comptime] d: usize,
@@ -625,7 +630,7 @@ fn split_reduce_kernel(
             for sp in 0..splits {
                 acc += w[sp] * part_o[(sp * rows + row) * d + c];
             }
-            out[row * d + c] = acc * inv;
+            out[row * d + c] = F::cast_from(acc * inv);
             c += nt;
         }
     }
@@ -641,30 +646,30 @@ fn rows_contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
 }
 
 /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` -> `[t, heads · d]`, fused, with the plan of
-/// [`plan`]. Errors (nothing launched) for what the kernels do not cover; the caller falls back to
-/// [`super::reference::attention`].
-pub fn fused_attention<R: CubeRuntime, BT: BoolElement>(
-    q: BurnTensor<AttentionBackend<R, BT>, 3>,
-    k: BurnTensor<AttentionBackend<R, BT>, 3>,
-    v: BurnTensor<AttentionBackend<R, BT>, 3>,
+/// [`plan`]. Errors (nothing launched) for what the kernels do not cover; the backend's
+/// [`crate::fallback`] policy then panics or runs [`super::reference::attention`].
+pub fn fused_attention<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    v: BurnTensor<AttentionBackend<R, F, BT>, 3>,
     p: &AttentionParams,
-) -> Result<BurnTensor<AttentionBackend<R, BT>, 2>, AttentionError> {
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
     let [t, heads, _] = q.dims();
     let [kv_heads, s, _] = k.dims();
     let pl = plan(t, heads, kv_heads, s, p);
     fused_attention_with_plan(q, k, v, p, pl, None)
 }
 
-/// [`fused_attention`] with an explicit plan, writing into `out` (`[t, heads · d]` f32) when given
+/// [`fused_attention`] with an explicit plan, writing into `out` (`[t, heads · d]`) when given
 /// and exclusively owned (the tests poison it first), else into a new tensor.
-pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
-    q: BurnTensor<AttentionBackend<R, BT>, 3>,
-    k: BurnTensor<AttentionBackend<R, BT>, 3>,
-    v: BurnTensor<AttentionBackend<R, BT>, 3>,
+pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    v: BurnTensor<AttentionBackend<R, F, BT>, 3>,
     p: &AttentionParams,
     pl: FlashPlan,
-    out: Option<BurnTensor<AttentionBackend<R, BT>, 2>>,
-) -> Result<BurnTensor<AttentionBackend<R, BT>, 2>, AttentionError> {
+    out: Option<BurnTensor<AttentionBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
     if p.bidirectional.len() > MAX_SPANS {
         return Err(AttentionError::Spans {
             spans: p.bidirectional.len(),
@@ -742,9 +747,10 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
     let q = q.into_primitive().tensor();
     let k = k.into_primitive().tensor();
     let v = v.into_primitive().tensor();
+    let dtype = <F as Element>::dtype();
     for (what, x) in [("q", &q), ("k", &k), ("v", &v)] {
-        if x.dtype != DType::F32 {
-            return Err(AttentionError::Dtype { what, got: x.dtype });
+        if x.dtype != dtype {
+            return Err(AttentionError::Dtype { what, got: x.dtype, expected: dtype });
         }
     }
     let client = q.client.clone();
@@ -772,10 +778,11 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
     let out: CubeTensor<R> = match out {
         Some(o) => {
             let o = o.into_primitive().tensor();
-            if o.dtype != DType::F32 {
+            if o.dtype != dtype {
                 return Err(AttentionError::Dtype {
                     what: "out",
                     got: o.dtype,
+                    expected: dtype,
                 });
             }
             let dims = o.meta.shape().clone();
@@ -790,7 +797,7 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
                     client.clone(),
                     device.clone(),
                     Shape::new([t, heads * d]),
-                    DType::F32,
+                    dtype,
                 )
             }
         }
@@ -798,7 +805,7 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
             client.clone(),
             device.clone(),
             Shape::new([t, heads * d]),
-            DType::F32,
+            dtype,
         ),
     };
 
@@ -827,7 +834,7 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
     let n_spans = spans.len() / 2;
     let has_spans = n_spans > 0;
     let spans_t: CubeTensor<R> = if has_spans {
-        BurnTensor::<AttentionBackend<R, BT>, 1, Int>::from_data(
+        BurnTensor::<AttentionBackend<R, F, BT>, 1, Int>::from_data(
             TensorData::new(spans, [2 * n_spans]),
             &device,
         )
@@ -837,60 +844,53 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
     };
 
     let rows_out = t * heads;
-    let (part_o, part_ml) = if split {
-        (
-            empty_device_dtype::<R>(
-                client.clone(),
-                device.clone(),
-                Shape::new([splits, rows_out, d]),
-                DType::F32,
-            ),
-            empty_device_dtype::<R>(
-                client.clone(),
-                device.clone(),
-                Shape::new([splits, rows_out, 2]),
-                DType::F32,
-            ),
-        )
-    } else {
-        // Direct mode writes `out`; part_ml is unused.
-        (
-            out.clone(),
-            empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([2]), DType::F32),
-        )
-    };
-    flash_attention_kernel::launch::<R>(
-        &client,
-        CubeCount::Static(row_tiles as u32, kv_heads as u32, splits as u32),
-        CubeDim::new_1d(NT as u32),
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        part_o.clone().into_tensor_arg(),
-        part_ml.clone().into_tensor_arg(),
-        spans_t.into_tensor_arg(),
-        t as u32,
-        heads as u32,
-        groups as u32,
-        p.q_start as u32,
-        p.k_start as u32,
-        p.causal as u32,
-        window as u32,
-        p.scale,
-        p.softcap.unwrap_or(0.0),
-        key_lo as u32,
-        key_hi as u32,
-        keys_per_split as u32,
-        n_spans as u32,
-        d,
-        pl.rows_per_cube,
-        split,
-        has_spans,
-    );
+    // Split mode's f32 (max, sum) per row; direct mode does not read it.
+    let ml_shape = if split { Shape::new([splits, rows_out, 2]) } else { Shape::new([2]) };
+    let part_ml = empty_device_dtype::<R>(client.clone(), device.clone(), ml_shape, DType::F32);
+    // Direct mode writes the normalised output (`F`); split mode the f32 partials.
+    macro_rules! launch_attention {
+        ($o:ty, $out:expr) => {
+            flash_attention_kernel::launch::<F, $o, R>(
+                &client,
+                CubeCount::Static(row_tiles as u32, kv_heads as u32, splits as u32),
+                CubeDim::new_1d(NT as u32),
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                $out.into_tensor_arg(),
+                part_ml.clone().into_tensor_arg(),
+                spans_t.into_tensor_arg(),
+                t as u32,
+                heads as u32,
+                groups as u32,
+                p.q_start as u32,
+                p.k_start as u32,
+                p.causal as u32,
+                window as u32,
+                p.scale,
+                p.softcap.unwrap_or(0.0),
+                key_lo as u32,
+                key_hi as u32,
+                keys_per_split as u32,
+                n_spans as u32,
+                d,
+                pl.rows_per_cube,
+                split,
+                has_spans,
+            );
+        };
+    }
     if split {
+        let part_o = empty_device_dtype::<R>(
+            client.clone(),
+            device.clone(),
+            Shape::new([splits, rows_out, d]),
+            DType::F32,
+        );
+        launch_attention!(f32, part_o.clone());
         let grid_x = rows_out.min(MAX_GRID_AXIS);
         let grid_y = rows_out.div_ceil(grid_x);
-        split_reduce_kernel::launch::<R>(
+        split_reduce_kernel::launch::<F, R>(
             &client,
             CubeCount::Static(grid_x as u32, grid_y as u32, 1),
             CubeDim::new_1d(REDUCE_NT as u32),
@@ -901,6 +901,8 @@ pub fn fused_attention_with_plan<R: CubeRuntime, BT: BoolElement>(
             splits as u32,
             d,
         );
+    } else {
+        launch_attention!(F, out.clone());
     }
     Ok(BurnTensor::from_primitive(TensorPrimitive::Float(out)))
 }

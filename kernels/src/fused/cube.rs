@@ -1,7 +1,10 @@
-//! The fused steps of [`super`] in CubeCL, f32, for any CubeCL runtime (wgpu now, CUDA later).
+//! The fused steps of [`super`] in CubeCL, for any CubeCL runtime (wgpu now, CUDA later) and any
+//! float element `F` of the backend (f32, f16, bf16): inputs and output are `F`, every value is
+//! widened to f32 on load (the norm's sum of squares, the scaling, the rotation and the gelu math
+//! run in f32) and the result is rounded to `F` once on store.
 //! Semantics are those of [`super::reference`]; every entry point checks dtypes, shapes and
-//! limits first and returns a [`FusedError`] without launching anything (the caller falls back
-//! to the reference).
+//! limits first and returns a [`FusedError`] without launching anything (the backend's
+//! [`crate::fallback`] policy decides what a refusal does: panic, or the reference).
 //!
 //! # Kernels
 //! - `rms_norm_rows_kernel` serves [`rms_norm`] and [`rms_norm_add`]: `out = x · r · w` or
@@ -26,9 +29,9 @@
 //! per axis (the WebGPU / Vulkan minimum guarantee); surplus cubes and threads of the last cube
 //! load and write nothing. The row kernels use one shared `[256]` f32 buffer (1 KiB) for a tree
 //! reduction of the per-thread partial sums within each row's segment of `tpr` slots (portable:
-//! no plane/subgroup operations). Accumulation is f32. Vectors of 4 floats are used when every
-//! row (for RoPE: every half row) is a multiple of 4 and the device loads 16 bytes at once,
-//! else single floats.
+//! no plane/subgroup operations). Accumulation is f32. Vectors of 4 elements are used when every
+//! row (for RoPE: every half row) is a multiple of 4 and the device loads 4 elements at once,
+//! else single elements.
 //!
 //! Inputs may be any strided views: they are made contiguous first (a copy only when they are
 //! not). Each entry point takes an optional `out` tensor of the result's shape and writes into it
@@ -40,15 +43,15 @@
 //! most 2 · ⌈dim / (vector · 256)⌉ + 8 loop iterations (176 for a 21 504-float row read as single
 //! floats), far below the cap for any row the model has.
 
-use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorPrimitive};
+use burn::tensor::{DType, Element, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
     kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, BoolElement,
-    CubeBackend, CubeRuntime,
+    CubeBackend, CubeRuntime, FloatElement,
 };
 use cubecl::prelude::*;
 
-/// The backend of the kernels: any CubeCL runtime with f32 floats and i32 ints.
-pub type FusedBackend<R, BT = u32> = CubeBackend<R, f32, i32, BT>;
+/// The backend of the kernels: any CubeCL runtime with float element `F` and i32 ints.
+pub type FusedBackend<R, F = f32, BT = u32> = CubeBackend<R, F, i32, BT>;
 
 /// Threads per cube of every kernel here.
 const NT: usize = 256;
@@ -57,16 +60,16 @@ const MAX_GRID_AXIS: usize = 65_535;
 /// Largest element count of any tensor (indices are 32-bit; half the range keeps every sum of
 /// an index and a row length below 2^32).
 const MAX_ELEMENTS: usize = i32::MAX as usize;
-/// Widest vector the kernels use (4 floats = 16-byte loads).
+/// Widest vector the kernels use (4 elements: 16-byte loads in f32, 8-byte in f16).
 const VECTOR: usize = 4;
 /// √(2/π), as burn's `gelu_approximate` forms it.
 const SQRT_2_OVER_PI: f64 = core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2;
 
-/// Why a fused kernel did not run; the caller falls back to [`super::reference`].
+/// Why a fused kernel did not run (see [`crate::fallback`] for what the backend does then).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FusedError {
-    #[error("{what} has dtype {got:?}, expected f32")]
-    Dtype { what: &'static str, got: DType },
+    #[error("{what} has dtype {got:?}, expected the backend's float element {expected:?}")]
+    Dtype { what: &'static str, got: DType, expected: DType },
     #[error("{what} has shape {got:?}, expected {expected:?}")]
     Shape {
         what: &'static str,
@@ -109,9 +112,9 @@ fn grid(cubes: usize) -> Result<CubeCount, FusedError> {
     Ok(CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1))
 }
 
-/// 4 when `len` is a multiple of 4 and the device loads 16 bytes at once, else 1.
-fn vector_size<R: CubeRuntime>(client: &ComputeClient<R>, len: usize) -> usize {
-    let widest = client.io_optimized_vector_sizes(4).max().unwrap_or(1);
+/// 4 when `len` is a multiple of 4 and the device loads 4 elements of `F` at once, else 1.
+fn vector_size<R: CubeRuntime, F: FloatElement>(client: &ComputeClient<R>, len: usize) -> usize {
+    let widest = client.io_optimized_vector_sizes(size_of::<F>()).max().unwrap_or(1);
     if widest >= VECTOR && len.is_multiple_of(VECTOR) {
         VECTOR
     } else {
@@ -145,14 +148,15 @@ fn check_sizes(counts: &[(&'static str, usize)]) -> Result<(), FusedError> {
     Ok(())
 }
 
-/// The primitive of a float tensor, refused unless f32.
-fn f32_primitive<R: CubeRuntime, BT: BoolElement, const D: usize>(
+/// The primitive of a float tensor, refused unless of the backend's element `F`.
+fn float_primitive<R: CubeRuntime, F: FloatElement, BT: BoolElement, const D: usize>(
     what: &'static str,
-    t: BurnTensor<FusedBackend<R, BT>, D>,
+    t: BurnTensor<FusedBackend<R, F, BT>, D>,
 ) -> Result<CubeTensor<R>, FusedError> {
     let t = t.into_primitive().tensor();
-    if t.dtype != DType::F32 {
-        return Err(FusedError::Dtype { what, got: t.dtype });
+    let expected = <F as Element>::dtype();
+    if t.dtype != expected {
+        return Err(FusedError::Dtype { what, got: t.dtype, expected });
     }
     Ok(t)
 }
@@ -169,16 +173,16 @@ fn same_device<R: CubeRuntime>(
     Ok(())
 }
 
-/// The output primitive: `out` when given (f32, shape `dims`, on x's device) and writable in
+/// The output primitive: `out` when given (`F`, shape `dims`, on x's device) and writable in
 /// place, else a new tensor. Only checks here; allocation happens after every refusal.
-fn check_out<R: CubeRuntime, BT: BoolElement, const D: usize>(
-    out: Option<BurnTensor<FusedBackend<R, BT>, D>>,
+fn check_out<R: CubeRuntime, F: FloatElement, BT: BoolElement, const D: usize>(
+    out: Option<BurnTensor<FusedBackend<R, F, BT>, D>>,
     dims: [usize; D],
     x: &CubeTensor<R>,
 ) -> Result<Option<CubeTensor<R>>, FusedError> {
     let Some(o) = out else { return Ok(None) };
     expect_shape("out", &o.dims(), &dims)?;
-    let o = f32_primitive("out", o)?;
+    let o = float_primitive("out", o)?;
     same_device("out", &o, x)?;
     Ok(if o.can_mut() && o.is_contiguous() {
         Some(o)
@@ -187,6 +191,7 @@ fn check_out<R: CubeRuntime, BT: BoolElement, const D: usize>(
     })
 }
 
+/// `out`, or a new tensor of x's dtype and the given shape.
 fn new_output<R: CubeRuntime>(
     out: Option<CubeTensor<R>>,
     x: &CubeTensor<R>,
@@ -197,7 +202,7 @@ fn new_output<R: CubeRuntime>(
             x.client.clone(),
             x.device.clone(),
             Shape::from(dims.to_vec()),
-            DType::F32,
+            x.dtype,
         )
     })
 }
@@ -241,11 +246,11 @@ fn segment_sum(
 /// scaled. `w` and `res` are ignored (any binding) when their flag is off.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-fn rms_norm_rows_kernel<N: Size>(
-    x: &Tensor<Vector<f32, N>>,
-    w: &Tensor<Vector<f32, N>>,
-    res: &Tensor<Vector<f32, N>>,
-    out: &mut Tensor<Vector<f32, N>>,
+fn rms_norm_rows_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    w: &Tensor<Vector<F, N>>,
+    res: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
     rows: u32,
     units: u32,
     tpr: u32,
@@ -270,7 +275,7 @@ fn rms_norm_rows_kernel<N: Size>(
     if valid {
         let mut i = lane;
         while i < units {
-            let v = x[base + i];
+            let v = Vector::<f32, N>::cast_from(x[base + i]);
             sq += v * v;
             i += tpr;
         }
@@ -281,14 +286,14 @@ fn rms_norm_rows_kernel<N: Size>(
     if valid {
         let mut i = lane;
         while i < units {
-            let mut v = x[base + i] * r;
+            let mut v = Vector::<f32, N>::cast_from(x[base + i]) * r;
             if has_weight {
-                v *= w[i];
+                v *= Vector::<f32, N>::cast_from(w[i]);
             }
             if has_residual {
-                v = (res[base + i] + v) * Vector::new(scale);
+                v = (Vector::<f32, N>::cast_from(res[base + i]) + v) * Vector::new(scale);
             }
-            out[base + i] = v;
+            out[base + i] = Vector::<F, N>::cast_from(v);
             i += tpr;
         }
     }
@@ -298,12 +303,12 @@ fn rms_norm_rows_kernel<N: Size>(
 /// `cos`/`sin` `[t, d]` of the row's token; `half` is d/2 in vectors.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-fn rms_norm_rope_kernel<N: Size>(
-    x: &Tensor<Vector<f32, N>>,
-    w: &Tensor<Vector<f32, N>>,
-    cos: &Tensor<Vector<f32, N>>,
-    sin: &Tensor<Vector<f32, N>>,
-    out: &mut Tensor<Vector<f32, N>>,
+fn rms_norm_rope_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    w: &Tensor<Vector<F, N>>,
+    cos: &Tensor<Vector<F, N>>,
+    sin: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
     rows: u32,
     heads: u32,
     half: u32,
@@ -328,8 +333,8 @@ fn rms_norm_rope_kernel<N: Size>(
     if valid {
         let mut i = lane;
         while i < half {
-            let a = x[base + i];
-            let b = x[base + half + i];
+            let a = Vector::<f32, N>::cast_from(x[base + i]);
+            let b = Vector::<f32, N>::cast_from(x[base + half + i]);
             sq += a * a + b * b;
             i += tpr;
         }
@@ -340,14 +345,17 @@ fn rms_norm_rope_kernel<N: Size>(
     if valid {
         let mut i = lane;
         while i < half {
-            let mut a = x[base + i] * r;
-            let mut b = x[base + half + i] * r;
+            let mut a = Vector::<f32, N>::cast_from(x[base + i]) * r;
+            let mut b = Vector::<f32, N>::cast_from(x[base + half + i]) * r;
             if has_weight {
-                a *= w[i];
-                b *= w[half + i];
+                a *= Vector::<f32, N>::cast_from(w[i]);
+                b *= Vector::<f32, N>::cast_from(w[half + i]);
             }
-            out[base + i] = a * cos[tbase + i] - b * sin[tbase + i];
-            out[base + half + i] = b * cos[tbase + half + i] + a * sin[tbase + half + i];
+            let (c_lo, s_lo) = (Vector::<f32, N>::cast_from(cos[tbase + i]), Vector::<f32, N>::cast_from(sin[tbase + i]));
+            let c_hi = Vector::<f32, N>::cast_from(cos[tbase + half + i]);
+            let s_hi = Vector::<f32, N>::cast_from(sin[tbase + half + i]);
+            out[base + i] = Vector::<F, N>::cast_from(a * c_lo - b * s_lo);
+            out[base + half + i] = Vector::<F, N>::cast_from(b * c_hi + a * s_hi);
             i += tpr;
         }
     }
@@ -355,33 +363,33 @@ fn rms_norm_rope_kernel<N: Size>(
 
 /// `out = gelu_tanh(gate) · up`, element-wise over `units` vectors.
 #[cube(launch)]
-fn gelu_tanh_mul_kernel<N: Size>(
-    gate: &Tensor<Vector<f32, N>>,
-    up: &Tensor<Vector<f32, N>>,
-    out: &mut Tensor<Vector<f32, N>>,
+fn gelu_tanh_mul_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
     units: u32,
 ) {
     let idx =
         (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * comptime!(NT) + UNIT_POS_X as usize;
     if idx < units as usize {
-        let g = gate[idx];
+        let g = Vector::<f32, N>::cast_from(gate[idx]);
         let z = (g + g * g * g * Vector::new(0.044715f32))
             * Vector::new(comptime!(SQRT_2_OVER_PI as f32));
         // 0.5·(1 + tanh(z)) = 1 / (1 + e^(−2z)); the clamp keeps e^(−2z) finite.
         let e = Vector::exp(min(z * Vector::new(-2.0f32), Vector::new(88.0f32)));
-        out[idx] = g / (Vector::new(1.0f32) + e) * up[idx];
+        out[idx] = Vector::<F, N>::cast_from(g / (Vector::new(1.0f32) + e) * Vector::<f32, N>::cast_from(up[idx]));
     }
 }
 
 /// `rms_norm` of x `[rows, dim]` (times `weight` `[dim]` when given), fused: see
-/// [`super::reference::rms_norm`]. `out` (`[rows, dim]`, f32), when given and exclusively owned,
+/// [`super::reference::rms_norm`]. `out` (`[rows, dim]`), when given and exclusively owned,
 /// receives the result.
-pub fn rms_norm<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<FusedBackend<R, BT>, 2>,
-    weight: Option<BurnTensor<FusedBackend<R, BT>, 1>>,
+pub fn rms_norm<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    weight: Option<BurnTensor<FusedBackend<R, F, BT>, 1>>,
     eps: f64,
-    out: Option<BurnTensor<FusedBackend<R, BT>, 2>>,
-) -> Result<BurnTensor<FusedBackend<R, BT>, 2>, FusedError> {
+    out: Option<BurnTensor<FusedBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<FusedBackend<R, F, BT>, 2>, FusedError> {
     let [_, dim] = x.dims();
     if let Some(w) = &weight {
         expect_shape("weight", &w.dims(), &[dim])?;
@@ -391,14 +399,14 @@ pub fn rms_norm<R: CubeRuntime, BT: BoolElement>(
 
 /// `(residual + rms_norm(x) · weight) · scale`, all `[rows, dim]`, weight `[dim]`, fused: see
 /// [`super::reference::rms_norm_add`]. `out` as in [`rms_norm`].
-pub fn rms_norm_add<R: CubeRuntime, BT: BoolElement>(
-    residual: BurnTensor<FusedBackend<R, BT>, 2>,
-    x: BurnTensor<FusedBackend<R, BT>, 2>,
-    weight: BurnTensor<FusedBackend<R, BT>, 1>,
+pub fn rms_norm_add<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    residual: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    x: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    weight: BurnTensor<FusedBackend<R, F, BT>, 1>,
     eps: f64,
     scale: f32,
-    out: Option<BurnTensor<FusedBackend<R, BT>, 2>>,
-) -> Result<BurnTensor<FusedBackend<R, BT>, 2>, FusedError> {
+    out: Option<BurnTensor<FusedBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<FusedBackend<R, F, BT>, 2>, FusedError> {
     let [_, dim] = x.dims();
     expect_shape("residual", &residual.dims(), &x.dims())?;
     expect_shape("weight", &weight.dims(), &[dim])?;
@@ -406,14 +414,14 @@ pub fn rms_norm_add<R: CubeRuntime, BT: BoolElement>(
 }
 
 /// The shared body of [`rms_norm`] and [`rms_norm_add`] (weight and residual shapes checked).
-fn norm_rows<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<FusedBackend<R, BT>, 2>,
-    weight: Option<BurnTensor<FusedBackend<R, BT>, 1>>,
-    residual: Option<BurnTensor<FusedBackend<R, BT>, 2>>,
+fn norm_rows<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    weight: Option<BurnTensor<FusedBackend<R, F, BT>, 1>>,
+    residual: Option<BurnTensor<FusedBackend<R, F, BT>, 2>>,
     eps: f64,
     scale: f32,
-    out: Option<BurnTensor<FusedBackend<R, BT>, 2>>,
-) -> Result<BurnTensor<FusedBackend<R, BT>, 2>, FusedError> {
+    out: Option<BurnTensor<FusedBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<FusedBackend<R, F, BT>, 2>, FusedError> {
     let [rows, dim] = x.dims();
     if rows == 0 || dim == 0 {
         return Err(FusedError::Empty {
@@ -422,9 +430,9 @@ fn norm_rows<R: CubeRuntime, BT: BoolElement>(
         });
     }
     check_sizes(&[("x elements", rows * dim)])?;
-    let x = f32_primitive("x", x)?;
-    let w = weight.map(|w| f32_primitive("weight", w)).transpose()?;
-    let res = residual.map(|r| f32_primitive("residual", r)).transpose()?;
+    let x = float_primitive("x", x)?;
+    let w = weight.map(|w| float_primitive("weight", w)).transpose()?;
+    let res = residual.map(|r| float_primitive("residual", r)).transpose()?;
     for (what, t) in [("weight", &w), ("residual", &res)] {
         if let Some(t) = t {
             same_device(what, t, &x)?;
@@ -432,7 +440,7 @@ fn norm_rows<R: CubeRuntime, BT: BoolElement>(
     }
     let out = check_out(out, [rows, dim], &x)?;
     let client = x.client.clone();
-    let vs = vector_size(&client, dim);
+    let vs = vector_size::<R, F>(&client, dim);
     let units = dim / vs;
     let tpr = threads_per_row(units);
     let count = grid(rows.div_ceil(NT / tpr))?;
@@ -445,7 +453,7 @@ fn norm_rows<R: CubeRuntime, BT: BoolElement>(
     // Unused bindings get x (read-only aliasing is allowed); the kernel never reads them.
     let w = w.unwrap_or_else(|| x.clone());
     let res = res.unwrap_or_else(|| x.clone());
-    rms_norm_rows_kernel::launch::<R>(
+    rms_norm_rows_kernel::launch::<F, R>(
         &client,
         count,
         CubeDim::new_1d(NT as u32),
@@ -468,15 +476,15 @@ fn norm_rows<R: CubeRuntime, BT: BoolElement>(
 
 /// RMSNorm per head of x `[t, heads, d]` (times `weight` `[d]` when given), then rotate-half
 /// RoPE with `cos`/`sin` `[t, d]`, fused: see [`super::reference::rms_norm_rope`]. d must be even.
-/// `out` (`[t, heads, d]`, f32) as in [`rms_norm`].
-pub fn rms_norm_rope<R: CubeRuntime, BT: BoolElement>(
-    x: BurnTensor<FusedBackend<R, BT>, 3>,
-    weight: Option<BurnTensor<FusedBackend<R, BT>, 1>>,
+/// `out` (`[t, heads, d]`) as in [`rms_norm`].
+pub fn rms_norm_rope<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    x: BurnTensor<FusedBackend<R, F, BT>, 3>,
+    weight: Option<BurnTensor<FusedBackend<R, F, BT>, 1>>,
     eps: f64,
-    cos: BurnTensor<FusedBackend<R, BT>, 2>,
-    sin: BurnTensor<FusedBackend<R, BT>, 2>,
-    out: Option<BurnTensor<FusedBackend<R, BT>, 3>>,
-) -> Result<BurnTensor<FusedBackend<R, BT>, 3>, FusedError> {
+    cos: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    sin: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    out: Option<BurnTensor<FusedBackend<R, F, BT>, 3>>,
+) -> Result<BurnTensor<FusedBackend<R, F, BT>, 3>, FusedError> {
     let [t, heads, d] = x.dims();
     if t == 0 || heads == 0 || d == 0 {
         return Err(FusedError::Empty {
@@ -494,10 +502,10 @@ pub fn rms_norm_rope<R: CubeRuntime, BT: BoolElement>(
     expect_shape("sin", &sin.dims(), &[t, d])?;
     let rows = t * heads;
     check_sizes(&[("x elements", rows * d)])?;
-    let x = f32_primitive("x", x)?;
-    let w = weight.map(|w| f32_primitive("weight", w)).transpose()?;
-    let cos = f32_primitive("cos", cos)?;
-    let sin = f32_primitive("sin", sin)?;
+    let x = float_primitive("x", x)?;
+    let w = weight.map(|w| float_primitive("weight", w)).transpose()?;
+    let cos = float_primitive("cos", cos)?;
+    let sin = float_primitive("sin", sin)?;
     if let Some(w) = &w {
         same_device("weight", w, &x)?;
     }
@@ -505,7 +513,7 @@ pub fn rms_norm_rope<R: CubeRuntime, BT: BoolElement>(
     same_device("sin", &sin, &x)?;
     let out = check_out(out, [t, heads, d], &x)?;
     let client = x.client.clone();
-    let vs = vector_size(&client, d / 2);
+    let vs = vector_size::<R, F>(&client, d / 2);
     let half = d / 2 / vs;
     let tpr = threads_per_row(half);
     let count = grid(rows.div_ceil(NT / tpr))?;
@@ -517,7 +525,7 @@ pub fn rms_norm_rope<R: CubeRuntime, BT: BoolElement>(
     let out = new_output(out, &x, &[t, heads, d]);
     let has_weight = w.is_some();
     let w = w.unwrap_or_else(|| x.clone());
-    rms_norm_rope_kernel::launch::<R>(
+    rms_norm_rope_kernel::launch::<F, R>(
         &client,
         count,
         CubeDim::new_1d(NT as u32),
@@ -539,12 +547,12 @@ pub fn rms_norm_rope<R: CubeRuntime, BT: BoolElement>(
 }
 
 /// `gelu_tanh(gate) · up`, both `[rows, width]`, fused: see
-/// [`super::reference::gelu_tanh_mul`]. `out` (`[rows, width]`, f32) as in [`rms_norm`].
-pub fn gelu_tanh_mul<R: CubeRuntime, BT: BoolElement>(
-    gate: BurnTensor<FusedBackend<R, BT>, 2>,
-    up: BurnTensor<FusedBackend<R, BT>, 2>,
-    out: Option<BurnTensor<FusedBackend<R, BT>, 2>>,
-) -> Result<BurnTensor<FusedBackend<R, BT>, 2>, FusedError> {
+/// [`super::reference::gelu_tanh_mul`]. `out` (`[rows, width]`) as in [`rms_norm`].
+pub fn gelu_tanh_mul<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    gate: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    up: BurnTensor<FusedBackend<R, F, BT>, 2>,
+    out: Option<BurnTensor<FusedBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<FusedBackend<R, F, BT>, 2>, FusedError> {
     let dims = gate.dims();
     expect_shape("up", &up.dims(), &dims)?;
     let n = dims[0] * dims[1];
@@ -555,19 +563,19 @@ pub fn gelu_tanh_mul<R: CubeRuntime, BT: BoolElement>(
         });
     }
     check_sizes(&[("gate elements", n)])?;
-    let gate = f32_primitive("gate", gate)?;
-    let up = f32_primitive("up", up)?;
+    let gate = float_primitive("gate", gate)?;
+    let up = float_primitive("up", up)?;
     same_device("up", &up, &gate)?;
     let out = check_out(out, dims, &gate)?;
     let client = gate.client.clone();
-    let vs = vector_size(&client, n);
+    let vs = vector_size::<R, F>(&client, n);
     let units = n / vs;
     let count = grid(units.div_ceil(NT))?;
 
     let gate = into_contiguous(gate);
     let up = into_contiguous(up);
     let out = new_output(out, &gate, &dims);
-    gelu_tanh_mul_kernel::launch::<R>(
+    gelu_tanh_mul_kernel::launch::<F, R>(
         &client,
         count,
         CubeDim::new_1d(NT as u32),
