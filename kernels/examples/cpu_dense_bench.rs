@@ -1,7 +1,12 @@
 //! Dense f32 matmul y = x · w (w [in, out]) on the CPU at the 31B attention projection shapes,
 //! [`gemma4_kernels::cpu_dense::dense_matmul`] against burn-ndarray's `Tensor::matmul` on the same
 //! data, next to the memory-read bandwidth measured in the same run:
-//! `cargo run --release -p gemma4-kernels --example cpu_dense_bench [rounds] [m,m,...]`.
+//! `cargo run --release -p gemma4-kernels --example cpu_dense_bench [rounds] [m,m,...] [all|dense|nt]`.
+//!
+//! The `nt` section times the tied LM head, y = x · Eᵀ with E `[vocab, hidden]` read in place
+//! ([`gemma4_kernels::cpu_dense::dense_matmul_nt`]), at m = 1 and 16 on E = [32768, 5376] (704 MB;
+//! the real vocabulary, 262144, is 8× that), against burn-ndarray's `x.matmul(E.transpose())`
+//! (what the model did before: ndarray copies the transposed E on every call).
 //!
 //! Rounds interleave every configuration (and the read baseline), so that all of them see the
 //! same background load; each call follows calls on other weights (every weight here is larger
@@ -14,7 +19,7 @@ use std::time::Instant;
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use gemma4_kernels::cpu::{bench_read_bandwidth, Isa};
-use gemma4_kernels::cpu_dense::dense_matmul_with;
+use gemma4_kernels::cpu_dense::{dense_matmul_nt_with, dense_matmul_with};
 use gemma4_kernels::testing::Lcg;
 
 type Cpu = NdArray<f32, i32>;
@@ -53,8 +58,81 @@ fn main() {
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let ms: Vec<usize> =
         args.next().map(|a| a.split(',').map(|v| v.parse().expect("m list: 1,16,256")).collect()).unwrap_or(vec![1, 16, 256]);
+    let section = args.next().unwrap_or("all".into());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let isa = Isa::detect();
+    if section == "all" || section == "dense" {
+        dense(rounds, &ms, threads, isa);
+    }
+    if section == "all" || section == "nt" {
+        nt(rounds, threads, isa);
+    }
+}
+
+/// The LM head shape of the `nt` section: [vocab slice, hidden].
+const NT_OUT: usize = 32768;
+const NT_IN: usize = 5376;
+
+/// y = x · Eᵀ, E `[NT_OUT, NT_IN]`, at m = 1 and 16: ours (and the read baseline) every round,
+/// ndarray's transpose-then-matmul in the first round only (seconds per call).
+fn nt(rounds: usize, threads: usize, isa: Isa) {
+    let device = Default::default();
+    let mut rng = Lcg::new(12);
+    let e = random(&mut rng, NT_OUT * NT_IN);
+    let et = Tensor::<Cpu, 2>::from_data(TensorData::new(e.clone(), [NT_OUT, NT_IN]), &device);
+    let ms = [1usize, 16];
+    let xs = random(&mut rng, 16 * NT_IN);
+    let mut y = vec![0f32; 16 * NT_OUT];
+    let (mut ours, mut nd) = ([Range::new(); 2], [Range::new(); 2]);
+    let (mut read1, mut read_all) = (Range::new(), Range::new());
+    for round in 0..rounds.max(1) {
+        read1.add(1.0 / bench_read_bandwidth(256 << 20, 1, 1));
+        read_all.add(1.0 / bench_read_bandwidth(256 << 20, threads, 1));
+        for (c, &m) in ms.iter().enumerate() {
+            let x = &xs[..m * NT_IN];
+            let t = Instant::now();
+            dense_matmul_nt_with(isa, threads, x, m, &e, NT_OUT, NT_IN, &mut y[..m * NT_OUT]);
+            ours[c].add(t.elapsed().as_secs_f64());
+            if round == 0 {
+                let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_vec(), [m, NT_IN]), &device);
+                let t = Instant::now();
+                let yt = xt.matmul(et.clone().transpose());
+                nd[c].add(t.elapsed().as_secs_f64());
+                std::hint::black_box(yt);
+            }
+        }
+        eprintln!("nt round {} of {rounds} done", round + 1);
+    }
+    std::hint::black_box(&y);
+    println!(
+        "memory read (256 MB sum): 1 thread {:.1}-{:.1} GB/s, {threads} threads {:.1}-{:.1} GB/s ({rounds} rounds, worst-best)",
+        1.0 / read1.1,
+        1.0 / read1.0,
+        1.0 / read_all.1,
+        1.0 / read_all.0
+    );
+    println!(
+        "LM head y = x · Eᵀ, E [{NT_OUT}, {NT_IN}] f32 ({} MB) read in place; ours: {isa:?}, {threads} threads; GB/s = 4·out·in bytes / best time",
+        4 * NT_OUT * NT_IN / 1_000_000
+    );
+    for (c, &m) in ms.iter().enumerate() {
+        let bytes = (4 * NT_OUT * NT_IN) as f64;
+        let (o, d) = (ours[c], nd[c]);
+        println!(
+            "nt m {m:>2} | ours {:>8.2}-{:<8.2} ms {:>5.1} GB/s ({:.0}% of the {threads}-thread read best) | ndarray matmul(transpose) {:>9.2} ms {:>5.2} GB/s | {:>6.1}x",
+            o.0 * 1e3,
+            o.1 * 1e3,
+            bytes / o.0 / 1e9,
+            100.0 * (bytes / o.0 / 1e9) * read_all.0,
+            d.0 * 1e3,
+            bytes / d.0 / 1e9,
+            d.0 / o.0
+        );
+    }
+}
+
+/// The attention projections, ours against ndarray, for each m.
+fn dense(rounds: usize, ms: &[usize], threads: usize, isa: Isa) {
     let device = Default::default();
 
     let mut rng = Lcg::new(11);

@@ -30,6 +30,13 @@
 //! loads whatever `out` is: rows of w a power of two apart (out = 8192: 32 KB) fall on the same
 //! L1 sets, which made a kernel reading w in place 1.6× slower at out = 8192 than at 8000.
 //!
+//! The NT path ([`dense_matmul_nt`]: y = x · wᵀ with w `[out, in]`, the tied embedding read in
+//! place as the LM head) runs along `in` instead, where both a row of x and a row of w are
+//! contiguous: a kernel call holds 4 rows of w × 4 rows of x of vector accumulators, loads each
+//! vector of w once for the 4 rows of x and each of x once for the 4 rows of w, and ends in one
+//! horizontal sum per output. Each thread takes a contiguous range of rows of w; x is taken in
+//! blocks of about 512 KB (kept in L2), so w is read once per block: once in all at decode.
+//!
 //! The three paths are one generic code over the `Simd` trait (AVX-512F, AVX2 + FMA, and
 //! plain arrays of 8 lanes that LLVM vectorizes for the baseline), instantiated inside
 //! `#[target_feature]` functions chosen at run time, like [`crate::cpu`]; column tails use masked
@@ -161,6 +168,192 @@ pub fn dense_matmul_reference(x: &[f32], m: usize, w: &[f32], inp: usize, out: u
     }
 }
 
+/// y[m, out] = x[m, inp] · wᵀ with w row-major `[out, inp]` (the layout of a tied embedding,
+/// `[vocab, hidden]`, used as the LM head), read in place: each row of w is streamed once per
+/// block of `NT_X_BLOCK_BYTES` of x rows (once in all for m · inp · 4 ≤ 512 KB), on the best
+/// instruction set of this CPU and all its threads. y is overwritten (its contents are never
+/// read). Panics if the slice lengths do not match the shape.
+pub fn dense_matmul_nt(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize, y: &mut [f32]) {
+    dense_matmul_nt_with(Isa::detect(), threads(), x, m, w, out, inp, y)
+}
+
+/// [`dense_matmul_nt`] on a chosen path and at most `max_threads` threads (tests and benchmarks).
+/// Each output is computed by one thread in one fixed order, so the result does not depend on
+/// the thread count. Panics if `isa` is not available on this CPU or the slice lengths do not
+/// match the shape.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_matmul_nt_with(
+    isa: Isa,
+    max_threads: usize,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+) {
+    assert!(isa.supported(), "{isa:?} is not supported by this CPU");
+    assert_eq!(x.len(), m * inp, "x must be [m, in]");
+    assert_eq!(w.len(), out * inp, "w must be [out, in]");
+    assert_eq!(y.len(), m * out, "y must be [m, out]");
+    if m == 0 || out == 0 {
+        return;
+    }
+    if inp == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let p = DenseNt { x: x.as_ptr(), m, w: w.as_ptr(), out, inp, y: y.as_mut_ptr() };
+    let n = if m * inp * out >= PARALLEL_MIN_MACS { max_threads.clamp(1, out) } else { 1 };
+    // Contiguous ranges of output rows (rows of w), t·out/n to (t + 1)·out/n.
+    // SAFETY: `p` points into slices whose lengths were checked against the shape above and which
+    // outlive the threads; thread t writes only columns j0..j1 of y, disjoint from the other
+    // threads' columns, and only reads x and w.
+    let run = |t: usize| unsafe { run_nt(isa, &p, t * out / n, (t + 1) * out / n) };
+    on_threads(n, &run);
+}
+
+/// Plain reference of [`dense_matmul_nt`]: y[i, j] = Σ_k x[i, k] · w[j, k] accumulated in f64,
+/// rounded once to f32. Panics if the slice lengths do not match the shape.
+pub fn dense_matmul_nt_reference(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), m * inp, "x must be [m, in]");
+    assert_eq!(w.len(), out * inp, "w must be [out, in]");
+    assert_eq!(y.len(), m * out, "y must be [m, out]");
+    for i in 0..m {
+        let xr = &x[i * inp..(i + 1) * inp];
+        for j in 0..out {
+            let wr = &w[j * inp..(j + 1) * inp];
+            y[i * out + j] = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+        }
+    }
+}
+
+/// Target bytes of one block of x rows on the NT path: the block stays in L2 (half of Zen 4's
+/// 1 MB) while the thread's rows of w stream past it once.
+const NT_X_BLOCK_BYTES: usize = 512 * 1024;
+/// Rows of w per NT kernel call: each load of x serves this many rows of w.
+const NT_W_ROWS: usize = 4;
+/// Rows of x per NT kernel call: each load of w serves this many rows of x (4 × 4 accumulators,
+/// 4 vectors of w and one of x: 21 registers).
+const NT_X_ROWS: usize = 4;
+
+/// Rows of x per block of the NT path for `inp` inputs: a multiple of `NT_X_ROWS`, at least one
+/// kernel call's worth.
+fn nt_x_block(inp: usize) -> usize {
+    (NT_X_BLOCK_BYTES / (4 * inp) / NT_X_ROWS).max(1) * NT_X_ROWS
+}
+
+/// One NT call's operands as raw pointers (see the safety notes in [`dense_matmul_nt_with`]):
+/// x [m, inp], w [out, inp], y [m, out], all row-major.
+struct DenseNt {
+    x: *const f32,
+    m: usize,
+    w: *const f32,
+    out: usize,
+    inp: usize,
+    y: *mut f32,
+}
+
+// SAFETY: the threads only read through `x` and `w`, and write through `y` only the disjoint
+// column ranges that `dense_matmul_nt_with` hands them.
+unsafe impl Sync for DenseNt {}
+
+/// Output rows j0..j1 (columns of y) on the chosen path. Safety: `isa` is supported; `p` is valid
+/// as described in [`dense_matmul_nt_with`]; no other thread writes these columns.
+unsafe fn run_nt(isa: Isa, p: &DenseNt, j0: usize, j1: usize) {
+    match isa {
+        Isa::Portable => nt_rows::<Portable>(p, j0, j1),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::nt_avx2(p, j0, j1),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::nt_avx512(p, j0, j1),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable path exists on this architecture"),
+    }
+}
+
+/// y[r, n] = Σ_k x[r, k] · w[n, k] for R rows of x (`x`, rows `inp` apart) and NJ rows of w
+/// (`w`, rows `inp` apart), into y[r, n] at `y + r·ys + n`: NJ × R vector accumulators over the
+/// inputs (the tail as one partial vector), one horizontal sum each at the end. `pf`: the rows
+/// to prefetch to L2 as this call reads its own (laid out as `w`), or null for none.
+/// Safety: the CPU has S's features; the addresses are valid for r < R, n < NJ, k < inp.
+#[inline(always)]
+unsafe fn nt_tile<S: Simd, const NJ: usize, const R: usize>(x: *const f32, w: *const f32, inp: usize, y: *mut f32, ys: usize, pf: *const f32) {
+    let mut acc = [[S::zero(); R]; NJ];
+    let full = inp / S::W * S::W;
+    let mut k = 0;
+    while k < full {
+        if !pf.is_null() && k % 16 == 0 {
+            for n in 0..NJ {
+                prefetch::<true>(pf.wrapping_add(n * inp + k));
+            }
+        }
+        let wv: [S::V; NJ] = std::array::from_fn(|n| S::load(w.add(n * inp + k)));
+        for r in 0..R {
+            let xv = S::load(x.add(r * inp + k));
+            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                a[r] = S::fma(wv, xv, a[r]);
+            }
+        }
+        k += S::W;
+    }
+    if full < inp {
+        let t = inp - full;
+        let wv: [S::V; NJ] = std::array::from_fn(|n| S::load_part(w.add(n * inp + full), t));
+        for r in 0..R {
+            let xv = S::load_part(x.add(r * inp + full), t);
+            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                a[r] = S::fma(wv, xv, a[r]);
+            }
+        }
+    }
+    for (n, a) in acc.iter().enumerate() {
+        for (r, &a) in a.iter().enumerate() {
+            *y.add(r * ys + n) = S::hsum(a);
+        }
+    }
+}
+
+/// [`nt_tile`] for `nj` (1 or `NT_W_ROWS`) rows of w and `rows` (1..=NT_X_ROWS) rows of x.
+#[inline(always)]
+unsafe fn nt_tile_shape<S: Simd>(nj: usize, rows: usize, x: *const f32, w: *const f32, inp: usize, y: *mut f32, ys: usize, pf: *const f32) {
+    match (nj, rows) {
+        (4, 1) => nt_tile::<S, 4, 1>(x, w, inp, y, ys, pf),
+        (4, 2) => nt_tile::<S, 4, 2>(x, w, inp, y, ys, pf),
+        (4, 3) => nt_tile::<S, 4, 3>(x, w, inp, y, ys, pf),
+        (4, 4) => nt_tile::<S, 4, 4>(x, w, inp, y, ys, pf),
+        (1, 1) => nt_tile::<S, 1, 1>(x, w, inp, y, ys, pf),
+        (1, 2) => nt_tile::<S, 1, 2>(x, w, inp, y, ys, pf),
+        (1, 3) => nt_tile::<S, 1, 3>(x, w, inp, y, ys, pf),
+        (1, 4) => nt_tile::<S, 1, 4>(x, w, inp, y, ys, pf),
+        _ => unreachable!("NT tiles take 1 or {NT_W_ROWS} rows of w and 1..={NT_X_ROWS} of x, not {nj} x {rows}"),
+    }
+}
+
+/// NT path, output rows j0..j1: for each block of x rows, the rows of w in groups of
+/// `NT_W_ROWS` (a tail of single rows), each group against every `NT_X_ROWS` rows of the block;
+/// the first x rows of a group prefetch the next group. Safety: as [`run_nt`].
+#[inline(always)]
+unsafe fn nt_rows<S: Simd>(p: &DenseNt, j0: usize, j1: usize) {
+    let xb = nt_x_block(p.inp);
+    let whole = j0 + (j1 - j0) / NT_W_ROWS * NT_W_ROWS;
+    for i0 in (0..p.m).step_by(xb) {
+        let i1 = p.m.min(i0 + xb);
+        let mut j = j0;
+        while j < j1 {
+            let nj = if j < whole { NT_W_ROWS } else { 1 };
+            let w = p.w.add(j * p.inp);
+            // The next group's rows (beyond w at the very end: harmless hints).
+            let next = w.wrapping_add(nj * p.inp);
+            for g in (i0..i1).step_by(NT_X_ROWS) {
+                let pf = if g == i0 { next } else { std::ptr::null() };
+                nt_tile_shape::<S>(nj, NT_X_ROWS.min(i1 - g), p.x.add(g * p.inp), w, p.inp, p.y.add(g * p.out + j), p.out, pf);
+            }
+            j += nj;
+        }
+    }
+}
+
 /// Runs `run(t)` for t in 0..n, t = 0 on the calling thread.
 fn on_threads(n: usize, run: &(impl Fn(usize) + Sync)) {
     if n == 1 {
@@ -250,6 +443,8 @@ trait Simd {
     /// a · b + c (fused where the ISA has FMA).
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// The sum of the W lanes.
+    unsafe fn hsum(v: Self::V) -> f32;
 }
 
 /// Plain arrays of 8 lanes (LLVM vectorizes the loops for the baseline, SSE2 on x86-64);
@@ -296,6 +491,10 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
         std::array::from_fn(|j| a[j] + b[j])
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: [f32; 8]) -> f32 {
+        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
     }
 }
 
@@ -573,7 +772,7 @@ unsafe fn gemm_cols<S: Simd, const MR: usize, const NV: usize>(p: &Dense, c0: us
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{gemm_cols, gemv_rows, Dense, Part, Simd};
+    use super::{gemm_cols, gemv_rows, nt_rows, Dense, DenseNt, Part, Simd};
 
     /// AVX-512F: 16 lanes; masked loads and stores touch only the lanes that exist.
     pub(super) struct Avx512;
@@ -612,6 +811,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
             _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
         }
     }
 
@@ -659,6 +862,12 @@ mod x86 {
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             _mm256_add_ps(a, b)
         }
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+        }
     }
 
     /// One thread's part on AVX-512: GEMV chunks of 4 vectors (64 columns), GEMM tiles of 6 rows ×
@@ -671,6 +880,20 @@ mod x86 {
             Part::Cols(c0, c1) => gemm_cols::<Avx512, 6, 4>(p, c0, c1),
             Part::Rows { k0, k1, dst, ds } => gemv_rows::<Avx512, 4>(p, k0, k1, dst, ds),
         }
+    }
+
+    /// NT path, output rows j0..j1, on AVX-512 (4 rows of w × 4 rows of x: 16 of the 32
+    /// registers accumulate). Safety: avx512f; as `run_nt`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nt_avx512(p: &DenseNt, j0: usize, j1: usize) {
+        nt_rows::<Avx512>(p, j0, j1)
+    }
+
+    /// NT path on AVX2 + FMA (16 accumulators would fill the 16 registers; the tiles spill a
+    /// little at 4 × 4, as the GEMV chunks do). Safety: avx2 and fma; as `run_nt`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn nt_avx2(p: &DenseNt, j0: usize, j1: usize) {
+        nt_rows::<Avx2>(p, j0, j1)
     }
 
     /// One thread's part on AVX2: GEMV chunks of 4 vectors (32 columns; measured faster than 2
@@ -789,6 +1012,71 @@ mod tests {
                 let err = max_rel_err(&y, &e, &a);
                 assert!(err <= RTOL, "{isa:?} threads {th}: rel err {err:e} > {RTOL:e}");
             }
+        }
+    }
+
+    /// (out, in) of the NT path: no dimension a multiple of 16 (or 8) except where noted, so
+    /// that every call has a partial input vector and a tail of single rows of w; (1, 1) is one
+    /// term; (37, 5000) has 24 rows of x per block (512 KB / 20 KB, rounded to 4), so m = 70
+    /// takes 3 blocks, the last partial; (67, 64) has whole vectors only.
+    const NT_SHAPES: [(usize, usize); 6] = [(1, 1), (5, 3), (19, 45), (130, 1001), (37, 5000), (67, 64)];
+    /// Rows of x: 1, a partial 4-row tile, several tiles with a tail, several x blocks (inp 5000).
+    const NT_MS: [usize; 4] = [1, 3, 17, 70];
+
+    /// The NT reference y and Σ_k |x[i, k] · w[j, k]| (f64) of every output.
+    fn reference_nt(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> (Vec<f32>, Vec<f64>) {
+        let mut e = vec![f32::NAN; m * out];
+        dense_matmul_nt_reference(x, m, w, out, inp, &mut e);
+        let a = (0..m * out)
+            .map(|o| {
+                let (xr, wr) = (&x[o / out * inp..][..inp], &w[o % out * inp..][..inp]);
+                xr.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum()
+            })
+            .collect();
+        (e, a)
+    }
+
+    /// The NT path (y = x · wᵀ, w `[out, in]`) on every ISA and 1 or 2 threads against the f64
+    /// reference, with the dense path's tolerance `RTOL` (each output is an f32 sum of in/W lane
+    /// sums and one horizontal sum: the same kind of error); and bit-identical over thread counts
+    /// (each output is summed by one thread in one order).
+    #[test]
+    fn nt_matches_reference() {
+        let mut worst = 0f64;
+        for (si, &(out, inp)) in NT_SHAPES.iter().enumerate() {
+            for &m in &NT_MS {
+                let mut rng = Lcg::new(7000 + 100 * si as u64 + m as u64);
+                let x = random(&mut rng, m * inp);
+                let w = random(&mut rng, out * inp);
+                let (e, a) = reference_nt(&x, m, &w, out, inp);
+                for isa in Isa::available() {
+                    let mut first: Option<Vec<f32>> = None;
+                    for th in [1usize, 2] {
+                        let mut y = vec![f32::NAN; m * out];
+                        dense_matmul_nt_with(isa, th, &x, m, &w, out, inp, &mut y);
+                        let err = max_rel_err(&y, &e, &a);
+                        assert!(err <= RTOL, "NT {isa:?} threads {th} m {m} out {out} in {inp}: rel err {err:e} > {RTOL:e}");
+                        worst = worst.max(err);
+                        match &first {
+                            None => first = Some(y),
+                            Some(f) => assert!(f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "NT {isa:?} m {m} out {out} in {inp}: threads change bits"),
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("NT paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})", Isa::available());
+    }
+
+    /// NT with empty dimensions: in = 0 gives zeros; m = 0 or out = 0 touch nothing.
+    #[test]
+    fn nt_empty_dimensions() {
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; 6];
+            dense_matmul_nt_with(isa, 2, &[], 2, &[], 3, 0, &mut y);
+            assert!(y.iter().all(|&v| v == 0.0), "{isa:?}: {y:?}");
+            dense_matmul_nt_with(isa, 2, &[], 0, &[1.0; 3], 3, 1, &mut []);
+            dense_matmul_nt_with(isa, 2, &[1.0; 2], 2, &[], 0, 1, &mut []);
         }
     }
 
