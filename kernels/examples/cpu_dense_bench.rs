@@ -18,7 +18,8 @@ use std::time::Instant;
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use gemma4_kernels::cpu::{bench_read_bandwidth, Isa};
+use gemma4_kernels::cpu::bench_read_bandwidth;
+use gemma4_kernels::simd::Isa;
 use gemma4_kernels::cpu_dense::{dense_matmul_nt_with, dense_matmul_with};
 use gemma4_kernels::testing::Lcg;
 

@@ -36,6 +36,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use crate::nvfp4::{scale_words_per_row, GROUP_SIZE};
+use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// E4M3 ("fn": bias 7, no infinities, NaN at 0x7f/0xff) to f32 for every byte, built at compile time.
 pub static E4M3_TABLE: [f32; 256] = e4m3_table();
@@ -60,42 +61,8 @@ const fn e4m3_table() -> [f32; 256] {
     t
 }
 
-/// Instruction set of a kernel path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// Plain Rust, autovectorized for the build's baseline (SSE2 on x86-64).
-    Portable,
-    /// AVX2 + FMA intrinsics.
-    Avx2,
-    /// AVX-512F intrinsics.
-    Avx512,
-}
-
+/// The NVFP4 kernels' shapes per path.
 impl Isa {
-    /// The best path this CPU supports (detected once).
-    pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| *Isa::available().last().expect("portable is always available"))
-    }
-
-    /// Every path this CPU can run, portable first.
-    pub fn available() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
-    }
-
-    /// Whether this CPU can run the path.
-    pub fn supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
     /// Code words per chunk (one per SIMD lane).
     fn lanes(self) -> usize {
         match self {
@@ -345,28 +312,6 @@ fn transpose_x(x: &[f32], m: usize, inp: usize, lanes: usize, nc: usize) -> Alig
     xt
 }
 
-/// A zeroed f32 buffer whose slice starts on a 64-byte boundary: a 64-byte load that is not
-/// aligned spans two cache lines and costs two loads (on Zen 4 it halves the kernel's speed).
-struct AlignedBuf {
-    buf: Vec<f32>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![0f32; len + 15];
-        let off = (buf.as_ptr() as usize).wrapping_neg() % 64 / 4;
-        Self { buf, off, len }
-    }
-    fn as_slice(&self) -> &[f32] {
-        &self.buf[self.off..self.off + self.len]
-    }
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        &mut self.buf[self.off..self.off + self.len]
-    }
-}
-
 /// Output rows r0..r1 into `y` laid out [m, r1 − r0].
 fn run_rows(p: &Problem, r0: usize, r1: usize, y: &mut [f32]) {
     let isa = p.isa;
@@ -391,7 +336,7 @@ fn run_rows(p: &Problem, r0: usize, r1: usize, y: &mut [f32]) {
             for rb in (r0..r1).step_by(nb) {
                 let nr = nb.min(r1 - rb);
                 // The next block's scale rows, fetched while this block computes.
-                prefetch(p.scales.as_ptr().wrapping_add((rb + nb) * p.spr), nb * p.spr * 4);
+                prefetch_bytes(p.scales.as_ptr().wrapping_add((rb + nb) * p.spr), nb * p.spr * 4);
                 // Block scales of these rows' segments, decoded once for every x row of the panel.
                 for n in 0..nr {
                     let srow = &p.scales[(rb + n) * p.spr..(rb + n + 1) * p.spr];
@@ -518,16 +463,29 @@ fn decode_row(isa: Isa, codes: &[i32], sg: &[f32], out: &mut [f32]) {
 fn gemm_micro(isa: Isa, kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; TILE_ROWS]) {
     assert!(tile.len() >= (TILE_ROWS - 1) * kcols + kc && kc <= kcols);
     assert!(kc == 0 || xt.len() >= (kc - 1) * GEMM_PANEL + isa.gemm_lanes());
-    match isa {
-        Isa::Portable => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was checked against the CPU's features.
-        Isa::Avx2 => unsafe { x86::gemm_micro_avx2(kc, tile, kcols, xt, acc) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx512 => unsafe { x86::gemm_micro_avx512(kc, tile, kcols, xt, acc) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the portable path exists on this architecture"),
+    isa.dispatch(GemmMicro { kc, tile, kcols, xt, acc })
+}
+
+/// [`gemm_micro`]'s kernel: x rows per call `gemm_lanes` (2 vectors on AVX-512 and AVX2, one
+/// on the portable path), fused multiply-adds where the path has them.
+struct GemmMicro<'a> {
+    kc: usize,
+    tile: &'a [f32],
+    kcols: usize,
+    xt: &'a [f32],
+    acc: &'a mut [[f32; 32]; TILE_ROWS],
+}
+
+impl Kernel for GemmMicro<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let GemmMicro { kc, tile, kcols, xt, acc } = self;
+        match (S::W, S::FMA) {
+            (16, _) => gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc),
+            (_, true) => gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc),
+            (_, false) => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
+        }
     }
 }
 
@@ -574,16 +532,12 @@ struct Segment<'a> {
     xstride: usize,
 }
 
-/// Prefetch hint for `bytes` from `ptr` (no access happens, so any address is fine).
+/// Prefetch hint (to L1) for `bytes` from `ptr` (no access happens, so any address is fine).
 #[inline(always)]
-fn prefetch<T>(ptr: *const T, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
+fn prefetch_bytes<T>(ptr: *const T, bytes: usize) {
     for off in (0..bytes).step_by(64) {
-        // SAFETY: prefetch never faults and has no effect on memory.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((ptr as *const i8).wrapping_add(off)) };
+        prefetch::<false>((ptr as *const u8).wrapping_add(off) as *const f32);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (ptr, bytes);
 }
 
 /// Group scales e4m3(byte) · global of groups g0..g1 of one row into `dst`, zeros after.
@@ -599,14 +553,25 @@ fn group_scales(isa: Isa, dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, g
             }
             dst[n..].fill(0.0);
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was checked against the CPU's features.
-        Isa::Avx512 => unsafe { x86::group_scales_avx512(dst, srow, g0, g1, global) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::group_scales_avx2(dst, srow, g0, g1, global) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the portable path exists on this architecture"),
+        // The branch-free decode, vectorized for the path.
+        Isa::Avx2 | Isa::Avx512 => isa.dispatch(GroupScales { dst, srow, g0, g1, global }),
+    }
+}
+
+/// [`group_scales_generic`] as a kernel, compiled for the path that runs it.
+struct GroupScales<'a> {
+    dst: &'a mut [f32],
+    srow: &'a [i32],
+    g0: usize,
+    g1: usize,
+    global: f32,
+}
+
+impl Kernel for GroupScales<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        group_scales_generic(self.dst, self.srow, self.g0, self.g1, self.global)
     }
 }
 
@@ -614,7 +579,6 @@ fn group_scales(isa: Isa, dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, g
 /// `e4m3 · global`: normal bytes rebias the exponent (e − 7 + 127) and keep the 3 mantissa bits;
 /// subnormal ones are m · (global · 2^-9). The NaN bytes (0x7f, 0xff), which the loader rejects,
 /// decode as ±480 · global here.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn e4m3_times(b: u32, global: f32, global_sub: f32) -> f32 {
     let em = b & 0x7f;
@@ -624,7 +588,6 @@ fn e4m3_times(b: u32, global: f32, global_sub: f32) -> f32 {
     f32::from_bits(v.to_bits() ^ ((b & 0x80) << 24))
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn group_scales_generic(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, global: f32) {
     debug_assert!(g0.is_multiple_of(4) && g1 - g0 <= dst.len());
@@ -739,26 +702,6 @@ mod x86 {
 
     use super::Segment;
     use crate::nvfp4::E2M1_VALUES;
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_scales_avx512(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, global: f32) {
-        super::group_scales_generic(dst, srow, g0, g1, global)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn group_scales_avx2(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, global: f32) {
-        super::group_scales_generic(dst, srow, g0, g1, global)
-    }
-
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gemm_micro_avx512(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
-        super::gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemm_micro_avx2(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
-        super::gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc)
-    }
 
     /// One row segment to f32 in the permuted order, 16 words per chunk. Safety: avx512f; the
     /// bounds of `decode_row`.

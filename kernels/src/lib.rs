@@ -10,6 +10,7 @@ pub mod fused;
 pub mod nvfp4;
 pub mod nvfp4_gemm;
 pub mod nvfp4_gemv;
+pub mod simd;
 
 #[doc(hidden)]
 pub mod testing;
