@@ -20,8 +20,8 @@
 //! and panel of x into a small scratch (SIMD paths: branch-free bit arithmetic that vectorizes;
 //! portable: the 256-entry [`E4M3_TABLE`]); both round `e4m3 · global` once, like the reference.
 //!
-//! Blocking: each thread takes a contiguous range of output rows (`std::thread::scope` on
-//! `available_parallelism` threads when the work pays for the spawn). Below `GEMM_MIN_M` x rows
+//! Blocking: each thread takes a contiguous range of output rows (rayon's pool, split in
+//! `available_parallelism` ranges when the work pays for the hand-off). Below `GEMM_MIN_M` x rows
 //! (decode), a kernel call takes up to 4 weight rows × up to 4 x rows and keeps the decoded
 //! weights in registers: each decoded weight vector serves every x row, and each loaded x vector
 //! every weight row (at m = 1, 4 weight rows share each load of x, which has 8× the bytes of the
@@ -212,12 +212,12 @@ pub fn nvfp4_matmul_with(
     if n_threads == 1 {
         run(0, out, &mut parts[0]);
     } else {
-        std::thread::scope(|s| {
+        rayon::in_place_scope(|s| {
             let mut rest = parts.iter_mut().enumerate();
             let (_, first) = rest.next().expect("at least one thread");
             for (t, part) in rest {
                 let (r0, r1, run) = (bounds[t], bounds[t + 1], &run);
-                s.spawn(move || run(r0, r1, part));
+                s.spawn(move |_| run(r0, r1, part));
             }
             run(bounds[0], bounds[1], first);
         });

@@ -360,14 +360,14 @@ unsafe fn nt_rows<S: Simd>(p: &DenseNt, j0: usize, j1: usize) {
     }
 }
 
-/// Runs `run(t)` for t in 0..n, t = 0 on the calling thread.
+/// Runs `run(t)` for t in 0..n on rayon's pool, t = 0 on the calling thread.
 fn on_threads(n: usize, run: &(impl Fn(usize) + Sync)) {
     if n == 1 {
         return run(0);
     }
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         for t in 1..n {
-            s.spawn(move || run(t));
+            s.spawn(move |_| run(t));
         }
         run(0);
     });
