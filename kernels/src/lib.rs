@@ -4,7 +4,6 @@
 
 pub mod attention;
 pub mod backend;
-pub mod cpu;
 pub mod cpu_dense;
 pub mod fused;
 pub mod nvfp4;
