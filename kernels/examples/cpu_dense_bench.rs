@@ -14,13 +14,17 @@
 //! time over the rounds, and GB/s (weight bytes, 4·in·out) and GFLOP/s (2·m·in·out) at the best
 //! time.
 
+mod common;
+
 use std::time::Instant;
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use gemma4_kernels::cpu::{bench_read_bandwidth, Isa};
+use gemma4_kernels::simd::Isa;
 use gemma4_kernels::cpu_dense::{dense_matmul_nt_with, dense_matmul_with};
 use gemma4_kernels::testing::Lcg;
+
+use common::bench_read_bandwidth;
 
 type Cpu = NdArray<f32, i32>;
 

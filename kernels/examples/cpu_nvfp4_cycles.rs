@@ -2,7 +2,8 @@
 //! shared machine do not count) per 128 weights of a cache-resident NVFP4 matmul, single thread.
 //! `cargo run --release -p gemma4-kernels --example cpu_nvfp4_cycles`
 
-use gemma4_kernels::cpu::{nvfp4_matmul_with, Isa};
+use gemma4_kernels::nvfp4::cpu::nvfp4_matmul_with;
+use gemma4_kernels::simd::Isa;
 
 fn cpu_ns() -> u64 {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();

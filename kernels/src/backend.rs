@@ -7,9 +7,9 @@ use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement};
 
 use crate::attention::{self, flash, reference, AttentionParams};
-use crate::{cpu, cpu_dense, fallback};
+use crate::{cpu_dense, fallback};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
-use crate::nvfp4::Nvfp4Weight;
+use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
 use crate::{nvfp4_gemm, nvfp4_gemv};
 
 pub trait Gemma4Backend: Backend {
@@ -56,7 +56,7 @@ pub trait Gemma4Backend: Backend {
     }
 }
 
-/// The CPU backend: the NVFP4 matmul of [`crate::cpu`] and the dense matmul of
+/// The CPU backend: the NVFP4 matmul of [`crate::nvfp4::cpu`] and the dense matmul of
 /// [`crate::cpu_dense`] on the tensors' own buffers (no copy of a weight; x is copied only when it
 /// is not contiguous); the reference elsewhere.
 impl Gemma4Backend for NdArray<f32, i32> {
@@ -165,7 +165,7 @@ impl Gemma4Backend for NdArray<f32, i32> {
         };
         let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
         let mut y = vec![0f32; m * w.out_features];
-        cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
+        nvfp4_cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
         Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device)
     }
 }

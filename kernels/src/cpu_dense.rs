@@ -37,9 +37,9 @@
 //! horizontal sum per output. Each thread takes a contiguous range of rows of w; x is taken in
 //! blocks of about 512 KB (kept in L2), so w is read once per block: once in all at decode.
 //!
-//! The three paths are one generic code over the `Simd` trait (AVX-512F, AVX2 + FMA, and
+//! The three paths are one generic code over [`crate::simd::Simd`] (AVX-512F, AVX2 + FMA, and
 //! plain arrays of 8 lanes that LLVM vectorizes for the baseline), instantiated inside
-//! `#[target_feature]` functions chosen at run time, like [`crate::cpu`]; column tails use masked
+//! `#[target_feature]` functions chosen at run time by [`Isa::dispatch`]; column tails use masked
 //! loads and stores, row tails narrower or zero-padded tiles. Each output is a sum of f32
 //! products, one rounding per multiply-add, in blocks added in order (on the GEMV path, the
 //! threads' partial sums are added last): the results differ from the exact sum by f32 rounding
@@ -47,7 +47,7 @@
 
 use std::sync::OnceLock;
 
-use crate::cpu::Isa;
+use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// From this many rows of x on, the blocked GEMM path; below, the GEMV path. Measured on two
 /// Zen 4 cores at the 31B q_proj shape ([5376, 8192]), GFLOP/s GEMV vs GEMM: m = 32: 146 vs 109,
@@ -261,14 +261,20 @@ unsafe impl Sync for DenseNt {}
 /// Output rows j0..j1 (columns of y) on the chosen path. Safety: `isa` is supported; `p` is valid
 /// as described in [`dense_matmul_nt_with`]; no other thread writes these columns.
 unsafe fn run_nt(isa: Isa, p: &DenseNt, j0: usize, j1: usize) {
-    match isa {
-        Isa::Portable => nt_rows::<Portable>(p, j0, j1),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::nt_avx2(p, j0, j1),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::nt_avx512(p, j0, j1),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the portable path exists on this architecture"),
+    isa.dispatch(NtPart(p, j0, j1))
+}
+
+/// [`run_nt`]'s kernel: 4 rows of w × 4 rows of x on every path (AVX-512: 16 of the 32 registers
+/// accumulate; AVX2: 16 accumulators, 4 vectors of w and one of x spill a little, as the GEMV
+/// chunks do).
+struct NtPart<'a>(&'a DenseNt, usize, usize);
+
+impl Kernel for NtPart<'_> {
+    type Output = ();
+    /// Safety: as [`run_nt`].
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        nt_rows::<S>(self.0, self.1, self.2)
     }
 }
 
@@ -354,14 +360,14 @@ unsafe fn nt_rows<S: Simd>(p: &DenseNt, j0: usize, j1: usize) {
     }
 }
 
-/// Runs `run(t)` for t in 0..n, t = 0 on the calling thread.
+/// Runs `run(t)` for t in 0..n on rayon's pool, t = 0 on the calling thread.
 fn on_threads(n: usize, run: &(impl Fn(usize) + Sync)) {
     if n == 1 {
         return run(0);
     }
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         for t in 1..n {
-            s.spawn(move || run(t));
+            s.spawn(move |_| run(t));
         }
         run(0);
     });
@@ -408,112 +414,32 @@ enum Part {
 /// in [`dense_matmul_with`]; `dst` of a `Rows` part is valid for m·ds floats; no other thread
 /// writes what this part writes.
 unsafe fn run_part(isa: Isa, p: &Dense, part: Part) {
-    match isa {
-        Isa::Portable => match part {
-            Part::Cols(c0, c1) => gemm_cols::<Portable, 4, 1>(p, c0, c1),
-            Part::Rows { k0, k1, dst, ds } => gemv_rows::<Portable, 1>(p, k0, k1, dst, ds),
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::part_avx2(p, part),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::part_avx512(p, part),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the portable path exists on this architecture"),
-    }
+    isa.dispatch(DensePart(p, part))
 }
 
-/// The vector operations the kernels use, over `W` f32 lanes. Every method is `#[inline(always)]`
-/// so that, once inlined into a `#[target_feature]` function, the intrinsics inline too.
-///
-/// Safety of every method: the CPU has the implementation's features, and the pointers are valid
-/// for the lanes read or written (`W`, or the first `n` of a `_part` operation, n ≤ W).
-trait Simd {
-    type V: Copy;
-    const W: usize;
-    unsafe fn zero() -> Self::V;
-    /// Unaligned load of W lanes.
-    unsafe fn load(p: *const f32) -> Self::V;
-    /// The first n lanes (n ≤ W), zero after; only those n floats are read.
-    unsafe fn load_part(p: *const f32, n: usize) -> Self::V;
-    unsafe fn store(p: *mut f32, v: Self::V);
-    /// Stores the first n lanes (n ≤ W) only.
-    unsafe fn store_part(p: *mut f32, v: Self::V, n: usize);
-    /// `*p` in every lane.
-    unsafe fn splat(p: *const f32) -> Self::V;
-    /// a · b + c (fused where the ISA has FMA).
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    /// The sum of the W lanes.
-    unsafe fn hsum(v: Self::V) -> f32;
-}
+/// [`run_part`]'s kernel. Tiles per path: AVX-512, GEMV chunks of 4 vectors (64 columns) and
+/// GEMM tiles of 6 rows × 64 columns (24 of the 32 registers accumulate; 6 × 64 measured 99
+/// GFLOP/s on one Zen 4 core, 85% of its FMA peak, against 93-94 for 12 × 32, 8 × 48 and
+/// 14 × 32); AVX2, GEMV chunks of 4 vectors (32 columns; measured faster than 2 or 3 at m = 16
+/// although 4 rows × 4 vectors fill the 16 registers) and GEMM tiles of 6 rows × 16 columns (12
+/// of the 16 registers accumulate); portable, one vector and 4 × 8 tiles.
+struct DensePart<'a>(&'a Dense, Part);
 
-/// Plain arrays of 8 lanes (LLVM vectorizes the loops for the baseline, SSE2 on x86-64);
-/// multiply then add, since `mul_add` without FMA hardware is a library call.
-struct Portable;
-
-impl Simd for Portable {
-    type V = [f32; 8];
-    const W: usize = 8;
+impl Kernel for DensePart<'_> {
+    type Output = ();
+    /// Safety: as [`run_part`].
     #[inline(always)]
-    unsafe fn zero() -> [f32; 8] {
-        [0.0; 8]
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> [f32; 8] {
-        std::ptr::read_unaligned(p as *const [f32; 8])
-    }
-    #[inline(always)]
-    unsafe fn load_part(p: *const f32, n: usize) -> [f32; 8] {
-        let mut v = [0.0; 8];
-        for (j, d) in v.iter_mut().enumerate().take(n) {
-            *d = *p.add(j);
-        }
-        v
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: [f32; 8]) {
-        std::ptr::write_unaligned(p as *mut [f32; 8], v)
-    }
-    #[inline(always)]
-    unsafe fn store_part(p: *mut f32, v: [f32; 8], n: usize) {
-        for (j, &s) in v.iter().enumerate().take(n) {
-            *p.add(j) = s;
+    unsafe fn run<S: Simd>(self) {
+        let DensePart(p, part) = self;
+        // (S::W, S::FMA) names the path: constants, so only one arm survives.
+        match (part, S::W, S::FMA) {
+            (Part::Cols(c0, c1), 16, _) => gemm_cols::<S, 6, 4>(p, c0, c1),
+            (Part::Cols(c0, c1), _, true) => gemm_cols::<S, 6, 2>(p, c0, c1),
+            (Part::Cols(c0, c1), _, false) => gemm_cols::<S, 4, 1>(p, c0, c1),
+            (Part::Rows { k0, k1, dst, ds }, _, true) => gemv_rows::<S, 4>(p, k0, k1, dst, ds),
+            (Part::Rows { k0, k1, dst, ds }, _, false) => gemv_rows::<S, 1>(p, k0, k1, dst, ds),
         }
     }
-    #[inline(always)]
-    unsafe fn splat(p: *const f32) -> [f32; 8] {
-        [*p; 8]
-    }
-    #[inline(always)]
-    unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|j| a[j] * b[j] + c[j])
-    }
-    #[inline(always)]
-    unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|j| a[j] + b[j])
-    }
-    #[inline(always)]
-    unsafe fn hsum(v: [f32; 8]) -> f32 {
-        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
-    }
-}
-
-/// Prefetch hint for the cache line at `p` into L1 (`L2 = false`) or L2 (no access happens, so
-/// any address is fine).
-#[inline(always)]
-fn prefetch<const L2: bool>(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch never faults and has no effect on memory.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
-        if L2 {
-            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
-        } else {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
-        }
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// One GEMV kernel call: y[r, ..] for R rows of x over `kn` rows of w, NV vectors of columns.
@@ -642,24 +568,6 @@ unsafe fn gemv_rows<S: Simd, const NV: usize>(p: &Dense, k0: usize, k1: usize, d
     }
 }
 
-/// A zeroed f32 buffer whose slice starts on a 64-byte boundary (a 64-byte load that is not
-/// aligned spans two cache lines and costs two loads).
-struct AlignedBuf {
-    buf: Vec<f32>,
-    off: usize,
-}
-
-impl AlignedBuf {
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![0f32; len + 15];
-        let off = (buf.as_ptr() as usize).wrapping_neg() % 64 / 4;
-        Self { buf, off }
-    }
-    fn as_mut_ptr(&mut self) -> *mut f32 {
-        self.buf[self.off..].as_mut_ptr()
-    }
-}
-
 /// `y[r, 0..cols] (+)= Σ_{k < kn} a[k][r] · b[k][0..NR]` for r < rows, NR = NV·W: an MR × NR
 /// register tile over one packed panel of x (`a`, `[kn][MR]`) and one of w (`b`, `[kn][NR]`).
 /// Safety: the CPU has S's features; a and b hold kn·MR and kn·NR floats; y[r, c] at
@@ -764,146 +672,6 @@ unsafe fn gemm_cols<S: Simd, const MR: usize, const NV: usize>(p: &Dense, c0: us
                     gemm_tile::<S, MR, NV>(kn, xp.add(g * kc * MR), wp.add(pi * pstride), y, p.out, rows, cols, kb == 0);
                 }
             }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{gemm_cols, gemv_rows, nt_rows, Dense, DenseNt, Part, Simd};
-
-    /// AVX-512F: 16 lanes; masked loads and stores touch only the lanes that exist.
-    pub(super) struct Avx512;
-
-    impl Simd for Avx512 {
-        type V = __m512;
-        const W: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> __m512 {
-            _mm512_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn load_part(p: *const f32, n: usize) -> __m512 {
-            _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, p)
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m512) {
-            _mm512_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn store_part(p: *mut f32, v: __m512, n: usize) {
-            _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as __mmask16, v)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const f32) -> __m512 {
-            _mm512_set1_ps(*p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-            _mm512_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m512, b: __m512) -> __m512 {
-            _mm512_add_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn hsum(v: __m512) -> f32 {
-            _mm512_reduce_add_ps(v)
-        }
-    }
-
-    /// AVX2 + FMA: 8 lanes; `vmaskmovps` touches only the lanes that exist.
-    pub(super) struct Avx2;
-
-    /// Lanes 0..n of a `vmaskmovps` mask set.
-    #[inline(always)]
-    unsafe fn mask8(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    }
-
-    impl Simd for Avx2 {
-        type V = __m256;
-        const W: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> __m256 {
-            _mm256_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn load_part(p: *const f32, n: usize) -> __m256 {
-            _mm256_maskload_ps(p, mask8(n))
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m256) {
-            _mm256_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn store_part(p: *mut f32, v: __m256, n: usize) {
-            _mm256_maskstore_ps(p, mask8(n), v)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const f32) -> __m256 {
-            _mm256_broadcast_ss(&*p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m256, b: __m256) -> __m256 {
-            _mm256_add_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn hsum(v: __m256) -> f32 {
-            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
-        }
-    }
-
-    /// One thread's part on AVX-512: GEMV chunks of 4 vectors (64 columns), GEMM tiles of 6 rows ×
-    /// 64 columns (24 of the 32 registers accumulate; 6 × 64 measured 99 GFLOP/s on one Zen 4
-    /// core, 85% of its FMA peak, against 93-94 for 12 × 32, 8 × 48 and 14 × 32).
-    /// Safety: avx512f; as `run_part`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn part_avx512(p: &Dense, part: Part) {
-        match part {
-            Part::Cols(c0, c1) => gemm_cols::<Avx512, 6, 4>(p, c0, c1),
-            Part::Rows { k0, k1, dst, ds } => gemv_rows::<Avx512, 4>(p, k0, k1, dst, ds),
-        }
-    }
-
-    /// NT path, output rows j0..j1, on AVX-512 (4 rows of w × 4 rows of x: 16 of the 32
-    /// registers accumulate). Safety: avx512f; as `run_nt`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn nt_avx512(p: &DenseNt, j0: usize, j1: usize) {
-        nt_rows::<Avx512>(p, j0, j1)
-    }
-
-    /// NT path on AVX2 + FMA (16 accumulators would fill the 16 registers; the tiles spill a
-    /// little at 4 × 4, as the GEMV chunks do). Safety: avx2 and fma; as `run_nt`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn nt_avx2(p: &DenseNt, j0: usize, j1: usize) {
-        nt_rows::<Avx2>(p, j0, j1)
-    }
-
-    /// One thread's part on AVX2: GEMV chunks of 4 vectors (32 columns; measured faster than 2
-    /// or 3 at m = 16 although 4 rows × 4 vectors fill the 16 registers), GEMM tiles of 6 rows ×
-    /// 16 columns (12 of the 16 registers accumulate). Safety: avx2 and fma; as `run_part`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn part_avx2(p: &Dense, part: Part) {
-        match part {
-            Part::Cols(c0, c1) => gemm_cols::<Avx2, 6, 2>(p, c0, c1),
-            Part::Rows { k0, k1, dst, ds } => gemv_rows::<Avx2, 4>(p, k0, k1, dst, ds),
         }
     }
 }

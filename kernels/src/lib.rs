@@ -4,7 +4,6 @@
 
 pub mod attention;
 pub mod backend;
-pub mod cpu;
 pub mod cpu_dense;
 pub mod device;
 pub mod fallback;
@@ -12,6 +11,7 @@ pub mod fused;
 pub mod nvfp4;
 pub mod nvfp4_gemm;
 pub mod nvfp4_gemv;
+pub mod simd;
 
 #[doc(hidden)]
 pub mod testing;

@@ -136,7 +136,7 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
     // (the tensor library's elementwise ops are far below the memory's speed there).
     let (copy_bw, baseline) = if host {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (gemma4_model::kernels::cpu::bench_read_bandwidth(256 << 20, threads, 5) * 1e9, "host memory read, 256 MiB, all cores")
+        (host_read_bandwidth(256 << 20, threads, 5), "host memory read, 256 MiB, all cores")
     } else {
         // Eight buffers of 64 MiB: far beyond any L2, each within wgpu's default buffer limit.
         let n = 16 << 20;
@@ -302,4 +302,33 @@ pub fn vision<B: Gemma4Backend>(m: &Model<B>, dir: &std::path::Path, budgets: &[
         }));
     }
     Ok(json!({ "vision_layers": tower.layers.len(), "images": rows }))
+}
+
+/// Plain memory-read bandwidth of the host in bytes/s (best of `iters` passes, wall time):
+/// `threads` threads sum a `bytes` buffer of u64 (use well above the L3 size). The same
+/// measurement as the kernels' bench examples (`kernels/examples/common`).
+fn host_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
+    let buf: Vec<u64> = (0..(bytes / 8) as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let part = buf.len().div_ceil(threads.max(1)).max(1);
+    let sum = |c: &[u64]| {
+        let mut acc = [0u64; 8];
+        let mut it = c.chunks_exact(8);
+        for ch in &mut it {
+            for j in 0..8 {
+                acc[j] = acc[j].wrapping_add(ch[j]);
+            }
+        }
+        it.remainder().iter().chain(&acc).fold(0, |a, &b| a.wrapping_add(b))
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        let total = std::thread::scope(|sc| {
+            let hs: Vec<_> = buf.chunks(part).map(|c| sc.spawn(move || sum(c))).collect();
+            hs.into_iter().map(|h| h.join().expect("a summing thread panicked")).fold(0u64, u64::wrapping_add)
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(total);
+    }
+    (buf.len() * 8) as f64 / best
 }

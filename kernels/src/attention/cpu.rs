@@ -9,7 +9,7 @@
 //! (as the fused CubeCL kernel; the reference would give NaN).
 
 use super::AttentionParams;
-use crate::cpu::Isa;
+use crate::simd::{Isa, Kernel, Simd};
 
 /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` (row-major) -> out `[t, heads · d]`.
 #[allow(clippy::too_many_arguments)]
@@ -28,53 +28,50 @@ pub fn attention_with(isa: Isa, q: &[f32], k: &[f32], v: &[f32], t: usize, heads
         return;
     }
     let rows = t * heads;
-    let row = row_for(isa);
     // Below ~1M multiply-adds a second thread costs more than it saves.
     let threads = if rows * s * d < (1 << 20) { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows) };
     let per = rows.div_ceil(threads.max(1));
-    std::thread::scope(|scope| {
-        for (c, chunk) in out.chunks_mut(per * d).enumerate() {
-            let mut run = move || {
-                let mut scores = Vec::with_capacity(s);
-                for (r, o) in chunk.chunks_exact_mut(d).enumerate() {
-                    row(q, k, v, c * per + r, heads, kv_heads, s, d, p, &mut scores, o);
-                }
-            };
-            if threads == 1 {
-                run();
-            } else {
-                scope.spawn(run);
-            }
+    let run = &|c: usize, chunk: &mut [f32]| isa.dispatch(Rows { q, k, v, first: c * per, heads, kv_heads, s, d, p, out: chunk });
+    if threads == 1 {
+        return run(0, out);
+    }
+    // Contiguous ranges of rows on rayon's pool, the first on the calling thread.
+    rayon::in_place_scope(|scope| {
+        let mut chunks = out.chunks_mut(per * d).enumerate();
+        let (_, first) = chunks.next().expect("rows > 0 when threads > 1");
+        for (c, chunk) in chunks {
+            scope.spawn(move |_| run(c, chunk));
         }
+        run(0, first);
     });
 }
 
-type RowFn = fn(&[f32], &[f32], &[f32], usize, usize, usize, usize, usize, &AttentionParams, &mut Vec<f32>, &mut [f32]);
+/// Consecutive (query, head) rows from `first`, one per `d` floats of `out`: [`row`] compiled for
+/// the path that runs it (the same code, autovectorized with AVX2 or AVX-512; the build's
+/// baseline is SSE2).
+struct Rows<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    first: usize,
+    heads: usize,
+    kv_heads: usize,
+    s: usize,
+    d: usize,
+    p: &'a AttentionParams,
+    out: &'a mut [f32],
+}
 
-/// [`row`] compiled for the widest vectors the CPU has (the build's baseline is SSE2): the same
-/// code, autovectorized with AVX2 or AVX-512 inside a `#[target_feature]` function.
-fn row_for(isa: Isa) -> RowFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        fn avx2(q: &[f32], k: &[f32], v: &[f32], r: usize, h: usize, kvh: usize, s: usize, d: usize, p: &AttentionParams, sc: &mut Vec<f32>, o: &mut [f32]) {
-            row(q, k, v, r, h, kvh, s, d, p, sc, o)
-        }
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        fn avx512(q: &[f32], k: &[f32], v: &[f32], r: usize, h: usize, kvh: usize, s: usize, d: usize, p: &AttentionParams, sc: &mut Vec<f32>, o: &mut [f32]) {
-            row(q, k, v, r, h, kvh, s, d, p, sc, o)
-        }
-        // SAFETY (both): `Isa::detect` reports a path only when the CPU has its features.
-        match isa {
-            Isa::Avx512 => return |q, k, v, r, h, kvh, s, d, p, sc, o| unsafe { avx512(q, k, v, r, h, kvh, s, d, p, sc, o) },
-            Isa::Avx2 => return |q, k, v, r, h, kvh, s, d, p, sc, o| unsafe { avx2(q, k, v, r, h, kvh, s, d, p, sc, o) },
-            Isa::Portable => {}
+impl Kernel for Rows<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let Rows { q, k, v, first, heads, kv_heads, s, d, p, out } = self;
+        let mut scores = Vec::with_capacity(s);
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            row(q, k, v, first + r, heads, kv_heads, s, d, p, &mut scores, o);
         }
     }
-    let _ = isa;
-    row
 }
 
 /// One (query, head) row: `row` = i · heads + h.

@@ -4,7 +4,7 @@
 //! loops are plain and LLVM vectorizes them; sums are f32 in 8 lanes, like a SIMD reduction.
 
 use crate::attention::cpu::dot;
-use crate::cpu::Isa;
+use crate::simd::{Isa, Kernel, Simd};
 
 /// `(mean(x²) + eps)^-½` of one row, as the reference forms it (f32 mean, then the power).
 fn inv_rms(row: &[f32], eps: f64) -> f32 {
@@ -73,26 +73,18 @@ pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// vectorizes, unlike libm's) compiled for AVX2 or AVX-512 inside `#[target_feature]` functions.
 pub fn gelu_tanh_mul_with(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert_eq!((gate.len(), up.len()), (out.len(), out.len()), "gelu_tanh_mul: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
-            gelu_loop(g, u, o)
-        }
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        fn avx512(g: &[f32], u: &[f32], o: &mut [f32]) {
-            gelu_loop(g, u, o)
-        }
-        // SAFETY (both): `Isa::detect` and `Isa::available` report a path only when the CPU has
-        // its features.
-        match isa {
-            Isa::Avx512 => return unsafe { avx512(gate, up, out) },
-            Isa::Avx2 => return unsafe { avx2(gate, up, out) },
-            Isa::Portable => {}
-        }
+    isa.dispatch(GeluMul(gate, up, out))
+}
+
+/// [`gelu_loop`] compiled for the path that runs it.
+struct GeluMul<'a>(&'a [f32], &'a [f32], &'a mut [f32]);
+
+impl Kernel for GeluMul<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        gelu_loop(self.0, self.1, self.2)
     }
-    let _ = isa;
-    gelu_loop(gate, up, out)
 }
 
 #[inline(always)]

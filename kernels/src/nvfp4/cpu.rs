@@ -20,8 +20,8 @@
 //! and panel of x into a small scratch (SIMD paths: branch-free bit arithmetic that vectorizes;
 //! portable: the 256-entry [`E4M3_TABLE`]); both round `e4m3 · global` once, like the reference.
 //!
-//! Blocking: each thread takes a contiguous range of output rows (`std::thread::scope` on
-//! `available_parallelism` threads when the work pays for the spawn). Below `GEMM_MIN_M` x rows
+//! Blocking: each thread takes a contiguous range of output rows (rayon's pool, split in
+//! `available_parallelism` ranges when the work pays for the hand-off). Below `GEMM_MIN_M` x rows
 //! (decode), a kernel call takes up to 4 weight rows × up to 4 x rows and keeps the decoded
 //! weights in registers: each decoded weight vector serves every x row, and each loaded x vector
 //! every weight row (at m = 1, 4 weight rows share each load of x, which has 8× the bytes of the
@@ -33,9 +33,9 @@
 //! beyond one tile at a time.
 
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use crate::nvfp4::{scale_words_per_row, GROUP_SIZE};
+use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// E4M3 ("fn": bias 7, no infinities, NaN at 0x7f/0xff) to f32 for every byte, built at compile time.
 pub static E4M3_TABLE: [f32; 256] = e4m3_table();
@@ -60,42 +60,8 @@ const fn e4m3_table() -> [f32; 256] {
     t
 }
 
-/// Instruction set of a kernel path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// Plain Rust, autovectorized for the build's baseline (SSE2 on x86-64).
-    Portable,
-    /// AVX2 + FMA intrinsics.
-    Avx2,
-    /// AVX-512F intrinsics.
-    Avx512,
-}
-
+/// The NVFP4 kernels' shapes per path.
 impl Isa {
-    /// The best path this CPU supports (detected once).
-    pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| *Isa::available().last().expect("portable is always available"))
-    }
-
-    /// Every path this CPU can run, portable first.
-    pub fn available() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
-    }
-
-    /// Whether this CPU can run the path.
-    pub fn supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
     /// Code words per chunk (one per SIMD lane).
     fn lanes(self) -> usize {
         match self {
@@ -245,12 +211,12 @@ pub fn nvfp4_matmul_with(
     if n_threads == 1 {
         run(0, out, &mut parts[0]);
     } else {
-        std::thread::scope(|s| {
+        rayon::in_place_scope(|s| {
             let mut rest = parts.iter_mut().enumerate();
             let (_, first) = rest.next().expect("at least one thread");
             for (t, part) in rest {
                 let (r0, r1, run) = (bounds[t], bounds[t + 1], &run);
-                s.spawn(move || run(r0, r1, part));
+                s.spawn(move |_| run(r0, r1, part));
             }
             run(bounds[0], bounds[1], first);
         });
@@ -345,28 +311,6 @@ fn transpose_x(x: &[f32], m: usize, inp: usize, lanes: usize, nc: usize) -> Alig
     xt
 }
 
-/// A zeroed f32 buffer whose slice starts on a 64-byte boundary: a 64-byte load that is not
-/// aligned spans two cache lines and costs two loads (on Zen 4 it halves the kernel's speed).
-struct AlignedBuf {
-    buf: Vec<f32>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![0f32; len + 15];
-        let off = (buf.as_ptr() as usize).wrapping_neg() % 64 / 4;
-        Self { buf, off, len }
-    }
-    fn as_slice(&self) -> &[f32] {
-        &self.buf[self.off..self.off + self.len]
-    }
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        &mut self.buf[self.off..self.off + self.len]
-    }
-}
-
 /// Output rows r0..r1 into `y` laid out [m, r1 − r0].
 fn run_rows(p: &Problem, r0: usize, r1: usize, y: &mut [f32]) {
     let isa = p.isa;
@@ -391,7 +335,7 @@ fn run_rows(p: &Problem, r0: usize, r1: usize, y: &mut [f32]) {
             for rb in (r0..r1).step_by(nb) {
                 let nr = nb.min(r1 - rb);
                 // The next block's scale rows, fetched while this block computes.
-                prefetch(p.scales.as_ptr().wrapping_add((rb + nb) * p.spr), nb * p.spr * 4);
+                prefetch_bytes(p.scales.as_ptr().wrapping_add((rb + nb) * p.spr), nb * p.spr * 4);
                 // Block scales of these rows' segments, decoded once for every x row of the panel.
                 for n in 0..nr {
                     let srow = &p.scales[(rb + n) * p.spr..(rb + n + 1) * p.spr];
@@ -518,16 +462,29 @@ fn decode_row(isa: Isa, codes: &[i32], sg: &[f32], out: &mut [f32]) {
 fn gemm_micro(isa: Isa, kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; TILE_ROWS]) {
     assert!(tile.len() >= (TILE_ROWS - 1) * kcols + kc && kc <= kcols);
     assert!(kc == 0 || xt.len() >= (kc - 1) * GEMM_PANEL + isa.gemm_lanes());
-    match isa {
-        Isa::Portable => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was checked against the CPU's features.
-        Isa::Avx2 => unsafe { x86::gemm_micro_avx2(kc, tile, kcols, xt, acc) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx512 => unsafe { x86::gemm_micro_avx512(kc, tile, kcols, xt, acc) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the portable path exists on this architecture"),
+    isa.dispatch(GemmMicro { kc, tile, kcols, xt, acc })
+}
+
+/// [`gemm_micro`]'s kernel: x rows per call `gemm_lanes` (2 vectors on AVX-512 and AVX2, one
+/// on the portable path), fused multiply-adds where the path has them.
+struct GemmMicro<'a> {
+    kc: usize,
+    tile: &'a [f32],
+    kcols: usize,
+    xt: &'a [f32],
+    acc: &'a mut [[f32; 32]; TILE_ROWS],
+}
+
+impl Kernel for GemmMicro<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let GemmMicro { kc, tile, kcols, xt, acc } = self;
+        match (S::W, S::FMA) {
+            (16, _) => gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc),
+            (_, true) => gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc),
+            (_, false) => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
+        }
     }
 }
 
@@ -574,16 +531,12 @@ struct Segment<'a> {
     xstride: usize,
 }
 
-/// Prefetch hint for `bytes` from `ptr` (no access happens, so any address is fine).
+/// Prefetch hint (to L1) for `bytes` from `ptr` (no access happens, so any address is fine).
 #[inline(always)]
-fn prefetch<T>(ptr: *const T, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
+fn prefetch_bytes<T>(ptr: *const T, bytes: usize) {
     for off in (0..bytes).step_by(64) {
-        // SAFETY: prefetch never faults and has no effect on memory.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((ptr as *const i8).wrapping_add(off)) };
+        prefetch::<false>((ptr as *const u8).wrapping_add(off) as *const f32);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (ptr, bytes);
 }
 
 /// Group scales e4m3(byte) · global of groups g0..g1 of one row into `dst`, zeros after.
@@ -599,14 +552,25 @@ fn group_scales(isa: Isa, dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, g
             }
             dst[n..].fill(0.0);
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was checked against the CPU's features.
-        Isa::Avx512 => unsafe { x86::group_scales_avx512(dst, srow, g0, g1, global) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::group_scales_avx2(dst, srow, g0, g1, global) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the portable path exists on this architecture"),
+        // The branch-free decode, vectorized for the path.
+        Isa::Avx2 | Isa::Avx512 => isa.dispatch(GroupScales { dst, srow, g0, g1, global }),
+    }
+}
+
+/// [`group_scales_generic`] as a kernel, compiled for the path that runs it.
+struct GroupScales<'a> {
+    dst: &'a mut [f32],
+    srow: &'a [i32],
+    g0: usize,
+    g1: usize,
+    global: f32,
+}
+
+impl Kernel for GroupScales<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        group_scales_generic(self.dst, self.srow, self.g0, self.g1, self.global)
     }
 }
 
@@ -614,7 +578,6 @@ fn group_scales(isa: Isa, dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, g
 /// `e4m3 · global`: normal bytes rebias the exponent (e − 7 + 127) and keep the 3 mantissa bits;
 /// subnormal ones are m · (global · 2^-9). The NaN bytes (0x7f, 0xff), which the loader rejects,
 /// decode as ±480 · global here.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn e4m3_times(b: u32, global: f32, global_sub: f32) -> f32 {
     let em = b & 0x7f;
@@ -624,7 +587,6 @@ fn e4m3_times(b: u32, global: f32, global_sub: f32) -> f32 {
     f32::from_bits(v.to_bits() ^ ((b & 0x80) << 24))
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn group_scales_generic(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, global: f32) {
     debug_assert!(g0.is_multiple_of(4) && g1 - g0 <= dst.len());
@@ -739,26 +701,6 @@ mod x86 {
 
     use super::Segment;
     use crate::nvfp4::E2M1_VALUES;
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_scales_avx512(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, global: f32) {
-        super::group_scales_generic(dst, srow, g0, g1, global)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn group_scales_avx2(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, global: f32) {
-        super::group_scales_generic(dst, srow, g0, g1, global)
-    }
-
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gemm_micro_avx512(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
-        super::gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemm_micro_avx2(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
-        super::gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc)
-    }
 
     /// One row segment to f32 in the permuted order, 16 words per chunk. Safety: avx512f; the
     /// bounds of `decode_row`.
@@ -956,241 +898,6 @@ mod x86 {
     }
 }
 
-/// Deterministic random packed weight of a given shape: any codes, finite positive E4M3 scales
-/// near 1 (benchmarks).
-fn bench_weight(out: usize, inp: usize) -> (Vec<i32>, Vec<i32>) {
-    let mut rng = crate::testing::Lcg::new(out as u64 * 31 + inp as u64);
-    let codes = (0..out * inp / 8).map(|_| rng.next_u32() as i32).collect();
-    let scales = (0..out * scale_words_per_row(inp))
-        .map(|_| i32::from_le_bytes(std::array::from_fn(|_| 0x30 + (rng.next_u32() % 16) as u8)))
-        .collect();
-    (codes, scales)
-}
-
-/// Seconds the calling thread has spent on a CPU (Linux `/proc/thread-self/schedstat`), so that
-/// time spent descheduled on a shared machine does not count; `None` where unavailable.
-pub fn thread_cpu_seconds() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    Some(s.split_whitespace().next()?.parse::<u64>().ok()? as f64 * 1e-9)
-}
-
-/// Wall time and on-CPU time (this thread) of `f`.
-fn timed(f: impl FnOnce()) -> (f64, Option<f64>) {
-    let c0 = thread_cpu_seconds();
-    let t = Instant::now();
-    f();
-    let wall = t.elapsed().as_secs_f64();
-    (wall, c0.zip(thread_cpu_seconds()).map(|(a, b)| b - a))
-}
-
-/// Timing of [`nvfp4_matmul`] on a random weight.
-#[derive(Clone, Copy, Debug)]
-pub struct MatmulBench {
-    /// Median wall seconds per call.
-    pub seconds_per_call: f64,
-    /// Fastest call, wall time (less sensitive to other processes on a shared machine).
-    pub best_seconds: f64,
-    /// Bytes one call must move at least: packed codes + scales + x read, y written.
-    pub bytes_moved: usize,
-    pub isa: Isa,
-    pub threads: usize,
-}
-
-impl MatmulBench {
-    /// GB/s at the median time.
-    pub fn gb_per_s(&self) -> f64 {
-        self.bytes_moved as f64 / self.seconds_per_call / 1e9
-    }
-    /// GB/s at the fastest call.
-    pub fn best_gb_per_s(&self) -> f64 {
-        self.bytes_moved as f64 / self.best_seconds / 1e9
-    }
-}
-
-/// Bytes of a call: codes out·in/2 + scales out·ceil(in/64)·4 + x 4·m·in + y 4·m·out.
-pub fn matmul_bytes(m: usize, out: usize, inp: usize) -> usize {
-    out * inp / 2 + out * scale_words_per_row(inp) * 4 + 4 * m * (inp + out)
-}
-
-/// Times `iters` calls (after one warm-up) of y[m, out] = x[m, in] · Wᵀ on a random weight, on the
-/// best path and all threads.
-pub fn bench_matmul(m: usize, out_features: usize, in_features: usize, iters: usize) -> MatmulBench {
-    bench_matmul_with(Isa::detect(), threads(), m, out_features, in_features, iters)
-}
-
-/// [`bench_matmul`] at m = 1 (GEMV): (median seconds per call, bytes moved per call).
-pub fn bench_gemv(out_features: usize, in_features: usize, iters: usize) -> (f64, usize) {
-    let b = bench_matmul(1, out_features, in_features, iters);
-    (b.seconds_per_call, b.bytes_moved)
-}
-
-/// [`bench_matmul`] on a chosen path and thread count.
-pub fn bench_matmul_with(isa: Isa, threads: usize, m: usize, out: usize, inp: usize, iters: usize) -> MatmulBench {
-    let (codes, scales) = bench_weight(out, inp);
-    let mut rng = crate::testing::Lcg::new(7);
-    let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-    let mut y = vec![0f32; m * out];
-    let mut times = Vec::with_capacity(iters);
-    for it in 0..=iters.max(1) {
-        let (wall, _) = timed(|| nvfp4_matmul_with(isa, threads, &x, m, &codes, &scales, 0.01, out, inp, &mut y));
-        if it > 0 {
-            times.push(wall);
-        }
-    }
-    std::hint::black_box(&y);
-    times.sort_by(|a, b| a.total_cmp(b));
-    MatmulBench {
-        seconds_per_call: times[times.len() / 2],
-        best_seconds: times[0],
-        bytes_moved: matmul_bytes(m, out, inp),
-        isa,
-        threads,
-    }
-}
-
-/// Plain memory-read bandwidth in GB/s (best pass, wall time): `threads` threads sum a
-/// `bytes` buffer (use well above the L3 size) `iters` times.
-pub fn bench_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
-    let buf = read_buffer(bytes);
-    let best = (0..iters.max(1)).map(|_| read_pass(&buf, threads).0).fold(f64::INFINITY, f64::min);
-    (buf.len() * 8) as f64 / best / 1e9
-}
-
-fn read_buffer(bytes: usize) -> Vec<u64> {
-    (0..(bytes / 8) as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect()
-}
-
-/// One summing pass over `buf` on `threads` threads: (wall, on-CPU time of a single thread).
-fn read_pass(buf: &[u64], threads: usize) -> (f64, Option<f64>) {
-    let mut sum = 0u64;
-    let r = if threads <= 1 {
-        timed(|| sum = sum_u64(buf))
-    } else {
-        let part = buf.len().div_ceil(threads);
-        timed(|| {
-            sum = std::thread::scope(|sc| {
-                let hs: Vec<_> = buf.chunks(part).map(|c| sc.spawn(move || sum_u64(c))).collect();
-                hs.into_iter().map(|h| h.join().unwrap()).fold(0, u64::wrapping_add)
-            })
-        })
-    };
-    std::hint::black_box(sum);
-    (r.0, if threads <= 1 { r.1 } else { None })
-}
-
-fn sum_u64(c: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    let mut it = c.chunks_exact(8);
-    for ch in &mut it {
-        for j in 0..8 {
-            acc[j] = acc[j].wrapping_add(ch[j]);
-        }
-    }
-    it.remainder().iter().chain(&acc).fold(0, |a, &b| a.wrapping_add(b))
-}
-
-/// Prints the NVFP4 matmul throughput at the 31B MLP shapes (gate/up [21504, 5376], down
-/// [5376, 21504]) for m = 1 and 16, next to a plain memory-read baseline (a 256 MB sum) measured
-/// in the same run. Rounds interleave the baseline and every configuration so that both see the
-/// same background load, and the best wall time of each is kept; each call reads a different copy
-/// of the weight (≥ 256 MB of copies), so that no call finds its weight in the 32 MB L3.
-/// Single-thread rows also give GB/s over the mean on-CPU time (time descheduled by other
-/// processes excluded), against the same measure of the baseline.
-pub fn bench_report(rounds: usize) {
-    let nt = threads();
-    let buf = read_buffer(256 << 20);
-    let read_bytes = (buf.len() * 8) as f64;
-    let best_isa = Isa::detect();
-    struct Cfg {
-        shape: usize,
-        m: usize,
-        isa: Isa,
-        threads: usize,
-        best_wall: f64,
-        /// Total on-CPU seconds and calls (single thread): the mean, since the counter only
-        /// advances at scheduler ticks (a single call of a few ms is not resolved).
-        cpu_total: f64,
-        calls: usize,
-    }
-    let shapes = [(21504usize, 5376usize), (5376, 21504)];
-    // Enough copies of each weight that consecutive calls never find it in the caches (as in a
-    // model, where each layer has its own weights): at least 256 MB per shape.
-    let weights: Vec<Vec<(Vec<i32>, Vec<i32>)>> = shapes
-        .iter()
-        .map(|&(o, i)| {
-            let copies = (256usize << 20).div_ceil(matmul_bytes(0, o, i));
-            (0..copies).map(|_| bench_weight(o, i)).collect()
-        })
-        .collect();
-    let mut next_copy = 0usize;
-    let mut cfgs = Vec::new();
-    for shape in 0..shapes.len() {
-        for m in [1usize, 16] {
-            for isa in Isa::available() {
-                // The portable path only at m = 1 (seconds per call at m = 16).
-                if isa == Isa::Portable && m > 1 {
-                    continue;
-                }
-                for th in if nt > 1 { vec![1, nt] } else { vec![1] } {
-                    cfgs.push(Cfg { shape, m, isa, threads: th, best_wall: f64::INFINITY, cpu_total: 0.0, calls: 0 });
-                }
-            }
-        }
-    }
-    let mut rng = crate::testing::Lcg::new(7);
-    let xs: Vec<f32> = (0..16 * 21504).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-    let mut y = vec![0f32; 16 * 21504];
-    let (mut read1, mut read1_cpu, mut read_all) = (f64::INFINITY, 0.0, f64::INFINITY);
-    for _ in 0..rounds.max(1) {
-        let (w, c) = read_pass(&buf, 1);
-        read1 = read1.min(w);
-        read1_cpu += c.unwrap_or(f64::NAN);
-        read_all = read_all.min(read_pass(&buf, nt).0);
-        for cfg in cfgs.iter_mut() {
-            let (out, inp) = shapes[cfg.shape];
-            let copies = &weights[cfg.shape];
-            let (x, y) = (&xs[..cfg.m * inp], &mut y[..cfg.m * out]);
-            let calls = if cfg.isa == Isa::Portable { 1 } else { 3 };
-            for _ in 0..calls {
-                next_copy += 1;
-                let (codes, scales) = &copies[next_copy % copies.len()];
-                let (w, c) = timed(|| nvfp4_matmul_with(cfg.isa, cfg.threads, x, cfg.m, codes, scales, 0.01, out, inp, y));
-                cfg.best_wall = cfg.best_wall.min(w);
-                if cfg.threads == 1 {
-                    cfg.cpu_total += c.unwrap_or(f64::NAN);
-                    cfg.calls += 1;
-                }
-            }
-        }
-    }
-    std::hint::black_box(&y);
-    let gbs = |bytes: f64, s: f64| bytes / s / 1e9;
-    let rounds = rounds.max(1);
-    let (r1, r1c, ra) = (gbs(read_bytes, read1), gbs(read_bytes, read1_cpu / rounds as f64), gbs(read_bytes, read_all));
-    println!(
-        "memory read (256 MB sum, {rounds} rounds): 1 thread {r1:.1} GB/s wall (best), {r1c:.1} GB/s on-CPU (mean); {nt} threads {ra:.1} GB/s wall (best)"
-    );
-    println!("(best path on this CPU: {best_isa:?}; % = of the read baseline with the same threads and clock)");
-    for cfg in &cfgs {
-        let (out, inp) = shapes[cfg.shape];
-        let bytes = matmul_bytes(cfg.m, out, inp) as f64;
-        let (w, base) = (gbs(bytes, cfg.best_wall), if cfg.threads == 1 { r1 } else { ra });
-        let mut line = format!(
-            "[{out:5}, {inp:5}] m {:2} {:8} {} thr: {:8.3} ms, {w:5.1} GB/s wall ({:3.0}%)",
-            cfg.m,
-            format!("{:?}", cfg.isa),
-            cfg.threads,
-            cfg.best_wall * 1e3,
-            100.0 * w / base
-        );
-        if cfg.threads == 1 && cfg.cpu_total > 0.0 {
-            let c = gbs(bytes, cfg.cpu_total / cfg.calls as f64);
-            line += &format!(", {c:5.1} GB/s on-CPU mean ({:3.0}%)", 100.0 * c / r1c);
-        }
-        println!("{line}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1352,13 +1059,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// Release-mode throughput: `cargo test --release -p gemma4-kernels --lib cpu::tests::bench -- --ignored --nocapture`
-    /// (or `cargo run --release -p gemma4-kernels --example cpu_nvfp4_bench`).
-    #[test]
-    #[ignore]
-    fn bench_31b_mlp_shapes() {
-        bench_report(10);
     }
 }
