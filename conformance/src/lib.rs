@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use gemma4_model::Gemma4Backend;
-use gemma4_model::{generate, GenerateRequest, KvCache, Logits, RunError, SamplingParams, TextModel};
+use gemma4_model::{generate, GenerateRequest, Logits, RunError, SamplingParams, TextModel};
 use serde::Deserialize;
 
 /// Max |Δ logit| allowed against the f32 reference (issue 2).
@@ -32,19 +32,22 @@ impl Tolerances {
     pub const F32: Tolerances = Tolerances { logits: LOGITS_TOLERANCE, cache: CACHE_TOLERANCE, soft_tokens: SOFT_TOKEN_TOLERANCE };
 
     /// f16 activations and weights (f32 accumulation in every kernel). f16 keeps 11 significant
-    /// bits, a relative rounding of u = 2^-11 ≈ 4.9e-4 per stored value. The fixtures' logits
-    /// reach |30| (the final softcap), so rounding the logits alone costs up to 30·u/2 ≈ 7e-3;
-    /// the hidden state is rounded again after every norm, projection and residual add (about
-    /// 10 roundings per layer, 2 to 4 layers in the fixtures), and relative errors of that
-    /// order in h move a logit by about u·|logit| each, not more: sqrt(40)·u·30 ≈ 0.09 as a
-    /// random-walk bound. The tolerance is 0.1 for logits and for the cache check (two f16
-    /// runs, each within the bound of the exact values), and soft tokens (magnitude a few
-    /// units, 2 encoder layers, the pooler's √hidden scale) 4·u·8 ≈ 2e-2.
-    pub const F16: Tolerances = Tolerances { logits: 1e-1, cache: 1e-1, soft_tokens: 2e-2 };
+    /// bits: each stored value is rounded by at most u/2 = 2^-12 ≈ 2.4e-4 of itself. The
+    /// fixtures' logits reach |30| (the final softcap), so storing a logit alone costs up to
+    /// 30·u/2 ≈ 7e-3. The hidden state is rounded again after every projection, norm and residual
+    /// add: about N = 10 roundings per layer, N ≈ 82 for the 8-layer fixture. Independent
+    /// roundings add up like a random walk, √N·(u/2)·30 ≈ 0.066; they could add linearly only in
+    /// the worst case, N·(u/2)·30 ≈ 0.6. The tolerance is three random-walk widths, 0.2 (measured
+    /// on lavapipe: 0.049..0.108 for logits, 0.031..0.063 cache vs prefill, 0.094 batched), for
+    /// logits and the cache check alike. Soft tokens (a few units, two encoder layers, the
+    /// pooler's √hidden scale): 4·u·8 ≈ 2e-2 (measured 2.5e-3..4.4e-3). Greedy continuations
+    /// must still be identical (the fixtures' smallest reference margin is 0.10).
+    pub const F16: Tolerances = Tolerances { logits: 0.2, cache: 0.2, soft_tokens: 2e-2 };
 
-    /// bf16 (CUDA): 8 significant bits, u = 2^-8 ≈ 3.9e-3, eight times f16's; the same
-    /// arithmetic gives sqrt(40)·u·30 ≈ 0.74 for logits and 4·u·8 ≈ 0.13 for soft tokens.
-    pub const BF16: Tolerances = Tolerances { logits: 0.75, cache: 0.75, soft_tokens: 0.13 };
+    /// bf16 (CUDA): 8 significant bits, u/2 = 2^-9 ≈ 2e-3, eight times f16's; the same
+    /// arithmetic gives 1.6 for logits and the cache check and 0.16 for soft tokens. Not run
+    /// here (no bf16 without CUDA): `scripts/device-check.sh` checks it on a GPU.
+    pub const BF16: Tolerances = Tolerances { logits: 1.6, cache: 1.6, soft_tokens: 0.16 };
 
     /// The tolerances for a backend whose float elements are `dtype`.
     pub fn for_dtype(dtype: burn::tensor::DType) -> Tolerances {

@@ -5,7 +5,7 @@
 mod suite;
 
 use gemma4_conformance::*;
-use gemma4_model::{CpuBackend, KvCache, Logits};
+use gemma4_model::{CpuBackend, Logits};
 
 type B = CpuBackend;
 

@@ -55,6 +55,8 @@ pub struct LoadReport {
     pub skipped: Vec<String>,
     /// Weight bytes on the device by kind.
     pub bytes: WeightBytes,
+    /// Of those, the text tower's: what every decode step reads.
+    pub text_bytes: usize,
 }
 
 /// Weight bytes on the device: NVFP4 linears packed (4-bit codes and E4M3 block scales, as in the
@@ -121,6 +123,7 @@ impl<B: Gemma4Backend> Model<B> {
         let mut ckpt = weights::Checkpoint::open(dir)?;
         ckpt.set_progress(progress);
         let mut text = TextModel::load(&mut ckpt, &config.text, device)?;
+        let text_nvfp4 = ckpt.nvfp4_bytes;
         text.placeholder_ids = config.placeholder_ids();
         text.pad_token_id = config.pad_token_id.unwrap_or(0);
         text.image_token_id = config.image_token_id;
@@ -145,6 +148,7 @@ impl<B: Gemma4Backend> Model<B> {
         let (nvfp4_linears, dense_linears) = text.linear_counts();
         let mut floats = FloatBytes { bytes: 0, dtype: None };
         burn::module::Module::visit(&text, &mut floats);
+        let text_bytes = text_nvfp4 + floats.bytes;
         if let Some(v) = &vision {
             burn::module::Module::visit(v, &mut floats);
         }
@@ -153,7 +157,7 @@ impl<B: Gemma4Backend> Model<B> {
             float: floats.bytes,
             float_dtype: floats.dtype.map_or_else(|| "float".into(), |d| format!("{d:?}")),
         };
-        let report = LoadReport { tensors_used: ckpt.used_count() - skipped.len(), nvfp4_linears, dense_linears, skipped, bytes };
+        let report = LoadReport { tensors_used: ckpt.used_count() - skipped.len(), nvfp4_linears, dense_linears, skipped, bytes, text_bytes };
         Ok(Model { config, generation, text, vision, report })
     }
 

@@ -51,7 +51,12 @@ fn time<B: Gemma4Backend, T>(device: &B::Device, repeats: usize, mut f: impl FnM
 /// Prefill tokens/s over `prompt_len` random ids; decode tokens/s at batch 1 (greedy, through
 /// the cache after a 16-token prompt); batched decode tokens/s with `batch` sequences stepping
 /// together (the engine's continuous-batching forward).
-pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize, batch: usize) -> Result<Value> {
+///
+/// Beside decode it prints the bound the weights set: a decode step reads every text-tower weight
+/// once (`report.text_bytes`; the KV cache of a short context adds little), so tok/s cannot exceed
+/// read bandwidth / those bytes. The bandwidth is measured in the same run: a host read on the
+/// CPU (`host`), a device copy elsewhere.
+pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize, batch: usize, host: bool) -> Result<Value> {
     let vocab = m.text.vocab_size as u64;
     let mut rng = Rng::new(1234);
     let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
@@ -92,12 +97,22 @@ pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_toke
         }
         batched = Some((batch * steps) as f64 / start.elapsed().as_secs_f64());
     }
+    let (bandwidth, baseline) = bandwidth::<B>(&m.text.embed_tokens.device(), repeats, host)?;
+    let step_bytes = m.report.text_bytes as f64;
+    let decode_tok_s = median(decode);
+    let bound = bandwidth / step_bytes;
     Ok(json!({
         "engine": "gemma4 (burn)",
+        "dtype": format!("{:?}", m.text.embed_tokens.val().dtype()),
         "prompt_len": prompt_len,
         "prefill_tok_s": median(prefill),
         "decode_tokens": decode_tokens,
-        "decode_tok_s": median(decode),
+        "decode_tok_s": decode_tok_s,
+        "decode_step_weight_GB": step_bytes / 1e9,
+        "bandwidth_GB_s": bandwidth / 1e9,
+        "bandwidth_baseline": baseline,
+        "decode_bound_tok_s": bound,
+        "decode_fraction_of_bound": decode_tok_s / bound,
         "batch": batch,
         "batched_decode_tok_s": batched,
     }))
@@ -131,19 +146,7 @@ struct Row {
 /// The kernel table at the 31B shapes. `prefill_rows`: m of the prefill GEMM and t of the
 /// prefill attention (keep it small on the CPU); `context`: keys of the full-layer decode.
 pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, context: usize, repeats: usize, with_reference: bool, host: bool) -> Result<Value> {
-    // The roofline's bandwidth, measured in this run: on a device, y = x + 1 over 512 MiB;
-    // on the host, a plain read of 256 MiB on every core
-    // (the tensor library's elementwise ops are far below the memory's speed there).
-    let (copy_bw, baseline) = if host {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (host_read_bandwidth(256 << 20, threads, 5), "host memory read, 256 MiB, all cores")
-    } else {
-        // Eight buffers of 64 MiB: far beyond any L2, each within wgpu's default buffer limit.
-        let n = 16 << 20;
-        let xs: Vec<Tensor<B, 1>> = (0..8).map(|_| Tensor::<B, 1>::random([n], Distribution::Default, device)).collect();
-        let copy_s = time::<B, _>(device, repeats, || xs.iter().map(|x| x.clone() + 1.0).collect::<Vec<_>>())?;
-        ((8 * 2 * n * 4) as f64 / copy_s, "device copy y = x + 1 over 8 x 64 MiB, read + written")
-    };
+    let (copy_bw, baseline) = bandwidth::<B>(device, repeats, host)?;
 
     let mut rows = Vec::new();
     // NVFP4 MLP linears: gate/up [21504, 5376] and down [5376, 21504].
@@ -304,6 +307,22 @@ pub fn vision<B: Gemma4Backend>(m: &Model<B>, dir: &std::path::Path, budgets: &[
     Ok(json!({ "vision_layers": tower.layers.len(), "images": rows }))
 }
 
+/// The roofline's bandwidth in bytes/s, measured in this run: on a device, y = x + 1 over
+/// 512 MiB; on the host, a plain read of 256 MiB on every core (the tensor library's elementwise
+/// ops are far below the memory's speed there).
+fn bandwidth<B: Gemma4Backend>(device: &B::Device, repeats: usize, host: bool) -> Result<(f64, &'static str)> {
+    if host {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return Ok((host_read_bandwidth(256 << 20, threads, 5), "host memory read, 256 MiB, all cores"));
+    }
+    // Eight buffers of 64 MiB: far beyond any L2, each within wgpu's default buffer limit.
+    let n = 16 << 20;
+    let xs: Vec<Tensor<B, 1>> = (0..8).map(|_| Tensor::<B, 1>::random([n], Distribution::Default, device)).collect();
+    let copy_s = time::<B, _>(device, repeats, || xs.iter().map(|x| x.clone() + 1.0).collect::<Vec<_>>())?;
+    let elem = xs[0].dtype().size();
+    Ok(((8 * 2 * n * elem) as f64 / copy_s, "device copy y = x + 1 over 8 buffers of 16 Mi elements, read + written"))
+}
+
 /// Plain memory-read bandwidth of the host in bytes/s (best of `iters` passes, wall time):
 /// `threads` threads sum a `bytes` buffer of u64 (use well above the L3 size). The same
 /// measurement as the kernels' bench examples (`kernels/examples/common`).
@@ -318,7 +337,7 @@ fn host_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
                 acc[j] = acc[j].wrapping_add(ch[j]);
             }
         }
-        it.remainder().iter().chain(&acc).fold(0, |a, &b| a.wrapping_add(b))
+        it.remainder().iter().chain(&acc).fold(0u64, |a, &b| a.wrapping_add(b))
     };
     let mut best = f64::INFINITY;
     for _ in 0..iters.max(1) {

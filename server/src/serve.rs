@@ -217,6 +217,10 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, grac
 }
 
 pub fn run<B: Gemma4Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
+    // A kernel refusing a shape must not take the server down: the plain reference answers
+    // instead, with a warning naming the kernel and shape and a count in /metrics (tests keep
+    // the default, Strict, where a refusal is an error).
+    gemma4_model::kernels::fallback::set_policy(gemma4_model::kernels::fallback::Policy::Warn);
     let (engine, meta) = start_engine::<B>(&args, device, true)?;
     let state = Arc::new(build_state(&args, engine, meta)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -314,6 +314,11 @@ fn metrics_and_openapi() {
     ] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
+    // Every CubeCL kernel has a fallback counter (0 here: the CPU backend does not use them).
+    for kernel in gemma4_model::kernels::fallback::KERNELS {
+        let line = format!("gemma4_kernel_fallbacks_total{{model_name=\"tiny\",kernel=\"{kernel}\"}} 0");
+        assert!(m.contains(&line), "{line} missing from /metrics:\n{m}");
+    }
     let spec = request("GET", "/openapi.json", None, None).json();
     for p in ["/v1/chat/completions", "/v1/responses", "/v1/models", "/tokenize", "/detokenize", "/health", "/metrics", "/version"] {
         assert!(spec["paths"][p].is_object(), "{p} missing from /openapi.json");
@@ -405,7 +410,7 @@ fn one_image(url: &str) -> Value {
 /// `<|image>` + n × `<|image|>` + `<image|>`, the vision tower, `forward_multimodal`.
 fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
     use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, ImageProcessorConfig};
-    use gemma4_model::{KvCache, Logits, Model, SamplingParams};
+    use gemma4_model::{Logits, Model, SamplingParams};
     let dir = vision_dir();
     let model = Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default()).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();

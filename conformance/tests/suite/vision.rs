@@ -5,7 +5,7 @@
 use gemma4_conformance::*;
 use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, ImageProcessorConfig};
 use gemma4_model::vision::PreprocessedImage;
-use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
+use gemma4_model::{Gemma4Backend, Logits, Model};
 
 use burn::tensor::Tensor;
 

@@ -78,6 +78,12 @@ impl Metrics {
         counter(&mut out, "gemma4_request_success_total", "Requests finished by the engine.", stats.requests_finished_total.load(Ordering::Relaxed));
         counter(&mut out, "gemma4_request_cancelled_total", "Requests cancelled or disconnected before finishing.", stats.requests_cancelled_total.load(Ordering::Relaxed));
         counter(&mut out, "gemma4_http_errors_total", "Requests answered with an error.", self.http_errors.load(Ordering::Relaxed));
+        // Kernel refusals the server survived by running the plain reference (fallback policy
+        // Warn); each is also logged once per kernel and shape.
+        let _ = writeln!(out, "# HELP gemma4_kernel_fallbacks_total Kernel refusals answered by the plain reference instead.\n# TYPE gemma4_kernel_fallbacks_total counter");
+        for (kernel, _, fallbacks) in gemma4_model::kernels::fallback::counts() {
+            let _ = writeln!(out, "gemma4_kernel_fallbacks_total{{model_name=\"{model}\",kernel=\"{kernel}\"}} {fallbacks}");
+        }
         let lock = |h: &Mutex<Histogram>| h.lock().unwrap_or_else(|e| e.into_inner()).clone();
         lock(&self.ttft).render(&mut out, "gemma4_time_to_first_token_seconds", "Time to first token.", model);
         lock(&self.itl).render(&mut out, "gemma4_inter_token_latency_seconds", "Time between tokens of a request.", model);
