@@ -318,7 +318,7 @@ fn host_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
                 acc[j] = acc[j].wrapping_add(ch[j]);
             }
         }
-        it.remainder().iter().chain(&acc).fold(0, |a, &b| a.wrapping_add(b))
+        it.remainder().iter().chain(&acc).fold(0u64, |a, &b| a.wrapping_add(b))
     };
     let mut best = f64::INFINITY;
     for _ in 0..iters.max(1) {
