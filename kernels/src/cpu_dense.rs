@@ -46,8 +46,7 @@
 //! threads' partial sums are added last): the results differ from the exact sum by f32 rounding
 //! only.
 
-use std::sync::OnceLock;
-
+use crate::pool::threads;
 use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// From this many rows of x on, the blocked GEMM path; below, the GEMV path. Measured on two
@@ -73,11 +72,6 @@ const NC: usize = 512;
 const COL_ALIGN: usize = 64;
 /// Below this many multiply-adds a call runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 19;
-
-fn threads() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-}
 
 /// y[m, out] = x[m, inp] · w[inp, out] (all row-major) on the best instruction set of this CPU and
 /// all its threads. y is overwritten (its contents are never read). Panics if the slice lengths
@@ -395,12 +389,12 @@ unsafe fn nt_rows<S: Simd>(p: &DenseNt, j0: usize, j1: usize) {
     }
 }
 
-/// Runs `run(t)` for t in 0..n on rayon's pool, t = 0 on the calling thread.
+/// Runs `run(t)` for t in 0..n on the kernels' pool ([`crate::pool`]), t = 0 on the calling thread.
 fn on_threads(n: usize, run: &(impl Fn(usize) + Sync)) {
     if n == 1 {
         return run(0);
     }
-    rayon::in_place_scope(|s| {
+    crate::pool::scope(|s| {
         for t in 1..n {
             s.spawn(move |_| run(t));
         }

@@ -20,7 +20,7 @@
 //! and panel of x into a small scratch (SIMD paths: branch-free bit arithmetic that vectorizes;
 //! portable: the 256-entry [`E4M3_TABLE`]); both round `e4m3 · global` once, like the reference.
 //!
-//! Blocking: each thread takes a contiguous range of output rows (rayon's pool, split in
+//! Blocking: each thread takes a contiguous range of output rows (the kernels' rayon pool, split in
 //! `available_parallelism` ranges when the work pays for the hand-off). Below `GEMM_MIN_M` x rows
 //! (decode), a kernel call takes up to 4 weight rows × up to 4 x rows and keeps the decoded
 //! weights in registers: each decoded weight vector serves every x row, and each loaded x vector
@@ -32,9 +32,8 @@
 //! micro-kernel (8 weight rows × 32 x rows on AVX-512) over x transposed: W is never decoded
 //! beyond one tile at a time.
 
-use std::sync::OnceLock;
-
 use crate::nvfp4::{scale_words_per_row, GROUP_SIZE};
+use crate::pool::threads;
 use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// E4M3 ("fn": bias 7, no infinities, NaN at 0x7f/0xff) to f32 for every byte, built at compile time.
@@ -115,11 +114,6 @@ const TILE_ROWS: usize = 8;
 const GEMM_BLOCK_COLS: usize = 512;
 /// Below this many multiply-adds a call runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 19;
-
-fn threads() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-}
 
 /// y[m, out] = x[m, in] · Wᵀ for a packed NVFP4 weight (see [`crate::nvfp4`] for the layout), on the
 /// best instruction set of this CPU.
@@ -211,7 +205,7 @@ pub fn nvfp4_matmul_with(
     if n_threads == 1 {
         run(0, out, &mut parts[0]);
     } else {
-        rayon::in_place_scope(|s| {
+        crate::pool::scope(|s| {
             let mut rest = parts.iter_mut().enumerate();
             let (_, first) = rest.next().expect("at least one thread");
             for (t, part) in rest {
