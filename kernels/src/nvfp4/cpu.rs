@@ -456,29 +456,19 @@ fn decode_row(isa: Isa, codes: &[i32], sg: &[f32], out: &mut [f32]) {
 fn gemm_micro(isa: Isa, kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; TILE_ROWS]) {
     assert!(tile.len() >= (TILE_ROWS - 1) * kcols + kc && kc <= kcols);
     assert!(kc == 0 || xt.len() >= (kc - 1) * GEMM_PANEL + isa.gemm_lanes());
-    isa.dispatch(GemmMicro { kc, tile, kcols, xt, acc })
-}
-
-/// [`gemm_micro`]'s kernel: x rows per call `gemm_lanes` (2 vectors on AVX-512 and AVX2, one
-/// on the portable path), fused multiply-adds where the path has them.
-struct GemmMicro<'a> {
-    kc: usize,
-    tile: &'a [f32],
-    kcols: usize,
-    xt: &'a [f32],
-    acc: &'a mut [[f32; 32]; TILE_ROWS],
-}
-
-impl Kernel for GemmMicro<'_> {
-    type Output = ();
-    #[inline(always)]
-    unsafe fn run<S: Simd>(self) {
-        let GemmMicro { kc, tile, kcols, xt, acc } = self;
-        match (S::W, S::FMA) {
-            (16, _) => gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc),
-            (_, true) => gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc),
-            (_, false) => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
-        }
+    // Not through `Isa::dispatch`: with the slices inside a kernel struct, LLVM kept the
+    // accumulators in memory and ran scalar FMAs (14× slower at m = 64 on AVX-512); as
+    // arguments of a `#[target_feature]` function, they vectorize.
+    match isa {
+        Isa::Portable => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (checked at the entry point).
+        Isa::Avx2 => unsafe { x86::gemm_micro_avx2(kc, tile, kcols, xt, acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { x86::gemm_micro_avx512(kc, tile, kcols, xt, acc) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable path exists on this architecture"),
     }
 }
 
@@ -695,6 +685,18 @@ mod x86 {
 
     use super::Segment;
     use crate::nvfp4::E2M1_VALUES;
+
+    /// Safety: the CPU has avx512f and fma; `gemm_micro`'s bounds hold.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gemm_micro_avx512(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
+        super::gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc)
+    }
+
+    /// Safety: the CPU has avx2 and fma; `gemm_micro`'s bounds hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_micro_avx2(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
+        super::gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc)
+    }
 
     /// One row segment to f32 in the permuted order, 16 words per chunk. Safety: avx512f; the
     /// bounds of `decode_row`.
