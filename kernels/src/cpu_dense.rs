@@ -34,7 +34,8 @@
 //! place as the LM head) runs along `in` instead, where both a row of x and a row of w are
 //! contiguous: a kernel call holds 4 rows of w × 4 rows of x of vector accumulators, loads each
 //! vector of w once for the 4 rows of x and each of x once for the 4 rows of w, and ends in one
-//! horizontal sum per output. Each thread takes a contiguous range of rows of w; x is taken in
+//! horizontal sum per output (per block of 256 inputs when more than 4 rows of x share the rows
+//! of w, so that the rows' slices are reread from L1). Each thread takes a contiguous range of rows of w; x is taken in
 //! blocks of about 512 KB (kept in L2), so w is read once per block: once in all at decode.
 //!
 //! The three paths are one generic code over [`crate::simd::Simd`] (AVX-512F, AVX2 + FMA, and
@@ -45,8 +46,7 @@
 //! threads' partial sums are added last): the results differ from the exact sum by f32 rounding
 //! only.
 
-use std::sync::OnceLock;
-
+use crate::pool::threads;
 use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// From this many rows of x on, the blocked GEMM path; below, the GEMV path. Measured on two
@@ -72,11 +72,6 @@ const NC: usize = 512;
 const COL_ALIGN: usize = 64;
 /// Below this many multiply-adds a call runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 19;
-
-fn threads() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-}
 
 /// y[m, out] = x[m, inp] · w[inp, out] (all row-major) on the best instruction set of this CPU and
 /// all its threads. y is overwritten (its contents are never read). Panics if the slice lengths
@@ -236,6 +231,10 @@ const NT_W_ROWS: usize = 4;
 /// Rows of x per NT kernel call: each load of w serves this many rows of x (4 × 4 accumulators,
 /// 4 vectors of w and one of x: 21 registers).
 const NT_X_ROWS: usize = 4;
+/// Inputs per block when a group of rows of w serves several calls (m > `NT_X_ROWS`): the
+/// group's slice (4 KB) and up to 24 rows of x (24 KB) stay in the 32 KB L1, where whole rows
+/// (21 KB each at in = 5376) would be reread from L2 by every call.
+const NT_KC: usize = 256;
 
 /// Rows of x per block of the NT path for `inp` inputs: a multiple of `NT_X_ROWS`, at least one
 /// kernel call's worth.
@@ -278,36 +277,51 @@ impl Kernel for NtPart<'_> {
     }
 }
 
-/// y[r, n] = Σ_k x[r, k] · w[n, k] for R rows of x (`x`, rows `inp` apart) and NJ rows of w
-/// (`w`, rows `inp` apart), into y[r, n] at `y + r·ys + n`: NJ × R vector accumulators over the
-/// inputs (the tail as one partial vector), one horizontal sum each at the end. `pf`: the rows
-/// to prefetch to L2 as this call reads its own (laid out as `w`), or null for none.
-/// Safety: the CPU has S's features; the addresses are valid for r < R, n < NJ, k < inp.
+/// One NT kernel call: R rows of x against NJ rows of w over `kn` inputs.
+struct NtTile {
+    /// x[r, k] at `x + r·s + k`, w[n, k] at `w + n·s + k`.
+    x: *const f32,
+    w: *const f32,
+    s: usize,
+    kn: usize,
+    /// y[r, n] at `y + r·ys + n`.
+    y: *mut f32,
+    ys: usize,
+    /// Overwrite y (first block of inputs) instead of adding to it.
+    first: bool,
+    /// The rows to prefetch to L2 as this call reads its own (laid out as `w`), or null for none.
+    pf: *const f32,
+}
+
+/// y[r, n] (+)= Σ_{k < kn} x[r, k] · w[n, k] for R rows of x and NJ rows of w: NJ × R vector
+/// accumulators over the inputs (the tail as one partial vector), one horizontal sum each at
+/// the end. Safety: the CPU has S's features; the addresses in [`NtTile`] are valid for r < R,
+/// n < NJ, k < kn.
 #[inline(always)]
-unsafe fn nt_tile<S: Simd, const NJ: usize, const R: usize>(x: *const f32, w: *const f32, inp: usize, y: *mut f32, ys: usize, pf: *const f32) {
+unsafe fn nt_tile<S: Simd, const NJ: usize, const R: usize>(t: &NtTile) {
     let mut acc = [[S::zero(); R]; NJ];
-    let full = inp / S::W * S::W;
+    let full = t.kn / S::W * S::W;
     let mut k = 0;
     while k < full {
-        if !pf.is_null() && k % 16 == 0 {
+        if !t.pf.is_null() && k % 16 == 0 {
             for n in 0..NJ {
-                prefetch::<true>(pf.wrapping_add(n * inp + k));
+                prefetch::<true>(t.pf.wrapping_add(n * t.s + k));
             }
         }
-        let wv: [S::V; NJ] = std::array::from_fn(|n| S::load(w.add(n * inp + k)));
+        let wv: [S::V; NJ] = std::array::from_fn(|n| S::load(t.w.add(n * t.s + k)));
         for r in 0..R {
-            let xv = S::load(x.add(r * inp + k));
+            let xv = S::load(t.x.add(r * t.s + k));
             for (a, &wv) in acc.iter_mut().zip(&wv) {
                 a[r] = S::fma(wv, xv, a[r]);
             }
         }
         k += S::W;
     }
-    if full < inp {
-        let t = inp - full;
-        let wv: [S::V; NJ] = std::array::from_fn(|n| S::load_part(w.add(n * inp + full), t));
+    if full < t.kn {
+        let tail = t.kn - full;
+        let wv: [S::V; NJ] = std::array::from_fn(|n| S::load_part(t.w.add(n * t.s + full), tail));
         for r in 0..R {
-            let xv = S::load_part(x.add(r * inp + full), t);
+            let xv = S::load_part(t.x.add(r * t.s + full), tail);
             for (a, &wv) in acc.iter_mut().zip(&wv) {
                 a[r] = S::fma(wv, xv, a[r]);
             }
@@ -315,57 +329,72 @@ unsafe fn nt_tile<S: Simd, const NJ: usize, const R: usize>(x: *const f32, w: *c
     }
     for (n, a) in acc.iter().enumerate() {
         for (r, &a) in a.iter().enumerate() {
-            *y.add(r * ys + n) = S::hsum(a);
+            let yp = t.y.add(r * t.ys + n);
+            *yp = if t.first { S::hsum(a) } else { *yp + S::hsum(a) };
         }
     }
 }
 
 /// [`nt_tile`] for `nj` (1 or `NT_W_ROWS`) rows of w and `rows` (1..=NT_X_ROWS) rows of x.
 #[inline(always)]
-unsafe fn nt_tile_shape<S: Simd>(nj: usize, rows: usize, x: *const f32, w: *const f32, inp: usize, y: *mut f32, ys: usize, pf: *const f32) {
+unsafe fn nt_tile_shape<S: Simd>(nj: usize, rows: usize, t: &NtTile) {
     match (nj, rows) {
-        (4, 1) => nt_tile::<S, 4, 1>(x, w, inp, y, ys, pf),
-        (4, 2) => nt_tile::<S, 4, 2>(x, w, inp, y, ys, pf),
-        (4, 3) => nt_tile::<S, 4, 3>(x, w, inp, y, ys, pf),
-        (4, 4) => nt_tile::<S, 4, 4>(x, w, inp, y, ys, pf),
-        (1, 1) => nt_tile::<S, 1, 1>(x, w, inp, y, ys, pf),
-        (1, 2) => nt_tile::<S, 1, 2>(x, w, inp, y, ys, pf),
-        (1, 3) => nt_tile::<S, 1, 3>(x, w, inp, y, ys, pf),
-        (1, 4) => nt_tile::<S, 1, 4>(x, w, inp, y, ys, pf),
+        (4, 1) => nt_tile::<S, 4, 1>(t),
+        (4, 2) => nt_tile::<S, 4, 2>(t),
+        (4, 3) => nt_tile::<S, 4, 3>(t),
+        (4, 4) => nt_tile::<S, 4, 4>(t),
+        (1, 1) => nt_tile::<S, 1, 1>(t),
+        (1, 2) => nt_tile::<S, 1, 2>(t),
+        (1, 3) => nt_tile::<S, 1, 3>(t),
+        (1, 4) => nt_tile::<S, 1, 4>(t),
         _ => unreachable!("NT tiles take 1 or {NT_W_ROWS} rows of w and 1..={NT_X_ROWS} of x, not {nj} x {rows}"),
     }
 }
 
 /// NT path, output rows j0..j1: for each block of x rows, the rows of w in groups of
-/// `NT_W_ROWS` (a tail of single rows), each group against every `NT_X_ROWS` rows of the block;
-/// the first x rows of a group prefetch the next group. Safety: as [`run_nt`].
+/// `NT_W_ROWS` (a tail of single rows); with one call's worth of x rows in the block, a call
+/// takes all the inputs; with more, the inputs are cut in blocks of `NT_KC`, and each block of
+/// the group's rows serves every `NT_X_ROWS` rows of x from L1 (summed into y block by block).
+/// The first x rows of a group prefetch the next group. Safety: as [`run_nt`].
 #[inline(always)]
 unsafe fn nt_rows<S: Simd>(p: &DenseNt, j0: usize, j1: usize) {
     let xb = nt_x_block(p.inp);
     let whole = j0 + (j1 - j0) / NT_W_ROWS * NT_W_ROWS;
     for i0 in (0..p.m).step_by(xb) {
         let i1 = p.m.min(i0 + xb);
+        let kc = if i1 - i0 > NT_X_ROWS { NT_KC } else { p.inp };
         let mut j = j0;
         while j < j1 {
             let nj = if j < whole { NT_W_ROWS } else { 1 };
             let w = p.w.add(j * p.inp);
             // The next group's rows (beyond w at the very end: harmless hints).
             let next = w.wrapping_add(nj * p.inp);
-            for g in (i0..i1).step_by(NT_X_ROWS) {
-                let pf = if g == i0 { next } else { std::ptr::null() };
-                nt_tile_shape::<S>(nj, NT_X_ROWS.min(i1 - g), p.x.add(g * p.inp), w, p.inp, p.y.add(g * p.out + j), p.out, pf);
+            for kb in (0..p.inp).step_by(kc) {
+                for g in (i0..i1).step_by(NT_X_ROWS) {
+                    let t = NtTile {
+                        x: p.x.add(g * p.inp + kb),
+                        w: w.add(kb),
+                        s: p.inp,
+                        kn: kc.min(p.inp - kb),
+                        y: p.y.add(g * p.out + j),
+                        ys: p.out,
+                        first: kb == 0,
+                        pf: if g == i0 { next.wrapping_add(kb) } else { std::ptr::null() },
+                    };
+                    nt_tile_shape::<S>(nj, NT_X_ROWS.min(i1 - g), &t);
+                }
             }
             j += nj;
         }
     }
 }
 
-/// Runs `run(t)` for t in 0..n on rayon's pool, t = 0 on the calling thread.
+/// Runs `run(t)` for t in 0..n on the kernels' pool ([`crate::pool`]), t = 0 on the calling thread.
 fn on_threads(n: usize, run: &(impl Fn(usize) + Sync)) {
     if n == 1 {
         return run(0);
     }
-    rayon::in_place_scope(|s| {
+    crate::pool::scope(|s| {
         for t in 1..n {
             s.spawn(move |_| run(t));
         }
@@ -785,7 +814,8 @@ mod tests {
 
     /// (out, in) of the NT path: no dimension a multiple of 16 (or 8) except where noted, so
     /// that every call has a partial input vector and a tail of single rows of w; (1, 1) is one
-    /// term; (37, 5000) has 24 rows of x per block (512 KB / 20 KB, rounded to 4), so m = 70
+    /// term; (130, 1001) and (37, 5000) cut the inputs in blocks of 256 (the last partial) from
+    /// m = 17 on; (37, 5000) has 24 rows of x per block (512 KB / 20 KB, rounded to 4), so m = 70
     /// takes 3 blocks, the last partial; (67, 64) has whole vectors only.
     const NT_SHAPES: [(usize, usize); 6] = [(1, 1), (5, 3), (19, 45), (130, 1001), (37, 5000), (67, 64)];
     /// Rows of x: 1, a partial 4-row tile, several tiles with a tail, several x blocks (inp 5000).

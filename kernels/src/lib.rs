@@ -11,6 +11,7 @@ pub mod fused;
 pub mod nvfp4;
 pub mod nvfp4_gemm;
 pub mod nvfp4_gemv;
+mod pool;
 pub mod simd;
 
 #[doc(hidden)]

@@ -73,15 +73,19 @@ impl Isa {
 /// function of the path to be compiled for it.
 pub trait Kernel {
     type Output;
-    /// Safety: the CPU has S's features (and whatever the implementation's own contract asks).
+    /// # Safety
+    /// The CPU has S's features (and whatever the implementation's own contract asks).
     unsafe fn run<S: Simd>(self) -> Self::Output;
 }
 
 /// The vector operations the kernels use, over `W` f32 lanes. Every method is `#[inline(always)]`
 /// so that, once inlined into a `#[target_feature]` function, the intrinsics inline too.
 ///
-/// Safety of every method: the CPU has the implementation's features, and the pointers are valid
-/// for the lanes read or written (`W`, or the first `n` of a `_part` operation, n ≤ W).
+/// # Safety
+/// Of every method: the CPU has the implementation's features, and the pointers are valid for
+/// the lanes read or written (`W`, or the first `n` of a `_part` operation, n ≤ W).
+// One contract for all the methods, stated once above.
+#[allow(clippy::missing_safety_doc)]
 pub trait Simd {
     type V: Copy;
     const W: usize;

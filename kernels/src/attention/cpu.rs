@@ -29,14 +29,14 @@ pub fn attention_with(isa: Isa, q: &[f32], k: &[f32], v: &[f32], t: usize, heads
     }
     let rows = t * heads;
     // Below ~1M multiply-adds a second thread costs more than it saves.
-    let threads = if rows * s * d < (1 << 20) { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows) };
+    let threads = if rows * s * d < (1 << 20) { 1 } else { crate::pool::threads().min(rows) };
     let per = rows.div_ceil(threads.max(1));
     let run = &|c: usize, chunk: &mut [f32]| isa.dispatch(Rows { q, k, v, first: c * per, heads, kv_heads, s, d, p, out: chunk });
     if threads == 1 {
         return run(0, out);
     }
-    // Contiguous ranges of rows on rayon's pool, the first on the calling thread.
-    rayon::in_place_scope(|scope| {
+    // Contiguous ranges of rows on the kernels' pool, the first on the calling thread.
+    crate::pool::scope(|scope| {
         let mut chunks = out.chunks_mut(per * d).enumerate();
         let (_, first) = chunks.next().expect("rows > 0 when threads > 1");
         for (c, chunk) in chunks {

@@ -20,7 +20,7 @@
 //! and panel of x into a small scratch (SIMD paths: branch-free bit arithmetic that vectorizes;
 //! portable: the 256-entry [`E4M3_TABLE`]); both round `e4m3 · global` once, like the reference.
 //!
-//! Blocking: each thread takes a contiguous range of output rows (rayon's pool, split in
+//! Blocking: each thread takes a contiguous range of output rows (the kernels' rayon pool, split in
 //! `available_parallelism` ranges when the work pays for the hand-off). Below `GEMM_MIN_M` x rows
 //! (decode), a kernel call takes up to 4 weight rows × up to 4 x rows and keeps the decoded
 //! weights in registers: each decoded weight vector serves every x row, and each loaded x vector
@@ -32,9 +32,8 @@
 //! micro-kernel (8 weight rows × 32 x rows on AVX-512) over x transposed: W is never decoded
 //! beyond one tile at a time.
 
-use std::sync::OnceLock;
-
 use crate::nvfp4::{scale_words_per_row, GROUP_SIZE};
+use crate::pool::threads;
 use crate::simd::{prefetch, AlignedBuf, Isa, Kernel, Simd};
 
 /// E4M3 ("fn": bias 7, no infinities, NaN at 0x7f/0xff) to f32 for every byte, built at compile time.
@@ -115,11 +114,6 @@ const TILE_ROWS: usize = 8;
 const GEMM_BLOCK_COLS: usize = 512;
 /// Below this many multiply-adds a call runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 19;
-
-fn threads() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-}
 
 /// y[m, out] = x[m, in] · Wᵀ for a packed NVFP4 weight (see [`crate::nvfp4`] for the layout), on the
 /// best instruction set of this CPU.
@@ -211,7 +205,7 @@ pub fn nvfp4_matmul_with(
     if n_threads == 1 {
         run(0, out, &mut parts[0]);
     } else {
-        rayon::in_place_scope(|s| {
+        crate::pool::scope(|s| {
             let mut rest = parts.iter_mut().enumerate();
             let (_, first) = rest.next().expect("at least one thread");
             for (t, part) in rest {
@@ -462,29 +456,19 @@ fn decode_row(isa: Isa, codes: &[i32], sg: &[f32], out: &mut [f32]) {
 fn gemm_micro(isa: Isa, kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; TILE_ROWS]) {
     assert!(tile.len() >= (TILE_ROWS - 1) * kcols + kc && kc <= kcols);
     assert!(kc == 0 || xt.len() >= (kc - 1) * GEMM_PANEL + isa.gemm_lanes());
-    isa.dispatch(GemmMicro { kc, tile, kcols, xt, acc })
-}
-
-/// [`gemm_micro`]'s kernel: x rows per call `gemm_lanes` (2 vectors on AVX-512 and AVX2, one
-/// on the portable path), fused multiply-adds where the path has them.
-struct GemmMicro<'a> {
-    kc: usize,
-    tile: &'a [f32],
-    kcols: usize,
-    xt: &'a [f32],
-    acc: &'a mut [[f32; 32]; TILE_ROWS],
-}
-
-impl Kernel for GemmMicro<'_> {
-    type Output = ();
-    #[inline(always)]
-    unsafe fn run<S: Simd>(self) {
-        let GemmMicro { kc, tile, kcols, xt, acc } = self;
-        match (S::W, S::FMA) {
-            (16, _) => gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc),
-            (_, true) => gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc),
-            (_, false) => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
-        }
+    // Not through `Isa::dispatch`: with the slices inside a kernel struct, LLVM kept the
+    // accumulators in memory and ran scalar FMAs (14× slower at m = 64 on AVX-512); as
+    // arguments of a `#[target_feature]` function, they vectorize.
+    match isa {
+        Isa::Portable => gemm_micro_generic::<false, 8>(kc, tile, kcols, xt, acc),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (checked at the entry point).
+        Isa::Avx2 => unsafe { x86::gemm_micro_avx2(kc, tile, kcols, xt, acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { x86::gemm_micro_avx512(kc, tile, kcols, xt, acc) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable path exists on this architecture"),
     }
 }
 
@@ -701,6 +685,18 @@ mod x86 {
 
     use super::Segment;
     use crate::nvfp4::E2M1_VALUES;
+
+    /// Safety: the CPU has avx512f and fma; `gemm_micro`'s bounds hold.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gemm_micro_avx512(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
+        super::gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc)
+    }
+
+    /// Safety: the CPU has avx2 and fma; `gemm_micro`'s bounds hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_micro_avx2(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
+        super::gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc)
+    }
 
     /// One row segment to f32 in the permuted order, 16 words per chunk. Safety: avx512f; the
     /// bounds of `decode_row`.
