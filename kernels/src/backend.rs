@@ -10,7 +10,7 @@ use crate::attention::{self, flash, reference, AttentionParams};
 use crate::{cpu_dense, fallback};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
-use crate::{nvfp4_gemm, nvfp4_gemv};
+use crate::nvfp4::{gemm as nvfp4_gemm, gemv as nvfp4_gemv};
 
 pub trait Gemma4Backend: Backend {
     /// y = x · Wᵀ for a packed NVFP4 weight; x `[n, in]` -> `[n, out]`.

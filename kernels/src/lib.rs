@@ -9,8 +9,6 @@ pub mod device;
 pub mod fallback;
 pub mod fused;
 pub mod nvfp4;
-pub mod nvfp4_gemm;
-pub mod nvfp4_gemv;
 mod pool;
 pub mod simd;
 

@@ -20,7 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{f16, DType, Element, ElementConversion, Int, Tensor, TensorData};
 use burn_cubecl::FloatElement;
 use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
-use gemma4_kernels::nvfp4_gemm::{
+use gemma4_kernels::nvfp4::gemm::{
     nvfp4_gemm, nvfp4_gemm_into, time_nvfp4_gemm, GemmError, KernelError, MAX_ROWS,
 };
 use gemma4_kernels::testing::{every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
@@ -300,7 +300,7 @@ fn timing_m256_1024() {
 #[test]
 #[ignore = "tuning sweep, run explicitly"]
 fn tune_tiles() {
-    use gemma4_kernels::nvfp4_gemm::{nvfp4_gemm_tiled, TileConfig};
+    use gemma4_kernels::nvfp4::gemm::{nvfp4_gemm_tiled, TileConfig};
     let dev = WgpuDevice::default();
     let (m, out, inp, iters) = (256usize, 1024usize, 1024usize, 3usize);
     let mut rng = Lcg::new(78);

@@ -13,7 +13,7 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::NdArray;
 use burn::tensor::{f16, DType, Element, ElementConversion, Tensor, TensorData};
 use burn_cubecl::FloatElement;
-use gemma4_kernels::nvfp4_gemv::{nvfp4_matmul, KernelError, MAX_M};
+use gemma4_kernels::nvfp4::gemv::{nvfp4_matmul, KernelError, MAX_M};
 use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
 use gemma4_kernels::testing::{every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
 

@@ -12,12 +12,14 @@
 //! In memory the weight stays packed: codes as i32 words of 8 nibbles ([out, in/8]; nibble k of
 //! word w is column 8w + k, which is the checkpoint's byte order read little-endian), scales as
 //! i32 words of 4 E4M3 bytes ([out, ceil(in/64)], row padded with zero bytes). The fast kernels
-//! ([`crate::nvfp4_gemv`], [`cpu`]) read the same words; the reference below decodes them with tensor ops.
+//! ([`gemv`], [`gemm`], [`cpu`]) read the same words; the reference below decodes them with tensor ops.
 
 use burn::prelude::*;
 use burn::tensor::{ElementConversion, TensorData};
 
 pub mod cpu;
+pub mod gemm;
+pub mod gemv;
 
 /// Inputs per E4M3 block scale.
 pub const GROUP_SIZE: usize = 16;

@@ -1,6 +1,6 @@
 //! NVFP4 prefill GEMM (any m ≥ 1): `y[m, o] = Σ_c x[m, c] · W[o, c]` with W kept packed.
 //!
-//! Weight layout as in [`crate::nvfp4`] and [`crate::nvfp4_gemv`]: `codes` i32 `[out, in/8]`
+//! Weight layout as in [`crate::nvfp4`] and [`crate::nvfp4::gemv`]: `codes` i32 `[out, in/8]`
 //! (nibble k of word w is column 8w + k, E2M1 with bit 3 the sign), `scales` i32
 //! `[out, ceil(in/64)]` (byte j of word w is the E4M3 scale of group 4w + j, 16 inputs per group,
 //! rows padded with zero bytes), W = e2m1 · (e4m3 · global_scale), decoded with integer bit
@@ -40,9 +40,9 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use crate::nvfp4_gemv::{check_packed_shapes, e4m3_to_f32, packed_inputs};
+use crate::nvfp4::gemv::{check_packed_shapes, e4m3_to_f32, packed_inputs};
 
-pub use crate::nvfp4_gemv::{KernelError, Nvfp4Backend};
+pub use crate::nvfp4::gemv::{KernelError, Nvfp4Backend};
 
 pub use crate::nvfp4::GROUP_SIZE;
 /// Activation rows per cube tile.
