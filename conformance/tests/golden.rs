@@ -5,6 +5,7 @@
 mod suite;
 
 use gemma4_conformance::*;
+use gemma4_model::kernels::fallback;
 use gemma4_model::{CpuBackend, Logits};
 
 type B = CpuBackend;
@@ -22,6 +23,14 @@ fn fixtures_are_present() {
 #[test]
 fn logits_match_reference() {
     suite::logits_match_reference::<B>(&Default::default(), Tolerances::F32);
+    // Every CPU kernel ran and none fell back (the policy is Strict: a refusal would already have
+    // panicked; the counts say so explicitly).
+    let counts: Vec<_> = fallback::counts().into_iter().filter(|(k, _, _)| fallback::CPU_KERNELS.contains(k)).collect();
+    eprintln!("kernel launches / fallbacks: {counts:?}");
+    for (kernel, launches, fallbacks) in counts {
+        assert!(launches > 0, "{kernel} never launched");
+        assert_eq!(fallbacks, 0, "{kernel} fell back to the reference {fallbacks} times");
+    }
 }
 
 /// Named so the snapshot files' recorded expression (`out.tokens`) stays as it was.

@@ -56,117 +56,163 @@ pub trait Gemma4Backend: Backend {
     }
 }
 
-/// The CPU backend: the NVFP4 matmul of [`crate::nvfp4::cpu`] and the dense matmul of
+/// The CPU backend: the NVFP4 matmul of [`crate::nvfp4::cpu`] and the dense matmuls of
 /// [`crate::cpu_dense`] on the tensors' own buffers (no copy of a weight; x is copied only when it
-/// is not contiguous); the reference elsewhere.
+/// is not contiguous), CPU attention and the fused steps. Each call goes through
+/// [`fallback::run`]: an input a kernel does not take (a layout or shape the model never makes)
+/// panics by default, or runs the reference, counted and logged, under the server's policy.
 impl Gemma4Backend for NdArray<f32, i32> {
     fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         use burn::backend::ndarray::NdArrayTensor;
-        use burn::tensor::{TensorData, TensorPrimitive};
+        use burn::tensor::TensorPrimitive;
 
         let ([m, inp], [w_in, out]) = (x.dims(), w.dims());
-        assert_eq!(inp, w_in, "dense_linear: x has {inp} features, the weight {w_in}");
         let device = x.device();
-        let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), TensorPrimitive::Float(NdArrayTensor::F32(ws))) =
-            (x.clone().into_primitive(), w.clone().into_primitive())
-        else {
-            return x.matmul(w);
+        let kernel = || {
+            if inp != w_in {
+                return Err(format!("x has {inp} features, the weight {w_in}"));
+            }
+            let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), TensorPrimitive::Float(NdArrayTensor::F32(ws))) =
+                (x.clone().into_primitive(), w.clone().into_primitive())
+            else {
+                return Err("not f32".to_string());
+            };
+            let (xv, wv) = (xs.view(), ws.view());
+            // The loader's weights are contiguous [in, out].
+            let wd = wv.as_slice().ok_or("the weight is not contiguous")?;
+            let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
+            let mut y = vec![0f32; m * out];
+            cpu_dense::dense_matmul(&xd, m, wd, inp, out, &mut y);
+            Ok(Tensor::from_data(TensorData::new(y, [m, out]), &device))
         };
-        let (xv, wv) = (xs.view(), ws.view());
-        // The loader's weights are contiguous [in, out]; any other layout takes Burn's matmul.
-        let Some(wd) = wv.as_slice() else {
-            return x.matmul(w);
-        };
-        let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
-        let mut y = vec![0f32; m * out];
-        cpu_dense::dense_matmul(&xd, m, wd, inp, out, &mut y);
-        Tensor::from_data(TensorData::new(y, [m, out]), &device)
+        fallback::run("cpu_dense", || format!("x [{m}, {inp}], weight [{w_in}, {out}]"), kernel, || x.clone().matmul(w.clone()))
     }
 
     fn lm_head(h: Tensor<Self, 2>, embed: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let ([m, hidden], [vocab, e_hidden]) = (h.dims(), embed.dims());
-        assert_eq!(hidden, e_hidden, "lm_head: h has {hidden} features, the embedding {e_hidden}");
-        let mut y = vec![0f32; m * vocab];
-        // The loader's embedding is contiguous [vocab, hidden]: its rows are streamed in place.
-        with_host(&h, |hs| with_host(&embed, |es| cpu_dense::dense_matmul_nt(hs, m, es, vocab, hidden, &mut y)));
-        Tensor::from_data(TensorData::new(y, [m, vocab]), &h.device())
+        let kernel = || {
+            if hidden != e_hidden {
+                return Err(format!("h has {hidden} features, the embedding {e_hidden}"));
+            }
+            let mut y = vec![0f32; m * vocab];
+            // The loader's embedding is contiguous [vocab, hidden]: its rows are streamed in place.
+            with_host(&h, |hs| with_host(&embed, |es| cpu_dense::dense_matmul_nt(hs, m, es, vocab, hidden, &mut y)));
+            Ok(Tensor::from_data(TensorData::new(y, [m, vocab]), &h.device()))
+        };
+        let shape = || format!("h [{m}, {hidden}], embedding [{vocab}, {e_hidden}]");
+        fallback::run("cpu_lm_head", shape, kernel, || h.clone().matmul(embed.clone().transpose()))
     }
 
     fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
         let ([t, heads, d], [kv_heads, s, dk]) = (q.dims(), k.dims());
-        if dk != d || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return reference::attention(q, k, v, params);
-        }
-        let mut out = vec![0f32; t * heads * d];
-        with_host(&q, |qs| with_host(&k, |ks| with_host(&v, |vs| attention::cpu::attention(qs, ks, vs, t, heads, kv_heads, s, d, params, &mut out))));
-        Tensor::from_data(TensorData::new(out, [t, heads * d]), &q.device())
+        let kernel = || {
+            if dk != d || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+                return Err("K/V head_dim, shapes or GQA grouping off".to_string());
+            }
+            let mut out = vec![0f32; t * heads * d];
+            with_host(&q, |qs| with_host(&k, |ks| with_host(&v, |vs| attention::cpu::attention(qs, ks, vs, t, heads, kv_heads, s, d, params, &mut out))));
+            Ok(Tensor::from_data(TensorData::new(out, [t, heads * d]), &q.device()))
+        };
+        let shape = || format!("q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+        fallback::run("cpu_attention", shape, kernel, || reference::attention(q.clone(), k.clone(), v.clone(), params))
     }
 
     // The fused steps as single passes over the rows (see `fused::cpu`).
     fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
         let [rows, dim] = x.dims();
         if rows * dim == 0 {
-            return fused_ref::rms_norm(x, weight, eps);
+            return x;
         }
-        let mut out = vec![0f32; rows * dim];
-        with_host(&x, |xs| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm(xs, dim, ws, eps, None, &mut out)));
-        Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device())
+        let kernel = || {
+            if weight.as_ref().is_some_and(|w| w.dims() != [dim]) {
+                return Err("weight length is not the row length".to_string());
+            }
+            let mut out = vec![0f32; rows * dim];
+            with_host(&x, |xs| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm(xs, dim, ws, eps, None, &mut out)));
+            Ok(Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device()))
+        };
+        let shape = || format!("x [{rows}, {dim}], weight {:?}", weight.as_ref().map(|w| w.dims()));
+        fallback::run("cpu_rms_norm", shape, kernel, || fused_ref::rms_norm(x.clone(), weight.clone(), eps))
     }
 
     fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
         let [rows, dim] = x.dims();
-        if rows * dim == 0 || residual.dims() != x.dims() {
-            return fused_ref::rms_norm_add(residual, x, weight, eps, scale);
+        if rows * dim == 0 {
+            return residual;
         }
-        let mut out = vec![0f32; rows * dim];
-        with_host(&x, |xs| with_host(&weight, |ws| with_host(&residual, |hs| fused_cpu::rms_norm(xs, dim, Some(ws), eps, Some((hs, scale)), &mut out))));
-        Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device())
+        let kernel = || {
+            if residual.dims() != x.dims() || weight.dims() != [dim] {
+                return Err("residual, x and weight shapes differ".to_string());
+            }
+            let mut out = vec![0f32; rows * dim];
+            with_host(&x, |xs| with_host(&weight, |ws| with_host(&residual, |hs| fused_cpu::rms_norm(xs, dim, Some(ws), eps, Some((hs, scale)), &mut out))));
+            Ok(Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device()))
+        };
+        let shape = || format!("residual {:?}, x [{rows}, {dim}], weight {:?}", residual.dims(), weight.dims());
+        fallback::run("cpu_rms_norm_add", shape, kernel, || fused_ref::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale))
     }
 
     fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
         let [t, heads, d] = x.dims();
-        if t * heads * d == 0 || d % 2 != 0 || cos.dims() != [t, d] || sin.dims() != [t, d] {
-            return fused_ref::rms_norm_rope(x, weight, eps, cos, sin);
+        if t * heads * d == 0 {
+            return x;
         }
-        let mut out = vec![0f32; t * heads * d];
-        with_host(&x, |xs| {
-            with_host(&cos, |cs| with_host(&sin, |ss| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm_rope(xs, heads, d, ws, eps, cs, ss, &mut out))))
-        });
-        Tensor::from_data(TensorData::new(out, [t, heads, d]), &x.device())
+        let kernel = || {
+            if d % 2 != 0 || cos.dims() != [t, d] || sin.dims() != [t, d] || weight.as_ref().is_some_and(|w| w.dims() != [d]) {
+                return Err("odd head_dim, or cos/sin/weight not [t, d]/[d]".to_string());
+            }
+            let mut out = vec![0f32; t * heads * d];
+            with_host(&x, |xs| {
+                with_host(&cos, |cs| with_host(&sin, |ss| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm_rope(xs, heads, d, ws, eps, cs, ss, &mut out))))
+            });
+            Ok(Tensor::from_data(TensorData::new(out, [t, heads, d]), &x.device()))
+        };
+        let shape = || format!("x [{t}, {heads}, {d}], cos {:?}, sin {:?}", cos.dims(), sin.dims());
+        fallback::run("cpu_rms_norm_rope", shape, kernel, || fused_ref::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone()))
     }
 
     fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let dims = gate.dims();
-        if up.dims() != dims {
-            return fused_ref::gelu_tanh_mul(gate, up);
-        }
-        let mut out = vec![0f32; dims[0] * dims[1]];
-        with_host(&gate, |gs| with_host(&up, |us| fused_cpu::gelu_tanh_mul(gs, us, &mut out)));
-        Tensor::from_data(TensorData::new(out, dims), &gate.device())
+        let kernel = || {
+            if up.dims() != dims {
+                return Err("gate and up differ in shape".to_string());
+            }
+            let mut out = vec![0f32; dims[0] * dims[1]];
+            with_host(&gate, |gs| with_host(&up, |us| fused_cpu::gelu_tanh_mul(gs, us, &mut out)));
+            Ok(Tensor::from_data(TensorData::new(out, dims), &gate.device()))
+        };
+        let shape = || format!("gate {dims:?}, up {:?}", up.dims());
+        fallback::run("cpu_gelu_tanh_mul", shape, kernel, || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()))
     }
 
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
         use burn::backend::ndarray::NdArrayTensor;
-        use burn::tensor::{TensorData, TensorPrimitive};
+        use burn::tensor::TensorPrimitive;
 
         let [m, inp] = x.dims();
-        assert_eq!(inp, w.in_features, "nvfp4_linear: x has {inp} features, the weight {}", w.in_features);
         let device = x.device();
-        // Cloning a tensor clones an Arc; the views below borrow the shared buffers.
-        let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), NdArrayTensor::I32(cs), NdArrayTensor::I32(ss)) =
-            (x.clone().into_primitive(), w.codes.clone().into_primitive(), w.scales.clone().into_primitive())
-        else {
-            return w.forward_reference(x);
+        let kernel = || {
+            if inp != w.in_features {
+                return Err(format!("x has {inp} features, the weight {}", w.in_features));
+            }
+            // Cloning a tensor clones an Arc; the views below borrow the shared buffers.
+            let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), NdArrayTensor::I32(cs), NdArrayTensor::I32(ss)) =
+                (x.clone().into_primitive(), w.codes.clone().into_primitive(), w.scales.clone().into_primitive())
+            else {
+                return Err("not f32 activations with i32 words".to_string());
+            };
+            let (xv, cv, sv) = (xs.view(), cs.view(), ss.view());
+            // Weights the loader built are contiguous.
+            let (Some(codes), Some(scales)) = (cv.as_slice(), sv.as_slice()) else {
+                return Err("the packed weight is not contiguous".to_string());
+            };
+            let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
+            let mut y = vec![0f32; m * w.out_features];
+            nvfp4_cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
+            Ok(Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device))
         };
-        let (xv, cv, sv) = (xs.view(), cs.view(), ss.view());
-        let (Some(codes), Some(scales)) = (cv.as_slice(), sv.as_slice()) else {
-            // Weights the loader built are contiguous; anything else takes the reference path.
-            return w.forward_reference(x);
-        };
-        let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
-        let mut y = vec![0f32; m * w.out_features];
-        nvfp4_cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
-        Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device)
+        let shape = || format!("x [{m}, {inp}], weight [{}, {}]", w.out_features, w.in_features);
+        fallback::run("cpu_nvfp4", shape, kernel, || w.forward_reference(x.clone()))
     }
 }
 

@@ -16,8 +16,9 @@ use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
-/// The kernels [`run`] counts, by the names it takes.
-pub const KERNELS: [&str; 7] = [
+/// The kernels [`run`] counts, by the names it takes: the CubeCL kernels ([`CUBE_KERNELS`], wgpu
+/// and CUDA), then the CPU kernels of the ndarray backend ([`CPU_KERNELS`]).
+pub const KERNELS: [&str; 15] = [
     "nvfp4_gemv",
     "nvfp4_gemm",
     "flash_attention",
@@ -25,7 +26,20 @@ pub const KERNELS: [&str; 7] = [
     "rms_norm_add",
     "rms_norm_rope",
     "gelu_tanh_mul",
+    "cpu_nvfp4",
+    "cpu_dense",
+    "cpu_lm_head",
+    "cpu_attention",
+    "cpu_rms_norm",
+    "cpu_rms_norm_add",
+    "cpu_rms_norm_rope",
+    "cpu_gelu_tanh_mul",
 ];
+
+/// The CubeCL kernels among [`KERNELS`].
+pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(7).0;
+/// The CPU kernels among [`KERNELS`].
+pub const CPU_KERNELS: &[&str] = KERNELS.split_at(7).1;
 
 /// What a kernel's refusal does (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,7 +97,7 @@ pub fn counts() -> Vec<(&'static str, u64, u64)> {
         .collect()
 }
 
-/// Runs `kernel_call`, the CubeCL kernel named `kernel`; on a refusal applies the process-wide
+/// Runs `kernel_call`, the kernel named `kernel`; on a refusal applies the process-wide
 /// [`Policy`] (`reference` computes the result under [`Policy::Warn`]). `shape` describes the
 /// inputs, for the messages only (called on a refusal only).
 pub fn run<T, E: Display>(

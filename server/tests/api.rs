@@ -314,7 +314,7 @@ fn metrics_and_openapi() {
     ] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
-    // Every CubeCL kernel has a fallback counter (0 here: the CPU backend does not use them).
+    // Every kernel has a fallback counter, all 0 on the CPU fixture.
     for kernel in gemma4_model::kernels::fallback::KERNELS {
         let line = format!("gemma4_kernel_fallbacks_total{{model_name=\"tiny\",kernel=\"{kernel}\"}} 0");
         assert!(m.contains(&line), "{line} missing from /metrics:\n{m}");
