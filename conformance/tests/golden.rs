@@ -23,14 +23,8 @@ fn fixtures_are_present() {
 #[test]
 fn logits_match_reference() {
     suite::logits_match_reference::<B>(&Default::default(), Tolerances::F32);
-    // Every CPU kernel ran and none fell back (the policy is Strict: a refusal would already have
-    // panicked; the counts say so explicitly).
-    let counts: Vec<_> = fallback::counts().into_iter().filter(|(k, _, _)| fallback::CPU_KERNELS.contains(k)).collect();
-    eprintln!("kernel launches / fallbacks: {counts:?}");
-    for (kernel, launches, fallbacks) in counts {
-        assert!(launches > 0, "{kernel} never launched");
-        assert_eq!(fallbacks, 0, "{kernel} fell back to the reference {fallbacks} times");
-    }
+    // Every kernel of this backend ran, and none fell back to the reference.
+    suite::assert_every_kernel_ran(fallback::CPU_KERNELS);
 }
 
 /// Named so the snapshot files' recorded expression (`out.tokens`) stays as it was.

@@ -93,15 +93,7 @@ pub fn dense_matmul_with(
     out: usize,
     y: &mut [f32],
 ) {
-    assert!(isa.supported(), "{isa:?} is not supported by this CPU");
-    assert_eq!(x.len(), m * inp, "x must be [m, in]");
-    assert_eq!(w.len(), inp * out, "w must be [in, out]");
-    assert_eq!(y.len(), m * out, "y must be [m, out]");
-    if m == 0 || out == 0 {
-        return;
-    }
-    if inp == 0 {
-        y.fill(0.0);
+    if !checked_nonempty(isa, x, m, w, "[in, out]", inp, out, y) {
         return;
     }
     let p = Dense { x: x.as_ptr(), m, w: w.as_ptr(), inp, out, y: y.as_mut_ptr() };
@@ -187,15 +179,7 @@ pub fn dense_matmul_nt_with(
     inp: usize,
     y: &mut [f32],
 ) {
-    assert!(isa.supported(), "{isa:?} is not supported by this CPU");
-    assert_eq!(x.len(), m * inp, "x must be [m, in]");
-    assert_eq!(w.len(), out * inp, "w must be [out, in]");
-    assert_eq!(y.len(), m * out, "y must be [m, out]");
-    if m == 0 || out == 0 {
-        return;
-    }
-    if inp == 0 {
-        y.fill(0.0);
+    if !checked_nonempty(isa, x, m, w, "[out, in]", inp, out, y) {
         return;
     }
     let p = DenseNt { x: x.as_ptr(), m, w: w.as_ptr(), out, inp, y: y.as_mut_ptr() };
@@ -206,6 +190,21 @@ pub fn dense_matmul_nt_with(
     // threads' columns, and only reads x and w.
     let run = |t: usize| unsafe { run_nt(isa, &p, t * out / n, (t + 1) * out / n) };
     on_threads(n, &run);
+}
+
+/// The checks of both dense entry points (panics if `isa` is not available or a slice length does
+/// not match the shape; `w_layout` names w's layout in the message). False when there is nothing to
+/// multiply: y is then complete (zeros when `inp` is 0).
+#[allow(clippy::too_many_arguments)]
+fn checked_nonempty(isa: Isa, x: &[f32], m: usize, w: &[f32], w_layout: &str, inp: usize, out: usize, y: &mut [f32]) -> bool {
+    assert!(isa.supported(), "{isa:?} is not supported by this CPU");
+    assert_eq!(x.len(), m * inp, "x must be [m, in]");
+    assert_eq!(w.len(), inp * out, "w must be {w_layout}");
+    assert_eq!(y.len(), m * out, "y must be [m, out]");
+    if inp == 0 {
+        y.fill(0.0);
+    }
+    m != 0 && out != 0 && inp != 0
 }
 
 /// Plain reference of [`dense_matmul_nt`]: y[i, j] = Σ_k x[i, k] · w[j, k] accumulated in f64,

@@ -3,6 +3,26 @@
 /// The CPU reference backend: f32 floats, i32 ints (NVFP4 words are i32).
 pub type Cpu = burn::backend::NdArray<f32, i32>;
 
+/// The CubeCL kernels' test backend: wgpu (lavapipe here) with float element F.
+pub type Gpu<F = f32> = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, F, i32, u32>;
+
+/// f16's unit roundoff, 2^-11: the largest relative error of rounding an f32 to f16.
+pub const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
+/// Half of f16's smallest subnormal, 2^-25: the rounding error below f16's normal range.
+pub const F16_SUBNORMAL_HALF_ULP: f64 = 1.0 / 33_554_432.0;
+
+/// F's dtype (given explicitly when creating tensors: a wgpu device's default float dtype is
+/// whichever backend touched it first, and f32 and f16 share the device in the tests).
+pub fn dtype<F: burn_cubecl::FloatElement>() -> burn::tensor::DType {
+    <F as burn::tensor::Element>::dtype()
+}
+
+/// The values a kernel of float type F sees: `v` rounded to F (a no-op for f32).
+pub fn round<F: burn_cubecl::FloatElement>(v: &[f32]) -> Vec<f32> {
+    use burn::tensor::ElementConversion;
+    v.iter().map(|x| x.elem::<F>().elem::<f32>()).collect()
+}
+
 /// A tiny deterministic generator for test inputs (no extra crate for a few lines).
 pub struct Lcg(u64);
 

@@ -9,31 +9,17 @@
 //! Every case runs with the automatic plan and with a second plan that takes the other path
 //! (split-K vs direct) and another row tile, into a NaN-poisoned output.
 
-use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
-use burn::tensor::{f16, DType, Element, ElementConversion, Tensor, TensorData};
+use burn::backend::wgpu::WgpuDevice;
+use burn::tensor::{f16, DType, Tensor, TensorData};
 use burn_cubecl::FloatElement;
 use gemma4_kernels::attention::flash::{
     fused_attention, fused_attention_with_plan, plan, AttentionError, FlashPlan,
 };
 use gemma4_kernels::attention::{reference, AttentionParams};
-use gemma4_kernels::testing::{Cpu, Lcg};
+use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, Cpu, Lcg};
 
-type Gpu<F = f32> = CubeBackend<WgpuRuntime, F, i32, u32>;
 
 const TOL: f64 = 1e-4;
-/// f16's unit roundoff, 2^-11: the largest relative error of rounding an f32 to f16.
-const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
-/// Half of f16's smallest subnormal, 2^-25: the rounding error below f16's normal range.
-const F16_SUBNORMAL_HALF_ULP: f64 = 1.0 / 33_554_432.0;
-
-fn dtype<F: FloatElement>() -> DType {
-    <F as Element>::dtype()
-}
-
-/// The values the kernel sees: `v` rounded to F (a no-op for f32).
-fn round<F: FloatElement>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|x| x.elem::<F>().elem::<f32>()).collect()
-}
 
 /// `v` as a `Gpu<F>` tensor. F's dtype is given explicitly: the device's default float dtype is
 /// whichever backend touched it first (f32 and f16 share it here).

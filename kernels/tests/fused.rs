@@ -21,36 +21,22 @@
 //!   RoPE + 2^-10 · S (|n_i·cos − n_j·sin| ≤ |n_i| + |n_j| ≤ 2·S); plus 2^-25 absolute;
 //! - GELU: + 2^-11 · |reference| + 2^-25 per element.
 
-use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
-use burn::tensor::{f16, DType, Element, ElementConversion, Tensor, TensorData};
+use burn::backend::wgpu::WgpuDevice;
+use burn::tensor::{f16, DType, Tensor, TensorData};
 use burn_cubecl::FloatElement;
 use gemma4_kernels::fused::cube::{
     gelu_tanh_mul, rms_norm, rms_norm_add, rms_norm_rope, FusedError,
 };
 use gemma4_kernels::fused::reference;
-use gemma4_kernels::testing::{Cpu, Lcg};
+use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, Cpu, Lcg};
 
-type Gpu<F = f32> = CubeBackend<WgpuRuntime, F, i32, u32>;
 
 const NORM_TOL: f64 = 1e-5;
 const GELU_TOL: f64 = 2e-6;
 const EPS: f64 = 1e-6;
-/// f16's unit roundoff, 2^-11: the largest relative error of rounding an f32 to f16.
-const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
-/// Half of f16's smallest subnormal, 2^-25: the rounding error below f16's normal range.
-const F16_SUBNORMAL_HALF_ULP: f64 = 1.0 / 33_554_432.0;
-
-fn dtype<F: FloatElement>() -> DType {
-    <F as Element>::dtype()
-}
 
 fn is_f16<F: FloatElement>() -> bool {
     dtype::<F>() == DType::F16
-}
-
-/// The values the kernel sees: `v` rounded to F (a no-op for f32).
-fn round<F: FloatElement>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|x| x.elem::<F>().elem::<f32>()).collect()
 }
 
 /// The norm tolerance relative to the row scale S for F: `rounding_multiple` · 2^-11 added in f16

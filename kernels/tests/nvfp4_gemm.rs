@@ -15,32 +15,18 @@
 
 use std::time::Instant;
 
-use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
+use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::backend::Backend;
-use burn::tensor::{f16, DType, Element, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{f16, DType, Int, Tensor, TensorData};
 use burn_cubecl::FloatElement;
 use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
 use gemma4_kernels::nvfp4::gemm::{
     nvfp4_gemm, nvfp4_gemm_into, time_nvfp4_gemm, GemmError, KernelError, MAX_ROWS,
 };
-use gemma4_kernels::testing::{every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
+use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
 
-type Gpu<F = f32> = CubeBackend<WgpuRuntime, F, i32, u32>;
 
 const REL_TOL: f64 = 1e-5;
-/// f16's unit roundoff, 2^-11: the largest relative error of rounding an f32 to f16.
-const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
-/// Half of f16's smallest subnormal, 2^-25: the rounding error below f16's normal range.
-const F16_SUBNORMAL_HALF_ULP: f64 = 1.0 / 33_554_432.0;
-
-fn dtype<F: FloatElement>() -> DType {
-    <F as Element>::dtype()
-}
-
-/// The values the kernel sees: `v` rounded to F (a no-op for f32).
-fn round<F: FloatElement>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|x| x.elem::<F>().elem::<f32>()).collect()
-}
 
 
 /// The kernel's y (widened to f32), written into a NaN-filled buffer so that any element it

@@ -444,7 +444,7 @@ fn parse_vision(o: &Obj) -> Result<VisionConfig, LoadError> {
             return Err(LoadError::unsupported(o.field("hidden_activation"), format!("`{act}`: only gelu_pytorch_tanh")));
         }
     }
-    if v.head_dim % 4 != 0 || v.num_attention_heads % v.num_key_value_heads != 0 {
+    if !v.head_dim.is_multiple_of(4) || !v.num_attention_heads.is_multiple_of(v.num_key_value_heads) {
         return Err(LoadError::config(o.field("head_dim"), format!("{} heads of {} over {} KV heads: the 2-D RoPE needs head_dim % 4 == 0 and whole GQA groups", v.num_attention_heads, v.head_dim, v.num_key_value_heads)));
     }
     Ok(v)

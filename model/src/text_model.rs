@@ -353,7 +353,7 @@ pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: u
         let w = Tensor::<B, 2>::from_data(transpose_data(w, out, inp), device);
         return Ok(Linear::Dense(Param::from_tensor(w)));
     }
-    if inp % GROUP_SIZE != 0 {
+    if !inp.is_multiple_of(GROUP_SIZE) {
         return Err(LoadError::Shape { name: wname, expected: vec![out, inp / 2], found: vec![out, inp] });
     }
     let global = ckpt.scalar(&format!("{prefix}.weight_scale_2"))?;

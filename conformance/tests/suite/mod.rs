@@ -8,6 +8,18 @@ pub mod vision;
 use gemma4_conformance::*;
 use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
 
+/// Every kernel of `kernels` (the backend's: `fallback::CUBE_KERNELS` or `CPU_KERNELS`) launched and
+/// none fell back (the policy is Strict, so a refusal would already have panicked; the counts say
+/// so explicitly).
+pub fn assert_every_kernel_ran(kernels: &[&str]) {
+    let counts: Vec<_> = gemma4_model::kernels::fallback::counts().into_iter().filter(|(k, _, _)| kernels.contains(k)).collect();
+    eprintln!("kernel launches / fallbacks: {counts:?}");
+    for (kernel, launches, fallbacks) in counts {
+        assert!(launches > 0, "{kernel} never launched");
+        assert_eq!(fallbacks, 0, "{kernel} fell back to the reference {fallbacks} times");
+    }
+}
+
 pub fn load<B: Gemma4Backend>(dir: &std::path::Path, device: &B::Device) -> Model<B> {
     Model::<B>::load(dir, device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
@@ -85,7 +97,7 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
             // Sliding layers keep only their window.
             for (l, layer) in cache.layers.iter().zip(&model.text.layers) {
                 if let Some(w) = layer.self_attn.sliding_window {
-                    assert!(l.len() <= w - 1, "sliding cache holds {} > window-1 {}", l.len(), w - 1);
+                    assert!(l.len() < w, "sliding cache holds {} > window-1 {}", l.len(), w - 1);
                 } else {
                     assert_eq!(l.len(), seq.len());
                 }

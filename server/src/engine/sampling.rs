@@ -99,7 +99,7 @@ mod tests {
         let logits = [1.0f32, 3.0, 2.0, -1.0];
         let t = top_logprobs(&logits, 2, 2);
         let total: f64 = logits.iter().map(|&l| ((l - 3.0) as f64).exp()).sum();
-        let expected = (2.0 - 3.0) as f64 - total.ln();
+        let expected = 2.0 - 3.0 - total.ln();
         assert!((t.logprob as f64 - expected).abs() < 1e-6);
         assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
     }
