@@ -29,7 +29,11 @@ pub struct Tolerances {
 
 impl Tolerances {
     /// f32 activations: the measured agreement is 2e-5..6e-5 (logits), below 6e-5 (cache).
-    pub const F32: Tolerances = Tolerances { logits: LOGITS_TOLERANCE, cache: CACHE_TOLERANCE, soft_tokens: SOFT_TOKEN_TOLERANCE };
+    pub const F32: Tolerances = Tolerances {
+        logits: LOGITS_TOLERANCE,
+        cache: CACHE_TOLERANCE,
+        soft_tokens: SOFT_TOKEN_TOLERANCE,
+    };
 
     /// f16 activations and weights (f32 accumulation in every kernel). f16 keeps 11 significant
     /// bits: each stored value is rounded by at most u/2 = 2^-12 ≈ 2.4e-4 of itself. The
@@ -42,12 +46,20 @@ impl Tolerances {
     /// logits and the cache check alike. Soft tokens (a few units, two encoder layers, the
     /// pooler's √hidden scale): 4·u·8 ≈ 2e-2 (measured 2.5e-3..4.4e-3). Greedy continuations
     /// must still be identical (the fixtures' smallest reference margin is 0.10).
-    pub const F16: Tolerances = Tolerances { logits: 0.2, cache: 0.2, soft_tokens: 2e-2 };
+    pub const F16: Tolerances = Tolerances {
+        logits: 0.2,
+        cache: 0.2,
+        soft_tokens: 2e-2,
+    };
 
     /// bf16 (CUDA): 8 significant bits, u/2 = 2^-9 ≈ 2e-3, eight times f16's; the same
     /// arithmetic gives 1.6 for logits and the cache check and 0.16 for soft tokens. Not run
     /// here (no bf16 without CUDA): `scripts/device-check.sh` checks it on a GPU.
-    pub const BF16: Tolerances = Tolerances { logits: 1.6, cache: 1.6, soft_tokens: 0.16 };
+    pub const BF16: Tolerances = Tolerances {
+        logits: 1.6,
+        cache: 1.6,
+        soft_tokens: 0.16,
+    };
 
     /// The tolerances for a backend whose float elements are `dtype`.
     pub fn for_dtype(dtype: burn::tensor::DType) -> Tolerances {
@@ -76,12 +88,19 @@ pub struct Case {
 impl Case {
     /// prompt_ids + greedy_ids: the sequence whose logits the reference holds.
     pub fn sequence(&self) -> Vec<u32> {
-        self.prompt_ids.iter().chain(&self.greedy_ids).copied().collect()
+        self.prompt_ids
+            .iter()
+            .chain(&self.greedy_ids)
+            .copied()
+            .collect()
     }
 }
 
 /// The engine's logits at every position of the case's sequence, one prefill: [positions · vocab].
-pub fn case_logits<B: Gemma4Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<f32>, RunError> {
+pub fn case_logits<B: Gemma4Backend>(
+    model: &TextModel<B>,
+    case: &Case,
+) -> Result<Vec<f32>, RunError> {
     let mut cache = model.new_cache();
     let logits = model.forward(&case.sequence(), &mut cache, Logits::All)?;
     Ok(gemma4_model::to_host_f32(logits))
@@ -89,7 +108,10 @@ pub fn case_logits<B: Gemma4Backend>(model: &TextModel<B>, case: &Case) -> Resul
 
 /// The engine's greedy continuation of the case's prompt, as long as the reference's (no eos
 /// stop, as the reference was made).
-pub fn case_greedy<B: Gemma4Backend>(model: &TextModel<B>, case: &Case) -> Result<Vec<u32>, RunError> {
+pub fn case_greedy<B: Gemma4Backend>(
+    model: &TextModel<B>,
+    case: &Case,
+) -> Result<Vec<u32>, RunError> {
     let req = GenerateRequest {
         prompt: case.prompt_ids.clone(),
         max_new_tokens: case.greedy_ids.len(),
@@ -131,9 +153,15 @@ pub fn reference_logits(dir: &Path, case: &str) -> (Vec<f32>, [usize; 2]) {
 pub fn reference_f32(dir: &Path, tensor: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference.safetensors parses");
-    let t = st.tensor(tensor).unwrap_or_else(|e| panic!("{tensor} in reference.safetensors: {e}"));
+    let t = st
+        .tensor(tensor)
+        .unwrap_or_else(|e| panic!("{tensor} in reference.safetensors: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{tensor} dtype");
-    let values = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     (values, t.shape().to_vec())
 }
 
@@ -141,7 +169,9 @@ pub fn reference_f32(dir: &Path, tensor: &str) -> (Vec<f32>, Vec<usize>) {
 pub fn reference_u8(dir: &Path, tensor: &str) -> (Vec<u8>, Vec<usize>) {
     let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference.safetensors parses");
-    let t = st.tensor(tensor).unwrap_or_else(|e| panic!("{tensor} in reference.safetensors: {e}"));
+    let t = st
+        .tensor(tensor)
+        .unwrap_or_else(|e| panic!("{tensor} in reference.safetensors: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::U8, "{tensor} dtype");
     (t.data().to_vec(), t.shape().to_vec())
 }
@@ -182,7 +212,10 @@ pub struct VisionReference {
 pub fn vision_fixtures() -> Vec<PathBuf> {
     fixtures()
         .into_iter()
-        .filter(|d| std::fs::read_to_string(d.join("reference.json")).is_ok_and(|t| t.contains("\"multimodal_cases\"")))
+        .filter(|d| {
+            std::fs::read_to_string(d.join("reference.json"))
+                .is_ok_and(|t| t.contains("\"multimodal_cases\""))
+        })
         .collect()
 }
 

@@ -17,7 +17,10 @@ fn to_vec(t: burn::tensor::Tensor<B, 2>) -> Vec<f32> {
 #[test]
 fn fixtures_are_present() {
     let names: Vec<String> = fixtures().iter().map(|d| name(d)).collect();
-    assert!(names.len() >= 2, "expected at least two fixtures, found {names:?}");
+    assert!(
+        names.len() >= 2,
+        "expected at least two fixtures, found {names:?}"
+    );
 }
 
 #[test]
@@ -58,12 +61,24 @@ fn fresh_cache_per_request_leaks_nothing() {
     let case = &reference.cases[0];
     let run = || {
         let mut cache = model.text.new_cache();
-        to_vec(model.text.forward(&case.prompt_ids, &mut cache, Logits::Last).unwrap())
+        to_vec(
+            model
+                .text
+                .forward(&case.prompt_ids, &mut cache, Logits::Last)
+                .unwrap(),
+        )
     };
     let first = run();
     // Another request in between, with another sequence.
     let mut other = model.text.new_cache();
-    model.text.forward(&reference.cases.last().unwrap().prompt_ids, &mut other, Logits::Last).unwrap();
+    model
+        .text
+        .forward(
+            &reference.cases.last().unwrap().prompt_ids,
+            &mut other,
+            Logits::Last,
+        )
+        .unwrap();
     assert_eq!(run(), first);
 }
 
@@ -74,7 +89,10 @@ fn media_placeholders_embed_as_pad() {
     let dir = &fixtures()[0];
     let model = suite::load::<B>(dir, &Default::default());
     let placeholders = model.config.placeholder_ids();
-    assert!(!placeholders.is_empty(), "fixture config names its placeholder ids");
+    assert!(
+        !placeholders.is_empty(),
+        "fixture config names its placeholder ids"
+    );
     let pad = model.config.pad_token_id.unwrap();
     let logits = |ids: &[u32]| {
         let mut cache = model.text.new_cache();
@@ -86,4 +104,3 @@ fn media_placeholders_embed_as_pad() {
     }
     assert_ne!(logits(&[2, 200, 201, 300]), with_pad);
 }
-

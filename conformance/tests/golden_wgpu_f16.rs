@@ -17,7 +17,10 @@ type B = Wgpu<half::f16, i32>;
 #[test]
 fn golden_fixtures_on_wgpu_f16() {
     let device = WgpuDevice::default();
-    assert!(gemma4_model::kernels::device::supports_f16::<WgpuRuntime>(&device), "the wgpu adapter has no SHADER_F16");
+    assert!(
+        gemma4_model::kernels::device::supports_f16::<WgpuRuntime>(&device),
+        "the wgpu adapter has no SHADER_F16"
+    );
     let tol = Tolerances::F16;
     suite::logits_match_reference::<B>(&device, tol);
     suite::greedy_matches_reference::<B>(&device);

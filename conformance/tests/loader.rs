@@ -12,13 +12,23 @@ use safetensors::tensor::{Dtype, TensorView};
 type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
 
 fn source() -> PathBuf {
-    fixtures().into_iter().find(|d| d.ends_with("tiny-31b-recipe")).unwrap_or_else(|| fixtures()[0].clone())
+    fixtures()
+        .into_iter()
+        .find(|d| d.ends_with("tiny-31b-recipe"))
+        .unwrap_or_else(|| fixtures()[0].clone())
 }
 
 fn read_tensors(dir: &Path) -> Tensors {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.iter().map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
+    st.iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                (v.dtype(), v.shape().to_vec(), v.data().to_vec()),
+            )
+        })
+        .collect()
 }
 
 /// A temporary directory removed when dropped.
@@ -43,7 +53,11 @@ fn damaged_copy(tag: &str, tensors: &Tensors) -> Scratch {
     let dir = std::env::temp_dir().join(format!("gemma4-loader-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "hf_quant_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "hf_quant_config.json",
+        "generation_config.json",
+    ] {
         if src.join(f).exists() {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
@@ -57,13 +71,17 @@ fn damaged_copy(tag: &str, tensors: &Tensors) -> Scratch {
 }
 
 fn load_err(dir: &Path) -> LoadError {
-    let err = Model::<CpuBackend>::load(dir, &Default::default()).expect_err("damaged checkpoint must be refused");
+    let err = Model::<CpuBackend>::load(dir, &Default::default())
+        .expect_err("damaged checkpoint must be refused");
     println!("refused as expected: {err}");
     err
 }
 
 fn first_ending(t: &Tensors, suffix: &str) -> String {
-    t.keys().find(|k| k.ends_with(suffix)).unwrap_or_else(|| panic!("no tensor ending in {suffix}")).clone()
+    t.keys()
+        .find(|k| k.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no tensor ending in {suffix}"))
+        .clone()
 }
 
 #[test]
@@ -86,7 +104,11 @@ fn truncated_file() {
 #[test]
 fn garbage_header() {
     let dir = damaged_copy("garbage", &read_tensors(&source()));
-    std::fs::write(dir.join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header",
+    )
+    .unwrap();
     assert!(matches!(load_err(&dir), LoadError::Safetensors { .. }));
 }
 
@@ -96,7 +118,10 @@ fn missing_tensor() {
     let name = first_ending(&t, "self_attn.k_norm.weight");
     t.remove(&name);
     let err = load_err(&damaged_copy("missing", &t));
-    assert!(matches!(&err, LoadError::MissingTensor { name: n } if *n == name), "{err}");
+    assert!(
+        matches!(&err, LoadError::MissingTensor { name: n } if *n == name),
+        "{err}"
+    );
 }
 
 #[test]
@@ -114,7 +139,10 @@ fn wrong_dtype_of_block_scale() {
     let name = first_ending(&t, ".weight_scale");
     t.get_mut(&name).unwrap().0 = Dtype::U8;
     let err = load_err(&damaged_copy("dtype-scale", &t));
-    assert!(matches!(&err, LoadError::Dtype { name: n, .. } if *n == name), "{err}");
+    assert!(
+        matches!(&err, LoadError::Dtype { name: n, .. } if *n == name),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,7 +151,10 @@ fn nan_block_scale() {
     let name = first_ending(&t, ".weight_scale");
     t.get_mut(&name).unwrap().2[3] = 0x7f;
     let err = load_err(&damaged_copy("nan-scale", &t));
-    assert!(matches!(&err, LoadError::BadValue { name: n, .. } if *n == name), "{err}");
+    assert!(
+        matches!(&err, LoadError::BadValue { name: n, .. } if *n == name),
+        "{err}"
+    );
 }
 
 #[test]
@@ -135,7 +166,10 @@ fn wrong_dtype_of_norm() {
     let n: usize = shape.iter().product();
     t.insert(name.clone(), (Dtype::I16, shape, bytes[..2 * n].to_vec()));
     let err = load_err(&damaged_copy("dtype-norm", &t));
-    assert!(matches!(&err, LoadError::Dtype { name: n, .. } if *n == name), "{err}");
+    assert!(
+        matches!(&err, LoadError::Dtype { name: n, .. } if *n == name),
+        "{err}"
+    );
 }
 
 #[test]
@@ -148,7 +182,10 @@ fn wrong_shape() {
     entry.1[0] -= 1;
     entry.2.truncate(entry.2.len() - row_bytes);
     let err = load_err(&damaged_copy("shape", &t));
-    assert!(matches!(&err, LoadError::Shape { name: n, .. } if *n == name), "{err}");
+    assert!(
+        matches!(&err, LoadError::Shape { name: n, .. } if *n == name),
+        "{err}"
+    );
 }
 
 #[test]
@@ -157,18 +194,26 @@ fn unused_tensor() {
     let extra = "model.language_model.layers.0.mystery.weight".to_string();
     t.insert(extra.clone(), (Dtype::BF16, vec![4], vec![0; 8]));
     let err = load_err(&damaged_copy("unused", &t));
-    assert!(matches!(&err, LoadError::Unused { names } if names.contains(&extra)), "{err}");
+    assert!(
+        matches!(&err, LoadError::Unused { names } if names.contains(&extra)),
+        "{err}"
+    );
 }
 
 #[test]
 fn unsupported_config_feature() {
     let dir = damaged_copy("ple", &read_tensors(&source()));
     let path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     cfg["text_config"]["hidden_size_per_layer_input"] = serde_json::json!(256);
     std::fs::write(&path, cfg.to_string()).unwrap();
     let err = load_err(&dir);
-    assert!(matches!(err, LoadError::Unsupported { .. }) && err.to_string().contains("hidden_size_per_layer_input"), "{err}");
+    assert!(
+        matches!(err, LoadError::Unsupported { .. })
+            && err.to_string().contains("hidden_size_per_layer_input"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -8,7 +8,10 @@ use gemma4_model::CpuBackend;
 
 #[test]
 fn vision_fixture_is_present() {
-    assert!(!gemma4_conformance::vision_fixtures().is_empty(), "expected a fixture with multimodal_cases (fixtures/tiny-vision)");
+    assert!(
+        !gemma4_conformance::vision_fixtures().is_empty(),
+        "expected a fixture with multimodal_cases (fixtures/tiny-vision)"
+    );
 }
 
 #[test]
@@ -18,5 +21,8 @@ fn soft_tokens_match_reference() {
 
 #[test]
 fn multimodal_cases_match_reference() {
-    suite::vision::multimodal_cases_match_reference::<CpuBackend>(&Default::default(), Tolerances::F32);
+    suite::vision::multimodal_cases_match_reference::<CpuBackend>(
+        &Default::default(),
+        Tolerances::F32,
+    );
 }

@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use gemma4_kernels::simd::Isa;
 use gemma4_kernels::cpu_dense::{dense_matmul_nt_with, dense_matmul_with};
+use gemma4_kernels::simd::Isa;
 use gemma4_kernels::testing::Lcg;
 
 use common::bench_read_bandwidth;
@@ -40,7 +40,9 @@ const SHAPES: [(&str, usize, usize); 6] = [
 ];
 
 fn random(rng: &mut Lcg, n: usize) -> Vec<f32> {
-    (0..n).map(|_| ((rng.next_u32() >> 7) & 0xff_ffff) as f32 / (1u32 << 23) as f32 - 1.0).collect()
+    (0..n)
+        .map(|_| ((rng.next_u32() >> 7) & 0xff_ffff) as f32 / (1u32 << 23) as f32 - 1.0)
+        .collect()
 }
 
 /// Best and worst seconds of one configuration over the rounds.
@@ -60,10 +62,18 @@ impl Range {
 fn main() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
-    let ms: Vec<usize> =
-        args.next().map(|a| a.split(',').map(|v| v.parse().expect("m list: 1,16,256")).collect()).unwrap_or(vec![1, 16, 256]);
+    let ms: Vec<usize> = args
+        .next()
+        .map(|a| {
+            a.split(',')
+                .map(|v| v.parse().expect("m list: 1,16,256"))
+                .collect()
+        })
+        .unwrap_or(vec![1, 16, 256]);
     let section = args.next().unwrap_or("all".into());
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let isa = Isa::detect();
     if section == "all" || section == "dense" {
         dense(rounds, &ms, threads, isa);
@@ -98,7 +108,8 @@ fn nt(rounds: usize, threads: usize, isa: Isa) {
             dense_matmul_nt_with(isa, threads, x, m, &e, NT_OUT, NT_IN, &mut y[..m * NT_OUT]);
             ours[c].add(t.elapsed().as_secs_f64());
             if round == 0 {
-                let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_vec(), [m, NT_IN]), &device);
+                let xt =
+                    Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_vec(), [m, NT_IN]), &device);
                 let t = Instant::now();
                 let yt = xt.matmul(et.clone().transpose());
                 nd[c].add(t.elapsed().as_secs_f64());
@@ -140,9 +151,15 @@ fn dense(rounds: usize, ms: &[usize], threads: usize, isa: Isa) {
     let device = Default::default();
 
     let mut rng = Lcg::new(11);
-    let weights: Vec<Vec<f32>> = SHAPES.iter().map(|&(_, i, o)| random(&mut rng, i * o)).collect();
-    let wt: Vec<Tensor<Cpu, 2>> =
-        SHAPES.iter().zip(&weights).map(|(&(_, i, o), w)| Tensor::from_data(TensorData::new(w.clone(), [i, o]), &device)).collect();
+    let weights: Vec<Vec<f32>> = SHAPES
+        .iter()
+        .map(|&(_, i, o)| random(&mut rng, i * o))
+        .collect();
+    let wt: Vec<Tensor<Cpu, 2>> = SHAPES
+        .iter()
+        .zip(&weights)
+        .map(|(&(_, i, o), w)| Tensor::from_data(TensorData::new(w.clone(), [i, o]), &device))
+        .collect();
     let max_m = *ms.iter().max().unwrap_or(&1);
     let xs = random(&mut rng, max_m * 16384);
     let mut y = vec![0f32; max_m * 16384];
@@ -159,9 +176,19 @@ fn dense(rounds: usize, ms: &[usize], threads: usize, isa: Isa) {
                 let c = mi * SHAPES.len() + si;
                 let x = &xs[..m * inp];
                 let t = Instant::now();
-                dense_matmul_with(isa, threads, x, m, &weights[si], inp, out, &mut y[..m * out]);
+                dense_matmul_with(
+                    isa,
+                    threads,
+                    x,
+                    m,
+                    &weights[si],
+                    inp,
+                    out,
+                    &mut y[..m * out],
+                );
                 ours[c].add(t.elapsed().as_secs_f64());
-                let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_vec(), [m, inp]), &device);
+                let xt =
+                    Tensor::<Cpu, 2>::from_data(TensorData::new(x.to_vec(), [m, inp]), &device);
                 let t = Instant::now();
                 let yt = xt.matmul(wt[si].clone());
                 nd[c].add(t.elapsed().as_secs_f64());
@@ -183,7 +210,17 @@ fn dense(rounds: usize, ms: &[usize], threads: usize, isa: Isa) {
     println!("ours: {isa:?}, {threads} threads; ndarray: burn-ndarray Tensor::matmul (matrixmultiply sgemm). GB/s = 4·in·out bytes / best time");
     println!(
         "{:<17} {:>5} {:>5} {:>4} | {:>19} {:>5} {:>6} | {:>19} {:>5} {:>6} | {:>7}",
-        "shape", "in", "out", "m", "ours ms (best-worst)", "GB/s", "GFLOP/s", "ndarray ms", "GB/s", "GFLOP/s", "speedup"
+        "shape",
+        "in",
+        "out",
+        "m",
+        "ours ms (best-worst)",
+        "GB/s",
+        "GFLOP/s",
+        "ndarray ms",
+        "GB/s",
+        "GFLOP/s",
+        "speedup"
     );
     for (mi, &m) in ms.iter().enumerate() {
         for (si, &(name, inp, out)) in SHAPES.iter().enumerate() {

@@ -11,15 +11,29 @@ fn cpu_ns() -> u64 {
 }
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
-    let (out, inp) = if a.len() == 2 { (a[0], a[1]) } else { (256usize, 2048usize) };
-    let codes: Vec<i32> = (0..out * inp / 8).map(|i| (i as i32).wrapping_mul(-1640531535)).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let (out, inp) = if a.len() == 2 {
+        (a[0], a[1])
+    } else {
+        (256usize, 2048usize)
+    };
+    let codes: Vec<i32> = (0..out * inp / 8)
+        .map(|i| (i as i32).wrapping_mul(-1640531535))
+        .collect();
     let scales: Vec<i32> = vec![0x38383838; out * gemma4_kernels::nvfp4::scale_words_per_row(inp)];
-    let ms: Vec<usize> = std::env::var("MS").map(|v| v.split(',').map(|a| a.parse().unwrap()).collect()).unwrap_or(vec![1, 4, 8, 16, 64]);
+    let ms: Vec<usize> = std::env::var("MS")
+        .map(|v| v.split(',').map(|a| a.parse().unwrap()).collect())
+        .unwrap_or(vec![1, 4, 8, 16, 64]);
     for &m in &ms {
         let x: Vec<f32> = (0..m * inp).map(|i| (i % 7) as f32 * 0.1).collect();
         let mut y = vec![0f32; m * out];
-        for isa in Isa::available().into_iter().filter(|i| std::env::var("ISA").map_or(true, |v| format!("{i:?}") == v)) {
+        for isa in Isa::available()
+            .into_iter()
+            .filter(|i| std::env::var("ISA").map_or(true, |v| format!("{i:?}") == v))
+        {
             let reps = ((1usize << 29) / (m * out * inp)).clamp(5, 2000);
             nvfp4_matmul_with(isa, 1, &x, m, &codes, &scales, 0.5, out, inp, &mut y);
             let (t0, w0) = (cpu_ns(), std::time::Instant::now());

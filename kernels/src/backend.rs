@@ -7,10 +7,10 @@ use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement};
 
 use crate::attention::{self, flash, reference, AttentionParams};
-use crate::{cpu_dense, fallback};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
 use crate::nvfp4::{gemm as nvfp4_gemm, gemv as nvfp4_gemv};
+use crate::{cpu_dense, fallback};
 
 pub trait Gemma4Backend: Backend {
     /// y = x · Wᵀ for a packed NVFP4 weight; x `[n, in]` -> `[n, out]`.
@@ -19,7 +19,12 @@ pub trait Gemma4Backend: Backend {
     }
 
     /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` -> `[t, heads · d]` (see [`crate::attention`]).
-    fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
+    fn attention(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        params: &AttentionParams,
+    ) -> Tensor<Self, 2> {
         reference::attention(q, k, v, params)
     }
 
@@ -41,12 +46,24 @@ pub trait Gemma4Backend: Backend {
     }
 
     /// `(residual + rms_norm(x) · weight) · scale` (see [`crate::fused`]).
-    fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
+    fn rms_norm_add(
+        residual: Tensor<Self, 2>,
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        scale: f32,
+    ) -> Tensor<Self, 2> {
         fused_ref::rms_norm_add(residual, x, weight, eps, scale)
     }
 
     /// Per-head RMSNorm then rotate-half RoPE: x `[t, heads, d]`, cos/sin `[t, d]`.
-    fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
+    fn rms_norm_rope(
+        x: Tensor<Self, 3>,
+        weight: Option<Tensor<Self, 1>>,
+        eps: f64,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
         fused_ref::rms_norm_rope(x, weight, eps, cos, sin)
     }
 
@@ -72,8 +89,10 @@ impl Gemma4Backend for NdArray<f32, i32> {
             if inp != w_in {
                 return Err(format!("x has {inp} features, the weight {w_in}"));
             }
-            let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), TensorPrimitive::Float(NdArrayTensor::F32(ws))) =
-                (x.clone().into_primitive(), w.clone().into_primitive())
+            let (
+                TensorPrimitive::Float(NdArrayTensor::F32(xs)),
+                TensorPrimitive::Float(NdArrayTensor::F32(ws)),
+            ) = (x.clone().into_primitive(), w.clone().into_primitive())
             else {
                 return Err("not f32".to_string());
             };
@@ -85,7 +104,12 @@ impl Gemma4Backend for NdArray<f32, i32> {
             cpu_dense::dense_matmul(&xd, m, wd, inp, out, &mut y);
             Ok(Tensor::from_data(TensorData::new(y, [m, out]), &device))
         };
-        fallback::run("cpu_dense", || format!("x [{m}, {inp}], weight [{w_in}, {out}]"), kernel, || x.clone().matmul(w.clone()))
+        fallback::run(
+            "cpu_dense",
+            || format!("x [{m}, {inp}], weight [{w_in}, {out}]"),
+            kernel,
+            || x.clone().matmul(w.clone()),
+        )
     }
 
     fn lm_head(h: Tensor<Self, 2>, embed: Tensor<Self, 2>) -> Tensor<Self, 2> {
@@ -96,25 +120,52 @@ impl Gemma4Backend for NdArray<f32, i32> {
             }
             let mut y = vec![0f32; m * vocab];
             // The loader's embedding is contiguous [vocab, hidden]: its rows are streamed in place.
-            with_host(&h, |hs| with_host(&embed, |es| cpu_dense::dense_matmul_nt(hs, m, es, vocab, hidden, &mut y)));
-            Ok(Tensor::from_data(TensorData::new(y, [m, vocab]), &h.device()))
+            with_host(&h, |hs| {
+                with_host(&embed, |es| {
+                    cpu_dense::dense_matmul_nt(hs, m, es, vocab, hidden, &mut y)
+                })
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(y, [m, vocab]),
+                &h.device(),
+            ))
         };
         let shape = || format!("h [{m}, {hidden}], embedding [{vocab}, {e_hidden}]");
-        fallback::run("cpu_lm_head", shape, kernel, || h.clone().matmul(embed.clone().transpose()))
+        fallback::run("cpu_lm_head", shape, kernel, || {
+            h.clone().matmul(embed.clone().transpose())
+        })
     }
 
-    fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
+    fn attention(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        params: &AttentionParams,
+    ) -> Tensor<Self, 2> {
         let ([t, heads, d], [kv_heads, s, dk]) = (q.dims(), k.dims());
         let kernel = || {
             if dk != d || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
                 return Err("K/V head_dim, shapes or GQA grouping off".to_string());
             }
             let mut out = vec![0f32; t * heads * d];
-            with_host(&q, |qs| with_host(&k, |ks| with_host(&v, |vs| attention::cpu::attention(qs, ks, vs, t, heads, kv_heads, s, d, params, &mut out))));
-            Ok(Tensor::from_data(TensorData::new(out, [t, heads * d]), &q.device()))
+            with_host(&q, |qs| {
+                with_host(&k, |ks| {
+                    with_host(&v, |vs| {
+                        attention::cpu::attention(
+                            qs, ks, vs, t, heads, kv_heads, s, d, params, &mut out,
+                        )
+                    })
+                })
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(out, [t, heads * d]),
+                &q.device(),
+            ))
         };
         let shape = || format!("q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
-        fallback::run("cpu_attention", shape, kernel, || reference::attention(q.clone(), k.clone(), v.clone(), params))
+        fallback::run("cpu_attention", shape, kernel, || {
+            reference::attention(q.clone(), k.clone(), v.clone(), params)
+        })
     }
 
     // The fused steps as single passes over the rows (see `fused::cpu`).
@@ -128,14 +179,34 @@ impl Gemma4Backend for NdArray<f32, i32> {
                 return Err("weight length is not the row length".to_string());
             }
             let mut out = vec![0f32; rows * dim];
-            with_host(&x, |xs| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm(xs, dim, ws, eps, None, &mut out)));
-            Ok(Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device()))
+            with_host(&x, |xs| {
+                with_host_opt(weight.as_ref(), |ws| {
+                    fused_cpu::rms_norm(xs, dim, ws, eps, None, &mut out)
+                })
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(out, [rows, dim]),
+                &x.device(),
+            ))
         };
-        let shape = || format!("x [{rows}, {dim}], weight {:?}", weight.as_ref().map(|w| w.dims()));
-        fallback::run("cpu_rms_norm", shape, kernel, || fused_ref::rms_norm(x.clone(), weight.clone(), eps))
+        let shape = || {
+            format!(
+                "x [{rows}, {dim}], weight {:?}",
+                weight.as_ref().map(|w| w.dims())
+            )
+        };
+        fallback::run("cpu_rms_norm", shape, kernel, || {
+            fused_ref::rms_norm(x.clone(), weight.clone(), eps)
+        })
     }
 
-    fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
+    fn rms_norm_add(
+        residual: Tensor<Self, 2>,
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        scale: f32,
+    ) -> Tensor<Self, 2> {
         let [rows, dim] = x.dims();
         if rows * dim == 0 {
             return residual;
@@ -145,30 +216,74 @@ impl Gemma4Backend for NdArray<f32, i32> {
                 return Err("residual, x and weight shapes differ".to_string());
             }
             let mut out = vec![0f32; rows * dim];
-            with_host(&x, |xs| with_host(&weight, |ws| with_host(&residual, |hs| fused_cpu::rms_norm(xs, dim, Some(ws), eps, Some((hs, scale)), &mut out))));
-            Ok(Tensor::from_data(TensorData::new(out, [rows, dim]), &x.device()))
+            with_host(&x, |xs| {
+                with_host(&weight, |ws| {
+                    with_host(&residual, |hs| {
+                        fused_cpu::rms_norm(xs, dim, Some(ws), eps, Some((hs, scale)), &mut out)
+                    })
+                })
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(out, [rows, dim]),
+                &x.device(),
+            ))
         };
-        let shape = || format!("residual {:?}, x [{rows}, {dim}], weight {:?}", residual.dims(), weight.dims());
-        fallback::run("cpu_rms_norm_add", shape, kernel, || fused_ref::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale))
+        let shape = || {
+            format!(
+                "residual {:?}, x [{rows}, {dim}], weight {:?}",
+                residual.dims(),
+                weight.dims()
+            )
+        };
+        fallback::run("cpu_rms_norm_add", shape, kernel, || {
+            fused_ref::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale)
+        })
     }
 
-    fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
+    fn rms_norm_rope(
+        x: Tensor<Self, 3>,
+        weight: Option<Tensor<Self, 1>>,
+        eps: f64,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
         let [t, heads, d] = x.dims();
         if t * heads * d == 0 {
             return x;
         }
         let kernel = || {
-            if d % 2 != 0 || cos.dims() != [t, d] || sin.dims() != [t, d] || weight.as_ref().is_some_and(|w| w.dims() != [d]) {
+            if d % 2 != 0
+                || cos.dims() != [t, d]
+                || sin.dims() != [t, d]
+                || weight.as_ref().is_some_and(|w| w.dims() != [d])
+            {
                 return Err("odd head_dim, or cos/sin/weight not [t, d]/[d]".to_string());
             }
             let mut out = vec![0f32; t * heads * d];
             with_host(&x, |xs| {
-                with_host(&cos, |cs| with_host(&sin, |ss| with_host_opt(weight.as_ref(), |ws| fused_cpu::rms_norm_rope(xs, heads, d, ws, eps, cs, ss, &mut out))))
+                with_host(&cos, |cs| {
+                    with_host(&sin, |ss| {
+                        with_host_opt(weight.as_ref(), |ws| {
+                            fused_cpu::rms_norm_rope(xs, heads, d, ws, eps, cs, ss, &mut out)
+                        })
+                    })
+                })
             });
-            Ok(Tensor::from_data(TensorData::new(out, [t, heads, d]), &x.device()))
+            Ok(Tensor::from_data(
+                TensorData::new(out, [t, heads, d]),
+                &x.device(),
+            ))
         };
-        let shape = || format!("x [{t}, {heads}, {d}], cos {:?}, sin {:?}", cos.dims(), sin.dims());
-        fallback::run("cpu_rms_norm_rope", shape, kernel, || fused_ref::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone()))
+        let shape = || {
+            format!(
+                "x [{t}, {heads}, {d}], cos {:?}, sin {:?}",
+                cos.dims(),
+                sin.dims()
+            )
+        };
+        fallback::run("cpu_rms_norm_rope", shape, kernel, || {
+            fused_ref::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone())
+        })
     }
 
     fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
@@ -178,11 +293,18 @@ impl Gemma4Backend for NdArray<f32, i32> {
                 return Err("gate and up differ in shape".to_string());
             }
             let mut out = vec![0f32; dims[0] * dims[1]];
-            with_host(&gate, |gs| with_host(&up, |us| fused_cpu::gelu_tanh_mul(gs, us, &mut out)));
-            Ok(Tensor::from_data(TensorData::new(out, dims), &gate.device()))
+            with_host(&gate, |gs| {
+                with_host(&up, |us| fused_cpu::gelu_tanh_mul(gs, us, &mut out))
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(out, dims),
+                &gate.device(),
+            ))
         };
         let shape = || format!("gate {dims:?}, up {:?}", up.dims());
-        fallback::run("cpu_gelu_tanh_mul", shape, kernel, || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()))
+        fallback::run("cpu_gelu_tanh_mul", shape, kernel, || {
+            fused_ref::gelu_tanh_mul(gate.clone(), up.clone())
+        })
     }
 
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
@@ -193,11 +315,21 @@ impl Gemma4Backend for NdArray<f32, i32> {
         let device = x.device();
         let kernel = || {
             if inp != w.in_features {
-                return Err(format!("x has {inp} features, the weight {}", w.in_features));
+                return Err(format!(
+                    "x has {inp} features, the weight {}",
+                    w.in_features
+                ));
             }
             // Cloning a tensor clones an Arc; the views below borrow the shared buffers.
-            let (TensorPrimitive::Float(NdArrayTensor::F32(xs)), NdArrayTensor::I32(cs), NdArrayTensor::I32(ss)) =
-                (x.clone().into_primitive(), w.codes.clone().into_primitive(), w.scales.clone().into_primitive())
+            let (
+                TensorPrimitive::Float(NdArrayTensor::F32(xs)),
+                NdArrayTensor::I32(cs),
+                NdArrayTensor::I32(ss),
+            ) = (
+                x.clone().into_primitive(),
+                w.codes.clone().into_primitive(),
+                w.scales.clone().into_primitive(),
+            )
             else {
                 return Err("not f32 activations with i32 words".to_string());
             };
@@ -208,16 +340,38 @@ impl Gemma4Backend for NdArray<f32, i32> {
             };
             let xd = contiguous(xv.as_slice(), || xv.iter().copied().collect());
             let mut y = vec![0f32; m * w.out_features];
-            nvfp4_cpu::nvfp4_matmul(&xd, m, codes, scales, w.global_scale, w.out_features, w.in_features, &mut y);
-            Ok(Tensor::from_data(TensorData::new(y, [m, w.out_features]), &device))
+            nvfp4_cpu::nvfp4_matmul(
+                &xd,
+                m,
+                codes,
+                scales,
+                w.global_scale,
+                w.out_features,
+                w.in_features,
+                &mut y,
+            );
+            Ok(Tensor::from_data(
+                TensorData::new(y, [m, w.out_features]),
+                &device,
+            ))
         };
-        let shape = || format!("x [{m}, {inp}], weight [{}, {}]", w.out_features, w.in_features);
-        fallback::run("cpu_nvfp4", shape, kernel, || w.forward_reference(x.clone()))
+        let shape = || {
+            format!(
+                "x [{m}, {inp}], weight [{}, {}]",
+                w.out_features, w.in_features
+            )
+        };
+        fallback::run("cpu_nvfp4", shape, kernel, || {
+            w.forward_reference(x.clone())
+        })
     }
 }
 
 /// [`with_host`] for an optional tensor (a norm's weight).
-fn with_host_opt<const D: usize, R>(t: Option<&Tensor<NdArray<f32, i32>, D>>, f: impl FnOnce(Option<&[f32]>) -> R) -> R {
+fn with_host_opt<const D: usize, R>(
+    t: Option<&Tensor<NdArray<f32, i32>, D>>,
+    f: impl FnOnce(Option<&[f32]>) -> R,
+) -> R {
     match t {
         Some(t) => with_host(t, |s| f(Some(s))),
         None => f(None),
@@ -226,7 +380,10 @@ fn with_host_opt<const D: usize, R>(t: Option<&Tensor<NdArray<f32, i32>, D>>, f:
 
 /// Runs `f` on an ndarray tensor's f32 elements in row-major order: its own buffer when it is
 /// contiguous, else a copy.
-fn with_host<const D: usize, R>(t: &Tensor<NdArray<f32, i32>, D>, f: impl FnOnce(&[f32]) -> R) -> R {
+fn with_host<const D: usize, R>(
+    t: &Tensor<NdArray<f32, i32>, D>,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
     use burn::backend::ndarray::NdArrayTensor;
     use burn::tensor::TensorPrimitive;
     match t.clone().into_primitive() {
@@ -234,12 +391,20 @@ fn with_host<const D: usize, R>(t: &Tensor<NdArray<f32, i32>, D>, f: impl FnOnce
             let v = a.view();
             f(&contiguous(v.as_slice(), || v.iter().copied().collect()))
         }
-        _ => f(&t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()),
+        _ => f(&t
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_default()),
     }
 }
 
 /// An ndarray view's elements in row-major order: its slice when it is contiguous, else a copy.
-fn contiguous<'a>(slice: Option<&'a [f32]>, copy: impl FnOnce() -> Vec<f32>) -> std::borrow::Cow<'a, [f32]> {
+fn contiguous<'a>(
+    slice: Option<&'a [f32]>,
+    copy: impl FnOnce() -> Vec<f32>,
+) -> std::borrow::Cow<'a, [f32]> {
     match slice {
         Some(s) => std::borrow::Cow::Borrowed(s),
         None => std::borrow::Cow::Owned(copy()),
@@ -250,33 +415,70 @@ fn contiguous<'a>(slice: Option<&'a [f32]>, copy: impl FnOnce() -> Vec<f32>) -> 
 /// kernels, each call through [`fallback::run`], so a refusal panics (the default
 /// [`fallback::Policy::Strict`]) or, under [`fallback::Policy::Warn`], runs the reference and is
 /// counted and logged.
-impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend for CubeBackend<R, F, i32, BT> {
+impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
+    for CubeBackend<R, F, i32, BT>
+{
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
         // Decode rows: the GEMV (codes decoded in registers); prefill: the tiled GEMM (weight
         // tiles decoded into shared memory). Both read the loader's packed words as they are.
         let x_dims = x.dims();
-        let shape = || format!("x {x_dims:?}, weight [{}, {}]", w.out_features, w.in_features);
+        let shape = || {
+            format!(
+                "x {x_dims:?}, weight [{}, {}]",
+                w.out_features, w.in_features
+            )
+        };
         let (codes, scales) = (w.codes.clone(), w.scales.clone());
         if x_dims[0] <= nvfp4_gemv::MAX_M {
             fallback::run(
                 "nvfp4_gemv",
                 shape,
-                || nvfp4_gemv::nvfp4_matmul(x.clone(), codes, scales, w.global_scale, w.out_features, w.in_features),
+                || {
+                    nvfp4_gemv::nvfp4_matmul(
+                        x.clone(),
+                        codes,
+                        scales,
+                        w.global_scale,
+                        w.out_features,
+                        w.in_features,
+                    )
+                },
                 || w.forward_reference(x.clone()),
             )
         } else {
             fallback::run(
                 "nvfp4_gemm",
                 shape,
-                || nvfp4_gemm::nvfp4_gemm(x.clone(), codes, scales, w.global_scale, w.out_features, w.in_features),
+                || {
+                    nvfp4_gemm::nvfp4_gemm(
+                        x.clone(),
+                        codes,
+                        scales,
+                        w.global_scale,
+                        w.out_features,
+                        w.in_features,
+                    )
+                },
                 || w.forward_reference(x.clone()),
             )
         }
     }
 
-    fn attention(q: Tensor<Self, 3>, k: Tensor<Self, 3>, v: Tensor<Self, 3>, params: &AttentionParams) -> Tensor<Self, 2> {
+    fn attention(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        params: &AttentionParams,
+    ) -> Tensor<Self, 2> {
         // Every refusal (shape or limit outside the kernel's) happens before a launch.
-        let shape = || format!("q {:?}, k {:?}, v {:?}, {params:?}", q.dims(), k.dims(), v.dims());
+        let shape = || {
+            format!(
+                "q {:?}, k {:?}, v {:?}, {params:?}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )
+        };
         fallback::run(
             "flash_attention",
             shape,
@@ -287,7 +489,13 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend for CubeBac
 
     // The fused steps: one kernel each instead of a chain of element-wise launches.
     fn rms_norm(x: Tensor<Self, 2>, weight: Option<Tensor<Self, 1>>, eps: f64) -> Tensor<Self, 2> {
-        let shape = || format!("x {:?}, weight {:?}", x.dims(), weight.as_ref().map(|w| w.dims()));
+        let shape = || {
+            format!(
+                "x {:?}, weight {:?}",
+                x.dims(),
+                weight.as_ref().map(|w| w.dims())
+            )
+        };
         fallback::run(
             "rms_norm",
             shape,
@@ -296,24 +504,67 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend for CubeBac
         )
     }
 
-    fn rms_norm_add(residual: Tensor<Self, 2>, x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64, scale: f32) -> Tensor<Self, 2> {
-        let shape = || format!("residual {:?}, x {:?}, weight {:?}", residual.dims(), x.dims(), weight.dims());
+    fn rms_norm_add(
+        residual: Tensor<Self, 2>,
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        scale: f32,
+    ) -> Tensor<Self, 2> {
+        let shape = || {
+            format!(
+                "residual {:?}, x {:?}, weight {:?}",
+                residual.dims(),
+                x.dims(),
+                weight.dims()
+            )
+        };
         fallback::run(
             "rms_norm_add",
             shape,
-            || fused::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale, None),
+            || {
+                fused::rms_norm_add(
+                    residual.clone(),
+                    x.clone(),
+                    weight.clone(),
+                    eps,
+                    scale,
+                    None,
+                )
+            },
             || fused_ref::rms_norm_add(residual.clone(), x.clone(), weight.clone(), eps, scale),
         )
     }
 
-    fn rms_norm_rope(x: Tensor<Self, 3>, weight: Option<Tensor<Self, 1>>, eps: f64, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 3> {
+    fn rms_norm_rope(
+        x: Tensor<Self, 3>,
+        weight: Option<Tensor<Self, 1>>,
+        eps: f64,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
         let shape = || {
-            format!("x {:?}, weight {:?}, cos {:?}, sin {:?}", x.dims(), weight.as_ref().map(|w| w.dims()), cos.dims(), sin.dims())
+            format!(
+                "x {:?}, weight {:?}, cos {:?}, sin {:?}",
+                x.dims(),
+                weight.as_ref().map(|w| w.dims()),
+                cos.dims(),
+                sin.dims()
+            )
         };
         fallback::run(
             "rms_norm_rope",
             shape,
-            || fused::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone(), None),
+            || {
+                fused::rms_norm_rope(
+                    x.clone(),
+                    weight.clone(),
+                    eps,
+                    cos.clone(),
+                    sin.clone(),
+                    None,
+                )
+            },
             || fused_ref::rms_norm_rope(x.clone(), weight.clone(), eps, cos.clone(), sin.clone()),
         )
     }

@@ -96,13 +96,31 @@ pub fn dense_matmul_with(
     if !checked_nonempty(isa, x, m, w, "[in, out]", inp, out, y) {
         return;
     }
-    let p = Dense { x: x.as_ptr(), m, w: w.as_ptr(), inp, out, y: y.as_mut_ptr() };
-    let n_threads = if m * inp * out >= PARALLEL_MIN_MACS { max_threads.max(1) } else { 1 };
+    let p = Dense {
+        x: x.as_ptr(),
+        m,
+        w: w.as_ptr(),
+        inp,
+        out,
+        y: y.as_mut_ptr(),
+    };
+    let n_threads = if m * inp * out >= PARALLEL_MIN_MACS {
+        max_threads.max(1)
+    } else {
+        1
+    };
     if m >= GEMM_MIN_M {
         // Column ranges: t·out/n rounded to a multiple of COL_ALIGN, the last one ending at out.
         let n = n_threads.min(out.div_ceil(COL_ALIGN));
-        let bounds: Vec<usize> =
-            (0..=n).map(|t| if t == n { out } else { (t * out + n * COL_ALIGN / 2) / (n * COL_ALIGN) * COL_ALIGN }).collect();
+        let bounds: Vec<usize> = (0..=n)
+            .map(|t| {
+                if t == n {
+                    out
+                } else {
+                    (t * out + n * COL_ALIGN / 2) / (n * COL_ALIGN) * COL_ALIGN
+                }
+            })
+            .collect();
         // SAFETY: `p` points into slices whose lengths were checked against the shape above and
         // which outlive the threads; each thread writes only columns c0..c1 of y, disjoint from
         // the other threads' columns, and only reads x and w.
@@ -114,13 +132,23 @@ pub fn dense_matmul_with(
     let kb: Vec<usize> = (0..=n).map(|t| t * inp / n).collect();
     let ds = scratch_stride(out);
     let mut scratch: Vec<AlignedBuf> = (1..n).map(|_| AlignedBuf::zeroed(m * ds)).collect();
-    let dst: Vec<SendPtr> =
-        std::iter::once(SendPtr(p.y, out)).chain(scratch.iter_mut().map(|b| SendPtr(b.as_mut_ptr(), ds))).collect();
+    let dst: Vec<SendPtr> = std::iter::once(SendPtr(p.y, out))
+        .chain(scratch.iter_mut().map(|b| SendPtr(b.as_mut_ptr(), ds)))
+        .collect();
     // SAFETY: as above for x and w; thread t writes only dst[t]: y (m·out floats) for thread 0,
     // its own scratch (m·ds floats) for the others.
     let run = |t: usize| unsafe {
         let SendPtr(dst, ds) = dst[t];
-        run_part(isa, &p, Part::Rows { k0: kb[t], k1: kb[t + 1], dst, ds })
+        run_part(
+            isa,
+            &p,
+            Part::Rows {
+                k0: kb[t],
+                k1: kb[t + 1],
+                dst,
+                ds,
+            },
+        )
     };
     on_threads(n, &run);
     for b in &mut scratch {
@@ -136,7 +164,14 @@ pub fn dense_matmul_with(
 
 /// Plain reference: y[i, o] = Σ_k x[i, k] · w[k, o] accumulated in f64, rounded once to f32.
 /// Panics if the slice lengths do not match the shape.
-pub fn dense_matmul_reference(x: &[f32], m: usize, w: &[f32], inp: usize, out: usize, y: &mut [f32]) {
+pub fn dense_matmul_reference(
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+) {
     assert_eq!(x.len(), m * inp, "x must be [m, in]");
     assert_eq!(w.len(), inp * out, "w must be [in, out]");
     assert_eq!(y.len(), m * out, "y must be [m, out]");
@@ -182,8 +217,19 @@ pub fn dense_matmul_nt_with(
     if !checked_nonempty(isa, x, m, w, "[out, in]", inp, out, y) {
         return;
     }
-    let p = DenseNt { x: x.as_ptr(), m, w: w.as_ptr(), out, inp, y: y.as_mut_ptr() };
-    let n = if m * inp * out >= PARALLEL_MIN_MACS { max_threads.clamp(1, out) } else { 1 };
+    let p = DenseNt {
+        x: x.as_ptr(),
+        m,
+        w: w.as_ptr(),
+        out,
+        inp,
+        y: y.as_mut_ptr(),
+    };
+    let n = if m * inp * out >= PARALLEL_MIN_MACS {
+        max_threads.clamp(1, out)
+    } else {
+        1
+    };
     // Contiguous ranges of output rows (rows of w), t·out/n to (t + 1)·out/n.
     // SAFETY: `p` points into slices whose lengths were checked against the shape above and which
     // outlive the threads; thread t writes only columns j0..j1 of y, disjoint from the other
@@ -196,7 +242,16 @@ pub fn dense_matmul_nt_with(
 /// not match the shape; `w_layout` names w's layout in the message). False when there is nothing to
 /// multiply: y is then complete (zeros when `inp` is 0).
 #[allow(clippy::too_many_arguments)]
-fn checked_nonempty(isa: Isa, x: &[f32], m: usize, w: &[f32], w_layout: &str, inp: usize, out: usize, y: &mut [f32]) -> bool {
+fn checked_nonempty(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    w_layout: &str,
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+) -> bool {
     assert!(isa.supported(), "{isa:?} is not supported by this CPU");
     assert_eq!(x.len(), m * inp, "x must be [m, in]");
     assert_eq!(w.len(), inp * out, "w must be {w_layout}");
@@ -209,7 +264,14 @@ fn checked_nonempty(isa: Isa, x: &[f32], m: usize, w: &[f32], w_layout: &str, in
 
 /// Plain reference of [`dense_matmul_nt`]: y[i, j] = Σ_k x[i, k] · w[j, k] accumulated in f64,
 /// rounded once to f32. Panics if the slice lengths do not match the shape.
-pub fn dense_matmul_nt_reference(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize, y: &mut [f32]) {
+pub fn dense_matmul_nt_reference(
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+) {
     assert_eq!(x.len(), m * inp, "x must be [m, in]");
     assert_eq!(w.len(), out * inp, "w must be [out, in]");
     assert_eq!(y.len(), m * out, "y must be [m, out]");
@@ -217,7 +279,11 @@ pub fn dense_matmul_nt_reference(x: &[f32], m: usize, w: &[f32], out: usize, inp
         let xr = &x[i * inp..(i + 1) * inp];
         for j in 0..out {
             let wr = &w[j * inp..(j + 1) * inp];
-            y[i * out + j] = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+            y[i * out + j] = xr
+                .iter()
+                .zip(wr)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
         }
     }
 }
@@ -329,7 +395,11 @@ unsafe fn nt_tile<S: Simd, const NJ: usize, const R: usize>(t: &NtTile) {
     for (n, a) in acc.iter().enumerate() {
         for (r, &a) in a.iter().enumerate() {
             let yp = t.y.add(r * t.ys + n);
-            *yp = if t.first { S::hsum(a) } else { *yp + S::hsum(a) };
+            *yp = if t.first {
+                S::hsum(a)
+            } else {
+                *yp + S::hsum(a)
+            };
         }
     }
 }
@@ -346,7 +416,9 @@ unsafe fn nt_tile_shape<S: Simd>(nj: usize, rows: usize, t: &NtTile) {
         (1, 2) => nt_tile::<S, 1, 2>(t),
         (1, 3) => nt_tile::<S, 1, 3>(t),
         (1, 4) => nt_tile::<S, 1, 4>(t),
-        _ => unreachable!("NT tiles take 1 or {NT_W_ROWS} rows of w and 1..={NT_X_ROWS} of x, not {nj} x {rows}"),
+        _ => unreachable!(
+            "NT tiles take 1 or {NT_W_ROWS} rows of w and 1..={NT_X_ROWS} of x, not {nj} x {rows}"
+        ),
     }
 }
 
@@ -378,7 +450,11 @@ unsafe fn nt_rows<S: Simd>(p: &DenseNt, j0: usize, j1: usize) {
                         y: p.y.add(g * p.out + j),
                         ys: p.out,
                         first: kb == 0,
-                        pf: if g == i0 { next.wrapping_add(kb) } else { std::ptr::null() },
+                        pf: if g == i0 {
+                            next.wrapping_add(kb)
+                        } else {
+                            std::ptr::null()
+                        },
                     };
                     nt_tile_shape::<S>(nj, NT_X_ROWS.min(i1 - g), &t);
                 }
@@ -435,7 +511,12 @@ enum Part {
     /// GEMM path: columns c0..c1 of y, in place.
     Cols(usize, usize),
     /// GEMV path: the sum over inputs k0..k1, for all of y, into `dst` ([m, ds], ds ≥ out).
-    Rows { k0: usize, k1: usize, dst: *mut f32, ds: usize },
+    Rows {
+        k0: usize,
+        k1: usize,
+        dst: *mut f32,
+        ds: usize,
+    },
 }
 
 /// One thread's part on the chosen path. Safety: `isa` is supported; `p` is valid as described
@@ -502,7 +583,11 @@ unsafe fn gemv_tile<S: Simd, const R: usize, const NV: usize, const PART: bool>(
         for (r, a) in acc.iter_mut().enumerate() {
             for (v, a) in a.iter_mut().enumerate() {
                 let yp = t.y.add(r * t.ys + v * S::W);
-                *a = if PART { S::load_part(yp, t.n) } else { S::load(yp) };
+                *a = if PART {
+                    S::load_part(yp, t.n)
+                } else {
+                    S::load(yp)
+                };
             }
         }
     }
@@ -515,7 +600,13 @@ unsafe fn gemv_tile<S: Simd, const R: usize, const NV: usize, const PART: bool>(
                 prefetch::<true>(t.pf.wrapping_add(k * t.ws + 16 * l));
             }
         }
-        let wv: [S::V; NV] = std::array::from_fn(|v| if PART { S::load_part(wp, t.n) } else { S::load(wp.add(v * S::W)) });
+        let wv: [S::V; NV] = std::array::from_fn(|v| {
+            if PART {
+                S::load_part(wp, t.n)
+            } else {
+                S::load(wp.add(v * S::W))
+            }
+        });
         for (r, a) in acc.iter_mut().enumerate() {
             let xb = S::splat(t.x.add(r * t.xs + k));
             for (a, &wv) in a.iter_mut().zip(&wv) {
@@ -551,7 +642,13 @@ unsafe fn gemv_tile_rows<S: Simd, const NV: usize, const PART: bool>(rows: usize
 /// chunks of NV vectors and a tail of single, possibly partial, vectors (see the module notes).
 /// Safety: as [`run_part`].
 #[inline(always)]
-unsafe fn gemv_rows<S: Simd, const NV: usize>(p: &Dense, k0: usize, k1: usize, dst: *mut f32, ds: usize) {
+unsafe fn gemv_rows<S: Simd, const NV: usize>(
+    p: &Dense,
+    k0: usize,
+    k1: usize,
+    dst: *mut f32,
+    ds: usize,
+) {
     let cb = NV * S::W;
     let tail = p.out / cb * cb;
     let pf_cols = GEMV_PREFETCH_COLS.div_ceil(cb) * cb;
@@ -574,7 +671,11 @@ unsafe fn gemv_rows<S: Simd, const NV: usize>(p: &Dense, k0: usize, k1: usize, d
             // The chunk `pf_cols` columns ahead in these rows, or past the last whole chunk, that
             // far into the next block's rows (beyond w at the very end: harmless hints).
             let ahead = j + pf_cols;
-            let pf = if ahead < tail { t.w.wrapping_add(pf_cols) } else { p.w.wrapping_add((kb + kn) * p.out + ahead - tail) };
+            let pf = if ahead < tail {
+                t.w.wrapping_add(pf_cols)
+            } else {
+                p.w.wrapping_add((kb + kn) * p.out + ahead - tail)
+            };
             for g in (0..p.m).step_by(GEMV_ROWS) {
                 t.x = p.x.add(g * p.inp + kb);
                 t.y = dst.add(g * ds + j);
@@ -632,7 +733,15 @@ unsafe fn gemm_tile<S: Simd, const MR: usize, const NV: usize>(
             if n == S::W {
                 S::store(yp, if first { a } else { S::add(a, S::load(yp)) });
             } else if n > 0 {
-                S::store_part(yp, if first { a } else { S::add(a, S::load_part(yp, n)) }, n);
+                S::store_part(
+                    yp,
+                    if first {
+                        a
+                    } else {
+                        S::add(a, S::load_part(yp, n))
+                    },
+                    n,
+                );
             }
         }
     }
@@ -697,7 +806,16 @@ unsafe fn gemm_cols<S: Simd, const MR: usize, const NV: usize>(p: &Dense, c0: us
                 for pi in 0..np {
                     let cols = nr.min(ncols - pi * nr);
                     let y = p.y.add(g * MR * p.out + nb + pi * nr);
-                    gemm_tile::<S, MR, NV>(kn, xp.add(g * kc * MR), wp.add(pi * pstride), y, p.out, rows, cols, kb == 0);
+                    gemm_tile::<S, MR, NV>(
+                        kn,
+                        xp.add(g * kc * MR),
+                        wp.add(pi * pstride),
+                        y,
+                        p.out,
+                        rows,
+                        cols,
+                        kb == 0,
+                    );
                 }
             }
         }
@@ -740,7 +858,13 @@ mod tests {
         let mut worst = 0f64;
         for ((&y, &e), &a) in y.iter().zip(e).zip(a) {
             let err = (y as f64 - e as f64).abs() / (a + 1e-30);
-            worst = if err <= worst { worst } else if err.is_nan() { f64::INFINITY } else { err };
+            worst = if err <= worst {
+                worst
+            } else if err.is_nan() {
+                f64::INFINITY
+            } else {
+                err
+            };
         }
         worst
     }
@@ -749,7 +873,9 @@ mod tests {
     /// yields 31 bits, so `next_f32` is in [0, 0.5) and that would make every value negative
     /// (all products positive, which hides sign and cancellation mistakes).
     fn random(rng: &mut Lcg, n: usize) -> Vec<f32> {
-        (0..n).map(|_| ((rng.next_u32() >> 7) & 0xff_ffff) as f32 / (1u32 << 23) as f32 - 1.0).collect()
+        (0..n)
+            .map(|_| ((rng.next_u32() >> 7) & 0xff_ffff) as f32 / (1u32 << 23) as f32 - 1.0)
+            .collect()
     }
 
     /// (in, out): tails of every vector width, chunk and block; one block and several. Block
@@ -761,9 +887,9 @@ mod tests {
         (17, 33),    // partial vectors on every path
         (33, 130),   // 2 GEMV chunks and a 2-column tail (AVX-512); 3 GEMM panels, the last partial
         (130, 1000), // 3 GEMV blocks, the last partial; 2 GEMM column blocks on one thread;
-                     // two threads from m = 5 (in split on the GEMV path, columns on the GEMM path)
-        (1000, 3),   // 16 GEMV blocks; 4 GEMM input blocks, the last partial; out < every vector
-        (300, 64),   // whole vectors and panels; 2 GEMM input blocks; two GEMV threads from m = 28
+        // two threads from m = 5 (in split on the GEMV path, columns on the GEMM path)
+        (1000, 3), // 16 GEMV blocks; 4 GEMM input blocks, the last partial; out < every vector
+        (300, 64), // whole vectors and panels; 2 GEMM input blocks; two GEMV threads from m = 28
     ];
     /// Rows of x: both sides of GEMM_MIN_M = 64; tails of the 4-row GEMV tiles and of the 6-row
     /// (x86) and 4-row (portable) GEMM tiles.
@@ -789,7 +915,10 @@ mod tests {
                 }
             }
         }
-        eprintln!("paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})", Isa::available());
+        eprintln!(
+            "paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})",
+            Isa::available()
+        );
     }
 
     /// GEMM blocks in both directions at once: 3 input blocks (the last partial) by 3 column
@@ -806,7 +935,10 @@ mod tests {
                 let mut y = vec![f32::NAN; m * out];
                 dense_matmul_with(isa, th, &x, m, &w, inp, out, &mut y);
                 let err = max_rel_err(&y, &e, &a);
-                assert!(err <= RTOL, "{isa:?} threads {th}: rel err {err:e} > {RTOL:e}");
+                assert!(
+                    err <= RTOL,
+                    "{isa:?} threads {th}: rel err {err:e} > {RTOL:e}"
+                );
             }
         }
     }
@@ -816,18 +948,28 @@ mod tests {
     /// term; (130, 1001) and (37, 5000) cut the inputs in blocks of 256 (the last partial) from
     /// m = 17 on; (37, 5000) has 24 rows of x per block (512 KB / 20 KB, rounded to 4), so m = 70
     /// takes 3 blocks, the last partial; (67, 64) has whole vectors only.
-    const NT_SHAPES: [(usize, usize); 6] = [(1, 1), (5, 3), (19, 45), (130, 1001), (37, 5000), (67, 64)];
+    const NT_SHAPES: [(usize, usize); 6] =
+        [(1, 1), (5, 3), (19, 45), (130, 1001), (37, 5000), (67, 64)];
     /// Rows of x: 1, a partial 4-row tile, several tiles with a tail, several x blocks (inp 5000).
     const NT_MS: [usize; 4] = [1, 3, 17, 70];
 
     /// The NT reference y and Σ_k |x[i, k] · w[j, k]| (f64) of every output.
-    fn reference_nt(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> (Vec<f32>, Vec<f64>) {
+    fn reference_nt(
+        x: &[f32],
+        m: usize,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+    ) -> (Vec<f32>, Vec<f64>) {
         let mut e = vec![f32::NAN; m * out];
         dense_matmul_nt_reference(x, m, w, out, inp, &mut e);
         let a = (0..m * out)
             .map(|o| {
                 let (xr, wr) = (&x[o / out * inp..][..inp], &w[o % out * inp..][..inp]);
-                xr.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum()
+                xr.iter()
+                    .zip(wr)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum()
             })
             .collect();
         (e, a)
@@ -856,13 +998,19 @@ mod tests {
                         worst = worst.max(err);
                         match &first {
                             None => first = Some(y),
-                            Some(f) => assert!(f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "NT {isa:?} m {m} out {out} in {inp}: threads change bits"),
+                            Some(f) => assert!(
+                                f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "NT {isa:?} m {m} out {out} in {inp}: threads change bits"
+                            ),
                         }
                     }
                 }
             }
         }
-        eprintln!("NT paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})", Isa::available());
+        eprintln!(
+            "NT paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})",
+            Isa::available()
+        );
     }
 
     /// NT with empty dimensions: in = 0 gives zeros; m = 0 or out = 0 touch nothing.

@@ -6,10 +6,14 @@ use cubecl::ir::{ElemType, FloatKind};
 
 /// Whether the device computes in f16 (wgpu: the adapter's `SHADER_F16`; Mesa's lavapipe has it).
 pub fn supports_f16<R: CubeRuntime>(device: &R::Device) -> bool {
-    R::client(device).properties().supports_type(ElemType::Float(FloatKind::F16))
+    R::client(device)
+        .properties()
+        .supports_type(ElemType::Float(FloatKind::F16))
 }
 
 /// Whether the device computes in bf16 (CUDA does; WGSL has no bf16).
 pub fn supports_bf16<R: CubeRuntime>(device: &R::Device) -> bool {
-    R::client(device).properties().supports_type(ElemType::Float(FloatKind::BF16))
+    R::client(device)
+        .properties()
+        .supports_type(ElemType::Float(FloatKind::BF16))
 }

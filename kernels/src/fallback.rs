@@ -93,7 +93,13 @@ pub fn counts() -> Vec<(&'static str, u64, u64)> {
     KERNELS
         .iter()
         .enumerate()
-        .map(|(i, k)| (*k, LAUNCHES[i].load(Ordering::Relaxed), FALLBACKS[i].load(Ordering::Relaxed)))
+        .map(|(i, k)| {
+            (
+                *k,
+                LAUNCHES[i].load(Ordering::Relaxed),
+                FALLBACKS[i].load(Ordering::Relaxed),
+            )
+        })
         .collect()
 }
 
@@ -131,7 +137,10 @@ fn run_with<T, E: Display>(
                      gemma4_kernels::fallback::set_policy(Policy::Warn) runs the reference instead)"
                 ),
                 Policy::Warn => {
-                    let first = WARNED.lock().unwrap_or_else(|p| p.into_inner()).insert((kernel, shape.clone()));
+                    let first = WARNED
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((kernel, shape.clone()));
                     if first {
                         tracing::warn!(kernel, shape = %shape, reason = %e, "kernel refused; running the plain reference instead");
                     }
@@ -151,25 +160,59 @@ mod tests {
     #[test]
     fn counts_launches_and_applies_the_policy() {
         let (l0, f0) = (launches("nvfp4_gemm"), fallbacks("nvfp4_gemm"));
-        let y: u32 = run_with(Policy::Warn, "nvfp4_gemm", || "m=1".into(), || Ok::<_, String>(7), || unreachable!());
+        let y: u32 = run_with(
+            Policy::Warn,
+            "nvfp4_gemm",
+            || "m=1".into(),
+            || Ok::<_, String>(7),
+            || unreachable!(),
+        );
         assert_eq!(y, 7);
-        assert_eq!((launches("nvfp4_gemm"), fallbacks("nvfp4_gemm")), (l0 + 1, f0));
+        assert_eq!(
+            (launches("nvfp4_gemm"), fallbacks("nvfp4_gemm")),
+            (l0 + 1, f0)
+        );
 
         // Warn: the reference's result, one fallback per refusal (the warning once per shape).
         for _ in 0..2 {
-            let y: u32 = run_with(Policy::Warn, "nvfp4_gemm", || "m=2".into(), || Err("too big"), || 3);
+            let y: u32 = run_with(
+                Policy::Warn,
+                "nvfp4_gemm",
+                || "m=2".into(),
+                || Err("too big"),
+                || 3,
+            );
             assert_eq!(y, 3);
         }
-        assert_eq!((launches("nvfp4_gemm"), fallbacks("nvfp4_gemm")), (l0 + 1, f0 + 2));
-        assert!(WARNED.lock().unwrap().contains(&("nvfp4_gemm", "m=2".to_string())));
+        assert_eq!(
+            (launches("nvfp4_gemm"), fallbacks("nvfp4_gemm")),
+            (l0 + 1, f0 + 2)
+        );
+        assert!(WARNED
+            .lock()
+            .unwrap()
+            .contains(&("nvfp4_gemm", "m=2".to_string())));
 
         // Strict: a panic naming the kernel, the shape and the reason; the reference never runs.
         let err = std::panic::catch_unwind(|| {
-            run_with(Policy::Strict, "nvfp4_gemm", || "x [3, 40]".into(), || Err::<u32, _>("in_features = 40"), || unreachable!())
+            run_with(
+                Policy::Strict,
+                "nvfp4_gemm",
+                || "x [3, 40]".into(),
+                || Err::<u32, _>("in_features = 40"),
+                || unreachable!(),
+            )
         })
         .unwrap_err();
-        let msg = err.downcast_ref::<String>().expect("a formatted panic message");
-        assert!(msg.contains("nvfp4_gemm") && msg.contains("x [3, 40]") && msg.contains("in_features = 40"), "{msg}");
+        let msg = err
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert!(
+            msg.contains("nvfp4_gemm")
+                && msg.contains("x [3, 40]")
+                && msg.contains("in_features = 40"),
+            "{msg}"
+        );
         assert_eq!(fallbacks("nvfp4_gemm"), f0 + 3);
 
         let row = counts().into_iter().find(|r| r.0 == "nvfp4_gemm").unwrap();

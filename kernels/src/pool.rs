@@ -11,7 +11,11 @@ use rayon::{Scope, ThreadPool, ThreadPoolBuilder};
 /// Threads a kernel splits its work over: the caller and the pool's workers.
 pub(crate) fn threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }
 
 fn pool() -> &'static ThreadPool {

@@ -28,11 +28,16 @@ pub struct Lcg(u64);
 
 impl Lcg {
     pub fn new(seed: u64) -> Self {
-        Lcg(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+        Lcg(seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407))
     }
     /// 32 random bits (the high half of the state).
     pub fn next_u32(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 32) as u32
     }
     /// Uniform in [0, 1), 24 bits.
@@ -43,9 +48,16 @@ impl Lcg {
 
 /// A random packed NVFP4 weight [out, inp] from random checkpoint bytes: any codes, finite E4M3
 /// scales of either sign (subnormals included; 0x7f/0xff, NaN, never drawn).
-pub fn random_packed(rng: &mut Lcg, out: usize, inp: usize, global_scale: f32) -> crate::nvfp4::PackedNvfp4 {
+pub fn random_packed(
+    rng: &mut Lcg,
+    out: usize,
+    inp: usize,
+    global_scale: f32,
+) -> crate::nvfp4::PackedNvfp4 {
     let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
-    let scale: Vec<u8> = (0..out * inp / 16).map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80)).collect();
+    let scale: Vec<u8> = (0..out * inp / 16)
+        .map(|_| (rng.next_u32() % 0x7f) as u8 | ((rng.next_u32() as u8) & 0x80))
+        .collect();
     crate::nvfp4::PackedNvfp4::from_checkpoint(&weight, &scale, global_scale, out, inp)
 }
 
@@ -56,7 +68,9 @@ pub fn every_code_and_scale(global_scale: f32) -> crate::nvfp4::PackedNvfp4 {
     let bytes = finite_e4m3_bytes();
     let out = bytes.len();
     // Codes 0..15 in columns 0..15 of every row: bytes 0x10, 0x32, ..., 0xfe.
-    let weight: Vec<u8> = (0..out).flat_map(|_| (0..8u8).map(|k| (2 * k) | ((2 * k + 1) << 4))).collect();
+    let weight: Vec<u8> = (0..out)
+        .flat_map(|_| (0..8u8).map(|k| (2 * k) | ((2 * k + 1) << 4)))
+        .collect();
     crate::nvfp4::PackedNvfp4::from_checkpoint(&weight, &bytes, global_scale, out, 16)
 }
 

@@ -16,14 +16,17 @@ use gemma4_kernels::attention::flash::{
     fused_attention, fused_attention_with_plan, plan, AttentionError, FlashPlan,
 };
 use gemma4_kernels::attention::{reference, AttentionParams};
-use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, Cpu, Lcg};
-
+use gemma4_kernels::testing::{dtype, round, Cpu, Gpu, Lcg, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP};
 
 const TOL: f64 = 1e-4;
 
 /// `v` as a `Gpu<F>` tensor. F's dtype is given explicitly: the device's default float dtype is
 /// whichever backend touched it first (f32 and f16 share it here).
-fn gpu<F: FloatElement, const D: usize>(v: &[f32], dims: [usize; D], dev: &WgpuDevice) -> Tensor<Gpu<F>, D> {
+fn gpu<F: FloatElement, const D: usize>(
+    v: &[f32],
+    dims: [usize; D],
+    dev: &WgpuDevice,
+) -> Tensor<Gpu<F>, D> {
     Tensor::from_data(TensorData::new(v.to_vec(), dims), (dev, dtype::<F>()))
 }
 
@@ -333,9 +336,17 @@ fn shape_grid<F: FloatElement>() -> (f64, f64) {
             splits: if auto.splits > 1 { 1 } else { 3 },
         };
         for (label, pl) in [("auto", auto), ("other", other)] {
-            let poisoned = Tensor::<Gpu<F>, 2>::full([c.t, c.heads * c.d], f32::NAN, (&gpu_dev, dtype::<F>()));
-            let got = fused_attention_with_plan(gpu::<F, 3>(&q, qd, &gpu_dev), gpu::<F, 3>(&k, kd, &gpu_dev), gpu::<F, 3>(&v, kd, &gpu_dev), &p, pl, Some(poisoned))
-                .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            let poisoned =
+                Tensor::<Gpu<F>, 2>::full([c.t, c.heads * c.d], f32::NAN, (&gpu_dev, dtype::<F>()));
+            let got = fused_attention_with_plan(
+                gpu::<F, 3>(&q, qd, &gpu_dev),
+                gpu::<F, 3>(&k, kd, &gpu_dev),
+                gpu::<F, 3>(&v, kd, &gpu_dev),
+                &p,
+                pl,
+                Some(poisoned),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
             assert_eq!(got.dims(), [c.t, c.heads * c.d], "{}", c.name);
             let got = read(got);
             let mut max_err = 0f64;
@@ -404,16 +415,28 @@ fn uses_its_plan<F: FloatElement>() {
     .to_vec::<f32>()
     .unwrap();
     let got = read(
-        fused_attention(gpu::<F, 3>(&q, [t, heads, d], &gpu_dev), gpu::<F, 3>(&k, [kv, s, d], &gpu_dev), gpu::<F, 3>(&v, [kv, s, d], &gpu_dev), &p)
-            .unwrap(),
+        fused_attention(
+            gpu::<F, 3>(&q, [t, heads, d], &gpu_dev),
+            gpu::<F, 3>(&k, [kv, s, d], &gpu_dev),
+            gpu::<F, 3>(&v, [kv, s, d], &gpu_dev),
+            &p,
+        )
+        .unwrap(),
     );
     let mut max_err = 0f64;
     for (g, e) in got.iter().zip(&run_ref) {
         let d = (*g as f64 - *e as f64).abs();
-        assert!(d <= tolerance::<F>(v_max, *e), "{:?}: {g} vs {e}", dtype::<F>());
+        assert!(
+            d <= tolerance::<F>(v_max, *e),
+            "{:?}: {g} vs {e}",
+            dtype::<F>()
+        );
         max_err = max_err.max(d);
     }
-    eprintln!("flash_attention {:?} default plan: max |Δ| = {max_err:.2e}", dtype::<F>());
+    eprintln!(
+        "flash_attention {:?} default plan: max |Δ| = {max_err:.2e}",
+        dtype::<F>()
+    );
     assert!(
         plan(t, heads, kv, s, &p).splits > 1,
         "decode-sized input should split the keys"
@@ -436,7 +459,14 @@ fn strided_cache_views<F: FloatElement>() {
     let gpu_dev = WgpuDevice::default();
     let cpu = Default::default();
     // (t, s, heads, kv heads, d, capacity, first): decode and prefill, d 64 and 256.
-    for (n, &(t, s, heads, kv, d, cap, first)) in [(1usize, 300usize, 8usize, 2usize, 64usize, 512usize, 64usize), (5, 70, 4, 2, 256, 128, 16), (1, 40, 4, 4, 256, 96, 0)].iter().enumerate() {
+    for (n, &(t, s, heads, kv, d, cap, first)) in [
+        (1usize, 300usize, 8usize, 2usize, 64usize, 512usize, 64usize),
+        (5, 70, 4, 2, 256, 128, 16),
+        (1, 40, 4, 4, 256, 96, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
         let mut rng = Lcg::new(77 + n as u64);
         let q = round::<F>(&random(&mut rng, t * heads * d, 1.0));
         let kb = round::<F>(&random(&mut rng, kv * cap * d, 1.0));
@@ -446,8 +476,10 @@ fn strided_cache_views<F: FloatElement>() {
         let live = [0..kv, first..first + s, 0..d];
         let expected = reference::attention(
             Tensor::<Cpu, 3>::from_data(TensorData::new(q.clone(), [t, heads, d]), &cpu),
-            Tensor::<Cpu, 3>::from_data(TensorData::new(kb.clone(), [kv, cap, d]), &cpu).slice(live.clone()),
-            Tensor::<Cpu, 3>::from_data(TensorData::new(vb.clone(), [kv, cap, d]), &cpu).slice(live.clone()),
+            Tensor::<Cpu, 3>::from_data(TensorData::new(kb.clone(), [kv, cap, d]), &cpu)
+                .slice(live.clone()),
+            Tensor::<Cpu, 3>::from_data(TensorData::new(vb.clone(), [kv, cap, d]), &cpu)
+                .slice(live.clone()),
             &p,
         )
         .into_data()
@@ -455,11 +487,16 @@ fn strided_cache_views<F: FloatElement>() {
         .unwrap();
         let kt = gpu::<F, 3>(&kb, [kv, cap, d], &gpu_dev).slice(live.clone());
         let vt = gpu::<F, 3>(&vb, [kv, cap, d], &gpu_dev).slice(live);
-        let got = read(fused_attention(gpu::<F, 3>(&q, [t, heads, d], &gpu_dev), kt, vt, &p).unwrap());
+        let got =
+            read(fused_attention(gpu::<F, 3>(&q, [t, heads, d], &gpu_dev), kt, vt, &p).unwrap());
         let mut max_err = 0f64;
         for (g, e) in got.iter().zip(&expected) {
             let diff = (*g as f64 - *e as f64).abs();
-            assert!(diff <= tolerance::<F>(v_max, *e), "{:?} t {t} s {s} d {d}: {g} vs {e}", dtype::<F>());
+            assert!(
+                diff <= tolerance::<F>(v_max, *e),
+                "{:?} t {t} s {s} d {d}: {g} vs {e}",
+                dtype::<F>()
+            );
             max_err = max_err.max(diff);
         }
         eprintln!("flash_attention {:?} strided view t {t} s {s} d {d} capacity {cap} first {first}: max |Δ| = {max_err:.2e}", dtype::<F>());

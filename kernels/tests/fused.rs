@@ -28,8 +28,7 @@ use gemma4_kernels::fused::cube::{
     gelu_tanh_mul, rms_norm, rms_norm_add, rms_norm_rope, FusedError,
 };
 use gemma4_kernels::fused::reference;
-use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, Cpu, Lcg};
-
+use gemma4_kernels::testing::{dtype, round, Cpu, Gpu, Lcg, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP};
 
 const NORM_TOL: f64 = 1e-5;
 const GELU_TOL: f64 = 2e-6;
@@ -43,7 +42,10 @@ fn is_f16<F: FloatElement>() -> bool {
 /// (1 where |out| ≤ S, 2 for RoPE), and the absolute floor.
 fn norm_tol<F: FloatElement>(rounding_multiple: f64) -> (f64, f64) {
     if is_f16::<F>() {
-        (NORM_TOL + rounding_multiple * F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP)
+        (
+            NORM_TOL + rounding_multiple * F16_ROUNDOFF,
+            F16_SUBNORMAL_HALF_ULP,
+        )
     } else {
         (NORM_TOL, 1e-30)
     }
@@ -88,7 +90,13 @@ fn gpu1<F: FloatElement>(v: &[f32], dev: &WgpuDevice) -> Tensor<Gpu<F>, 1> {
 }
 
 /// `v` (`[rows, cols]` row-major) on the device in `layout`.
-fn gpu2<F: FloatElement>(v: &[f32], rows: usize, cols: usize, layout: Layout, dev: &WgpuDevice) -> Tensor<Gpu<F>, 2> {
+fn gpu2<F: FloatElement>(
+    v: &[f32],
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+    dev: &WgpuDevice,
+) -> Tensor<Gpu<F>, 2> {
     let dev = opts::<F>(dev);
     let t = match layout {
         Layout::Contiguous => Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), dev),
@@ -239,7 +247,14 @@ fn rms_norm_grid<F: FloatElement>() {
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dims(), [rows, dim], "{name}");
-        let (abs, rel) = check_rows(name, &read(got), &expected, dim, &row_max(&expected, dim), tol);
+        let (abs, rel) = check_rows(
+            name,
+            &read(got),
+            &expected,
+            dim,
+            &row_max(&expected, dim),
+            tol,
+        );
         eprintln!("rms_norm      {:?} {name:<36} max |Δ| = {abs:.2e}, / row scale = {rel:.2e} (tol {:.2e})", dtype::<F>(), tol.0);
         worst_abs = worst_abs.max(abs);
         worst_rel = worst_rel.max(rel);
@@ -419,7 +434,8 @@ fn rms_norm_rope_grid<F: FloatElement>() {
                     p[(h * t + i) * d..(h * t + i + 1) * d].copy_from_slice(&x[src..src + d]);
                 }
             }
-            Tensor::<Gpu<F>, 3>::from_data(TensorData::new(p, [heads, t, d]), opts::<F>(&dev)).swap_dims(0, 1)
+            Tensor::<Gpu<F>, 3>::from_data(TensorData::new(p, [heads, t, d]), opts::<F>(&dev))
+                .swap_dims(0, 1)
         } else {
             Tensor::<Gpu<F>, 3>::from_data(TensorData::new(x.clone(), xd), opts::<F>(&dev))
         };
@@ -575,16 +591,25 @@ fn gelu_large<F: FloatElement>() {
     ];
     let mut rng = Lcg::new(500);
     for (label, width) in [("vector", 100usize), ("scalar", 75)] {
-        let gate: Vec<f32> = round::<F>(&(0..width).map(|i| special[i % special.len()]).collect::<Vec<_>>());
-        let up: Vec<f32> = round::<F>(&(0..width).map(|_| 0.5 + rng.next_f32()).collect::<Vec<_>>());
+        let gate: Vec<f32> = round::<F>(
+            &(0..width)
+                .map(|i| special[i % special.len()])
+                .collect::<Vec<_>>(),
+        );
+        let up: Vec<f32> =
+            round::<F>(&(0..width).map(|_| 0.5 + rng.next_f32()).collect::<Vec<_>>());
         let name = format!("special_values_{label}");
-        let (abs, rel, frac) = check_gelu::<F>(&name, &gate, &up, 1, width, Layout::Contiguous, &dev);
+        let (abs, rel, frac) =
+            check_gelu::<F>(&name, &gate, &up, 1, width, Layout::Contiguous, &dev);
         eprintln!("gelu_tanh_mul {:?} {name:<36} max |Δ| = {abs:.2e}, / |gate·up| = {rel:.2e}, / tolerance = {frac:.2}", dtype::<F>());
     }
     // The extremes exactly: gelu(1e4) = 1e4, gelu(-1e4) = 0 (to 1e-30).
     let out = read(
         gelu_tanh_mul(
-            Tensor::<Gpu<F>, 2>::from_data(TensorData::new(vec![1e4f32, -1e4, 30.0, -30.0], [1, 4]), opts::<F>(&dev)),
+            Tensor::<Gpu<F>, 2>::from_data(
+                TensorData::new(vec![1e4f32, -1e4, 30.0, -30.0], [1, 4]),
+                opts::<F>(&dev),
+            ),
             Tensor::<Gpu<F>, 2>::ones([1, 4], opts::<F>(&dev)),
             None,
         )
@@ -617,12 +642,38 @@ fn output_allocation() {
     let expected = values(reference::rms_norm(cpu2(&x, rows, dim), None, EPS));
     let scale = row_max(&expected, dim);
 
-    let got = rms_norm(gpu2::<f32>(&x, rows, dim, Layout::Contiguous, &dev), None, EPS, None).unwrap();
-    check_rows("rms_norm_no_out", &read(got), &expected, dim, &scale, norm_tol::<f32>(1.0));
+    let got = rms_norm(
+        gpu2::<f32>(&x, rows, dim, Layout::Contiguous, &dev),
+        None,
+        EPS,
+        None,
+    )
+    .unwrap();
+    check_rows(
+        "rms_norm_no_out",
+        &read(got),
+        &expected,
+        dim,
+        &scale,
+        norm_tol::<f32>(1.0),
+    );
 
     let held = Tensor::<Gpu, 2>::full([rows, dim], f32::NAN, opts::<f32>(&dev));
-    let got = rms_norm(gpu2::<f32>(&x, rows, dim, Layout::Contiguous, &dev), None, EPS, Some(held.clone())).unwrap();
-    check_rows("rms_norm_shared_out", &read(got), &expected, dim, &scale, norm_tol::<f32>(1.0));
+    let got = rms_norm(
+        gpu2::<f32>(&x, rows, dim, Layout::Contiguous, &dev),
+        None,
+        EPS,
+        Some(held.clone()),
+    )
+    .unwrap();
+    check_rows(
+        "rms_norm_shared_out",
+        &read(got),
+        &expected,
+        dim,
+        &scale,
+        norm_tol::<f32>(1.0),
+    );
     assert!(
         values(held).iter().all(|v| v.is_nan()),
         "a shared out tensor was written"

@@ -19,23 +19,30 @@ use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::backend::Backend;
 use burn::tensor::{f16, DType, Int, Tensor, TensorData};
 use burn_cubecl::FloatElement;
-use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
 use gemma4_kernels::nvfp4::gemm::{
     nvfp4_gemm, nvfp4_gemm_into, time_nvfp4_gemm, GemmError, KernelError, MAX_ROWS,
 };
-use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
-
+use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
+use gemma4_kernels::testing::{
+    dtype, every_code_and_scale, finite_e4m3_bytes, random_packed, round, Gpu, Lcg, F16_ROUNDOFF,
+    F16_SUBNORMAL_HALF_ULP,
+};
 
 const REL_TOL: f64 = 1e-5;
-
 
 /// The kernel's y (widened to f32), written into a NaN-filled buffer so that any element it
 /// misses stays NaN. Tensors are created with F's dtype explicitly: the device's default float
 /// dtype is whichever backend touched it first (f32 and f16 share it here).
-fn run_kernel<F: FloatElement>(packed: &PackedNvfp4, x: &[f32], m: usize, device: &WgpuDevice) -> Vec<f32> {
+fn run_kernel<F: FloatElement>(
+    packed: &PackedNvfp4,
+    x: &[f32],
+    m: usize,
+    device: &WgpuDevice,
+) -> Vec<f32> {
     let w: Nvfp4Weight<Gpu<F>> = packed.to_device(device);
     let opts = (device, dtype::<F>());
-    let xt = Tensor::<Gpu<F>, 2>::from_data(TensorData::new(x.to_vec(), [m, packed.in_features]), opts);
+    let xt =
+        Tensor::<Gpu<F>, 2>::from_data(TensorData::new(x.to_vec(), [m, packed.in_features]), opts);
     let poisoned = Tensor::<Gpu<F>, 2>::full([m, packed.out_features], f32::NAN, opts);
     let y = nvfp4_gemm_into(
         xt,
@@ -56,7 +63,16 @@ fn run_kernel<F: FloatElement>(packed: &PackedNvfp4, x: &[f32], m: usize, device
 /// (largest |Δ|, largest |Δ| / Σ|x·w|) over y; panics past the tolerance of the module docs
 /// (NaN included), with the f16 rounding terms when `f16`.
 #[allow(clippy::too_many_arguments)]
-fn check(name: &str, got: &[f32], x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, f16: bool) -> (f64, f64) {
+fn check(
+    name: &str,
+    got: &[f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    out: usize,
+    inp: usize,
+    f16: bool,
+) -> (f64, f64) {
     assert_eq!(got.len(), m * out);
     let (mut max_abs, mut max_rel) = (0f64, 0f64);
     for i in 0..m {
@@ -76,7 +92,10 @@ fn check(name: &str, got: &[f32], x: &[f32], w: &[f32], m: usize, out: usize, in
             if f16 {
                 tol += F16_ROUNDOFF * e.abs() + F16_SUBNORMAL_HALF_ULP;
             }
-            assert!(d <= tol, "{name}: y[{i},{o}] = {g} vs exact {e} (|Δ| {d:e} > {tol:e}, Σ|xw| = {abs_sum:e})");
+            assert!(
+                d <= tol,
+                "{name}: y[{i},{o}] = {g} vs exact {e} (|Δ| {d:e} > {tol:e}, Σ|xw| = {abs_sum:e})"
+            );
             max_abs = max_abs.max(d);
             max_rel = max_rel.max(rel);
         }
@@ -100,7 +119,8 @@ fn shape_grid<F: FloatElement>() -> (f64, f64) {
         let (mut max_abs, mut max_rel) = (0f64, 0f64);
         for &out in &outs {
             for &m in &ms {
-                let mut rng = Lcg::new((m * 1_000_003 + out * 1009 + inp) as u64 + if f16 { 17 } else { 0 });
+                let mut rng =
+                    Lcg::new((m * 1_000_003 + out * 1009 + inp) as u64 + if f16 { 17 } else { 0 });
                 let gs = 0.25 + rng.next_f32();
                 let packed = random_packed(&mut rng, out, inp, gs);
                 let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
@@ -119,7 +139,10 @@ fn shape_grid<F: FloatElement>() -> (f64, f64) {
     for (inp, abs, rel) in worst {
         eprintln!("nvfp4_gemm {:?} in = {inp:>4}, all m × out: max |Δ| = {abs:.3e}, max |Δ|/Σ|x·w| = {rel:.3e}", dtype::<F>());
     }
-    eprintln!("nvfp4_gemm {:?} whole grid: max |Δ| = {worst_abs:.3e}, max |Δ|/Σ|x·w| = {worst_rel:.3e}", dtype::<F>());
+    eprintln!(
+        "nvfp4_gemm {:?} whole grid: max |Δ| = {worst_abs:.3e}, max |Δ|/Σ|x·w| = {worst_rel:.3e}",
+        dtype::<F>()
+    );
     (worst_abs, worst_rel)
 }
 
@@ -150,7 +173,13 @@ fn every_code_and_scale_exactly<F: FloatElement>() {
     for i in 0..m {
         for r in 0..out {
             let expected = if i < 16 { w[r * inp + i] } else { 0.0 };
-            assert_eq!(got[i * out + r], expected, "{:?}: code {i}, scale byte {:#04x}", dtype::<F>(), bytes[r]);
+            assert_eq!(
+                got[i * out + r],
+                expected,
+                "{:?}: code {i}, scale byte {:#04x}",
+                dtype::<F>(),
+                bytes[r]
+            );
         }
     }
 }

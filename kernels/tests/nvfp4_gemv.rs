@@ -15,17 +15,35 @@ use burn::tensor::{f16, DType, Tensor, TensorData};
 use burn_cubecl::FloatElement;
 use gemma4_kernels::nvfp4::gemv::{nvfp4_matmul, KernelError, MAX_M};
 use gemma4_kernels::nvfp4::{scale_words_per_row, Nvfp4Weight, PackedNvfp4};
-use gemma4_kernels::testing::{dtype, round, Gpu, F16_ROUNDOFF, F16_SUBNORMAL_HALF_ULP, every_code_and_scale, finite_e4m3_bytes, random_packed, Lcg};
+use gemma4_kernels::testing::{
+    dtype, every_code_and_scale, finite_e4m3_bytes, random_packed, round, Gpu, Lcg, F16_ROUNDOFF,
+    F16_SUBNORMAL_HALF_ULP,
+};
 
 type Cpu = NdArray<f32, i32>;
 
-
 /// The kernel's y (widened to f32). Inputs are created with F's dtype explicitly: the device's
 /// default float dtype is whichever backend touched it first (f32 and f16 share it here).
-fn run_kernel<F: FloatElement>(packed: &PackedNvfp4, x: &[f32], m: usize, device: &WgpuDevice) -> Vec<f32> {
+fn run_kernel<F: FloatElement>(
+    packed: &PackedNvfp4,
+    x: &[f32],
+    m: usize,
+    device: &WgpuDevice,
+) -> Vec<f32> {
     let w: Nvfp4Weight<Gpu<F>> = packed.to_device(device);
-    let xt = Tensor::<Gpu<F>, 2>::from_data(TensorData::new(x.to_vec(), [m, packed.in_features]), (device, dtype::<F>()));
-    let y = nvfp4_matmul(xt, w.codes, w.scales, w.global_scale, w.out_features, w.in_features).expect("valid shapes");
+    let xt = Tensor::<Gpu<F>, 2>::from_data(
+        TensorData::new(x.to_vec(), [m, packed.in_features]),
+        (device, dtype::<F>()),
+    );
+    let y = nvfp4_matmul(
+        xt,
+        w.codes,
+        w.scales,
+        w.global_scale,
+        w.out_features,
+        w.in_features,
+    )
+    .expect("valid shapes");
     assert_eq!(y.dims(), [m, packed.out_features]);
     let data = y.into_data();
     assert_eq!(data.dtype, dtype::<F>());
@@ -57,7 +75,11 @@ fn shape_grid<F: FloatElement>() -> (f64, f64) {
 
             let w_ref: Nvfp4Weight<Cpu> = packed.to_device(&cpu);
             let x_ref = Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [m, inp]), &cpu);
-            let expected = x_ref.matmul(w_ref.dequantize().transpose()).into_data().to_vec::<f32>().unwrap();
+            let expected = x_ref
+                .matmul(w_ref.dequantize().transpose())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
 
             let w = packed.dequantize();
             assert_eq!(got.len(), m * out);
@@ -65,7 +87,9 @@ fn shape_grid<F: FloatElement>() -> (f64, f64) {
             let mut max_rel = 0f64;
             for i in 0..m {
                 for o in 0..out {
-                    let abs_sum: f64 = (0..inp).map(|c| (x[i * inp + c] as f64 * w[o * inp + c] as f64).abs()).sum();
+                    let abs_sum: f64 = (0..inp)
+                        .map(|c| (x[i * inp + c] as f64 * w[o * inp + c] as f64).abs())
+                        .sum();
                     let (g, e) = (got[i * out + o] as f64, expected[i * out + o] as f64);
                     let d = (g - e).abs();
                     let mut tol = 1e-4 * (1.0 + abs_sum);
@@ -115,7 +139,13 @@ fn every_code_and_scale_exactly<F: FloatElement>() {
     let w = packed.dequantize();
     for i in 0..m {
         for r in 0..out {
-            assert_eq!(got[i * out + r], w[r * inp + i], "{:?}: code {i}, scale byte {:#04x}", dtype::<F>(), bytes[r]);
+            assert_eq!(
+                got[i * out + r],
+                w[r * inp + i],
+                "{:?}: code {i}, scale byte {:#04x}",
+                dtype::<F>(),
+                bytes[r]
+            );
         }
     }
 }

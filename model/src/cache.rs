@@ -2,8 +2,8 @@
 //! Sliding layers keep only the keys the next query can still see (the window minus itself);
 //! full layers keep the whole context.
 
-use burn::prelude::*;
 use crate::Gemma4Backend;
+use burn::prelude::*;
 
 /// One layer's keys and values in preallocated buffers `[kv_heads, capacity, head_dim]`, written
 /// in place: a step appends its entries with `slice_assign` and attention reads a view of the live
@@ -32,7 +32,14 @@ const MIN_CAPACITY: usize = 64;
 impl<B: Gemma4Backend> LayerCache<B> {
     /// An empty cache that keeps `keep` entries after each step (None: all).
     pub fn new(keep: Option<usize>) -> Self {
-        LayerCache { k: None, v: None, first: 0, len: 0, start: 0, keep }
+        LayerCache {
+            k: None,
+            v: None,
+            first: 0,
+            len: 0,
+            start: 0,
+            keep,
+        }
     }
 
     /// Live entries.
@@ -52,17 +59,27 @@ impl<B: Gemma4Backend> LayerCache<B> {
     /// Appends new entries [kv_heads, n, d]; returns all keys and values visible to this step
     /// (views of the buffers) and the absolute position of the first of them. Trims to the
     /// window afterwards.
-    pub fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, usize) {
+    pub fn append(
+        &mut self,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, usize) {
         let [h, n, d] = k.dims();
         if self.first + self.len + n > self.capacity() {
             self.regrow(h, n, d, &k.device());
         }
-        let (kb, vb) = (self.k.take().expect("buffers after regrow"), self.v.take().expect("buffers after regrow"));
+        let (kb, vb) = (
+            self.k.take().expect("buffers after regrow"),
+            self.v.take().expect("buffers after regrow"),
+        );
         let at = self.first + self.len..self.first + self.len + n;
         let kb = kb.slice_assign([0..h, at.clone(), 0..d], k);
         let vb = vb.slice_assign([0..h, at, 0..d], v);
         let live = self.first..self.first + self.len + n;
-        let (k_all, v_all) = (kb.clone().slice([0..h, live.clone(), 0..d]), vb.clone().slice([0..h, live, 0..d]));
+        let (k_all, v_all) = (
+            kb.clone().slice([0..h, live.clone(), 0..d]),
+            vb.clone().slice([0..h, live, 0..d]),
+        );
         self.k = Some(kb);
         self.v = Some(vb);
         let start = self.start;
@@ -79,11 +96,17 @@ impl<B: Gemma4Backend> LayerCache<B> {
     fn regrow(&mut self, h: usize, n: usize, d: usize, device: &B::Device) {
         let need = self.len + n;
         let capacity = (need + need / 2).max(MIN_CAPACITY);
-        let (mut kb, mut vb) = (Tensor::<B, 3>::zeros([h, capacity, d], device), Tensor::<B, 3>::zeros([h, capacity, d], device));
+        let (mut kb, mut vb) = (
+            Tensor::<B, 3>::zeros([h, capacity, d], device),
+            Tensor::<B, 3>::zeros([h, capacity, d], device),
+        );
         if let (Some(k), Some(v)) = (self.k.take(), self.v.take()) {
             if self.len > 0 {
                 let live = self.first..self.first + self.len;
-                kb = kb.slice_assign([0..h, 0..self.len, 0..d], k.slice([0..h, live.clone(), 0..d]));
+                kb = kb.slice_assign(
+                    [0..h, 0..self.len, 0..d],
+                    k.slice([0..h, live.clone(), 0..d]),
+                );
                 vb = vb.slice_assign([0..h, 0..self.len, 0..d], v.slice([0..h, live, 0..d]));
             }
         }
@@ -104,7 +127,10 @@ impl<B: Gemma4Backend> KvCache<B> {
     /// A fresh cache with one layer per item of `keep`: the entries that layer keeps after a
     /// step (None: all). `TextModel::new_cache` gives the model's.
     pub fn new(keep: impl IntoIterator<Item = Option<usize>>) -> Self {
-        KvCache { layers: keep.into_iter().map(LayerCache::new).collect(), seq_len: 0 }
+        KvCache {
+            layers: keep.into_iter().map(LayerCache::new).collect(),
+            seq_len: 0,
+        }
     }
 
     /// Cached entries over all layers (for memory accounting and leak tests).

@@ -5,8 +5,8 @@
 
 use std::ops::Range;
 
-use burn::prelude::*;
 use crate::Gemma4Backend;
+use burn::prelude::*;
 
 use crate::attention::Attention;
 use crate::cache::LayerCache;
@@ -27,20 +27,47 @@ pub struct DecoderLayer<B: Gemma4Backend> {
 
 impl<B: Gemma4Backend> DecoderLayer<B> {
     /// h [t, hidden] -> [t, hidden]; `images` as in `Attention::forward`.
-    pub fn forward(&self, h: Tensor<B, 2>, pos0: usize, rope: &RopeTables<B>, cache: &mut LayerCache<B>, images: &[Range<usize>]) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(h.clone()), pos0, rope, cache, images);
+    pub fn forward(
+        &self,
+        h: Tensor<B, 2>,
+        pos0: usize,
+        rope: &RopeTables<B>,
+        cache: &mut LayerCache<B>,
+        images: &[Range<usize>],
+    ) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward(
+            self.input_layernorm.forward(h.clone()),
+            pos0,
+            rope,
+            cache,
+            images,
+        );
         self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
     }
 
     /// Batched decode: one new token per sequence (see `Attention::forward_batch`).
-    pub fn forward_batch(&self, h: Tensor<B, 2>, positions: &[usize], rope: &RopeTables<B>, caches: &mut [&mut LayerCache<B>]) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward_batch(self.input_layernorm.forward(h.clone()), positions, rope, caches);
+    pub fn forward_batch(
+        &self,
+        h: Tensor<B, 2>,
+        positions: &[usize],
+        rope: &RopeTables<B>,
+        caches: &mut [&mut LayerCache<B>],
+    ) -> Tensor<B, 2> {
+        let attn = self.self_attn.forward_batch(
+            self.input_layernorm.forward(h.clone()),
+            positions,
+            rope,
+            caches,
+        );
         self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
     }
 
     /// The feed-forward half, with the layer's scalar folded into the residual add.
     fn feed_forward(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
-        let ff = self.mlp.forward(self.pre_feedforward_layernorm.forward(h.clone()));
-        self.post_feedforward_layernorm.forward_add(h, ff, self.layer_scalar)
+        let ff = self
+            .mlp
+            .forward(self.pre_feedforward_layernorm.forward(h.clone()));
+        self.post_feedforward_layernorm
+            .forward_add(h, ff, self.layer_scalar)
     }
 }

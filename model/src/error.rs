@@ -6,7 +6,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: invalid JSON: {msg}", path.display())]
     Json { path: PathBuf, msg: String },
     #[error("config field `{field}`: {msg}")]
@@ -18,23 +21,41 @@ pub enum LoadError {
     #[error("tensor `{name}` is missing from the checkpoint")]
     MissingTensor { name: String },
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
-    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("tensor `{name}`: dtype {found} is not supported here (expected {expected})")]
-    Dtype { name: String, expected: String, found: String },
+    Dtype {
+        name: String,
+        expected: String,
+        found: String,
+    },
     #[error("tensor `{name}`: {msg}")]
     BadValue { name: String, msg: String },
     #[error("tensor `{name}` is stored in more than one file ({first} and {second})")]
-    Duplicate { name: String, first: String, second: String },
+    Duplicate {
+        name: String,
+        first: String,
+        second: String,
+    },
     #[error("the checkpoint holds tensors the model does not use: {names}")]
     Unused { names: String },
 }
 
 impl LoadError {
     pub(crate) fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        LoadError::Config { field: field.into(), msg: msg.into() }
+        LoadError::Config {
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
     pub(crate) fn unsupported(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        LoadError::Unsupported { field: field.into(), msg: msg.into() }
+        LoadError::Unsupported {
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -42,7 +63,11 @@ impl LoadError {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RunError {
     #[error("token id {id} at position {position} is outside the vocabulary (size {vocab})")]
-    TokenOutOfRange { id: u32, position: usize, vocab: usize },
+    TokenOutOfRange {
+        id: u32,
+        position: usize,
+        vocab: usize,
+    },
     #[error("empty input: at least one token is needed")]
     EmptyInput,
     #[error("sequence of {len} tokens exceeds the context limit of {max}")]

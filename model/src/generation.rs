@@ -21,18 +21,33 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+        }
     }
 
     pub fn validate(&self) -> Result<(), RunError> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(RunError::Sampling { field: "temperature", msg: format!("{} must be >= 0", self.temperature) });
+            return Err(RunError::Sampling {
+                field: "temperature",
+                msg: format!("{} must be >= 0", self.temperature),
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(RunError::Sampling { field: "top_p", msg: format!("{} must be in (0, 1]", self.top_p) });
+            return Err(RunError::Sampling {
+                field: "top_p",
+                msg: format!("{} must be in (0, 1]", self.top_p),
+            });
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(RunError::Sampling { field: "min_p", msg: format!("{} must be in [0, 1]", self.min_p) });
+            return Err(RunError::Sampling {
+                field: "min_p",
+                msg: format!("{} must be in [0, 1]", self.min_p),
+            });
         }
         Ok(())
     }
@@ -156,7 +171,10 @@ pub fn generate<B: Gemma4Backend>(
         return Err(RunError::EmptyInput);
     }
     if req.prompt.len() > req.max_len {
-        return Err(RunError::ContextOverflow { len: req.prompt.len(), max: req.max_len });
+        return Err(RunError::ContextOverflow {
+            len: req.prompt.len(),
+            max: req.max_len,
+        });
     }
     let budget = req.max_new_tokens.min(req.max_len - req.prompt.len());
     let mut cache = model.new_cache();
@@ -182,7 +200,12 @@ pub fn generate<B: Gemma4Backend>(
         logits = model.forward(&[next], &mut cache, Logits::Last)?;
         row = crate::to_host_f32(logits);
     }
-    Ok(GenerateOutput { tokens, finish, prompt_seconds, decode_seconds: start.elapsed().as_secs_f64() })
+    Ok(GenerateOutput {
+        tokens,
+        finish,
+        prompt_seconds,
+        decode_seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]
@@ -194,18 +217,39 @@ mod tests {
         let mut rng = Rng::new(0);
         let logits = [1.0, 5.0, 5.0, 2.0];
         assert_eq!(sample(&logits, &SamplingParams::greedy(), &[], &mut rng), 1);
-        assert_eq!(sample(&logits, &SamplingParams::greedy(), &[1], &mut rng), 2);
+        assert_eq!(
+            sample(&logits, &SamplingParams::greedy(), &[1], &mut rng),
+            2
+        );
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_is_reproducible() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams { temperature: 0.8, top_k: 1, top_p: 1.0, min_p: 0.0, seed: 7 };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 1,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 7,
+        };
         let g = sample(&logits, &SamplingParams::greedy(), &[], &mut Rng::new(0));
         assert_eq!(sample(&logits, &p, &[], &mut Rng::new(3)), g);
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, min_p: 0.05, seed: 7 };
-        let a: Vec<u32> = { let mut r = Rng::new(42); (0..20).map(|_| sample(&logits, &p, &[], &mut r)).collect() };
-        let b: Vec<u32> = { let mut r = Rng::new(42); (0..20).map(|_| sample(&logits, &p, &[], &mut r)).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.05,
+            seed: 7,
+        };
+        let a: Vec<u32> = {
+            let mut r = Rng::new(42);
+            (0..20).map(|_| sample(&logits, &p, &[], &mut r)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = Rng::new(42);
+            (0..20).map(|_| sample(&logits, &p, &[], &mut r)).collect()
+        };
         assert_eq!(a, b);
     }
 
@@ -213,17 +257,29 @@ mod tests {
     fn sampling_frequencies_follow_softmax() {
         // Two tokens with logit gap ln(3): probabilities 0.75 / 0.25.
         let logits = [0.0f32, 3f32.ln(), -100.0];
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 1 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 1,
+        };
         let mut rng = Rng::new(1);
         let n = 20_000;
-        let ones = (0..n).filter(|_| sample(&logits, &p, &[], &mut rng) == 1).count();
+        let ones = (0..n)
+            .filter(|_| sample(&logits, &p, &[], &mut rng) == 1)
+            .count();
         let f = ones as f64 / n as f64;
         assert!((f - 0.75).abs() < 0.015, "frequency {f}");
         // top_p 0.5 keeps only the most likely token.
         let p = SamplingParams { top_p: 0.5, ..p };
         assert!((0..200).all(|_| sample(&logits, &p, &[], &mut rng) == 1));
         // min_p 0.5: token 0 has 1/3 of the top probability -> removed.
-        let p = SamplingParams { top_p: 1.0, min_p: 0.5, ..p };
+        let p = SamplingParams {
+            top_p: 1.0,
+            min_p: 0.5,
+            ..p
+        };
         assert!((0..200).all(|_| sample(&logits, &p, &[], &mut rng) == 1));
     }
 }

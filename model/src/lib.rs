@@ -21,14 +21,13 @@ pub mod weights;
 
 #[doc(hidden)]
 pub mod testing;
-pub use gemma4_kernels::Gemma4Backend;
 /// The kernels crate (attention parameters and references, NVFP4 format), for benches and tools.
 pub use gemma4_kernels as kernels;
+pub use gemma4_kernels::Gemma4Backend;
 
 use std::path::Path;
 
 use burn::prelude::Backend;
-
 
 pub use cache::KvCache;
 pub use config::{GenerationConfig, ModelConfig};
@@ -42,7 +41,10 @@ pub type CpuBackend = burn::backend::NdArray<f32, i32>;
 /// A float tensor's elements as f32 on the host, whatever the backend's float type (logits of a
 /// half-precision backend are widened here, after the device has done its work).
 pub fn to_host_f32<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32 just above")
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("converted to f32 just above")
 }
 
 /// What the loader did, for logs.
@@ -79,7 +81,14 @@ impl WeightBytes {
 impl std::fmt::Display for WeightBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let gb = |b: usize| b as f64 / 1e9;
-        write!(f, "weights {:.3} GB: NVFP4 packed {:.3} GB, {} {:.3} GB", gb(self.total()), gb(self.nvfp4), self.float_dtype, gb(self.float))
+        write!(
+            f,
+            "weights {:.3} GB: NVFP4 packed {:.3} GB, {} {:.3} GB",
+            gb(self.total()),
+            gb(self.nvfp4),
+            self.float_dtype,
+            gb(self.float)
+        )
     }
 }
 
@@ -90,7 +99,10 @@ struct FloatBytes {
 }
 
 impl<B: Backend> burn::module::ModuleVisitor<B> for FloatBytes {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+    fn visit_float<const D: usize>(
+        &mut self,
+        param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+    ) {
         let t = param.val();
         let dtype = t.dtype();
         self.bytes += t.shape().num_elements() * dtype.size();
@@ -117,7 +129,11 @@ impl<B: Gemma4Backend> Model<B> {
     }
 
     /// As `load`, calling `progress(tensors loaded, total)` along the way.
-    pub fn load_with_progress(dir: &Path, device: &B::Device, progress: impl FnMut(usize, usize) + Send + 'static) -> Result<Self, LoadError> {
+    pub fn load_with_progress(
+        dir: &Path,
+        device: &B::Device,
+        progress: impl FnMut(usize, usize) + Send + 'static,
+    ) -> Result<Self, LoadError> {
         let config = ModelConfig::from_dir(dir)?;
         let generation = GenerationConfig::from_dir(dir)?;
         let mut ckpt = weights::Checkpoint::open(dir)?;
@@ -129,7 +145,12 @@ impl<B: Gemma4Backend> Model<B> {
         text.image_token_id = config.image_token_id;
         let vision = match &config.vision {
             Some(vc) if ckpt.contains("model.vision_tower.patch_embedder.input_proj.weight") => {
-                Some(vision::VisionTower::load(&mut ckpt, vc, config.text.hidden_size, device)?)
+                Some(vision::VisionTower::load(
+                    &mut ckpt,
+                    vc,
+                    config.text.hidden_size,
+                    device,
+                )?)
             }
             _ => None,
         };
@@ -137,7 +158,9 @@ impl<B: Gemma4Backend> Model<B> {
         // are acknowledged in the report rather than silently dropped.
         let skipped: Vec<String> = ckpt
             .names()
-            .filter(|n| n.starts_with("model.vision_tower.") || n.starts_with("model.embed_vision."))
+            .filter(|n| {
+                n.starts_with("model.vision_tower.") || n.starts_with("model.embed_vision.")
+            })
             .filter(|_| vision.is_none())
             .map(str::to_string)
             .collect();
@@ -146,7 +169,10 @@ impl<B: Gemma4Backend> Model<B> {
         }
         ckpt.finish()?;
         let (nvfp4_linears, dense_linears) = text.linear_counts();
-        let mut floats = FloatBytes { bytes: 0, dtype: None };
+        let mut floats = FloatBytes {
+            bytes: 0,
+            dtype: None,
+        };
         burn::module::Module::visit(&text, &mut floats);
         let text_bytes = text_nvfp4 + floats.bytes;
         if let Some(v) = &vision {
@@ -155,14 +181,32 @@ impl<B: Gemma4Backend> Model<B> {
         let bytes = WeightBytes {
             nvfp4: ckpt.nvfp4_bytes,
             float: floats.bytes,
-            float_dtype: floats.dtype.map_or_else(|| "float".into(), |d| format!("{d:?}")),
+            float_dtype: floats
+                .dtype
+                .map_or_else(|| "float".into(), |d| format!("{d:?}")),
         };
-        let report = LoadReport { tensors_used: ckpt.used_count() - skipped.len(), nvfp4_linears, dense_linears, skipped, bytes, text_bytes };
-        Ok(Model { config, generation, text, vision, report })
+        let report = LoadReport {
+            tensors_used: ckpt.used_count() - skipped.len(),
+            nvfp4_linears,
+            dense_linears,
+            skipped,
+            bytes,
+            text_bytes,
+        };
+        Ok(Model {
+            config,
+            generation,
+            text,
+            vision,
+            report,
+        })
     }
 
     /// Soft tokens `[n, text_hidden]` of one preprocessed image.
-    pub fn encode_image(&self, image: &vision::PreprocessedImage) -> Result<burn::tensor::Tensor<B, 2>, RunError> {
+    pub fn encode_image(
+        &self,
+        image: &vision::PreprocessedImage,
+    ) -> Result<burn::tensor::Tensor<B, 2>, RunError> {
         let tower = self.vision.as_ref().ok_or(RunError::NoVision)?;
         Ok(tower.encode(image, &self.text.embed_tokens.device()))
     }
@@ -194,7 +238,10 @@ impl GenerationConfig {
     pub fn sampling(&self, seed: u64) -> SamplingParams {
         let g = self;
         if g.do_sample == Some(false) {
-            return SamplingParams { seed, ..SamplingParams::greedy() };
+            return SamplingParams {
+                seed,
+                ..SamplingParams::greedy()
+            };
         }
         SamplingParams {
             temperature: g.temperature.unwrap_or(1.0) as f32,

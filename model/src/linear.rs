@@ -2,9 +2,9 @@
 //! per linear from the tensors present (`weight` U8 plus `weight_scale` means NVFP4), never from a
 //! hard-coded list.
 
+use crate::Gemma4Backend;
 use burn::module::Param;
 use burn::prelude::*;
-use crate::Gemma4Backend;
 
 use crate::nvfp4::Nvfp4Weight;
 

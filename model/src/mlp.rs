@@ -1,8 +1,8 @@
 //! Gated MLP: down(gelu_tanh(gate(x)) · up(x)) (`Gemma4TextMLP`). In the 31B checkpoint these three
 //! are the NVFP4 linears.
 
-use burn::prelude::*;
 use crate::Gemma4Backend;
+use burn::prelude::*;
 
 use crate::linear::Linear;
 

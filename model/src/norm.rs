@@ -17,7 +17,10 @@ pub struct RmsNorm<B: Gemma4Backend> {
 
 impl<B: Gemma4Backend> RmsNorm<B> {
     pub fn new(weight: Option<Tensor<B, 1>>, eps: f64) -> Self {
-        Self { weight: weight.map(Param::from_tensor), eps }
+        Self {
+            weight: weight.map(Param::from_tensor),
+            eps,
+        }
     }
 
     /// Normalizes over the last dimension.
@@ -38,7 +41,12 @@ impl<B: Gemma4Backend> RmsNorm<B> {
     }
 
     /// The q/k norm per head, then rotate-half RoPE: x `[t, heads, d]`, cos/sin `[t, d]`.
-    pub fn forward_rope(&self, x: Tensor<B, 3>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 3> {
+    pub fn forward_rope(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
         B::rms_norm_rope(x, self.weight(), self.eps, cos, sin)
     }
 
@@ -58,17 +66,32 @@ mod tests {
         let device = Default::default();
         let mut rng = Lcg::new(3);
         let (rows, dim) = (3usize, 24usize);
-        let x: Vec<f32> = (0..rows * dim).map(|_| rng.next_f32() * 4.0 - 2.0).collect();
+        let x: Vec<f32> = (0..rows * dim)
+            .map(|_| rng.next_f32() * 4.0 - 2.0)
+            .collect();
         let w: Vec<f32> = (0..dim).map(|_| rng.next_f32() + 0.5).collect();
-        let norm = RmsNorm::<Cpu>::new(Some(Tensor::from_data(TensorData::new(w.clone(), [dim]), &device)), 1e-6);
-        let y = norm.forward(Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &device));
+        let norm = RmsNorm::<Cpu>::new(
+            Some(Tensor::from_data(
+                TensorData::new(w.clone(), [dim]),
+                &device,
+            )),
+            1e-6,
+        );
+        let y = norm.forward(Tensor::<Cpu, 2>::from_data(
+            TensorData::new(x.clone(), [rows, dim]),
+            &device,
+        ));
         let y = y.into_data().to_vec::<f32>().unwrap();
         for r in 0..rows {
             let row = &x[r * dim..(r + 1) * dim];
             let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / dim as f64;
             for c in 0..dim {
                 let e = row[c] as f64 / (ms + 1e-6).sqrt() * w[c] as f64;
-                assert!((y[r * dim + c] as f64 - e).abs() < 1e-5, "{} vs {e}", y[r * dim + c]);
+                assert!(
+                    (y[r * dim + c] as f64 - e).abs() < 1e-5,
+                    "{} vs {e}",
+                    y[r * dim + c]
+                );
             }
         }
     }

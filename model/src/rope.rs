@@ -33,23 +33,40 @@ impl Rope {
         let rotated = match cfg.kind {
             RopeKind::Default => half,
             // Python: int(rope_proportion * head_dim // 2)
-            RopeKind::Proportional { partial_rotary_factor } => ((partial_rotary_factor * head_dim as f64) / 2.0).floor() as usize,
+            RopeKind::Proportional {
+                partial_rotary_factor,
+            } => ((partial_rotary_factor * head_dim as f64) / 2.0).floor() as usize,
         };
         let base = cfg.theta as f32;
         let inv_freq = (0..half)
-            .map(|i| if i < rotated { 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32) } else { 0.0 })
+            .map(|i| {
+                if i < rotated {
+                    1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Rope { inv_freq, head_dim }
     }
 
     /// cos and sin tables [len, head_dim] for positions start..start+len (emb = cat(freqs, freqs)).
-    pub fn tables<B: Backend>(&self, start: usize, len: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    pub fn tables<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let positions: Vec<usize> = (start..start + len).collect();
         self.tables_at(&positions, device)
     }
 
     /// [`Self::tables_at`] as a [`RopeTables`].
-    pub fn step_tables<B: Backend>(&self, positions: &[usize], device: &B::Device) -> RopeTables<B> {
+    pub fn step_tables<B: Backend>(
+        &self,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> RopeTables<B> {
         let (cos, sin) = self.tables_at(positions, device);
         RopeTables { cos, sin }
     }
@@ -58,7 +75,11 @@ impl Rope {
     /// The angles are p · inv_freq in f32 on the host, as transformers computes them (a half
     /// precision backend could not even represent positions above 2048 exactly), then cast to
     /// the backend's float type on upload.
-    pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    pub fn tables_at<B: Backend>(
+        &self,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let d = self.head_dim;
         let len = positions.len();
         let mut cos = Vec::with_capacity(len * d);
@@ -85,27 +106,51 @@ mod tests {
 
     #[test]
     fn proportional_frequencies() {
-        let r = Rope::new(&RopeConfig { kind: RopeKind::Proportional { partial_rotary_factor: 0.25 }, theta: 1e6 }, 512);
+        let r = Rope::new(
+            &RopeConfig {
+                kind: RopeKind::Proportional {
+                    partial_rotary_factor: 0.25,
+                },
+                theta: 1e6,
+            },
+            512,
+        );
         assert_eq!(r.inv_freq.len(), 256);
         assert_eq!(r.inv_freq.iter().filter(|f| **f != 0.0).count(), 64);
         // Exponent over the full head dim: inv_freq[1] = 1e6^(-2/512).
         assert!((r.inv_freq[1] - 1e6f32.powf(-2.0 / 512.0)).abs() < 1e-7);
-        let d = Rope::new(&RopeConfig { kind: RopeKind::Default, theta: 1e4 }, 256);
+        let d = Rope::new(
+            &RopeConfig {
+                kind: RopeKind::Default,
+                theta: 1e4,
+            },
+            256,
+        );
         assert!(d.inv_freq.iter().all(|f| *f > 0.0));
     }
 
     #[test]
     fn rotate_half_against_scalar_formula() {
         let device = Default::default();
-        let rope = Rope::new(&RopeConfig { kind: RopeKind::Default, theta: 100.0 }, 8);
+        let rope = Rope::new(
+            &RopeConfig {
+                kind: RopeKind::Default,
+                theta: 100.0,
+            },
+            8,
+        );
         let (len, heads, d) = (5usize, 3usize, 8usize);
         let mut rng = Lcg::new(5);
         let x: Vec<f32> = (0..len * heads * d).map(|_| rng.next_f32() - 0.5).collect();
         let (cos, sin) = rope.tables::<Cpu>(7, len, &device);
-        let y = apply_rope(Tensor::<Cpu, 3>::from_data(TensorData::new(x.clone(), [len, heads, d]), &device), cos, sin)
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
+        let y = apply_rope(
+            Tensor::<Cpu, 3>::from_data(TensorData::new(x.clone(), [len, heads, d]), &device),
+            cos,
+            sin,
+        )
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
         for p in 0..len {
             for h in 0..heads {
                 let base = (p * heads + h) * d;
@@ -114,7 +159,9 @@ mod tests {
                     let (x1, x2) = (x[base + i], x[base + i + d / 2]);
                     let e1 = x1 * a.cos() - x2 * a.sin();
                     let e2 = x2 * a.cos() + x1 * a.sin();
-                    assert!((y[base + i] - e1).abs() < 1e-6 && (y[base + i + d / 2] - e2).abs() < 1e-6);
+                    assert!(
+                        (y[base + i] - e1).abs() < 1e-6 && (y[base + i + d / 2] - e2).abs() < 1e-6
+                    );
                 }
             }
         }

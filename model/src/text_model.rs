@@ -1,9 +1,9 @@
 //! The text tower (`Gemma4TextModel` + tied lm_head of `Gemma4ForConditionalGeneration`):
 //! scaled embedding, decoder layers, final norm, logits = h · embed_tokensᵀ, final softcap.
 
+use crate::Gemma4Backend;
 use burn::module::Param;
 use burn::prelude::*;
-use crate::Gemma4Backend;
 use burn::tensor::TensorData;
 
 use crate::attention::Attention;
@@ -50,7 +50,12 @@ pub struct TextModel<B: Gemma4Backend> {
 
 impl<B: Gemma4Backend> TextModel<B> {
     /// Runs `tokens` (the next tokens of the sequence held by `cache`) and returns logits.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<Tensor<B, 2>, RunError> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        which: Logits,
+    ) -> Result<Tensor<B, 2>, RunError> {
         self.forward_multimodal(tokens, None, cache, which)
     }
 
@@ -60,12 +65,26 @@ impl<B: Gemma4Backend> TextModel<B> {
     /// as pad embeddings. Each run of
     /// placeholders is one image: its tokens see each other in both directions on sliding
     /// layers, so a run must not be split across calls.
-    pub fn forward_multimodal(&self, tokens: &[u32], soft: Option<Tensor<B, 2>>, cache: &mut KvCache<B>, which: Logits) -> Result<Tensor<B, 2>, RunError> {
+    pub fn forward_multimodal(
+        &self,
+        tokens: &[u32],
+        soft: Option<Tensor<B, 2>>,
+        cache: &mut KvCache<B>,
+        which: Logits,
+    ) -> Result<Tensor<B, 2>, RunError> {
         if tokens.is_empty() {
             return Err(RunError::EmptyInput);
         }
-        if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_size) {
-            return Err(RunError::TokenOutOfRange { id, position: cache.seq_len + position, vocab: self.vocab_size });
+        if let Some((position, &id)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.vocab_size)
+        {
+            return Err(RunError::TokenOutOfRange {
+                id,
+                position: cache.seq_len + position,
+                vocab: self.vocab_size,
+            });
         }
         let t = tokens.len();
         let pos0 = cache.seq_len;
@@ -78,7 +97,10 @@ impl<B: Gemma4Backend> TextModel<B> {
         if let Some(soft) = soft {
             let [n, width] = soft.dims();
             if n != placeholders || width != self.hidden_size {
-                return Err(RunError::SoftTokens { expected: placeholders, got: n });
+                return Err(RunError::SoftTokens {
+                    expected: placeholders,
+                    got: n,
+                });
             }
             // One gather over [embeddings; soft tokens]: row i of the result is soft row k for
             // the k-th placeholder, else embedding row i.
@@ -86,12 +108,22 @@ impl<B: Gemma4Backend> TextModel<B> {
             let index: Vec<i32> = tokens
                 .iter()
                 .enumerate()
-                .map(|(i, &id)| if is_image(id) { k += 1; (t + k - 1) as i32 } else { i as i32 })
+                .map(|(i, &id)| {
+                    if is_image(id) {
+                        k += 1;
+                        (t + k - 1) as i32
+                    } else {
+                        i as i32
+                    }
+                })
                 .collect();
             let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [t]), &h.device());
             h = Tensor::cat(vec![h, soft], 0).select(0, index);
             if let Some(id) = self.image_token_id {
-                images = image_runs(tokens, id).into_iter().map(|r| pos0 + r.start..pos0 + r.end).collect();
+                images = image_runs(tokens, id)
+                    .into_iter()
+                    .map(|r| pos0 + r.start..pos0 + r.end)
+                    .collect();
             }
         }
         let positions: Vec<usize> = (pos0..pos0 + t).collect();
@@ -107,21 +139,35 @@ impl<B: Gemma4Backend> TextModel<B> {
         Ok(self.logits(h))
     }
 
-    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Tensor<B, 2>, RunError> {
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache<B>],
+    ) -> Result<Tensor<B, 2>, RunError> {
         if tokens.is_empty() || tokens.len() != caches.len() {
             return Err(RunError::EmptyInput);
         }
         for (b, &id) in tokens.iter().enumerate() {
             if id as usize >= self.vocab_size {
-                return Err(RunError::TokenOutOfRange { id, position: caches[b].seq_len, vocab: self.vocab_size });
+                return Err(RunError::TokenOutOfRange {
+                    id,
+                    position: caches[b].seq_len,
+                    vocab: self.vocab_size,
+                });
             }
         }
         let mut h = self.embed(tokens);
         let positions: Vec<usize> = caches.iter().map(|c| c.seq_len).collect();
         let ropes = self.step_ropes(&positions);
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut layer_caches: Vec<&mut crate::cache::LayerCache<B>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = layer.forward_batch(h, &positions, ropes.get(layer.self_attn.kind()), &mut layer_caches);
+            let mut layer_caches: Vec<&mut crate::cache::LayerCache<B>> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            h = layer.forward_batch(
+                h,
+                &positions,
+                ropes.get(layer.self_attn.kind()),
+                &mut layer_caches,
+            );
         }
         for c in caches.iter_mut() {
             c.seq_len += 1;
@@ -132,7 +178,11 @@ impl<B: Gemma4Backend> TextModel<B> {
     /// A fresh cache shaped for this model's layers (sliding layers keep the window minus the
     /// next query itself).
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.layers.iter().map(|l| l.self_attn.sliding_window.map(|w| w - 1)))
+        KvCache::new(
+            self.layers
+                .iter()
+                .map(|l| l.self_attn.sliding_window.map(|w| w - 1)),
+        )
     }
 
     /// This step's RoPE tables, one pair per layer kind present.
@@ -171,20 +221,34 @@ impl<B: Gemma4Backend> TextModel<B> {
     }
 
     /// Loads the text tower from a checkpoint, marking every tensor it uses.
-    pub fn load(ckpt: &mut Checkpoint, cfg: &TextConfig, device: &B::Device) -> Result<Self, LoadError> {
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        cfg: &TextConfig,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         // Gemma4ForConditionalGeneration writes `model.language_model.*`; a text-only
         // Gemma4ForCausalLM writes `model.*`.
-        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model" } else { "model" };
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") {
+            "model.language_model"
+        } else {
+            "model"
+        };
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_name = format!("{prefix}.embed_tokens.weight");
         let embed_dtype = ckpt.dtype(&embed_name);
         let embed = ckpt.float_data(&embed_name, &[v, h])?;
         let embed_scale = round_to_dtype((h as f32).sqrt(), embed_dtype);
         if !cfg.tie_word_embeddings {
-            return Err(LoadError::unsupported("tie_word_embeddings", "untied lm_head is not supported (Gemma 4 ties it)"));
+            return Err(LoadError::unsupported(
+                "tie_word_embeddings",
+                "untied lm_head is not supported (Gemma 4 ties it)",
+            ));
         }
         if ckpt.contains("lm_head.weight") {
-            return Err(LoadError::unsupported("lm_head.weight", "the config ties embeddings but the checkpoint has an lm_head tensor"));
+            return Err(LoadError::unsupported(
+                "lm_head.weight",
+                "the config ties embeddings but the checkpoint has an lm_head tensor",
+            ));
         }
 
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -199,7 +263,17 @@ impl<B: Gemma4Backend> TextModel<B> {
             let self_attn = Attention {
                 q_proj: load_linear(ckpt, &format!("{a}.q_proj"), nh * d, h, device)?,
                 k_proj: load_linear(ckpt, &format!("{a}.k_proj"), nkv * d, h, device)?,
-                v_proj: if lc.has_v_proj { Some(load_linear(ckpt, &format!("{a}.v_proj"), nkv * d, h, device)?) } else { None },
+                v_proj: if lc.has_v_proj {
+                    Some(load_linear(
+                        ckpt,
+                        &format!("{a}.v_proj"),
+                        nkv * d,
+                        h,
+                        device,
+                    )?)
+                } else {
+                    None
+                },
                 o_proj: load_linear(ckpt, &format!("{a}.o_proj"), h, nh * d, device)?,
                 q_norm: load_norm(ckpt, &format!("{a}.q_norm"), d, cfg.rms_norm_eps, device)?,
                 k_norm: load_norm(ckpt, &format!("{a}.k_norm"), d, cfg.rms_norm_eps, device)?,
@@ -228,9 +302,27 @@ impl<B: Gemma4Backend> TextModel<B> {
                 self_attn,
                 mlp,
                 input_layernorm: load_norm(ckpt, &format!("{p}.input_layernorm"), h, eps, device)?,
-                post_attention_layernorm: load_norm(ckpt, &format!("{p}.post_attention_layernorm"), h, eps, device)?,
-                pre_feedforward_layernorm: load_norm(ckpt, &format!("{p}.pre_feedforward_layernorm"), h, eps, device)?,
-                post_feedforward_layernorm: load_norm(ckpt, &format!("{p}.post_feedforward_layernorm"), h, eps, device)?,
+                post_attention_layernorm: load_norm(
+                    ckpt,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                    device,
+                )?,
+                pre_feedforward_layernorm: load_norm(
+                    ckpt,
+                    &format!("{p}.pre_feedforward_layernorm"),
+                    h,
+                    eps,
+                    device,
+                )?,
+                post_feedforward_layernorm: load_norm(
+                    ckpt,
+                    &format!("{p}.post_feedforward_layernorm"),
+                    h,
+                    eps,
+                    device,
+                )?,
                 layer_scalar: ckpt.scalar(&format!("{p}.layer_scalar"))?,
             });
         }
@@ -254,7 +346,14 @@ impl<B: Gemma4Backend> TextModel<B> {
         let mut all = vec![];
         for l in &self.layers {
             let a = &l.self_attn;
-            all.extend([&a.q_proj, &a.k_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+            all.extend([
+                &a.q_proj,
+                &a.k_proj,
+                &a.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
+            ]);
             if let Some(v) = &a.v_proj {
                 all.push(v);
             }
@@ -269,7 +368,12 @@ struct StepRopes<B: Gemma4Backend>(Vec<(LayerKind, RopeTables<B>)>);
 
 impl<B: Gemma4Backend> StepRopes<B> {
     fn get(&self, kind: LayerKind) -> &RopeTables<B> {
-        &self.0.iter().find(|(k, _)| *k == kind).expect("step_ropes covers every layer kind").1
+        &self
+            .0
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("step_ropes covers every layer kind")
+            .1
     }
 }
 
@@ -299,7 +403,13 @@ fn round_to_dtype(x: f32, dtype: Option<Dtype>) -> f32 {
     }
 }
 
-pub fn load_norm<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, dim: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>, LoadError> {
+pub fn load_norm<B: Gemma4Backend>(
+    ckpt: &mut Checkpoint,
+    prefix: &str,
+    dim: usize,
+    eps: f64,
+    device: &B::Device,
+) -> Result<RmsNorm<B>, LoadError> {
     let w = ckpt.float_data(&format!("{prefix}.weight"), &[dim])?;
     Ok(RmsNorm::new(Some(Tensor::from_data(w, device)), eps))
 }
@@ -310,12 +420,24 @@ fn transpose_data(data: TensorData, rows: usize, cols: usize) -> TensorData {
     let bytes = data.as_bytes();
     let out: Vec<u8> = match dtype.size() {
         2 => {
-            let a: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-            transpose(&a, rows, cols).into_iter().flat_map(u16::to_le_bytes).collect()
+            let a: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            transpose(&a, rows, cols)
+                .into_iter()
+                .flat_map(u16::to_le_bytes)
+                .collect()
         }
         _ => {
-            let a: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            transpose(&a, rows, cols).into_iter().flat_map(u32::to_le_bytes).collect()
+            let a: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            transpose(&a, rows, cols)
+                .into_iter()
+                .flat_map(u32::to_le_bytes)
+                .collect()
         }
     };
     TensorData::from_bytes_vec(out, [cols, rows], dtype)
@@ -339,7 +461,13 @@ fn transpose<T: Copy + Default>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
 }
 
 /// A linear `prefix` with weight [out, in]: NVFP4 when `weight` is U8 and `weight_scale` exists.
-pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: usize, inp: usize, device: &B::Device) -> Result<Linear<B>, LoadError> {
+pub fn load_linear<B: Gemma4Backend>(
+    ckpt: &mut Checkpoint,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    device: &B::Device,
+) -> Result<Linear<B>, LoadError> {
     let wname = format!("{prefix}.weight");
     let sname = format!("{prefix}.weight_scale");
     let is_nvfp4 = ckpt.dtype(&wname) == Some(Dtype::U8) && ckpt.contains(&sname);
@@ -354,24 +482,38 @@ pub fn load_linear<B: Gemma4Backend>(ckpt: &mut Checkpoint, prefix: &str, out: u
         return Ok(Linear::Dense(Param::from_tensor(w)));
     }
     if !inp.is_multiple_of(GROUP_SIZE) {
-        return Err(LoadError::Shape { name: wname, expected: vec![out, inp / 2], found: vec![out, inp] });
+        return Err(LoadError::Shape {
+            name: wname,
+            expected: vec![out, inp / 2],
+            found: vec![out, inp],
+        });
     }
     let global = ckpt.scalar(&format!("{prefix}.weight_scale_2"))?;
     ckpt.skip(&format!("{prefix}.input_scale")); // W4A4 only; Hopper runs W4A16.
     let scale = {
         let s = ckpt.raw(&sname)?;
         if s.dtype != Dtype::F8_E4M3 {
-            return Err(LoadError::Dtype { name: sname, expected: "F8_E4M3".into(), found: dtype_name(s.dtype) });
+            return Err(LoadError::Dtype {
+                name: sname,
+                expected: "F8_E4M3".into(),
+                found: dtype_name(s.dtype),
+            });
         }
         check_shape(&s, &[out, inp / GROUP_SIZE])?;
         // 0x7f / 0xff are E4M3's NaN: a checkpoint holding one is corrupt.
         if let Some(i) = s.bytes.iter().position(|b| b & 0x7f == 0x7f) {
-            return Err(LoadError::BadValue { name: sname, msg: format!("NaN block scale at flat index {i}") });
+            return Err(LoadError::BadValue {
+                name: sname,
+                msg: format!("NaN block scale at flat index {i}"),
+            });
         }
         s.bytes.to_vec()
     };
     if !global.is_finite() {
-        return Err(LoadError::BadValue { name: format!("{prefix}.weight_scale_2"), msg: format!("non-finite global scale {global}") });
+        return Err(LoadError::BadValue {
+            name: format!("{prefix}.weight_scale_2"),
+            msg: format!("non-finite global scale {global}"),
+        });
     }
     let w = ckpt.raw(&wname)?;
     check_shape(&w, &[out, inp / 2])?;

@@ -46,16 +46,30 @@ impl Checkpoint {
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| LoadError::config("model.safetensors.index.json weight_map", "missing or not an object"))?;
+                .ok_or_else(|| {
+                    LoadError::config(
+                        "model.safetensors.index.json weight_map",
+                        "missing or not an object",
+                    )
+                })?;
             let names: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
             if names.len() != map.values().count() && map.values().any(|f| !f.is_string()) {
-                return Err(LoadError::config("model.safetensors.index.json weight_map", "file names must be strings"));
+                return Err(LoadError::config(
+                    "model.safetensors.index.json weight_map",
+                    "file names must be strings",
+                ));
             }
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             vec![dir.join("model.safetensors")]
         };
-        let mut ckpt = Checkpoint { files: vec![], entries: HashMap::new(), used: BTreeSet::new(), nvfp4_bytes: 0, progress: None };
+        let mut ckpt = Checkpoint {
+            files: vec![],
+            entries: HashMap::new(),
+            used: BTreeSet::new(),
+            nvfp4_bytes: 0,
+            progress: None,
+        };
         for path in files {
             ckpt.add_file(path)?;
         }
@@ -63,19 +77,33 @@ impl Checkpoint {
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), LoadError> {
-        let file = std::fs::File::open(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+        let file = std::fs::File::open(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
         // SAFETY: the file is opened read-only and is not modified while the engine runs; the
         // checkpoint directory is treated as immutable, as in every safetensors loader.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.clone(), source })?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
         // `deserialize` checks the header, dtypes, and that every byte range fits the file
         // (a truncated file fails here).
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| LoadError::Safetensors { path: path.clone(), msg: e.to_string() })?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         let base = mmap.as_ptr() as usize;
         let idx = self.files.len();
         for (name, view) in st.iter() {
             let start = view.data().as_ptr() as usize - base;
-            let entry = Entry { file: idx, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
+            let entry = Entry {
+                file: idx,
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                start,
+                end: start + view.data().len(),
+            };
             if let Some(prev) = self.entries.get(name) {
                 return Err(LoadError::Duplicate {
                     name: name.to_string(),
@@ -107,15 +135,22 @@ impl Checkpoint {
 
     /// Takes a tensor (marks it used).
     pub fn raw(&mut self, name: &str) -> Result<RawTensor<'_>, LoadError> {
-        let (key, e) = self
-            .entries
-            .get_key_value(name)
-            .ok_or_else(|| LoadError::MissingTensor { name: name.to_string() })?;
+        let (key, e) =
+            self.entries
+                .get_key_value(name)
+                .ok_or_else(|| LoadError::MissingTensor {
+                    name: name.to_string(),
+                })?;
         self.used.insert(key.clone());
         if let Some(p) = self.progress.as_mut() {
             p(self.used.len(), self.entries.len());
         }
-        Ok(RawTensor { name: key, dtype: e.dtype, shape: &e.shape, bytes: &self.files[e.file].1[e.start..e.end] })
+        Ok(RawTensor {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: &self.files[e.file].1[e.start..e.end],
+        })
     }
 
     /// Marks a tensor as deliberately not used (e.g. `input_scale`, only for W4A4).
@@ -142,29 +177,53 @@ impl Checkpoint {
             Dtype::F32 => DType::F32,
             Dtype::BF16 => DType::BF16,
             Dtype::F16 => DType::F16,
-            other => return Err(LoadError::Dtype { name: t.name.into(), expected: "BF16, F16 or F32".into(), found: dtype_name(other) }),
+            other => {
+                return Err(LoadError::Dtype {
+                    name: t.name.into(),
+                    expected: "BF16, F16 or F32".into(),
+                    found: dtype_name(other),
+                })
+            }
         };
-        Ok(TensorData::from_bytes_vec(t.bytes.to_vec(), shape.to_vec(), dtype))
+        Ok(TensorData::from_bytes_vec(
+            t.bytes.to_vec(),
+            shape.to_vec(),
+            dtype,
+        ))
     }
 
     /// A scalar F32/BF16/F16 tensor of shape [] or [1].
     pub fn scalar(&mut self, name: &str) -> Result<f32, LoadError> {
         let t = self.raw(name)?;
         if t.shape.iter().product::<usize>() != 1 {
-            return Err(LoadError::Shape { name: name.into(), expected: vec![], found: t.shape.to_vec() });
+            return Err(LoadError::Shape {
+                name: name.into(),
+                expected: vec![],
+                found: t.shape.to_vec(),
+            });
         }
         Ok(to_f32(&t)?[0])
     }
 
     /// Error if any tensor was not consumed by the model.
     pub fn finish(&self) -> Result<(), LoadError> {
-        let mut unused: Vec<&str> = self.entries.keys().filter(|k| !self.used.contains(*k)).map(String::as_str).collect();
+        let mut unused: Vec<&str> = self
+            .entries
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .map(String::as_str)
+            .collect();
         if unused.is_empty() {
             return Ok(());
         }
         unused.sort_unstable();
         let total = unused.len();
-        let mut names = unused.iter().take(8).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ");
+        let mut names = unused
+            .iter()
+            .take(8)
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
         if total > 8 {
             names.push_str(&format!(" and {} more", total - 8));
         }
@@ -178,7 +237,11 @@ impl Checkpoint {
 
 pub fn check_shape(t: &RawTensor, shape: &[usize]) -> Result<(), LoadError> {
     if t.shape != shape {
-        return Err(LoadError::Shape { name: t.name.into(), expected: shape.to_vec(), found: t.shape.to_vec() });
+        return Err(LoadError::Shape {
+            name: t.name.into(),
+            expected: shape.to_vec(),
+            found: t.shape.to_vec(),
+        });
     }
     Ok(())
 }
@@ -190,11 +253,24 @@ pub fn dtype_name(d: Dtype) -> String {
 fn to_f32(t: &RawTensor) -> Result<Vec<f32>, LoadError> {
     let b = t.bytes;
     Ok(match t.dtype {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         other => {
-            return Err(LoadError::Dtype { name: t.name.into(), expected: "BF16, F16 or F32".into(), found: dtype_name(other) })
+            return Err(LoadError::Dtype {
+                name: t.name.into(),
+                expected: "BF16, F16 or F32".into(),
+                found: dtype_name(other),
+            })
         }
     })
 }

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use burn::tensor::{Distribution, Tensor, TensorData};
-use gemma4_model::nvfp4::{scale_words_per_row, Nvfp4Weight, GROUP_SIZE};
+use gemma4_model::generation::{sample, Rng};
 use gemma4_model::kernels::attention::{reference, AttentionParams};
 use gemma4_model::kernels::fused::reference as fused_ref;
-use gemma4_model::generation::{sample, Rng};
+use gemma4_model::nvfp4::{scale_words_per_row, Nvfp4Weight, GROUP_SIZE};
 use gemma4_model::{Gemma4Backend, KvCache, Logits, Model, SamplingParams};
 use serde_json::{json, Value};
 
@@ -25,7 +25,12 @@ fn sync<B: Gemma4Backend>(device: &B::Device) -> Result<()> {
 }
 
 /// [`time`] when `on` (the kernel table's reference column), else None.
-fn time_if<B: Gemma4Backend, T>(on: bool, device: &B::Device, repeats: usize, f: impl FnMut() -> T) -> Result<Option<f64>> {
+fn time_if<B: Gemma4Backend, T>(
+    on: bool,
+    device: &B::Device,
+    repeats: usize,
+    f: impl FnMut() -> T,
+) -> Result<Option<f64>> {
     if on {
         time::<B, T>(device, repeats, f).map(Some)
     } else {
@@ -34,7 +39,11 @@ fn time_if<B: Gemma4Backend, T>(on: bool, device: &B::Device, repeats: usize, f:
 }
 
 /// Median seconds of `f` over `repeats` runs after one warm-up, each run ended by a device sync.
-fn time<B: Gemma4Backend, T>(device: &B::Device, repeats: usize, mut f: impl FnMut() -> T) -> Result<f64> {
+fn time<B: Gemma4Backend, T>(
+    device: &B::Device,
+    repeats: usize,
+    mut f: impl FnMut() -> T,
+) -> Result<f64> {
     drop(f());
     sync::<B>(device)?;
     let mut times = Vec::with_capacity(repeats);
@@ -56,12 +65,24 @@ fn time<B: Gemma4Backend, T>(device: &B::Device, repeats: usize, mut f: impl FnM
 /// once (`report.text_bytes`; the KV cache of a short context adds little), so tok/s cannot exceed
 /// read bandwidth / those bytes. The bandwidth is measured in the same run: a host read on the
 /// CPU (`host`), a device copy elsewhere.
-pub fn end_to_end<B: Gemma4Backend>(m: &Model<B>, prompt_len: usize, decode_tokens: usize, repeats: usize, batch: usize, host: bool) -> Result<Value> {
+pub fn end_to_end<B: Gemma4Backend>(
+    m: &Model<B>,
+    prompt_len: usize,
+    decode_tokens: usize,
+    repeats: usize,
+    batch: usize,
+    host: bool,
+) -> Result<Value> {
     let vocab = m.text.vocab_size as u64;
     let mut rng = Rng::new(1234);
-    let prompt: Vec<u32> = (0..prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
     let read = |t: Tensor<B, 2>| t.into_data(); // reading back waits for the device
-    read(m.text.forward(&prompt, &mut m.text.new_cache(), Logits::Last)?);
+    read(
+        m.text
+            .forward(&prompt, &mut m.text.new_cache(), Logits::Last)?,
+    );
     let mut prefill = vec![];
     for _ in 0..repeats {
         let mut cache = m.text.new_cache();
@@ -124,7 +145,9 @@ fn random_nvfp4<B: Gemma4Backend>(out: usize, inp: usize, device: &B::Device) ->
     let codes: Vec<i32> = (0..out * inp / 8).map(|_| rng.next_u64() as i32).collect();
     let spr = scale_words_per_row(inp);
     // E4M3 0x30..0x3f are 0.5..0.9375 / 1..1.875: finite, never NaN.
-    let scales: Vec<i32> = (0..out * spr).map(|_| i32::from_le_bytes([0x30 + (rng.next_u64() % 16) as u8; 4])).collect();
+    let scales: Vec<i32> = (0..out * spr)
+        .map(|_| i32::from_le_bytes([0x30 + (rng.next_u64() % 16) as u8; 4]))
+        .collect();
     Nvfp4Weight {
         codes: Tensor::from_data(TensorData::new(codes, [out, inp / 8]), device),
         scales: Tensor::from_data(TensorData::new(scales, [out, spr]), device),
@@ -145,18 +168,31 @@ struct Row {
 
 /// The kernel table at the 31B shapes. `prefill_rows`: m of the prefill GEMM and t of the
 /// prefill attention (keep it small on the CPU); `context`: keys of the full-layer decode.
-pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, context: usize, repeats: usize, with_reference: bool, host: bool) -> Result<Value> {
+pub fn kernels<B: Gemma4Backend>(
+    device: &B::Device,
+    prefill_rows: usize,
+    context: usize,
+    repeats: usize,
+    with_reference: bool,
+    host: bool,
+) -> Result<Value> {
     let (copy_bw, baseline) = bandwidth::<B>(device, repeats, host)?;
 
     let mut rows = Vec::new();
     // NVFP4 MLP linears: gate/up [21504, 5376] and down [5376, 21504].
-    for (name, out, inp) in [("nvfp4 gate/up_proj", 21504usize, 5376usize), ("nvfp4 down_proj", 5376, 21504)] {
+    for (name, out, inp) in [
+        ("nvfp4 gate/up_proj", 21504usize, 5376usize),
+        ("nvfp4 down_proj", 5376, 21504),
+    ] {
         let w = random_nvfp4::<B>(out, inp, device);
         let weight_bytes = (out * inp / 2 + out * inp / GROUP_SIZE) as f64;
         for m in [1usize, 16, prefill_rows] {
             let x = Tensor::<B, 2>::random([m, inp], Distribution::Uniform(-1.0, 1.0), device);
             let seconds = time::<B, _>(device, repeats, || w.forward(x.clone()))?;
-            let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || w.forward_reference(x.clone()))?;
+            let reference_seconds =
+                time_if::<B, _>(with_reference, device, repeats.min(3), || {
+                    w.forward_reference(x.clone())
+                })?;
             rows.push(Row {
                 kernel: name.into(),
                 shape: format!("m={m} out={out} in={inp}"),
@@ -170,17 +206,36 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
 
     // Attention: full layers (32 query heads over 4 KV heads of 512), sliding layers (32 over 16
     // KV heads of 256, window 1024). Decode: one query against the cache; prefill: t queries.
-    let attention = |rows: &mut Vec<Row>, name: &str, t: usize, s: usize, kv: usize, d: usize, window: Option<usize>| -> Result<()> {
+    let attention = |rows: &mut Vec<Row>,
+                     name: &str,
+                     t: usize,
+                     s: usize,
+                     kv: usize,
+                     d: usize,
+                     window: Option<usize>|
+     -> Result<()> {
         let q = Tensor::<B, 3>::random([t, 32, d], Distribution::Uniform(-1.0, 1.0), device);
         let k = Tensor::<B, 3>::random([kv, s, d], Distribution::Uniform(-1.0, 1.0), device);
         let v = Tensor::<B, 3>::random([kv, s, d], Distribution::Uniform(-1.0, 1.0), device);
         let p = AttentionParams::causal(s - t, 0, window);
-        let seconds = time::<B, _>(device, repeats, || <B as Gemma4Backend>::attention(q.clone(), k.clone(), v.clone(), &p))?;
-        let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || reference::attention(q.clone(), k.clone(), v.clone(), &p))?;
-        let visible: usize = (0..t).map(|i| { let qp = s - t + i; window.map_or(qp + 1, |w| w.min(qp + 1)) }).sum();
+        let seconds = time::<B, _>(device, repeats, || {
+            <B as Gemma4Backend>::attention(q.clone(), k.clone(), v.clone(), &p)
+        })?;
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || {
+            reference::attention(q.clone(), k.clone(), v.clone(), &p)
+        })?;
+        let visible: usize = (0..t)
+            .map(|i| {
+                let qp = s - t + i;
+                window.map_or(qp + 1, |w| w.min(qp + 1))
+            })
+            .sum();
         rows.push(Row {
             kernel: name.into(),
-            shape: format!("t={t} s={s} heads=32 kv={kv} d={d}{}", window.map_or(String::new(), |w| format!(" window={w}"))),
+            shape: format!(
+                "t={t} s={s} heads=32 kv={kv} d={d}{}",
+                window.map_or(String::new(), |w| format!(" window={w}"))
+            ),
             seconds,
             bytes: ((2 * kv * s * d + 2 * t * 32 * d) * 4) as f64,
             flops: (4 * 32 * d * visible) as f64,
@@ -188,30 +243,104 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
         });
         Ok(())
     };
-    attention(&mut rows, "attention decode, full", 1, context, 4, 512, None)?;
-    attention(&mut rows, "attention decode, sliding", 1, 1024, 16, 256, Some(1024))?;
-    attention(&mut rows, "attention prefill, full", prefill_rows, prefill_rows, 4, 512, None)?;
-    attention(&mut rows, "attention prefill, sliding", prefill_rows, prefill_rows, 16, 256, Some(1024))?;
+    attention(
+        &mut rows,
+        "attention decode, full",
+        1,
+        context,
+        4,
+        512,
+        None,
+    )?;
+    attention(
+        &mut rows,
+        "attention decode, sliding",
+        1,
+        1024,
+        16,
+        256,
+        Some(1024),
+    )?;
+    attention(
+        &mut rows,
+        "attention prefill, full",
+        prefill_rows,
+        prefill_rows,
+        4,
+        512,
+        None,
+    )?;
+    attention(
+        &mut rows,
+        "attention prefill, sliding",
+        prefill_rows,
+        prefill_rows,
+        16,
+        256,
+        Some(1024),
+    )?;
 
     // The fused steps around the matmuls, at decode (m = 1) and prefill rows; the reference is
     // the chain of Burn ops they replace. Bytes: every input read once, the output written once.
-    let unif = |shape: [usize; 2]| Tensor::<B, 2>::random(shape, Distribution::Uniform(-1.0, 1.0), device);
+    let unif =
+        |shape: [usize; 2]| Tensor::<B, 2>::random(shape, Distribution::Uniform(-1.0, 1.0), device);
     for m in [1usize, prefill_rows] {
-        let (h, x, w) = (unif([m, 5376]), unif([m, 5376]), Tensor::<B, 1>::random([5376], Distribution::Uniform(0.5, 1.5), device));
-        let seconds = time::<B, _>(device, repeats, || B::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?;
-        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || fused_ref::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5))?;
-        rows.push(Row { kernel: "rms_norm_add (sandwich norm)".into(), shape: format!("m={m} dim=5376"), seconds, bytes: ((3 * m + 1) * 5376 * 4) as f64, flops: 0.0, reference_seconds });
+        let (h, x, w) = (
+            unif([m, 5376]),
+            unif([m, 5376]),
+            Tensor::<B, 1>::random([5376], Distribution::Uniform(0.5, 1.5), device),
+        );
+        let seconds = time::<B, _>(device, repeats, || {
+            B::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5)
+        })?;
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || {
+            fused_ref::rms_norm_add(h.clone(), x.clone(), w.clone(), 1e-6, 0.5)
+        })?;
+        rows.push(Row {
+            kernel: "rms_norm_add (sandwich norm)".into(),
+            shape: format!("m={m} dim=5376"),
+            seconds,
+            bytes: ((3 * m + 1) * 5376 * 4) as f64,
+            flops: 0.0,
+            reference_seconds,
+        });
 
         let q = Tensor::<B, 3>::random([m, 32, 256], Distribution::Uniform(-1.0, 1.0), device);
-        let (cos, sin, qw) = (unif([m, 256]), unif([m, 256]), Tensor::<B, 1>::random([256], Distribution::Uniform(0.5, 1.5), device));
-        let seconds = time::<B, _>(device, repeats, || B::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?;
-        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || fused_ref::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone()))?;
-        rows.push(Row { kernel: "rms_norm_rope (q, sliding)".into(), shape: format!("t={m} heads=32 d=256"), seconds, bytes: ((2 * m * 32 * 256 + 2 * m * 256 + 256) * 4) as f64, flops: 0.0, reference_seconds });
+        let (cos, sin, qw) = (
+            unif([m, 256]),
+            unif([m, 256]),
+            Tensor::<B, 1>::random([256], Distribution::Uniform(0.5, 1.5), device),
+        );
+        let seconds = time::<B, _>(device, repeats, || {
+            B::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone())
+        })?;
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || {
+            fused_ref::rms_norm_rope(q.clone(), Some(qw.clone()), 1e-6, cos.clone(), sin.clone())
+        })?;
+        rows.push(Row {
+            kernel: "rms_norm_rope (q, sliding)".into(),
+            shape: format!("t={m} heads=32 d=256"),
+            seconds,
+            bytes: ((2 * m * 32 * 256 + 2 * m * 256 + 256) * 4) as f64,
+            flops: 0.0,
+            reference_seconds,
+        });
 
         let (gate, up) = (unif([m, 21504]), unif([m, 21504]));
-        let seconds = time::<B, _>(device, repeats, || B::gelu_tanh_mul(gate.clone(), up.clone()))?;
-        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || fused_ref::gelu_tanh_mul(gate.clone(), up.clone()))?;
-        rows.push(Row { kernel: "gelu_tanh_mul (MLP gate)".into(), shape: format!("m={m} width=21504"), seconds, bytes: (3 * m * 21504 * 4) as f64, flops: 0.0, reference_seconds });
+        let seconds = time::<B, _>(device, repeats, || {
+            B::gelu_tanh_mul(gate.clone(), up.clone())
+        })?;
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats, || {
+            fused_ref::gelu_tanh_mul(gate.clone(), up.clone())
+        })?;
+        rows.push(Row {
+            kernel: "gelu_tanh_mul (MLP gate)".into(),
+            shape: format!("m={m} width=21504"),
+            seconds,
+            bytes: (3 * m * 21504 * 4) as f64,
+            flops: 0.0,
+            reference_seconds,
+        });
     }
 
     // Dense linears (bf16 in the checkpoint; f32 on these backends) through the backend's
@@ -221,7 +350,9 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
     for m in [1usize, 16, prefill_rows] {
         let x = unif([m, 5376]);
         let seconds = time::<B, _>(device, repeats, || B::dense_linear(x.clone(), w.clone()))?;
-        let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || x.clone().matmul(w.clone()))?;
+        let reference_seconds = time_if::<B, _>(with_reference, device, repeats.min(3), || {
+            x.clone().matmul(w.clone())
+        })?;
         rows.push(Row {
             kernel: "dense k_proj (f32)".into(),
             shape: format!("m={m} out=4096 in=5376"),
@@ -247,13 +378,22 @@ pub fn kernels<B: Gemma4Backend>(device: &B::Device, prefill_rows: usize, contex
             })
         })
         .collect();
-    Ok(json!({ "copy_bandwidth_GB_s": copy_bw / 1e9, "bandwidth_baseline": baseline, "kernels": table }))
+    Ok(
+        json!({ "copy_bandwidth_GB_s": copy_bw / 1e9, "bandwidth_baseline": baseline, "kernels": table }),
+    )
 }
 
 /// The table as aligned text, for people.
 pub fn print_kernel_table(v: &Value) {
-    println!("bandwidth for the roofline ({}): {:.1} GB/s", v["bandwidth_baseline"].as_str().unwrap_or(""), v["copy_bandwidth_GB_s"].as_f64().unwrap_or(0.0));
-    println!("{:<32} {:<44} {:>11} {:>9} {:>9} {:>9} {:>9}", "kernel", "shape", "us", "GB/s", "TFLOP/s", "roofline", "vs ref");
+    println!(
+        "bandwidth for the roofline ({}): {:.1} GB/s",
+        v["bandwidth_baseline"].as_str().unwrap_or(""),
+        v["copy_bandwidth_GB_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<32} {:<44} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "kernel", "shape", "us", "GB/s", "TFLOP/s", "roofline", "vs ref"
+    );
     for r in v["kernels"].as_array().into_iter().flatten() {
         let f = |k: &str| r[k].as_f64();
         println!(
@@ -273,27 +413,54 @@ pub fn print_kernel_table(v: &Value) {
 /// allows (budget ≤ it), and always its parts — patch embedding, one encoder layer, pooling and
 /// projection — composed as embed + layers × layer + pool (every encoder layer has the same
 /// shapes), so the large budgets can be estimated where a full run would take too long.
-pub fn vision<B: Gemma4Backend>(m: &Model<B>, dir: &std::path::Path, budgets: &[usize], full_up_to: usize) -> Result<Value> {
+pub fn vision<B: Gemma4Backend>(
+    m: &Model<B>,
+    dir: &std::path::Path,
+    budgets: &[usize],
+    full_up_to: usize,
+) -> Result<Value> {
     use gemma4_model::vision::preprocess::{preprocess, ImageProcessorConfig};
-    let tower = m.vision.as_ref().ok_or_else(|| anyhow!("this checkpoint has no vision tower"))?;
+    let tower = m
+        .vision
+        .as_ref()
+        .ok_or_else(|| anyhow!("this checkpoint has no vision tower"))?;
     let device = m.text.embed_tokens.device();
     let cfg = ImageProcessorConfig::from_dir(dir).map_err(|e| anyhow!("{e}"))?;
     // A 4:3 photo-sized gradient: every budget resizes it to nearly its full token count.
-    let img = image::RgbImage::from_fn(1200, 900, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]));
+    let img = image::RgbImage::from_fn(1200, 900, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
     let mut rows = Vec::new();
     for &budget in budgets {
         let pre = preprocess(&img, &cfg, budget).map_err(|e| anyhow!("{e}"))?;
         let n = pre.positions.len();
-        let pixels = Tensor::<B, 2>::from_data(TensorData::new(pre.pixel_values.clone(), [n, pre.pixel_values.len() / n]), &device);
+        let pixels = Tensor::<B, 2>::from_data(
+            TensorData::new(pre.pixel_values.clone(), [n, pre.pixel_values.len() / n]),
+            &device,
+        );
         let xs: Vec<usize> = pre.positions.iter().map(|p| p[0] as usize).collect();
         let ys: Vec<usize> = pre.positions.iter().map(|p| p[1] as usize).collect();
-        let embed_s = time::<B, _>(&device, 1, || tower.patch_embedder.forward(pixels.clone(), &xs, &ys))?;
+        let embed_s = time::<B, _>(&device, 1, || {
+            tower.patch_embedder.forward(pixels.clone(), &xs, &ys)
+        })?;
         let h = tower.patch_embedder.forward(pixels.clone(), &xs, &ys);
         let (cos, sin) = tower.rope.tables::<B>(&xs, &ys, &device);
-        let layer_s = time::<B, _>(&device, 1, || tower.layers[0].forward(h.clone(), &cos, &sin))?;
-        let pool_s = time::<B, _>(&device, 1, || tower.embed_vision.forward(tower.pooler.forward(h.clone(), pre.patches_h, pre.patches_w)))?;
+        let layer_s = time::<B, _>(&device, 1, || {
+            tower.layers[0].forward(h.clone(), &cos, &sin)
+        })?;
+        let pool_s = time::<B, _>(&device, 1, || {
+            tower.embed_vision.forward(tower.pooler.forward(
+                h.clone(),
+                pre.patches_h,
+                pre.patches_w,
+            ))
+        })?;
         let composed = embed_s + tower.layers.len() as f64 * layer_s + pool_s;
-        let full = if budget <= full_up_to { Some(time::<B, _>(&device, 1, || m.encode_image(&pre))?) } else { None };
+        let full = if budget <= full_up_to {
+            Some(time::<B, _>(&device, 1, || m.encode_image(&pre))?)
+        } else {
+            None
+        };
         rows.push(json!({
             "max_soft_tokens": budget,
             "soft_tokens": pre.num_soft_tokens,
@@ -310,24 +477,40 @@ pub fn vision<B: Gemma4Backend>(m: &Model<B>, dir: &std::path::Path, budgets: &[
 /// The roofline's bandwidth in bytes/s, measured in this run: on a device, y = x + 1 over
 /// 512 MiB; on the host, a plain read of 256 MiB on every core (the tensor library's elementwise
 /// ops are far below the memory's speed there).
-fn bandwidth<B: Gemma4Backend>(device: &B::Device, repeats: usize, host: bool) -> Result<(f64, &'static str)> {
+fn bandwidth<B: Gemma4Backend>(
+    device: &B::Device,
+    repeats: usize,
+    host: bool,
+) -> Result<(f64, &'static str)> {
     if host {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        return Ok((host_read_bandwidth(256 << 20, threads, 5), "host memory read, 256 MiB, all cores"));
+        return Ok((
+            host_read_bandwidth(256 << 20, threads, 5),
+            "host memory read, 256 MiB, all cores",
+        ));
     }
     // Eight buffers of 64 MiB: far beyond any L2, each within wgpu's default buffer limit.
     let n = 16 << 20;
-    let xs: Vec<Tensor<B, 1>> = (0..8).map(|_| Tensor::<B, 1>::random([n], Distribution::Default, device)).collect();
-    let copy_s = time::<B, _>(device, repeats, || xs.iter().map(|x| x.clone() + 1.0).collect::<Vec<_>>())?;
+    let xs: Vec<Tensor<B, 1>> = (0..8)
+        .map(|_| Tensor::<B, 1>::random([n], Distribution::Default, device))
+        .collect();
+    let copy_s = time::<B, _>(device, repeats, || {
+        xs.iter().map(|x| x.clone() + 1.0).collect::<Vec<_>>()
+    })?;
     let elem = xs[0].dtype().size();
-    Ok(((8 * 2 * n * elem) as f64 / copy_s, "device copy y = x + 1 over 8 buffers of 16 Mi elements, read + written"))
+    Ok((
+        (8 * 2 * n * elem) as f64 / copy_s,
+        "device copy y = x + 1 over 8 buffers of 16 Mi elements, read + written",
+    ))
 }
 
 /// Plain memory-read bandwidth of the host in bytes/s (best of `iters` passes, wall time):
 /// `threads` threads sum a `bytes` buffer of u64 (use well above the L3 size). The same
 /// measurement as the kernels' bench examples (`kernels/examples/common`).
 fn host_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
-    let buf: Vec<u64> = (0..(bytes / 8) as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let buf: Vec<u64> = (0..(bytes / 8) as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
     let part = buf.len().div_ceil(threads.max(1)).max(1);
     let sum = |c: &[u64]| {
         let mut acc = [0u64; 8];
@@ -337,14 +520,19 @@ fn host_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
                 acc[j] = acc[j].wrapping_add(ch[j]);
             }
         }
-        it.remainder().iter().chain(&acc).fold(0u64, |a, &b| a.wrapping_add(b))
+        it.remainder()
+            .iter()
+            .chain(&acc)
+            .fold(0u64, |a, &b| a.wrapping_add(b))
     };
     let mut best = f64::INFINITY;
     for _ in 0..iters.max(1) {
         let t = Instant::now();
         let total = std::thread::scope(|sc| {
             let hs: Vec<_> = buf.chunks(part).map(|c| sc.spawn(move || sum(c))).collect();
-            hs.into_iter().map(|h| h.join().expect("a summing thread panicked")).fold(0u64, u64::wrapping_add)
+            hs.into_iter()
+                .map(|h| h.join().expect("a summing thread panicked"))
+                .fold(0u64, u64::wrapping_add)
         });
         best = best.min(t.elapsed().as_secs_f64());
         std::hint::black_box(total);

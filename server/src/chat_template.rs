@@ -69,8 +69,15 @@ pub enum ToolResults {
 const TEMPLATE_NAME: &str = "chat_template";
 const TOOL_USE_TEMPLATE_NAME: &str = "chat_template.tool_use";
 /// The named special tokens transformers exposes to templates (`SPECIAL_TOKENS_ATTRIBUTES`).
-const SPECIAL_TOKEN_NAMES: [&str; 7] =
-    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+const SPECIAL_TOKEN_NAMES: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 /// Variables transformers passes itself; a kwarg with one of these names is a Python TypeError.
 const RESERVED_VARIABLES: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
 
@@ -154,8 +161,14 @@ impl ChatTemplate {
         if templates.is_empty() {
             return Ok(None);
         }
-        let default = templates.iter().find(|(n, _)| n == "default").map(|(_, t)| t.clone());
-        let tool_use = templates.iter().find(|(n, _)| n == "tool_use").map(|(_, t)| t.clone());
+        let default = templates
+            .iter()
+            .find(|(n, _)| n == "default")
+            .map(|(_, t)| t.clone());
+        let tool_use = templates
+            .iter()
+            .find(|(n, _)| n == "tool_use")
+            .map(|(_, t)| t.clone());
         let Some(default) = default.or_else(|| tool_use.clone()) else {
             let names: Vec<&str> = templates.iter().map(|(n, _)| n.as_str()).collect();
             return Err(TemplateError(format!(
@@ -196,9 +209,10 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, preprocess_source(source))
             .map_err(|e| TemplateError::from_minijinja("chat template does not parse", &e))?;
         if let Some(t) = tool_use {
-            env.add_template_owned(TOOL_USE_TEMPLATE_NAME, preprocess_source(t)).map_err(|e| {
-                TemplateError::from_minijinja("tool_use chat template does not parse", &e)
-            })?;
+            env.add_template_owned(TOOL_USE_TEMPLATE_NAME, preprocess_source(t))
+                .map_err(|e| {
+                    TemplateError::from_minijinja("tool_use chat template does not parse", &e)
+                })?;
         }
         Ok(ChatTemplate {
             env,
@@ -261,7 +275,9 @@ impl ChatTemplate {
             ));
         }
         if let Some(i) = messages.iter().position(|m| !m.is_object()) {
-            return Err(TemplateError(format!("messages[{i}]: a chat message must be an object")));
+            return Err(TemplateError(format!(
+                "messages[{i}]: a chat message must be an object"
+            )));
         }
         let messages: Vec<Value> = messages.iter().map(normalise_message).collect();
         ctx.insert("messages".to_owned(), Value::from(messages));
@@ -273,7 +289,10 @@ impl ChatTemplate {
             },
         );
         ctx.insert("documents".to_owned(), Value::from(()));
-        ctx.insert("add_generation_prompt".to_owned(), Value::from(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".to_owned(),
+            Value::from(add_generation_prompt),
+        );
         template
             .render(Value::from(ctx))
             .map_err(|e| TemplateError::from_minijinja("chat template failed", &e))
@@ -345,7 +364,10 @@ impl Object for PyDict {
     }
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
@@ -358,7 +380,12 @@ impl Object for PyDict {
 }
 
 fn dict_value(pairs: Vec<(String, Value)>) -> Value {
-    Value::from_object(PyDict(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect()))
+    Value::from_object(PyDict(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    ))
 }
 
 fn json_to_value(v: &Json) -> Value {
@@ -376,9 +403,11 @@ fn json_to_value(v: &Json) -> Value {
         }
         Json::String(s) => Value::from(s.as_str()),
         Json::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
-        Json::Object(obj) => {
-            dict_value(obj.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect())
-        }
+        Json::Object(obj) => dict_value(
+            obj.iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        ),
     }
 }
 
@@ -419,7 +448,11 @@ fn new_environment() -> Result<Environment<'static>, TemplateError> {
     env.add_filter("float", float_filter);
     env.add_global("dict", Value::from_object(DictGlobal));
     env.add_test("sequence", |v: &Value| {
-        v.is_undefined() || matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String)
+        v.is_undefined()
+            || matches!(
+                v.kind(),
+                ValueKind::Seq | ValueKind::Map | ValueKind::String
+            )
     });
     env.add_test("iterable", |v: &Value| {
         v.is_undefined()
@@ -457,9 +490,11 @@ fn preprocess_source(source: &str) -> String {
             rest = &tag[consumed..];
         } else {
             // `{% raw %}` content is copied as is.
-            let raw_end =
-                parse_tag_word(tag).filter(|(_, word, _)| *word == "raw").and_then(|_| {
-                    tag.find("endraw").and_then(|i| tag[i..].find("%}").map(|j| i + j + 2))
+            let raw_end = parse_tag_word(tag)
+                .filter(|(_, word, _)| *word == "raw")
+                .and_then(|_| {
+                    tag.find("endraw")
+                        .and_then(|i| tag[i..].find("%}").map(|j| i + j + 2))
                 });
             let n = raw_end.unwrap_or(2);
             out.push_str(&tag[..n]);
@@ -478,7 +513,9 @@ fn parse_tag_word(tag: &str) -> Option<(&str, &str, &str)> {
         _ => ("", body),
     };
     let body = body.trim_start();
-    let end = body.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(body.len());
+    let end = body
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(body.len());
     Some((marker, &body[..end], &body[end..]))
 }
 
@@ -494,7 +531,11 @@ fn rewrite_tag(tag: &str) -> Option<(String, usize)> {
                 _ => ("", after),
             };
             let after = after.strip_prefix("%}")?;
-            let replacement_word = if word == "generation" { "with" } else { "endwith" };
+            let replacement_word = if word == "generation" {
+                "with"
+            } else {
+                "endwith"
+            };
             Some((
                 format!("{{%{marker} {replacement_word} {close_marker}%}}"),
                 tag.len() - after.len(),
@@ -506,13 +547,19 @@ fn rewrite_tag(tag: &str) -> Option<(String, usize)> {
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(target.len());
             let name = &target[..name_end];
-            let is_ident = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            let is_ident = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
             if !is_ident || !target[name_end..].trim_start().starts_with('.') {
                 return None;
             }
             // Re-emit the tag's start after the no-op `if`; the rest of the tag follows untouched.
             let consumed = tag.len() - after.len();
-            Some((format!("{{%{marker} if {name} is defined %}}{{% endif %}}{{% set"), consumed))
+            Some((
+                format!("{{%{marker} if {name} is defined %}}{{% endif %}}{{% set"),
+                consumed,
+            ))
         }
         _ => None,
     }
@@ -611,7 +658,11 @@ fn py_float_repr(f: f64) -> String {
 /// Python's `repr(str)`: single quotes unless the text has `'` and no `"`, escapes for
 /// backslash, the quote, `\t \n \r` and non-printable characters.
 fn py_repr_str(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -662,7 +713,10 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Er
     const NAMES: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
     let mut opts: [Option<Value>; 4] = Default::default();
     if args.len() > NAMES.len() {
-        return Err(Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments",
+        ));
     }
     for (slot, v) in opts.iter_mut().zip(args.iter()) {
         *slot = Some(v.clone());
@@ -713,7 +767,10 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Er
                 }
             }
         }
-        _ => ((if indent.is_some() { "," } else { ", " }).to_owned(), ": ".to_owned()),
+        _ => (
+            (if indent.is_some() { "," } else { ", " }).to_owned(),
+            ": ".to_owned(),
+        ),
     };
     let opts = JsonOpts {
         ensure_ascii: truthy(&ensure_ascii),
@@ -910,7 +967,12 @@ fn join(state: &State, value: &Value, d: Option<String>, kwargs: Kwargs) -> Resu
     }
     let mut out = String::new();
     let items: Vec<Value> = if value.kind() == ValueKind::String {
-        value.as_str().unwrap_or_default().chars().map(Value::from).collect()
+        value
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .map(Value::from)
+            .collect()
     } else {
         value.try_iter()?.collect()
     };
@@ -969,7 +1031,13 @@ fn indent(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Er
         let mut it = lines.iter();
         let mut rv = it.next().cloned().unwrap_or_default();
         let rest: Vec<String> = it
-            .map(|l| if l.is_empty() { String::new() } else { format!("{indention}{l}") })
+            .map(|l| {
+                if l.is_empty() {
+                    String::new()
+                } else {
+                    format!("{indention}{l}")
+                }
+            })
             .collect();
         if !rest.is_empty() {
             rv.push('\n');
@@ -1011,7 +1079,10 @@ fn py_parse_int(text: &str, base: u32) -> Option<i64> {
     } else {
         (t, if base == 0 { 10 } else { base })
     };
-    let digits = digits.strip_prefix('_').filter(|_| digits.len() != t.len()).unwrap_or(digits);
+    let digits = digits
+        .strip_prefix('_')
+        .filter(|_| digits.len() != t.len())
+        .unwrap_or(digits);
     if digits.is_empty()
         || digits.starts_with('_')
         || digits.ends_with('_')
@@ -1033,11 +1104,17 @@ fn py_parse_float(text: &str) -> Option<f64> {
     let lower = plain.to_ascii_lowercase();
     let body = lower.trim_start_matches(['+', '-']);
     if matches!(body, "inf" | "infinity" | "nan") {
-        let v = if body == "nan" { f64::NAN } else { f64::INFINITY };
+        let v = if body == "nan" {
+            f64::NAN
+        } else {
+            f64::INFINITY
+        };
         return Some(if lower.starts_with('-') { -v } else { v });
     }
     if body.is_empty()
-        || !body.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | '+' | '-'))
+        || !body
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | '+' | '-'))
     {
         return None;
     }
@@ -1053,7 +1130,13 @@ fn int_filter(value: &Value, default: Option<Value>, kwargs: Kwargs) -> Result<V
     };
     kwargs.assert_all_used()?;
     let default = default.unwrap_or(Value::from(0));
-    let as_int = |f: f64| if f.is_finite() { Some(Value::from(f.trunc() as i64)) } else { None };
+    let as_int = |f: f64| {
+        if f.is_finite() {
+            Some(Value::from(f.trunc() as i64))
+        } else {
+            None
+        }
+    };
     let rv = match value.kind() {
         ValueKind::String => {
             let s = value.as_str().unwrap_or_default();
@@ -1082,7 +1165,9 @@ fn float_filter(value: &Value, default: Option<Value>, kwargs: Kwargs) -> Result
         ValueKind::Number => f64::try_from(value.clone()).ok(),
         _ => None,
     };
-    Ok(rv.map(Value::from).unwrap_or_else(|| default.unwrap_or(Value::from(0.0))))
+    Ok(rv
+        .map(Value::from)
+        .unwrap_or_else(|| default.unwrap_or(Value::from(0.0))))
 }
 
 /// transformers' `dict` global: `dict(**kwargs)`, `dict(mapping_or_pairs, **kwargs)` and
@@ -1147,7 +1232,10 @@ fn default(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, Er
     let mut default_value: Option<Value> = args.first().cloned();
     let mut boolean: Option<Value> = args.get(1).cloned();
     if args.len() > 2 {
-        return Err(Error::new(ErrorKind::TooManyArguments, "default takes at most 2 arguments"));
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "default takes at most 2 arguments",
+        ));
     }
     if let Some(v) = kwargs.get::<Option<Value>>("default_value")? {
         default_value = Some(v);
@@ -1181,7 +1269,9 @@ fn round(value: &Value, precision: Option<i32>, method: Option<String>) -> Resul
         "common" => {
             if p >= 0 {
                 // Rust formats exact ties half to even, as Python's correctly rounded round().
-                format!("{x:.prec$}", prec = p as usize).parse::<f64>().unwrap_or(x)
+                format!("{x:.prec$}", prec = p as usize)
+                    .parse::<f64>()
+                    .unwrap_or(x)
             } else {
                 let m = 10f64.powi(-p);
                 (x / m).round_ties_even() * m
@@ -1240,7 +1330,9 @@ fn python_methods(
                 let (sep, maxsplit, kwargs): (Option<Value>, Option<i64>, Kwargs) =
                     minijinja::value::from_args(args)?;
                 let sep = sep.or(kwargs.get::<Option<Value>>("sep")?);
-                let maxsplit = maxsplit.or(kwargs.get::<Option<i64>>("maxsplit")?).unwrap_or(-1);
+                let maxsplit = maxsplit
+                    .or(kwargs.get::<Option<i64>>("maxsplit")?)
+                    .unwrap_or(-1);
                 kwargs.assert_all_used()?;
                 let sep = match &sep {
                     Some(v) if !v.is_none() => Some(v.as_str().ok_or_else(|| {
@@ -1251,17 +1343,27 @@ fn python_methods(
                 if sep == Some("") {
                     return Err(Error::new(ErrorKind::InvalidOperation, "empty separator"));
                 }
-                let max = if maxsplit < 0 { usize::MAX } else { maxsplit as usize };
+                let max = if maxsplit < 0 {
+                    usize::MAX
+                } else {
+                    maxsplit as usize
+                };
                 let parts = py_split(s, sep, max, method == "rsplit");
-                return Ok(Value::from(parts.into_iter().map(Value::from).collect::<Vec<_>>()));
+                return Ok(Value::from(
+                    parts.into_iter().map(Value::from).collect::<Vec<_>>(),
+                ));
             }
             "splitlines" => {
                 let (keepends, kwargs): (Option<bool>, Kwargs) = minijinja::value::from_args(args)?;
-                let keepends =
-                    keepends.or(kwargs.get::<Option<bool>>("keepends")?).unwrap_or(false);
+                let keepends = keepends
+                    .or(kwargs.get::<Option<bool>>("keepends")?)
+                    .unwrap_or(false);
                 kwargs.assert_all_used()?;
                 return Ok(Value::from(
-                    py_splitlines(s, keepends).into_iter().map(Value::from).collect::<Vec<_>>(),
+                    py_splitlines(s, keepends)
+                        .into_iter()
+                        .map(Value::from)
+                        .collect::<Vec<_>>(),
                 ));
             }
             "removeprefix" => {
@@ -1274,7 +1376,11 @@ fn python_methods(
             }
             "partition" | "rpartition" => {
                 let (sep,): (&str,) = minijinja::value::from_args(args)?;
-                let found = if method == "partition" { s.find(sep) } else { s.rfind(sep) };
+                let found = if method == "partition" {
+                    s.find(sep)
+                } else {
+                    s.rfind(sep)
+                };
                 let parts = match found {
                     Some(i) => [&s[..i], sep, &s[i + sep.len()..]],
                     None if method == "partition" => [s, "", ""],
@@ -1306,10 +1412,17 @@ fn python_methods(
             }
             "index" | "rindex" => {
                 let (sub,): (&str,) = minijinja::value::from_args(args)?;
-                let found = if method == "index" { s.find(sub) } else { s.rfind(sub) };
+                let found = if method == "index" {
+                    s.find(sub)
+                } else {
+                    s.rfind(sub)
+                };
                 return match found {
                     Some(i) => Ok(Value::from(s[..i].chars().count())),
-                    None => Err(Error::new(ErrorKind::InvalidOperation, "substring not found")),
+                    None => Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "substring not found",
+                    )),
                 };
             }
             "zfill" => {
@@ -1322,7 +1435,10 @@ fn python_methods(
                     Some(c @ ('+' | '-')) => (c.to_string(), &s[1..]),
                     _ => (String::new(), s),
                 };
-                return Ok(Value::from(format!("{sign}{}{rest}", "0".repeat(width - n))));
+                return Ok(Value::from(format!(
+                    "{sign}{}{rest}",
+                    "0".repeat(width - n)
+                )));
             }
             "ljust" | "rjust" | "center" => {
                 let (width, fill): (usize, Option<&str>) = minijinja::value::from_args(args)?;
@@ -1341,7 +1457,11 @@ fn python_methods(
                         (left, pad - left)
                     }
                 };
-                return Ok(Value::from(format!("{}{s}{}", fill.repeat(left), fill.repeat(right))));
+                return Ok(Value::from(format!(
+                    "{}{s}{}",
+                    fill.repeat(left),
+                    fill.repeat(right)
+                )));
             }
             "isspace" => {
                 let () = minijinja::value::from_args(args)?;
@@ -1380,7 +1500,10 @@ fn python_methods(
                     return Ok(Value::from(i));
                 }
             }
-            return Err(Error::new(ErrorKind::InvalidOperation, format!("{what} is not in list")));
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{what} is not in list"),
+            ));
         }
         (ValueKind::Map, "copy") => {
             let () = minijinja::value::from_args(args)?;
@@ -1412,12 +1535,16 @@ fn py_split(s: &str, sep: Option<&str>, max: usize, from_right: bool) -> Vec<Str
     match sep {
         Some(sep) => {
             let mut parts: Vec<String> = if from_right {
-                let mut v: Vec<String> =
-                    s.rsplitn(max.saturating_add(1), sep).map(str::to_owned).collect();
+                let mut v: Vec<String> = s
+                    .rsplitn(max.saturating_add(1), sep)
+                    .map(str::to_owned)
+                    .collect();
                 v.reverse();
                 v
             } else {
-                s.splitn(max.saturating_add(1), sep).map(str::to_owned).collect()
+                s.splitn(max.saturating_add(1), sep)
+                    .map(str::to_owned)
+                    .collect()
             };
             if parts.is_empty() {
                 parts.push(String::new());
@@ -1501,7 +1628,11 @@ fn py_splitlines(s: &str, keepends: bool) -> Vec<String> {
                 iter.next();
             }
         }
-        out.push(if keepends { s[start..end].to_owned() } else { s[start..i].to_owned() });
+        out.push(if keepends {
+            s[start..end].to_owned()
+        } else {
+            s[start..i].to_owned()
+        });
         start = end;
     }
     if start < s.len() {
@@ -1525,8 +1656,15 @@ fn strftime_now(format: String) -> Result<String, Error> {
 
 /// C's strftime (glibc flavour, `-` flag for no padding) for a UTC unix time.
 fn strftime(format: &str, unix_secs: i64) -> String {
-    const DAYS: [&str; 7] =
-        ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -1575,7 +1713,11 @@ fn strftime(format: &str, unix_secs: i64) -> String {
             Some('m') => num(&mut out, month, 2),
             Some('d') => num(&mut out, day, 2),
             Some('e') => {
-                let _ = if no_pad { write!(out, "{day}") } else { write!(out, "{day:>2}") };
+                let _ = if no_pad {
+                    write!(out, "{day}")
+                } else {
+                    write!(out, "{day:>2}")
+                };
             }
             Some('H') => num(&mut out, hour, 2),
             Some('I') => num(&mut out, hour12, 2),
@@ -1721,7 +1863,11 @@ pub fn convert_openai_messages_with(
                             ),
                         )
                     })?,
-                None => match obj.get("name").and_then(Json::as_str).filter(|n| !n.is_empty()) {
+                None => match obj
+                    .get("name")
+                    .and_then(Json::as_str)
+                    .filter(|n| !n.is_empty())
+                {
                     Some(n) => n.to_owned(),
                     None => calls.get(run_pos).map(|(_, n)| n.clone()).ok_or_else(|| {
                         err(
@@ -1835,7 +1981,12 @@ fn tool_text(content: Option<&Json>) -> String {
                 .filter_map(|p| match p {
                     Json::String(s) => Some(s.clone()),
                     Json::Object(o) if o.get("type").and_then(Json::as_str) == Some("text") => {
-                        Some(o.get("text").and_then(Json::as_str).unwrap_or_default().to_owned())
+                        Some(
+                            o.get("text")
+                                .and_then(Json::as_str)
+                                .unwrap_or_default()
+                                .to_owned(),
+                        )
                     }
                     _ => None,
                 })
@@ -1871,7 +2022,10 @@ mod tests {
     }
 
     fn array<'a>(v: &'a Json, key: &str) -> &'a [Json] {
-        v[key].as_array().map(Vec::as_slice).unwrap_or_else(|| panic!("`{key}` is not a list"))
+        v[key]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("`{key}` is not a list"))
     }
 
     fn tools_of(case: &Json) -> Option<&[Json]> {
@@ -1887,7 +2041,11 @@ mod tests {
         if got == want {
             return None;
         }
-        let offset = got.bytes().zip(want.bytes()).take_while(|(a, b)| a == b).count();
+        let offset = got
+            .bytes()
+            .zip(want.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
         let mut start = offset.saturating_sub(40);
         while !want.is_char_boundary(start) || !got.is_char_boundary(start) {
             start -= 1;
@@ -1964,7 +2122,12 @@ mod tests {
                 Err(e) => failures.push(format!("[{name}] converted openai_messages: {e}")),
             }
         }
-        assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
     }
 
     #[test]
@@ -2016,11 +2179,15 @@ mod tests {
     /// Whether JSON objects and template dict literals keep their insertion order in this build.
     fn preserves_key_order() -> bool {
         let parsed: Json = serde_json::from_str(r#"{"b": 0, "a": 0}"#).expect("parses");
-        let json_ordered =
-            parsed.as_object().and_then(|o| o.keys().next()).map(String::as_str) == Some("b");
+        let json_ordered = parsed
+            .as_object()
+            .and_then(|o| o.keys().next())
+            .map(String::as_str)
+            == Some("b");
         let t = ChatTemplate::from_source("{{ {'b': 0, 'a': 0} | list }}", "", "").expect("loads");
-        let literal =
-            t.render(&[json!({"role": "user"})], None, false, &Map::new()).expect("renders");
+        let literal = t
+            .render(&[json!({"role": "user"})], None, false, &Map::new())
+            .expect("renders");
         json_ordered && literal == "['b', 'a']"
     }
 
@@ -2059,7 +2226,11 @@ mod tests {
                 feat["add_generation_prompt"].as_bool().unwrap_or(false),
                 &kwargs_of(feat),
             );
-            match (result, feat["expected"].as_str(), feat["expected_error"].as_str()) {
+            match (
+                result,
+                feat["expected"].as_str(),
+                feat["expected_error"].as_str(),
+            ) {
                 (Ok(got), Some(want), _) => {
                     if let Some(d) = difference(&got, want) {
                         failures.push(format!("[{name}] {d}"));
@@ -2076,7 +2247,12 @@ mod tests {
                 (Err(e), _, _) => failures.push(format!("[{name}] {e}")),
             }
         }
-        assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
     }
 
     fn render_str(source: &str, messages: &[Json]) -> Result<String, TemplateError> {
@@ -2147,9 +2323,13 @@ mod tests {
     #[test]
     fn render_refuses_what_transformers_refuses() {
         let t = ChatTemplate::from_source("{{ messages | length }}", "", "").expect("loads");
-        assert!(t.render(&[], None, false, &Map::new()).is_err(), "empty conversation");
         assert!(
-            t.render(&[json!("text")], None, false, &Map::new()).is_err(),
+            t.render(&[], None, false, &Map::new()).is_err(),
+            "empty conversation"
+        );
+        assert!(
+            t.render(&[json!("text")], None, false, &Map::new())
+                .is_err(),
             "non-object message"
         );
         let mut kwargs = Map::new();
@@ -2170,11 +2350,13 @@ mod tests {
         kwargs.insert("eos_token".to_owned(), json!("<end>"));
         let tools = [json!({"type": "function", "function": {"name": "f"}})];
         assert_eq!(
-            t.render(&[user("x")], None, true, &kwargs).expect("renders"),
+            t.render(&[user("x")], None, true, &kwargs)
+                .expect("renders"),
             "<bos>|<end>|True||True|True"
         );
         assert_eq!(
-            t.render(&[user("x")], Some(&tools), false, &Map::new()).expect("renders"),
+            t.render(&[user("x")], Some(&tools), false, &Map::new())
+                .expect("renders"),
             "<bos>|<eos>|False|1|True|False"
         );
     }
@@ -2219,11 +2401,16 @@ mod tests {
             "{err}"
         );
         // Not an object / no role.
-        assert!(convert_openai_messages(&[json!(3)]).unwrap_err().0.starts_with("messages[0]:"));
-        assert!(convert_openai_messages(&[user("u"), json!({"content": "x"})])
+        assert!(convert_openai_messages(&[json!(3)])
             .unwrap_err()
             .0
-            .starts_with("messages[1]:"));
+            .starts_with("messages[0]:"));
+        assert!(
+            convert_openai_messages(&[user("u"), json!({"content": "x"})])
+                .unwrap_err()
+                .0
+                .starts_with("messages[1]:")
+        );
     }
 
     #[test]
@@ -2248,7 +2435,11 @@ mod tests {
         let calls = &out[2]["tool_calls"];
         assert_eq!(calls[0]["function"]["arguments"], json!({"x": [1, 2]}));
         assert_eq!(calls[1]["function"]["arguments"], json!({}));
-        assert_eq!(calls[2]["function"]["arguments"], json!("[1]"), "a non-object stays a string");
+        assert_eq!(
+            calls[2]["function"]["arguments"],
+            json!("[1]"),
+            "a non-object stays a string"
+        );
         assert_eq!(
             out[2]["tool_responses"],
             json!([
@@ -2259,7 +2450,10 @@ mod tests {
         );
         let kept = convert_openai_messages_with(&messages, ToolResults::Keep).expect("converts");
         assert_eq!(kept.len(), 6);
-        assert_eq!(kept[3], json!({"role": "tool", "name": "f", "content": {"ok": true}}));
+        assert_eq!(
+            kept[3],
+            json!({"role": "tool", "name": "f", "content": {"ok": true}})
+        );
         assert_eq!(
             kept[5],
             json!({"role": "tool", "tool_call_id": "b", "name": "g", "content": 7})
@@ -2274,7 +2468,10 @@ mod tests {
     fn from_dir_reads_tokenizer_config() {
         let dir = std::env::temp_dir().join(format!("chat_template_test_{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        assert!(ChatTemplate::from_dir(&dir).expect("no error").is_none(), "no template at all");
+        assert!(
+            ChatTemplate::from_dir(&dir).expect("no error").is_none(),
+            "no template at all"
+        );
         std::fs::write(
             dir.join("tokenizer_config.json"),
             r#"{"bos_token": {"content": "<s>", "lstrip": false}, "eos_token": "</s>", "pad_token": null,
@@ -2282,20 +2479,27 @@ mod tests {
                                   {"name": "tool_use", "template": "T{{ tools | length }}"}]}"#,
         )
         .expect("write config");
-        let t = ChatTemplate::from_dir(&dir).expect("loads").expect("has a template");
+        let t = ChatTemplate::from_dir(&dir)
+            .expect("loads")
+            .expect("has a template");
         assert_eq!(
-            t.render(&[user("x")], None, false, &Map::new()).expect("renders"),
+            t.render(&[user("x")], None, false, &Map::new())
+                .expect("renders"),
             "D<s></s>False"
         );
         let tools = [json!({"type": "function", "function": {"name": "f"}})];
         assert_eq!(
-            t.render(&[user("x")], Some(&tools), false, &Map::new()).expect("renders"),
+            t.render(&[user("x")], Some(&tools), false, &Map::new())
+                .expect("renders"),
             "T1"
         );
         std::fs::write(dir.join("chat_template.jinja"), "J{{ bos_token }}\n").expect("write jinja");
-        let t = ChatTemplate::from_dir(&dir).expect("loads").expect("has a template");
+        let t = ChatTemplate::from_dir(&dir)
+            .expect("loads")
+            .expect("has a template");
         assert_eq!(
-            t.render(&[user("x")], Some(&tools), false, &Map::new()).expect("renders"),
+            t.render(&[user("x")], Some(&tools), false, &Map::new())
+                .expect("renders"),
             "J<s>"
         );
         std::fs::remove_dir_all(&dir).expect("clean up");

@@ -5,13 +5,18 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use gemma4_conformance::{
+    case_greedy, case_logits, load_reference, max_abs_diff, reference_logits,
+};
 use gemma4_model::Gemma4Backend;
-use gemma4_conformance::{case_greedy, case_logits, load_reference, max_abs_diff, reference_logits};
 use gemma4_model::Model;
 
 pub fn check<B: Gemma4Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Result<()> {
     if !dir.join("reference.json").exists() {
-        bail!("{} has no reference.json: not a conformance fixture", dir.display());
+        bail!(
+            "{} has no reference.json: not a conformance fixture",
+            dir.display()
+        );
     }
     let reference = load_reference(dir);
     let mut failures = 0;
@@ -26,7 +31,11 @@ pub fn check<B: Gemma4Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Resu
             if ok { "PASS" } else { "FAIL" },
             case.name,
             case.sequence().len(),
-            if greedy == case.greedy_ids { "identical".to_string() } else { format!("{greedy:?} != {:?}", case.greedy_ids) }
+            if greedy == case.greedy_ids {
+                "identical".to_string()
+            } else {
+                format!("{greedy:?} != {:?}", case.greedy_ids)
+            }
         );
     }
     if failures > 0 {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use gemma4_model::Gemma4Backend;
 use clap::{Parser, Subcommand, ValueEnum};
+use gemma4_model::Gemma4Backend;
 use gemma4_model::{generate, GenerateRequest, Logits, Model, SamplingParams};
 
 #[derive(Parser)]
@@ -71,7 +71,12 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated prompt token ids (no tokenizer needed).
-        #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            conflicts_with = "prompt",
+            required_unless_present = "prompt"
+        )]
         tokens: Option<Vec<u32>>,
         /// Prompt text, encoded with the checkpoint's tokenizer.json (special tokens added as the tokenizer defines).
         #[arg(long)]
@@ -228,7 +233,9 @@ enum Command {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -239,7 +246,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Command::Synth { preset, out, shard_gb, seed } = &cli.command {
+    if let Command::Synth {
+        preset,
+        out,
+        shard_gb,
+        seed,
+    } = &cli.command
+    {
         let p = gemma4_server::synth::preset(preset)?;
         let (mlp, attn, embed, other) = gemma4_server::synth::byte_budget(&p);
         eprintln!(
@@ -253,7 +266,12 @@ fn run(cli: Cli) -> Result<()> {
     }
     let backend = match &cli.command {
         Command::Synth { .. } => unreachable!("handled above"),
-        Command::Logits { backend, .. } | Command::Generate { backend, .. } | Command::Bench { backend, .. } | Command::BenchKernels { backend, .. } | Command::BenchVision { backend, .. } | Command::Check { backend, .. }
+        Command::Logits { backend, .. }
+        | Command::Generate { backend, .. }
+        | Command::Bench { backend, .. }
+        | Command::BenchKernels { backend, .. }
+        | Command::BenchVision { backend, .. }
+        | Command::Check { backend, .. }
         | Command::Serve { backend, .. } => *backend,
     };
     match backend.device {
@@ -267,7 +285,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn dtype_name(d: DtypeArg) -> String {
-    d.to_possible_value().map_or_else(|| format!("{d:?}"), |v| v.get_name().to_string())
+    d.to_possible_value()
+        .map_or_else(|| format!("{d:?}"), |v| v.get_name().to_string())
 }
 
 #[cfg(feature = "wgpu")]
@@ -294,11 +313,23 @@ fn wgpu_device(_: Cli, _: DtypeArg) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn cuda_device(cli: Cli, dtype: DtypeArg) -> Result<()> {
     // Without libcuda the first tensor op panics in a background thread: check first.
-    let found = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64", "/usr/local/cuda/lib64", "/usr/lib"]
-        .iter()
-        .map(PathBuf::from)
-        .chain(std::env::var("LD_LIBRARY_PATH").unwrap_or_default().split(':').filter(|s| !s.is_empty()).map(PathBuf::from))
-        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists())
+    let found = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/local/nvidia/lib64",
+        "/usr/local/cuda/lib64",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .chain(
+        std::env::var("LD_LIBRARY_PATH")
+            .unwrap_or_default()
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+    )
+    .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists())
         || std::process::Command::new("ldconfig")
             .arg("-p")
             .output()
@@ -322,7 +353,8 @@ fn cuda_device(_: Cli, _: DtypeArg) -> Result<()> {
 
 fn load<B: Gemma4Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
     let start = Instant::now();
-    let model = Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    let model =
+        Model::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
     let r = &model.report;
     eprintln!(
         "loaded {} in {:.2}s: {} tensors, {} NVFP4 linears, {} dense linears; {}{}",
@@ -332,14 +364,23 @@ fn load<B: Gemma4Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
         r.nvfp4_linears,
         r.dense_linears,
         r.bytes,
-        if r.skipped.is_empty() { String::new() } else { format!(", {} vision tensors not loaded (the config has no vision_config)", r.skipped.len()) }
+        if r.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} vision tensors not loaded (the config has no vision_config)",
+                r.skipped.len()
+            )
+        }
     );
     Ok(model)
 }
 
 fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
     match cli.command {
-        Command::Logits { model, tokens, out, .. } => {
+        Command::Logits {
+            model, tokens, out, ..
+        } => {
             let m = load::<B>(&model, &device)?;
             let mut cache = m.text.new_cache();
             let start = Instant::now();
@@ -348,28 +389,58 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let data = gemma4_model::to_host_f32(logits);
             eprintln!("{t} positions in {:.3}s", start.elapsed().as_secs_f64());
             let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, v], &bytes)?;
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t, v], &bytes)?;
             safetensors::serialize_to_file([("logits", view)], None, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
             Ok(())
         }
-        Command::Generate { model, tokens, prompt, max_new_tokens, temperature, top_k, top_p, min_p, seed, json, .. } => {
+        Command::Generate {
+            model,
+            tokens,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+            json,
+            ..
+        } => {
             let m = load::<B>(&model, &device)?;
             let tokenizer_path = model.join("tokenizer.json");
             let tokenizer = if tokenizer_path.exists() {
-                Some(tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_path.display()))?)
+                Some(
+                    tokenizers::Tokenizer::from_file(&tokenizer_path)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_path.display()))?,
+                )
             } else {
                 None
             };
             let prompt_ids = match (tokens, prompt) {
                 (Some(ids), _) => ids,
                 (None, Some(text)) => {
-                    let Some(tok) = &tokenizer else { bail!("--prompt needs {}; pass --tokens instead", tokenizer_path.display()) };
-                    tok.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+                    let Some(tok) = &tokenizer else {
+                        bail!(
+                            "--prompt needs {}; pass --tokens instead",
+                            tokenizer_path.display()
+                        )
+                    };
+                    tok.encode(text, true)
+                        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+                        .get_ids()
+                        .to_vec()
                 }
                 (None, None) => bail!("give --tokens or --prompt"),
             };
-            let sampling = SamplingParams { temperature, top_k, top_p, min_p, seed };
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed,
+            };
             let req = GenerateRequest {
                 prompt: prompt_ids.clone(),
                 max_new_tokens,
@@ -405,13 +476,33 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             if json {
                 let mut obj = serde_json::json!({ "tokens": out.tokens });
                 if let Some(t) = &tokenizer {
-                    obj["text"] = serde_json::Value::String(t.decode(&out.tokens, true).map_err(|e| anyhow::anyhow!("{e}"))?);
+                    obj["text"] = serde_json::Value::String(
+                        t.decode(&out.tokens, true)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    );
                 }
                 println!("{obj}");
             }
             Ok(())
         }
-        Command::Serve { model, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, shutdown_grace, scripted_output, allow_image_urls, image_ca_file, limit_images_per_prompt, image_fetch_timeout, .. } => {
+        Command::Serve {
+            model,
+            host,
+            port,
+            served_model_name,
+            api_key,
+            max_model_len,
+            max_num_seqs,
+            max_num_batched_tokens,
+            max_waiting,
+            shutdown_grace,
+            scripted_output,
+            allow_image_urls,
+            image_ca_file,
+            limit_images_per_prompt,
+            image_fetch_timeout,
+            ..
+        } => {
             let args = gemma4_server::serve::ServeArgs {
                 model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
                 host,
@@ -432,27 +523,69 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             gemma4_server::serve::run::<B>(args, device)
         }
         Command::Synth { .. } => unreachable!("handled before a backend is chosen"),
-        Command::Check { model, tolerance, .. } => {
+        Command::Check {
+            model, tolerance, ..
+        } => {
             let m = load::<B>(&model, &device)?;
             let dtype = m.text.embed_tokens.val().dtype();
-            let tolerance = tolerance.unwrap_or(gemma4_conformance::Tolerances::for_dtype(dtype).logits);
+            let tolerance =
+                tolerance.unwrap_or(gemma4_conformance::Tolerances::for_dtype(dtype).logits);
             eprintln!("checking in {dtype:?} against the f32 reference, tolerance {tolerance:.0e}");
             check::check(&m, &model, tolerance)
         }
-        Command::Bench { model, prompt_len, decode_tokens, repeats, batch, backend } => {
+        Command::Bench {
+            model,
+            prompt_len,
+            decode_tokens,
+            repeats,
+            batch,
+            backend,
+        } => {
             let m = load::<B>(&model, &device)?;
             let host = matches!(backend.device, DeviceArg::Cpu);
-            println!("{}", gemma4_server::bench::end_to_end(&m, prompt_len, decode_tokens, repeats.max(1), batch, host)?);
+            println!(
+                "{}",
+                gemma4_server::bench::end_to_end(
+                    &m,
+                    prompt_len,
+                    decode_tokens,
+                    repeats.max(1),
+                    batch,
+                    host
+                )?
+            );
             Ok(())
         }
-        Command::BenchVision { model, budgets, full_up_to, .. } => {
+        Command::BenchVision {
+            model,
+            budgets,
+            full_up_to,
+            ..
+        } => {
             let m = load::<B>(&model, &device)?;
-            println!("{}", gemma4_server::bench::vision(&m, &model, &budgets, full_up_to)?);
+            println!(
+                "{}",
+                gemma4_server::bench::vision(&m, &model, &budgets, full_up_to)?
+            );
             Ok(())
         }
-        Command::BenchKernels { prefill_rows, context, repeats, no_reference, json, backend } => {
+        Command::BenchKernels {
+            prefill_rows,
+            context,
+            repeats,
+            no_reference,
+            json,
+            backend,
+        } => {
             let host = matches!(backend.device, DeviceArg::Cpu);
-            let table = gemma4_server::bench::kernels::<B>(&device, prefill_rows.max(1), context.max(1), repeats.max(1), !no_reference, host)?;
+            let table = gemma4_server::bench::kernels::<B>(
+                &device,
+                prefill_rows.max(1),
+                context.max(1),
+                repeats.max(1),
+                !no_reference,
+                host,
+            )?;
             if json {
                 println!("{table}");
             } else {
@@ -462,4 +595,3 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
         }
     }
 }
-

@@ -77,17 +77,28 @@ impl SpecialTokens {
     /// Looks the marker tokens up by text; an error names a missing one.
     pub fn from_tokenizer(tok: &Tokenizer) -> Result<Self, String> {
         let find = |text: &str| {
-            tok.token_to_id(text)
-                .ok_or_else(|| format!("tokenizer has no `{text}` token, needed to parse Gemma 4 output"))
+            tok.token_to_id(text).ok_or_else(|| {
+                format!("tokenizer has no `{text}` token, needed to parse Gemma 4 output")
+            })
         };
         let channel_start = find(CHANNEL_START)?;
         let channel_end = find(CHANNEL_END)?;
         let tool_call_start = find(TOOL_CALL_START)?;
         let tool_call_end = find(TOOL_CALL_END)?;
         let string_delim = find(STRING_DELIM)?;
-        let mut special: HashSet<u32> =
-            tok.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
-        special.extend([channel_start, channel_end, tool_call_start, tool_call_end, string_delim]);
+        let mut special: HashSet<u32> = tok
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        special.extend([
+            channel_start,
+            channel_end,
+            tool_call_start,
+            tool_call_end,
+            string_delim,
+        ]);
         Ok(Self {
             channel_start,
             channel_end,
@@ -116,7 +127,12 @@ pub enum ParsedDelta {
     Content(String),
     /// One complete tool call. `index` counts calls within the request from 0, `id` is
     /// `call_` + 24 alphanumerics, `arguments` is a compact JSON object.
-    ToolCall { index: usize, id: String, name: String, arguments: String },
+    ToolCall {
+        index: usize,
+        id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 /// Where the parser is in the output.
@@ -373,7 +389,11 @@ impl OutputParser {
 
     fn emit_text(&mut self, reasoning: bool, last: bool) {
         if let Some(text) = self.text.next_text(&self.tokenizer, last) {
-            self.push_delta(if reasoning { ParsedDelta::Reasoning(text) } else { ParsedDelta::Content(text) });
+            self.push_delta(if reasoning {
+                ParsedDelta::Reasoning(text)
+            } else {
+                ParsedDelta::Content(text)
+            });
         }
     }
 
@@ -391,7 +411,12 @@ impl OutputParser {
                     let index = self.calls;
                     self.calls += 1;
                     let id = self.call_id(index);
-                    self.push_delta(ParsedDelta::ToolCall { index, id, name, arguments });
+                    self.push_delta(ParsedDelta::ToolCall {
+                        index,
+                        id,
+                        name,
+                        arguments,
+                    });
                 }
             }
             Err(e) => {
@@ -403,7 +428,8 @@ impl OutputParser {
 
     /// `call_` + 24 base-62 characters from the parser's seed and the call's index.
     fn call_id(&self, index: usize) -> String {
-        const ALPHABET: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        const ALPHABET: &[u8; 62] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
         let mut state = self.id_seed ^ (index as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
         let mut id = String::with_capacity(29);
         id.push_str("call_");
@@ -432,7 +458,10 @@ impl OutputParser {
 /// A channel name line (surrounding spaces allowed): ASCII letters, digits, `_`, `-`.
 fn is_channel_name(line: &str) -> bool {
     line.len() <= MAX_CHANNEL_NAME_BYTES
-        && line.trim_matches([' ', '\t', '\r']).chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && line
+            .trim_matches([' ', '\t', '\r'])
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -447,7 +476,11 @@ fn splitmix64(state: &mut u64) -> u64 {
 fn new_seed() -> u64 {
     static PARSERS: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).hash(&mut h);
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        .hash(&mut h);
     PARSERS.fetch_add(1, Ordering::Relaxed).hash(&mut h);
     h.finish()
 }
@@ -461,14 +494,20 @@ fn parse_tool_calls(text: &str) -> Result<Vec<(String, String)>, String> {
         return Err("empty tool call".into());
     }
     while !rest.is_empty() {
-        let body =
-            rest.strip_prefix("call:").ok_or_else(|| format!("tool call does not start with `call:`: {rest:?}"))?;
+        let body = rest
+            .strip_prefix("call:")
+            .ok_or_else(|| format!("tool call does not start with `call:`: {rest:?}"))?;
         let brace = body.find('{').ok_or("tool call has no `{`")?;
         let name = body[..brace].trim();
-        if name.is_empty() || name.contains(|c: char| c.is_whitespace() || "}[],:".contains(c) || c == '"') {
+        if name.is_empty()
+            || name.contains(|c: char| c.is_whitespace() || "}[],:".contains(c) || c == '"')
+        {
             return Err(format!("bad tool name {name:?}"));
         }
-        let mut p = ArgParser { s: body, pos: brace };
+        let mut p = ArgParser {
+            s: body,
+            pos: brace,
+        };
         let args = p.value(0)?;
         let mut arguments = String::new();
         write_json(&args, &mut arguments);
@@ -493,10 +532,18 @@ fn parse_tool_calls(text: &str) -> Result<Vec<(String, String)>, String> {
 pub fn gemma_args_to_json(text: &str) -> Result<serde_json::Value, String> {
     let trimmed = text.trim();
     let mut p = ArgParser { s: trimmed, pos: 0 };
-    let arg = if trimmed.starts_with('{') { p.value(0)? } else { Arg::Obj(p.pairs(None, 0)?) };
+    let arg = if trimmed.starts_with('{') {
+        p.value(0)?
+    } else {
+        Arg::Obj(p.pairs(None, 0)?)
+    };
     p.skip_ws();
     if p.pos != trimmed.len() {
-        return Err(format!("unexpected text after the arguments at byte {}: {:?}", p.pos, &trimmed[p.pos..]));
+        return Err(format!(
+            "unexpected text after the arguments at byte {}: {:?}",
+            p.pos,
+            &trimmed[p.pos..]
+        ));
     }
     Ok(arg.into_value())
 }
@@ -516,7 +563,12 @@ impl Arg {
     fn into_value(self) -> serde_json::Value {
         use serde_json::Value;
         match self {
-            Arg::Obj(pairs) => Value::Object(pairs.into_iter().map(|(k, v)| (k, v.into_value())).collect()),
+            Arg::Obj(pairs) => Value::Object(
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_value()))
+                    .collect(),
+            ),
             Arg::List(items) => Value::Array(items.into_iter().map(Arg::into_value).collect()),
             Arg::Str(s) => Value::String(s),
             Arg::Num(n) => Value::Number(n),
@@ -582,7 +634,9 @@ impl ArgParser<'_> {
     /// A `<|"|>`-delimited string; `pos` is at the opening delimiter.
     fn string(&mut self) -> Result<String, String> {
         let start = self.pos + STRING_DELIM.len();
-        let len = self.s[start..].find(STRING_DELIM).ok_or_else(|| self.err("unterminated string"))?;
+        let len = self.s[start..]
+            .find(STRING_DELIM)
+            .ok_or_else(|| self.err("unterminated string"))?;
         self.pos = start + len + STRING_DELIM.len();
         Ok(self.s[start..start + len].to_string())
     }
@@ -661,7 +715,9 @@ impl ArgParser<'_> {
             self.string()?
         } else {
             let rest = self.rest();
-            let end = rest.find(|c: char| ":{}[],".contains(c)).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| ":{}[],".contains(c))
+                .unwrap_or(rest.len());
             let key = rest[..end].trim().to_string();
             if key.is_empty() || key.contains(STRING_DELIM) {
                 return Err(self.err("expected a key"));
@@ -692,8 +748,11 @@ impl ArgParser<'_> {
             _ => {
                 if let Ok(n) = serde_json::from_str::<serde_json::Number>(word) {
                     Arg::Num(n)
-                } else if let Some(n) =
-                    word.parse::<f64>().ok().filter(|x| x.is_finite()).and_then(serde_json::Number::from_f64)
+                } else if let Some(n) = word
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite())
+                    .and_then(serde_json::Number::from_f64)
                 {
                     Arg::Num(n)
                 } else if word.contains(|c: char| ":{[\"".contains(c)) || word.contains("<|") {
@@ -714,11 +773,17 @@ mod tests {
     use serde_json::{json, Value};
     use std::sync::OnceLock;
 
-    const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-31b-recipe/tokenizer.json");
+    const TOKENIZER: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/tiny-31b-recipe/tokenizer.json"
+    );
 
     fn tokenizer() -> Arc<Tokenizer> {
         static TOK: OnceLock<Arc<Tokenizer>> = OnceLock::new();
-        TOK.get_or_init(|| Arc::new(Tokenizer::from_file(TOKENIZER).expect("fixture tokenizer loads"))).clone()
+        TOK.get_or_init(|| {
+            Arc::new(Tokenizer::from_file(TOKENIZER).expect("fixture tokenizer loads"))
+        })
+        .clone()
     }
 
     fn special() -> Arc<SpecialTokens> {
@@ -741,11 +806,21 @@ mod tests {
                     let enc = tok.encode(*text, false).expect("encodes");
                     let piece = enc.get_ids().to_vec();
                     // The fixture round-trips plain text, which the expectations rely on.
-                    assert_eq!(tok.decode(&piece, true).expect("decodes"), *text, "round trip");
-                    assert!(piece.iter().all(|&id| !special().is_special(id)), "{text:?} encodes to no special id");
+                    assert_eq!(
+                        tok.decode(&piece, true).expect("decodes"),
+                        *text,
+                        "round trip"
+                    );
+                    assert!(
+                        piece.iter().all(|&id| !special().is_special(id)),
+                        "{text:?} encodes to no special id"
+                    );
                     ids.extend(piece);
                 }
-                S(text) => ids.push(tok.token_to_id(text).unwrap_or_else(|| panic!("no token {text}"))),
+                S(text) => ids.push(
+                    tok.token_to_id(text)
+                        .unwrap_or_else(|| panic!("no token {text}")),
+                ),
             }
         }
         ids
@@ -768,7 +843,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
     }
@@ -812,7 +890,8 @@ mod tests {
 
     /// Checks one run's deltas against the expectation.
     fn check(deltas: &[ParsedDelta], want: &Expected, what: &str) {
-        let (mut reasoning, mut content, mut calls, mut ids) = (String::new(), String::new(), Vec::new(), Vec::new());
+        let (mut reasoning, mut content, mut calls, mut ids) =
+            (String::new(), String::new(), Vec::new(), Vec::new());
         for d in deltas {
             match d {
                 ParsedDelta::Reasoning(t) => {
@@ -825,16 +904,28 @@ mod tests {
                     check_clean(t);
                     content.push_str(t);
                 }
-                ParsedDelta::ToolCall { index, id, name, arguments } => {
+                ParsedDelta::ToolCall {
+                    index,
+                    id,
+                    name,
+                    arguments,
+                } => {
                     assert_eq!(*index, calls.len(), "{what}: indices count from 0");
                     assert!(id.starts_with("call_") && id.len() == 29, "{what}: id {id}");
-                    assert!(id[5..].chars().all(|c| c.is_ascii_alphanumeric()), "{what}: id {id}");
+                    assert!(
+                        id[5..].chars().all(|c| c.is_ascii_alphanumeric()),
+                        "{what}: id {id}"
+                    );
                     check_clean(name);
                     check_clean(arguments);
                     let args: Value = serde_json::from_str(arguments).expect("arguments are JSON");
                     assert!(args.is_object());
                     // Compact: as long as serde_json's own compact form (key order aside).
-                    assert_eq!(arguments.len(), args.to_string().len(), "compact: {arguments}");
+                    assert_eq!(
+                        arguments.len(),
+                        args.to_string().len(),
+                        "compact: {arguments}"
+                    );
                     ids.push(id.clone());
                     calls.push((name.clone(), args));
                 }
@@ -885,8 +976,12 @@ mod tests {
 
     #[test]
     fn missing_marker_is_an_error() {
-        let mut json: Value = serde_json::from_str(&std::fs::read_to_string(TOKENIZER).unwrap()).unwrap();
-        json["added_tokens"].as_array_mut().unwrap().retain(|t| t["content"] != "<|tool_call>");
+        let mut json: Value =
+            serde_json::from_str(&std::fs::read_to_string(TOKENIZER).unwrap()).unwrap();
+        json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| t["content"] != "<|tool_call>");
         let vocab = json["model"]["vocab"].as_object_mut().unwrap();
         vocab.remove("<|tool_call>");
         let tok = Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap();
@@ -915,27 +1010,48 @@ mod tests {
         ];
         let r = check_stream(
             &pieces,
-            &expected("The user asks about the weather.\nStep one: answer.", "It is sunny.", vec![]),
+            &expected(
+                "The user asks about the weather.\nStep one: answer.",
+                "It is sunny.",
+                vec![],
+            ),
         );
         // `<|channel>`, the name line, the reasoning and `<channel|>`.
         let ids = build(&pieces);
-        let end = ids.iter().position(|&i| i == special().channel_end).unwrap();
+        let end = ids
+            .iter()
+            .position(|&i| i == special().channel_end)
+            .unwrap();
         assert_eq!(r, end + 1);
     }
 
     #[test]
     fn empty_thought_channel() {
         check_stream(
-            &[S("<|channel>"), T("thought\n"), S("<channel|>"), T("Hello"), S("<eos>")],
+            &[
+                S("<|channel>"),
+                T("thought\n"),
+                S("<channel|>"),
+                T("Hello"),
+                S("<eos>"),
+            ],
             &expected("", "Hello", vec![]),
         );
-        check_stream(&[S("<|channel>"), T("thought"), S("<channel|>"), T("Hello")], &expected("", "Hello", vec![]));
+        check_stream(
+            &[S("<|channel>"), T("thought"), S("<channel|>"), T("Hello")],
+            &expected("", "Hello", vec![]),
+        );
     }
 
     #[test]
     fn channel_without_name_line_is_all_reasoning() {
         check_stream(
-            &[S("<|channel>"), T("Let me think: 2+2=4"), S("<channel|>"), T("4")],
+            &[
+                S("<|channel>"),
+                T("Let me think: 2+2=4"),
+                S("<channel|>"),
+                T("4"),
+            ],
             &expected("Let me think: 2+2=4", "4", vec![]),
         );
     }
@@ -946,11 +1062,21 @@ mod tests {
         let ids = build(&[T(text)]);
         let tok = tokenizer();
         // Byte fallback: characters outside the tiny vocab span several ids.
-        let bytes_ids = ids.iter().filter(|&&i| tok.id_to_token(i).unwrap().starts_with("<0x")).count();
+        let bytes_ids = ids
+            .iter()
+            .filter(|&&i| tok.id_to_token(i).unwrap().starts_with("<0x"))
+            .count();
         assert!(bytes_ids >= 20, "{bytes_ids} byte-fallback ids");
         check_stream(&[T(text), S("<turn|>")], &expected("", text, vec![]));
         check_stream(
-            &[S("<|channel>"), T("thought\n"), T("日本語 😀 é"), S("<channel|>"), T("é😀"), S("<eos>")],
+            &[
+                S("<|channel>"),
+                T("thought\n"),
+                T("日本語 😀 é"),
+                S("<channel|>"),
+                T("é😀"),
+                S("<eos>"),
+            ],
             &expected("日本語 😀 é", "é😀", vec![]),
         );
     }
@@ -967,7 +1093,11 @@ mod tests {
         got.extend(parser.finish());
         assert_eq!(
             got,
-            vec![ParsedDelta::Content("a".into()), ParsedDelta::Content("😀".into()), ParsedDelta::Content("b".into())]
+            vec![
+                ParsedDelta::Content("a".into()),
+                ParsedDelta::Content("😀".into()),
+                ParsedDelta::Content("b".into())
+            ]
         );
     }
 
@@ -977,7 +1107,12 @@ mod tests {
         // U+FFFD, so the stream cannot equal decode-all; it must not panic and shows `é�a`.
         let tok = tokenizer();
         let byte = |b: &str| tok.token_to_id(b).expect("byte-fallback token");
-        let ids = [byte("<0xC3>"), byte("<0xA9>"), byte("<0x80>"), tok.token_to_id("a").unwrap()];
+        let ids = [
+            byte("<0xC3>"),
+            byte("<0xA9>"),
+            byte("<0x80>"),
+            tok.token_to_id("a").unwrap(),
+        ];
         let mut parser = OutputParser::new(special(), tokenizer());
         let mut content = String::new();
         for id in ids {
@@ -996,7 +1131,10 @@ mod tests {
         // A lone invalid byte at the end is flushed at finish.
         let mut parser = OutputParser::new(special(), tokenizer());
         assert!(parser.push(&[byte("<0xFF>")]).is_empty());
-        assert_eq!(parser.finish(), vec![ParsedDelta::Content("\u{FFFD}".into())]);
+        assert_eq!(
+            parser.finish(),
+            vec![ParsedDelta::Content("\u{FFFD}".into())]
+        );
     }
 
     #[test]
@@ -1029,14 +1167,19 @@ mod tests {
             "opts": {"mode": "a:b,c", "deep": {"x": []}},
             "tags": [1, "s}", [true, {"k": ""}]],
         });
-        check_stream(&pieces, &expected("", "Let me check.", vec![("get_weather", args)]));
+        check_stream(
+            &pieces,
+            &expected("", "Let me check.", vec![("get_weather", args)]),
+        );
         // The arguments keep the order the model wrote.
         let (deltas, _) = run(&build(&pieces), || 3);
         let args = deltas.iter().find_map(|d| match d {
             ParsedDelta::ToolCall { arguments, .. } => Some(arguments.clone()),
             _ => None,
         });
-        assert!(args.unwrap().starts_with(r#"{"location":"Paris, {France}: \"the\" city\\ é","days":3,"#));
+        assert!(args
+            .unwrap()
+            .starts_with(r#"{"location":"Paris, {France}: \"the\" city\\ é","days":3,"#));
     }
 
     #[test]
@@ -1063,12 +1206,19 @@ mod tests {
             &expected(
                 "",
                 "",
-                vec![("get_weather", json!({"city": "Paris"})), ("find_dog", json!({"name": "Rex 😀", "n": 2}))],
+                vec![
+                    ("get_weather", json!({"city": "Paris"})),
+                    ("find_dog", json!({"name": "Rex 😀", "n": 2})),
+                ],
             ),
         );
         // Two calls in one block.
         check_stream(
-            &[S("<|tool_call>"), T("call:a{x:1}call:b{}"), S("<tool_call|>")],
+            &[
+                S("<|tool_call>"),
+                T("call:a{x:1}call:b{}"),
+                S("<tool_call|>"),
+            ],
             &expected("", "", vec![("a", json!({"x": 1})), ("b", json!({}))]),
         );
     }
@@ -1089,10 +1239,23 @@ mod tests {
             S("<tool_call|>"),
             S("<|tool_response>"),
         ];
-        check_stream(&pieces, &expected("I should call the tool.", "", vec![("get_weather", json!({"city": "日本"}))]));
+        check_stream(
+            &pieces,
+            &expected(
+                "I should call the tool.",
+                "",
+                vec![("get_weather", json!({"city": "日本"}))],
+            ),
+        );
         // The model forgot `<channel|>`: the call still ends the reasoning and is parsed.
         check_stream(
-            &[S("<|channel>"), T("thought\nhmm"), S("<|tool_call>"), T("call:f{}"), S("<tool_call|>")],
+            &[
+                S("<|channel>"),
+                T("thought\nhmm"),
+                S("<|tool_call>"),
+                T("call:f{}"),
+                S("<tool_call|>"),
+            ],
             &expected("hmm", "", vec![("f", json!({}))]),
         );
     }
@@ -1132,10 +1295,19 @@ mod tests {
     #[test]
     fn unterminated_blocks_at_finish() {
         // Reasoning cut by max_tokens: flushed as reasoning.
-        check_stream(&[S("<|channel>"), T("thought\nStill thinking 日")], &expected("Still thinking 日", "", vec![]));
+        check_stream(
+            &[S("<|channel>"), T("thought\nStill thinking 日")],
+            &expected("Still thinking 日", "", vec![]),
+        );
         // A tool call cut short: its text as content, delimiters as `"`.
         check_stream(
-            &[T("Hi"), S("<|tool_call>"), T("call:f{a:"), S("<|\"|>"), T("x")],
+            &[
+                T("Hi"),
+                S("<|tool_call>"),
+                T("call:f{a:"),
+                S("<|\"|>"),
+                T("x"),
+            ],
             &expected("", "Hicall:f{a:\"x", vec![]),
         );
     }
@@ -1161,11 +1333,20 @@ mod tests {
         );
         // A new call before the first one ended.
         check_stream(
-            &[S("<|tool_call>"), T("call:f{a:1"), S("<|tool_call>"), T("call:g{}"), S("<tool_call|>")],
+            &[
+                S("<|tool_call>"),
+                T("call:f{a:1"),
+                S("<|tool_call>"),
+                T("call:g{}"),
+                S("<tool_call|>"),
+            ],
             &expected("", "call:f{a:1", vec![("g", json!({}))]),
         );
         // An empty block shows nothing.
-        check_stream(&[S("<|tool_call>"), S("<tool_call|>"), T("x")], &expected("", "x", vec![]));
+        check_stream(
+            &[S("<|tool_call>"), S("<tool_call|>"), T("x")],
+            &expected("", "x", vec![]),
+        );
     }
 
     #[test]
@@ -1174,7 +1355,13 @@ mod tests {
         let mut parser = OutputParser::new(special(), tokenizer()).starting_in_reasoning();
         let mut got = parser.push(&ids);
         got.extend(parser.finish());
-        assert_eq!(got, vec![ParsedDelta::Reasoning("reasoning".into()), ParsedDelta::Content("answer".into())]);
+        assert_eq!(
+            got,
+            vec![
+                ParsedDelta::Reasoning("reasoning".into()),
+                ParsedDelta::Content("answer".into())
+            ]
+        );
     }
 
     #[test]
@@ -1200,19 +1387,37 @@ mod tests {
                 format!("key:{d}text{d},n:1,flag:true,obj:{{a:{d}x{d}}},list:[1,{d}s{d}]"),
                 json!({"key": "text", "n": 1, "flag": true, "obj": {"a": "x"}, "list": [1, "s"]}),
             ),
-            (format!("{{key:{d}te{{x}},t:{d}}}"), json!({"key": "te{x},t:"})),
+            (
+                format!("{{key:{d}te{{x}},t:{d}}}"),
+                json!({"key": "te{x},t:"}),
+            ),
             (String::new(), json!({})),
             ("{}".into(), json!({})),
-            (" { a : 1 , b : [ ] , c : { } } ".into(), json!({"a": 1, "b": [], "c": {}})),
+            (
+                " { a : 1 , b : [ ] , c : { } } ".into(),
+                json!({"a": 1, "b": [], "c": {}}),
+            ),
             (
                 "a:-2,b:1.5,c:1e-05,d:false,e:null,f:0".into(),
                 json!({"a": -2, "b": 1.5, "c": 1e-05, "d": false, "e": null, "f": 0}),
             ),
-            (format!("s:{d}line\nquote\" back\\ tab\t 日本 😀{d}"), json!({"s": "line\nquote\" back\\ tab\t 日本 😀"})),
-            (format!("empty:{d}{d},l:[[1,[2]],{{}}]"), json!({"empty": "", "l": [[1, [2]], {}]})),
+            (
+                format!("s:{d}line\nquote\" back\\ tab\t 日本 😀{d}"),
+                json!({"s": "line\nquote\" back\\ tab\t 日本 😀"}),
+            ),
+            (
+                format!("empty:{d}{d},l:[[1,[2]],{{}}]"),
+                json!({"empty": "", "l": [[1, [2]], {}]}),
+            ),
             ("unit:celsius".into(), json!({"unit": "celsius"})),
-            (format!("{d}my key{d}:1,trailing:2,"), json!({"my key": 1, "trailing": 2})),
-            ("big:12345678901234567890".into(), json!({"big": 12345678901234567890u64})),
+            (
+                format!("{d}my key{d}:1,trailing:2,"),
+                json!({"my key": 1, "trailing": 2}),
+            ),
+            (
+                "big:12345678901234567890".into(),
+                json!({"big": 12345678901234567890u64}),
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(gemma_args_to_json(&text), Ok(want), "{text:?}");
@@ -1244,7 +1449,11 @@ mod tests {
             format!("a:{}1{}", "[".repeat(10_000), "]".repeat(10_000)),
         ];
         for text in &bad {
-            assert!(gemma_args_to_json(text).is_err(), "{text:?} should be an error: {:?}", gemma_args_to_json(text));
+            assert!(
+                gemma_args_to_json(text).is_err(),
+                "{text:?} should be an error: {:?}",
+                gemma_args_to_json(text)
+            );
         }
         // Nesting within the limit parses.
         let ok = format!("a:{}1{}", "[".repeat(100), "]".repeat(100));
@@ -1253,7 +1462,10 @@ mod tests {
 
     #[test]
     fn tool_call_text_parsing() {
-        assert_eq!(parse_tool_calls(" call:f{a:1} "), Ok(vec![("f".into(), r#"{"a":1}"#.into())]));
+        assert_eq!(
+            parse_tool_calls(" call:f{a:1} "),
+            Ok(vec![("f".into(), r#"{"a":1}"#.into())])
+        );
         assert!(parse_tool_calls("call:{a:1}").is_err());
         assert!(parse_tool_calls("call:f").is_err());
         assert!(parse_tool_calls("call:f{a:1}junk").is_err());

@@ -44,20 +44,32 @@ pub struct ServeArgs {
 
 /// The bundled tiny checkpoint, served when no --model is given.
 pub fn bundled_model() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-31b-recipe"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/tiny-31b-recipe"
+    ))
 }
 
 /// Everything but the engine: tokenizer, template, limits.
 pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<AppState> {
     let dir = &args.model;
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let special = SpecialTokens::from_tokenizer(&tokenizer).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let template = ChatTemplate::from_dir(dir).map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let special = SpecialTokens::from_tokenizer(&tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let template =
+        ChatTemplate::from_dir(dir).map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
     if template.is_none() {
-        tracing::warn!("{} has no chat template: chat endpoints will answer 400", dir.display());
+        tracing::warn!(
+            "{} has no chat template: chat endpoints will answer 400",
+            dir.display()
+        );
     }
-    let max_model_len = args.max_model_len.unwrap_or(meta.max_position_embeddings).min(meta.max_position_embeddings);
+    let max_model_len = args
+        .max_model_len
+        .unwrap_or(meta.max_position_embeddings)
+        .min(meta.max_position_embeddings);
     let mut images = http::images::ImageSettings::new(
         meta.vision,
         meta.image_token_id,
@@ -66,12 +78,15 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         Duration::from_secs(args.image_fetch_timeout.max(1)),
     );
     if let Some(path) = &args.image_ca_file {
-        images.add_ca_file(path).map_err(|e| anyhow::anyhow!("--image-ca-file {e}"))?;
+        images
+            .add_ca_file(path)
+            .map_err(|e| anyhow::anyhow!("--image-ca-file {e}"))?;
     }
-    let served_model_name = args
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "gemma4".into()));
+    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "gemma4".into())
+    });
     Ok(AppState {
         engine,
         tokenizer: Arc::new(tokenizer),
@@ -107,31 +122,59 @@ pub struct ModelMeta {
 
 /// The vision side of a checkpoint: its placeholder ids and the image processor config, when the
 /// model has a vision tower (`has_tower`) and the config names all three ids.
-fn vision_meta(dir: &std::path::Path, config: &gemma4_model::ModelConfig, has_tower: bool) -> Result<Option<http::images::VisionMeta>> {
+fn vision_meta(
+    dir: &std::path::Path,
+    config: &gemma4_model::ModelConfig,
+    has_tower: bool,
+) -> Result<Option<http::images::VisionMeta>> {
     if !has_tower {
         return Ok(None);
     }
-    let (Some(image), Some(boi), Some(eoi)) = (config.image_token_id, config.boi_token_id, config.eoi_token_id) else {
+    let (Some(image), Some(boi), Some(eoi)) = (
+        config.image_token_id,
+        config.boi_token_id,
+        config.eoi_token_id,
+    ) else {
         tracing::warn!("the checkpoint has a vision tower but its config lacks image_token_id, boi_token_id or eoi_token_id: images are disabled");
         return Ok(None);
     };
-    let processor = gemma4_model::vision::preprocess::ImageProcessorConfig::from_dir(dir).map_err(|e| anyhow::anyhow!("image processor config: {e}"))?;
-    Ok(Some(http::images::VisionMeta { image_token_id: image, boi_token_id: boi, eoi_token_id: eoi, processor }))
+    let processor = gemma4_model::vision::preprocess::ImageProcessorConfig::from_dir(dir)
+        .map_err(|e| anyhow::anyhow!("image processor config: {e}"))?;
+    Ok(Some(http::images::VisionMeta {
+        image_token_id: image,
+        boi_token_id: boi,
+        eoi_token_id: eoi,
+        processor,
+    }))
 }
 
 /// Starts the engine with a model loaded on its thread (with a progress bar on stderr).
-pub fn start_engine<B: Gemma4Backend>(args: &ServeArgs, device: B::Device, progress: bool) -> Result<(Engine, ModelMeta)> {
+pub fn start_engine<B: Gemma4Backend>(
+    args: &ServeArgs,
+    device: B::Device,
+    progress: bool,
+) -> Result<(Engine, ModelMeta)> {
     if let Some(text) = &args.scripted_output {
         return start_scripted(args, text);
     }
     let dir = args.model.clone();
     let (meta_tx, meta_rx) = std::sync::mpsc::channel();
-    let config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), prefill_chunk: args.max_num_batched_tokens.max(1), max_waiting: args.max_waiting };
+    let config = EngineConfig {
+        max_num_seqs: args.max_num_seqs.max(1),
+        prefill_chunk: args.max_num_batched_tokens.max(1),
+        max_waiting: args.max_waiting,
+    };
     let (engine, _thread) = Engine::start::<Model<B>, _>(config, move || {
-        let bar = if progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+        let bar = if progress {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         bar.set_style(
-            indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "loading weights {bar:40} {pos}/{len} tensors {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let b = bar.clone();
         let model = Model::<B>::load_with_progress(&dir, &device, move |done, total| {
@@ -160,7 +203,9 @@ pub fn start_engine<B: Gemma4Backend>(args: &ServeArgs, device: B::Device, progr
         let _ = meta_tx.send(meta);
         Ok(model)
     })?;
-    let meta = meta_rx.recv().context("the engine did not report the model")?;
+    let meta = meta_rx
+        .recv()
+        .context("the engine did not report the model")?;
     Ok((engine, meta))
 }
 
@@ -169,9 +214,17 @@ fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
     let config = gemma4_model::ModelConfig::from_dir(&args.model)?;
     let generation = gemma4_model::GenerationConfig::from_dir(&args.model)?;
     let tok_path = args.model.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let script = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the script: {e}"))?.get_ids().to_vec();
-    tracing::warn!(tokens = script.len(), "test mode: every request is answered with the scripted output, not the model");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let script = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the script: {e}"))?
+        .get_ids()
+        .to_vec();
+    tracing::warn!(
+        tokens = script.len(),
+        "test mode: every request is answered with the scripted output, not the model"
+    );
     let meta = ModelMeta {
         max_position_embeddings: config.text.max_position_embeddings,
         num_layers: config.text.num_hidden_layers,
@@ -183,12 +236,26 @@ fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
     };
     let vocab_size = config.text.vocab_size;
     let image_token_id = config.image_token_id;
-    let engine_config = EngineConfig { max_num_seqs: args.max_num_seqs.max(1), prefill_chunk: args.max_num_batched_tokens.max(1), max_waiting: args.max_waiting };
-    let (engine, _thread) = Engine::start(engine_config, move || Ok(crate::engine::scripted::ScriptedModel { vocab_size, script, image_token_id }))?;
+    let engine_config = EngineConfig {
+        max_num_seqs: args.max_num_seqs.max(1),
+        prefill_chunk: args.max_num_batched_tokens.max(1),
+        max_waiting: args.max_waiting,
+    };
+    let (engine, _thread) = Engine::start(engine_config, move || {
+        Ok(crate::engine::scripted::ScriptedModel {
+            vocab_size,
+            script,
+            image_token_id,
+        })
+    })?;
     Ok((engine, meta))
 }
 
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, grace: Duration) -> Result<()> {
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    grace: Duration,
+) -> Result<()> {
     let engine = state.engine.clone();
     let stats = engine.stats.clone();
     let app = http::router(state.clone());
@@ -197,7 +264,12 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, grac
         let _ = tokio::signal::ctrl_c().await;
         let running = stats.running.load(Ordering::SeqCst);
         let waiting = stats.waiting.load(Ordering::SeqCst);
-        tracing::info!(running, waiting, "shutting down: no new requests; in-flight requests get {}s to finish", grace.as_secs());
+        tracing::info!(
+            running,
+            waiting,
+            "shutting down: no new requests; in-flight requests get {}s to finish",
+            grace.as_secs()
+        );
         let _ = stop_tx.send(());
     };
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal);
@@ -209,7 +281,11 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, grac
         Err(_) => {
             let running = state.engine.stats.running.load(Ordering::SeqCst);
             let waiting = state.engine.stats.waiting.load(Ordering::SeqCst);
-            tracing::warn!(running, waiting, "grace period over: aborting the remaining requests");
+            tracing::warn!(
+                running,
+                waiting,
+                "grace period over: aborting the remaining requests"
+            );
         }
     }
     engine.shutdown();
@@ -223,10 +299,16 @@ pub fn run<B: Gemma4Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
     gemma4_model::kernels::fallback::set_policy(gemma4_model::kernels::fallback::Policy::Warn);
     let (engine, meta) = start_engine::<B>(&args, device, true)?;
     let state = Arc::new(build_state(&args, engine, meta)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let addr: SocketAddr = format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad address {}:{}", args.host, args.port))?;
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+            .parse()
+            .with_context(|| format!("bad address {}:{}", args.host, args.port))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         tracing::info!(
             "serving `{}` on http://{} (max_model_len {}, max_num_seqs {}, auth {})",
             state.served_model_name,

@@ -40,17 +40,74 @@ pub struct VisionPreset {
 }
 
 /// The 31B's vision tower (../shared/spec/gemma4.md section 1).
-const VISION_31B: VisionPreset = VisionPreset { hidden: 1152, intermediate: 4304, layers: 27, heads: 16, head_dim: 72, position_embedding_size: 10_240 };
-const VISION_SMALL: VisionPreset = VisionPreset { hidden: 64, intermediate: 144, layers: 2, heads: 4, head_dim: 16, position_embedding_size: 1024 };
+const VISION_31B: VisionPreset = VisionPreset {
+    hidden: 1152,
+    intermediate: 4304,
+    layers: 27,
+    heads: 16,
+    head_dim: 72,
+    position_embedding_size: 10_240,
+};
+const VISION_SMALL: VisionPreset = VisionPreset {
+    hidden: 64,
+    intermediate: 144,
+    layers: 2,
+    heads: 4,
+    head_dim: 16,
+    position_embedding_size: 1024,
+};
 
 pub fn preset(name: &str) -> Result<Preset> {
     Ok(match name {
         // google/gemma-4-31B-it (../shared/spec/gemma4.md section 1).
-        "31b" => Preset { hidden: 5376, intermediate: 21504, layers: 60, heads: 32, kv_heads: 16, global_kv_heads: 4, head_dim: 256, global_head_dim: 512, vocab: 262_144, sliding_window: 1024, max_positions: 262_144, vision: VISION_31B },
+        "31b" => Preset {
+            hidden: 5376,
+            intermediate: 21504,
+            layers: 60,
+            heads: 32,
+            kv_heads: 16,
+            global_kv_heads: 4,
+            head_dim: 256,
+            global_head_dim: 512,
+            vocab: 262_144,
+            sliding_window: 1024,
+            max_positions: 262_144,
+            vision: VISION_31B,
+        },
         // Same layer shapes as the 31B, 6 layers and a small vocabulary: a quick GPU run.
-        "31b-6l" => Preset { layers: 6, vocab: 32_768, ..preset("31b")? },
-        "small" => Preset { hidden: 1024, intermediate: 4096, layers: 6, heads: 8, kv_heads: 4, global_kv_heads: 2, head_dim: 128, global_head_dim: 256, vocab: 32_768, sliding_window: 512, max_positions: 32_768, vision: VISION_SMALL },
-        "tiny" => Preset { hidden: 128, intermediate: 256, layers: 6, heads: 4, kv_heads: 2, global_kv_heads: 1, head_dim: 32, global_head_dim: 64, vocab: 512, sliding_window: 16, max_positions: 4096, vision: VISION_SMALL },
+        "31b-6l" => Preset {
+            layers: 6,
+            vocab: 32_768,
+            ..preset("31b")?
+        },
+        "small" => Preset {
+            hidden: 1024,
+            intermediate: 4096,
+            layers: 6,
+            heads: 8,
+            kv_heads: 4,
+            global_kv_heads: 2,
+            head_dim: 128,
+            global_head_dim: 256,
+            vocab: 32_768,
+            sliding_window: 512,
+            max_positions: 32_768,
+            vision: VISION_SMALL,
+        },
+        "tiny" => Preset {
+            hidden: 128,
+            intermediate: 256,
+            layers: 6,
+            heads: 4,
+            kv_heads: 2,
+            global_kv_heads: 1,
+            head_dim: 32,
+            global_head_dim: 64,
+            vocab: 512,
+            sliding_window: 16,
+            max_positions: 4096,
+            vision: VISION_SMALL,
+        },
         other => bail!("unknown preset `{other}` (31b, 31b-6l, small, tiny)"),
     })
 }
@@ -88,61 +145,196 @@ impl Spec {
 }
 
 fn layer_types(p: &Preset) -> Vec<&'static str> {
-    (0..p.layers).map(|i| if (i + 1) % 6 == 0 || i + 1 == p.layers { "full_attention" } else { "sliding_attention" }).collect()
+    (0..p.layers)
+        .map(|i| {
+            if (i + 1) % 6 == 0 || i + 1 == p.layers {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect()
 }
 
 fn specs(p: &Preset) -> Vec<Spec> {
     let mut v = vec![];
-    let bf16 = |name: String, shape: Vec<usize>, fill: Fill| Spec { name, dtype: Dtype::BF16, shape, fill };
+    let bf16 = |name: String, shape: Vec<usize>, fill: Fill| Spec {
+        name,
+        dtype: Dtype::BF16,
+        shape,
+        fill,
+    };
     let pre = "model.language_model";
-    v.push(bf16(format!("{pre}.embed_tokens.weight"), vec![p.vocab, p.hidden], Fill::Bf16(0.03)));
-    v.push(bf16(format!("{pre}.norm.weight"), vec![p.hidden], Fill::Bf16Const(1.0)));
+    v.push(bf16(
+        format!("{pre}.embed_tokens.weight"),
+        vec![p.vocab, p.hidden],
+        Fill::Bf16(0.03),
+    ));
+    v.push(bf16(
+        format!("{pre}.norm.weight"),
+        vec![p.hidden],
+        Fill::Bf16Const(1.0),
+    ));
     let std = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     for (i, kind) in layer_types(p).iter().enumerate() {
         let l = format!("{pre}.layers.{i}");
         let full = *kind == "full_attention";
-        let (hd, kv) = if full { (p.global_head_dim, p.global_kv_heads) } else { (p.head_dim, p.kv_heads) };
+        let (hd, kv) = if full {
+            (p.global_head_dim, p.global_kv_heads)
+        } else {
+            (p.head_dim, p.kv_heads)
+        };
         let a = format!("{l}.self_attn");
-        v.push(bf16(format!("{a}.q_proj.weight"), vec![p.heads * hd, p.hidden], Fill::Bf16(std(p.hidden))));
-        v.push(bf16(format!("{a}.k_proj.weight"), vec![kv * hd, p.hidden], Fill::Bf16(std(p.hidden))));
+        v.push(bf16(
+            format!("{a}.q_proj.weight"),
+            vec![p.heads * hd, p.hidden],
+            Fill::Bf16(std(p.hidden)),
+        ));
+        v.push(bf16(
+            format!("{a}.k_proj.weight"),
+            vec![kv * hd, p.hidden],
+            Fill::Bf16(std(p.hidden)),
+        ));
         if !full {
-            v.push(bf16(format!("{a}.v_proj.weight"), vec![kv * hd, p.hidden], Fill::Bf16(std(p.hidden))));
+            v.push(bf16(
+                format!("{a}.v_proj.weight"),
+                vec![kv * hd, p.hidden],
+                Fill::Bf16(std(p.hidden)),
+            ));
         }
-        v.push(bf16(format!("{a}.o_proj.weight"), vec![p.hidden, p.heads * hd], Fill::Bf16(std(p.heads * hd))));
-        v.push(bf16(format!("{a}.q_norm.weight"), vec![hd], Fill::Bf16Const(1.0)));
-        v.push(bf16(format!("{a}.k_norm.weight"), vec![hd], Fill::Bf16Const(1.0)));
-        for (proj, out, inp) in [("gate_proj", p.intermediate, p.hidden), ("up_proj", p.intermediate, p.hidden), ("down_proj", p.hidden, p.intermediate)] {
+        v.push(bf16(
+            format!("{a}.o_proj.weight"),
+            vec![p.hidden, p.heads * hd],
+            Fill::Bf16(std(p.heads * hd)),
+        ));
+        v.push(bf16(
+            format!("{a}.q_norm.weight"),
+            vec![hd],
+            Fill::Bf16Const(1.0),
+        ));
+        v.push(bf16(
+            format!("{a}.k_norm.weight"),
+            vec![hd],
+            Fill::Bf16Const(1.0),
+        ));
+        for (proj, out, inp) in [
+            ("gate_proj", p.intermediate, p.hidden),
+            ("up_proj", p.intermediate, p.hidden),
+            ("down_proj", p.hidden, p.intermediate),
+        ] {
             let m = format!("{l}.mlp.{proj}");
-            v.push(Spec { name: format!("{m}.weight"), dtype: Dtype::U8, shape: vec![out, inp / 2], fill: Fill::Bytes });
-            v.push(Spec { name: format!("{m}.weight_scale"), dtype: Dtype::F8_E4M3, shape: vec![out, inp / 16], fill: Fill::E4m3 });
+            v.push(Spec {
+                name: format!("{m}.weight"),
+                dtype: Dtype::U8,
+                shape: vec![out, inp / 2],
+                fill: Fill::Bytes,
+            });
+            v.push(Spec {
+                name: format!("{m}.weight_scale"),
+                dtype: Dtype::F8_E4M3,
+                shape: vec![out, inp / 16],
+                fill: Fill::E4m3,
+            });
             // Global scale so that |w| ~ 6 · 1 · g ≈ 1/sqrt(fan_in).
-            v.push(Spec { name: format!("{m}.weight_scale_2"), dtype: Dtype::F32, shape: vec![], fill: Fill::F32Const(std(inp) / 3.0) });
-            v.push(Spec { name: format!("{m}.input_scale"), dtype: Dtype::F32, shape: vec![], fill: Fill::F32Const(1.0) });
+            v.push(Spec {
+                name: format!("{m}.weight_scale_2"),
+                dtype: Dtype::F32,
+                shape: vec![],
+                fill: Fill::F32Const(std(inp) / 3.0),
+            });
+            v.push(Spec {
+                name: format!("{m}.input_scale"),
+                dtype: Dtype::F32,
+                shape: vec![],
+                fill: Fill::F32Const(1.0),
+            });
         }
-        for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-            v.push(bf16(format!("{l}.{n}.weight"), vec![p.hidden], Fill::Bf16Const(1.0)));
+        for n in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ] {
+            v.push(bf16(
+                format!("{l}.{n}.weight"),
+                vec![p.hidden],
+                Fill::Bf16Const(1.0),
+            ));
         }
-        v.push(bf16(format!("{l}.layer_scalar"), vec![1], Fill::Bf16Const(1.0)));
+        v.push(bf16(
+            format!("{l}.layer_scalar"),
+            vec![1],
+            Fill::Bf16Const(1.0),
+        ));
     }
     let vp = &p.vision;
     let t = "model.vision_tower";
-    v.push(bf16(format!("{t}.patch_embedder.input_proj.weight"), vec![vp.hidden, 3 * 16 * 16], Fill::Bf16(std(768))));
-    v.push(bf16(format!("{t}.patch_embedder.position_embedding_table"), vec![2, vp.position_embedding_size, vp.hidden], Fill::Bf16(0.02)));
+    v.push(bf16(
+        format!("{t}.patch_embedder.input_proj.weight"),
+        vec![vp.hidden, 3 * 16 * 16],
+        Fill::Bf16(std(768)),
+    ));
+    v.push(bf16(
+        format!("{t}.patch_embedder.position_embedding_table"),
+        vec![2, vp.position_embedding_size, vp.hidden],
+        Fill::Bf16(0.02),
+    ));
     for i in 0..vp.layers {
         let l = format!("{t}.encoder.layers.{i}");
         let inner = vp.heads * vp.head_dim;
-        for (proj, out, inp) in [("self_attn.q_proj", inner, vp.hidden), ("self_attn.k_proj", inner, vp.hidden), ("self_attn.v_proj", inner, vp.hidden), ("self_attn.o_proj", vp.hidden, inner), ("mlp.gate_proj", vp.intermediate, vp.hidden), ("mlp.up_proj", vp.intermediate, vp.hidden), ("mlp.down_proj", vp.hidden, vp.intermediate)] {
-            v.push(bf16(format!("{l}.{proj}.linear.weight"), vec![out, inp], Fill::Bf16(std(inp))));
+        for (proj, out, inp) in [
+            ("self_attn.q_proj", inner, vp.hidden),
+            ("self_attn.k_proj", inner, vp.hidden),
+            ("self_attn.v_proj", inner, vp.hidden),
+            ("self_attn.o_proj", vp.hidden, inner),
+            ("mlp.gate_proj", vp.intermediate, vp.hidden),
+            ("mlp.up_proj", vp.intermediate, vp.hidden),
+            ("mlp.down_proj", vp.hidden, vp.intermediate),
+        ] {
+            v.push(bf16(
+                format!("{l}.{proj}.linear.weight"),
+                vec![out, inp],
+                Fill::Bf16(std(inp)),
+            ));
         }
-        v.push(bf16(format!("{l}.self_attn.q_norm.weight"), vec![vp.head_dim], Fill::Bf16Const(1.0)));
-        v.push(bf16(format!("{l}.self_attn.k_norm.weight"), vec![vp.head_dim], Fill::Bf16Const(1.0)));
-        for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-            v.push(bf16(format!("{l}.{n}.weight"), vec![vp.hidden], Fill::Bf16Const(1.0)));
+        v.push(bf16(
+            format!("{l}.self_attn.q_norm.weight"),
+            vec![vp.head_dim],
+            Fill::Bf16Const(1.0),
+        ));
+        v.push(bf16(
+            format!("{l}.self_attn.k_norm.weight"),
+            vec![vp.head_dim],
+            Fill::Bf16Const(1.0),
+        ));
+        for n in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ] {
+            v.push(bf16(
+                format!("{l}.{n}.weight"),
+                vec![vp.hidden],
+                Fill::Bf16Const(1.0),
+            ));
         }
     }
-    v.push(bf16(format!("{t}.std_bias"), vec![vp.hidden], Fill::Bf16Const(0.0)));
-    v.push(bf16(format!("{t}.std_scale"), vec![vp.hidden], Fill::Bf16Const(1.0)));
-    v.push(bf16("model.embed_vision.embedding_projection.weight".into(), vec![p.hidden, vp.hidden], Fill::Bf16(std(vp.hidden))));
+    v.push(bf16(
+        format!("{t}.std_bias"),
+        vec![vp.hidden],
+        Fill::Bf16Const(0.0),
+    ));
+    v.push(bf16(
+        format!("{t}.std_scale"),
+        vec![vp.hidden],
+        Fill::Bf16Const(1.0),
+    ));
+    v.push(bf16(
+        "model.embed_vision.embedding_projection.weight".into(),
+        vec![p.hidden, vp.hidden],
+        Fill::Bf16(std(vp.hidden)),
+    ));
     v
 }
 
@@ -155,7 +347,9 @@ fn generate(spec: &Spec, rng: &mut Rng) -> Vec<u8> {
             let k = std * (3.0f32).sqrt() / 2.0 * 2.0;
             while out.len() < n {
                 let r = rng.next_u64();
-                let s: f32 = (0..4).map(|j| ((r >> (16 * j)) & 0xffff) as f32 / 65535.0 - 0.5).sum();
+                let s: f32 = (0..4)
+                    .map(|j| ((r >> (16 * j)) & 0xffff) as f32 / 65535.0 - 0.5)
+                    .sum();
                 out.extend_from_slice(&half::bf16::from_f32(s * k).to_le_bytes());
             }
         }
@@ -250,16 +444,26 @@ pub fn synth(preset_name: &str, out: &Path, shard_bytes: usize, seed: u64) -> Re
     let p = preset(preset_name)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write_json = |name: &str, v: serde_json::Value| -> Result<()> {
-        std::fs::write(out.join(name), serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {name}"))
+        std::fs::write(out.join(name), serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {name}"))
     };
     write_json("config.json", config_json(&p))?;
-    write_json("hf_quant_config.json", json!({"producer": {"name": "gemma4 synth", "version": env!("CARGO_PKG_VERSION")},
+    write_json(
+        "hf_quant_config.json",
+        json!({"producer": {"name": "gemma4 synth", "version": env!("CARGO_PKG_VERSION")},
         "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": null, "group_size": 16,
-        "exclude_modules": ["lm_head", "model.embed_vision*", "model.language_model.layers.*.self_attn*", "model.vision_tower*"]}}))?;
-    write_json("processor_config.json", json!({"image_processor": {"image_processor_type": "Gemma4ImageProcessor",
-        "patch_size": 16, "pooling_kernel_size": 3, "max_soft_tokens": 280}}))?;
-    write_json("generation_config.json", json!({"bos_token_id": 2, "eos_token_id": [1, 106, 50], "pad_token_id": 0,
-        "do_sample": true, "temperature": 1.0, "top_k": 64, "top_p": 0.95}))?;
+        "exclude_modules": ["lm_head", "model.embed_vision*", "model.language_model.layers.*.self_attn*", "model.vision_tower*"]}}),
+    )?;
+    write_json(
+        "processor_config.json",
+        json!({"image_processor": {"image_processor_type": "Gemma4ImageProcessor",
+        "patch_size": 16, "pooling_kernel_size": 3, "max_soft_tokens": 280}}),
+    )?;
+    write_json(
+        "generation_config.json",
+        json!({"bos_token_id": 2, "eos_token_id": [1, 106, 50], "pad_token_id": 0,
+        "do_sample": true, "temperature": 1.0, "top_k": 64, "top_p": 0.95}),
+    )?;
 
     // Group tensors into shards.
     let specs = specs(&p);
@@ -277,21 +481,34 @@ pub fn synth(preset_name: &str, out: &Path, shard_bytes: usize, seed: u64) -> Re
     let mut rng = Rng::new(seed);
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
         let data: Vec<Vec<u8>> = shard.iter().map(|s| generate(s, &mut rng)).collect();
         let views: Vec<(String, TensorView)> = shard
             .iter()
             .zip(&data)
-            .map(|(s, d)| Ok((s.name.clone(), TensorView::new(s.dtype, s.shape.clone(), d)?)))
+            .map(|(s, d)| {
+                Ok((
+                    s.name.clone(),
+                    TensorView::new(s.dtype, s.shape.clone(), d)?,
+                ))
+            })
             .collect::<Result<_>>()?;
-        safetensors::serialize_to_file(views, None, &out.join(&file)).with_context(|| format!("writing {file}"))?;
+        safetensors::serialize_to_file(views, None, &out.join(&file))
+            .with_context(|| format!("writing {file}"))?;
         for s in shard {
             weight_map.insert(s.name.clone(), json!(file));
         }
         tracing::info!("wrote {file} ({}/{n})", i + 1);
     }
     if n > 1 {
-        write_json("model.safetensors.index.json", json!({"metadata": {}, "weight_map": weight_map}))?;
+        write_json(
+            "model.safetensors.index.json",
+            json!({"metadata": {}, "weight_map": weight_map}),
+        )?;
     }
     Ok(())
 }
@@ -317,11 +534,16 @@ mod tests {
         // Small shards, to exercise the index.
         synth("tiny", &dir, 200_000, 1).unwrap();
         assert!(dir.join("model.safetensors.index.json").exists());
-        let model = gemma4_model::Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default()).unwrap();
+        let model =
+            gemma4_model::Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default())
+                .unwrap();
         assert_eq!(model.report.nvfp4_linears, 18);
         assert!(model.vision.is_some(), "the synthetic vision tower loads");
         let mut cache = model.text.new_cache();
-        let logits = model.text.forward(&[2, 10, 20, 30], &mut cache, gemma4_model::Logits::All).unwrap();
+        let logits = model
+            .text
+            .forward(&[2, 10, 20, 30], &mut cache, gemma4_model::Logits::All)
+            .unwrap();
         let v = gemma4_model::to_host_f32(logits);
         assert_eq!(v.len(), 4 * 512);
         assert!(v.iter().all(|x| x.is_finite()));

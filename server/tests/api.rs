@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use gemma4_model::testing::png_header;
 use gemma4_server::http::AppState;
 use gemma4_server::serve::{build_state, bundled_model, start_engine, ServeArgs};
-use gemma4_model::testing::png_header;
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key";
@@ -28,7 +28,13 @@ fn server() -> &'static Server {
 }
 
 /// Starts the server in-process on a free loopback port.
-fn start(model: PathBuf, max_model_len: usize, chunk: usize, allow_image_urls: bool, tweak: impl FnOnce(&mut AppState)) -> Server {
+fn start(
+    model: PathBuf,
+    max_model_len: usize,
+    chunk: usize,
+    allow_image_urls: bool,
+    tweak: impl FnOnce(&mut AppState),
+) -> Server {
     let args = ServeArgs {
         model,
         host: "127.0.0.1".into(),
@@ -46,21 +52,31 @@ fn start(model: PathBuf, max_model_len: usize, chunk: usize, allow_image_urls: b
         limit_images_per_prompt: 8,
         image_fetch_timeout: 5,
     };
-    let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false).expect("engine starts");
+    let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false)
+        .expect("engine starts");
     let mut state = build_state(&args, engine, meta).expect("state");
     tweak(&mut state);
     let state = Arc::new(state);
     let (tx, rx) = std::sync::mpsc::channel();
     let st = state.clone();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, gemma4_server::http::router(st)).await.unwrap();
+            axum::serve(listener, gemma4_server::http::router(st))
+                .await
+                .unwrap();
         });
     });
-    Server { addr: rx.recv().unwrap(), state }
+    Server {
+        addr: rx.recv().unwrap(),
+        state,
+    }
 }
 
 struct Reply {
@@ -74,7 +90,11 @@ impl Reply {
     }
     /// `data:` payloads of an SSE body.
     fn events(&self) -> Vec<String> {
-        self.body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -82,7 +102,13 @@ fn request(method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> 
     request_to(server().addr, method, path, body, key)
 }
 
-fn request_to(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Reply {
+fn request_to(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    key: Option<&str>,
+) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
@@ -90,7 +116,10 @@ fn request_to(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, k
         head.push_str(&format!("Authorization: Bearer {k}\r\n"));
     }
     if let Some(b) = body {
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
@@ -106,8 +135,19 @@ fn request_to(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, k
 fn parse(raw: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Reply { status, body }
 }
 
@@ -139,7 +179,9 @@ fn chat(extra: Value) -> Value {
 fn assert_error(r: &Reply, status: u16, needle: &str) {
     assert_eq!(r.status, status, "{}", r.body);
     let v = r.json();
-    let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("no OpenAI error object: {}", r.body));
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no OpenAI error object: {}", r.body));
     assert!(v["error"]["type"].is_string());
     assert!(msg.contains(needle), "`{msg}` lacks `{needle}`");
 }
@@ -172,7 +214,10 @@ fn chat_completion_greedy() {
     assert!(u["prompt_tokens"].as_u64().unwrap() > 3);
     let completion = u["completion_tokens"].as_u64().unwrap();
     assert!((1..=8).contains(&completion));
-    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + completion);
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + completion
+    );
     let finish = v["choices"][0]["finish_reason"].as_str().unwrap();
     assert!(finish == "length" || finish == "stop", "{finish}");
     // Greedy is deterministic.
@@ -183,7 +228,10 @@ fn chat_completion_greedy() {
 #[test]
 fn streaming_equals_non_streaming_and_ends_with_done() {
     let whole = post("/v1/chat/completions", chat(json!({"max_tokens": 10}))).json();
-    let r = post("/v1/chat/completions", chat(json!({"max_tokens": 10, "stream": true, "stream_options": {"include_usage": true}})));
+    let r = post(
+        "/v1/chat/completions",
+        chat(json!({"max_tokens": 10, "stream": true, "stream_options": {"include_usage": true}})),
+    );
     assert_eq!(r.status, 200);
     let events = r.events();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
@@ -191,15 +239,31 @@ fn streaming_equals_non_streaming_and_ends_with_done() {
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(usage["usage"]["completion_tokens"], whole["usage"]["completion_tokens"]);
-    assert_eq!(stream_text(&r), whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        usage["usage"]["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+    assert_eq!(
+        stream_text(&r),
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[test]
 fn concurrent_streams_equal_the_request_alone() {
-    let body = |i: usize| chat(json!({"max_tokens": 12, "stream": true, "messages": [{"role": "user", "content": format!("Story number {i}")}]}));
-    let alone: Vec<String> = (0..4).map(|i| stream_text(&post("/v1/chat/completions", body(i)))).collect();
-    let handles: Vec<_> = (0..8).map(|i| std::thread::spawn(move || stream_text(&post("/v1/chat/completions", body(i % 4))))).collect();
+    let body = |i: usize| {
+        chat(
+            json!({"max_tokens": 12, "stream": true, "messages": [{"role": "user", "content": format!("Story number {i}")}]}),
+        )
+    };
+    let alone: Vec<String> = (0..4)
+        .map(|i| stream_text(&post("/v1/chat/completions", body(i))))
+        .collect();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            std::thread::spawn(move || stream_text(&post("/v1/chat/completions", body(i % 4))))
+        })
+        .collect();
     for (i, h) in handles.into_iter().enumerate() {
         assert_eq!(h.join().unwrap(), alone[i % 4], "stream {i}");
     }
@@ -215,7 +279,11 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn n_choices_and_logprobs() {
-    let v = post("/v1/chat/completions", chat(json!({"n": 3, "temperature": 1.0, "seed": 1, "logprobs": true, "top_logprobs": 2}))).json();
+    let v = post(
+        "/v1/chat/completions",
+        chat(json!({"n": 3, "temperature": 1.0, "seed": 1, "logprobs": true, "top_logprobs": 2})),
+    )
+    .json();
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
     for (i, c) in choices.iter().enumerate() {
@@ -248,24 +316,69 @@ fn disconnect_frees_the_slot() {
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(30);
     while stats.requests_cancelled_total.load(Ordering::SeqCst) == cancelled_before {
-        assert!(Instant::now() < deadline, "the disconnected request was not cancelled");
+        assert!(
+            Instant::now() < deadline,
+            "the disconnected request was not cancelled"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn bad_requests_are_400_and_the_server_keeps_serving() {
-    let raw = request("POST", "/v1/chat/completions", Some(b"{not json"), Some(KEY));
+    let raw = request(
+        "POST",
+        "/v1/chat/completions",
+        Some(b"{not json"),
+        Some(KEY),
+    );
     assert_error(&raw, 400, "");
-    assert_error(&post("/v1/chat/completions", json!({"messages": "hello"})), 400, "messages");
-    assert_error(&post("/v1/chat/completions", chat(json!({"temperature": "hot"}))), 400, "temperature");
-    assert_error(&post("/v1/chat/completions", chat(json!({"messages": []}))), 400, "messages");
-    assert_error(&post("/v1/chat/completions", chat(json!({"messages": [{"role": "wizard", "content": "x"}]}))), 400, "role");
-    assert_error(&post("/v1/chat/completions", chat(json!({"temperature": 5.0}))), 400, "temperature");
+    assert_error(
+        &post("/v1/chat/completions", json!({"messages": "hello"})),
+        400,
+        "messages",
+    );
+    assert_error(
+        &post("/v1/chat/completions", chat(json!({"temperature": "hot"}))),
+        400,
+        "temperature",
+    );
+    assert_error(
+        &post("/v1/chat/completions", chat(json!({"messages": []}))),
+        400,
+        "messages",
+    );
+    assert_error(
+        &post(
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+        ),
+        400,
+        "role",
+    );
+    assert_error(
+        &post("/v1/chat/completions", chat(json!({"temperature": 5.0}))),
+        400,
+        "temperature",
+    );
     let long = "word ".repeat(400);
-    assert_error(&post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": long}]}))), 400, "maximum context length is 256");
+    assert_error(
+        &post(
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "user", "content": long}]})),
+        ),
+        400,
+        "maximum context length is 256",
+    );
     let image = json!([{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]);
-    assert_error(&post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": image}]}))), 400, "no vision tower");
+    assert_error(
+        &post(
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "user", "content": image}]})),
+        ),
+        400,
+        "no vision tower",
+    );
     let huge = vec![b'x'; gemma4_server::http::BODY_LIMIT + 1024];
     let r = request("POST", "/v1/chat/completions", Some(&huge), Some(KEY));
     assert!(r.status == 413 || r.status == 0, "status {}", r.status); // 0: the peer closed before answering
@@ -276,10 +389,18 @@ fn bad_requests_are_400_and_the_server_keeps_serving() {
 #[test]
 fn auth_and_unknown_model() {
     assert_error(&request("GET", "/v1/models", None, None), 401, "API key");
-    assert_error(&request("GET", "/v1/models", None, Some("wrong")), 401, "API key");
+    assert_error(
+        &request("GET", "/v1/models", None, Some("wrong")),
+        401,
+        "API key",
+    );
     let models = request("GET", "/v1/models", None, Some(KEY)).json();
     assert_eq!(models["data"][0]["id"], "tiny");
-    assert_error(&post("/v1/chat/completions", chat(json!({"model": "gpt-9"}))), 404, "gpt-9");
+    assert_error(
+        &post("/v1/chat/completions", chat(json!({"model": "gpt-9"}))),
+        404,
+        "gpt-9",
+    );
     // No auth on health, metrics, version, openapi.
     for p in ["/health", "/metrics", "/version", "/openapi.json"] {
         assert_eq!(request("GET", p, None, None).status, 200, "{p}");
@@ -288,14 +409,26 @@ fn auth_and_unknown_model() {
 
 #[test]
 fn tokenize_detokenize_roundtrip() {
-    let t = post("/tokenize", json!({"prompt": "Hello world", "add_special_tokens": false})).json();
+    let t = post(
+        "/tokenize",
+        json!({"prompt": "Hello world", "add_special_tokens": false}),
+    )
+    .json();
     let ids = t["tokens"].clone();
     assert_eq!(t["count"], ids.as_array().unwrap().len());
     let d = post("/detokenize", json!({"tokens": ids})).json();
     assert_eq!(d["prompt"], "Hello world");
-    let c = post("/tokenize", json!({"messages": [{"role": "user", "content": "hi"}]})).json();
+    let c = post(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .json();
     assert!(c["count"].as_u64().unwrap() > 3);
-    assert_error(&post("/detokenize", json!({"tokens": [99999999]})), 400, "vocabulary");
+    assert_error(
+        &post("/detokenize", json!({"tokens": [99999999]})),
+        400,
+        "vocabulary",
+    );
 }
 
 #[test]
@@ -316,12 +449,25 @@ fn metrics_and_openapi() {
     }
     // Every kernel has a fallback counter, all 0 on the CPU fixture.
     for kernel in gemma4_model::kernels::fallback::KERNELS {
-        let line = format!("gemma4_kernel_fallbacks_total{{model_name=\"tiny\",kernel=\"{kernel}\"}} 0");
+        let line =
+            format!("gemma4_kernel_fallbacks_total{{model_name=\"tiny\",kernel=\"{kernel}\"}} 0");
         assert!(m.contains(&line), "{line} missing from /metrics:\n{m}");
     }
     let spec = request("GET", "/openapi.json", None, None).json();
-    for p in ["/v1/chat/completions", "/v1/responses", "/v1/models", "/tokenize", "/detokenize", "/health", "/metrics", "/version"] {
-        assert!(spec["paths"][p].is_object(), "{p} missing from /openapi.json");
+    for p in [
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+        "/version",
+    ] {
+        assert!(
+            spec["paths"][p].is_object(),
+            "{p} missing from /openapi.json"
+        );
     }
     assert!(spec["components"]["schemas"]["ChatCompletionRequest"].is_object());
 }
@@ -331,15 +477,33 @@ fn responses_api() {
     let r = post("/v1/responses", json!({"model": "tiny", "input": "Say hi", "instructions": "Be brief", "max_output_tokens": 6, "temperature": 0})).json();
     assert_eq!(r["object"], "response");
     assert!(r["status"] == "completed" || r["status"] == "incomplete");
-    let msg = r["output"].as_array().unwrap().iter().find(|o| o["type"] == "message").expect("message item");
+    let msg = r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"] == "message")
+        .expect("message item");
     assert!(msg["content"][0]["text"].is_string());
     assert!(r["usage"]["output_tokens"].as_u64().unwrap() <= 6);
-    let s = post("/v1/responses", json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}], "max_output_tokens": 4, "stream": true, "temperature": 0}));
-    let events: Vec<Value> = s.events().iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let s = post(
+        "/v1/responses",
+        json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}], "max_output_tokens": 4, "stream": true, "temperature": 0}),
+    );
+    let events: Vec<Value> = s
+        .events()
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     assert_eq!(events[0]["type"], "response.created");
     let last = events.last().unwrap();
-    assert!(last["type"] == "response.completed" || last["type"] == "response.incomplete", "{last}");
-    let seqs: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+    assert!(
+        last["type"] == "response.completed" || last["type"] == "response.incomplete",
+        "{last}"
+    );
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
 }
 
@@ -351,21 +515,55 @@ fn named_tool_choice_forces_the_call_syntax() {
         chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "logprobs": true, "max_tokens": 12, "ignore_eos": true})),
     )
     .json();
-    let tokens: String = v["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
-    assert!(tokens.starts_with("<|tool_call>call:get_weather{"), "{tokens}");
+    let tokens: String = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        tokens.starts_with("<|tool_call>call:get_weather{"),
+        "{tokens}"
+    );
     // Required: the call syntax, the model picks the name.
-    let v = post("/v1/chat/completions", chat(json!({"tools": tools, "tool_choice": "required", "logprobs": true, "max_tokens": 4}))).json();
-    let first = v["choices"][0]["logprobs"]["content"][0]["token"].as_str().unwrap().to_string();
+    let v = post(
+        "/v1/chat/completions",
+        chat(json!({"tools": tools, "tool_choice": "required", "logprobs": true, "max_tokens": 4})),
+    )
+    .json();
+    let first = v["choices"][0]["logprobs"]["content"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(first, "<|tool_call>");
-    assert_error(&post("/v1/chat/completions", chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}))), 400, "nope");
-    assert_error(&post("/v1/chat/completions", chat(json!({"tool_choice": "required"}))), 400, "tools");
+    assert_error(
+        &post(
+            "/v1/chat/completions",
+            chat(
+                json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            ),
+        ),
+        400,
+        "nope",
+    );
+    assert_error(
+        &post(
+            "/v1/chat/completions",
+            chat(json!({"tool_choice": "required"})),
+        ),
+        400,
+        "tools",
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
 // Images, against the vision fixture (random weights with a vision tower; processor budget 70).
 
 fn vision_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-vision"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/tiny-vision"
+    ))
 }
 
 /// The vision fixture served with small prefill chunks (16 tokens: every image's run of
@@ -373,22 +571,35 @@ fn vision_dir() -> PathBuf {
 fn vision_server() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
-        assert!(vision_dir().join("config.json").is_file(), "fixtures/tiny-vision is missing (conformance/fixtures_gen/generate_vision.py)");
+        assert!(
+            vision_dir().join("config.json").is_file(),
+            "fixtures/tiny-vision is missing (conformance/fixtures_gen/generate_vision.py)"
+        );
         start(vision_dir(), 1024, 16, false, |_| {})
     })
 }
 
 fn vpost(path: &str, body: Value) -> Reply {
-    request_to(vision_server().addr, "POST", path, Some(body.to_string().as_bytes()), Some(KEY))
+    request_to(
+        vision_server().addr,
+        "POST",
+        path,
+        Some(body.to_string().as_bytes()),
+        Some(KEY),
+    )
 }
 
 fn fixture_image(name: &str) -> Vec<u8> {
-    std::fs::read(vision_dir().join("images").join(name)).unwrap_or_else(|e| panic!("fixtures/tiny-vision/images/{name}: {e}"))
+    std::fs::read(vision_dir().join("images").join(name))
+        .unwrap_or_else(|e| panic!("fixtures/tiny-vision/images/{name}: {e}"))
 }
 
 fn data_url(bytes: &[u8]) -> String {
     use base64::Engine as _;
-    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
 }
 
 fn image_chat(parts: Value, extra: Value) -> Value {
@@ -409,19 +620,34 @@ fn one_image(url: &str) -> Value {
 /// gemma4_model: the template with one image part, the k-th `<|image|>` expanded to
 /// `<|image>` + n × `<|image|>` + `<image|>`, the vision tower, `forward_multimodal`.
 fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
-    use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, ImageProcessorConfig};
+    use gemma4_model::vision::preprocess::{
+        decode_image, preprocess, DecodeLimits, ImageProcessorConfig,
+    };
     use gemma4_model::{Logits, Model, SamplingParams};
     let dir = vision_dir();
     let model = Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default()).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let template = gemma4_server::chat_template::ChatTemplate::from_dir(&dir).unwrap().expect("a chat template");
+    let template = gemma4_server::chat_template::ChatTemplate::from_dir(&dir)
+        .unwrap()
+        .expect("a chat template");
     let msgs = template.convert_openai_messages(&[json!({"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]})]).unwrap();
-    let text = template.render(&msgs, None, true, &Default::default()).unwrap();
+    let text = template
+        .render(&msgs, None, true, &Default::default())
+        .unwrap();
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
     let cfg = ImageProcessorConfig::from_dir(&dir).unwrap();
-    let pre = preprocess(&decode_image(image, &DecodeLimits::default()).unwrap(), &cfg, cfg.max_soft_tokens).unwrap();
+    let pre = preprocess(
+        &decode_image(image, &DecodeLimits::default()).unwrap(),
+        &cfg,
+        cfg.max_soft_tokens,
+    )
+    .unwrap();
     let c = &model.config;
-    let (img, boi, eoi) = (c.image_token_id.unwrap(), c.boi_token_id.unwrap(), c.eoi_token_id.unwrap());
+    let (img, boi, eoi) = (
+        c.image_token_id.unwrap(),
+        c.boi_token_id.unwrap(),
+        c.eoi_token_id.unwrap(),
+    );
     assert_eq!(ids.iter().filter(|&&t| t == img).count(), 1);
     let mut prompt = vec![];
     for &t in &ids {
@@ -435,12 +661,20 @@ fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
     }
     let soft = model.encode_image(&pre).unwrap();
     let mut cache = model.text.new_cache();
-    let mut logits = model.text.forward_multimodal(&prompt, Some(soft), &mut cache, Logits::Last).unwrap();
+    let mut logits = model
+        .text
+        .forward_multimodal(&prompt, Some(soft), &mut cache, Logits::Last)
+        .unwrap();
     let mut rng = gemma4_model::generation::Rng::new(0);
     let mut out = vec![];
     for _ in 0..n {
         let row = logits.into_data().to_vec::<f32>().unwrap();
-        let id = gemma4_model::generation::sample(&row, &SamplingParams::greedy(), &model.generation.suppress_tokens, &mut rng);
+        let id = gemma4_model::generation::sample(
+            &row,
+            &SamplingParams::greedy(),
+            &model.generation.suppress_tokens,
+            &mut rng,
+        );
         out.push(tok.decode(&[id], false).unwrap());
         logits = model.text.forward(&[id], &mut cache, Logits::Last).unwrap();
     }
@@ -450,83 +684,177 @@ fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
 #[test]
 fn image_chat_equals_the_model_run_directly() {
     let png = fixture_image("noise_square.png");
-    let r = vpost("/v1/chat/completions", image_chat(one_image(&data_url(&png)), json!({"logprobs": true, "ignore_eos": true})));
+    let r = vpost(
+        "/v1/chat/completions",
+        image_chat(
+            one_image(&data_url(&png)),
+            json!({"logprobs": true, "ignore_eos": true}),
+        ),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
-    let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
+    let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect();
     let (prompt_len, expected) = reference_greedy(&png, 6);
     // 48x48 -> 384x384 at the fixture's budget of 70: 24x24 patches, 64 soft tokens.
-    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, prompt_len);
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        prompt_len
+    );
     assert!(prompt_len > 64 + 2);
     assert_eq!(tokens, expected);
     // /tokenize expands the same way.
-    let t = vpost("/tokenize", json!({"messages": [{"role": "user", "content": one_image(&data_url(&png))}]})).json();
+    let t = vpost(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": one_image(&data_url(&png))}]}),
+    )
+    .json();
     assert_eq!(t["count"].as_u64().unwrap() as usize, prompt_len);
 }
 
 #[test]
 fn image_streaming_equals_non_streaming() {
     let url = data_url(&fixture_image("gradient_tall.png"));
-    let whole = vpost("/v1/chat/completions", image_chat(one_image(&url), json!({"max_tokens": 8}))).json();
-    let r = vpost("/v1/chat/completions", image_chat(one_image(&url), json!({"max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}})));
+    let whole = vpost(
+        "/v1/chat/completions",
+        image_chat(one_image(&url), json!({"max_tokens": 8})),
+    )
+    .json();
+    let r = vpost(
+        "/v1/chat/completions",
+        image_chat(
+            one_image(&url),
+            json!({"max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let events = r.events();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(usage["usage"]["prompt_tokens"], whole["usage"]["prompt_tokens"]);
-    assert_eq!(stream_text(&r), whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        usage["usage"]["prompt_tokens"],
+        whole["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        stream_text(&r),
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[test]
 fn image_budget_and_several_images() {
     let url = data_url(&fixture_image("large_gradient.png"));
     let count = |mm: Value| {
-        let t = vpost("/tokenize", json!({"messages": [{"role": "user", "content": one_image(&url)}], "mm_processor_kwargs": mm}));
+        let t = vpost(
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": one_image(&url)}], "mm_processor_kwargs": mm}),
+        );
         assert_eq!(t.status, 200, "{}", t.body);
         t.json()["count"].as_u64().unwrap()
     };
-    let (d, small, big) = (count(json!({})), count(json!({"max_soft_tokens": 70})), count(json!({"max_soft_tokens": 140})));
+    let (d, small, big) = (
+        count(json!({})),
+        count(json!({"max_soft_tokens": 70})),
+        count(json!({"max_soft_tokens": 140})),
+    );
     assert_eq!(d, small, "the fixture's default budget is 70");
     assert!(big > small + 40, "{small} -> {big}");
     // Two images (the string form of image_url too) in one user turn: 200, both counted, the
     // same count as /tokenize.
     let parts = json!([{"type": "image_url", "image_url": url}, {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]);
     let mm = json!({"max_soft_tokens": 140});
-    let two = vpost("/v1/chat/completions", image_chat(parts.clone(), json!({"max_tokens": 2, "mm_processor_kwargs": mm})));
+    let two = vpost(
+        "/v1/chat/completions",
+        image_chat(
+            parts.clone(),
+            json!({"max_tokens": 2, "mm_processor_kwargs": mm}),
+        ),
+    );
     assert_eq!(two.status, 200, "{}", two.body);
     let p2 = two.json()["usage"]["prompt_tokens"].as_u64().unwrap();
-    let t = vpost("/tokenize", json!({"messages": [{"role": "user", "content": parts}], "mm_processor_kwargs": mm})).json();
+    let t = vpost(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": parts}], "mm_processor_kwargs": mm}),
+    )
+    .json();
     assert_eq!(t["count"].as_u64().unwrap(), p2);
     assert!(p2 > big + 40, "{big} -> {p2}");
 }
 
 #[test]
 fn bad_images_are_400_and_the_server_keeps_serving() {
-    let chat_with = |url: &str, extra: Value| vpost("/v1/chat/completions", image_chat(one_image(url), extra));
+    let chat_with =
+        |url: &str, extra: Value| vpost("/v1/chat/completions", image_chat(one_image(url), extra));
     let at = "messages[0].content[1]";
     let e = chat_with("data:image/png;base64,@@@not base64@@@", json!({}));
     assert_error(&e, 400, "base64");
     assert_error(&e, 400, at);
-    assert_error(&chat_with(&data_url(b"this is not an image, just some text"), json!({})), 400, "unrecognised image format");
+    assert_error(
+        &chat_with(
+            &data_url(b"this is not an image, just some text"),
+            json!({}),
+        ),
+        400,
+        "unrecognised image format",
+    );
     let bomb = chat_with(&data_url(&png_header(100_000, 100_000, 2)), json!({}));
     assert_error(&bomb, 400, "pixels");
     assert_error(&bomb, 400, at);
     let tiny = data_url(&fixture_image("pixel_1x1.png"));
-    let many: Vec<Value> = (0..9).map(|_| json!({"type": "image_url", "image_url": {"url": tiny}})).collect();
-    assert_error(&vpost("/v1/chat/completions", image_chat(json!(many), json!({}))), 400, "limit of 8");
-    assert_error(&chat_with("http://example.com/cat.png", json!({})), 400, "--allow-image-urls");
-    assert_error(&chat_with("https://example.com/cat.png", json!({})), 400, "--allow-image-urls");
-    assert_error(&chat_with("ftp://example.com/cat.png", json!({})), 400, "unsupported image URL");
-    for bad in [json!({"max_soft_tokens": 100}), json!({"max_soft_tokens": "280"}), json!("280")] {
-        assert_error(&chat_with(&tiny, json!({"mm_processor_kwargs": bad})), 400, "mm_processor_kwargs");
+    let many: Vec<Value> = (0..9)
+        .map(|_| json!({"type": "image_url", "image_url": {"url": tiny}}))
+        .collect();
+    assert_error(
+        &vpost("/v1/chat/completions", image_chat(json!(many), json!({}))),
+        400,
+        "limit of 8",
+    );
+    assert_error(
+        &chat_with("http://example.com/cat.png", json!({})),
+        400,
+        "--allow-image-urls",
+    );
+    assert_error(
+        &chat_with("https://example.com/cat.png", json!({})),
+        400,
+        "--allow-image-urls",
+    );
+    assert_error(
+        &chat_with("ftp://example.com/cat.png", json!({})),
+        400,
+        "unsupported image URL",
+    );
+    for bad in [
+        json!({"max_soft_tokens": 100}),
+        json!({"max_soft_tokens": "280"}),
+        json!("280"),
+    ] {
+        assert_error(
+            &chat_with(&tiny, json!({"mm_processor_kwargs": bad})),
+            400,
+            "mm_processor_kwargs",
+        );
     }
     // The placeholder token typed in the text is not an image.
-    let typed = vpost("/v1/chat/completions", image_chat(json!("look: <|image|>"), json!({})));
+    let typed = vpost(
+        "/v1/chat/completions",
+        image_chat(json!("look: <|image|>"), json!({})),
+    );
     assert_error(&typed, 400, "<|image|>");
-    let no_url = vpost("/v1/chat/completions", image_chat(json!([{"type": "image_url", "image_url": {}}]), json!({})));
+    let no_url = vpost(
+        "/v1/chat/completions",
+        image_chat(json!([{"type": "image_url", "image_url": {}}]), json!({})),
+    );
     assert_error(&no_url, 400, "no URL");
     // Still serving, images included.
-    assert_eq!(request_to(vision_server().addr, "GET", "/health", None, None).status, 200);
+    assert_eq!(
+        request_to(vision_server().addr, "GET", "/health", None, None).status,
+        200
+    );
     assert_eq!(chat_with(&tiny, json!({"max_tokens": 2})).status, 200);
 }
 
@@ -534,10 +862,17 @@ fn bad_images_are_400_and_the_server_keeps_serving() {
 fn responses_input_image() {
     let url = data_url(&fixture_image("noise_square.png"));
     let input = json!([{"role": "user", "content": [{"type": "input_text", "text": QUESTION}, {"type": "input_image", "image_url": url}]}]);
-    let r = vpost("/v1/responses", json!({"input": input, "max_output_tokens": 4, "temperature": 0}));
+    let r = vpost(
+        "/v1/responses",
+        json!({"input": input, "max_output_tokens": 4, "temperature": 0}),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
-    let chat = vpost("/v1/chat/completions", image_chat(one_image(&url), json!({"max_tokens": 4}))).json();
+    let chat = vpost(
+        "/v1/chat/completions",
+        image_chat(one_image(&url), json!({"max_tokens": 4})),
+    )
+    .json();
     assert_eq!(v["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
     let bad = json!([{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]);
     let e = vpost("/v1/responses", json!({"input": bad}));
@@ -553,23 +888,74 @@ fn https_image_urls() {
     // Trusts the test CA (--image-ca-file) besides Mozilla's roots; loopback let through as above.
     let trusting = start(vision_dir(), 1024, 64, true, |s| {
         s.images.allow_private_hosts = true;
-        s.images.add_ca_file(&tls_dir.join("ca.pem")).expect("the test CA loads");
+        s.images
+            .add_ca_file(&tls_dir.join("ca.pem"))
+            .expect("the test CA loads");
     });
-    let post = |srv: &Server, url: String| request_to(srv.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&url), json!({"max_tokens": 3})).to_string().as_bytes()), Some(KEY));
-    let ok = post(&trusting, format!("https://localhost:{}/ok.png", host.port()));
+    let post = |srv: &Server, url: String| {
+        request_to(
+            srv.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                image_chat(one_image(&url), json!({"max_tokens": 3}))
+                    .to_string()
+                    .as_bytes(),
+            ),
+            Some(KEY),
+        )
+    };
+    let ok = post(
+        &trusting,
+        format!("https://localhost:{}/ok.png", host.port()),
+    );
     assert_eq!(ok.status, 200, "{}", ok.body);
     let inline = post(&trusting, data_url(&png));
     assert_eq!(ok.json()["usage"], inline.json()["usage"]);
-    assert_eq!(ok.json()["choices"][0]["message"], inline.json()["choices"][0]["message"]);
+    assert_eq!(
+        ok.json()["choices"][0]["message"],
+        inline.json()["choices"][0]["message"]
+    );
     // The certificate names localhost and 127.0.0.1, not other names of the host.
-    assert_error(&post(&trusting, format!("https://127.0.0.2:{}/ok.png", host.port())), 400, "TLS handshake");
-    assert_error(&post(&trusting, format!("https://localhost:{}/missing.png", host.port())), 400, "404");
+    assert_error(
+        &post(
+            &trusting,
+            format!("https://127.0.0.2:{}/ok.png", host.port()),
+        ),
+        400,
+        "TLS handshake",
+    );
+    assert_error(
+        &post(
+            &trusting,
+            format!("https://localhost:{}/missing.png", host.port()),
+        ),
+        400,
+        "404",
+    );
     // Without the CA the certificate is not trusted.
-    let default_roots = start(vision_dir(), 1024, 64, true, |s| s.images.allow_private_hosts = true);
-    assert_error(&post(&default_roots, format!("https://localhost:{}/ok.png", host.port())), 400, "TLS handshake");
+    let default_roots = start(vision_dir(), 1024, 64, true, |s| {
+        s.images.allow_private_hosts = true
+    });
+    assert_error(
+        &post(
+            &default_roots,
+            format!("https://localhost:{}/ok.png", host.port()),
+        ),
+        400,
+        "TLS handshake",
+    );
     // A file without certificates is refused at startup, naming it.
-    let mut settings = gemma4_server::http::images::ImageSettings::new(None, None, true, 8, Duration::from_secs(1));
-    let e = settings.add_ca_file(&tls_dir.join("README.md")).unwrap_err();
+    let mut settings = gemma4_server::http::images::ImageSettings::new(
+        None,
+        None,
+        true,
+        8,
+        Duration::from_secs(1),
+    );
+    let e = settings
+        .add_ca_file(&tls_dir.join("README.md"))
+        .unwrap_err();
     assert!(e.contains("README.md"), "{e}");
 }
 
@@ -577,14 +963,18 @@ fn https_image_urls() {
 fn tls_image_host(png: Vec<u8>) -> SocketAddr {
     use gemma4_server_tls::*;
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls"));
-    let certs = CertificateDer::pem_file_iter(dir.join("server.pem")).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-    let cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+    let certs = CertificateDer::pem_file_iter(dir.join("server.pem"))
         .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+        .collect::<Result<Vec<_>, _>>()
         .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let cfg =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
     let cfg = Arc::new(cfg);
     // Every loopback address, so that 127.0.0.2 (a name the certificate lacks) connects too.
     let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
@@ -594,7 +984,9 @@ fn tls_image_host(png: Vec<u8>) -> SocketAddr {
             let Ok(s) = s else { continue };
             let (png, cfg) = (png.clone(), cfg.clone());
             std::thread::spawn(move || {
-                let Ok(conn) = ServerConnection::new(cfg) else { return };
+                let Ok(conn) = ServerConnection::new(cfg) else {
+                    return;
+                };
                 let mut tls = StreamOwned::new(conn, s);
                 let mut buf = [0u8; 4096];
                 let Ok(n) = tls.read(&mut buf) else { return };
@@ -614,7 +1006,10 @@ fn tls_image_host(png: Vec<u8>) -> SocketAddr {
 
 /// rustls, through the server's own dependency.
 mod gemma4_server_tls {
-    pub use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer, pki_types::PrivateKeyDer, ServerConfig, ServerConnection, StreamOwned};
+    pub use tokio_rustls::rustls::{
+        self, pki_types::pem::PemObject, pki_types::CertificateDer, pki_types::PrivateKeyDer,
+        ServerConfig, ServerConnection, StreamOwned,
+    };
 }
 
 /// A local HTTP server for the fetch tests: /ok.png, a redirect, an oversized and a slow answer.
@@ -656,18 +1051,44 @@ fn image_urls_with_allow_image_urls() {
         s.images.allow_private_hosts = true;
         s.images.fetch_timeout = Duration::from_secs(2);
     });
-    let post_f = |url: String| request_to(fetching.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&url), json!({"max_tokens": 3})).to_string().as_bytes()), Some(KEY));
+    let post_f = |url: String| {
+        request_to(
+            fetching.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                image_chat(one_image(&url), json!({"max_tokens": 3}))
+                    .to_string()
+                    .as_bytes(),
+            ),
+            Some(KEY),
+        )
+    };
     let ok = post_f(format!("http://{host}/ok.png"));
     assert_eq!(ok.status, 200, "{}", ok.body);
     let inline = post_f(data_url(&png));
     assert_eq!(ok.json()["usage"], inline.json()["usage"]);
-    assert_error(&post_f(format!("http://{host}/redirect")), 400, "redirects are not followed");
+    assert_error(
+        &post_f(format!("http://{host}/redirect")),
+        400,
+        "redirects are not followed",
+    );
     assert_error(&post_f(format!("http://{host}/missing.png")), 400, "404");
     assert_error(&post_f(format!("http://{host}/huge")), 400, "limit");
     assert_error(&post_f(format!("http://{host}/slow")), 400, "within");
     // Without the test override, loopback hosts are refused.
     let strict = start(vision_dir(), 1024, 64, true, |_| {});
-    let r = request_to(strict.addr, "POST", "/v1/chat/completions", Some(image_chat(one_image(&format!("http://{host}/ok.png")), json!({})).to_string().as_bytes()), Some(KEY));
+    let r = request_to(
+        strict.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            image_chat(one_image(&format!("http://{host}/ok.png")), json!({}))
+                .to_string()
+                .as_bytes(),
+        ),
+        Some(KEY),
+    );
     assert_error(&r, 400, "non-public");
     assert_eq!(post_f(data_url(&png)).status, 200);
 }

@@ -8,7 +8,10 @@ fn fixture() -> PathBuf {
 }
 
 fn gemma4(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_gemma4")).args(args).output().expect("gemma4 runs")
+    Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args(args)
+        .output()
+        .expect("gemma4 runs")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -19,17 +22,34 @@ fn tmp(name: &str) -> PathBuf {
 fn logits_writes_every_position_equal_to_reference() {
     let reference = gemma4_conformance::load_reference(&fixture());
     let case = &reference.cases[0];
-    let ids: Vec<String> = case.prompt_ids.iter().chain(&case.greedy_ids).map(u32::to_string).collect();
+    let ids: Vec<String> = case
+        .prompt_ids
+        .iter()
+        .chain(&case.greedy_ids)
+        .map(u32::to_string)
+        .collect();
     let out = tmp("logits.safetensors");
     let model = fixture();
-    let o = gemma4(&["logits", "--model", model.to_str().unwrap(), "--tokens", &ids.join(","), "--out", out.to_str().unwrap()]);
+    let o = gemma4(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &ids.join(","),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&out).unwrap();
     let _ = std::fs::remove_file(&out);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let got: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let got: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let (expected, shape) = gemma4_conformance::reference_logits(&fixture(), &case.name);
     assert_eq!(t.shape(), &shape[..]);
     let (d, _) = gemma4_conformance::max_abs_diff(&got, &expected);
@@ -43,7 +63,16 @@ fn generate_json_last_line_has_tokens_and_text() {
     let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
     let model = fixture();
     let n = case.greedy_ids.len().to_string();
-    let o = gemma4(&["generate", "--model", model.to_str().unwrap(), "--tokens", &ids.join(","), "--max-new-tokens", &n, "--json"]);
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &ids.join(","),
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8(o.stdout).unwrap();
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -55,7 +84,10 @@ fn generate_json_last_line_has_tokens_and_text() {
         None => case.greedy_ids.clone(),
     };
     assert_eq!(tokens, expected);
-    assert!(last["text"].is_string(), "text present with a tokenizer: {last}");
+    assert!(
+        last["text"].is_string(),
+        "text present with a tokenizer: {last}"
+    );
 }
 
 #[test]
@@ -63,11 +95,30 @@ fn generate_from_prompt_text_and_seeded_sampling_is_reproducible() {
     let model = fixture();
     let run = || {
         let o = gemma4(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "Hello world", "--max-new-tokens", "6",
-            "--temperature", "1.0", "--top-k", "64", "--top-p", "0.95", "--seed", "7", "--json",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Hello world",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "64",
+            "--top-p",
+            "0.95",
+            "--seed",
+            "7",
+            "--json",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap().lines().last().unwrap().to_string()
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .to_string()
     };
     assert_eq!(run(), run());
 }
@@ -77,15 +128,36 @@ fn works_without_tokenizer_and_refuses_prompt_text() {
     // A directory with only the configs and the weights.
     let dir = tmp("bare");
     std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "hf_quant_config.json", "generation_config.json", "model.safetensors"] {
+    for f in [
+        "config.json",
+        "hf_quant_config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ] {
         std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
     }
-    let o = gemma4(&["generate", "--model", dir.to_str().unwrap(), "--tokens", "2,200,300", "--max-new-tokens", "3", "--json"]);
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "2,200,300",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let last: serde_json::Value = serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().last().unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().last().unwrap()).unwrap();
     assert_eq!(last["tokens"].as_array().unwrap().len(), 3);
     assert!(last.get("text").is_none());
-    let o = gemma4(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"]);
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("tokenizer.json"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -98,7 +170,11 @@ fn clear_errors_for_bad_input() {
     // Token id outside the vocabulary.
     let o = gemma4(&["generate", "--model", m, "--tokens", "2,999999"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("outside the vocabulary"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("outside the vocabulary"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // Not a checkpoint directory.
     let o = gemma4(&["generate", "--model", "/nonexistent", "--tokens", "2"]);
     assert!(!o.status.success());
@@ -106,7 +182,9 @@ fn clear_errors_for_bad_input() {
     // A device this build lacks is a clear error, not a crash.
     #[cfg(not(feature = "cuda"))]
     {
-        let o = gemma4(&["generate", "--model", m, "--tokens", "2", "--device", "cuda"]);
+        let o = gemma4(&[
+            "generate", "--model", m, "--tokens", "2", "--device", "cuda",
+        ]);
         assert!(!o.status.success());
         assert!(String::from_utf8_lossy(&o.stderr).contains("--features cuda"));
     }

@@ -12,11 +12,17 @@ use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
 /// none fell back (the policy is Strict, so a refusal would already have panicked; the counts say
 /// so explicitly).
 pub fn assert_every_kernel_ran(kernels: &[&str]) {
-    let counts: Vec<_> = gemma4_model::kernels::fallback::counts().into_iter().filter(|(k, _, _)| kernels.contains(k)).collect();
+    let counts: Vec<_> = gemma4_model::kernels::fallback::counts()
+        .into_iter()
+        .filter(|(k, _, _)| kernels.contains(k))
+        .collect();
     eprintln!("kernel launches / fallbacks: {counts:?}");
     for (kernel, launches, fallbacks) in counts {
         assert!(launches > 0, "{kernel} never launched");
-        assert_eq!(fallbacks, 0, "{kernel} fell back to the reference {fallbacks} times");
+        assert_eq!(
+            fallbacks, 0,
+            "{kernel} fell back to the reference {fallbacks} times"
+        );
     }
 }
 
@@ -36,7 +42,13 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Toleran
         for case in &reference.cases {
             let seq = case.sequence();
             let (expected, shape) = reference_logits(&dir, &case.name);
-            assert_eq!(shape, [seq.len(), model.text.vocab_size], "{}/{} reference shape", name(&dir), case.name);
+            assert_eq!(
+                shape,
+                [seq.len(), model.text.vocab_size],
+                "{}/{} reference shape",
+                name(&dir),
+                case.name
+            );
             let got = case_logits(&model.text, case).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
@@ -47,7 +59,12 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Toleran
                 tol.logits,
                 at / shape[1]
             );
-            assert!(d <= tol.logits, "{}/{}: max|Δ| {d} at flat index {at}", name(&dir), case.name);
+            assert!(
+                d <= tol.logits,
+                "{}/{}: max|Δ| {d} at flat index {at}",
+                name(&dir),
+                case.name
+            );
         }
     }
 }
@@ -60,8 +77,20 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
         let reference = load_reference(&dir);
         for case in &reference.cases {
             let tokens = case_greedy(&model.text, case).unwrap();
-            println!("{}/{}: greedy {:?} (reference min margin {:.3})", name(&dir), case.name, tokens, case.min_greedy_margin);
-            assert_eq!(tokens, case.greedy_ids, "{}/{} greedy continuation", name(&dir), case.name);
+            println!(
+                "{}/{}: greedy {:?} (reference min margin {:.3})",
+                name(&dir),
+                case.name,
+                tokens,
+                case.min_greedy_margin
+            );
+            assert_eq!(
+                tokens,
+                case.greedy_ids,
+                "{}/{} greedy continuation",
+                name(&dir),
+                case.name
+            );
             out.push((format!("{}-{}", name(&dir), case.name), tokens));
         }
     }
@@ -82,22 +111,50 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
             let p = case.prompt_ids.len();
             let split = (p / 3).max(1);
             let mut cache = model.text.new_cache();
-            let mut stepped = to_vec(model.text.forward(&seq[..split], &mut cache, Logits::All).unwrap());
+            let mut stepped = to_vec(
+                model
+                    .text
+                    .forward(&seq[..split], &mut cache, Logits::All)
+                    .unwrap(),
+            );
             if split < p {
-                stepped.extend(to_vec(model.text.forward(&seq[split..p], &mut cache, Logits::All).unwrap()));
+                stepped.extend(to_vec(
+                    model
+                        .text
+                        .forward(&seq[split..p], &mut cache, Logits::All)
+                        .unwrap(),
+                ));
             }
             for &tok in &seq[p..] {
-                stepped.extend(to_vec(model.text.forward(&[tok], &mut cache, Logits::All).unwrap()));
+                stepped.extend(to_vec(
+                    model.text.forward(&[tok], &mut cache, Logits::All).unwrap(),
+                ));
             }
             assert_eq!(cache.seq_len, seq.len());
             let (d, at) = max_abs_diff(&stepped, &full);
-            println!("{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.0e})", name(&dir), case.name, tol.cache);
-            assert!(d <= tol.cache, "{}/{}: position {}", name(&dir), case.name, at / vocab);
+            println!(
+                "{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.0e})",
+                name(&dir),
+                case.name,
+                tol.cache
+            );
+            assert!(
+                d <= tol.cache,
+                "{}/{}: position {}",
+                name(&dir),
+                case.name,
+                at / vocab
+            );
 
             // Sliding layers keep only their window.
             for (l, layer) in cache.layers.iter().zip(&model.text.layers) {
                 if let Some(w) = layer.self_attn.sliding_window {
-                    assert!(l.len() < w, "sliding cache holds {} > window-1 {}", l.len(), w - 1);
+                    assert!(
+                        l.len() < w,
+                        "sliding cache holds {} > window-1 {}",
+                        l.len(),
+                        w - 1
+                    );
                 } else {
                     assert_eq!(l.len(), seq.len());
                 }
@@ -105,7 +162,6 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
         }
     }
 }
-
 
 /// Continuous batching: one forward over sequences at different positions matches the reference.
 pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
@@ -117,7 +173,10 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
         let cases = &reference.cases;
         let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| model.text.new_cache()).collect();
         for (c, cache) in cases.iter().zip(caches.iter_mut()) {
-            model.text.forward(&c.prompt_ids, cache, Logits::Last).unwrap();
+            model
+                .text
+                .forward(&c.prompt_ids, cache, Logits::Last)
+                .unwrap();
         }
         let steps = cases.iter().map(|c| c.greedy_ids.len()).min().unwrap();
         let mut worst = 0f32;
@@ -129,7 +188,10 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
             for (b, c) in cases.iter().enumerate() {
                 let (expected, _) = reference_logits(&dir, &c.name);
                 let pos = c.prompt_ids.len() + step;
-                let (d, _) = max_abs_diff(&batched[b * vocab..(b + 1) * vocab], &expected[pos * vocab..(pos + 1) * vocab]);
+                let (d, _) = max_abs_diff(
+                    &batched[b * vocab..(b + 1) * vocab],
+                    &expected[pos * vocab..(pos + 1) * vocab],
+                );
                 worst = worst.max(d);
             }
         }

@@ -46,12 +46,16 @@ pub fn matmul_bytes(m: usize, out: usize, inp: usize) -> usize {
 /// `bytes` buffer (use well above the L3 size) `iters` times.
 pub fn bench_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
     let buf = read_buffer(bytes);
-    let best = (0..iters.max(1)).map(|_| read_pass(&buf, threads).0).fold(f64::INFINITY, f64::min);
+    let best = (0..iters.max(1))
+        .map(|_| read_pass(&buf, threads).0)
+        .fold(f64::INFINITY, f64::min);
     (buf.len() * 8) as f64 / best / 1e9
 }
 
 fn read_buffer(bytes: usize) -> Vec<u64> {
-    (0..(bytes / 8) as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect()
+    (0..(bytes / 8) as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect()
 }
 
 /// One summing pass over `buf` on `threads` threads: (wall, on-CPU time of a single thread).
@@ -63,8 +67,13 @@ fn read_pass(buf: &[u64], threads: usize) -> (f64, Option<f64>) {
         let part = buf.len().div_ceil(threads);
         timed(|| {
             sum = std::thread::scope(|sc| {
-                let hs: Vec<_> = buf.chunks(part).map(|c| sc.spawn(move || sum_u64(c))).collect();
-                hs.into_iter().map(|h| h.join().unwrap()).fold(0, u64::wrapping_add)
+                let hs: Vec<_> = buf
+                    .chunks(part)
+                    .map(|c| sc.spawn(move || sum_u64(c)))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .fold(0, u64::wrapping_add)
             })
         })
     };
@@ -80,7 +89,10 @@ fn sum_u64(c: &[u64]) -> u64 {
             acc[j] = acc[j].wrapping_add(ch[j]);
         }
     }
-    it.remainder().iter().chain(&acc).fold(0, |a, &b| a.wrapping_add(b))
+    it.remainder()
+        .iter()
+        .chain(&acc)
+        .fold(0, |a, &b| a.wrapping_add(b))
 }
 
 /// Prints the NVFP4 matmul throughput at the 31B MLP shapes (gate/up [21504, 5376], down
@@ -126,13 +138,23 @@ pub fn bench_report(rounds: usize) {
                     continue;
                 }
                 for th in if nt > 1 { vec![1, nt] } else { vec![1] } {
-                    cfgs.push(Cfg { shape, m, isa, threads: th, best_wall: f64::INFINITY, cpu_total: 0.0, calls: 0 });
+                    cfgs.push(Cfg {
+                        shape,
+                        m,
+                        isa,
+                        threads: th,
+                        best_wall: f64::INFINITY,
+                        cpu_total: 0.0,
+                        calls: 0,
+                    });
                 }
             }
         }
     }
     let mut rng = Lcg::new(7);
-    let xs: Vec<f32> = (0..16 * 21504).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+    let xs: Vec<f32> = (0..16 * 21504)
+        .map(|_| rng.next_f32() * 2.0 - 1.0)
+        .collect();
     let mut y = vec![0f32; 16 * 21504];
     let (mut read1, mut read1_cpu, mut read_all) = (f64::INFINITY, 0.0, f64::INFINITY);
     for _ in 0..rounds.max(1) {
@@ -148,7 +170,20 @@ pub fn bench_report(rounds: usize) {
             for _ in 0..calls {
                 next_copy += 1;
                 let (codes, scales) = &copies[next_copy % copies.len()];
-                let (w, c) = timed(|| nvfp4_matmul_with(cfg.isa, cfg.threads, x, cfg.m, codes, scales, 0.01, out, inp, y));
+                let (w, c) = timed(|| {
+                    nvfp4_matmul_with(
+                        cfg.isa,
+                        cfg.threads,
+                        x,
+                        cfg.m,
+                        codes,
+                        scales,
+                        0.01,
+                        out,
+                        inp,
+                        y,
+                    )
+                });
                 cfg.best_wall = cfg.best_wall.min(w);
                 if cfg.threads == 1 {
                     cfg.cpu_total += c.unwrap_or(f64::NAN);
@@ -160,7 +195,11 @@ pub fn bench_report(rounds: usize) {
     std::hint::black_box(&y);
     let gbs = |bytes: f64, s: f64| bytes / s / 1e9;
     let rounds = rounds.max(1);
-    let (r1, r1c, ra) = (gbs(read_bytes, read1), gbs(read_bytes, read1_cpu / rounds as f64), gbs(read_bytes, read_all));
+    let (r1, r1c, ra) = (
+        gbs(read_bytes, read1),
+        gbs(read_bytes, read1_cpu / rounds as f64),
+        gbs(read_bytes, read_all),
+    );
     println!(
         "memory read (256 MB sum, {rounds} rounds): 1 thread {r1:.1} GB/s wall (best), {r1c:.1} GB/s on-CPU (mean); {nt} threads {ra:.1} GB/s wall (best)"
     );
@@ -168,7 +207,10 @@ pub fn bench_report(rounds: usize) {
     for cfg in &cfgs {
         let (out, inp) = shapes[cfg.shape];
         let bytes = matmul_bytes(cfg.m, out, inp) as f64;
-        let (w, base) = (gbs(bytes, cfg.best_wall), if cfg.threads == 1 { r1 } else { ra });
+        let (w, base) = (
+            gbs(bytes, cfg.best_wall),
+            if cfg.threads == 1 { r1 } else { ra },
+        );
         let mut line = format!(
             "[{out:5}, {inp:5}] m {:2} {:8} {} thr: {:8.3} ms, {w:5.1} GB/s wall ({:3.0}%)",
             cfg.m,

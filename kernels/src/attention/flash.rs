@@ -97,7 +97,11 @@ pub enum AttentionError {
     #[error("sliding window 0 hides every key")]
     ZeroWindow,
     #[error("{what} has dtype {got:?}, expected the backend's float element {expected:?}")]
-    Dtype { what: &'static str, got: DType, expected: DType },
+    Dtype {
+        what: &'static str,
+        got: DType,
+        expected: DType,
+    },
     #[error("{what} = {value} exceeds the kernel's 32-bit range or grid limit {limit}")]
     TooLarge {
         what: &'static str,
@@ -750,7 +754,11 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
     let dtype = <F as Element>::dtype();
     for (what, x) in [("q", &q), ("k", &k), ("v", &v)] {
         if x.dtype != dtype {
-            return Err(AttentionError::Dtype { what, got: x.dtype, expected: dtype });
+            return Err(AttentionError::Dtype {
+                what,
+                got: x.dtype,
+                expected: dtype,
+            });
         }
     }
     let client = q.client.clone();
@@ -770,7 +778,11 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
         let st = x.meta.strides();
         let span = (kv_heads - 1) * st[0] + (s - 1) * st[1] + d;
         if span > limit {
-            return Err(AttentionError::TooLarge { what, value: span, limit });
+            return Err(AttentionError::TooLarge {
+                what,
+                value: span,
+                limit,
+            });
         }
     }
     let device = q.device.clone();
@@ -845,7 +857,11 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
 
     let rows_out = t * heads;
     // Split mode's f32 (max, sum) per row; direct mode does not read it.
-    let ml_shape = if split { Shape::new([splits, rows_out, 2]) } else { Shape::new([2]) };
+    let ml_shape = if split {
+        Shape::new([splits, rows_out, 2])
+    } else {
+        Shape::new([2])
+    };
     let part_ml = empty_device_dtype::<R>(client.clone(), device.clone(), ml_shape, DType::F32);
     // Direct mode writes the normalised output (`F`); split mode the f32 partials.
     macro_rules! launch_attention {

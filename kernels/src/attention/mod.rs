@@ -34,12 +34,28 @@ pub struct AttentionParams {
 impl AttentionParams {
     /// Causal text attention with an optional window, scaling 1.0.
     pub fn causal(q_start: usize, k_start: usize, window: Option<usize>) -> Self {
-        AttentionParams { q_start, k_start, causal: true, window, scale: 1.0, softcap: None, bidirectional: Vec::new() }
+        AttentionParams {
+            q_start,
+            k_start,
+            causal: true,
+            window,
+            scale: 1.0,
+            softcap: None,
+            bidirectional: Vec::new(),
+        }
     }
 
     /// Every query sees every key (the vision encoder), scaling 1.0.
     pub fn bidirectional() -> Self {
-        AttentionParams { q_start: 0, k_start: 0, causal: false, window: None, scale: 1.0, softcap: None, bidirectional: Vec::new() }
+        AttentionParams {
+            q_start: 0,
+            k_start: 0,
+            causal: false,
+            window: None,
+            scale: 1.0,
+            softcap: None,
+            bidirectional: Vec::new(),
+        }
     }
 
     /// Whether the query at absolute position `q` sees the key at absolute position `k`:
@@ -47,7 +63,11 @@ impl AttentionParams {
     /// where the window bounds the past only (`kv_idx > q_idx - sliding_window`).
     pub fn visible(&self, q: usize, k: usize) -> bool {
         let in_window = self.window.is_none_or(|w| k + w > q);
-        let same_block = || self.bidirectional.iter().any(|r| r.contains(&q) && r.contains(&k));
+        let same_block = || {
+            self.bidirectional
+                .iter()
+                .any(|r| r.contains(&q) && r.contains(&k))
+        };
         in_window && (!self.causal || k <= q || same_block())
     }
 }

@@ -13,7 +13,12 @@ use super::AttentionParams;
 const MASKED: f32 = f32::NEG_INFINITY;
 
 /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` -> `[t, heads · d]`.
-pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, p: &AttentionParams) -> Tensor<B, 2> {
+pub fn attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    p: &AttentionParams,
+) -> Tensor<B, 2> {
     let [t, nh, d] = q.dims();
     let [nkv, s, _] = k.dims();
     let dv = v.dims()[2];
@@ -30,11 +35,20 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, 
     }
     let scores = scores + mask::<B>(p, t, s, &device).unsqueeze::<4>();
     let probs = softmax(scores, 3).reshape([nkv, groups * t, s]);
-    probs.matmul(v).reshape([nh, t, dv]).swap_dims(0, 1).reshape([t, nh * dv])
+    probs
+        .matmul(v)
+        .reshape([nh, t, dv])
+        .swap_dims(0, 1)
+        .reshape([t, nh * dv])
 }
 
 /// `[t, s]` additive mask: 0 where query i sees key j, MASKED elsewhere.
-pub fn mask<B: Backend>(p: &AttentionParams, t: usize, s: usize, device: &B::Device) -> Tensor<B, 2> {
+pub fn mask<B: Backend>(
+    p: &AttentionParams,
+    t: usize,
+    s: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
     let mut m = vec![0f32; t * s];
     for i in 0..t {
         for j in 0..s {

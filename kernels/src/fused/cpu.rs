@@ -13,37 +13,92 @@ fn inv_rms(row: &[f32], eps: f64) -> f32 {
 
 /// RMSNorm of `rows` rows of `dim`: `out = x · r · w` (w = 1 when None), or with `residual`,
 /// `out = (residual + x · r · w) · scale`. All slices are `[rows, dim]` (w `[dim]`).
-pub fn rms_norm(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f64, residual: Option<(&[f32], f32)>, out: &mut [f32]) {
+pub fn rms_norm(
+    x: &[f32],
+    dim: usize,
+    weight: Option<&[f32]>,
+    eps: f64,
+    residual: Option<(&[f32], f32)>,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), out.len(), "rms_norm: x and out differ in length");
-    assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm: {} elements are not rows of {dim}", x.len());
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "rms_norm: {} elements are not rows of {dim}",
+        x.len()
+    );
     if let Some(w) = weight {
-        assert_eq!(w.len(), dim, "rms_norm: weight has {} elements, rows {dim}", w.len());
+        assert_eq!(
+            w.len(),
+            dim,
+            "rms_norm: weight has {} elements, rows {dim}",
+            w.len()
+        );
     }
     if let Some((r, _)) = residual {
-        assert_eq!(r.len(), x.len(), "rms_norm: residual and x differ in length");
+        assert_eq!(
+            r.len(),
+            x.len(),
+            "rms_norm: residual and x differ in length"
+        );
     }
-    for (i, (row, o)) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)).enumerate() {
+    for (i, (row, o)) in x
+        .chunks_exact(dim)
+        .zip(out.chunks_exact_mut(dim))
+        .enumerate()
+    {
         let r = inv_rms(row, eps);
         match weight {
-            Some(w) => o.iter_mut().zip(row).zip(w).for_each(|((o, x), w)| *o = x * r * w),
+            Some(w) => o
+                .iter_mut()
+                .zip(row)
+                .zip(w)
+                .for_each(|((o, x), w)| *o = x * r * w),
             None => o.iter_mut().zip(row).for_each(|(o, x)| *o = x * r),
         }
         if let Some((res, scale)) = residual {
             let res = &res[i * dim..(i + 1) * dim];
-            o.iter_mut().zip(res).for_each(|(o, h)| *o = (h + *o) * scale);
+            o.iter_mut()
+                .zip(res)
+                .for_each(|(o, h)| *o = (h + *o) * scale);
         }
     }
 }
 
 /// Per-head RMSNorm then rotate-half RoPE: x and out `[t, heads, d]`, cos/sin `[t, d]`.
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_rope(x: &[f32], heads: usize, d: usize, weight: Option<&[f32]>, eps: f64, cos: &[f32], sin: &[f32], out: &mut [f32]) {
+pub fn rms_norm_rope(
+    x: &[f32],
+    heads: usize,
+    d: usize,
+    weight: Option<&[f32]>,
+    eps: f64,
+    cos: &[f32],
+    sin: &[f32],
+    out: &mut [f32],
+) {
     let t = cos.len() / d.max(1);
-    assert!(d > 0 && d.is_multiple_of(2), "rms_norm_rope: head_dim {d} must be even");
-    assert_eq!(x.len(), t * heads * d, "rms_norm_rope: x is not [{t}, {heads}, {d}]");
-    assert_eq!((sin.len(), out.len()), (cos.len(), x.len()), "rms_norm_rope: sin/out shapes");
+    assert!(
+        d > 0 && d.is_multiple_of(2),
+        "rms_norm_rope: head_dim {d} must be even"
+    );
+    assert_eq!(
+        x.len(),
+        t * heads * d,
+        "rms_norm_rope: x is not [{t}, {heads}, {d}]"
+    );
+    assert_eq!(
+        (sin.len(), out.len()),
+        (cos.len(), x.len()),
+        "rms_norm_rope: sin/out shapes"
+    );
     if let Some(w) = weight {
-        assert_eq!(w.len(), d, "rms_norm_rope: weight has {} elements, head_dim {d}", w.len());
+        assert_eq!(
+            w.len(),
+            d,
+            "rms_norm_rope: weight has {} elements, head_dim {d}",
+            w.len()
+        );
     }
     let half = d / 2;
     let mut n = vec![0f32; d];
@@ -52,7 +107,11 @@ pub fn rms_norm_rope(x: &[f32], heads: usize, d: usize, weight: Option<&[f32]>, 
         let (c, s) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
         let r = inv_rms(row, eps);
         match weight {
-            Some(w) => n.iter_mut().zip(row).zip(w).for_each(|((n, x), w)| *n = x * r * w),
+            Some(w) => n
+                .iter_mut()
+                .zip(row)
+                .zip(w)
+                .for_each(|((n, x), w)| *n = x * r * w),
             None => n.iter_mut().zip(row).for_each(|(n, x)| *n = x * r),
         }
         for j in 0..half {
@@ -72,7 +131,11 @@ pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// [`gelu_tanh_mul`] on a given instruction set: the same loop (with a polynomial `exp` that
 /// vectorizes, unlike libm's) compiled for AVX2 or AVX-512 inside `#[target_feature]` functions.
 pub fn gelu_tanh_mul_with(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    assert_eq!((gate.len(), up.len()), (out.len(), out.len()), "gelu_tanh_mul: lengths differ");
+    assert_eq!(
+        (gate.len(), up.len()),
+        (out.len(), out.len()),
+        "gelu_tanh_mul: lengths differ"
+    );
     isa.dispatch(GeluMul(gate, up, out))
 }
 
@@ -132,7 +195,11 @@ mod tests {
     /// max |a − b| / max(1, max |b|) over the whole output.
     fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(1f32, |m, x| m.max(x.abs()));
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+            / scale
     }
 
     // Tolerance 2e-6 of the output's scale: both sides are f32 with the same operations but a
@@ -143,7 +210,14 @@ mod tests {
     fn norms_match_reference() {
         let dev = Default::default();
         let mut rng = Lcg::new(11);
-        for (rows, dim) in [(1usize, 1usize), (3, 7), (5, 48), (2, 130), (4, 1000), (1, 5376)] {
+        for (rows, dim) in [
+            (1usize, 1usize),
+            (3, 7),
+            (5, 48),
+            (2, 130),
+            (4, 1000),
+            (1, 5376),
+        ] {
             let x = random(&mut rng, rows * dim, 3.0);
             let h = random(&mut rng, rows * dim, 30.0);
             let w = random(&mut rng, dim, 1.5);
@@ -153,14 +227,23 @@ mod tests {
                 let mut out = vec![f32::NAN; rows * dim];
                 rms_norm(&x, dim, weight, 1e-6, None, &mut out);
                 let e = vec2(reference::rms_norm(xt(), weight.map(|_| wt()), 1e-6));
-                assert!(rel_err(&out, &e) <= TOL, "rms_norm {rows}x{dim} weight {}: {}", weight.is_some(), rel_err(&out, &e));
+                assert!(
+                    rel_err(&out, &e) <= TOL,
+                    "rms_norm {rows}x{dim} weight {}: {}",
+                    weight.is_some(),
+                    rel_err(&out, &e)
+                );
             }
             for scale in [1.0f32, 0.37] {
                 let mut out = vec![f32::NAN; rows * dim];
                 rms_norm(&x, dim, Some(&w), 1e-6, Some((&h, scale)), &mut out);
                 let ht = Tensor::<Cpu, 2>::from_data(TensorData::new(h.clone(), [rows, dim]), &dev);
                 let e = vec2(reference::rms_norm_add(ht, xt(), wt(), 1e-6, scale));
-                assert!(rel_err(&out, &e) <= TOL, "rms_norm_add {rows}x{dim} scale {scale}: {}", rel_err(&out, &e));
+                assert!(
+                    rel_err(&out, &e) <= TOL,
+                    "rms_norm_add {rows}x{dim} scale {scale}: {}",
+                    rel_err(&out, &e)
+                );
             }
         }
     }
@@ -169,7 +252,13 @@ mod tests {
     fn norm_rope_matches_reference() {
         let dev = Default::default();
         let mut rng = Lcg::new(12);
-        for (t, heads, d) in [(1usize, 1usize, 2usize), (3, 2, 8), (5, 4, 72), (2, 3, 256), (1, 2, 512)] {
+        for (t, heads, d) in [
+            (1usize, 1usize, 2usize),
+            (3, 2, 8),
+            (5, 4, 72),
+            (2, 3, 256),
+            (1, 2, 512),
+        ] {
             let x = random(&mut rng, t * heads * d, 2.0);
             let w = random(&mut rng, d, 1.5);
             let (cos, sin) = (random(&mut rng, t * d, 1.0), random(&mut rng, t * d, 1.0));
@@ -186,7 +275,12 @@ mod tests {
                 .into_data()
                 .to_vec()
                 .unwrap();
-                assert!(rel_err(&out, &e) <= TOL, "[{t}, {heads}, {d}] weight {}: {}", weight.is_some(), rel_err(&out, &e));
+                assert!(
+                    rel_err(&out, &e) <= TOL,
+                    "[{t}, {heads}, {d}] weight {}: {}",
+                    weight.is_some(),
+                    rel_err(&out, &e)
+                );
             }
         }
     }
@@ -212,7 +306,14 @@ mod tests {
             // polynomial exp differ from burn's tanh chain by rounding only.
             for i in 0..n {
                 let tol = 2e-6 * (gate[i] * up[i]).abs().max(1e-30);
-                assert!((out[i] - e[i]).abs() <= tol, "{isa:?}: gate {} up {}: {} vs {}", gate[i], up[i], out[i], e[i]);
+                assert!(
+                    (out[i] - e[i]).abs() <= tol,
+                    "{isa:?}: gate {} up {}: {} vs {}",
+                    gate[i],
+                    up[i],
+                    out[i],
+                    e[i]
+                );
             }
         }
     }

@@ -69,7 +69,11 @@ const SQRT_2_OVER_PI: f64 = core::f64::consts::FRAC_2_SQRT_PI * core::f64::const
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FusedError {
     #[error("{what} has dtype {got:?}, expected the backend's float element {expected:?}")]
-    Dtype { what: &'static str, got: DType, expected: DType },
+    Dtype {
+        what: &'static str,
+        got: DType,
+        expected: DType,
+    },
     #[error("{what} has shape {got:?}, expected {expected:?}")]
     Shape {
         what: &'static str,
@@ -114,7 +118,10 @@ fn grid(cubes: usize) -> Result<CubeCount, FusedError> {
 
 /// 4 when `len` is a multiple of 4 and the device loads 4 elements of `F` at once, else 1.
 fn vector_size<R: CubeRuntime, F: FloatElement>(client: &ComputeClient<R>, len: usize) -> usize {
-    let widest = client.io_optimized_vector_sizes(size_of::<F>()).max().unwrap_or(1);
+    let widest = client
+        .io_optimized_vector_sizes(size_of::<F>())
+        .max()
+        .unwrap_or(1);
     if widest >= VECTOR && len.is_multiple_of(VECTOR) {
         VECTOR
     } else {
@@ -156,7 +163,11 @@ fn float_primitive<R: CubeRuntime, F: FloatElement, BT: BoolElement, const D: us
     let t = t.into_primitive().tensor();
     let expected = <F as Element>::dtype();
     if t.dtype != expected {
-        return Err(FusedError::Dtype { what, got: t.dtype, expected });
+        return Err(FusedError::Dtype {
+            what,
+            got: t.dtype,
+            expected,
+        });
     }
     Ok(t)
 }
@@ -351,7 +362,10 @@ fn rms_norm_rope_kernel<F: Float, N: Size>(
                 a *= Vector::<f32, N>::cast_from(w[i]);
                 b *= Vector::<f32, N>::cast_from(w[half + i]);
             }
-            let (c_lo, s_lo) = (Vector::<f32, N>::cast_from(cos[tbase + i]), Vector::<f32, N>::cast_from(sin[tbase + i]));
+            let (c_lo, s_lo) = (
+                Vector::<f32, N>::cast_from(cos[tbase + i]),
+                Vector::<f32, N>::cast_from(sin[tbase + i]),
+            );
             let c_hi = Vector::<f32, N>::cast_from(cos[tbase + half + i]);
             let s_hi = Vector::<f32, N>::cast_from(sin[tbase + half + i]);
             out[base + i] = Vector::<F, N>::cast_from(a * c_lo - b * s_lo);
@@ -377,7 +391,9 @@ fn gelu_tanh_mul_kernel<F: Float, N: Size>(
             * Vector::new(comptime!(SQRT_2_OVER_PI as f32));
         // 0.5·(1 + tanh(z)) = 1 / (1 + e^(−2z)); the clamp keeps e^(−2z) finite.
         let e = Vector::exp(min(z * Vector::new(-2.0f32), Vector::new(88.0f32)));
-        out[idx] = Vector::<F, N>::cast_from(g / (Vector::new(1.0f32) + e) * Vector::<f32, N>::cast_from(up[idx]));
+        out[idx] = Vector::<F, N>::cast_from(
+            g / (Vector::new(1.0f32) + e) * Vector::<f32, N>::cast_from(up[idx]),
+        );
     }
 }
 
@@ -432,7 +448,9 @@ fn norm_rows<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     check_sizes(&[("x elements", rows * dim)])?;
     let x = float_primitive("x", x)?;
     let w = weight.map(|w| float_primitive("weight", w)).transpose()?;
-    let res = residual.map(|r| float_primitive("residual", r)).transpose()?;
+    let res = residual
+        .map(|r| float_primitive("residual", r))
+        .transpose()?;
     for (what, t) in [("weight", &w), ("residual", &res)] {
         if let Some(t) = t {
             same_device(what, t, &x)?;

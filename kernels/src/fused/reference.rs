@@ -7,7 +7,11 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 /// x `[rows, dim]` normalized over dim, times `weight` `[dim]` when given.
-pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Option<Tensor<B, 1>>, eps: f64) -> Tensor<B, 2> {
+pub fn rms_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Option<Tensor<B, 1>>,
+    eps: f64,
+) -> Tensor<B, 2> {
     let mean_sq = x.clone().square().mean_dim(1);
     let normed = x * mean_sq.add_scalar(eps).powf_scalar(-0.5);
     match weight {
@@ -17,7 +21,13 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Option<Tensor<B, 1>>, eps: 
 }
 
 /// `(residual + rms_norm(x) · weight) · scale`, all `[rows, dim]`.
-pub fn rms_norm_add<B: Backend>(residual: Tensor<B, 2>, x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64, scale: f32) -> Tensor<B, 2> {
+pub fn rms_norm_add<B: Backend>(
+    residual: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+    scale: f32,
+) -> Tensor<B, 2> {
     let h = residual + rms_norm(x, Some(weight), eps);
     if scale == 1.0 {
         h
@@ -28,14 +38,24 @@ pub fn rms_norm_add<B: Backend>(residual: Tensor<B, 2>, x: Tensor<B, 2>, weight:
 
 /// x `[t, heads, d]` normalized per head (weight `[d]` when given), then rotated with cos/sin
 /// `[t, d]` (`emb = cat(freqs, freqs)`): x·cos + rotate_half(x)·sin.
-pub fn rms_norm_rope<B: Backend>(x: Tensor<B, 3>, weight: Option<Tensor<B, 1>>, eps: f64, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 3> {
+pub fn rms_norm_rope<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Option<Tensor<B, 1>>,
+    eps: f64,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 3> {
     let [t, heads, d] = x.dims();
     let x = rms_norm(x.reshape([t * heads, d]), weight, eps).reshape([t, heads, d]);
     apply_rope(x, cos, sin)
 }
 
 /// Rotate-half RoPE alone: x `[t, heads, d]`, cos/sin `[t, d]`.
-pub fn apply_rope<B: Backend>(x: Tensor<B, 3>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 3> {
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 3>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 3> {
     let [t, heads, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..t, 0..heads, 0..half]);

@@ -128,7 +128,18 @@ pub fn nvfp4_matmul(
     in_features: usize,
     y: &mut [f32],
 ) {
-    nvfp4_matmul_with(Isa::detect(), threads(), x, m, codes, scales, global_scale, out_features, in_features, y)
+    nvfp4_matmul_with(
+        Isa::detect(),
+        threads(),
+        x,
+        m,
+        codes,
+        scales,
+        global_scale,
+        out_features,
+        in_features,
+        y,
+    )
 }
 
 /// [`nvfp4_matmul`] on a chosen path and at most `max_threads` threads (tests and benchmarks).
@@ -148,11 +159,19 @@ pub fn nvfp4_matmul_with(
 ) {
     assert!(isa.supported(), "{isa:?} is not supported by this CPU");
     let (out, inp) = (out_features, in_features);
-    assert_eq!(inp % GROUP_SIZE, 0, "in_features must be a multiple of {GROUP_SIZE}");
+    assert_eq!(
+        inp % GROUP_SIZE,
+        0,
+        "in_features must be a multiple of {GROUP_SIZE}"
+    );
     let nw = inp / 8;
     let spr = scale_words_per_row(inp);
     assert_eq!(codes.len(), out * nw, "codes must be [out, in/8] words");
-    assert_eq!(scales.len(), out * spr, "scales must be [out, ceil(in/64)] words");
+    assert_eq!(
+        scales.len(),
+        out * spr,
+        "scales must be [out, ceil(in/64)] words"
+    );
     assert_eq!(x.len(), m * inp, "x must be [m, in]");
     assert_eq!(y.len(), m * out, "y must be [m, out]");
     if m == 0 || out == 0 {
@@ -169,7 +188,11 @@ pub fn nvfp4_matmul_with(
     let tiled = m >= GEMM_MIN_M;
     // x in the kernels' column order: row-major panels for the small-m kernels, transposed
     // panels for the tiled path.
-    let xp = if tiled { transpose_x(x, m, inp, lanes, nc) } else { permute_x(x, m, inp, lanes, nc) };
+    let xp = if tiled {
+        transpose_x(x, m, inp, lanes, nc)
+    } else {
+        permute_x(x, m, inp, lanes, nc)
+    };
     let p = Problem {
         isa,
         xp: xp.as_slice(),
@@ -184,7 +207,11 @@ pub fn nvfp4_matmul_with(
     };
 
     let macs = m * out * inp;
-    let n_threads = if macs >= PARALLEL_MIN_MACS { max_threads.clamp(1, out) } else { 1 };
+    let n_threads = if macs >= PARALLEL_MIN_MACS {
+        max_threads.clamp(1, out)
+    } else {
+        1
+    };
     // Rows r0..r1 into `part`: laid out [m, r1 − r0] by the small-m kernels, [r1 − r0, m] by the
     // tiled path (contiguous in m, as its micro-kernel produces them).
     let run = |r0: usize, r1: usize, part: &mut [f32]| {
@@ -201,7 +228,9 @@ pub fn nvfp4_matmul_with(
 
     // Contiguous row ranges; each thread writes its own block, copied into y after.
     let bounds: Vec<usize> = (0..=n_threads).map(|t| t * out / n_threads).collect();
-    let mut parts: Vec<Vec<f32>> = (0..n_threads).map(|t| vec![0f32; m * (bounds[t + 1] - bounds[t])]).collect();
+    let mut parts: Vec<Vec<f32>> = (0..n_threads)
+        .map(|t| vec![0f32; m * (bounds[t + 1] - bounds[t])])
+        .collect();
     if n_threads == 1 {
         run(0, out, &mut parts[0]);
     } else {
@@ -260,7 +289,10 @@ fn permute_x(x: &[f32], m: usize, inp: usize, lanes: usize, nc: usize) -> Aligne
     let stride = nc * cf;
     let nw = inp / 8;
     let mut xp = AlignedBuf::zeroed(m * stride);
-    for (xr, dst) in x.chunks_exact(inp).zip(xp.as_mut_slice().chunks_exact_mut(stride)) {
+    for (xr, dst) in x
+        .chunks_exact(inp)
+        .zip(xp.as_mut_slice().chunks_exact_mut(stride))
+    {
         for (w, cols) in xr.chunks_exact(8).enumerate().take(nw) {
             let base = (w / lanes) * cf + w % lanes;
             for (k, &v) in cols.iter().enumerate() {
@@ -278,8 +310,14 @@ fn transpose_x(x: &[f32], m: usize, inp: usize, lanes: usize, nc: usize) -> Alig
     let cols = nc * cf;
     let mut xt = AlignedBuf::zeroed(m.div_ceil(GEMM_PANEL) * cols * GEMM_PANEL);
     // Column c of x goes to kernel position perm[c].
-    let perm: Vec<usize> = (0..inp).map(|col| (col / 8 / lanes) * cf + (col % 8) * lanes + (col / 8) % lanes).collect();
-    for (q, panel) in xt.as_mut_slice().chunks_exact_mut(cols * GEMM_PANEL).enumerate() {
+    let perm: Vec<usize> = (0..inp)
+        .map(|col| (col / 8 / lanes) * cf + (col % 8) * lanes + (col / 8) % lanes)
+        .collect();
+    for (q, panel) in xt
+        .as_mut_slice()
+        .chunks_exact_mut(cols * GEMM_PANEL)
+        .enumerate()
+    {
         let rows = GEMM_PANEL.min(m - q * GEMM_PANEL);
         // Blocks of 8 rows × 64 columns through a local buffer: contiguous reads of x, and 8
         // contiguous floats per write (strided access over many rows of x at a power-of-two
@@ -329,11 +367,21 @@ fn run_rows(p: &Problem, r0: usize, r1: usize, y: &mut [f32]) {
             for rb in (r0..r1).step_by(nb) {
                 let nr = nb.min(r1 - rb);
                 // The next block's scale rows, fetched while this block computes.
-                prefetch_bytes(p.scales.as_ptr().wrapping_add((rb + nb) * p.spr), nb * p.spr * 4);
+                prefetch_bytes(
+                    p.scales.as_ptr().wrapping_add((rb + nb) * p.spr),
+                    nb * p.spr * 4,
+                );
                 // Block scales of these rows' segments, decoded once for every x row of the panel.
                 for n in 0..nr {
                     let srow = &p.scales[(rb + n) * p.spr..(rb + n + 1) * p.spr];
-                    group_scales(isa, &mut sg[n * gpb..n * gpb + (c1 - c0) * gpc], srow, g0, g1, p.global_scale);
+                    group_scales(
+                        isa,
+                        &mut sg[n * gpb..n * gpb + (c1 - c0) * gpc],
+                        srow,
+                        g0,
+                        g1,
+                        p.global_scale,
+                    );
                 }
                 let mut i = p0;
                 while i < p1 {
@@ -401,9 +449,21 @@ fn run_rows_tiled(p: &Problem, r0: usize, r1: usize, y: &mut [f32]) {
                 let nr = TILE_ROWS.min(r1 - rt);
                 for n in 0..nr {
                     let srow = &p.scales[(rt + n) * p.spr..(rt + n + 1) * p.spr];
-                    group_scales(isa, &mut sg[n * gpb..n * gpb + (c1 - c0) * gpc], srow, w0 / 2, w1 / 2, p.global_scale);
+                    group_scales(
+                        isa,
+                        &mut sg[n * gpb..n * gpb + (c1 - c0) * gpc],
+                        srow,
+                        w0 / 2,
+                        w1 / 2,
+                        p.global_scale,
+                    );
                     let codes = &p.codes[(rt + n) * p.nw + w0..(rt + n) * p.nw + w1];
-                    decode_row(isa, codes, &sg[n * gpb..], &mut tile[n * kcols..n * kcols + kc]);
+                    decode_row(
+                        isa,
+                        codes,
+                        &sg[n * gpb..],
+                        &mut tile[n * kcols..n * kcols + kc],
+                    );
                 }
                 tile[nr * kcols..].fill(0.0);
                 for i0 in (0..p1 - p0).step_by(isa.gemm_lanes()) {
@@ -435,7 +495,9 @@ fn decode_row(isa: Isa, codes: &[i32], sg: &[f32], out: &mut [f32]) {
                 for k in 0..8 {
                     for j in 0..l {
                         // 2·e2m1 times the halved portable scale: exactly e2m1 · (e4m3 · global).
-                        let v = seg.get(j).map_or(0.0, |&w| e2m1_times_two(w as u32 >> (4 * k)));
+                        let v = seg
+                            .get(j)
+                            .map_or(0.0, |&w| e2m1_times_two(w as u32 >> (4 * k)));
                         out[c * l * 8 + k * l + j] = v * sg[c * l / 2 + j / 2];
                     }
                 }
@@ -453,7 +515,14 @@ fn decode_row(isa: Isa, codes: &[i32], sg: &[f32], out: &mut [f32]) {
 }
 
 /// acc[n][t] = Σ_c tile[n][c] · xt[c][t] for the `TILE_ROWS` tile rows and `gemm_lanes` x rows.
-fn gemm_micro(isa: Isa, kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; TILE_ROWS]) {
+fn gemm_micro(
+    isa: Isa,
+    kc: usize,
+    tile: &[f32],
+    kcols: usize,
+    xt: &[f32],
+    acc: &mut [[f32; 32]; TILE_ROWS],
+) {
     assert!(tile.len() >= (TILE_ROWS - 1) * kcols + kc && kc <= kcols);
     assert!(kc == 0 || xt.len() >= (kc - 1) * GEMM_PANEL + isa.gemm_lanes());
     // Not through `Isa::dispatch`: with the slices inside a kernel struct, LLVM kept the
@@ -490,7 +559,11 @@ fn gemm_micro_generic<const FMA: bool, const LW: usize>(
         for n in 0..TILE_ROWS {
             let w = rows[n][c];
             for t in 0..LW {
-                a[n][t] = if FMA { w.mul_add(xv[t], a[n][t]) } else { a[n][t] + w * xv[t] };
+                a[n][t] = if FMA {
+                    w.mul_add(xv[t], a[n][t])
+                } else {
+                    a[n][t] + w * xv[t]
+                };
             }
         }
     }
@@ -537,7 +610,13 @@ fn group_scales(isa: Isa, dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, g
             dst[n..].fill(0.0);
         }
         // The branch-free decode, vectorized for the path.
-        Isa::Avx2 | Isa::Avx512 => isa.dispatch(GroupScales { dst, srow, g0, g1, global }),
+        Isa::Avx2 | Isa::Avx512 => isa.dispatch(GroupScales {
+            dst,
+            srow,
+            g0,
+            g1,
+            global,
+        }),
     }
 }
 
@@ -580,7 +659,8 @@ fn group_scales_generic(dst: &mut [f32], srow: &[i32], g0: usize, g1: usize, glo
     if cfg!(target_endian = "little") {
         // SAFETY: any i32 is 4 valid bytes, u8 has alignment 1; little-endian byte j of a word is
         // bits 8j..8j+8, the scale of group 4w + j.
-        let bytes = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) };
         for (d, &b) in dst[..n].iter_mut().zip(bytes) {
             *d = e4m3_times(b as u32, global, global_sub);
         }
@@ -598,7 +678,13 @@ fn dot(isa: Isa, nk: usize, rx: usize, s: &Segment, out: &mut [f32]) {
     let l = isa.lanes();
     let nch = s.nw_seg.div_ceil(l);
     // The kernels index without bounds checks within these limits.
-    assert!(nk >= 1 && rx >= 1 && rx <= isa.rows_per_block() && nk <= isa.weight_rows_for(rx) && out.len() == nk * rx);
+    assert!(
+        nk >= 1
+            && rx >= 1
+            && rx <= isa.rows_per_block()
+            && nk <= isa.weight_rows_for(rx)
+            && out.len() == nk * rx
+    );
     assert!(s.codes.len() >= (nk - 1) * s.code_stride + s.nw_seg);
     assert!(s.scales.len() >= (nk - 1) * s.scale_stride + nch * l / 2);
     assert!(s.xs.len() >= (rx - 1) * s.xstride + nch * l * 8);
@@ -614,7 +700,9 @@ fn dot(isa: Isa, nk: usize, rx: usize, s: &Segment, out: &mut [f32]) {
         Isa::Portable => by_shape!(dot_portable; (1, 1, 2) (1, 2, 2) (1, 3, 1) (1, 4, 1)),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was checked against the CPU's features, and the bounds above.
-        Isa::Avx2 => unsafe { by_shape!(dot_avx2; (2, 1, 2) (1, 1, 2) (1, 2, 2) (1, 3, 1) (1, 4, 1)) },
+        Isa::Avx2 => unsafe {
+            by_shape!(dot_avx2; (2, 1, 2) (1, 1, 2) (1, 2, 2) (1, 3, 1) (1, 4, 1))
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx512 => unsafe {
@@ -666,7 +754,11 @@ fn dot_portable<const NR: usize, const R: usize, const CH: usize>(s: &Segment, o
         }
         for (t, tt) in tot.iter_mut().enumerate() {
             for j in 0..L {
-                let a = if CH == 2 { acc[0][t][j] + acc[CH - 1][t][j] } else { acc[0][t][j] };
+                let a = if CH == 2 {
+                    acc[0][t][j] + acc[CH - 1][t][j]
+                } else {
+                    acc[0][t][j]
+                };
                 tt[j] += a * g[j / 2];
             }
         }
@@ -688,13 +780,25 @@ mod x86 {
 
     /// Safety: the CPU has avx512f and fma; `gemm_micro`'s bounds hold.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gemm_micro_avx512(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
+    pub(super) unsafe fn gemm_micro_avx512(
+        kc: usize,
+        tile: &[f32],
+        kcols: usize,
+        xt: &[f32],
+        acc: &mut [[f32; 32]; super::TILE_ROWS],
+    ) {
         super::gemm_micro_generic::<true, 32>(kc, tile, kcols, xt, acc)
     }
 
     /// Safety: the CPU has avx2 and fma; `gemm_micro`'s bounds hold.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemm_micro_avx2(kc: usize, tile: &[f32], kcols: usize, xt: &[f32], acc: &mut [[f32; 32]; super::TILE_ROWS]) {
+    pub(super) unsafe fn gemm_micro_avx2(
+        kc: usize,
+        tile: &[f32],
+        kcols: usize,
+        xt: &[f32],
+        acc: &mut [[f32; 32]; super::TILE_ROWS],
+    ) {
         super::gemm_micro_generic::<true, 16>(kc, tile, kcols, xt, acc)
     }
 
@@ -712,7 +816,8 @@ mod x86 {
             } else {
                 _mm512_maskz_loadu_epi32(((1u32 << (nw - c * 16)) - 1) as __mmask16, cp.add(c * 16))
             };
-            let g = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sp.add(c * 8))));
+            let g =
+                _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sp.add(c * 8))));
             macro_rules! step {
                 ($k:literal) => {
                     let v = _mm512_permutexvar_ps(_mm512_srli_epi32::<{ 4 * $k }>(w), table);
@@ -747,7 +852,8 @@ mod x86 {
                 let live = _mm256_cmpgt_epi32(_mm256_set1_epi32((nw - c * 8) as i32), lane);
                 _mm256_maskload_epi32(cp.add(c * 8), live)
             };
-            let g = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sp.add(c * 4))), dup);
+            let g =
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sp.add(c * 4))), dup);
             macro_rules! step {
                 ($k:literal) => {
                     let m = _mm256_permutevar8x32_ps(mag, _mm256_srli_epi32::<{ 4 * $k }>(w));
@@ -770,7 +876,10 @@ mod x86 {
     /// AVX2 + FMA, 8 words (4 groups) per chunk, NR weight rows × R x rows, CH chains.
     /// Safety: the CPU has avx2 and fma; `dot`'s bounds hold.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_avx2<const NR: usize, const R: usize, const CH: usize>(s: &Segment, out: &mut [f32]) {
+    pub(super) unsafe fn dot_avx2<const NR: usize, const R: usize, const CH: usize>(
+        s: &Segment,
+        out: &mut [f32],
+    ) {
         let nw = s.nw_seg;
         let (cp, sp, xp) = (s.codes.as_ptr(), s.scales.as_ptr(), s.xs.as_ptr());
         // vpermps reads the low 3 bits of each index: the magnitudes; bit 3 becomes the sign.
@@ -786,14 +895,19 @@ mod x86 {
                 if c % 2 == 0 {
                     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(s.prefetch_ahead) as *const i8);
                 }
-                if c * 8 + 8 <= nw { _mm256_loadu_si256(p as *const __m256i) } else { _mm256_maskload_epi32(p, live) }
+                if c * 8 + 8 <= nw {
+                    _mm256_loadu_si256(p as *const __m256i)
+                } else {
+                    _mm256_maskload_epi32(p, live)
+                }
             });
             let xc = xp.add(c * 64);
             let mut acc = [[[_mm256_setzero_ps(); R]; NR]; CH];
             macro_rules! step {
                 ($k:literal) => {{
                     let v: [__m256; NR] = std::array::from_fn(|n| {
-                        let m = _mm256_permutevar8x32_ps(mag, _mm256_srli_epi32::<{ 4 * $k }>(w[n]));
+                        let m =
+                            _mm256_permutevar8x32_ps(mag, _mm256_srli_epi32::<{ 4 * $k }>(w[n]));
                         let sg = _mm256_and_si256(_mm256_slli_epi32::<{ 28 - 4 * $k }>(w[n]), sign);
                         _mm256_xor_ps(m, _mm256_castsi256_ps(sg))
                     });
@@ -818,7 +932,11 @@ mod x86 {
                 let g = _mm256_castps128_ps256(_mm_loadu_ps(sp.add(n * s.scale_stride + c * 4)));
                 let g = _mm256_permutevar8x32_ps(g, dup);
                 for t in 0..R {
-                    let a = if CH == 2 { _mm256_add_ps(acc[0][n][t], acc[CH - 1][n][t]) } else { acc[0][n][t] };
+                    let a = if CH == 2 {
+                        _mm256_add_ps(acc[0][n][t], acc[CH - 1][n][t])
+                    } else {
+                        acc[0][n][t]
+                    };
                     tot[n][t] = _mm256_fmadd_ps(a, g, tot[n][t]);
                 }
             }
@@ -837,7 +955,10 @@ mod x86 {
     /// AVX-512F, 16 words (8 groups) per chunk, NR weight rows × R x rows, CH chains.
     /// Safety: the CPU has avx512f; `dot`'s bounds hold.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot_avx512<const NR: usize, const R: usize, const CH: usize>(s: &Segment, out: &mut [f32]) {
+    pub(super) unsafe fn dot_avx512<const NR: usize, const R: usize, const CH: usize>(
+        s: &Segment,
+        out: &mut [f32],
+    ) {
         let nw = s.nw_seg;
         let (cp, sp, xp) = (s.codes.as_ptr(), s.scales.as_ptr(), s.xs.as_ptr());
         // vpermps on zmm reads the low 4 bits of each index: all 16 E2M1 codes, sign included.
@@ -858,8 +979,9 @@ mod x86 {
             let mut acc = [[[_mm512_setzero_ps(); R]; NR]; CH];
             macro_rules! step {
                 ($k:literal) => {{
-                    let v: [__m512; NR] =
-                        std::array::from_fn(|n| _mm512_permutexvar_ps(_mm512_srli_epi32::<{ 4 * $k }>(w[n]), table));
+                    let v: [__m512; NR] = std::array::from_fn(|n| {
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<{ 4 * $k }>(w[n]), table)
+                    });
                     for t in 0..R {
                         let xv = _mm512_loadu_ps(xc.add(t * s.xstride + $k * 16));
                         for n in 0..NR {
@@ -881,7 +1003,11 @@ mod x86 {
                 let g = _mm512_castps256_ps512(_mm256_loadu_ps(sp.add(n * s.scale_stride + c * 8)));
                 let g = _mm512_permutexvar_ps(dup, g);
                 for t in 0..R {
-                    let a = if CH == 2 { _mm512_add_ps(acc[0][n][t], acc[CH - 1][n][t]) } else { acc[0][n][t] };
+                    let a = if CH == 2 {
+                        _mm512_add_ps(acc[0][n][t], acc[CH - 1][n][t])
+                    } else {
+                        acc[0][n][t]
+                    };
                     tot[n][t] = _mm512_fmadd_ps(a, g, tot[n][t]);
                 }
             }
@@ -902,7 +1028,6 @@ mod tests {
     use burn::prelude::*;
     use burn::tensor::TensorData;
 
-
     /// Relative tolerance on |y − y_exact| / Σ|x·w| (f32 accumulation over up to a few thousand terms).
     const RTOL: f64 = 2e-6;
 
@@ -921,7 +1046,13 @@ mod tests {
                 }
                 let err = (y[i * out + o] as f64 - e).abs() / (a + 1e-30);
                 // NaN-safe: a NaN error counts as infinite (f64::max would drop it).
-                worst = if err <= worst { worst } else if err.is_nan() { f64::INFINITY } else { err };
+                worst = if err <= worst {
+                    worst
+                } else if err.is_nan() {
+                    f64::INFINITY
+                } else {
+                    err
+                };
             }
         }
         worst
@@ -951,15 +1082,32 @@ mod tests {
                 for isa in Isa::available() {
                     for th in [1usize, 2] {
                         let mut y = vec![f32::NAN; m * out];
-                        nvfp4_matmul_with(isa, th, &x, m, &packed.codes, &packed.scales, gs, out, inp, &mut y);
+                        nvfp4_matmul_with(
+                            isa,
+                            th,
+                            &x,
+                            m,
+                            &packed.codes,
+                            &packed.scales,
+                            gs,
+                            out,
+                            inp,
+                            &mut y,
+                        );
                         let err = max_rel_err(&packed, &x, m, &y);
-                        assert!(err <= RTOL, "{isa:?} threads {th} m {m} [{out}, {inp}]: rel err {err:e} > {RTOL:e}");
+                        assert!(
+                            err <= RTOL,
+                            "{isa:?} threads {th} m {m} [{out}, {inp}]: rel err {err:e} > {RTOL:e}"
+                        );
                         worst = worst.max(err);
                     }
                 }
             }
         }
-        eprintln!("paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})", Isa::available());
+        eprintln!(
+            "paths {:?}: max rel err {worst:e} (tolerance {RTOL:e})",
+            Isa::available()
+        );
     }
 
     #[test]
@@ -971,7 +1119,18 @@ mod tests {
         let x: Vec<f32> = (0..m * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         for isa in Isa::available() {
             let mut y = vec![f32::NAN; m * out];
-            nvfp4_matmul_with(isa, 2, &x, m, &packed.codes, &packed.scales, 0.6, out, inp, &mut y);
+            nvfp4_matmul_with(
+                isa,
+                2,
+                &x,
+                m,
+                &packed.codes,
+                &packed.scales,
+                0.6,
+                out,
+                inp,
+                &mut y,
+            );
             let err = max_rel_err(&packed, &x, m, &y);
             assert!(err <= 4e-6, "{isa:?}: rel err {err:e}");
         }
@@ -982,7 +1141,11 @@ mod tests {
         for g in [1.0f32, 0.37, 3.1e-4, 7.5] {
             for b in (0..=255u32).filter(|b| b & 0x7f != 0x7f) {
                 let (got, want) = (e4m3_times(b, g, g / 512.0), E4M3_TABLE[b as usize] * g);
-                assert_eq!(got.to_bits(), want.to_bits(), "byte {b:#04x} global {g}: {got} vs {want}");
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "byte {b:#04x} global {g}: {got} vs {want}"
+                );
             }
         }
     }
@@ -991,7 +1154,10 @@ mod tests {
     fn e4m3_table_matches_decoder() {
         for b in 0..=255u8 {
             let (t, d) = (E4M3_TABLE[b as usize], e4m3_to_f32(b));
-            assert!(t.to_bits() == d.to_bits() || (t.is_nan() && d.is_nan()), "byte {b:#04x}: {t} vs {d}");
+            assert!(
+                t.to_bits() == d.to_bits() || (t.is_nan() && d.is_nan()),
+                "byte {b:#04x}: {t} vs {d}"
+            );
         }
     }
 
@@ -1001,19 +1167,41 @@ mod tests {
     fn every_code_and_scale_decodes_exactly() {
         // Row r: codes 0..15 in columns 0..15, scale byte bytes[r].
         let bytes = finite_e4m3_bytes();
-        let PackedNvfp4 { codes, scales, out_features: out, in_features: inp, .. } = every_code_and_scale(1.0);
+        let PackedNvfp4 {
+            codes,
+            scales,
+            out_features: out,
+            in_features: inp,
+            ..
+        } = every_code_and_scale(1.0);
         // x rows 0..15 one-hot; m = 48 (zero rows after) takes the tiled path, m = 16 the other.
-        let x: Vec<f32> = (0..48 * 16).map(|i| if i / 16 == i % 16 { 1.0 } else { 0.0 }).collect();
+        let x: Vec<f32> = (0..48 * 16)
+            .map(|i| if i / 16 == i % 16 { 1.0 } else { 0.0 })
+            .collect();
         for isa in Isa::available() {
             for m in [16usize, 48] {
                 for gs in [1.0f32, 0.37] {
                     let mut y = vec![f32::NAN; m * out];
-                    nvfp4_matmul_with(isa, 1, &x[..m * 16], m, &codes, &scales, gs, out, inp, &mut y);
+                    nvfp4_matmul_with(
+                        isa,
+                        1,
+                        &x[..m * 16],
+                        m,
+                        &codes,
+                        &scales,
+                        gs,
+                        out,
+                        inp,
+                        &mut y,
+                    );
                     for (r, &b) in bytes.iter().enumerate() {
                         for c in 0..16 {
                             let e = E2M1_VALUES[c] * (e4m3_to_f32(b) * gs);
                             let g = y[c * out + r];
-                            assert!(g == e, "{isa:?} m {m} code {c} byte {b:#04x} global {gs}: {g} vs {e}");
+                            assert!(
+                                g == e,
+                                "{isa:?} m {m} code {c} byte {b:#04x} global {gs}: {g} vs {e}"
+                            );
                         }
                     }
                     assert!(y[16 * out..].iter().all(|&v| v == 0.0));
@@ -1036,11 +1224,20 @@ mod tests {
             let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [m, inp]), &device);
             // The same values through a transposed (strided) view.
             let xt_strided = Tensor::<Cpu, 2>::from_data(
-                TensorData::new((0..inp * m).map(|i| x[(i % m) * inp + i / m]).collect::<Vec<f32>>(), [inp, m]),
+                TensorData::new(
+                    (0..inp * m)
+                        .map(|i| x[(i % m) * inp + i / m])
+                        .collect::<Vec<f32>>(),
+                    [inp, m],
+                ),
                 &device,
             )
             .transpose();
-            let expected = w.forward_reference(xt.clone()).into_data().to_vec::<f32>().unwrap();
+            let expected = w
+                .forward_reference(xt.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
             for xin in [xt, xt_strided] {
                 let y = Cpu::nvfp4_linear(xin, &w);
                 assert_eq!(y.dims(), [m, out]);
@@ -1048,9 +1245,16 @@ mod tests {
                 let wd = packed.dequantize();
                 for i in 0..m {
                     for o in 0..out {
-                        let a: f64 = (0..inp).map(|c| (x[i * inp + c] as f64 * wd[o * inp + c] as f64).abs()).sum();
+                        let a: f64 = (0..inp)
+                            .map(|c| (x[i * inp + c] as f64 * wd[o * inp + c] as f64).abs())
+                            .sum();
                         let d = (y[i * out + o] - expected[i * out + o]).abs() as f64;
-                        assert!(d <= 4e-6 * a + 1e-30, "m {m} [{out}, {inp}] y[{i},{o}]: {} vs {}", y[i * out + o], expected[i * out + o]);
+                        assert!(
+                            d <= 4e-6 * a + 1e-30,
+                            "m {m} [{out}, {inp}] y[{i},{o}]: {} vs {}",
+                            y[i * out + o],
+                            expected[i * out + o]
+                        );
                     }
                 }
             }

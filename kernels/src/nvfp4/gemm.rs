@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Element, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
-    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime, FloatElement,
+    kernel::into_contiguous, ops::numeric::empty_device_dtype, BoolElement, CubeRuntime,
+    FloatElement,
 };
 use cubecl::prelude::*;
 
@@ -270,8 +271,19 @@ fn check_shapes(
     cfg: TileConfig,
 ) -> Result<(usize, usize, usize), KernelError> {
     let m = x_dims[0];
-    let grids = [("m grid", m.div_ceil(cfg.bm) * cfg.bm), ("out_features grid", out_features.div_ceil(cfg.bn) * cfg.bn)];
-    let shapes = check_packed_shapes(x_dims, codes_dims, scales_dims, out_features, in_features, MAX_GRID_AXIS * cfg.bm, &grids)?;
+    let grids = [
+        ("m grid", m.div_ceil(cfg.bm) * cfg.bm),
+        ("out_features grid", out_features.div_ceil(cfg.bn) * cfg.bn),
+    ];
+    let shapes = check_packed_shapes(
+        x_dims,
+        codes_dims,
+        scales_dims,
+        out_features,
+        in_features,
+        MAX_GRID_AXIS * cfg.bm,
+        &grids,
+    )?;
     if out_features.div_ceil(cfg.bn) > MAX_GRID_AXIS {
         return Err(KernelError::TooLarge {
             what: "out_features (grid x axis)",

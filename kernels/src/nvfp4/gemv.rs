@@ -17,8 +17,8 @@
 
 use burn::tensor::{DType, Element, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
-    kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime,
-    FloatElement,
+    kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, BoolElement,
+    CubeBackend, CubeRuntime, FloatElement,
 };
 use cubecl::prelude::*;
 
@@ -26,8 +26,8 @@ use cubecl::prelude::*;
 /// (`burn::backend::Wgpu<F, i32>` without fusion is `CubeBackend<WgpuRuntime, F, i32, u32>`).
 pub type Nvfp4Backend<R, F = f32, BT = u32> = CubeBackend<R, F, i32, BT>;
 
-pub use crate::nvfp4::GROUP_SIZE;
 use crate::nvfp4::scale_words_per_row;
+pub use crate::nvfp4::GROUP_SIZE;
 /// Largest number of activation rows per launch (the shared accumulator is sized for it).
 pub const MAX_M: usize = 16;
 /// Threads per cube.
@@ -196,7 +196,10 @@ pub(crate) fn check_packed_shapes(
     }
     let [m, x_in] = x_dims;
     if x_in != in_features {
-        return Err(KernelError::XColumns { expected: in_features, got: x_in });
+        return Err(KernelError::XColumns {
+            expected: in_features,
+            got: x_in,
+        });
     }
     if m == 0 || m > max_rows {
         return Err(KernelError::Rows { m, max: max_rows });
@@ -204,13 +207,23 @@ pub(crate) fn check_packed_shapes(
     let words = in_features / 8;
     let spr = scale_words_per_row(in_features);
     if codes_dims != [out_features, words] {
-        return Err(KernelError::CodesShape { expected: [out_features, words], got: codes_dims });
+        return Err(KernelError::CodesShape {
+            expected: [out_features, words],
+            got: codes_dims,
+        });
     }
     if scales_dims != [out_features, spr] {
-        return Err(KernelError::ScalesShape { expected: [out_features, spr], got: scales_dims });
+        return Err(KernelError::ScalesShape {
+            expected: [out_features, spr],
+            got: scales_dims,
+        });
     }
     let limit = u32::MAX as usize;
-    let common = [("x", m * in_features), ("codes", out_features * words), ("y", m * out_features)];
+    let common = [
+        ("x", m * in_features),
+        ("codes", out_features * words),
+        ("y", m * out_features),
+    ];
     for &(what, elements) in common.iter().chain(extra) {
         if elements > limit {
             return Err(KernelError::TooLarge { what, elements });
@@ -233,16 +246,28 @@ pub(crate) fn packed_inputs<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     let codes = codes.into_primitive();
     let scales = scales.into_primitive();
     if x.dtype != <F as Element>::dtype() {
-        return Err(KernelError::Dtype { what: "x", got: x.dtype, expected: "the backend's float element" });
+        return Err(KernelError::Dtype {
+            what: "x",
+            got: x.dtype,
+            expected: "the backend's float element",
+        });
     }
     for (what, t) in [("codes", &codes), ("scales", &scales)] {
         if !matches!(t.dtype, DType::I32) {
-            return Err(KernelError::Dtype { what, got: t.dtype, expected: "i32" });
+            return Err(KernelError::Dtype {
+                what,
+                got: t.dtype,
+                expected: "i32",
+            });
         }
     }
     x.assert_is_on_same_device(&codes);
     x.assert_is_on_same_device(&scales);
-    Ok((into_contiguous(x), into_contiguous(codes), into_contiguous(scales)))
+    Ok((
+        into_contiguous(x),
+        into_contiguous(codes),
+        into_contiguous(scales),
+    ))
 }
 
 /// `y = x · Wᵀ` for a packed NVFP4 weight W `[out_features, in_features]`, x `[m, in]` of the
@@ -257,8 +282,15 @@ pub fn nvfp4_matmul<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     in_features: usize,
 ) -> Result<BurnTensor<Nvfp4Backend<R, F, BT>, 2>, KernelError> {
     let grid = out_features.div_ceil(MAX_GRID_AXIS) * MAX_GRID_AXIS;
-    let (m, words, spr) =
-        check_packed_shapes(x.dims(), codes.dims(), scales.dims(), out_features, in_features, MAX_M, &[("grid", grid)])?;
+    let (m, words, spr) = check_packed_shapes(
+        x.dims(),
+        codes.dims(),
+        scales.dims(),
+        out_features,
+        in_features,
+        MAX_M,
+        &[("grid", grid)],
+    )?;
     let (x, codes, scales) = packed_inputs(x, codes, scales)?;
 
     let client = x.client.clone();

@@ -25,8 +25,9 @@ pub mod gemv;
 pub const GROUP_SIZE: usize = 16;
 
 /// The 16 E2M1 values: codes 0..7 positive, bit 3 the sign.
-pub const E2M1_VALUES: [f32; 16] =
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+pub const E2M1_VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
 
 /// E4M3 "fn" (no infinities, one NaN encoding 0x7f/0xff), bias 7.
 pub fn e4m3_to_f32(byte: u8) -> f32 {
@@ -36,7 +37,11 @@ pub fn e4m3_to_f32(byte: u8) -> f32 {
     if exp == 0x0f && (byte & 0x07) == 0x07 {
         return f32::NAN;
     }
-    let mag = if exp == 0 { man * (2f32).powi(-9) } else { (1.0 + man / 8.0) * (2f32).powi(exp - 7) };
+    let mag = if exp == 0 {
+        man * (2f32).powi(-9)
+    } else {
+        (1.0 + man / 8.0) * (2f32).powi(exp - 7)
+    };
     sign * mag
 }
 
@@ -54,11 +59,20 @@ pub fn e2m1_decode<B: Backend, const D: usize>(codes: Tensor<B, D, Int>) -> Tens
 /// backend's `pow` rounding can enter.
 pub fn e4m3_decode<B: Backend, const D: usize>(bytes: Tensor<B, D, Int>) -> Tensor<B, D> {
     let sign = bytes.clone().bitwise_right_shift_scalar(7.elem()).float();
-    let e = bytes.clone().bitwise_right_shift_scalar(3.elem()).bitwise_and_scalar(15.elem());
+    let e = bytes
+        .clone()
+        .bitwise_right_shift_scalar(3.elem())
+        .bitwise_and_scalar(15.elem());
     let m = bytes.bitwise_and_scalar(7.elem()).float();
-    let bit = |k: i32| e.clone().bitwise_right_shift_scalar(k.elem()).bitwise_and_scalar(1.elem()).float();
+    let bit = |k: i32| {
+        e.clone()
+            .bitwise_right_shift_scalar(k.elem())
+            .bitwise_and_scalar(1.elem())
+            .float()
+    };
     // 2^e = (1 + e0)(1 + 3 e1)(1 + 15 e2)(1 + 255 e3), each factor an exact small integer.
-    let pow2_e = (bit(0) + 1.0) * (bit(1) * 3.0 + 1.0) * (bit(2) * 15.0 + 1.0) * (bit(3) * 255.0 + 1.0);
+    let pow2_e =
+        (bit(0) + 1.0) * (bit(1) * 3.0 + 1.0) * (bit(2) * 15.0 + 1.0) * (bit(3) * 255.0 + 1.0);
     let normal = (m.clone() * 0.125 + 1.0) * pow2_e * 2f32.powi(-7);
     let is_normal = e.clamp_max(1).float();
     let subnormal = m * 2f32.powi(-9);
@@ -98,9 +112,17 @@ impl PackedNvfp4 {
         out_features: usize,
         in_features: usize,
     ) -> Self {
-        assert_eq!(weight.len(), out_features * in_features / 2, "caller checked the shape");
+        assert_eq!(
+            weight.len(),
+            out_features * in_features / 2,
+            "caller checked the shape"
+        );
         let groups = in_features / GROUP_SIZE;
-        assert_eq!(scale.len(), out_features * groups, "caller checked the shape");
+        assert_eq!(
+            scale.len(),
+            out_features * groups,
+            "caller checked the shape"
+        );
         let codes = weight
             .chunks_exact(4)
             .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -118,7 +140,13 @@ impl PackedNvfp4 {
                 scales.push(i32::from_le_bytes(b));
             }
         }
-        Self { codes, scales, global_scale, out_features, in_features }
+        Self {
+            codes,
+            scales,
+            global_scale,
+            out_features,
+            in_features,
+        }
     }
 
     /// Dequantize on the host (tests, and the reference of the fast kernels).
@@ -133,7 +161,8 @@ impl PackedNvfp4 {
                 let g = c / GROUP_SIZE;
                 let sword = self.scales[r * spr + g / 4] as u32;
                 let sbyte = ((sword >> (8 * (g % 4))) & 0xff) as u8;
-                w[r * inp + c] = E2M1_VALUES[code as usize] * (e4m3_to_f32(sbyte) * self.global_scale);
+                w[r * inp + c] =
+                    E2M1_VALUES[code as usize] * (e4m3_to_f32(sbyte) * self.global_scale);
             }
         }
         w
@@ -167,7 +196,13 @@ impl<B: Backend> Nvfp4Weight<B> {
         // elementwise arithmetic only: table lookups (`select`) and integer broadcasts are slow or
         // missing on some backends.
         let nibbles: Vec<Tensor<B, 3, Int>> = (0..8)
-            .map(|k| self.codes.clone().bitwise_right_shift_scalar((4 * k).elem()).bitwise_and_scalar(0xf.elem()).unsqueeze_dim(2))
+            .map(|k| {
+                self.codes
+                    .clone()
+                    .bitwise_right_shift_scalar((4 * k).elem())
+                    .bitwise_and_scalar(0xf.elem())
+                    .unsqueeze_dim(2)
+            })
             .collect();
         let codes = Tensor::cat(nibbles, 2).reshape([out, inp]);
         let values = e2m1_decode(codes).reshape([out, groups, GROUP_SIZE]);
@@ -175,9 +210,17 @@ impl<B: Backend> Nvfp4Weight<B> {
         // Scales: word [out, w] -> 4 bytes -> [out, 4w] -> the first in/16 -> E4M3 decode.
         let words = self.scales.dims()[1];
         let bytes: Vec<Tensor<B, 3, Int>> = (0..4)
-            .map(|k| self.scales.clone().bitwise_right_shift_scalar((8 * k).elem()).bitwise_and_scalar(0xff.elem()).unsqueeze_dim(2))
+            .map(|k| {
+                self.scales
+                    .clone()
+                    .bitwise_right_shift_scalar((8 * k).elem())
+                    .bitwise_and_scalar(0xff.elem())
+                    .unsqueeze_dim(2)
+            })
             .collect();
-        let bytes = Tensor::cat(bytes, 2).reshape([out, words * 4]).slice([0..out, 0..groups]);
+        let bytes = Tensor::cat(bytes, 2)
+            .reshape([out, words * 4])
+            .slice([0..out, 0..groups]);
         // modelopt order: block scale times global scale first, then times the E2M1 value.
         let scales = (e4m3_decode(bytes) * self.global_scale).reshape([out, groups, 1]);
         (values * scales).reshape([out, inp])
@@ -230,7 +273,10 @@ mod tests {
     #[test]
     fn tensor_decoders_match_tables_for_every_code() {
         let device = Default::default();
-        let codes = Tensor::<Cpu, 1, Int>::from_data(TensorData::new((0..16).collect::<Vec<i32>>(), [16]), &device);
+        let codes = Tensor::<Cpu, 1, Int>::from_data(
+            TensorData::new((0..16).collect::<Vec<i32>>(), [16]),
+            &device,
+        );
         let got = e2m1_decode(codes).into_data().to_vec::<f32>().unwrap();
         assert_eq!(got, E2M1_VALUES.to_vec());
         let finite: Vec<i32> = (0..256).filter(|b| b & 0x7f != 0x7f).collect();
@@ -245,11 +291,18 @@ mod tests {
     fn packed_decode_matches_checkpoint_layout() {
         let device = Default::default();
         // Shapes whose group count is not a multiple of 4 (padded scale words) and is.
-        for &(out, inp, seed) in &[(3usize, 16usize, 1u64), (5, 80, 2), (7, 128, 3), (2, 208, 4)] {
+        for &(out, inp, seed) in &[
+            (3usize, 16usize, 1u64),
+            (5, 80, 2),
+            (7, 128, 3),
+            (2, 208, 4),
+        ] {
             let mut rng = Lcg::new(seed);
             let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
             // Finite E4M3 scales only (0x7f/0xff are NaN).
-            let scale: Vec<u8> = (0..out * inp / 16).map(|_| (rng.next_u32() % 0x7e) as u8 | ((rng.next_u32() as u8) & 0x80)).collect();
+            let scale: Vec<u8> = (0..out * inp / 16)
+                .map(|_| (rng.next_u32() % 0x7e) as u8 | ((rng.next_u32() as u8) & 0x80))
+                .collect();
             let g = 0.37f32;
             let expected = decode_bytes(&weight, &scale, g, out, inp);
             let packed = PackedNvfp4::from_checkpoint(&weight, &scale, g, out, inp);
@@ -266,21 +319,32 @@ mod tests {
         let (out, inp, n) = (6usize, 48usize, 3usize);
         let mut rng = Lcg::new(9);
         let weight: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u32() as u8).collect();
-        let scale: Vec<u8> = (0..out * inp / 16).map(|_| 0x30 + (rng.next_u32() % 16) as u8).collect();
+        let scale: Vec<u8> = (0..out * inp / 16)
+            .map(|_| 0x30 + (rng.next_u32() % 16) as u8)
+            .collect();
         let packed = PackedNvfp4::from_checkpoint(&weight, &scale, 0.5, out, inp);
         let w = packed.dequantize();
         let x: Vec<f32> = (0..n * inp).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         let dev: Nvfp4Weight<Cpu> = packed.to_device(&device);
         let y = dev
-            .forward_reference(Tensor::from_data(TensorData::new(x.clone(), [n, inp]), &device))
+            .forward_reference(Tensor::from_data(
+                TensorData::new(x.clone(), [n, inp]),
+                &device,
+            ))
             .into_data()
             .to_vec::<f32>()
             .unwrap();
         for i in 0..n {
             for o in 0..out {
-                let e: f64 = (0..inp).map(|c| x[i * inp + c] as f64 * w[o * inp + c] as f64).sum();
+                let e: f64 = (0..inp)
+                    .map(|c| x[i * inp + c] as f64 * w[o * inp + c] as f64)
+                    .sum();
                 let d = (y[i * out + o] as f64 - e).abs();
-                assert!(d <= 1e-4 * (1.0 + e.abs()), "y[{i},{o}] = {} vs {e}", y[i * out + o]);
+                assert!(
+                    d <= 1e-4 * (1.0 + e.abs()),
+                    "y[{i},{o}] = {} vs {e}",
+                    y[i * out + o]
+                );
             }
         }
     }

@@ -19,13 +19,26 @@ pub struct MultimodalEmbedder<B: Gemma4Backend> {
 
 impl<B: Gemma4Backend> MultimodalEmbedder<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.embedding_projection.forward(self.embedding_pre_projection_norm.forward(x))
+        self.embedding_projection
+            .forward(self.embedding_pre_projection_norm.forward(x))
     }
 
-    pub fn load(ckpt: &mut Checkpoint, p: &str, cfg: &VisionConfig, text_hidden: usize, device: &B::Device) -> Result<Self, LoadError> {
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        p: &str,
+        cfg: &VisionConfig,
+        text_hidden: usize,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         Ok(MultimodalEmbedder {
             embedding_pre_projection_norm: RmsNorm::new(None, cfg.rms_norm_eps),
-            embedding_projection: load_linear(ckpt, &format!("{p}.embedding_projection"), text_hidden, cfg.hidden_size, device)?,
+            embedding_projection: load_linear(
+                ckpt,
+                &format!("{p}.embedding_projection"),
+                text_hidden,
+                cfg.hidden_size,
+                device,
+            )?,
         })
     }
 }

@@ -40,7 +40,10 @@ impl<B: Gemma4Backend> VisionTower<B> {
     pub fn encode(&self, image: &PreprocessedImage, device: &B::Device) -> Tensor<B, 2> {
         let n = image.positions.len();
         let patch_dim = image.pixel_values.len() / n.max(1);
-        let pixels = Tensor::<B, 2>::from_data(TensorData::new(image.pixel_values.clone(), [n, patch_dim]), device);
+        let pixels = Tensor::<B, 2>::from_data(
+            TensorData::new(image.pixel_values.clone(), [n, patch_dim]),
+            device,
+        );
         let xs: Vec<usize> = image.positions.iter().map(|p| p[0] as usize).collect();
         let ys: Vec<usize> = image.positions.iter().map(|p| p[1] as usize).collect();
         let mut h = self.patch_embedder.forward(pixels, &xs, &ys);
@@ -52,14 +55,29 @@ impl<B: Gemma4Backend> VisionTower<B> {
         self.embed_vision.forward(pooled)
     }
 
-    pub fn load(ckpt: &mut Checkpoint, cfg: &VisionConfig, text_hidden: usize, device: &B::Device) -> Result<Self, LoadError> {
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        cfg: &VisionConfig,
+        text_hidden: usize,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         let p = "model.vision_tower";
-        let patch_embedder = PatchEmbedder::load(ckpt, &format!("{p}.patch_embedder"), cfg, device)?;
+        let patch_embedder =
+            PatchEmbedder::load(ckpt, &format!("{p}.patch_embedder"), cfg, device)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| VisionEncoderLayer::load(ckpt, &format!("{p}.encoder.layers.{i}"), cfg, device))
+            .map(|i| {
+                VisionEncoderLayer::load(ckpt, &format!("{p}.encoder.layers.{i}"), cfg, device)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let pooler = Pooler::load(ckpt, p, cfg, device)?;
-        let embed_vision = MultimodalEmbedder::load(ckpt, "model.embed_vision", cfg, text_hidden, device)?;
-        Ok(VisionTower { patch_embedder, layers, pooler, embed_vision, rope: AxialRope::new(cfg.head_dim, cfg.rope_theta) })
+        let embed_vision =
+            MultimodalEmbedder::load(ckpt, "model.embed_vision", cfg, text_hidden, device)?;
+        Ok(VisionTower {
+            patch_embedder,
+            layers,
+            pooler,
+            embed_vision,
+            rope: AxialRope::new(cfg.head_dim, cfg.rope_theta),
+        })
     }
 }

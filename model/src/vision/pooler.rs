@@ -25,15 +25,26 @@ impl<B: Gemma4Backend> Pooler<B> {
         let hidden = h.dims()[1];
         let (ch, cw) = (patches_h / k, patches_w / k);
         // The reference averages with a one-hot matmul of weights 1/k² (`_avg_pool_by_positions`).
-        let cells = (h * (1.0 / (k * k) as f32)).reshape([ch, k, cw, k, hidden]).sum_dim(3).sum_dim(1).reshape([ch * cw, hidden]);
+        let cells = (h * (1.0 / (k * k) as f32))
+            .reshape([ch, k, cw, k, hidden])
+            .sum_dim(3)
+            .sum_dim(1)
+            .reshape([ch * cw, hidden]);
         let pooled = cells * self.root_hidden;
         match (&self.std_bias, &self.std_scale) {
-            (Some(bias), Some(scale)) => (pooled - bias.val().unsqueeze::<2>()) * scale.val().unsqueeze::<2>(),
+            (Some(bias), Some(scale)) => {
+                (pooled - bias.val().unsqueeze::<2>()) * scale.val().unsqueeze::<2>()
+            }
             _ => pooled,
         }
     }
 
-    pub fn load(ckpt: &mut Checkpoint, p: &str, cfg: &VisionConfig, device: &B::Device) -> Result<Self, LoadError> {
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        p: &str,
+        cfg: &VisionConfig,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         let h = cfg.hidden_size;
         let mut vector = |name: &str| -> Result<Option<Param<Tensor<B, 1>>>, LoadError> {
             if !cfg.standardize {
@@ -45,6 +56,11 @@ impl<B: Gemma4Backend> Pooler<B> {
         let std_bias = vector("std_bias")?;
         let std_scale = vector("std_scale")?;
         // Python: self.hidden_size ** 0.5, a double, multiplied into an f32 tensor.
-        Ok(Pooler { std_bias, std_scale, kernel: cfg.pooling_kernel_size, root_hidden: (h as f64).sqrt() as f32 })
+        Ok(Pooler {
+            std_bias,
+            std_scale,
+            kernel: cfg.pooling_kernel_size,
+            root_hidden: (h as f64).sqrt() as f32,
+        })
     }
 }

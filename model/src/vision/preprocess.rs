@@ -46,8 +46,15 @@ pub enum PreprocessError {
     UnknownFormat,
     #[error("{format} images are not supported (supported: PNG, JPEG, WebP, GIF)")]
     UnsupportedFormat { format: String },
-    #[error("the image is {width}x{height} = {pixels} pixels, more than the limit of {max} pixels")]
-    TooManyPixels { width: u64, height: u64, pixels: u64, max: u64 },
+    #[error(
+        "the image is {width}x{height} = {pixels} pixels, more than the limit of {max} pixels"
+    )]
+    TooManyPixels {
+        width: u64,
+        height: u64,
+        pixels: u64,
+        max: u64,
+    },
     #[error("the image is too large to decode within the decoder's memory limit: {msg}")]
     DecoderLimit { msg: String },
     #[error("could not decode the {format} image: {msg}")]
@@ -59,7 +66,14 @@ pub enum PreprocessError {
     )]
     ZeroTarget { side: usize },
     #[error("resizing [{height}x{width}] to [{target_height}x{target_width}] exceeds {max_patches} patches with patch_size {patch_size}")]
-    ExceedsBudget { height: usize, width: usize, target_height: usize, target_width: usize, max_patches: usize, patch_size: usize },
+    ExceedsBudget {
+        height: usize,
+        width: usize,
+        target_height: usize,
+        target_width: usize,
+        max_patches: usize,
+        patch_size: usize,
+    },
 }
 
 /// The image processor settings the engine needs (`patch_size`, `pooling_kernel_size`,
@@ -75,7 +89,11 @@ pub struct ImageProcessorConfig {
 impl Default for ImageProcessorConfig {
     /// The class defaults of `Gemma4ImageProcessor`: 16, 3, 280.
     fn default() -> Self {
-        ImageProcessorConfig { patch_size: 16, pooling_kernel_size: 3, max_soft_tokens: 280 }
+        ImageProcessorConfig {
+            patch_size: 16,
+            pooling_kernel_size: 3,
+            max_soft_tokens: 280,
+        }
     }
 }
 
@@ -104,7 +122,9 @@ impl ImageProcessorConfig {
     /// `max_soft_tokens`; absent or null ones take the defaults).
     pub fn from_json(v: &serde_json::Value) -> Result<Self, PreprocessError> {
         if !v.is_object() {
-            return Err(PreprocessError::InvalidConfig { msg: "the image processor config is not a JSON object".into() });
+            return Err(PreprocessError::InvalidConfig {
+                msg: "the image processor config is not a JSON object".into(),
+            });
         }
         let d = Self::default();
         let get = |key: &str, default: usize| -> Result<usize, PreprocessError> {
@@ -113,7 +133,9 @@ impl ImageProcessorConfig {
                 Some(x) => x
                     .as_u64()
                     .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| PreprocessError::InvalidConfig { msg: format!("`{key}` must be a non-negative integer, found {x}") }),
+                    .ok_or_else(|| PreprocessError::InvalidConfig {
+                        msg: format!("`{key}` must be a non-negative integer, found {x}"),
+                    }),
             }
         };
         let cfg = ImageProcessorConfig {
@@ -127,22 +149,38 @@ impl ImageProcessorConfig {
 
     fn validate(&self) -> Result<(), PreprocessError> {
         if self.patch_size == 0 || self.patch_size > 1024 {
-            return Err(PreprocessError::InvalidConfig { msg: format!("patch_size {} is out of range", self.patch_size) });
+            return Err(PreprocessError::InvalidConfig {
+                msg: format!("patch_size {} is out of range", self.patch_size),
+            });
         }
         if self.pooling_kernel_size == 0 || self.pooling_kernel_size > 64 {
-            return Err(PreprocessError::InvalidConfig { msg: format!("pooling_kernel_size {} is out of range", self.pooling_kernel_size) });
+            return Err(PreprocessError::InvalidConfig {
+                msg: format!(
+                    "pooling_kernel_size {} is out of range",
+                    self.pooling_kernel_size
+                ),
+            });
         }
         check_budget(self.max_soft_tokens)
     }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, PreprocessError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PreprocessError::ConfigFile { path: path.display().to_string(), msg: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| PreprocessError::ConfigFile { path: path.display().to_string(), msg: format!("invalid JSON: {e}") })
+    let text = std::fs::read_to_string(path).map_err(|e| PreprocessError::ConfigFile {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| PreprocessError::ConfigFile {
+        path: path.display().to_string(),
+        msg: format!("invalid JSON: {e}"),
+    })
 }
 
 fn file_err(path: &Path, e: PreprocessError) -> PreprocessError {
-    PreprocessError::ConfigFile { path: path.display().to_string(), msg: e.to_string() }
+    PreprocessError::ConfigFile {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
 }
 
 fn check_budget(budget: usize) -> Result<(), PreprocessError> {
@@ -168,7 +206,10 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     /// 50 megapixels (PIL warns about decompression bombs from 89 M), 32 MiB of encoded data.
     fn default() -> Self {
-        DecodeLimits { max_pixels: 50_000_000, max_bytes: 32 << 20 }
+        DecodeLimits {
+            max_pixels: 50_000_000,
+            max_bytes: 32 << 20,
+        }
     }
 }
 
@@ -182,7 +223,10 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pre
         return Err(PreprocessError::EmptyInput);
     }
     if bytes.len() > limits.max_bytes {
-        return Err(PreprocessError::InputTooLarge { bytes: bytes.len(), max: limits.max_bytes });
+        return Err(PreprocessError::InputTooLarge {
+            bytes: bytes.len(),
+            max: limits.max_bytes,
+        });
     }
     let format = image::guess_format(bytes).map_err(|_| PreprocessError::UnknownFormat)?;
     let name = match format {
@@ -190,22 +234,39 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pre
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::WebP => "WebP",
         ImageFormat::Gif => "GIF",
-        other => return Err(PreprocessError::UnsupportedFormat { format: format!("{other:?}") }),
+        other => {
+            return Err(PreprocessError::UnsupportedFormat {
+                format: format!("{other:?}"),
+            })
+        }
     };
     let undecodable = |e: image::ImageError| match e {
         image::ImageError::Limits(l) => PreprocessError::DecoderLimit { msg: l.to_string() },
-        other => PreprocessError::Undecodable { format: name.to_string(), msg: other.to_string() },
+        other => PreprocessError::Undecodable {
+            format: name.to_string(),
+            msg: other.to_string(),
+        },
     };
     // The reader's default limits (512 MiB of allocations) guard the header parsing itself.
-    let decoder = ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(undecodable)?;
+    let decoder = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_decoder()
+        .map_err(undecodable)?;
     let (w, h) = decoder.dimensions();
     let (w, h) = (u64::from(w), u64::from(h));
     if w == 0 || h == 0 {
-        return Err(PreprocessError::EmptyImage { width: w, height: h });
+        return Err(PreprocessError::EmptyImage {
+            width: w,
+            height: h,
+        });
     }
     let pixels = w * h;
     if pixels > limits.max_pixels {
-        return Err(PreprocessError::TooManyPixels { width: w, height: h, pixels, max: limits.max_pixels });
+        return Err(PreprocessError::TooManyPixels {
+            width: w,
+            height: h,
+            pixels,
+            max: limits.max_pixels,
+        });
     }
     let img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
     Ok(to_rgb_like_pil(img))
@@ -225,7 +286,11 @@ fn composite_on_white(v: u8, a: u8) -> u8 {
 fn composite_rgba(it: impl Iterator<Item = [u8; 4]>, w: u32, h: u32) -> RgbImage {
     let mut out = Vec::with_capacity(w as usize * h as usize * 3);
     for [r, g, b, a] in it {
-        out.extend_from_slice(&[composite_on_white(r, a), composite_on_white(g, a), composite_on_white(b, a)]);
+        out.extend_from_slice(&[
+            composite_on_white(r, a),
+            composite_on_white(g, a),
+            composite_on_white(b, a),
+        ]);
     }
     RgbImage::from_raw(w, h, out).expect("buffer sized from the image")
 }
@@ -234,16 +299,26 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     match img {
         DynamicImage::ImageRgb8(b) => b,
-        DynamicImage::ImageLuma8(b) => {
-            RgbImage::from_raw(w, h, b.into_raw().into_iter().flat_map(|v| [v, v, v]).collect()).expect("sized")
-        }
+        DynamicImage::ImageLuma8(b) => RgbImage::from_raw(
+            w,
+            h,
+            b.into_raw().into_iter().flat_map(|v| [v, v, v]).collect(),
+        )
+        .expect("sized"),
         DynamicImage::ImageRgba8(b) => composite_rgba(b.pixels().map(|p| p.0), w, h),
-        DynamicImage::ImageLumaA8(b) => composite_rgba(b.pixels().map(|p| [p.0[0], p.0[0], p.0[0], p.0[1]]), w, h),
-        // PIL keeps the high byte of 16-bit RGB(A) samples ...
-        DynamicImage::ImageRgb16(b) => {
-            RgbImage::from_raw(w, h, b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect()).expect("sized")
+        DynamicImage::ImageLumaA8(b) => {
+            composite_rgba(b.pixels().map(|p| [p.0[0], p.0[0], p.0[0], p.0[1]]), w, h)
         }
-        DynamicImage::ImageRgba16(b) => composite_rgba(b.pixels().map(|p| p.0.map(|v| (v >> 8) as u8)), w, h),
+        // PIL keeps the high byte of 16-bit RGB(A) samples ...
+        DynamicImage::ImageRgb16(b) => RgbImage::from_raw(
+            w,
+            h,
+            b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect(),
+        )
+        .expect("sized"),
+        DynamicImage::ImageRgba16(b) => {
+            composite_rgba(b.pixels().map(|p| p.0.map(|v| (v >> 8) as u8)), w, h)
+        }
         DynamicImage::ImageLumaA16(b) => composite_rgba(
             b.pixels().map(|p| {
                 let (l, a) = ((p.0[0] >> 8) as u8, (p.0[1] >> 8) as u8);
@@ -291,10 +366,15 @@ pub fn aspect_ratio_preserving_size(
     pooling_kernel_size: usize,
 ) -> Result<(usize, usize), PreprocessError> {
     if height == 0 || width == 0 {
-        return Err(PreprocessError::EmptyImage { width: width as u64, height: height as u64 });
+        return Err(PreprocessError::EmptyImage {
+            width: width as u64,
+            height: height as u64,
+        });
     }
     if patch_size == 0 || pooling_kernel_size == 0 {
-        return Err(PreprocessError::InvalidConfig { msg: "patch_size and pooling_kernel_size must be positive".into() });
+        return Err(PreprocessError::InvalidConfig {
+            msg: "patch_size and pooling_kernel_size must be positive".into(),
+        });
     }
     // Python ints: exact products; `/` of two ints is the correctly rounded quotient, which is the
     // f64 quotient whenever both are exact in f64 (< 2^53, far above any accepted image).
@@ -312,13 +392,22 @@ pub fn aspect_ratio_preserving_size(
     let max_side_length = (max_patches / (pooling_kernel_size * pooling_kernel_size)) * side;
     if target_height == 0 {
         target_height = side;
-        target_width = (((width as f64 / height as f64).floor() as usize).saturating_mul(side)).min(max_side_length);
+        target_width = (((width as f64 / height as f64).floor() as usize).saturating_mul(side))
+            .min(max_side_length);
     } else if target_width == 0 {
         target_width = side;
-        target_height = (((height as f64 / width as f64).floor() as usize).saturating_mul(side)).min(max_side_length);
+        target_height = (((height as f64 / width as f64).floor() as usize).saturating_mul(side))
+            .min(max_side_length);
     }
     if (target_height as u128) * (target_width as u128) > target_px {
-        return Err(PreprocessError::ExceedsBudget { height, width, target_height, target_width, max_patches, patch_size });
+        return Err(PreprocessError::ExceedsBudget {
+            height,
+            width,
+            target_height,
+            target_width,
+            max_patches,
+            patch_size,
+        });
     }
     Ok((target_height, target_width))
 }
@@ -357,7 +446,11 @@ fn cubic_filter(x: f64) -> f64 {
 fn axis_weights(in_size: usize, out_size: usize) -> AxisWeights {
     let scale = in_size as f64 / out_size as f64;
     let interp_size = 4.0f64; // bicubic
-    let support = if scale >= 1.0 { (interp_size * 0.5) * scale } else { interp_size * 0.5 };
+    let support = if scale >= 1.0 {
+        (interp_size * 0.5) * scale
+    } else {
+        interp_size * 0.5
+    };
     let max_interp_size = (support.ceil() as usize) * 2 + 1;
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
     let mut start = Vec::with_capacity(out_size);
@@ -401,10 +494,20 @@ fn axis_weights(in_size: usize, out_size: usize) -> AxisWeights {
         .map(|&w| {
             let v = w * unit;
             // (int)(±0.5 + v): round half away from zero, then int16
-            (if v < 0.0 { (-0.5 + v) as i32 } else { (0.5 + v) as i32 }) as i16 as i32
+            (if v < 0.0 {
+                (-0.5 + v) as i32
+            } else {
+                (0.5 + v) as i32
+            }) as i16 as i32
         })
         .collect();
-    AxisWeights { start, len, stride: max_interp_size, weights, precision }
+    AxisWeights {
+        start,
+        len,
+        stride: max_interp_size,
+        weights,
+        precision,
+    }
 }
 
 #[inline]
@@ -414,7 +517,13 @@ fn fixed_to_u8(acc: i64, precision: u32) -> u8 {
 
 /// One separable pass over `src` (`rows` × `cols` pixels of 3 channels, row-major): resamples
 /// along the columns (`horizontal`) or the rows into `out_len` samples.
-fn resample_pass(src: &[u8], rows: usize, cols: usize, out_len: usize, horizontal: bool) -> Vec<u8> {
+fn resample_pass(
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    out_len: usize,
+    horizontal: bool,
+) -> Vec<u8> {
     let in_len = if horizontal { cols } else { rows };
     let aw = axis_weights(in_len, out_len);
     let round = 1i64 << aw.precision.saturating_sub(1);
@@ -469,7 +578,10 @@ fn resample_pass(src: &[u8], rows: usize, cols: usize, out_len: usize, horizonta
 /// Panics if `height`, `width` or a side of `img` is 0.
 pub fn resize_bicubic_antialias(img: &RgbImage, height: usize, width: usize) -> RgbImage {
     let (w0, h0) = (img.width() as usize, img.height() as usize);
-    assert!(height > 0 && width > 0 && w0 > 0 && h0 > 0, "resize of an empty image");
+    assert!(
+        height > 0 && width > 0 && w0 > 0 && h0 > 0,
+        "resize of an empty image"
+    );
     let mut buf: Vec<u8> = img.as_raw().clone();
     let mut cols = w0;
     if width != w0 {
@@ -510,7 +622,12 @@ pub const RESCALE_FACTOR: f32 = (1.0f64 / 255.0) as f32;
 
 /// The target (height, width) of an image of `height` × `width` pixels for a budget of
 /// `max_soft_tokens` soft tokens.
-pub fn target_size(height: usize, width: usize, cfg: &ImageProcessorConfig, max_soft_tokens: usize) -> Result<(usize, usize), PreprocessError> {
+pub fn target_size(
+    height: usize,
+    width: usize,
+    cfg: &ImageProcessorConfig,
+    max_soft_tokens: usize,
+) -> Result<(usize, usize), PreprocessError> {
     check_budget(max_soft_tokens)?;
     let k = cfg.pooling_kernel_size;
     aspect_ratio_preserving_size(height, width, cfg.patch_size, max_soft_tokens * k * k, k)
@@ -518,7 +635,11 @@ pub fn target_size(height: usize, width: usize, cfg: &ImageProcessorConfig, max_
 
 /// Resize (keeping the aspect ratio, within `max_soft_tokens`), rescale to [0, 1] and patchify,
 /// as `Gemma4ImageProcessor` does.
-pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig, max_soft_tokens: usize) -> Result<PreprocessedImage, PreprocessError> {
+pub fn preprocess(
+    img: &RgbImage,
+    cfg: &ImageProcessorConfig,
+    max_soft_tokens: usize,
+) -> Result<PreprocessedImage, PreprocessError> {
     let (h, w) = (img.height() as usize, img.width() as usize);
     let (th, tw) = target_size(h, w, cfg, max_soft_tokens)?;
     let resized;
@@ -538,12 +659,22 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig, max_soft_tokens: u
         for px in 0..pw {
             for r in 0..p {
                 let row = (py * p + r) * tw * 3 + px * p * 3;
-                pixel_values.extend(raw[row..row + p * 3].iter().map(|&v| f32::from(v) * RESCALE_FACTOR));
+                pixel_values.extend(
+                    raw[row..row + p * 3]
+                        .iter()
+                        .map(|&v| f32::from(v) * RESCALE_FACTOR),
+                );
             }
             positions.push([px as i64, py as i64]);
         }
     }
-    Ok(PreprocessedImage { pixel_values, positions, patches_h: ph, patches_w: pw, num_soft_tokens: ph * pw / (k * k) })
+    Ok(PreprocessedImage {
+        pixel_values,
+        positions,
+        patches_h: ph,
+        patches_w: pw,
+        num_soft_tokens: ph * pw / (k * k),
+    })
 }
 
 #[cfg(test)]

@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use gemma4_model::Gemma4Backend;
 use gemma4_model::generation::Rng;
 use gemma4_model::vision::PreprocessedImage;
+use gemma4_model::Gemma4Backend;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
 
 /// What the engine needs of a model: a fresh cache per request, and the logits of the last
@@ -46,7 +46,10 @@ pub trait StepModel: 'static {
         None
     }
     /// Soft tokens of a request's images, concatenated in order (None when there are none).
-    fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Self::Soft>, String> {
+    fn encode_images(
+        &self,
+        images: &[Arc<PreprocessedImage>],
+    ) -> Result<Option<Self::Soft>, String> {
         if images.is_empty() {
             Ok(None)
         } else {
@@ -56,15 +59,28 @@ pub trait StepModel: 'static {
     /// A prefill chunk: as `forward_last`, with `soft` the request's soft tokens and the rows of
     /// them that belong to the image placeholders among `tokens` (in order). `tokens` never
     /// splits one image's run of placeholders.
-    fn forward_prefill(&self, tokens: &[u32], soft: Option<(&Self::Soft, Range<usize>)>, cache: &mut Self::Cache) -> Result<Vec<f32>, String> {
+    fn forward_prefill(
+        &self,
+        tokens: &[u32],
+        soft: Option<(&Self::Soft, Range<usize>)>,
+        cache: &mut Self::Cache,
+    ) -> Result<Vec<f32>, String> {
         match soft {
             Some((_, rows)) if !rows.is_empty() => Err("this model does not take images".into()),
             _ => self.forward_last(tokens, cache),
         }
     }
     /// One new token per sequence, all sequences in one step; logits rows in order.
-    fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut Self::Cache]) -> Result<Vec<Vec<f32>>, String> {
-        tokens.iter().zip(caches.iter_mut()).map(|(t, c)| self.forward_last(&[*t], c)).collect()
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Self::Cache],
+    ) -> Result<Vec<Vec<f32>>, String> {
+        tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(t, c)| self.forward_last(&[*t], c))
+            .collect()
     }
     /// KV entries held (tokens × layers), for the usage gauge.
     fn cache_entries(&self, cache: &Self::Cache) -> usize;
@@ -82,23 +98,44 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
     fn image_token_id(&self) -> Option<u32> {
         self.config.image_token_id
     }
-    fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Self::Soft>, String> {
+    fn encode_images(
+        &self,
+        images: &[Arc<PreprocessedImage>],
+    ) -> Result<Option<Self::Soft>, String> {
         if images.is_empty() {
             return Ok(None);
         }
-        let soft = images.iter().map(|img| self.encode_image(img).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+        let soft = images
+            .iter()
+            .map(|img| self.encode_image(img).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(burn::tensor::Tensor::cat(soft, 0)))
     }
-    fn forward_prefill(&self, tokens: &[u32], soft: Option<(&Self::Soft, Range<usize>)>, cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
+    fn forward_prefill(
+        &self,
+        tokens: &[u32],
+        soft: Option<(&Self::Soft, Range<usize>)>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<f32>, String> {
         let rows = soft.filter(|(_, r)| !r.is_empty()).map(|(s, r)| {
             let width = s.dims()[1];
             s.clone().slice([r, 0..width])
         });
-        let logits = self.text.forward_multimodal(tokens, rows, cache, Logits::Last).map_err(|e| e.to_string())?;
+        let logits = self
+            .text
+            .forward_multimodal(tokens, rows, cache, Logits::Last)
+            .map_err(|e| e.to_string())?;
         Ok(gemma4_model::to_host_f32(logits))
     }
-    fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>, String> {
-        let logits = self.text.forward_batch(tokens, caches).map_err(|e| e.to_string())?;
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache<B>],
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let logits = self
+            .text
+            .forward_batch(tokens, caches)
+            .map_err(|e| e.to_string())?;
         let vocab = self.text.vocab_size;
         let flat = gemma4_model::to_host_f32(logits);
         Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
@@ -143,8 +180,15 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// The prompt has been processed (for time-to-first-token accounting it precedes the first token).
-    Token { id: u32, logprob: Option<TokenLogprob> },
-    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Error(String),
 }
 
@@ -159,7 +203,10 @@ pub enum SubmitError {
 impl std::fmt::Display for SubmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SubmitError::QueueFull { limit } => write!(f, "the server is overloaded: {limit} requests are already waiting"),
+            SubmitError::QueueFull { limit } => write!(
+                f,
+                "the server is overloaded: {limit} requests are already waiting"
+            ),
             SubmitError::NotReady => write!(f, "the engine is not ready"),
         }
     }
@@ -230,7 +277,10 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; `load` runs on it (the model never crosses threads).
     /// Returns once the model is loaded, or the load error.
-    pub fn start<M, F>(config: EngineConfig, load: F) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
+    pub fn start<M, F>(
+        config: EngineConfig,
+        load: F,
+    ) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
     where
         M: StepModel,
         F: FnOnce() -> anyhow::Result<M> + Send + 'static,
@@ -240,21 +290,30 @@ impl Engine {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_stats = stats.clone();
         let thread_config = config.clone();
-        let handle = std::thread::Builder::new().name("gemma4-engine".into()).spawn(move || {
-            let model = match load() {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            thread_stats.ready.store(true, Ordering::SeqCst);
-            let _ = ready_tx.send(Ok(()));
-            run_loop(&model, &thread_config, &rx, &thread_stats);
-            thread_stats.ready.store(false, Ordering::SeqCst);
-        })?;
+        let handle = std::thread::Builder::new()
+            .name("gemma4-engine".into())
+            .spawn(move || {
+                let model = match load() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                thread_stats.ready.store(true, Ordering::SeqCst);
+                let _ = ready_tx.send(Ok(()));
+                run_loop(&model, &thread_config, &rx, &thread_stats);
+                thread_stats.ready.store(false, Ordering::SeqCst);
+            })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok((Engine { tx, stats, config: Arc::new(config) }, handle)),
+            Ok(Ok(())) => Ok((
+                Engine {
+                    tx,
+                    stats,
+                    config: Arc::new(config),
+                },
+                handle,
+            )),
             Ok(Err(e)) => Err(e),
             Err(_) => anyhow::bail!("the engine thread died while loading the model"),
         }
@@ -265,17 +324,26 @@ impl Engine {
             return Err(SubmitError::NotReady);
         }
         if self.stats.waiting.load(Ordering::SeqCst) >= self.config.max_waiting {
-            return Err(SubmitError::QueueFull { limit: self.config.max_waiting });
+            return Err(SubmitError::QueueFull {
+                limit: self.config.max_waiting,
+            });
         }
         let (tx, rx) = tokio_mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
         self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        let cmd = Command::Submit(Box::new(Submitted { req, tx, cancelled: cancelled.clone() }));
+        let cmd = Command::Submit(Box::new(Submitted {
+            req,
+            tx,
+            cancelled: cancelled.clone(),
+        }));
         if self.tx.send(cmd).is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::NotReady);
         }
-        Ok(RequestHandle { events: rx, cancelled })
+        Ok(RequestHandle {
+            events: rx,
+            cancelled,
+        })
     }
 
     /// Asks the engine to stop after the current step; running requests get an error event.
@@ -304,7 +372,12 @@ struct Seq<C, S> {
     soft_used: usize,
 }
 
-fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<Command>, stats: &EngineStats) {
+fn run_loop<M: StepModel>(
+    model: &M,
+    config: &EngineConfig,
+    rx: &mpsc::Receiver<Command>,
+    stats: &EngineStats,
+) {
     let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
     let mut running: Vec<Seq<M::Cache, M::Soft>> = Vec::new();
     // The last images encoded and their soft tokens: the `n` choices of one request carry the
@@ -340,7 +413,8 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
         }
         if shutdown {
             for s in running.iter().map(|s| &s.sub).chain(waiting.iter()) {
-                let _ = s.tx.send(EngineEvent::Error("the server is shutting down".into()));
+                let _ =
+                    s.tx.send(EngineEvent::Error("the server is shutting down".into()));
             }
             stats.running.store(0, Ordering::SeqCst);
             stats.waiting.store(0, Ordering::SeqCst);
@@ -350,14 +424,27 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
 
         // Admit waiting requests into free slots.
         while running.len() < config.max_num_seqs {
-            let Some(sub) = waiting.pop_front() else { break };
+            let Some(sub) = waiting.pop_front() else {
+                break;
+            };
             stats.waiting.fetch_sub(1, Ordering::SeqCst);
             if is_gone(&sub) {
-                stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .requests_cancelled_total
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let rng = Rng::new(sub.req.sampling.seed);
-            running.push(Seq { cache: model.new_cache(), sub, rng, generated: vec![], prefilled: 0, next_logits: vec![], soft: None, soft_used: 0 });
+            running.push(Seq {
+                cache: model.new_cache(),
+                sub,
+                rng,
+                generated: vec![],
+                prefilled: 0,
+                next_logits: vec![],
+                soft: None,
+                soft_used: 0,
+            });
         }
 
         // Chunked prefill: at most `prefill_chunk` prompt tokens per step over all sequences,
@@ -384,7 +471,9 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             }));
             match result {
                 Ok(Ok(row)) => {
-                    stats.prompt_tokens_total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    stats
+                        .prompt_tokens_total
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     seq.prefilled = end;
                     seq.soft_used += placeholders;
                     if end == total {
@@ -397,7 +486,10 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                     let _ = seq.sub.tx.send(EngineEvent::Error(e));
                 }
                 Err(_) => {
-                    let _ = seq.sub.tx.send(EngineEvent::Error("internal error during prefill".into()));
+                    let _ = seq
+                        .sub
+                        .tx
+                        .send(EngineEvent::Error("internal error during prefill".into()));
                 }
             }
         }
@@ -409,7 +501,9 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
         let mut prefilling = Vec::new();
         for mut seq in running.drain(..) {
             if is_gone(&seq.sub) {
-                stats.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .requests_cancelled_total
+                    .fetch_add(1, Ordering::Relaxed);
                 continue; // cache dropped here
             }
             if seq.prefilled < seq.sub.req.prompt.len() {
@@ -419,7 +513,9 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
             match catch_unwind(AssertUnwindSafe(|| sample_next(&mut seq))) {
                 Ok(Next::Continue(id)) => keep.push((seq, id)),
                 Ok(Next::Done(reason)) => {
-                    stats.requests_finished_total.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .requests_finished_total
+                        .fetch_add(1, Ordering::Relaxed);
                     let _ = seq.sub.tx.send(EngineEvent::Finished {
                         reason,
                         prompt_tokens: seq.sub.req.prompt.len(),
@@ -427,16 +523,24 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                     });
                 }
                 Err(_) => {
-                    let _ = seq.sub.tx.send(EngineEvent::Error("internal error while sampling".into()));
+                    let _ = seq
+                        .sub
+                        .tx
+                        .send(EngineEvent::Error("internal error while sampling".into()));
                 }
             }
-            stats.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
+            stats
+                .generation_tokens_total
+                .fetch_add(1, Ordering::Relaxed);
         }
         if !keep.is_empty() {
             let tokens: Vec<u32> = keep.iter().map(|(_, id)| *id).collect();
             let result = {
-                let mut caches: Vec<&mut M::Cache> = keep.iter_mut().map(|(s, _)| &mut s.cache).collect();
-                catch_unwind(AssertUnwindSafe(|| model.forward_batch(&tokens, &mut caches)))
+                let mut caches: Vec<&mut M::Cache> =
+                    keep.iter_mut().map(|(s, _)| &mut s.cache).collect();
+                catch_unwind(AssertUnwindSafe(|| {
+                    model.forward_batch(&tokens, &mut caches)
+                }))
             };
             match result {
                 Ok(Ok(rows)) => {
@@ -452,7 +556,10 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
                 }
                 Err(_) => {
                     for (seq, _) in keep {
-                        let _ = seq.sub.tx.send(EngineEvent::Error("internal error during decoding".into()));
+                        let _ = seq
+                            .sub
+                            .tx
+                            .send(EngineEvent::Error("internal error during decoding".into()));
                     }
                 }
             }
@@ -460,7 +567,10 @@ fn run_loop<M: StepModel>(model: &M, config: &EngineConfig, rx: &mpsc::Receiver<
         running.extend(prefilling);
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         stats.running.store(running.len(), Ordering::SeqCst);
-        stats.kv_entries.store(running.iter().map(|s| model.cache_entries(&s.cache)).sum(), Ordering::SeqCst);
+        stats.kv_entries.store(
+            running.iter().map(|s| model.cache_entries(&s.cache)).sum(),
+            Ordering::SeqCst,
+        );
         if running.is_empty() && !waiting.is_empty() {
             // Nothing admitted (all cancelled or failed): yield briefly before retrying.
             std::thread::sleep(Duration::from_millis(1));
@@ -493,7 +603,10 @@ fn encode_request_images<M: StepModel>(
     let Some(id) = image_id else {
         return Err("this model does not take images".into());
     };
-    let runs: Vec<usize> = gemma4_model::text_model::image_runs(&req.prompt, id).iter().map(|r| r.len()).collect();
+    let runs: Vec<usize> = gemma4_model::text_model::image_runs(&req.prompt, id)
+        .iter()
+        .map(|r| r.len())
+        .collect();
     let expected: Vec<usize> = req.images.iter().map(|img| img.num_soft_tokens).collect();
     if runs != expected {
         return Err(format!("the prompt's image placeholder runs {runs:?} do not match the images' soft-token counts {expected:?}"));
@@ -531,10 +644,20 @@ fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
     let req = &seq.sub.req;
     // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
     let raw = req.logprobs.map(|_| seq.next_logits.clone());
-    apply_penalties(&mut seq.next_logits, &req.penalties, &req.prompt, &seq.generated);
+    apply_penalties(
+        &mut seq.next_logits,
+        &req.penalties,
+        &req.prompt,
+        &seq.generated,
+    );
     let id = match req.forced_prefix.get(seq.generated.len()) {
         Some(&forced) => forced,
-        None => gemma4_model::generation::sample(&seq.next_logits, &req.sampling, &req.suppress_ids, &mut seq.rng),
+        None => gemma4_model::generation::sample(
+            &seq.next_logits,
+            &req.sampling,
+            &req.suppress_ids,
+            &mut seq.rng,
+        ),
     };
     let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
     seq.generated.push(id);
@@ -587,13 +710,21 @@ mod tests {
         fn image_token_id(&self) -> Option<u32> {
             Some(5)
         }
-        fn encode_images(&self, images: &[Arc<PreprocessedImage>]) -> Result<Option<Vec<u32>>, String> {
+        fn encode_images(
+            &self,
+            images: &[Arc<PreprocessedImage>],
+        ) -> Result<Option<Vec<u32>>, String> {
             let _submitted = self.gate.lock().unwrap();
             self.encodes.fetch_add(1, Ordering::SeqCst);
             let n: usize = images.iter().map(|i| i.num_soft_tokens).sum();
             Ok(Some((0..n as u32).collect()))
         }
-        fn forward_prefill(&self, tokens: &[u32], soft: Option<(&Vec<u32>, Range<usize>)>, _: &mut ()) -> Result<Vec<f32>, String> {
+        fn forward_prefill(
+            &self,
+            tokens: &[u32],
+            soft: Option<(&Vec<u32>, Range<usize>)>,
+            _: &mut (),
+        ) -> Result<Vec<f32>, String> {
             let rows = soft.map_or(0..0, |(s, r)| {
                 assert!(r.end <= s.len());
                 r
@@ -609,7 +740,13 @@ mod tests {
     }
 
     fn image(n: usize) -> Arc<PreprocessedImage> {
-        Arc::new(PreprocessedImage { pixel_values: vec![], positions: vec![], patches_h: 0, patches_w: 0, num_soft_tokens: n })
+        Arc::new(PreprocessedImage {
+            pixel_values: vec![],
+            positions: vec![],
+            patches_h: 0,
+            patches_w: 0,
+            num_soft_tokens: n,
+        })
     }
 
     fn request(prompt: Vec<u32>, images: Vec<Arc<PreprocessedImage>>) -> EngineRequest {
@@ -637,10 +774,24 @@ mod tests {
         let encodes = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Mutex::new(()));
         let (l, e, g) = (log.clone(), encodes.clone(), gate.clone());
-        let config = EngineConfig { max_num_seqs: 2, prefill_chunk: 3, max_waiting: 4 };
-        let (engine, thread) = Engine::start(config, move || Ok(Recording { log: l, encodes: e, gate: g })).unwrap();
+        let config = EngineConfig {
+            max_num_seqs: 2,
+            prefill_chunk: 3,
+            max_waiting: 4,
+        };
+        let (engine, thread) = Engine::start(config, move || {
+            Ok(Recording {
+                log: l,
+                encodes: e,
+                gate: g,
+            })
+        })
+        .unwrap();
         let submitting = gate.lock().unwrap();
-        let handles: Vec<_> = requests.into_iter().map(|r| engine.submit(r).unwrap()).collect();
+        let handles: Vec<_> = requests
+            .into_iter()
+            .map(|r| engine.submit(r).unwrap())
+            .collect();
         drop(submitting);
         let mut all = vec![];
         for mut h in handles {
@@ -665,12 +816,27 @@ mod tests {
         // `n` choices carry the same image objects: one encode, each choice gets the soft rows.
         let prompt = vec![1, 9, 5, 5, 5, 5, 8];
         let images = vec![image(4)];
-        let (log, events, encodes) = run_all(vec![request(prompt.clone(), images.clone()), request(prompt.clone(), images)]);
+        let (log, events, encodes) = run_all(vec![
+            request(prompt.clone(), images.clone()),
+            request(prompt.clone(), images),
+        ]);
         assert_eq!(encodes, 1);
-        assert_eq!(log.iter().filter(|(_, rows)| *rows == (0..4)).count(), 2, "{log:?}");
-        assert!(events.iter().all(|e| matches!(e.last(), Some(EngineEvent::Finished { .. }))), "{events:?}");
+        assert_eq!(
+            log.iter().filter(|(_, rows)| *rows == (0..4)).count(),
+            2,
+            "{log:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| matches!(e.last(), Some(EngineEvent::Finished { .. }))),
+            "{events:?}"
+        );
         // Equal images in distinct objects (two requests) are encoded each.
-        let (_, _, encodes) = run_all(vec![request(prompt.clone(), vec![image(4)]), request(prompt, vec![image(4)])]);
+        let (_, _, encodes) = run_all(vec![
+            request(prompt.clone(), vec![image(4)]),
+            request(prompt, vec![image(4)]),
+        ]);
         assert_eq!(encodes, 2);
     }
 
@@ -682,15 +848,32 @@ mod tests {
         assert_eq!(chunks.concat(), prompt);
         assert_eq!(
             log,
-            vec![(vec![1, 9, 5, 5, 5, 5], 0..4), (vec![8, 2, 9], 4..4), (vec![5, 5, 8], 4..6), (vec![3], 6..6)]
+            vec![
+                (vec![1, 9, 5, 5, 5, 5], 0..4),
+                (vec![8, 2, 9], 4..4),
+                (vec![5, 5, 8], 4..6),
+                (vec![3], 6..6)
+            ]
         );
-        assert!(matches!(events.last(), Some(EngineEvent::Finished { prompt_tokens: 13, .. })), "{events:?}");
+        assert!(
+            matches!(
+                events.last(),
+                Some(EngineEvent::Finished {
+                    prompt_tokens: 13,
+                    ..
+                })
+            ),
+            "{events:?}"
+        );
     }
 
     #[test]
     fn mismatched_images_are_an_error_event() {
         let (log, events) = run(vec![1, 9, 5, 5, 8], vec![image(3)]);
         assert!(log.is_empty());
-        assert!(matches!(events.last(), Some(EngineEvent::Error(m)) if m.contains("soft-token counts")), "{events:?}");
+        assert!(
+            matches!(events.last(), Some(EngineEvent::Error(m)) if m.contains("soft-token counts")),
+            "{events:?}"
+        );
     }
 }

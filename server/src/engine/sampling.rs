@@ -18,11 +18,19 @@ pub struct Penalties {
 
 impl Penalties {
     pub fn none() -> Self {
-        Penalties { presence: 0.0, frequency: 0.0, repetition: 1.0, logit_bias: vec![] }
+        Penalties {
+            presence: 0.0,
+            frequency: 0.0,
+            repetition: 1.0,
+            logit_bias: vec![],
+        }
     }
 
     pub fn is_noop(&self) -> bool {
-        self.presence == 0.0 && self.frequency == 0.0 && (self.repetition == 1.0 || self.repetition == 0.0) && self.logit_bias.is_empty()
+        self.presence == 0.0
+            && self.frequency == 0.0
+            && (self.repetition == 1.0 || self.repetition == 0.0)
+            && self.logit_bias.is_empty()
     }
 }
 
@@ -40,7 +48,11 @@ pub fn apply_penalties(logits: &mut [f32], p: &Penalties, prompt: &[u32], genera
         }
         for (l, s) in logits.iter_mut().zip(seen) {
             if s {
-                *l = if *l > 0.0 { *l / p.repetition } else { *l * p.repetition };
+                *l = if *l > 0.0 {
+                    *l / p.repetition
+                } else {
+                    *l * p.repetition
+                };
             }
         }
     }
@@ -72,7 +84,12 @@ pub struct TokenLogprob {
 
 pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = max
+        + logits
+            .iter()
+            .map(|l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
     let lp = |i: usize| logits[i] - lse;
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let k = k.min(logits.len());
@@ -85,7 +102,9 @@ pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
     }
     TokenLogprob {
         id: chosen,
-        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |_| lp(chosen as usize)),
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |_| lp(chosen as usize)),
         top: order.into_iter().map(|i| (i as u32, lp(i))).collect(),
     }
 }
@@ -107,7 +126,12 @@ mod tests {
     #[test]
     fn penalties_follow_their_definitions() {
         let mut l = vec![2.0f32, -2.0, 1.0, 0.5];
-        let p = Penalties { presence: 0.5, frequency: 0.25, repetition: 2.0, logit_bias: vec![(3, 10.0)] };
+        let p = Penalties {
+            presence: 0.5,
+            frequency: 0.25,
+            repetition: 2.0,
+            logit_bias: vec![(3, 10.0)],
+        };
         apply_penalties(&mut l, &p, &[0], &[1, 1]);
         // token 0: in prompt -> 2/2 = 1; token 1: -2*2 = -4, then -0.5 - 0.25*2 = -5; token 3: +10.
         assert_eq!(l, vec![1.0, -5.0, 1.0, 10.5]);

@@ -32,7 +32,10 @@ impl StepModel for ScriptedModel {
 
     fn forward_last(&self, tokens: &[u32], cache: &mut (usize, usize)) -> Result<Vec<f32>, String> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(format!("token id {bad} is outside the vocabulary (size {})", self.vocab_size));
+            return Err(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.vocab_size
+            ));
         }
         let step = cache.1;
         cache.0 += tokens.len();
@@ -52,11 +55,20 @@ impl StepModel for ScriptedModel {
         Ok((!images.is_empty()).then(|| images.iter().map(|i| i.num_soft_tokens).sum()))
     }
 
-    fn forward_prefill(&self, tokens: &[u32], soft: Option<(&usize, Range<usize>)>, cache: &mut (usize, usize)) -> Result<Vec<f32>, String> {
-        let placeholders = self.image_token_id.map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
+    fn forward_prefill(
+        &self,
+        tokens: &[u32],
+        soft: Option<(&usize, Range<usize>)>,
+        cache: &mut (usize, usize),
+    ) -> Result<Vec<f32>, String> {
+        let placeholders = self
+            .image_token_id
+            .map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
         let (total, rows) = soft.map_or((0, 0..0), |(n, r)| (*n, r));
         if rows.len() != placeholders || rows.end > total {
-            return Err(format!("{placeholders} image placeholders but soft rows {rows:?} of {total}"));
+            return Err(format!(
+                "{placeholders} image placeholders but soft rows {rows:?} of {total}"
+            ));
         }
         self.forward_last(tokens, cache)
     }

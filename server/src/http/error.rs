@@ -30,7 +30,11 @@ pub struct ErrorObject {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), param: None }
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -56,7 +60,12 @@ impl ApiError {
             _ => ("internal_error", "internal_error"),
         };
         ErrorBody {
-            error: ErrorObject { message: self.message.clone(), kind: kind.into(), param: self.param.clone(), code: Some(code.into()) },
+            error: ErrorObject {
+                message: self.message.clone(),
+                kind: kind.into(),
+                param: self.param.clone(),
+                code: Some(code.into()),
+            },
         }
     }
 }
@@ -71,9 +80,10 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> Self {
         use axum::extract::rejection::JsonRejection::*;
         match r {
-            BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the server's limit")
-            }
+            BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body is larger than the server's limit",
+            ),
             // 400, not axum's 422, as OpenAI and vLLM answer.
             other => ApiError::bad_request(other.body_text()),
         }

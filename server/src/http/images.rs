@@ -20,7 +20,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{header, Request, StatusCode, Uri};
 use base64::Engine as _;
-use gemma4_model::vision::preprocess::{decode_image, preprocess, DecodeLimits, ImageProcessorConfig, SUPPORTED_SOFT_TOKENS};
+use gemma4_model::vision::preprocess::{
+    decode_image, preprocess, DecodeLimits, ImageProcessorConfig, SUPPORTED_SOFT_TOKENS,
+};
 use gemma4_model::vision::PreprocessedImage;
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
@@ -67,8 +69,16 @@ pub struct ImageSettings {
 }
 
 impl ImageSettings {
-    pub fn new(vision: Option<VisionMeta>, image_token_id: Option<u32>, allow_urls: bool, limit_per_prompt: usize, fetch_timeout: Duration) -> Self {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    pub fn new(
+        vision: Option<VisionMeta>,
+        image_token_id: Option<u32>,
+        allow_urls: bool,
+        limit_per_prompt: usize,
+        fetch_timeout: Duration,
+    ) -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         ImageSettings {
             vision,
             image_token_id,
@@ -78,7 +88,8 @@ impl ImageSettings {
             fetch_timeout,
             decode: DecodeLimits::default(),
             decode_permits: Arc::new(tokio::sync::Semaphore::new(cpus.max(1))),
-            tls: tls_config(&[]).unwrap_or_else(|e| unreachable!("the default TLS client config: {e}")),
+            tls: tls_config(&[])
+                .unwrap_or_else(|e| unreachable!("the default TLS client config: {e}")),
         }
     }
 
@@ -99,16 +110,24 @@ impl ImageSettings {
 }
 
 /// rustls over ring, TLS 1.2 and 1.3, HTTP/1.1 by ALPN; Mozilla's roots plus `extra`.
-fn tls_config(extra: &[pki_types::CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+fn tls_config(
+    extra: &[pki_types::CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     for c in extra {
-        roots.add(c.clone()).map_err(|e| format!("certificate refused as a root: {e}"))?;
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("certificate refused as a root: {e}"))?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -125,7 +144,9 @@ pub struct ImageRef {
 /// `"image_url": "..."`; Responses `{"type": "input_image", "image_url": "..."}`; the HF-style
 /// `{"type": "image", "url" | "image" | "image_url": ...}`.
 pub fn part_url(part: &Value) -> Result<String, String> {
-    let field = ["image_url", "url", "image"].iter().find_map(|k| part.get(*k).filter(|v| !v.is_null()));
+    let field = ["image_url", "url", "image"]
+        .iter()
+        .find_map(|k| part.get(*k).filter(|v| !v.is_null()));
     let url = match field {
         Some(Value::String(s)) => Some(s.as_str()),
         Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
@@ -158,7 +179,11 @@ pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), Api
         )));
     }
     for r in refs {
-        let scheme = r.url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+        let scheme = r
+            .url
+            .split_once(':')
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .unwrap_or_default();
         match scheme.as_str() {
             "data" => {}
             "http" | "https" if settings.allow_urls => {}
@@ -182,14 +207,19 @@ pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), Api
 
 /// `mm_processor_kwargs.max_soft_tokens`, or the checkpoint's default (validated even without
 /// images).
-pub fn soft_token_budget(settings: &ImageSettings, mm: Option<&Value>) -> Result<Option<usize>, ApiError> {
+pub fn soft_token_budget(
+    settings: &ImageSettings,
+    mm: Option<&Value>,
+) -> Result<Option<usize>, ApiError> {
     let bad = |msg: String| ApiError::bad_request(msg).param("mm_processor_kwargs");
     let requested = match mm {
         None | Some(Value::Null) => None,
         Some(Value::Object(o)) => match o.get("max_soft_tokens") {
             None | Some(Value::Null) => None,
             Some(v) => {
-                let n = v.as_u64().filter(|n| SUPPORTED_SOFT_TOKENS.contains(&(*n as usize)));
+                let n = v
+                    .as_u64()
+                    .filter(|n| SUPPORTED_SOFT_TOKENS.contains(&(*n as usize)));
                 match n {
                     Some(n) => Some(n as usize),
                     None => return Err(bad(format!("mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560 or 1120, not {v}"))),
@@ -198,24 +228,40 @@ pub fn soft_token_budget(settings: &ImageSettings, mm: Option<&Value>) -> Result
         },
         Some(_) => return Err(bad("mm_processor_kwargs must be an object".into())),
     };
-    Ok(requested.or(settings.vision.as_ref().map(|v| v.processor.max_soft_tokens)))
+    Ok(requested.or(settings
+        .vision
+        .as_ref()
+        .map(|v| v.processor.max_soft_tokens)))
 }
 
 /// Fetches (http), decodes and preprocesses every image, in order; the decoding runs on the
 /// blocking pool, at most `decode_permits` at once.
-pub async fn load(settings: &ImageSettings, refs: Vec<ImageRef>, budget: usize) -> Result<Vec<Arc<PreprocessedImage>>, ApiError> {
+pub async fn load(
+    settings: &ImageSettings,
+    refs: Vec<ImageRef>,
+    budget: usize,
+) -> Result<Vec<Arc<PreprocessedImage>>, ApiError> {
     let Some(vision) = settings.vision.clone() else {
-        return Err(ApiError::bad_request("this model has no vision tower: image inputs are not supported"));
+        return Err(ApiError::bad_request(
+            "this model has no vision tower: image inputs are not supported",
+        ));
     };
     let mut out = Vec::with_capacity(refs.len());
     for r in refs {
         let fetched = if r.url.len() >= 5 && r.url[..5].eq_ignore_ascii_case("data:") {
             None
         } else {
-            let bytes = fetch(&r.url, settings).await.map_err(|e| ApiError::bad_request(format!("{}: fetching {}: {e}", r.location, short(&r.url))))?;
+            let bytes = fetch(&r.url, settings).await.map_err(|e| {
+                ApiError::bad_request(format!("{}: fetching {}: {e}", r.location, short(&r.url)))
+            })?;
             Some(bytes)
         };
-        let permit = settings.decode_permits.clone().acquire_owned().await.map_err(|_| ApiError::internal("image decoding is shut down"))?;
+        let permit = settings
+            .decode_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("image decoding is shut down"))?;
         let limits = settings.decode;
         let processor = vision.processor;
         let location = r.location.clone();
@@ -233,7 +279,11 @@ pub async fn load(settings: &ImageSettings, refs: Vec<ImageRef>, budget: usize) 
         match result {
             Ok(Ok(p)) => out.push(Arc::new(p)),
             Ok(Err(e)) => return Err(ApiError::bad_request(format!("{location}: {e}"))),
-            Err(_) => return Err(ApiError::internal(format!("{location}: internal error while decoding the image"))),
+            Err(_) => {
+                return Err(ApiError::internal(format!(
+                    "{location}: internal error while decoding the image"
+                )))
+            }
         }
     }
     Ok(out)
@@ -255,17 +305,28 @@ fn short(url: &str) -> String {
 /// ignored, padding optional).
 pub fn decode_data_url(url: &str) -> Result<Vec<u8>, String> {
     let rest = url.get(5..).ok_or("not a data: URL")?;
-    let (meta, data) = rest.split_once(',').ok_or("malformed data: URL (no comma before the data)")?;
-    if !meta.split(';').any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or("malformed data: URL (no comma before the data)")?;
+    if !meta
+        .split(';')
+        .any(|p| p.trim().eq_ignore_ascii_case("base64"))
+    {
         return Err("data: URLs must be base64-encoded (data:image/png;base64,...)".into());
     }
     let media = meta.split(';').next().unwrap_or("").trim();
-    if !media.is_empty() && !media.to_ascii_lowercase().starts_with("image/") && media != "application/octet-stream" {
-        return Err(format!("the data: URL has media type `{media}`, not an image"));
+    if !media.is_empty()
+        && !media.to_ascii_lowercase().starts_with("image/")
+        && media != "application/octet-stream"
+    {
+        return Err(format!(
+            "the data: URL has media type `{media}`, not an image"
+        ));
     }
     let engine = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
     let decoded = if data.bytes().any(|b| b.is_ascii_whitespace()) {
         let compact: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
@@ -306,7 +367,12 @@ pub fn is_public(ip: IpAddr) -> bool {
             let s = v6.segments();
             if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
                 // NAT64 well-known prefix 64:ff9b::/96
-                return is_public_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+                return is_public_v4(Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                ));
             }
             !(v6.is_loopback()
                 || v6.is_unspecified()
@@ -341,7 +407,10 @@ async fn fetch(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, String> {
     let timeout = settings.fetch_timeout;
     match tokio::time::timeout(timeout, fetch_inner(url, settings)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no complete answer within {} s", timeout.as_secs_f64())),
+        Err(_) => Err(format!(
+            "no complete answer within {} s",
+            timeout.as_secs_f64()
+        )),
     }
 }
 
@@ -356,9 +425,16 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
     if authority.as_str().contains('@') {
         return Err("URLs with credentials are not fetched".into());
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect();
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .collect();
     if addrs.is_empty() {
         return Err(format!("{host} does not resolve"));
     }
@@ -386,12 +462,16 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let req = Request::get(path)
         .header(header::HOST, authority.as_str())
-        .header(header::USER_AGENT, concat!("gemma4/", env!("CARGO_PKG_VERSION")))
+        .header(
+            header::USER_AGENT,
+            concat!("gemma4/", env!("CARGO_PKG_VERSION")),
+        )
         .header(header::ACCEPT, "image/*")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("building the request: {e}"))?;
     let resp = if https {
-        let name = pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?;
+        let name = pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?;
         let tls = tokio_rustls::TlsConnector::from(settings.tls.clone())
             .connect(name, stream)
             .await
@@ -402,16 +482,26 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
     };
     let status = resp.status();
     if status.is_redirection() {
-        let to = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("?");
+        let to = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?");
         return Err(format!("the server answered {status} (a redirect to {}); redirects are not followed: give the final URL", short(to)));
     }
     if status != StatusCode::OK {
         return Err(format!("the server answered {status}"));
     }
     let max = settings.decode.max_bytes;
-    let declared = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|&n| n > max as u64) {
-        return Err(format!("the image is {n} bytes, more than the limit of {max} bytes"));
+        return Err(format!(
+            "the image is {n} bytes, more than the limit of {max} bytes"
+        ));
     }
     let mut body = resp.into_body();
     let mut out = Vec::with_capacity(declared.unwrap_or(0) as usize);
@@ -428,20 +518,29 @@ async fn fetch_inner(url: &str, settings: &ImageSettings) -> Result<Vec<u8>, Str
 }
 
 /// One HTTP/1.1 request over an open connection (plain TCP or TLS).
-async fn send<S>(stream: S, req: Request<Empty<Bytes>>, settings: &ImageSettings) -> Result<hyper::Response<hyper::body::Incoming>, String>
+async fn send<S>(
+    stream: S,
+    req: Request<Empty<Bytes>>,
+    settings: &ImageSettings,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("HTTP handshake: {e}"))?;
     // The connection task outlives the fetch's own timeout a little, so that a slow server is
     // reported as a timeout rather than as a dropped connection; then it is dropped too.
     let linger = settings.fetch_timeout + Duration::from_secs(5);
     tokio::spawn(async move {
         let _ = tokio::time::timeout(linger, conn).await;
     });
-    sender.send_request(req).await.map_err(|e| format!("request failed: {e}"))
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request failed: {e}"))
 }
 
 #[cfg(test)]
@@ -450,9 +549,24 @@ mod tests {
 
     #[test]
     fn address_policy() {
-        for bad in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "255.255.255.255", "224.0.0.1",
-            "::1", "::", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a00:1"]
-        {
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+        ] {
             assert!(!is_public(bad.parse().unwrap()), "{bad}");
         }
         for good in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
@@ -462,18 +576,41 @@ mod tests {
 
     #[test]
     fn data_urls() {
-        assert_eq!(decode_data_url("data:image/png;base64,aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(decode_data_url("data:image/png;base64,aGVsbG8").unwrap(), b"hello");
-        assert_eq!(decode_data_url("data:;base64,aGVs\nbG8=").unwrap(), b"hello");
-        assert!(decode_data_url("data:image/png;base64,***").unwrap_err().contains("base64"));
-        assert!(decode_data_url("data:image/png,hello").unwrap_err().contains("base64"));
-        assert!(decode_data_url("data:text/plain;base64,aGVsbG8=").unwrap_err().contains("not an image"));
+        assert_eq!(
+            decode_data_url("data:image/png;base64,aGVsbG8=").unwrap(),
+            b"hello"
+        );
+        assert_eq!(
+            decode_data_url("data:image/png;base64,aGVsbG8").unwrap(),
+            b"hello"
+        );
+        assert_eq!(
+            decode_data_url("data:;base64,aGVs\nbG8=").unwrap(),
+            b"hello"
+        );
+        assert!(decode_data_url("data:image/png;base64,***")
+            .unwrap_err()
+            .contains("base64"));
+        assert!(decode_data_url("data:image/png,hello")
+            .unwrap_err()
+            .contains("base64"));
+        assert!(decode_data_url("data:text/plain;base64,aGVsbG8=")
+            .unwrap_err()
+            .contains("not an image"));
     }
 
     #[test]
     fn expansion() {
-        let v = VisionMeta { image_token_id: 7, boi_token_id: 8, eoi_token_id: 9, processor: ImageProcessorConfig::default() };
-        assert_eq!(expand_placeholders(&[1, 7, 2, 7], &v, &[2, 1]), vec![1, 8, 7, 7, 9, 2, 8, 7, 9]);
+        let v = VisionMeta {
+            image_token_id: 7,
+            boi_token_id: 8,
+            eoi_token_id: 9,
+            processor: ImageProcessorConfig::default(),
+        };
+        assert_eq!(
+            expand_placeholders(&[1, 7, 2, 7], &v, &[2, 1]),
+            vec![1, 8, 7, 7, 9, 2, 8, 7, 9]
+        );
     }
 
     #[tokio::test]

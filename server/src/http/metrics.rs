@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use crate::engine::EngineStats;
 
-const BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 #[derive(Debug, Default, Clone)]
 struct Histogram {
@@ -30,9 +32,17 @@ impl Histogram {
     fn render(&self, out: &mut String, name: &str, help: &str, model: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{model_name=\"{model}\",le=\"{b}\"}} {}", self.counts[i]);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{model_name=\"{model}\",le=\"{b}\"}} {}",
+                self.counts[i]
+            );
         }
-        let _ = writeln!(out, "{name}_bucket{{model_name=\"{model}\",le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{model_name=\"{model}\",le=\"+Inf\"}} {}",
+            self.count
+        );
         let _ = writeln!(out, "{name}_sum{{model_name=\"{model}\"}} {}", self.sum);
         let _ = writeln!(out, "{name}_count{{model_name=\"{model}\"}} {}", self.count);
     }
@@ -48,13 +58,22 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn time_to_first_token(&self, s: f64) {
-        self.ttft.lock().unwrap_or_else(|e| e.into_inner()).observe(s);
+        self.ttft
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(s);
     }
     pub fn inter_token(&self, s: f64) {
-        self.itl.lock().unwrap_or_else(|e| e.into_inner()).observe(s);
+        self.itl
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(s);
     }
     pub fn end_to_end(&self, s: f64) {
-        self.e2e.lock().unwrap_or_else(|e| e.into_inner()).observe(s);
+        self.e2e
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(s);
     }
     pub fn error(&self) {
         self.http_errors.fetch_add(1, Ordering::Relaxed);
@@ -63,21 +82,76 @@ impl Metrics {
     pub fn render(&self, stats: &EngineStats, model: &str, kv_capacity: usize) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {v}"
+            );
         };
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {v}"
+            );
         };
-        gauge(&mut out, "gemma4_num_requests_running", "Requests in the running batch.", stats.running.load(Ordering::SeqCst) as f64);
-        gauge(&mut out, "gemma4_num_requests_waiting", "Requests waiting for a slot.", stats.waiting.load(Ordering::SeqCst) as f64);
+        gauge(
+            &mut out,
+            "gemma4_num_requests_running",
+            "Requests in the running batch.",
+            stats.running.load(Ordering::SeqCst) as f64,
+        );
+        gauge(
+            &mut out,
+            "gemma4_num_requests_waiting",
+            "Requests waiting for a slot.",
+            stats.waiting.load(Ordering::SeqCst) as f64,
+        );
         let kv = stats.kv_entries.load(Ordering::SeqCst);
-        gauge(&mut out, "gemma4_kv_cache_entries", "KV cache entries (tokens x layers) held by running requests.", kv as f64);
-        gauge(&mut out, "gemma4_kv_cache_usage_perc", "KV cache usage as a fraction of the running slots' maximum.", if kv_capacity == 0 { 0.0 } else { kv as f64 / kv_capacity as f64 });
-        counter(&mut out, "gemma4_prompt_tokens_total", "Prompt tokens processed.", stats.prompt_tokens_total.load(Ordering::Relaxed));
-        counter(&mut out, "gemma4_generation_tokens_total", "Tokens generated.", stats.generation_tokens_total.load(Ordering::Relaxed));
-        counter(&mut out, "gemma4_request_success_total", "Requests finished by the engine.", stats.requests_finished_total.load(Ordering::Relaxed));
-        counter(&mut out, "gemma4_request_cancelled_total", "Requests cancelled or disconnected before finishing.", stats.requests_cancelled_total.load(Ordering::Relaxed));
-        counter(&mut out, "gemma4_http_errors_total", "Requests answered with an error.", self.http_errors.load(Ordering::Relaxed));
+        gauge(
+            &mut out,
+            "gemma4_kv_cache_entries",
+            "KV cache entries (tokens x layers) held by running requests.",
+            kv as f64,
+        );
+        gauge(
+            &mut out,
+            "gemma4_kv_cache_usage_perc",
+            "KV cache usage as a fraction of the running slots' maximum.",
+            if kv_capacity == 0 {
+                0.0
+            } else {
+                kv as f64 / kv_capacity as f64
+            },
+        );
+        counter(
+            &mut out,
+            "gemma4_prompt_tokens_total",
+            "Prompt tokens processed.",
+            stats.prompt_tokens_total.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "gemma4_generation_tokens_total",
+            "Tokens generated.",
+            stats.generation_tokens_total.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "gemma4_request_success_total",
+            "Requests finished by the engine.",
+            stats.requests_finished_total.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "gemma4_request_cancelled_total",
+            "Requests cancelled or disconnected before finishing.",
+            stats.requests_cancelled_total.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "gemma4_http_errors_total",
+            "Requests answered with an error.",
+            self.http_errors.load(Ordering::Relaxed),
+        );
         // Kernel refusals the server survived by running the plain reference (fallback policy
         // Warn); each is also logged once per kernel and shape.
         let _ = writeln!(out, "# HELP gemma4_kernel_fallbacks_total Kernel refusals answered by the plain reference instead.\n# TYPE gemma4_kernel_fallbacks_total counter");
@@ -85,9 +159,24 @@ impl Metrics {
             let _ = writeln!(out, "gemma4_kernel_fallbacks_total{{model_name=\"{model}\",kernel=\"{kernel}\"}} {fallbacks}");
         }
         let lock = |h: &Mutex<Histogram>| h.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        lock(&self.ttft).render(&mut out, "gemma4_time_to_first_token_seconds", "Time to first token.", model);
-        lock(&self.itl).render(&mut out, "gemma4_inter_token_latency_seconds", "Time between tokens of a request.", model);
-        lock(&self.e2e).render(&mut out, "gemma4_e2e_request_latency_seconds", "End-to-end request latency.", model);
+        lock(&self.ttft).render(
+            &mut out,
+            "gemma4_time_to_first_token_seconds",
+            "Time to first token.",
+            model,
+        );
+        lock(&self.itl).render(
+            &mut out,
+            "gemma4_inter_token_latency_seconds",
+            "Time between tokens of a request.",
+            model,
+        );
+        lock(&self.e2e).render(
+            &mut out,
+            "gemma4_e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            model,
+        );
         out
     }
 }

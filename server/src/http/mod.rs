@@ -56,17 +56,48 @@ impl AppState {
         match model {
             None => Ok(()),
             Some(m) if m.is_empty() || m == self.served_model_name => Ok(()),
-            Some(m) => Err(ApiError::new(StatusCode::NOT_FOUND, format!("The model `{m}` does not exist; this server serves `{}`", self.served_model_name)).param("model")),
+            Some(m) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "The model `{m}` does not exist; this server serves `{}`",
+                    self.served_model_name
+                ),
+            )
+            .param("model")),
         }
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "gemma4", description = "OpenAI-compatible API of the gemma4 inference server"),
-    paths(chat::chat_completions, responses::responses, models, tokenize, detokenize, health, version, metrics_handler),
-    components(schemas(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ResponsesRequest, ResponseObject, ModelList,
-        TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse, VersionResponse, error::ErrorBody))
+    info(
+        title = "gemma4",
+        description = "OpenAI-compatible API of the gemma4 inference server"
+    ),
+    paths(
+        chat::chat_completions,
+        responses::responses,
+        models,
+        tokenize,
+        detokenize,
+        health,
+        version,
+        metrics_handler
+    ),
+    components(schemas(
+        ChatCompletionRequest,
+        ChatCompletion,
+        ChatCompletionChunk,
+        ResponsesRequest,
+        ResponseObject,
+        ModelList,
+        TokenizeRequest,
+        TokenizeResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        VersionResponse,
+        error::ErrorBody
+    ))
 )]
 pub struct ApiDoc;
 
@@ -111,7 +142,11 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
             .unwrap_or("");
         if !same(given.as_bytes(), key.as_bytes()) {
             state.metrics.error();
-            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid or missing API key (Authorization: Bearer <key>)").into_response();
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -132,7 +167,10 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
 }
 
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = error::ErrorBody)))]
-async fn tokenize(State(state): State<Arc<AppState>>, payload: Result<Json<TokenizeRequest>, JsonRejection>) -> Result<Json<TokenizeResponse>, ApiError> {
+async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    payload: Result<Json<TokenizeRequest>, JsonRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let tokens = match (&req.prompt, &req.messages) {
@@ -143,29 +181,65 @@ async fn tokenize(State(state): State<Arc<AppState>>, payload: Result<Json<Token
             .get_ids()
             .to_vec(),
         (None, Some(m)) => {
-            let thinking = req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")).and_then(|v| v.as_bool());
-            run::chat_prompt(&state, m, None, None, thinking, req.chat_template_kwargs.as_ref(), req.mm_processor_kwargs.as_ref()).await?.ids
+            let thinking = req
+                .chat_template_kwargs
+                .as_ref()
+                .and_then(|k| k.get("enable_thinking"))
+                .and_then(|v| v.as_bool());
+            run::chat_prompt(
+                &state,
+                m,
+                None,
+                None,
+                thinking,
+                req.chat_template_kwargs.as_ref(),
+                req.mm_processor_kwargs.as_ref(),
+            )
+            .await?
+            .ids
         }
-        _ => return Err(ApiError::bad_request("give exactly one of `prompt` or `messages`")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `prompt` or `messages`",
+            ))
+        }
     };
-    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: state.max_model_len, tokens }))
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.max_model_len,
+        tokens,
+    }))
 }
 
 #[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = error::ErrorBody)))]
-async fn detokenize(State(state): State<Arc<AppState>>, payload: Result<Json<DetokenizeRequest>, JsonRejection>) -> Result<Json<DetokenizeResponse>, ApiError> {
+async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    payload: Result<Json<DetokenizeRequest>, JsonRejection>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let vocab = state.tokenizer.get_vocab_size(true) as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary (size {vocab})")).param("tokens"));
+        return Err(ApiError::bad_request(format!(
+            "token id {bad} is outside the vocabulary (size {vocab})"
+        ))
+        .param("tokens"));
     }
-    let prompt = state.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::bad_request(format!("detokenizing: {e}")))?;
+    let prompt = state
+        .tokenizer
+        .decode(&req.tokens, false)
+        .map_err(|e| ApiError::bad_request(format!("detokenizing: {e}")))?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "The engine takes work"), (status = 503, body = error::ErrorBody)))]
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.engine.stats.ready.load(std::sync::atomic::Ordering::SeqCst) {
+    if state
+        .engine
+        .stats
+        .ready
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
         StatusCode::OK.into_response()
     } else {
         ApiError::unavailable("the engine is not running").into_response()
@@ -174,13 +248,23 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 #[utoipa::path(get, path = "/version", responses((status = 200, body = VersionResponse)))]
 async fn version() -> Json<VersionResponse> {
-    Json(VersionResponse { version: env!("CARGO_PKG_VERSION").to_string() })
+    Json(VersionResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
 }
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
-    let body = state.metrics.render(&state.engine.stats, &state.served_model_name, state.kv_capacity);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], Body::from(body)).into_response()
+    let body = state.metrics.render(
+        &state.engine.stats,
+        &state.served_model_name,
+        state.kv_capacity,
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        Body::from(body),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {

@@ -23,7 +23,10 @@ use crate::engine::Penalties;
 #[utoipa::path(post, path = "/v1/responses", request_body = ResponsesRequest,
     responses((status = 200, description = "A response object, or a stream of response events", body = ResponseObject),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn responses(State(state): State<Arc<AppState>>, payload: Result<Json<ResponsesRequest>, JsonRejection>) -> Response {
+pub async fn responses(
+    State(state): State<Arc<AppState>>,
+    payload: Result<Json<ResponsesRequest>, JsonRejection>,
+) -> Response {
     match handle(state.clone(), payload).await {
         Ok(r) => r,
         Err(e) => {
@@ -48,7 +51,10 @@ fn text_of(content: &Value) -> Result<Value, ApiError> {
             }
             Ok(Value::Array(out))
         }
-        _ => Err(ApiError::bad_request("message content must be a string or a list of parts").param("input")),
+        _ => Err(
+            ApiError::bad_request("message content must be a string or a list of parts")
+                .param("input"),
+        ),
     }
 }
 
@@ -68,10 +74,16 @@ fn to_messages(req: &ResponsesRequest) -> Result<(Vec<Value>, Vec<String>), ApiE
         }
         Value::Array(items) => {
             for (n, item) in items.iter().enumerate() {
-                let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
                 match kind {
                     "message" => {
-                        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request(format!("input[{n}]: missing role")).param("input"))?;
+                        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| {
+                            ApiError::bad_request(format!("input[{n}]: missing role"))
+                                .param("input")
+                        })?;
                         msgs.push(json!({"role": role, "content": text_of(item.get("content").unwrap_or(&Value::Null))?}));
                         labels.push(format!("input[{n}]"));
                     }
@@ -79,7 +91,10 @@ fn to_messages(req: &ResponsesRequest) -> Result<(Vec<Value>, Vec<String>), ApiE
                         let call = json!({"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}});
                         // Consecutive calls belong to one assistant message.
                         match msgs.last_mut() {
-                            Some(last) if last.get("role") == Some(&json!("assistant")) && last.get("tool_calls").is_some() => {
+                            Some(last)
+                                if last.get("role") == Some(&json!("assistant"))
+                                    && last.get("tool_calls").is_some() =>
+                            {
                                 if let Some(Value::Array(calls)) = last.get_mut("tool_calls") {
                                     calls.push(call);
                                 }
@@ -100,11 +115,20 @@ fn to_messages(req: &ResponsesRequest) -> Result<(Vec<Value>, Vec<String>), ApiE
                         labels.push(format!("input[{n}]"));
                     }
                     "reasoning" => {} // earlier reasoning is not re-sent to the model
-                    other => return Err(ApiError::bad_request(format!("input[{n}]: unsupported item type `{other}`")).param("input")),
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "input[{n}]: unsupported item type `{other}`"
+                        ))
+                        .param("input"))
+                    }
                 }
             }
         }
-        _ => return Err(ApiError::bad_request("`input` must be a string or a list of items").param("input")),
+        _ => {
+            return Err(
+                ApiError::bad_request("`input` must be a string or a list of items").param("input"),
+            )
+        }
     }
     Ok((msgs, labels))
 }
@@ -149,16 +173,46 @@ fn base(state: &AppState, req: &ResponsesRequest, id: &str, status: &str) -> Res
     }
 }
 
-async fn handle(state: Arc<AppState>, payload: Result<Json<ResponsesRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn handle(
+    state: Arc<AppState>,
+    payload: Result<Json<ResponsesRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let (messages, labels) = to_messages(&req)?;
     let tools = req.tools.as_deref().map(chat_tools);
-    let thinking = req.reasoning.as_ref().and_then(|r| r.effort.as_ref()).map(|e| e != "none");
-    let prompt = run::chat_prompt(&state, &messages, Some(&labels), tools.as_deref(), thinking, None, req.mm_processor_kwargs.as_ref())
-        .await
-        .map_err(|e| if e.param.as_deref() == Some("messages") { e.param("input") } else { e })?;
-    let sampling = run::sampling(&state, &SamplingFields { temperature: req.temperature, top_p: req.top_p, top_k: None, min_p: None, seed: req.seed })?;
+    let thinking = req
+        .reasoning
+        .as_ref()
+        .and_then(|r| r.effort.as_ref())
+        .map(|e| e != "none");
+    let prompt = run::chat_prompt(
+        &state,
+        &messages,
+        Some(&labels),
+        tools.as_deref(),
+        thinking,
+        None,
+        req.mm_processor_kwargs.as_ref(),
+    )
+    .await
+    .map_err(|e| {
+        if e.param.as_deref() == Some("messages") {
+            e.param("input")
+        } else {
+            e
+        }
+    })?;
+    let sampling = run::sampling(
+        &state,
+        &SamplingFields {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: None,
+            min_p: None,
+            seed: req.seed,
+        },
+    )?;
     let params = GenParams {
         max_tokens: run::max_tokens(&state, prompt.ids.len(), req.max_output_tokens)?,
         sampling,
@@ -166,11 +220,22 @@ async fn handle(state: Arc<AppState>, payload: Result<Json<ResponsesRequest>, Js
         stop: vec![],
         logprobs: None,
         ignore_eos: false,
-        forced_prefix: run::forced_tool_prefix(&state, req.tool_choice.as_ref(), req.tools.as_deref())?,
+        forced_prefix: run::forced_tool_prefix(
+            &state,
+            req.tool_choice.as_ref(),
+            req.tools.as_deref(),
+        )?,
     };
     let handle = run::submit(&state, run::engine_request(&state, &prompt, &params, 0))?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(run::run_choice(state.clone(), handle, 0, prompt.ids.len(), vec![], tx));
+    tokio::spawn(run::run_choice(
+        state.clone(),
+        handle,
+        0,
+        prompt.ids.len(),
+        vec![],
+        tx,
+    ));
     let id = format!("resp_{}", run::random_id(&state));
     if req.stream.unwrap_or(false) {
         Ok(stream(state, req, id, rx).into_response())
@@ -188,17 +253,30 @@ fn item_id(state: &AppState, prefix: &str) -> String {
     format!("{prefix}_{}", run::random_id(state))
 }
 
-async fn collect(state: &AppState, mut rx: mpsc::Receiver<(usize, ChoiceEvent)>) -> Result<Built, ApiError> {
+async fn collect(
+    state: &AppState,
+    mut rx: mpsc::Receiver<(usize, ChoiceEvent)>,
+) -> Result<Built, ApiError> {
     let (mut reasoning, mut content) = (String::new(), String::new());
     let mut calls = vec![];
     while let Some((_, ev)) = rx.recv().await {
         match ev {
-            ChoiceEvent::Delta { reasoning: r, content: c, tool_calls, .. } => {
+            ChoiceEvent::Delta {
+                reasoning: r,
+                content: c,
+                tool_calls,
+                ..
+            } => {
                 reasoning.push_str(&r);
                 content.push_str(&c);
                 calls.extend(tool_calls);
             }
-            ChoiceEvent::Done { finish_reason, completion_tokens, reasoning_tokens, prompt_tokens } => {
+            ChoiceEvent::Done {
+                finish_reason,
+                completion_tokens,
+                reasoning_tokens,
+                prompt_tokens,
+            } => {
                 let mut output = vec![];
                 if !reasoning.is_empty() {
                     output.push(reasoning_item(&item_id(state, "rs"), &reasoning));
@@ -212,9 +290,16 @@ async fn collect(state: &AppState, mut rx: mpsc::Receiver<(usize, ChoiceEvent)>)
                 let incomplete = finish_reason == "length";
                 return Ok(Built {
                     output,
-                    status: if incomplete { "incomplete" } else { "completed" }.into(),
+                    status: if incomplete {
+                        "incomplete"
+                    } else {
+                        "completed"
+                    }
+                    .into(),
                     usage: usage(prompt_tokens, completion_tokens, reasoning_tokens),
-                    incomplete: incomplete.then(|| IncompleteDetails { reason: "max_output_tokens".into() }),
+                    incomplete: incomplete.then(|| IncompleteDetails {
+                        reason: "max_output_tokens".into(),
+                    }),
                 });
             }
             ChoiceEvent::Error(e) => return Err(e),
@@ -229,7 +314,9 @@ fn usage(prompt: usize, completion: usize, reasoning: usize) -> ResponseUsage {
         output_tokens: completion,
         total_tokens: prompt + completion,
         input_tokens_details: InputTokensDetails { cached_tokens: 0 },
-        output_tokens_details: OutputTokensDetails { reasoning_tokens: reasoning },
+        output_tokens_details: OutputTokensDetails {
+            reasoning_tokens: reasoning,
+        },
     }
 }
 
@@ -247,7 +334,12 @@ fn call_item(id: &str, c: &ToolCallChunk, status: &str) -> Value {
 }
 
 /// Streams the Responses events. Each event is `event: TYPE` + `data: {..., "type", "sequence_number"}`.
-fn stream(state: Arc<AppState>, req: ResponsesRequest, id: String, mut rx: mpsc::Receiver<(usize, ChoiceEvent)>) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
+fn stream(
+    state: Arc<AppState>,
+    req: ResponsesRequest,
+    id: String,
+    mut rx: mpsc::Receiver<(usize, ChoiceEvent)>,
+) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
     let (out_tx, out_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let mut seq = 0u64;
@@ -260,7 +352,9 @@ fn stream(state: Arc<AppState>, req: ResponsesRequest, id: String, mut rx: mpsc:
         let mut sends = vec![];
         let start = base(&state, &req, &id, "in_progress");
         sends.push(emit(json!({"type": "response.created", "response": start})));
-        sends.push(emit(json!({"type": "response.in_progress", "response": start})));
+        sends.push(emit(
+            json!({"type": "response.in_progress", "response": start}),
+        ));
         for s in sends.drain(..) {
             if out_tx.send(s).await.is_err() {
                 return;
@@ -273,16 +367,26 @@ fn stream(state: Arc<AppState>, req: ResponsesRequest, id: String, mut rx: mpsc:
         let mut message_idx: Option<usize> = None;
         let (rs_id, msg_id) = (item_id(&state, "rs"), item_id(&state, "msg"));
         let mut frames: Vec<Value> = vec![];
-        let close_reasoning = |idx: usize, text: &str, frames: &mut Vec<Value>, output: &mut Vec<Value>| {
+        let close_reasoning = |idx: usize,
+                               text: &str,
+                               frames: &mut Vec<Value>,
+                               output: &mut Vec<Value>| {
             frames.push(json!({"type": "response.reasoning_text.done", "item_id": rs_id, "output_index": idx, "content_index": 0, "text": text}));
             let item = reasoning_item(&rs_id, text);
             output[idx] = item.clone();
-            frames.push(json!({"type": "response.output_item.done", "output_index": idx, "item": item}));
+            frames.push(
+                json!({"type": "response.output_item.done", "output_index": idx, "item": item}),
+            );
         };
         let mut done_reasoning = false;
         while let Some((_, ev)) = rx.recv().await {
             match ev {
-                ChoiceEvent::Delta { reasoning: r, content: c, tool_calls, .. } => {
+                ChoiceEvent::Delta {
+                    reasoning: r,
+                    content: c,
+                    tool_calls,
+                    ..
+                } => {
                     if !r.is_empty() {
                         let idx = *reasoning_idx.get_or_insert_with(|| {
                             output.push(json!({"type": "reasoning", "id": rs_id, "summary": [], "content": [], "status": "in_progress"}));
@@ -321,13 +425,19 @@ fn stream(state: Arc<AppState>, req: ResponsesRequest, id: String, mut rx: mpsc:
                         frames.push(json!({"type": "response.output_item.done", "output_index": idx, "item": done}));
                     }
                 }
-                ChoiceEvent::Done { finish_reason, completion_tokens, reasoning_tokens, prompt_tokens } => {
+                ChoiceEvent::Done {
+                    finish_reason,
+                    completion_tokens,
+                    reasoning_tokens,
+                    prompt_tokens,
+                } => {
                     if !done_reasoning {
                         if let Some(idx) = reasoning_idx {
                             close_reasoning(idx, &reasoning, &mut frames, &mut output);
                         }
                     }
-                    if message_idx.is_none() && output.iter().all(|o| o["type"] != "function_call") {
+                    if message_idx.is_none() && output.iter().all(|o| o["type"] != "function_call")
+                    {
                         // An empty answer still gets its message item.
                         output.push(json!({"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}));
                         frames.push(json!({"type": "response.output_item.added", "output_index": output.len() - 1, "item": output[output.len() - 1]}));
@@ -340,14 +450,33 @@ fn stream(state: Arc<AppState>, req: ResponsesRequest, id: String, mut rx: mpsc:
                         let part = json!({"type": "output_text", "text": content, "annotations": [], "logprobs": []});
                         frames.push(json!({"type": "response.output_text.done", "item_id": msg_id, "output_index": idx, "content_index": 0, "text": content, "logprobs": []}));
                         frames.push(json!({"type": "response.content_part.done", "item_id": msg_id, "output_index": idx, "content_index": 0, "part": part}));
-                        let item = message_item(&msg_id, &content, if incomplete { "incomplete" } else { "completed" });
+                        let item = message_item(
+                            &msg_id,
+                            &content,
+                            if incomplete {
+                                "incomplete"
+                            } else {
+                                "completed"
+                            },
+                        );
                         output[idx] = item.clone();
                         frames.push(json!({"type": "response.output_item.done", "output_index": idx, "item": item}));
                     }
-                    let mut r = base(&state, &req, &id, if incomplete { "incomplete" } else { "completed" });
+                    let mut r = base(
+                        &state,
+                        &req,
+                        &id,
+                        if incomplete {
+                            "incomplete"
+                        } else {
+                            "completed"
+                        },
+                    );
                     r.output = output.clone();
                     r.usage = Some(usage(prompt_tokens, completion_tokens, reasoning_tokens));
-                    r.incomplete_details = incomplete.then(|| IncompleteDetails { reason: "max_output_tokens".into() });
+                    r.incomplete_details = incomplete.then(|| IncompleteDetails {
+                        reason: "max_output_tokens".into(),
+                    });
                     frames.push(json!({"type": if incomplete { "response.incomplete" } else { "response.completed" }, "response": r}));
                     for f in frames.drain(..) {
                         let _ = out_tx.send(emit(f)).await;

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::images;
-use super::types::{LogprobContent, ToolCallChunk, TopLogprob, FunctionCall};
+use super::types::{FunctionCall, LogprobContent, ToolCallChunk, TopLogprob};
 use super::AppState;
 use crate::engine::{EngineEvent, EngineRequest, FinishReason, Penalties, SubmitError};
 use crate::parser::{OutputParser, ParsedDelta};
@@ -39,17 +39,25 @@ pub async fn chat_prompt(
     if messages.is_empty() {
         return Err(ApiError::bad_request("`messages` must not be empty").param("messages"));
     }
-    let label = |i: usize| labels.and_then(|l| l.get(i).cloned()).unwrap_or_else(|| format!("messages[{i}]"));
+    let label = |i: usize| {
+        labels
+            .and_then(|l| l.get(i).cloned())
+            .unwrap_or_else(|| format!("messages[{i}]"))
+    };
     let budget = images::soft_token_budget(&state.images, mm)?;
     let mut refs = Vec::new();
     // The template gets `{"type": "image"}` in place of each image part (no URL data in it).
     let mut rendered: Vec<Value> = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-            ApiError::bad_request(format!("{}: `role` is missing or not a string", label(i))).param("messages")
+            ApiError::bad_request(format!("{}: `role` is missing or not a string", label(i)))
+                .param("messages")
         })?;
         if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
-            return Err(ApiError::bad_request(format!("{}: unknown role `{role}`", label(i))).param("messages"));
+            return Err(
+                ApiError::bad_request(format!("{}: unknown role `{role}`", label(i)))
+                    .param("messages"),
+            );
         }
         let mut m = m.clone();
         if let Some(Value::Array(parts)) = m.get_mut("content") {
@@ -59,14 +67,23 @@ pub async fn chat_prompt(
                     Some("image_url") | Some("input_image") | Some("image") => {
                         let location = format!("{}.content[{j}]", label(i));
                         if role == "tool" {
-                            return Err(ApiError::bad_request(format!("{location}: images in tool messages are not supported")).param("messages"));
+                            return Err(ApiError::bad_request(format!(
+                                "{location}: images in tool messages are not supported"
+                            ))
+                            .param("messages"));
                         }
-                        let url = images::part_url(p).map_err(|e| ApiError::bad_request(format!("{location}: {e}")).param("messages"))?;
+                        let url = images::part_url(p).map_err(|e| {
+                            ApiError::bad_request(format!("{location}: {e}")).param("messages")
+                        })?;
                         refs.push(images::ImageRef { location, url });
                         *p = serde_json::json!({"type": "image"});
                     }
                     other => {
-                        return Err(ApiError::bad_request(format!("{}: unsupported content part type {other:?}", label(i))).param("messages"))
+                        return Err(ApiError::bad_request(format!(
+                            "{}: unsupported content part type {other:?}",
+                            label(i)
+                        ))
+                        .param("messages"))
                     }
                 }
             }
@@ -75,9 +92,13 @@ pub async fn chat_prompt(
     }
     images::check_refs(&state.images, &refs).map_err(|e| e.param("messages"))?;
     let Some(template) = &state.template else {
-        return Err(ApiError::bad_request("this model has no chat template; use /tokenize and a completion client"));
+        return Err(ApiError::bad_request(
+            "this model has no chat template; use /tokenize and a completion client",
+        ));
     };
-    let converted = template.convert_openai_messages(&rendered).map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+    let converted = template
+        .convert_openai_messages(&rendered)
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
     let mut kwargs = extra_kwargs.cloned().unwrap_or_default();
     if let Some(t) = thinking {
         kwargs.insert("enable_thinking".into(), Value::Bool(t));
@@ -85,10 +106,16 @@ pub async fn chat_prompt(
     let text = template
         .render(&converted, tools, true, &kwargs)
         .map_err(|e| ApiError::bad_request(format!("rendering the chat template: {e}")))?;
-    let enc = state.tokenizer.encode(text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+    let enc = state
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
     let ids = enc.get_ids().to_vec();
     // Every image placeholder of the prompt must be one of the request's images.
-    let placeholders = state.images.image_token_id.map_or(0, |id| ids.iter().filter(|&&t| t == id).count());
+    let placeholders = state
+        .images
+        .image_token_id
+        .map_or(0, |id| ids.iter().filter(|&&t| t == id).count());
     if placeholders != refs.len() {
         return Err(ApiError::bad_request(if refs.is_empty() {
             "the prompt contains the image placeholder token `<|image|>` but the request has no image".to_string()
@@ -101,14 +128,30 @@ pub async fn chat_prompt(
         .param("messages"));
     }
     if refs.is_empty() {
-        return Ok(Prompt { ids, images: vec![] });
+        return Ok(Prompt {
+            ids,
+            images: vec![],
+        });
     }
     let (Some(vision), Some(budget)) = (state.images.vision.clone(), budget) else {
-        return Err(ApiError::bad_request("this model has no vision tower: image inputs are not supported"));
+        return Err(ApiError::bad_request(
+            "this model has no vision tower: image inputs are not supported",
+        ));
     };
-    let loaded = images::load(&state.images, refs, budget).await.map_err(|e| if e.param.is_none() && e.status == axum::http::StatusCode::BAD_REQUEST { e.param("messages") } else { e })?;
+    let loaded = images::load(&state.images, refs, budget)
+        .await
+        .map_err(|e| {
+            if e.param.is_none() && e.status == axum::http::StatusCode::BAD_REQUEST {
+                e.param("messages")
+            } else {
+                e
+            }
+        })?;
     let counts: Vec<usize> = loaded.iter().map(|p| p.num_soft_tokens).collect();
-    Ok(Prompt { ids: images::expand_placeholders(&ids, &vision, &counts), images: loaded })
+    Ok(Prompt {
+        ids: images::expand_placeholders(&ids, &vision, &counts),
+        images: loaded,
+    })
 }
 
 /// Sampling, penalties and limits taken from a request.
@@ -135,11 +178,16 @@ pub fn sampling(state: &AppState, f: &SamplingFields) -> Result<SamplingParams, 
     let d = &state.default_sampling;
     let temperature = f.temperature.unwrap_or(d.temperature);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad_request(format!("temperature {temperature} must be between 0 and 2")).param("temperature"));
+        return Err(ApiError::bad_request(format!(
+            "temperature {temperature} must be between 0 and 2"
+        ))
+        .param("temperature"));
     }
     let top_p = f.top_p.unwrap_or(d.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_request(format!("top_p {top_p} must be in (0, 1]")).param("top_p"));
+        return Err(
+            ApiError::bad_request(format!("top_p {top_p} must be in (0, 1]")).param("top_p"),
+        );
     }
     let top_k = match f.top_k {
         None => d.top_k,
@@ -148,22 +196,41 @@ pub fn sampling(state: &AppState, f: &SamplingFields) -> Result<SamplingParams, 
     };
     let min_p = f.min_p.unwrap_or(d.min_p);
     if !(0.0..=1.0).contains(&min_p) {
-        return Err(ApiError::bad_request(format!("min_p {min_p} must be in [0, 1]")).param("min_p"));
+        return Err(
+            ApiError::bad_request(format!("min_p {min_p} must be in [0, 1]")).param("min_p"),
+        );
     }
     let seed = match f.seed {
         Some(s) => s as u64,
         None => {
             // Unseeded requests still differ from each other.
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-            (t as u64) ^ state.request_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            (t as u64)
+                ^ state
+                    .request_counter
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         }
     };
-    Ok(SamplingParams { temperature, top_k, top_p, min_p, seed })
+    Ok(SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+    })
 }
 
 /// max_tokens bounded by what is left of the context after the prompt; a prompt that does not
 /// leave room for one token is a 400 naming the limit.
-pub fn max_tokens(state: &AppState, prompt_len: usize, requested: Option<u32>) -> Result<usize, ApiError> {
+pub fn max_tokens(
+    state: &AppState,
+    prompt_len: usize,
+    requested: Option<u32>,
+) -> Result<usize, ApiError> {
     let limit = state.max_model_len;
     if prompt_len >= limit {
         return Err(ApiError::bad_request(format!(
@@ -173,7 +240,9 @@ pub fn max_tokens(state: &AppState, prompt_len: usize, requested: Option<u32>) -
     }
     let left = limit - prompt_len;
     Ok(match requested {
-        Some(0) => return Err(ApiError::bad_request("max_tokens must be at least 1").param("max_tokens")),
+        Some(0) => {
+            return Err(ApiError::bad_request("max_tokens must be at least 1").param("max_tokens"))
+        }
         Some(n) => (n as usize).min(left),
         None => left,
     })
@@ -182,8 +251,18 @@ pub fn max_tokens(state: &AppState, prompt_len: usize, requested: Option<u32>) -
 /// One update of one choice.
 #[derive(Debug)]
 pub enum ChoiceEvent {
-    Delta { reasoning: String, content: String, tool_calls: Vec<ToolCallChunk>, logprobs: Vec<LogprobContent> },
-    Done { finish_reason: String, completion_tokens: usize, reasoning_tokens: usize, prompt_tokens: usize },
+    Delta {
+        reasoning: String,
+        content: String,
+        tool_calls: Vec<ToolCallChunk>,
+        logprobs: Vec<LogprobContent>,
+    },
+    Done {
+        finish_reason: String,
+        completion_tokens: usize,
+        reasoning_tokens: usize,
+        prompt_tokens: usize,
+    },
     Error(ApiError),
 }
 
@@ -200,7 +279,12 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return (std::mem::take(&mut self.pending), false);
         }
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
             return (out, true);
@@ -224,7 +308,12 @@ impl StopMatcher {
     }
 }
 
-pub fn engine_request(state: &AppState, prompt: &Prompt, p: &GenParams, seed_offset: u64) -> EngineRequest {
+pub fn engine_request(
+    state: &AppState,
+    prompt: &Prompt,
+    p: &GenParams,
+    seed_offset: u64,
+) -> EngineRequest {
     let mut sampling = p.sampling.clone();
     sampling.seed = sampling.seed.wrapping_add(seed_offset);
     EngineRequest {
@@ -232,7 +321,11 @@ pub fn engine_request(state: &AppState, prompt: &Prompt, p: &GenParams, seed_off
         max_new_tokens: p.max_tokens,
         sampling,
         penalties: p.penalties.clone(),
-        stop_ids: if p.ignore_eos { vec![] } else { state.stop_ids.clone() },
+        stop_ids: if p.ignore_eos {
+            vec![]
+        } else {
+            state.stop_ids.clone()
+        },
         suppress_ids: state.suppress_ids.clone(),
         logprobs: p.logprobs,
         forced_prefix: p.forced_prefix.clone(),
@@ -243,35 +336,64 @@ pub fn engine_request(state: &AppState, prompt: &Prompt, p: &GenParams, seed_off
 /// `tool_choice` "required" or a named function: the answer is made to start with the Gemma 4
 /// tool-call syntax (`<|tool_call>call:` and, when named, `NAME{`), so the model must call a tool
 /// (and the named one) instead of being checked afterwards.
-pub fn forced_tool_prefix(state: &AppState, tool_choice: Option<&Value>, tools: Option<&[Value]>) -> Result<Vec<u32>, ApiError> {
-    let Some(choice) = tool_choice else { return Ok(vec![]) };
+pub fn forced_tool_prefix(
+    state: &AppState,
+    tool_choice: Option<&Value>,
+    tools: Option<&[Value]>,
+) -> Result<Vec<u32>, ApiError> {
+    let Some(choice) = tool_choice else {
+        return Ok(vec![]);
+    };
     let text = match choice.as_str() {
         Some("required") => {
             if tools.is_none_or(|t| t.is_empty()) {
-                return Err(ApiError::bad_request("tool_choice \"required\" needs `tools`").param("tool_choice"));
+                return Err(
+                    ApiError::bad_request("tool_choice \"required\" needs `tools`")
+                        .param("tool_choice"),
+                );
             }
             "<|tool_call>call:".to_string()
         }
         Some(_) => return Ok(vec![]),
         None => {
             // Chat: {"type": "function", "function": {"name"}}; Responses: {"type": "function", "name"}.
-            let name = choice.get("function").and_then(|f| f.get("name")).or(choice.get("name")).and_then(Value::as_str).unwrap_or_default();
+            let name = choice
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or(choice.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let declared = tools.unwrap_or_default().iter().any(|t| {
-                t.get("function").and_then(|f| f.get("name")).or(t.get("name")).and_then(Value::as_str) == Some(name)
+                t.get("function")
+                    .and_then(|f| f.get("name"))
+                    .or(t.get("name"))
+                    .and_then(Value::as_str)
+                    == Some(name)
             });
             if !declared {
-                return Err(ApiError::bad_request(format!("tool_choice names `{name}`, which is not among `tools`")).param("tool_choice"));
+                return Err(ApiError::bad_request(format!(
+                    "tool_choice names `{name}`, which is not among `tools`"
+                ))
+                .param("tool_choice"));
             }
             format!("<|tool_call>call:{name}{{")
         }
     };
-    let enc = state.tokenizer.encode(text, false).map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+    let enc = state
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
 
-pub fn submit(state: &AppState, req: EngineRequest) -> Result<crate::engine::RequestHandle, ApiError> {
+pub fn submit(
+    state: &AppState,
+    req: EngineRequest,
+) -> Result<crate::engine::RequestHandle, ApiError> {
     state.engine.submit(req).map_err(|e| match e {
-        SubmitError::QueueFull { .. } | SubmitError::NotReady => ApiError::unavailable(e.to_string()),
+        SubmitError::QueueFull { .. } | SubmitError::NotReady => {
+            ApiError::unavailable(e.to_string())
+        }
     })
 }
 
@@ -286,7 +408,10 @@ pub async fn run_choice(
     tx: mpsc::Sender<(usize, ChoiceEvent)>,
 ) {
     let mut parser = OutputParser::new(state.special.clone(), state.tokenizer.clone());
-    let mut stopper = StopMatcher { stops: stop.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() };
+    let mut stopper = StopMatcher {
+        stops: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        pending: String::new(),
+    };
     let start = Instant::now();
     let mut last: Option<Instant> = None;
     let mut tokens = 0usize;
@@ -296,8 +421,12 @@ pub async fn run_choice(
             EngineEvent::Token { id, logprob } => {
                 let now = Instant::now();
                 match last {
-                    None => state.metrics.time_to_first_token(now.duration_since(start).as_secs_f64()),
-                    Some(t) => state.metrics.inter_token(now.duration_since(t).as_secs_f64()),
+                    None => state
+                        .metrics
+                        .time_to_first_token(now.duration_since(start).as_secs_f64()),
+                    Some(t) => state
+                        .metrics
+                        .inter_token(now.duration_since(t).as_secs_f64()),
                 }
                 last = Some(now);
                 tokens += 1;
@@ -321,7 +450,11 @@ pub async fn run_choice(
                     return; // dropping the handle cancels the rest
                 }
             }
-            EngineEvent::Finished { reason, prompt_tokens, completion_tokens } => {
+            EngineEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
                 let mut delta = deltas(parser.finish(), &mut stopper, &mut tool_calls);
                 let rest = stopper.flush();
                 delta.content.push_str(&rest);
@@ -347,12 +480,19 @@ pub async fn run_choice(
             }
             EngineEvent::Error(msg) => {
                 state.metrics.error();
-                let _ = tx.send((index, ChoiceEvent::Error(ApiError::internal(msg)))).await;
+                let _ = tx
+                    .send((index, ChoiceEvent::Error(ApiError::internal(msg))))
+                    .await;
                 return;
             }
         }
     }
-    let _ = tx.send((index, ChoiceEvent::Error(ApiError::internal("the engine dropped the request")))).await;
+    let _ = tx
+        .send((
+            index,
+            ChoiceEvent::Error(ApiError::internal("the engine dropped the request")),
+        ))
+        .await;
 }
 
 struct Pending {
@@ -365,15 +505,29 @@ struct Pending {
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.reasoning.is_empty() && self.content.is_empty() && self.tool_calls.is_empty() && self.logprobs.is_empty()
+        self.reasoning.is_empty()
+            && self.content.is_empty()
+            && self.tool_calls.is_empty()
+            && self.logprobs.is_empty()
     }
     fn into_event(self) -> ChoiceEvent {
-        ChoiceEvent::Delta { reasoning: self.reasoning, content: self.content, tool_calls: self.tool_calls, logprobs: self.logprobs }
+        ChoiceEvent::Delta {
+            reasoning: self.reasoning,
+            content: self.content,
+            tool_calls: self.tool_calls,
+            logprobs: self.logprobs,
+        }
     }
 }
 
 fn deltas(parsed: Vec<ParsedDelta>, stopper: &mut StopMatcher, tool_calls: &mut usize) -> Pending {
-    let mut p = Pending { reasoning: String::new(), content: String::new(), tool_calls: vec![], logprobs: vec![], hit: false };
+    let mut p = Pending {
+        reasoning: String::new(),
+        content: String::new(),
+        tool_calls: vec![],
+        logprobs: vec![],
+        hit: false,
+    };
     for d in parsed {
         if p.hit {
             break;
@@ -385,9 +539,19 @@ fn deltas(parsed: Vec<ParsedDelta>, stopper: &mut StopMatcher, tool_calls: &mut 
                 p.content.push_str(&out);
                 p.hit = hit;
             }
-            ParsedDelta::ToolCall { index, id, name, arguments } => {
+            ParsedDelta::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            } => {
                 *tool_calls += 1;
-                p.tool_calls.push(ToolCallChunk { index, id, kind: "function".into(), function: FunctionCall { name, arguments } });
+                p.tool_calls.push(ToolCallChunk {
+                    index,
+                    id,
+                    kind: "function".into(),
+                    function: FunctionCall { name, arguments },
+                });
             }
         }
     }
@@ -406,20 +570,32 @@ fn logprob_content(state: &AppState, lp: crate::engine::TokenLogprob) -> Logprob
             .into_iter()
             .map(|(id, logprob)| {
                 let t = text(id);
-                TopLogprob { bytes: t.as_bytes().to_vec(), token: t, logprob }
+                TopLogprob {
+                    bytes: t.as_bytes().to_vec(),
+                    token: t,
+                    logprob,
+                }
             })
             .collect(),
     }
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A random-looking id suffix (no extra crate: time and a counter through SplitMix64).
 pub fn random_id(state: &AppState) -> String {
-    let n = state.request_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let n = state
+        .request_counter
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     let mut r = gemma4_model::generation::Rng::new(t ^ n.wrapping_mul(0xA24B_AED4_963E_E407));
     format!("{:016x}{:016x}", r.next_u64(), r.next_u64())
 }
