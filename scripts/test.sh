@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET="${CARGO_TARGET_DIR:-target}"
 
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # Same feature set as the tests (a `-p` build would resolve features anew and rebuild everything).
 cargo build --workspace --bins
