@@ -1,4 +1,5 @@
-"""An independent float64 forward pass written from /work/shared/spec/gemma4.md section 2.
+"""An independent float64 forward pass written from a prose description of the Gemma 4
+text architecture (the project's model spec), not from transformers' code.
 
 generate.py runs it on every case and asserts it agrees with the transformers float32 reference,
 so the fixtures also check that the spec and transformers agree on the text forward pass.

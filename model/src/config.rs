@@ -703,7 +703,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn spec_31b() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/spec/31b")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/31b-config")
     }
 
     /// The reconstructed 31B files: 60 layers, head dims 256/512, 16/4 KV heads, no v_proj on full layers.

@@ -1,7 +1,8 @@
 //! Gemma 4 (text tower) as Burn modules, the NVFP4 checkpoint loader, and generation.
 //!
 //! Reference: transformers 5.23.0 `models/gemma4/modeling_gemma4.py`; checkpoint format:
-//! nvidia-modelopt 0.47 (`../shared/spec/gemma4.md`).
+//! nvidia-modelopt 0.47 `export_hf_checkpoint` (hf_quant_config.json, `weight`/`weight_scale`/
+//! `weight_scale_2`/`input_scale` per linear).
 
 pub mod attention;
 pub mod cache;

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chat_template;
 pub mod engine;
 pub mod http;
+pub mod ids;
 pub mod parser;
 pub mod serve;
 pub mod synth;

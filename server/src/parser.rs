@@ -32,10 +32,7 @@
 //! flushed as is. For valid UTF-8 output the concatenation of the deltas of one kind equals
 //! decoding that kind's tokens at once.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
-use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
@@ -126,7 +123,7 @@ pub enum ParsedDelta {
     /// Answer text; deltas concatenate.
     Content(String),
     /// One complete tool call. `index` counts calls within the request from 0, `id` is
-    /// `call_` + 24 alphanumerics, `arguments` is a compact JSON object.
+    /// `call_` + 32 hex digits, `arguments` is a compact JSON object.
     ToolCall {
         index: usize,
         id: String,
@@ -208,8 +205,6 @@ pub struct OutputParser {
     reasoning_tokens: usize,
     /// Tool calls emitted so far (the next call's index).
     calls: usize,
-    /// Random-ish per-parser seed for tool-call ids.
-    id_seed: u64,
 }
 
 impl OutputParser {
@@ -224,7 +219,6 @@ impl OutputParser {
             out: Vec::new(),
             reasoning_tokens: 0,
             calls: 0,
-            id_seed: new_seed(),
         }
     }
 
@@ -410,7 +404,7 @@ impl OutputParser {
                 for (name, arguments) in calls {
                     let index = self.calls;
                     self.calls += 1;
-                    let id = self.call_id(index);
+                    let id = self.call_id();
                     self.push_delta(ParsedDelta::ToolCall {
                         index,
                         id,
@@ -427,20 +421,8 @@ impl OutputParser {
     }
 
     /// `call_` + 24 base-62 characters from the parser's seed and the call's index.
-    fn call_id(&self, index: usize) -> String {
-        const ALPHABET: &[u8; 62] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-        let mut state = self.id_seed ^ (index as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-        let mut id = String::with_capacity(29);
-        id.push_str("call_");
-        for _ in 0..3 {
-            let mut x = splitmix64(&mut state);
-            for _ in 0..8 {
-                id.push(ALPHABET[(x % 62) as usize] as char);
-                x /= 62;
-            }
-        }
-        id
+    fn call_id(&self) -> String {
+        crate::ids::random_id("call_")
     }
 
     /// Appends a delta, merging text into the previous delta of the same kind; empty text is
@@ -462,27 +444,6 @@ fn is_channel_name(line: &str) -> bool {
             .trim_matches([' ', '\t', '\r'])
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A seed that differs between parsers: the process's random hasher keys, the time, a counter.
-fn new_seed() -> u64 {
-    static PARSERS: AtomicU64 = AtomicU64::new(0);
-    let mut h = RandomState::new().build_hasher();
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-        .hash(&mut h);
-    PARSERS.fetch_add(1, Ordering::Relaxed).hash(&mut h);
-    h.finish()
 }
 
 /// The text of one tool-call block (`call:NAME{...}`, possibly several in a row) to (name, compact
@@ -911,7 +872,7 @@ mod tests {
                     arguments,
                 } => {
                     assert_eq!(*index, calls.len(), "{what}: indices count from 0");
-                    assert!(id.starts_with("call_") && id.len() == 29, "{what}: id {id}");
+                    assert!(id.starts_with("call_") && id.len() == 37, "{what}: id {id}");
                     assert!(
                         id[5..].chars().all(|c| c.is_ascii_alphanumeric()),
                         "{what}: id {id}"

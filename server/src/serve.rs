@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,7 +100,6 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         default_sampling: meta.default_sampling,
         metrics: Default::default(),
         kv_capacity: args.max_num_seqs * max_model_len * meta.num_layers,
-        request_counter: AtomicU64::new(0),
         created: http::run::now_secs(),
         images,
     })

@@ -39,7 +39,7 @@ pub struct VisionPreset {
     pub position_embedding_size: usize,
 }
 
-/// The 31B's vision tower (../shared/spec/gemma4.md section 1).
+/// The 31B's vision tower (google/gemma-4-31B-it `vision_config`).
 const VISION_31B: VisionPreset = VisionPreset {
     hidden: 1152,
     intermediate: 4304,
@@ -59,7 +59,7 @@ const VISION_SMALL: VisionPreset = VisionPreset {
 
 pub fn preset(name: &str) -> Result<Preset> {
     Ok(match name {
-        // google/gemma-4-31B-it (../shared/spec/gemma4.md section 1).
+        // google/gemma-4-31B-it: fixtures/31b-config/config.json.
         "31b" => Preset {
             hidden: 5376,
             intermediate: 21504,

@@ -148,7 +148,7 @@ async fn handle(
         ));
     }
     drop(tx);
-    let id = format!("chatcmpl-{}", run::random_id(&state));
+    let id = crate::ids::random_id("chatcmpl-");
     let model = state.served_model_name.clone();
     if req.stream.unwrap_or(false) {
         let include_usage = req

@@ -10,7 +10,6 @@ pub mod responses;
 pub mod run;
 pub mod types;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -44,7 +43,6 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// KV entries (tokens × layers) the running slots could hold, for the usage gauge.
     pub kv_capacity: usize,
-    pub request_counter: AtomicU64,
     pub created: u64,
     /// Image inputs: the vision side of the checkpoint and the operator's limits.
     pub images: images::ImageSettings,

@@ -236,11 +236,11 @@ async fn handle(
         vec![],
         tx,
     ));
-    let id = format!("resp_{}", run::random_id(&state));
+    let id = crate::ids::random_id("resp_");
     if req.stream.unwrap_or(false) {
         Ok(stream(state, req, id, rx).into_response())
     } else {
-        let b = collect(&state, rx).await?;
+        let b = collect(rx).await?;
         let mut r = base(&state, &req, &id, &b.status);
         r.output = b.output;
         r.usage = Some(b.usage);
@@ -249,14 +249,11 @@ async fn handle(
     }
 }
 
-fn item_id(state: &AppState, prefix: &str) -> String {
-    format!("{prefix}_{}", run::random_id(state))
+fn item_id(prefix: &str) -> String {
+    crate::ids::random_id(&format!("{prefix}_"))
 }
 
-async fn collect(
-    state: &AppState,
-    mut rx: mpsc::Receiver<(usize, ChoiceEvent)>,
-) -> Result<Built, ApiError> {
+async fn collect(mut rx: mpsc::Receiver<(usize, ChoiceEvent)>) -> Result<Built, ApiError> {
     let (mut reasoning, mut content) = (String::new(), String::new());
     let mut calls = vec![];
     while let Some((_, ev)) = rx.recv().await {
@@ -279,13 +276,13 @@ async fn collect(
             } => {
                 let mut output = vec![];
                 if !reasoning.is_empty() {
-                    output.push(reasoning_item(&item_id(state, "rs"), &reasoning));
+                    output.push(reasoning_item(&item_id("rs"), &reasoning));
                 }
                 if !content.is_empty() || calls.is_empty() {
-                    output.push(message_item(&item_id(state, "msg"), &content, "completed"));
+                    output.push(message_item(&item_id("msg"), &content, "completed"));
                 }
                 for c in &calls {
-                    output.push(call_item(&item_id(state, "fc"), c, "completed"));
+                    output.push(call_item(&item_id("fc"), c, "completed"));
                 }
                 let incomplete = finish_reason == "length";
                 return Ok(Built {
@@ -365,7 +362,7 @@ fn stream(
         let (mut reasoning, mut content) = (String::new(), String::new());
         let mut reasoning_idx: Option<usize> = None;
         let mut message_idx: Option<usize> = None;
-        let (rs_id, msg_id) = (item_id(&state, "rs"), item_id(&state, "msg"));
+        let (rs_id, msg_id) = (item_id("rs"), item_id("msg"));
         let mut frames: Vec<Value> = vec![];
         let close_reasoning = |idx: usize,
                                text: &str,
@@ -414,7 +411,7 @@ fn stream(
                         frames.push(json!({"type": "response.output_text.delta", "item_id": msg_id, "output_index": idx, "content_index": 0, "delta": c, "logprobs": []}));
                     }
                     for call in tool_calls {
-                        let fc_id = item_id(&state, "fc");
+                        let fc_id = item_id("fc");
                         let idx = output.len();
                         output.push(call_item(&fc_id, &call, "in_progress"));
                         frames.push(json!({"type": "response.output_item.added", "output_index": idx, "item": call_item(&fc_id, &ToolCallChunk { function: FunctionCall { arguments: String::new(), ..call.function.clone() }, ..call.clone() }, "in_progress")}));

@@ -202,18 +202,8 @@ pub fn sampling(state: &AppState, f: &SamplingFields) -> Result<SamplingParams, 
     }
     let seed = match f.seed {
         Some(s) => s as u64,
-        None => {
-            // Unseeded requests still differ from each other.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            (t as u64)
-                ^ state
-                    .request_counter
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        }
+        // Unseeded requests still differ from each other.
+        None => crate::ids::random_u64(),
     };
     Ok(SamplingParams {
         temperature,
@@ -585,17 +575,4 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// A random-looking id suffix (no extra crate: time and a counter through SplitMix64).
-pub fn random_id(state: &AppState) -> String {
-    let n = state
-        .request_counter
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut r = gemma4_model::generation::Rng::new(t ^ n.wrapping_mul(0xA24B_AED4_963E_E407));
-    format!("{:016x}{:016x}", r.next_u64(), r.next_u64())
 }
