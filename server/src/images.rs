@@ -21,14 +21,13 @@ use axum::body::Bytes;
 use axum::http::{header, Request, StatusCode, Uri};
 use base64::Engine as _;
 use gemma4_model::vision::preprocess::{
-    decode_image, preprocess, DecodeLimits, ImageProcessorConfig, SUPPORTED_SOFT_TOKENS,
+    decode_image, preprocess, DecodeLimits, ImageProcessorConfig,
 };
 use gemma4_model::vision::PreprocessedImage;
 use http_body_util::{BodyExt, Empty};
-use serde_json::Value;
 use tokio_rustls::rustls::{self, pki_types};
 
-use super::error::ApiError;
+use crate::openai::error::ApiError;
 
 /// What the HTTP side knows of the checkpoint's vision side.
 #[derive(Debug, Clone)]
@@ -140,25 +139,6 @@ pub struct ImageRef {
     pub url: String,
 }
 
-/// The URL of an image content part: chat `{"type": "image_url", "image_url": {"url"}}` or
-/// `"image_url": "..."`; Responses `{"type": "input_image", "image_url": "..."}`; the HF-style
-/// `{"type": "image", "url" | "image" | "image_url": ...}`.
-pub fn part_url(part: &Value) -> Result<String, String> {
-    let field = ["image_url", "url", "image"]
-        .iter()
-        .find_map(|k| part.get(*k).filter(|v| !v.is_null()));
-    let url = match field {
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
-        _ => None,
-    };
-    match url {
-        Some(u) if !u.trim().is_empty() => Ok(u.trim().to_string()),
-        _ if part.get("file_id").is_some() => Err("images given by `file_id` are not supported: send a data: URL".into()),
-        _ => Err("the image part has no URL (expected `image_url: {\"url\": \"data:image/png;base64,...\"}`)".into()),
-    }
-}
-
 /// Checks the request-level rules before any work: a vision tower, the per-prompt limit, and
 /// the URL schemes the server takes.
 pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), ApiError> {
@@ -203,35 +183,6 @@ pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), Api
         }
     }
     Ok(())
-}
-
-/// `mm_processor_kwargs.max_soft_tokens`, or the checkpoint's default (validated even without
-/// images).
-pub fn soft_token_budget(
-    settings: &ImageSettings,
-    mm: Option<&Value>,
-) -> Result<Option<usize>, ApiError> {
-    let bad = |msg: String| ApiError::bad_request(msg).param("mm_processor_kwargs");
-    let requested = match mm {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => match o.get("max_soft_tokens") {
-            None | Some(Value::Null) => None,
-            Some(v) => {
-                let n = v
-                    .as_u64()
-                    .filter(|n| SUPPORTED_SOFT_TOKENS.contains(&(*n as usize)));
-                match n {
-                    Some(n) => Some(n as usize),
-                    None => return Err(bad(format!("mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560 or 1120, not {v}"))),
-                }
-            }
-        },
-        Some(_) => return Err(bad("mm_processor_kwargs must be an object".into())),
-    };
-    Ok(requested.or(settings
-        .vision
-        .as_ref()
-        .map(|v| v.processor.max_soft_tokens)))
 }
 
 /// Fetches (http), decodes and preprocesses every image, in order; the decoding runs on the

@@ -4,9 +4,14 @@
 
 pub mod bench;
 pub mod chat_template;
+pub mod choices;
 pub mod engine;
 pub mod http;
 pub mod ids;
+pub mod images;
+pub mod openai;
+pub mod output;
 pub mod parser;
+pub mod prompt;
 pub mod serve;
 pub mod synth;

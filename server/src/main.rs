@@ -141,10 +141,10 @@ enum Command {
         #[arg(long)]
         image_ca_file: Option<PathBuf>,
         /// Images per request; a request with more gets a 400.
-        #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_LIMIT_PER_PROMPT)]
+        #[arg(long, default_value_t = gemma4_server::images::DEFAULT_LIMIT_PER_PROMPT)]
         limit_images_per_prompt: usize,
         /// Seconds the fetch of one image URL may take (with --allow-image-urls).
-        #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_FETCH_TIMEOUT_SECS)]
+        #[arg(long, default_value_t = gemma4_server::images::DEFAULT_FETCH_TIMEOUT_SECS)]
         image_fetch_timeout: u64,
         /// Test mode: answer every request with this text instead of running the model.
         #[arg(long, hide = true)]

@@ -70,7 +70,7 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         .max_model_len
         .unwrap_or(meta.max_position_embeddings)
         .min(meta.max_position_embeddings);
-    let mut images = http::images::ImageSettings::new(
+    let mut images = crate::images::ImageSettings::new(
         meta.vision,
         meta.image_token_id,
         args.allow_image_urls,
@@ -100,7 +100,7 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         default_sampling: meta.default_sampling,
         metrics: Default::default(),
         kv_capacity: args.max_num_seqs * max_model_len * meta.num_layers,
-        created: http::run::now_secs(),
+        created: http::now_secs(),
         images,
     })
 }
@@ -116,7 +116,7 @@ pub struct ModelMeta {
     /// The config's image placeholder id (also for text-only checkpoints).
     pub image_token_id: Option<u32>,
     /// Present when the checkpoint takes images.
-    pub vision: Option<http::images::VisionMeta>,
+    pub vision: Option<crate::images::VisionMeta>,
 }
 
 /// The vision side of a checkpoint: its placeholder ids and the image processor config, when the
@@ -125,7 +125,7 @@ fn vision_meta(
     dir: &std::path::Path,
     config: &gemma4_model::ModelConfig,
     has_tower: bool,
-) -> Result<Option<http::images::VisionMeta>> {
+) -> Result<Option<crate::images::VisionMeta>> {
     if !has_tower {
         return Ok(None);
     }
@@ -139,7 +139,7 @@ fn vision_meta(
     };
     let processor = gemma4_model::vision::preprocess::ImageProcessorConfig::from_dir(dir)
         .map_err(|e| anyhow::anyhow!("image processor config: {e}"))?;
-    Ok(Some(http::images::VisionMeta {
+    Ok(Some(crate::images::VisionMeta {
         image_token_id: image,
         boi_token_id: boi,
         eoi_token_id: eoi,

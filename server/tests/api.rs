@@ -946,13 +946,8 @@ fn https_image_urls() {
         "TLS handshake",
     );
     // A file without certificates is refused at startup, naming it.
-    let mut settings = gemma4_server::http::images::ImageSettings::new(
-        None,
-        None,
-        true,
-        8,
-        Duration::from_secs(1),
-    );
+    let mut settings =
+        gemma4_server::images::ImageSettings::new(None, None, true, 8, Duration::from_secs(1));
     let e = settings
         .add_ca_file(&tls_dir.join("README.md"))
         .unwrap_err();

@@ -3,12 +3,8 @@
 //! OpenAI error objects everywhere.
 
 pub mod chat;
-pub mod error;
-pub mod images;
 pub mod metrics;
 pub mod responses;
-pub mod run;
-pub mod types;
 
 use std::sync::Arc;
 
@@ -24,10 +20,12 @@ use utoipa::OpenApi;
 
 use crate::chat_template::ChatTemplate;
 use crate::engine::Engine;
-use crate::parser::SpecialTokens;
-use error::ApiError;
+use crate::images;
+use crate::openai::error::{self, ApiError};
+use crate::openai::protocol::*;
+use crate::output::SpecialTokens;
+use crate::prompt::{self, PromptContext};
 use gemma4_model::SamplingParams;
-use types::*;
 
 pub struct AppState {
     pub engine: Engine,
@@ -49,6 +47,14 @@ pub struct AppState {
 }
 
 impl AppState {
+    pub fn prompt_context(&self) -> PromptContext<'_> {
+        PromptContext {
+            tokenizer: &self.tokenizer,
+            template: self.template.as_ref(),
+            images: &self.images,
+        }
+    }
+
     /// `model` may be the served name or left out.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
@@ -178,23 +184,11 @@ async fn tokenize(
             .map_err(|e| ApiError::bad_request(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec(),
-        (None, Some(m)) => {
-            let thinking = req
-                .chat_template_kwargs
-                .as_ref()
-                .and_then(|k| k.get("enable_thinking"))
-                .and_then(|v| v.as_bool());
-            run::chat_prompt(
-                &state,
-                m,
-                None,
-                None,
-                thinking,
-                req.chat_template_kwargs.as_ref(),
-                req.mm_processor_kwargs.as_ref(),
-            )
-            .await?
-            .ids
+        (None, Some(_)) => {
+            let conversation = req.conversation()?;
+            prompt::build(&state.prompt_context(), &conversation)
+                .await?
+                .ids
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -267,4 +261,11 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

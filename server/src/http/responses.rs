@@ -1,7 +1,9 @@
 //! `POST /v1/responses`: input as a string or a list of items, `instructions`, reasoning items,
 //! `max_output_tokens`, function calls, and the streaming events from `response.created` to
-//! `response.completed` (or `response.incomplete` / `response.failed`).
+//! `response.completed` (or `response.incomplete` / `response.failed`), read straight from the
+//! [`Choices`] stream.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -10,15 +12,14 @@ use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-use super::error::{ApiError, ErrorBody};
-use super::run::{self, ChoiceEvent, GenParams, SamplingFields};
-use super::types::*;
 use super::AppState;
-use crate::engine::Penalties;
+use crate::choices::{self, ChoiceDelta, ChoiceDone, ChoiceUpdate, Choices};
+use crate::openai::error::{ApiError, ErrorBody};
+use crate::openai::protocol::*;
+use crate::prompt;
 
 #[utoipa::path(post, path = "/v1/responses", request_body = ResponsesRequest,
     responses((status = 200, description = "A response object, or a stream of response events", body = ResponseObject),
@@ -36,467 +37,288 @@ pub async fn responses(
     }
 }
 
-fn text_of(content: &Value) -> Result<Value, ApiError> {
-    match content {
-        Value::String(_) => Ok(content.clone()),
-        Value::Array(parts) => {
-            let mut out = vec![];
-            for p in parts {
-                match p.get("type").and_then(Value::as_str) {
-                    Some("input_text" | "output_text" | "text") => out.push(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(Value::Null)})),
-                    // Passed on as a chat image part; `chat_prompt` checks and loads it.
-                    Some("input_image" | "image_url" | "image") => out.push(p.clone()),
-                    other => return Err(ApiError::bad_request(format!("unsupported content part type {other:?}")).param("input")),
-                }
-            }
-            Ok(Value::Array(out))
-        }
-        _ => Err(
-            ApiError::bad_request("message content must be a string or a list of parts")
-                .param("input"),
-        ),
-    }
-}
-
-/// Responses input items to chat messages, and the name of each message's item (`input[3]`)
-/// for error messages.
-fn to_messages(req: &ResponsesRequest) -> Result<(Vec<Value>, Vec<String>), ApiError> {
-    let mut msgs = vec![];
-    let mut labels = vec![];
-    if let Some(i) = &req.instructions {
-        msgs.push(json!({"role": "system", "content": i}));
-        labels.push("instructions".to_string());
-    }
-    match &req.input {
-        Value::String(s) => {
-            msgs.push(json!({"role": "user", "content": s}));
-            labels.push("input".to_string());
-        }
-        Value::Array(items) => {
-            for (n, item) in items.iter().enumerate() {
-                let kind = item
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("message");
-                match kind {
-                    "message" => {
-                        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| {
-                            ApiError::bad_request(format!("input[{n}]: missing role"))
-                                .param("input")
-                        })?;
-                        msgs.push(json!({"role": role, "content": text_of(item.get("content").unwrap_or(&Value::Null))?}));
-                        labels.push(format!("input[{n}]"));
-                    }
-                    "function_call" => {
-                        let call = json!({"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}});
-                        // Consecutive calls belong to one assistant message.
-                        match msgs.last_mut() {
-                            Some(last)
-                                if last.get("role") == Some(&json!("assistant"))
-                                    && last.get("tool_calls").is_some() =>
-                            {
-                                if let Some(Value::Array(calls)) = last.get_mut("tool_calls") {
-                                    calls.push(call);
-                                }
-                            }
-                            _ => {
-                                msgs.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
-                                labels.push(format!("input[{n}]"));
-                            }
-                        }
-                    }
-                    "function_call_output" => {
-                        let output = match item.get("output") {
-                            Some(Value::String(s)) => s.clone(),
-                            Some(v) => v.to_string(),
-                            None => String::new(),
-                        };
-                        msgs.push(json!({"role": "tool", "tool_call_id": item.get("call_id"), "content": output}));
-                        labels.push(format!("input[{n}]"));
-                    }
-                    "reasoning" => {} // earlier reasoning is not re-sent to the model
-                    other => {
-                        return Err(ApiError::bad_request(format!(
-                            "input[{n}]: unsupported item type `{other}`"
-                        ))
-                        .param("input"))
-                    }
-                }
-            }
-        }
-        _ => {
-            return Err(
-                ApiError::bad_request("`input` must be a string or a list of items").param("input"),
-            )
-        }
-    }
-    Ok((msgs, labels))
-}
-
-/// Responses tools are flat ({type, name, description, parameters}); the template takes chat-style ones.
-fn chat_tools(tools: &[Value]) -> Vec<Value> {
-    tools
-        .iter()
-        .filter(|t| t.get("type").and_then(Value::as_str) == Some("function"))
-        .map(|t| match t.get("function") {
-            Some(_) => t.clone(),
-            None => json!({"type": "function", "function": {"name": t.get("name"), "description": t.get("description"), "parameters": t.get("parameters")}}),
-        })
-        .collect()
-}
-
-struct Built {
-    output: Vec<Value>,
-    status: String,
-    usage: ResponseUsage,
-    incomplete: Option<IncompleteDetails>,
-}
-
-fn base(state: &AppState, req: &ResponsesRequest, id: &str, status: &str) -> ResponseObject {
-    ResponseObject {
-        id: id.to_string(),
-        object: "response".into(),
-        created_at: run::now_secs(),
-        status: status.into(),
-        model: state.served_model_name.clone(),
-        output: vec![],
-        usage: None,
-        incomplete_details: None,
-        error: None,
-        instructions: req.instructions.clone(),
-        max_output_tokens: req.max_output_tokens,
-        parallel_tool_calls: true,
-        tools: req.tools.clone().unwrap_or_default(),
-        tool_choice: req.tool_choice.clone().unwrap_or(json!("auto")),
-        temperature: req.temperature,
-        top_p: req.top_p,
-    }
-}
-
 async fn handle(
     state: Arc<AppState>,
     payload: Result<Json<ResponsesRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
-    let (messages, labels) = to_messages(&req)?;
-    let tools = req.tools.as_deref().map(chat_tools);
-    let thinking = req
-        .reasoning
-        .as_ref()
-        .and_then(|r| r.effort.as_ref())
-        .map(|e| e != "none");
-    let prompt = run::chat_prompt(
-        &state,
-        &messages,
-        Some(&labels),
-        tools.as_deref(),
-        thinking,
-        None,
-        req.mm_processor_kwargs.as_ref(),
-    )
-    .await
-    .map_err(|e| {
-        if e.param.as_deref() == Some("messages") {
-            e.param("input")
-        } else {
-            e
-        }
-    })?;
-    let sampling = run::sampling(
-        &state,
-        &SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: None,
-            min_p: None,
-            seed: req.seed,
-        },
-    )?;
-    let params = GenParams {
-        max_tokens: run::max_tokens(&state, prompt.ids.len(), req.max_output_tokens)?,
-        sampling,
-        penalties: Penalties::none(),
-        stop: vec![],
-        logprobs: None,
-        ignore_eos: false,
-        forced_prefix: run::forced_tool_prefix(
-            &state,
-            req.tool_choice.as_ref(),
-            req.tools.as_deref(),
-        )?,
+    let g = req.validate(&state.default_sampling)?;
+    let prompt = prompt::build(&state.prompt_context(), &g.conversation).await?;
+    let choices = choices::submit(&state, &prompt, &g)?;
+    let base = ResponseObject {
+        id: crate::ids::random_id("resp_"),
+        object: "response".into(),
+        created_at: super::now_secs(),
+        status: "in_progress".into(),
+        model: state.served_model_name.clone(),
+        output: vec![],
+        usage: None,
+        incomplete_details: None,
+        error: None,
+        instructions: req.instructions,
+        max_output_tokens: req.max_output_tokens,
+        parallel_tool_calls: true,
+        tools: req.tools.unwrap_or_default(),
+        tool_choice: req
+            .tool_choice
+            .unwrap_or(ResponsesToolChoice::Mode(ToolChoiceMode::Auto)),
+        temperature: req.temperature,
+        top_p: req.top_p,
     };
-    let handle = run::submit(&state, run::engine_request(&state, &prompt, &params, 0))?;
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(run::run_choice(
-        state.clone(),
-        handle,
-        0,
-        prompt.ids.len(),
-        vec![],
-        tx,
-    ));
-    let id = crate::ids::random_id("resp_");
-    if req.stream.unwrap_or(false) {
-        Ok(stream(state, req, id, rx).into_response())
+    let events = ResponseEvents::new(base);
+    if g.stream {
+        Ok(Sse::new(stream(events, choices)).into_response())
     } else {
-        let b = collect(rx).await?;
-        let mut r = base(&state, &req, &id, &b.status);
-        r.output = b.output;
-        r.usage = Some(b.usage);
-        r.incomplete_details = b.incomplete;
-        Ok(Json(r).into_response())
+        Ok(Json(collect(events, choices).await?).into_response())
     }
+}
+
+async fn collect(mut ev: ResponseEvents, mut choices: Choices) -> Result<ResponseObject, ApiError> {
+    while let Some((_, update)) = choices.next().await {
+        match update {
+            ChoiceUpdate::Delta(d) => {
+                ev.delta(d);
+            }
+            ChoiceUpdate::Done(d) => {
+                ev.done(d);
+                return Ok(ev.response);
+            }
+            ChoiceUpdate::Error(e) => return Err(e),
+        }
+    }
+    Err(ApiError::internal("the request ended without finishing"))
+}
+
+/// The events of a response (`event: TYPE` + `data: {..., "type", "sequence_number"}`), then
+/// the end of the stream.
+fn stream(
+    mut events: ResponseEvents,
+    choices: Choices,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let start = events.start();
+    stream::unfold(
+        (events, choices, VecDeque::from(start), false),
+        |(mut ev, mut choices, mut queued, mut ended)| async move {
+            loop {
+                if let Some(frame) = queued.pop_front() {
+                    let event = ev.emit(frame);
+                    return Some((Ok(event), (ev, choices, queued, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                let frames = match choices.next().await {
+                    Some((_, ChoiceUpdate::Delta(d))) => ev.delta(d),
+                    Some((_, ChoiceUpdate::Done(d))) => {
+                        ended = true;
+                        ev.done(d)
+                    }
+                    Some((_, ChoiceUpdate::Error(e))) => {
+                        ended = true;
+                        ev.failed(e)
+                    }
+                    None => {
+                        ended = true;
+                        ev.failed(ApiError::internal("the request ended without finishing"))
+                    }
+                };
+                queued.extend(frames);
+            }
+        },
+    )
+}
+
+/// A response being built from its choice's updates: the output items in order, and the
+/// streaming events that open, fill and close them.
+struct ResponseEvents {
+    response: ResponseObject,
+    reasoning: String,
+    content: String,
+    reasoning_idx: Option<usize>,
+    message_idx: Option<usize>,
+    done_reasoning: bool,
+    rs_id: String,
+    msg_id: String,
+    seq: u64,
 }
 
 fn item_id(prefix: &str) -> String {
     crate::ids::random_id(&format!("{prefix}_"))
 }
 
-async fn collect(mut rx: mpsc::Receiver<(usize, ChoiceEvent)>) -> Result<Built, ApiError> {
-    let (mut reasoning, mut content) = (String::new(), String::new());
-    let mut calls = vec![];
-    while let Some((_, ev)) = rx.recv().await {
-        match ev {
-            ChoiceEvent::Delta {
-                reasoning: r,
-                content: c,
-                tool_calls,
-                ..
-            } => {
-                reasoning.push_str(&r);
-                content.push_str(&c);
-                calls.extend(tool_calls);
-            }
-            ChoiceEvent::Done {
-                finish_reason,
-                completion_tokens,
-                reasoning_tokens,
-                prompt_tokens,
-            } => {
-                let mut output = vec![];
-                if !reasoning.is_empty() {
-                    output.push(reasoning_item(&item_id("rs"), &reasoning));
-                }
-                if !content.is_empty() || calls.is_empty() {
-                    output.push(message_item(&item_id("msg"), &content, "completed"));
-                }
-                for c in &calls {
-                    output.push(call_item(&item_id("fc"), c, "completed"));
-                }
-                let incomplete = finish_reason == "length";
-                return Ok(Built {
-                    output,
-                    status: if incomplete {
-                        "incomplete"
-                    } else {
-                        "completed"
-                    }
-                    .into(),
-                    usage: usage(prompt_tokens, completion_tokens, reasoning_tokens),
-                    incomplete: incomplete.then(|| IncompleteDetails {
-                        reason: "max_output_tokens".into(),
-                    }),
-                });
-            }
-            ChoiceEvent::Error(e) => return Err(e),
+impl ResponseEvents {
+    fn new(response: ResponseObject) -> Self {
+        ResponseEvents {
+            response,
+            reasoning: String::new(),
+            content: String::new(),
+            reasoning_idx: None,
+            message_idx: None,
+            done_reasoning: false,
+            rs_id: item_id("rs"),
+            msg_id: item_id("msg"),
+            seq: 0,
         }
     }
-    Err(ApiError::internal("the request ended without finishing"))
-}
 
-fn usage(prompt: usize, completion: usize, reasoning: usize) -> ResponseUsage {
-    ResponseUsage {
-        input_tokens: prompt,
-        output_tokens: completion,
-        total_tokens: prompt + completion,
-        input_tokens_details: InputTokensDetails { cached_tokens: 0 },
-        output_tokens_details: OutputTokensDetails {
-            reasoning_tokens: reasoning,
-        },
+    /// One SSE event: named by the frame's type, numbered in order.
+    fn emit(&mut self, mut frame: Value) -> Event {
+        let kind = frame["type"].as_str().unwrap_or("").to_string();
+        frame["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        Event::default().event(kind).data(frame.to_string())
+    }
+
+    fn start(&mut self) -> Vec<Value> {
+        let r = &self.response;
+        vec![
+            json!({"type": "response.created", "response": r}),
+            json!({"type": "response.in_progress", "response": r}),
+        ]
+    }
+
+    fn output(&mut self) -> &mut Vec<Value> {
+        &mut self.response.output
+    }
+
+    fn close_reasoning(&mut self, frames: &mut Vec<Value>) {
+        if self.done_reasoning {
+            return;
+        }
+        self.done_reasoning = true;
+        let Some(idx) = self.reasoning_idx else {
+            return;
+        };
+        let (rs_id, text) = (&self.rs_id, &self.reasoning);
+        frames.push(json!({"type": "response.reasoning_text.done", "item_id": rs_id, "output_index": idx, "content_index": 0, "text": text}));
+        let item = reasoning_item(rs_id, text);
+        frames
+            .push(json!({"type": "response.output_item.done", "output_index": idx, "item": item}));
+        self.response.output[idx] = item;
+    }
+
+    fn open_message(&mut self, frames: &mut Vec<Value>) -> usize {
+        if let Some(idx) = self.message_idx {
+            return idx;
+        }
+        let msg_id = self.msg_id.clone();
+        let item = json!({"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []});
+        self.output().push(item.clone());
+        let idx = self.response.output.len() - 1;
+        frames
+            .push(json!({"type": "response.output_item.added", "output_index": idx, "item": item}));
+        frames.push(json!({"type": "response.content_part.added", "item_id": msg_id, "output_index": idx, "content_index": 0,
+                           "part": {"type": "output_text", "text": "", "annotations": []}}));
+        self.message_idx = Some(idx);
+        idx
+    }
+
+    fn delta(&mut self, d: ChoiceDelta) -> Vec<Value> {
+        let mut frames = vec![];
+        if !d.reasoning.is_empty() {
+            let idx = match self.reasoning_idx {
+                Some(idx) => idx,
+                None => {
+                    let item = json!({"type": "reasoning", "id": self.rs_id, "summary": [], "content": [], "status": "in_progress"});
+                    self.output().push(item.clone());
+                    let idx = self.response.output.len() - 1;
+                    frames.push(json!({"type": "response.output_item.added", "output_index": idx, "item": item}));
+                    self.reasoning_idx = Some(idx);
+                    idx
+                }
+            };
+            self.reasoning.push_str(&d.reasoning);
+            frames.push(json!({"type": "response.reasoning_text.delta", "item_id": self.rs_id, "output_index": idx, "content_index": 0, "delta": d.reasoning}));
+        }
+        if !d.content.is_empty() || !d.tool_calls.is_empty() {
+            self.close_reasoning(&mut frames);
+        }
+        if !d.content.is_empty() {
+            let idx = self.open_message(&mut frames);
+            self.content.push_str(&d.content);
+            frames.push(json!({"type": "response.output_text.delta", "item_id": self.msg_id, "output_index": idx, "content_index": 0, "delta": d.content, "logprobs": []}));
+        }
+        for call in d.tool_calls {
+            let fc_id = item_id("fc");
+            let idx = self.response.output.len();
+            let added = json!({"type": "function_call", "id": fc_id, "call_id": call.id, "name": call.function.name, "arguments": "", "status": "in_progress"});
+            self.output().push(added.clone());
+            frames.push(
+                json!({"type": "response.output_item.added", "output_index": idx, "item": added}),
+            );
+            frames.push(json!({"type": "response.function_call_arguments.delta", "item_id": fc_id, "output_index": idx, "delta": call.function.arguments}));
+            frames.push(json!({"type": "response.function_call_arguments.done", "item_id": fc_id, "output_index": idx, "arguments": call.function.arguments}));
+            let done = json!({"type": "function_call", "id": fc_id, "call_id": call.id, "name": call.function.name, "arguments": call.function.arguments, "status": "completed"});
+            self.response.output[idx] = done.clone();
+            frames.push(
+                json!({"type": "response.output_item.done", "output_index": idx, "item": done}),
+            );
+        }
+        frames
+    }
+
+    fn done(&mut self, d: ChoiceDone) -> Vec<Value> {
+        let mut frames = vec![];
+        self.close_reasoning(&mut frames);
+        let calls = self
+            .response
+            .output
+            .iter()
+            .any(|o| o["type"] == "function_call");
+        if self.message_idx.is_none() && !calls {
+            // An empty answer still gets its message item.
+            self.open_message(&mut frames);
+        }
+        let incomplete = d.finish_reason == "length";
+        let status = if incomplete {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        if let Some(idx) = self.message_idx {
+            let (msg_id, content) = (&self.msg_id, &self.content);
+            let part =
+                json!({"type": "output_text", "text": content, "annotations": [], "logprobs": []});
+            frames.push(json!({"type": "response.output_text.done", "item_id": msg_id, "output_index": idx, "content_index": 0, "text": content, "logprobs": []}));
+            frames.push(json!({"type": "response.content_part.done", "item_id": msg_id, "output_index": idx, "content_index": 0, "part": part}));
+            let item = json!({"type": "message", "id": msg_id, "status": status, "role": "assistant", "content": [part]});
+            frames.push(
+                json!({"type": "response.output_item.done", "output_index": idx, "item": item}),
+            );
+            self.response.output[idx] = item;
+        }
+        let r = &mut self.response;
+        r.status = status.into();
+        r.usage = Some(ResponseUsage {
+            input_tokens: d.prompt_tokens,
+            output_tokens: d.completion_tokens,
+            total_tokens: d.prompt_tokens + d.completion_tokens,
+            input_tokens_details: InputTokensDetails { cached_tokens: 0 },
+            output_tokens_details: OutputTokensDetails {
+                reasoning_tokens: d.reasoning_tokens,
+            },
+        });
+        r.incomplete_details = incomplete.then(|| IncompleteDetails {
+            reason: "max_output_tokens".into(),
+        });
+        let kind = if incomplete {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        frames.push(json!({"type": kind, "response": r}));
+        frames
+    }
+
+    fn failed(&mut self, e: ApiError) -> Vec<Value> {
+        let r = &mut self.response;
+        r.status = "failed".into();
+        r.error = Some(json!({"code": "server_error", "message": e.message}));
+        vec![json!({"type": "response.failed", "response": r})]
     }
 }
 
 fn reasoning_item(id: &str, text: &str) -> Value {
     json!({"type": "reasoning", "id": id, "summary": [], "content": [{"type": "reasoning_text", "text": text}], "status": "completed"})
-}
-
-fn message_item(id: &str, text: &str, status: &str) -> Value {
-    json!({"type": "message", "id": id, "status": status, "role": "assistant",
-           "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
-}
-
-fn call_item(id: &str, c: &ToolCallChunk, status: &str) -> Value {
-    json!({"type": "function_call", "id": id, "call_id": c.id, "name": c.function.name, "arguments": c.function.arguments, "status": status})
-}
-
-/// Streams the Responses events. Each event is `event: TYPE` + `data: {..., "type", "sequence_number"}`.
-fn stream(
-    state: Arc<AppState>,
-    req: ResponsesRequest,
-    id: String,
-    mut rx: mpsc::Receiver<(usize, ChoiceEvent)>,
-) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
-    let (out_tx, out_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let mut seq = 0u64;
-        let mut emit = |mut v: Value| {
-            let kind = v["type"].as_str().unwrap_or("").to_string();
-            v["sequence_number"] = json!(seq);
-            seq += 1;
-            Ok::<_, Infallible>(Event::default().event(kind).data(v.to_string()))
-        };
-        let mut sends = vec![];
-        let start = base(&state, &req, &id, "in_progress");
-        sends.push(emit(json!({"type": "response.created", "response": start})));
-        sends.push(emit(
-            json!({"type": "response.in_progress", "response": start}),
-        ));
-        for s in sends.drain(..) {
-            if out_tx.send(s).await.is_err() {
-                return;
-            }
-        }
-        // Open items, in output order.
-        let mut output: Vec<Value> = vec![];
-        let (mut reasoning, mut content) = (String::new(), String::new());
-        let mut reasoning_idx: Option<usize> = None;
-        let mut message_idx: Option<usize> = None;
-        let (rs_id, msg_id) = (item_id("rs"), item_id("msg"));
-        let mut frames: Vec<Value> = vec![];
-        let close_reasoning = |idx: usize,
-                               text: &str,
-                               frames: &mut Vec<Value>,
-                               output: &mut Vec<Value>| {
-            frames.push(json!({"type": "response.reasoning_text.done", "item_id": rs_id, "output_index": idx, "content_index": 0, "text": text}));
-            let item = reasoning_item(&rs_id, text);
-            output[idx] = item.clone();
-            frames.push(
-                json!({"type": "response.output_item.done", "output_index": idx, "item": item}),
-            );
-        };
-        let mut done_reasoning = false;
-        while let Some((_, ev)) = rx.recv().await {
-            match ev {
-                ChoiceEvent::Delta {
-                    reasoning: r,
-                    content: c,
-                    tool_calls,
-                    ..
-                } => {
-                    if !r.is_empty() {
-                        let idx = *reasoning_idx.get_or_insert_with(|| {
-                            output.push(json!({"type": "reasoning", "id": rs_id, "summary": [], "content": [], "status": "in_progress"}));
-                            frames.push(json!({"type": "response.output_item.added", "output_index": output.len() - 1, "item": output[output.len() - 1]}));
-                            output.len() - 1
-                        });
-                        reasoning.push_str(&r);
-                        frames.push(json!({"type": "response.reasoning_text.delta", "item_id": rs_id, "output_index": idx, "content_index": 0, "delta": r}));
-                    }
-                    if (!c.is_empty() || !tool_calls.is_empty()) && !done_reasoning {
-                        if let Some(idx) = reasoning_idx {
-                            close_reasoning(idx, &reasoning, &mut frames, &mut output);
-                        }
-                        done_reasoning = true;
-                    }
-                    if !c.is_empty() {
-                        let idx = *message_idx.get_or_insert_with(|| {
-                            output.push(json!({"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}));
-                            frames.push(json!({"type": "response.output_item.added", "output_index": output.len() - 1, "item": output[output.len() - 1]}));
-                            frames.push(json!({"type": "response.content_part.added", "item_id": msg_id, "output_index": output.len() - 1, "content_index": 0,
-                                               "part": {"type": "output_text", "text": "", "annotations": []}}));
-                            output.len() - 1
-                        });
-                        content.push_str(&c);
-                        frames.push(json!({"type": "response.output_text.delta", "item_id": msg_id, "output_index": idx, "content_index": 0, "delta": c, "logprobs": []}));
-                    }
-                    for call in tool_calls {
-                        let fc_id = item_id("fc");
-                        let idx = output.len();
-                        output.push(call_item(&fc_id, &call, "in_progress"));
-                        frames.push(json!({"type": "response.output_item.added", "output_index": idx, "item": call_item(&fc_id, &ToolCallChunk { function: FunctionCall { arguments: String::new(), ..call.function.clone() }, ..call.clone() }, "in_progress")}));
-                        frames.push(json!({"type": "response.function_call_arguments.delta", "item_id": fc_id, "output_index": idx, "delta": call.function.arguments}));
-                        frames.push(json!({"type": "response.function_call_arguments.done", "item_id": fc_id, "output_index": idx, "arguments": call.function.arguments}));
-                        let done = call_item(&fc_id, &call, "completed");
-                        output[idx] = done.clone();
-                        frames.push(json!({"type": "response.output_item.done", "output_index": idx, "item": done}));
-                    }
-                }
-                ChoiceEvent::Done {
-                    finish_reason,
-                    completion_tokens,
-                    reasoning_tokens,
-                    prompt_tokens,
-                } => {
-                    if !done_reasoning {
-                        if let Some(idx) = reasoning_idx {
-                            close_reasoning(idx, &reasoning, &mut frames, &mut output);
-                        }
-                    }
-                    if message_idx.is_none() && output.iter().all(|o| o["type"] != "function_call")
-                    {
-                        // An empty answer still gets its message item.
-                        output.push(json!({"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}));
-                        frames.push(json!({"type": "response.output_item.added", "output_index": output.len() - 1, "item": output[output.len() - 1]}));
-                        frames.push(json!({"type": "response.content_part.added", "item_id": msg_id, "output_index": output.len() - 1, "content_index": 0,
-                                           "part": {"type": "output_text", "text": "", "annotations": []}}));
-                        message_idx = Some(output.len() - 1);
-                    }
-                    let incomplete = finish_reason == "length";
-                    if let Some(idx) = message_idx {
-                        let part = json!({"type": "output_text", "text": content, "annotations": [], "logprobs": []});
-                        frames.push(json!({"type": "response.output_text.done", "item_id": msg_id, "output_index": idx, "content_index": 0, "text": content, "logprobs": []}));
-                        frames.push(json!({"type": "response.content_part.done", "item_id": msg_id, "output_index": idx, "content_index": 0, "part": part}));
-                        let item = message_item(
-                            &msg_id,
-                            &content,
-                            if incomplete {
-                                "incomplete"
-                            } else {
-                                "completed"
-                            },
-                        );
-                        output[idx] = item.clone();
-                        frames.push(json!({"type": "response.output_item.done", "output_index": idx, "item": item}));
-                    }
-                    let mut r = base(
-                        &state,
-                        &req,
-                        &id,
-                        if incomplete {
-                            "incomplete"
-                        } else {
-                            "completed"
-                        },
-                    );
-                    r.output = output.clone();
-                    r.usage = Some(usage(prompt_tokens, completion_tokens, reasoning_tokens));
-                    r.incomplete_details = incomplete.then(|| IncompleteDetails {
-                        reason: "max_output_tokens".into(),
-                    });
-                    frames.push(json!({"type": if incomplete { "response.incomplete" } else { "response.completed" }, "response": r}));
-                    for f in frames.drain(..) {
-                        let _ = out_tx.send(emit(f)).await;
-                    }
-                    return;
-                }
-                ChoiceEvent::Error(e) => {
-                    let mut r = base(&state, &req, &id, "failed");
-                    r.output = output.clone();
-                    r.error = Some(json!({"code": "server_error", "message": e.message}));
-                    frames.push(json!({"type": "response.failed", "response": r}));
-                    for f in frames.drain(..) {
-                        let _ = out_tx.send(emit(f)).await;
-                    }
-                    return;
-                }
-            }
-            for f in frames.drain(..) {
-                if out_tx.send(emit(f)).await.is_err() {
-                    return; // client gone: dropping rx cancels the request
-                }
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(out_rx))
 }

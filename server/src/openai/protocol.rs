@@ -1,6 +1,9 @@
-//! Request and response types of the OpenAI-compatible API. The handlers deserialize and
-//! serialize exactly these, and `/openapi.json` is generated from them (utoipa). Unknown request
-//! fields are accepted and ignored, as vLLM does.
+//! The wire types of the OpenAI-compatible API. Requests are typed down to their content parts,
+//! so a malformed request is refused by serde with the path of the bad field
+//! (`messages[0].content[1].image_url: ...`) before any work, and `/openapi.json` (utoipa)
+//! documents these types as they are. Unknown request fields are accepted and ignored, as vLLM
+//! does. What serde cannot check (ranges, cross-field rules) is checked once in
+//! [`super::request`], which turns a request into the one validated form the rest of the path uses.
 
 use std::collections::HashMap;
 
@@ -8,69 +11,367 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+/// A stop string or a list of them.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
-pub enum StopSpec {
+pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-impl StopSpec {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            StopSpec::One(s) => vec![s],
-            StopSpec::Many(v) => v,
+#[derive(Debug, Clone, Deserialize, ToSchema, Default)]
+pub struct StreamOptions {
+    /// A last chunk with the usage of the whole request and no choices.
+    pub include_usage: Option<bool>,
+}
+
+/// One chat message. Deserialized through [`RawMessage`] so that a bad field is reported by
+/// its own path and a missing one by its name.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "role", rename_all = "lowercase", try_from = "RawMessage")]
+pub enum Message {
+    System {
+        content: Content,
+    },
+    /// Treated as `system` (the template has no developer role).
+    Developer {
+        content: Content,
+    },
+    User {
+        content: Content,
+    },
+    Assistant {
+        content: Option<Content>,
+        /// Earlier thinking, passed to the template (it decides whether to render it).
+        /// `reasoning` is accepted as the same field.
+        reasoning_content: Option<String>,
+        #[serde(default)]
+        tool_calls: Vec<ToolCallParam>,
+    },
+    Tool {
+        content: Content,
+        /// The call this answers; without it, `name`, else the position in the run of tool
+        /// messages, picks the call.
+        tool_call_id: Option<String>,
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// The wire form of a message, every field optional; [`Message`] is made from it.
+#[derive(Debug, Deserialize)]
+pub struct RawMessage {
+    role: Role,
+    content: Option<Content>,
+    reasoning_content: Option<String>,
+    reasoning: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallParam>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
+}
+
+impl TryFrom<RawMessage> for Message {
+    type Error = String;
+
+    fn try_from(m: RawMessage) -> Result<Self, String> {
+        let content = |c: Option<Content>| {
+            c.ok_or_else(|| format!("a {:?} message needs `content`", m.role).to_lowercase())
+        };
+        Ok(match m.role {
+            Role::System => Message::System {
+                content: content(m.content)?,
+            },
+            Role::Developer => Message::Developer {
+                content: content(m.content)?,
+            },
+            Role::User => Message::User {
+                content: content(m.content)?,
+            },
+            Role::Assistant => Message::Assistant {
+                content: m.content,
+                reasoning_content: m.reasoning_content.or(m.reasoning),
+                tool_calls: m.tool_calls.unwrap_or_default(),
+            },
+            Role::Tool => Message::Tool {
+                content: content(m.content)?,
+                tool_call_id: m.tool_call_id,
+                name: m.name,
+            },
+        })
+    }
+}
+
+/// Message content: a string, or a list of parts (text and images).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged, try_from = "Value")]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl TryFrom<Value> for Content {
+    type Error = String;
+
+    /// By hand, so that a bad part is named by its index (an untagged enum would only say that
+    /// nothing matched).
+    fn try_from(v: Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(Content::Text(s)),
+            Value::Array(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(j, p)| serde_json::from_value(p).map_err(|e| format!("content[{j}]: {e}")))
+                .collect::<Result<_, _>>()
+                .map(Content::Parts),
+            other => Err(format!(
+                "content must be a string or a list of content parts, not {}",
+                json_kind(&other)
+            )),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema, Default)]
-pub struct StreamOptions {
-    pub include_usage: Option<bool>,
+pub(crate) fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A content part. Chat's `text` / `image_url`, the Responses API's `input_text` /
+/// `output_text` / `input_image`, and the Hugging Face style `image`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text {
+        text: String,
+    },
+    InputText {
+        text: String,
+    },
+    OutputText {
+        text: String,
+    },
+    ImageUrl {
+        image_url: ImageUrl,
+    },
+    InputImage {
+        image_url: Option<String>,
+        /// Not supported (no file store): refused with a message saying so.
+        file_id: Option<String>,
+    },
+    Image {
+        url: Option<String>,
+        image: Option<String>,
+        image_url: Option<ImageUrl>,
+    },
+}
+
+impl ContentPart {
+    /// The text of a text part.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            ContentPart::Text { text }
+            | ContentPart::InputText { text }
+            | ContentPart::OutputText { text } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The URL of an image part: Ok(None) for a text part, Err for an image part without a
+    /// usable URL.
+    pub fn image_url(&self) -> Result<Option<&str>, String> {
+        let url = match self {
+            ContentPart::Text { .. }
+            | ContentPart::InputText { .. }
+            | ContentPart::OutputText { .. } => return Ok(None),
+            ContentPart::ImageUrl { image_url } => image_url.url(),
+            ContentPart::InputImage { image_url, file_id } => {
+                if image_url.is_none() && file_id.is_some() {
+                    return Err(
+                        "images given by `file_id` are not supported: send a data: URL".into(),
+                    );
+                }
+                image_url.as_deref()
+            }
+            ContentPart::Image {
+                url,
+                image,
+                image_url,
+            } => url
+                .as_deref()
+                .or(image.as_deref())
+                .or(image_url.as_ref().and_then(ImageUrl::url)),
+        };
+        match url.map(str::trim) {
+            Some(u) if !u.is_empty() => Ok(Some(u)),
+            _ => Err("the image part has no URL (expected `image_url: {\"url\": \"data:image/png;base64,...\"}`)".into()),
+        }
+    }
+}
+
+/// `"image_url": {"url": ..., "detail": ...}` or `"image_url": "..."`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    Url(String),
+    Object {
+        url: Option<String>,
+        /// Accepted and ignored: the image is always resized to the request's soft-token budget.
+        detail: Option<String>,
+    },
+}
+
+impl ImageUrl {
+    fn url(&self) -> Option<&str> {
+        match self {
+            ImageUrl::Url(u) => Some(u),
+            ImageUrl::Object { url, .. } => url.as_deref(),
+        }
+    }
+}
+
+/// A tool call of an earlier assistant message.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ToolCallParam {
+    pub id: Option<String>,
+    pub function: FunctionCallParam,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct FunctionCallParam {
+    pub name: String,
+    /// JSON text, as the API returned it (an object is accepted too).
+    #[schema(value_type = Object)]
+    pub arguments: Value,
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: FunctionType,
+    pub function: FunctionDef,
+}
+
+/// The only tool type: `"function"`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionType {
+    Function,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `"none"`, `"auto"`, `"required"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    None,
+    Auto,
+    Required,
+}
+
+/// Chat's `tool_choice`: a mode, or `{"type": "function", "function": {"name": ...}}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(ToolChoiceMode),
+    Function {
+        #[serde(rename = "type")]
+        kind: FunctionType,
+        function: NamedFunction,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// `response_format`. Accepted and not enforced yet (structured outputs are issue 13).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema {
+        #[schema(value_type = Object)]
+        json_schema: Value,
+    },
+}
+
+/// vLLM's multimodal processor options.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct MmProcessorKwargs {
+    /// Soft tokens per image: 70, 140, 280, 560 or 1120 (default: the checkpoint's processor
+    /// config).
+    pub max_soft_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
-    /// OpenAI chat messages (system, developer, user, assistant, tool).
-    #[schema(value_type = Vec<Object>)]
-    pub messages: Vec<Value>,
+    pub messages: Vec<Message>,
     pub model: Option<String>,
     /// Wins over `max_tokens`.
     pub max_completion_tokens: Option<u32>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// vLLM extension; 0 or -1 turn it off.
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub seed: Option<i64>,
-    pub stop: Option<StopSpec>,
+    pub stop: Option<Stop>,
+    /// Choices to generate (1 to 16).
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
+    /// Token id (as a string) to a bias in [-100, 100].
     pub logit_bias: Option<HashMap<String, f32>>,
-    #[schema(value_type = Object)]
-    pub response_format: Option<Value>,
-    #[schema(value_type = Vec<Object>)]
-    pub tools: Option<Vec<Value>>,
-    /// "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.
-    #[schema(value_type = Object)]
-    pub tool_choice: Option<Value>,
+    pub response_format: Option<ResponseFormat>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    /// Accepted; the model may always make several calls in one turn.
     pub parallel_tool_calls: Option<bool>,
     /// Anything but "none" turns thinking on.
     pub reasoning_effort: Option<String>,
     /// vLLM extension: keep generating past end-of-turn / eos ids until max_tokens.
     pub ignore_eos: Option<bool>,
-    #[schema(value_type = Object)]
+    /// Extra variables for the chat template (`enable_thinking`, ...).
+    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
-    /// `{"max_soft_tokens": 70 | 140 | 280 | 560 | 1120}`: soft tokens per image (default: the
-    /// checkpoint's processor config).
-    #[schema(value_type = Object)]
-    pub mm_processor_kwargs: Option<Value>,
+    pub mm_processor_kwargs: Option<MmProcessorKwargs>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema, Default)]
@@ -221,15 +522,12 @@ pub struct TokenizeRequest {
     /// Plain text to tokenize...
     pub prompt: Option<String>,
     /// ...or chat messages, rendered with the chat template first.
-    #[schema(value_type = Vec<Object>)]
-    pub messages: Option<Vec<Value>>,
+    pub messages: Option<Vec<Message>>,
     pub add_special_tokens: Option<bool>,
-    pub add_generation_prompt: Option<bool>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
     /// As in chat completions: image placeholders are expanded with this budget.
-    #[schema(value_type = Object)]
-    pub mm_processor_kwargs: Option<Value>,
+    pub mm_processor_kwargs: Option<MmProcessorKwargs>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -262,24 +560,104 @@ pub struct ReasoningOptions {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ResponsesRequest {
-    /// A string, or a list of input items (messages, function calls, function call outputs).
-    #[schema(value_type = Object)]
-    pub input: Value,
+    pub input: ResponsesInput,
     pub model: Option<String>,
+    /// A system message before the input.
     pub instructions: Option<String>,
     pub max_output_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub reasoning: Option<ReasoningOptions>,
-    #[schema(value_type = Vec<Object>)]
-    pub tools: Option<Vec<Value>>,
-    #[schema(value_type = Object)]
-    pub tool_choice: Option<Value>,
+    pub tools: Option<Vec<ResponsesTool>>,
+    pub tool_choice: Option<ResponsesToolChoice>,
     pub stream: Option<bool>,
     pub seed: Option<i64>,
-    /// `{"max_soft_tokens": 70 | 140 | 280 | 560 | 1120}` (vLLM extension, as in chat completions).
-    #[schema(value_type = Object)]
-    pub mm_processor_kwargs: Option<Value>,
+    /// vLLM extension, as in chat completions.
+    pub mm_processor_kwargs: Option<MmProcessorKwargs>,
+}
+
+/// A string (one user message), or a list of input items.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged, try_from = "Value")]
+pub enum ResponsesInput {
+    Text(String),
+    Items(Vec<InputItem>),
+}
+
+impl TryFrom<Value> for ResponsesInput {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(ResponsesInput::Text(s)),
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(n, mut item)| {
+                    // An item without `type` is a message, as in OpenAI's API.
+                    if let Value::Object(o) = &mut item {
+                        o.entry("type").or_insert_with(|| "message".into());
+                    }
+                    serde_json::from_value(item).map_err(|e| format!("input[{n}]: {e}"))
+                })
+                .collect::<Result<_, _>>()
+                .map(ResponsesInput::Items),
+            other => Err(format!(
+                "`input` must be a string or a list of items, not {}",
+                json_kind(&other)
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InputItem {
+    Message {
+        role: Role,
+        content: Content,
+    },
+    FunctionCall {
+        call_id: String,
+        name: String,
+        /// JSON text.
+        arguments: String,
+    },
+    FunctionCallOutput {
+        call_id: String,
+        /// Text, or any JSON (sent to the model as its JSON text).
+        #[schema(value_type = Object)]
+        output: Value,
+    },
+    /// Earlier reasoning; not sent to the model again.
+    Reasoning {},
+}
+
+/// A Responses tool: flat, `{"type": "function", "name", "description", "parameters"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResponsesTool {
+    #[serde(rename = "type")]
+    pub kind: FunctionType,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// The Responses `tool_choice`: a mode, or `{"type": "function", "name": ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ResponsesToolChoice {
+    Mode(ToolChoiceMode),
+    Function {
+        #[serde(rename = "type")]
+        kind: FunctionType,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema, Default)]
@@ -324,10 +702,8 @@ pub struct ResponseObject {
     pub instructions: Option<String>,
     pub max_output_tokens: Option<u32>,
     pub parallel_tool_calls: bool,
-    #[schema(value_type = Vec<Object>)]
-    pub tools: Vec<Value>,
-    #[schema(value_type = Object)]
-    pub tool_choice: Value,
+    pub tools: Vec<ResponsesTool>,
+    pub tool_choice: ResponsesToolChoice,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
 }

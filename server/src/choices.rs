@@ -1,0 +1,322 @@
+//! The choices of one request: submitted to the engine, and read back as API updates by a
+//! [`Choices`] stream that polls each choice's engine event channel itself. The HTTP response
+//! body (SSE frames, or the collected JSON) consumes that stream directly, so a token goes
+//! engine → its request's channel → the response body: one hop, no task in between. Dropping
+//! the stream (the client went away, the body was dropped) drops the engine handles, which
+//! cancels the choices in the engine.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_util::Stream;
+
+use crate::engine::TokenLogprob;
+use crate::engine::{EngineEvent, EngineRequest, FinishReason, RequestHandle, SubmitError};
+use crate::http::AppState;
+use crate::openai::error::ApiError;
+use crate::openai::protocol::{FunctionCall, LogprobContent, ToolCallChunk, TopLogprob};
+use crate::openai::request::Generation;
+use crate::output::stop::StopMatcher;
+use crate::output::{OutputParser, ParsedDelta};
+use crate::prompt::{self, Prompt};
+
+/// One update of one choice.
+#[derive(Debug)]
+pub enum ChoiceUpdate {
+    Delta(ChoiceDelta),
+    Done(ChoiceDone),
+    Error(ApiError),
+}
+
+#[derive(Debug, Default)]
+pub struct ChoiceDelta {
+    pub reasoning: String,
+    pub content: String,
+    pub tool_calls: Vec<ToolCallChunk>,
+    pub logprobs: Vec<LogprobContent>,
+}
+
+impl ChoiceDelta {
+    fn is_empty(&self) -> bool {
+        self.reasoning.is_empty()
+            && self.content.is_empty()
+            && self.tool_calls.is_empty()
+            && self.logprobs.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct ChoiceDone {
+    /// "stop", "length" or "tool_calls".
+    pub finish_reason: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub reasoning_tokens: usize,
+}
+
+/// Submits `n` choices of `g` over `prompt`. Every choice is submitted before any is read, so an
+/// overloaded server answers 503 before a stream starts; choice i samples with seed + i.
+pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<Choices, ApiError> {
+    let limit = state.max_model_len;
+    let prompt_len = prompt.ids.len();
+    if prompt_len >= limit {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {limit} tokens. However, your request has {prompt_len} input tokens. Please reduce the length of the input messages."
+        ))
+        .param(g.conversation.param));
+    }
+    let left = limit - prompt_len;
+    let max_new_tokens = g.max_tokens.map_or(left, |n| (n as usize).min(left));
+    let forced_prefix = prompt::forced_tool_prefix(&state.tokenizer, g.forced_tool.as_ref())?;
+    let mut choices = Vec::with_capacity(g.n);
+    for i in 0..g.n {
+        let mut sampling = g.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        let handle = state
+            .engine
+            .submit(EngineRequest {
+                prompt: prompt.ids.clone(),
+                max_new_tokens,
+                sampling,
+                penalties: g.penalties.clone(),
+                stop_ids: if g.ignore_eos {
+                    vec![]
+                } else {
+                    state.stop_ids.clone()
+                },
+                suppress_ids: state.suppress_ids.clone(),
+                logprobs: g.logprobs,
+                forced_prefix: forced_prefix.clone(),
+                images: prompt.images.clone(),
+            })
+            .map_err(|e| match e {
+                SubmitError::QueueFull { .. } | SubmitError::NotReady => {
+                    ApiError::unavailable(e.to_string())
+                }
+            })?;
+        choices.push(Choice {
+            handle: Some(handle),
+            parser: OutputParser::new(state.special.clone(), state.tokenizer.clone()),
+            stop: StopMatcher::new(g.stop.clone()),
+            prompt_tokens: prompt_len,
+            tokens: 0,
+            tool_calls: 0,
+            start: Instant::now(),
+            last: None,
+        });
+    }
+    Ok(Choices {
+        state: state.clone(),
+        choices,
+        ready: VecDeque::new(),
+        next: 0,
+    })
+}
+
+/// The updates of a request's choices, as `(choice index, update)`, in the order the engine
+/// produced them; each choice ends with one `Done` or `Error`.
+pub struct Choices {
+    state: Arc<AppState>,
+    choices: Vec<Choice>,
+    ready: VecDeque<(usize, ChoiceUpdate)>,
+    /// The choice polled first next time (round robin, so that no choice starves the others).
+    next: usize,
+}
+
+struct Choice {
+    /// None once the choice has ended (dropping the handle cancels it in the engine).
+    handle: Option<RequestHandle>,
+    parser: OutputParser,
+    stop: StopMatcher,
+    prompt_tokens: usize,
+    tokens: usize,
+    tool_calls: usize,
+    start: Instant,
+    last: Option<Instant>,
+}
+
+impl Choices {
+    pub fn len(&self) -> usize {
+        self.choices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.choices.is_empty()
+    }
+
+    fn on_event(&mut self, i: usize, ev: Option<EngineEvent>) {
+        let state = &self.state;
+        let c = &mut self.choices[i];
+        let ready = &mut self.ready;
+        match ev {
+            Some(EngineEvent::Token { id, logprob }) => {
+                let now = Instant::now();
+                match c.last {
+                    None => state
+                        .metrics
+                        .time_to_first_token(now.duration_since(c.start).as_secs_f64()),
+                    Some(t) => state
+                        .metrics
+                        .inter_token(now.duration_since(t).as_secs_f64()),
+                }
+                c.last = Some(now);
+                c.tokens += 1;
+                let parsed = c.parser.push(&[id]);
+                let (mut delta, hit) = c.deltas(parsed);
+                if let Some(lp) = logprob {
+                    delta.logprobs.push(logprob_content(state, lp));
+                }
+                if !delta.is_empty() {
+                    ready.push_back((i, ChoiceUpdate::Delta(delta)));
+                }
+                if hit {
+                    state.metrics.end_to_end(c.start.elapsed().as_secs_f64());
+                    let done = c.done("stop", c.prompt_tokens, c.tokens);
+                    ready.push_back((i, ChoiceUpdate::Done(done)));
+                    c.handle = None; // the rest is cancelled
+                }
+            }
+            Some(EngineEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let parsed = c.parser.finish();
+                let (mut delta, _) = c.deltas(parsed);
+                delta.content.push_str(&c.stop.flush());
+                if !delta.is_empty() {
+                    ready.push_back((i, ChoiceUpdate::Delta(delta)));
+                }
+                state.metrics.end_to_end(c.start.elapsed().as_secs_f64());
+                let finish_reason = if c.tool_calls > 0 {
+                    "tool_calls"
+                } else if reason == FinishReason::Length {
+                    "length"
+                } else {
+                    "stop"
+                };
+                let done = c.done(finish_reason, prompt_tokens, completion_tokens);
+                ready.push_back((i, ChoiceUpdate::Done(done)));
+                c.handle = None;
+            }
+            Some(EngineEvent::Error(msg)) => {
+                state.metrics.error();
+                ready.push_back((i, ChoiceUpdate::Error(ApiError::internal(msg))));
+                c.handle = None;
+            }
+            None => {
+                let e = ApiError::internal("the engine dropped the request");
+                ready.push_back((i, ChoiceUpdate::Error(e)));
+                c.handle = None;
+            }
+        }
+    }
+}
+
+impl Choice {
+    /// Parser output to one delta, content through the stop strings; true at a stop string
+    /// (what follows it is dropped).
+    fn deltas(&mut self, parsed: Vec<ParsedDelta>) -> (ChoiceDelta, bool) {
+        let mut delta = ChoiceDelta::default();
+        for d in parsed {
+            match d {
+                ParsedDelta::Reasoning(t) => delta.reasoning.push_str(&t),
+                ParsedDelta::Content(t) => {
+                    let (out, hit) = self.stop.push(&t);
+                    delta.content.push_str(&out);
+                    if hit {
+                        return (delta, true);
+                    }
+                }
+                ParsedDelta::ToolCall {
+                    index,
+                    id,
+                    name,
+                    arguments,
+                } => {
+                    self.tool_calls += 1;
+                    delta.tool_calls.push(ToolCallChunk {
+                        index,
+                        id,
+                        kind: "function".into(),
+                        function: FunctionCall { name, arguments },
+                    });
+                }
+            }
+        }
+        (delta, false)
+    }
+
+    fn done(
+        &self,
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) -> ChoiceDone {
+        ChoiceDone {
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            reasoning_tokens: self.parser.reasoning_tokens(),
+        }
+    }
+}
+
+impl Stream for Choices {
+    type Item = (usize, ChoiceUpdate);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(update) = this.ready.pop_front() {
+                return Poll::Ready(Some(update));
+            }
+            let n = this.choices.len();
+            let (mut live, mut event) = (false, None);
+            for k in 0..n {
+                let i = (this.next + k) % n;
+                let Some(handle) = this.choices[i].handle.as_mut() else {
+                    continue;
+                };
+                live = true;
+                if let Poll::Ready(ev) = handle.events.poll_recv(cx) {
+                    this.next = (i + 1) % n;
+                    event = Some((i, ev));
+                    break;
+                }
+            }
+            match event {
+                // An event may produce no update (a token still inside a UTF-8 sequence or a
+                // tool call): poll again, since only a Pending poll registers the waker.
+                Some((i, ev)) => this.on_event(i, ev),
+                None if live => return Poll::Pending,
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+fn logprob_content(state: &AppState, lp: TokenLogprob) -> LogprobContent {
+    let text = |id: u32| state.tokenizer.decode(&[id], false).unwrap_or_default();
+    let token = text(lp.id);
+    LogprobContent {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: lp.logprob,
+        top_logprobs: lp
+            .top
+            .into_iter()
+            .map(|(id, logprob)| {
+                let t = text(id);
+                TopLogprob {
+                    bytes: t.as_bytes().to_vec(),
+                    token: t,
+                    logprob,
+                }
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,426 @@
+//! Chat-completions and Responses requests, checked once and turned into the one form the rest
+//! of the path uses ([`Generation`]): what to render (the conversation, its tools and template
+//! variables) and how to generate (sampling, penalties, limits, stop strings, logprobs, a forced
+//! tool call). Every check that serde cannot do is here, with the parameter it names.
+
+use gemma4_model::vision::preprocess::SUPPORTED_SOFT_TOKENS;
+use gemma4_model::SamplingParams;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::protocol::*;
+use crate::engine::Penalties;
+
+/// The most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
+/// The most alternatives per position (`top_logprobs`), as OpenAI.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// What the chat template renders.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+    /// Where message i came from, for error messages: `messages[2]`, `input[0]`, `instructions`.
+    pub labels: Vec<String>,
+    /// The request field the messages came from (`messages` or `input`), for errors' `param`.
+    pub param: &'static str,
+    /// Chat-style tools for the template; None when there are none or `tool_choice` is "none".
+    pub tools: Option<Vec<Tool>>,
+    /// Extra template variables (`chat_template_kwargs`), `enable_thinking` included when the
+    /// request decides it.
+    pub template_kwargs: Map<String, Value>,
+    /// Soft tokens per image, when the request sets it (else the checkpoint's default).
+    pub max_soft_tokens: Option<usize>,
+}
+
+impl Conversation {
+    pub fn label(&self, i: usize) -> String {
+        self.labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("{}[{i}]", self.param))
+    }
+}
+
+/// A tool call the answer must start with (`tool_choice` "required" or a named function).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForcedTool {
+    Any,
+    Named(String),
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub conversation: Conversation,
+    pub n: usize,
+    /// As requested (at least 1); bounded by the context left after the prompt later.
+    pub max_tokens: Option<u32>,
+    pub sampling: SamplingParams,
+    pub penalties: Penalties,
+    pub stop: Vec<String>,
+    /// Some(k): the sampled token's logprob and the k most likely alternatives.
+    pub logprobs: Option<usize>,
+    pub ignore_eos: bool,
+    pub forced_tool: Option<ForcedTool>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn bad(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::bad_request(message).param(param)
+}
+
+impl ChatCompletionRequest {
+    pub fn validate(self, defaults: &SamplingParams) -> Result<Generation, ApiError> {
+        let thinking = self
+            .chat_template_kwargs
+            .as_ref()
+            .and_then(|k| k.get("enable_thinking"))
+            .and_then(Value::as_bool)
+            .or(self.reasoning_effort.as_ref().map(|e| e != "none"));
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(bad(format!("n must be between 1 and {MAX_CHOICES}"), "n"));
+        }
+        let tools = self.tools.unwrap_or_default();
+        let forced_tool = match &self.tool_choice {
+            None | Some(ToolChoice::Mode(ToolChoiceMode::Auto | ToolChoiceMode::None)) => None,
+            Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(ForcedTool::Any),
+            Some(ToolChoice::Function { function, .. }) => {
+                Some(ForcedTool::Named(function.name.clone()))
+            }
+        };
+        check_forced(&forced_tool, tools.iter().map(|t| t.function.name.as_str()))?;
+        let tools_off = matches!(
+            self.tool_choice,
+            Some(ToolChoice::Mode(ToolChoiceMode::None))
+        );
+        let mut logit_bias = vec![];
+        for (k, v) in self.logit_bias.iter().flatten() {
+            let id: u32 = k.parse().map_err(|_| {
+                bad(
+                    format!("logit_bias key `{k}` is not a token id"),
+                    "logit_bias",
+                )
+            })?;
+            logit_bias.push((id, v.clamp(-100.0, 100.0)));
+        }
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (true, k) => Some(k.unwrap_or(0).min(MAX_TOP_LOGPROBS) as usize),
+            (false, Some(k)) if k > 0 => {
+                return Err(bad("top_logprobs needs logprobs: true", "top_logprobs"))
+            }
+            _ => None,
+        };
+        Ok(Generation {
+            conversation: Conversation {
+                labels: vec![],
+                param: "messages",
+                tools: (!tools.is_empty() && !tools_off).then_some(tools),
+                template_kwargs: template_kwargs(self.chat_template_kwargs, thinking),
+                max_soft_tokens: max_soft_tokens(self.mm_processor_kwargs.as_ref())?,
+                messages: nonempty(self.messages, "messages")?,
+            },
+            n: n as usize,
+            max_tokens: max_tokens(self.max_completion_tokens.or(self.max_tokens))?,
+            sampling: sampling(
+                defaults,
+                self.temperature,
+                self.top_p,
+                self.top_k,
+                self.min_p,
+                self.seed,
+            )?,
+            penalties: Penalties {
+                presence: self.presence_penalty.unwrap_or(0.0),
+                frequency: self.frequency_penalty.unwrap_or(0.0),
+                repetition: self.repetition_penalty.unwrap_or(1.0),
+                logit_bias,
+            },
+            stop: match self.stop {
+                None => vec![],
+                Some(Stop::One(s)) => vec![s],
+                Some(Stop::Many(v)) => v,
+            }
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect(),
+            logprobs,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            forced_tool,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        })
+    }
+}
+
+impl ResponsesRequest {
+    pub fn validate(&self, defaults: &SamplingParams) -> Result<Generation, ApiError> {
+        let (messages, labels) = self.messages()?;
+        let thinking = self
+            .reasoning
+            .as_ref()
+            .and_then(|r| r.effort.as_ref())
+            .map(|e| e != "none");
+        let tools: Vec<Tool> = self
+            .tools
+            .iter()
+            .flatten()
+            .map(|t| Tool {
+                kind: FunctionType::Function,
+                function: FunctionDef {
+                    name: t.name.clone(),
+                    description: t.description.clone(),
+                    parameters: t.parameters.clone(),
+                    strict: t.strict,
+                },
+            })
+            .collect();
+        let forced_tool = match &self.tool_choice {
+            None | Some(ResponsesToolChoice::Mode(ToolChoiceMode::Auto | ToolChoiceMode::None)) => {
+                None
+            }
+            Some(ResponsesToolChoice::Mode(ToolChoiceMode::Required)) => Some(ForcedTool::Any),
+            Some(ResponsesToolChoice::Function { name, .. }) => {
+                Some(ForcedTool::Named(name.clone()))
+            }
+        };
+        check_forced(&forced_tool, tools.iter().map(|t| t.function.name.as_str()))?;
+        let tools_off = matches!(
+            self.tool_choice,
+            Some(ResponsesToolChoice::Mode(ToolChoiceMode::None))
+        );
+        Ok(Generation {
+            conversation: Conversation {
+                messages: nonempty(messages, "input")?,
+                labels,
+                param: "input",
+                tools: (!tools.is_empty() && !tools_off).then_some(tools),
+                template_kwargs: template_kwargs(None, thinking),
+                max_soft_tokens: max_soft_tokens(self.mm_processor_kwargs.as_ref())?,
+            },
+            n: 1,
+            max_tokens: max_tokens(self.max_output_tokens)?,
+            sampling: sampling(
+                defaults,
+                self.temperature,
+                self.top_p,
+                None,
+                None,
+                self.seed,
+            )?,
+            penalties: Penalties::none(),
+            stop: vec![],
+            logprobs: None,
+            ignore_eos: false,
+            forced_tool,
+            stream: self.stream.unwrap_or(false),
+            include_usage: false,
+        })
+    }
+
+    /// Input items to chat messages: `instructions` first as a system message, consecutive
+    /// function calls as one assistant message, function call outputs as tool messages. With
+    /// each message, the name of the item it came from.
+    fn messages(&self) -> Result<(Vec<Message>, Vec<String>), ApiError> {
+        let mut msgs = vec![];
+        let mut labels = vec![];
+        if let Some(i) = &self.instructions {
+            msgs.push(Message::System {
+                content: Content::Text(i.clone()),
+            });
+            labels.push("instructions".to_string());
+        }
+        let items = match &self.input {
+            ResponsesInput::Text(s) => {
+                msgs.push(Message::User {
+                    content: Content::Text(s.clone()),
+                });
+                labels.push("input".to_string());
+                return Ok((msgs, labels));
+            }
+            ResponsesInput::Items(items) => items,
+        };
+        for (n, item) in items.iter().enumerate() {
+            match item {
+                InputItem::Message { role, content } => {
+                    let content = content.clone();
+                    msgs.push(match role {
+                        Role::System => Message::System { content },
+                        Role::Developer => Message::Developer { content },
+                        Role::User => Message::User { content },
+                        Role::Assistant => Message::Assistant {
+                            content: Some(content),
+                            reasoning_content: None,
+                            tool_calls: vec![],
+                        },
+                        Role::Tool => {
+                            return Err(bad(
+                                format!("input[{n}]: tool results are `function_call_output` items, not `tool` messages"),
+                                "input",
+                            ))
+                        }
+                    });
+                    labels.push(format!("input[{n}]"));
+                }
+                InputItem::FunctionCall {
+                    call_id,
+                    name,
+                    arguments,
+                } => {
+                    let call = ToolCallParam {
+                        id: Some(call_id.clone()),
+                        function: FunctionCallParam {
+                            name: name.clone(),
+                            arguments: Value::String(arguments.clone()),
+                        },
+                    };
+                    // Consecutive calls belong to one assistant message.
+                    match msgs.last_mut() {
+                        Some(Message::Assistant {
+                            content: None,
+                            tool_calls,
+                            ..
+                        }) if !tool_calls.is_empty() => tool_calls.push(call),
+                        _ => {
+                            msgs.push(Message::Assistant {
+                                content: None,
+                                reasoning_content: None,
+                                tool_calls: vec![call],
+                            });
+                            labels.push(format!("input[{n}]"));
+                        }
+                    }
+                }
+                InputItem::FunctionCallOutput { call_id, output } => {
+                    let text = match output {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    msgs.push(Message::Tool {
+                        content: Content::Text(text),
+                        tool_call_id: Some(call_id.clone()),
+                        name: None,
+                    });
+                    labels.push(format!("input[{n}]"));
+                }
+                InputItem::Reasoning {} => {}
+            }
+        }
+        Ok((msgs, labels))
+    }
+}
+
+impl TokenizeRequest {
+    /// The conversation of a `/tokenize` request given as `messages`.
+    pub fn conversation(&self) -> Result<Conversation, ApiError> {
+        Ok(Conversation {
+            messages: nonempty(self.messages.clone().unwrap_or_default(), "messages")?,
+            labels: vec![],
+            param: "messages",
+            tools: None,
+            template_kwargs: self.chat_template_kwargs.clone().unwrap_or_default(),
+            max_soft_tokens: max_soft_tokens(self.mm_processor_kwargs.as_ref())?,
+        })
+    }
+}
+
+fn nonempty(messages: Vec<Message>, param: &str) -> Result<Vec<Message>, ApiError> {
+    if messages.is_empty() {
+        return Err(bad(format!("`{param}` must not be empty"), param));
+    }
+    Ok(messages)
+}
+
+/// `tool_choice` "required" needs tools; a named one must be among them.
+fn check_forced<'a>(
+    forced: &Option<ForcedTool>,
+    mut names: impl Iterator<Item = &'a str>,
+) -> Result<(), ApiError> {
+    match forced {
+        None => Ok(()),
+        Some(ForcedTool::Any) => match names.next() {
+            Some(_) => Ok(()),
+            None => Err(bad("tool_choice \"required\" needs `tools`", "tool_choice")),
+        },
+        Some(ForcedTool::Named(name)) => match names.any(|n| n == name) {
+            true => Ok(()),
+            false => Err(bad(
+                format!("tool_choice names `{name}`, which is not among `tools`"),
+                "tool_choice",
+            )),
+        },
+    }
+}
+
+fn template_kwargs(
+    kwargs: Option<Map<String, Value>>,
+    thinking: Option<bool>,
+) -> Map<String, Value> {
+    let mut kwargs = kwargs.unwrap_or_default();
+    if let Some(t) = thinking {
+        kwargs.insert("enable_thinking".into(), Value::Bool(t));
+    }
+    kwargs
+}
+
+fn max_soft_tokens(mm: Option<&MmProcessorKwargs>) -> Result<Option<usize>, ApiError> {
+    match mm.and_then(|m| m.max_soft_tokens) {
+        None => Ok(None),
+        Some(n) if SUPPORTED_SOFT_TOKENS.contains(&(n as usize)) => Ok(Some(n as usize)),
+        Some(n) => Err(bad(
+            format!("mm_processor_kwargs.max_soft_tokens must be one of 70, 140, 280, 560 or 1120, not {n}"),
+            "mm_processor_kwargs",
+        )),
+    }
+}
+
+fn max_tokens(requested: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match requested {
+        Some(0) => Err(bad("max_tokens must be at least 1", "max_tokens")),
+        n => Ok(n),
+    }
+}
+
+/// The request's sampling over the server's defaults (the checkpoint's generation config).
+fn sampling(
+    d: &SamplingParams,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    seed: Option<i64>,
+) -> Result<SamplingParams, ApiError> {
+    let temperature = temperature.unwrap_or(d.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad(
+            format!("temperature {temperature} must be between 0 and 2"),
+            "temperature",
+        ));
+    }
+    let top_p = top_p.unwrap_or(d.top_p);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad(format!("top_p {top_p} must be in (0, 1]"), "top_p"));
+    }
+    let top_k = match top_k {
+        None => d.top_k,
+        Some(k) if k <= 0 => 0, // -1 / 0 disable, as vLLM
+        Some(k) => k as usize,
+    };
+    let min_p = min_p.unwrap_or(d.min_p);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(bad(format!("min_p {min_p} must be in [0, 1]"), "min_p"));
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        // Unseeded requests still differ from each other.
+        seed: seed.map_or_else(crate::ids::random_u64, |s| s as u64),
+    })
+}
