@@ -7,6 +7,6 @@ pub mod chat_template;
 pub mod engine;
 pub mod http;
 pub mod ids;
-pub mod parser;
+pub mod output;
 pub mod serve;
 pub mod synth;

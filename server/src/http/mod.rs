@@ -24,7 +24,7 @@ use utoipa::OpenApi;
 
 use crate::chat_template::ChatTemplate;
 use crate::engine::Engine;
-use crate::parser::SpecialTokens;
+use crate::output::SpecialTokens;
 use error::ApiError;
 use gemma4_model::SamplingParams;
 use types::*;

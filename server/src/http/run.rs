@@ -13,7 +13,7 @@ use super::images;
 use super::types::{FunctionCall, LogprobContent, ToolCallChunk, TopLogprob};
 use super::AppState;
 use crate::engine::{EngineEvent, EngineRequest, FinishReason, Penalties, SubmitError};
-use crate::parser::{OutputParser, ParsedDelta};
+use crate::output::{OutputParser, ParsedDelta};
 use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::SamplingParams;
 
