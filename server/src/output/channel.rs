@@ -25,18 +25,16 @@
 //!   starts the call. Stray `<channel|>`, `<tool_call|>` or `<|"|>` in content are dropped.
 //! - An unterminated reasoning block is flushed as reasoning at `finish`.
 //!
-//! Text is decoded incrementally and UTF-8 safely (the approach of TGI / vLLM's detokenizer): the
-//! ids of the current segment (a run of content or of reasoning) are kept, the window from the
-//! last emitted point is decoded, and the new suffix is emitted only when it does not end in
-//! U+FFFD (a byte-fallback character still incomplete). At the end of a segment the rest is
-//! flushed as is. For valid UTF-8 output the concatenation of the deltas of one kind equals
-//! decoding that kind's tokens at once.
+//! Content and reasoning text is decoded with [`IncrementalDecoder`], one segment (a run of
+//! content or of reasoning) at a time: for valid UTF-8 output the concatenation of the deltas of
+//! one kind equals decoding that kind's tokens at once.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
+use super::detokenize::{decode, IncrementalDecoder};
 use super::gemma_args::{parse_tool_calls, STRING_DELIM};
 
 /// Token texts the parser looks up (never their ids: those come from the tokenizer), with the
@@ -142,60 +140,13 @@ enum State {
     ToolCall,
 }
 
-/// Incremental, UTF-8 safe decoding of one segment (a run of content or reasoning ids).
-#[derive(Debug, Default)]
-struct TextStream {
-    ids: Vec<u32>,
-    /// Start of the decode window: text before it has been emitted and is not needed as context.
-    prefix: usize,
-    /// End of what has been emitted.
-    read: usize,
-}
-
-impl TextStream {
-    fn clear(&mut self) {
-        self.ids.clear();
-        self.prefix = 0;
-        self.read = 0;
-    }
-
-    /// The new text since the last call, or None when there is none yet. Unless `last`, text that
-    /// ends in U+FFFD (an incomplete character) is held back.
-    fn next_text(&mut self, tok: &Tokenizer, last: bool) -> Option<String> {
-        if self.read >= self.ids.len() {
-            return None;
-        }
-        let prefix_text = decode(tok, &self.ids[self.prefix..self.read], true);
-        let new_text = decode(tok, &self.ids[self.prefix..], true);
-        if !last && (new_text.len() <= prefix_text.len() || new_text.ends_with('\u{FFFD}')) {
-            return None;
-        }
-        let delta = match new_text.strip_prefix(prefix_text.as_str()) {
-            Some(rest) => rest.to_string(),
-            // Only with invalid byte sequences: a later byte turned earlier text into U+FFFD.
-            // Best effort: the new tokens on their own.
-            None => decode(tok, &self.ids[self.read..], true),
-        };
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        (!delta.is_empty()).then_some(delta)
-    }
-}
-
-fn decode(tok: &Tokenizer, ids: &[u32], skip_special_tokens: bool) -> String {
-    tok.decode(ids, skip_special_tokens).unwrap_or_else(|e| {
-        tracing::warn!("output parser: decoding {} ids failed: {e}", ids.len());
-        String::new()
-    })
-}
-
 /// The per-request state machine over generated ids.
 pub struct OutputParser {
     special: Arc<SpecialTokens>,
     tokenizer: Arc<Tokenizer>,
     state: State,
     /// The current content or reasoning segment.
-    text: TextStream,
+    text: IncrementalDecoder,
     /// The channel name line being collected (state ChannelName).
     name_ids: Vec<u32>,
     /// The tool call being collected (state ToolCall), string delimiters included.
@@ -210,9 +161,9 @@ impl OutputParser {
     pub fn new(special: Arc<SpecialTokens>, tokenizer: Arc<Tokenizer>) -> Self {
         Self {
             special,
+            text: IncrementalDecoder::new(Arc::clone(&tokenizer)),
             tokenizer,
             state: State::Content,
-            text: TextStream::default(),
             name_ids: Vec::new(),
             call_ids: Vec::new(),
             out: Vec::new(),
@@ -234,8 +185,8 @@ impl OutputParser {
             self.step(id);
         }
         match self.state {
-            State::Content => self.emit_text(false, false),
-            State::Reasoning => self.emit_text(true, false),
+            State::Content => self.emit_ready(false),
+            State::Reasoning => self.emit_ready(true),
             State::ChannelName | State::ToolCall => {}
         }
         std::mem::take(&mut self.out)
@@ -245,8 +196,8 @@ impl OutputParser {
     /// reasoning, an unterminated tool call as content).
     pub fn finish(&mut self) -> Vec<ParsedDelta> {
         match self.state {
-            State::Content => self.emit_text(false, true),
-            State::Reasoning => self.emit_text(true, true),
+            State::Content => self.end_segment(false),
+            State::Reasoning => self.end_segment(true),
             // Still within the name line, which is name-like (otherwise it had turned into
             // reasoning): nothing to show.
             State::ChannelName => self.name_ids.clear(),
@@ -257,7 +208,6 @@ impl OutputParser {
             }
         }
         self.state = State::Content;
-        self.text.clear();
         std::mem::take(&mut self.out)
     }
 
@@ -277,15 +227,14 @@ impl OutputParser {
         match self.state {
             State::Content => {
                 if id == sp.channel_start {
-                    self.emit_text(false, true);
-                    self.text.clear();
+                    self.end_segment(false);
                     self.reasoning_tokens += 1;
                     self.name_ids.clear();
                     self.state = State::ChannelName;
                 } else if id == sp.tool_call_start {
                     self.start_tool_call(false);
                 } else if !sp.is_special(id) {
-                    self.text.ids.push(id);
+                    self.text.push(&[id]);
                 }
             }
             State::ChannelName => {
@@ -297,8 +246,7 @@ impl OutputParser {
                 self.reasoning_tokens += 1;
                 if id == sp.channel_end {
                     self.end_name_line();
-                    self.emit_text(true, true);
-                    self.text.clear();
+                    self.end_segment(true);
                     self.state = State::Content;
                 } else if !sp.is_special(id) {
                     self.name_ids.push(id);
@@ -312,11 +260,10 @@ impl OutputParser {
                 }
                 self.reasoning_tokens += 1;
                 if id == sp.channel_end {
-                    self.emit_text(true, true);
-                    self.text.clear();
+                    self.end_segment(true);
                     self.state = State::Content;
                 } else if !sp.is_special(id) {
-                    self.text.ids.push(id);
+                    self.text.push(&[id]);
                 }
             }
             State::ToolCall => {
@@ -343,7 +290,6 @@ impl OutputParser {
             if is_channel_name(line) {
                 let rest = rest.to_string();
                 self.name_ids.clear();
-                self.text.clear();
                 self.state = State::Reasoning;
                 self.push_delta(ParsedDelta::Reasoning(rest));
             } else {
@@ -366,28 +312,36 @@ impl OutputParser {
     }
 
     fn name_ids_to_reasoning(&mut self) {
-        self.text.clear();
-        self.text.ids = std::mem::take(&mut self.name_ids);
+        // The segment is empty here: the previous one ended at `<|channel>`.
+        self.text.push(&std::mem::take(&mut self.name_ids));
         self.state = State::Reasoning;
     }
 
-    /// Emits what the current segment has ready, as reasoning or content.
     /// `<|tool_call>` seen: flush the pending text (reasoning or content) and collect the call.
     fn start_tool_call(&mut self, reasoning: bool) {
-        self.emit_text(reasoning, true);
-        self.text.clear();
+        self.end_segment(reasoning);
         self.call_ids.clear();
         self.state = State::ToolCall;
     }
 
-    fn emit_text(&mut self, reasoning: bool, last: bool) {
-        if let Some(text) = self.text.next_text(&self.tokenizer, last) {
-            self.push_delta(if reasoning {
-                ParsedDelta::Reasoning(text)
-            } else {
-                ParsedDelta::Content(text)
-            });
-        }
+    /// Emits the text of the current segment completed so far, as reasoning or content.
+    fn emit_ready(&mut self, reasoning: bool) {
+        let text = self.text.next_text();
+        self.push_text(reasoning, text);
+    }
+
+    /// Ends the current segment: emits the rest of its text, as reasoning or content.
+    fn end_segment(&mut self, reasoning: bool) {
+        let text = self.text.flush();
+        self.push_text(reasoning, text);
+    }
+
+    fn push_text(&mut self, reasoning: bool, text: String) {
+        self.push_delta(if reasoning {
+            ParsedDelta::Reasoning(text)
+        } else {
+            ParsedDelta::Content(text)
+        });
     }
 
     /// The collected call as text, `<|"|>` delimiters written as that literal text.
@@ -403,10 +357,9 @@ impl OutputParser {
                 for (name, arguments) in calls {
                     let index = self.calls;
                     self.calls += 1;
-                    let id = self.call_id();
                     self.push_delta(ParsedDelta::ToolCall {
                         index,
-                        id,
+                        id: crate::ids::random_id("call_"),
                         name,
                         arguments,
                     });
@@ -417,11 +370,6 @@ impl OutputParser {
                 self.push_delta(ParsedDelta::Content(text.replace(STRING_DELIM, "\"")));
             }
         }
-    }
-
-    /// `call_` + 24 base-62 characters from the parser's seed and the call's index.
-    fn call_id(&self) -> String {
-        crate::ids::random_id("call_")
     }
 
     /// Appends a delta, merging text into the previous delta of the same kind; empty text is
@@ -448,21 +396,8 @@ fn is_channel_name(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::fixture::{tokenizer, TOKENIZER};
     use serde_json::{json, Value};
-    use std::sync::OnceLock;
-
-    const TOKENIZER: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../fixtures/tiny-31b-recipe/tokenizer.json"
-    );
-
-    fn tokenizer() -> Arc<Tokenizer> {
-        static TOK: OnceLock<Arc<Tokenizer>> = OnceLock::new();
-        TOK.get_or_init(|| {
-            Arc::new(Tokenizer::from_file(TOKENIZER).expect("fixture tokenizer loads"))
-        })
-        .clone()
-    }
 
     fn special() -> Arc<SpecialTokens> {
         Arc::new(SpecialTokens::from_tokenizer(&tokenizer()).expect("fixture has the markers"))

@@ -2,6 +2,29 @@
 //! tool-call deltas out, incrementally, for the OpenAI-compatible API.
 
 mod channel;
+pub mod detokenize;
 pub mod gemma_args;
 
 pub use channel::{OutputParser, ParsedDelta, SpecialTokens};
+
+/// The tokenizer the tests decode with: a tiny vocabulary with Gemma 4's special tokens and byte
+/// fallback.
+#[cfg(test)]
+mod fixture {
+    use std::sync::{Arc, OnceLock};
+
+    use tokenizers::Tokenizer;
+
+    pub const TOKENIZER: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/tiny-31b-recipe/tokenizer.json"
+    );
+
+    pub fn tokenizer() -> Arc<Tokenizer> {
+        static TOK: OnceLock<Arc<Tokenizer>> = OnceLock::new();
+        TOK.get_or_init(|| {
+            Arc::new(Tokenizer::from_file(TOKENIZER).expect("fixture tokenizer loads"))
+        })
+        .clone()
+    }
+}
