@@ -1,10 +1,12 @@
-//! The Gemma 4 tool-call argument grammar: the text of a tool-call block,
-//! `call:NAME{key:<|"|>text<|"|>,n:1,obj:{a:<|"|>x<|"|>},l:[1]}`, to the call's name and its
-//! arguments as JSON. Pure functions on text: the `<|"|>` string delimiter (one special token in
-//! the model's output) is given as that literal text, decoded with special tokens kept.
+//! The Gemma 4 tool-call grammar: the text of a tool-call block,
+//! `call:NAME{key:<|"|>text<|"|>,n:1,obj:{a:<|"|>x<|"|>},l:[1]}`, to each call's name and its
+//! arguments as compact JSON. Pure functions on text, no tokenizer: the string delimiter `<|"|>`,
+//! a single special token in the model's output, appears as its literal text (the block decoded
+//! with special tokens kept).
 //!
-//! Strings are delimited by `<|"|>` and taken raw (no escapes); other values are bare. Malformed
-//! input never panics: it is an `Err` saying what is wrong and where.
+//! Strings run raw (no escapes) from one `<|"|>` to the next; every other value is bare; see
+//! [`gemma_args_to_json`] for the grammar. Malformed input never panics: it is an `Err` that says
+//! what is wrong and at which byte.
 
 /// The string delimiter of the tool-call syntax, a single special token.
 pub const STRING_DELIM: &str = "<|\"|>";
@@ -390,5 +392,60 @@ mod tests {
         assert!(parse_tool_calls("call:f").is_err());
         assert!(parse_tool_calls("call:f{a:1}junk").is_err());
         assert!(parse_tool_calls("").is_err());
+    }
+
+    #[test]
+    fn several_calls_and_bad_names() {
+        assert_eq!(
+            parse_tool_calls("call:a{} , call:b{x:1}call:c{}"),
+            Ok(vec![
+                ("a".into(), "{}".into()),
+                ("b".into(), r#"{"x":1}"#.into()),
+                ("c".into(), "{}".into()),
+            ])
+        );
+        for bad in [
+            "call:a b{}",
+            "call:f,g{}",
+            "call:\"f\"{}",
+            "call:f{}, junk",
+            "call:f{}call:g",
+            "call:f{a:1}}",
+        ] {
+            assert!(parse_tool_calls(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn arguments_are_compact_json_in_written_order() {
+        // Raw string text (quotes, backslashes, control characters, spaces kept) gets JSON's
+        // escapes; keys keep the order written; numbers are JSON's.
+        let d = STRING_DELIM;
+        let text = format!(
+            "call:f{{z:1,{d}k\"ey{d}:{d} a\"b\\c\n\t\u{1} {d},a:[true,false,null,-0.5,1e3,word]}}"
+        );
+        assert_eq!(
+            parse_tool_calls(&text),
+            Ok(vec![(
+                "f".into(),
+                r#"{"z":1,"k\"ey":" a\"b\\c\n\t\u0001 ","a":[true,false,null,-0.5,1000.0,"word"]}"#
+                    .into()
+            )])
+        );
+    }
+
+    #[test]
+    fn nesting_is_limited() {
+        let lists = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        // Every object and list is a level, the braces of the arguments object included: a call
+        // takes 127 lists inside them, a bare body (no braces) 128.
+        assert!(parse_tool_calls(&format!("call:f{{a:{}}}", lists(127))).is_ok());
+        assert!(parse_tool_calls(&format!("call:f{{a:{}}}", lists(128))).is_err());
+        assert!(gemma_args_to_json(&format!("a:{}", lists(MAX_ARGS_DEPTH))).is_ok());
+        let err = gemma_args_to_json(&format!("a:{}", lists(MAX_ARGS_DEPTH + 1))).unwrap_err();
+        assert!(err.contains("nested too deeply"), "{err}");
+        let objects = |n: usize| format!("{}1{}", "{b:".repeat(n), "}".repeat(n));
+        assert!(gemma_args_to_json(&format!("a:{}", objects(MAX_ARGS_DEPTH))).is_ok());
+        assert!(gemma_args_to_json(&format!("a:{}", objects(MAX_ARGS_DEPTH + 1))).is_err());
     }
 }

@@ -1,5 +1,10 @@
 //! The output side: a request's generated token ids in, reasoning (thinking), content and
 //! tool-call deltas out, incrementally, for the OpenAI-compatible API.
+//!
+//! - `channel`: [`OutputParser`], the per-request state machine that follows Gemma 4's markers
+//!   (thought channel, tool-call blocks) and drops special tokens;
+//! - [`detokenize`]: ids to text as they arrive, never half a character;
+//! - [`gemma_args`]: the text of a tool-call block to names and JSON arguments (no tokenizer).
 
 mod channel;
 pub mod detokenize;
