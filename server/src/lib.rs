@@ -11,7 +11,6 @@ pub mod ids;
 pub mod images;
 pub mod openai;
 pub mod output;
-pub mod parser;
 pub mod prompt;
 pub mod serve;
 pub mod synth;

@@ -12,7 +12,7 @@ use gemma4_model::Gemma4Backend;
 use crate::chat_template::ChatTemplate;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{self, AppState};
-use crate::parser::SpecialTokens;
+use crate::output::SpecialTokens;
 use gemma4_model::Model;
 
 #[derive(Debug, Clone)]

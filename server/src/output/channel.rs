@@ -8,7 +8,7 @@
 //!   If what follows `<|channel>` is not a name line (it contains anything but `[A-Za-z0-9_-]`
 //!   before the first newline, or runs past 64 bytes) it is all kept as reasoning.
 //! - Tool calls: `<|tool_call>call:NAME{key:<|"|>text<|"|>,n:1,obj:{a:<|"|>x<|"|>},l:[1]}<tool_call|>`.
-//!   Strings are delimited by the `<|"|>` token, other values are bare; see [`gemma_args_to_json`].
+//!   Strings are delimited by the `<|"|>` token, other values are bare; see [`super::gemma_args`].
 //!   A complete call becomes one [`ParsedDelta::ToolCall`] with `arguments` as compact JSON text
 //!   (keys in the order the model wrote them). Several `call:` entries inside one block are
 //!   accepted too and each becomes its own call.
@@ -25,33 +25,30 @@
 //!   starts the call. Stray `<channel|>`, `<tool_call|>` or `<|"|>` in content are dropped.
 //! - An unterminated reasoning block is flushed as reasoning at `finish`.
 //!
-//! Text is decoded incrementally and UTF-8 safely (the approach of TGI / vLLM's detokenizer): the
-//! ids of the current segment (a run of content or of reasoning) are kept, the window from the
-//! last emitted point is decoded, and the new suffix is emitted only when it does not end in
-//! U+FFFD (a byte-fallback character still incomplete). At the end of a segment the rest is
-//! flushed as is. For valid UTF-8 output the concatenation of the deltas of one kind equals
-//! decoding that kind's tokens at once.
+//! Content and reasoning text is decoded with [`IncrementalDecoder`], one segment (a run of
+//! content or of reasoning) at a time: for valid UTF-8 output the concatenation of the deltas of
+//! one kind equals decoding that kind's tokens at once.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
-/// Token texts the parser looks up (never their ids: those come from the tokenizer).
+use super::detokenize::{decode, IncrementalDecoder};
+use super::gemma_args::{parse_tool_calls, STRING_DELIM};
+
+/// Token texts the parser looks up (never their ids: those come from the tokenizer), with the
+/// string delimiter [`STRING_DELIM`] of the argument grammar.
 pub const CHANNEL_START: &str = "<|channel>";
 pub const CHANNEL_END: &str = "<channel|>";
 pub const TOOL_CALL_START: &str = "<|tool_call>";
 pub const TOOL_CALL_END: &str = "<tool_call|>";
-/// The string delimiter of the tool-call syntax, a single special token.
-pub const STRING_DELIM: &str = "<|\"|>";
 pub const TURN_END: &str = "<turn|>";
 pub const EOS: &str = "<eos>";
 pub const TOOL_RESPONSE_START: &str = "<|tool_response>";
 
 /// The longest channel name line we wait for before treating the text as reasoning.
 const MAX_CHANNEL_NAME_BYTES: usize = 64;
-/// Nesting limit of tool-call arguments (deeper input is refused rather than risking the stack).
-const MAX_ARGS_DEPTH: usize = 128;
 
 /// Ids of the tokens the parser acts on, found by their text in the tokenizer.
 #[derive(Debug, Clone)]
@@ -143,60 +140,13 @@ enum State {
     ToolCall,
 }
 
-/// Incremental, UTF-8 safe decoding of one segment (a run of content or reasoning ids).
-#[derive(Debug, Default)]
-struct TextStream {
-    ids: Vec<u32>,
-    /// Start of the decode window: text before it has been emitted and is not needed as context.
-    prefix: usize,
-    /// End of what has been emitted.
-    read: usize,
-}
-
-impl TextStream {
-    fn clear(&mut self) {
-        self.ids.clear();
-        self.prefix = 0;
-        self.read = 0;
-    }
-
-    /// The new text since the last call, or None when there is none yet. Unless `last`, text that
-    /// ends in U+FFFD (an incomplete character) is held back.
-    fn next_text(&mut self, tok: &Tokenizer, last: bool) -> Option<String> {
-        if self.read >= self.ids.len() {
-            return None;
-        }
-        let prefix_text = decode(tok, &self.ids[self.prefix..self.read], true);
-        let new_text = decode(tok, &self.ids[self.prefix..], true);
-        if !last && (new_text.len() <= prefix_text.len() || new_text.ends_with('\u{FFFD}')) {
-            return None;
-        }
-        let delta = match new_text.strip_prefix(prefix_text.as_str()) {
-            Some(rest) => rest.to_string(),
-            // Only with invalid byte sequences: a later byte turned earlier text into U+FFFD.
-            // Best effort: the new tokens on their own.
-            None => decode(tok, &self.ids[self.read..], true),
-        };
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        (!delta.is_empty()).then_some(delta)
-    }
-}
-
-fn decode(tok: &Tokenizer, ids: &[u32], skip_special_tokens: bool) -> String {
-    tok.decode(ids, skip_special_tokens).unwrap_or_else(|e| {
-        tracing::warn!("output parser: decoding {} ids failed: {e}", ids.len());
-        String::new()
-    })
-}
-
 /// The per-request state machine over generated ids.
 pub struct OutputParser {
     special: Arc<SpecialTokens>,
     tokenizer: Arc<Tokenizer>,
     state: State,
     /// The current content or reasoning segment.
-    text: TextStream,
+    text: IncrementalDecoder,
     /// The channel name line being collected (state ChannelName).
     name_ids: Vec<u32>,
     /// The tool call being collected (state ToolCall), string delimiters included.
@@ -211,9 +161,9 @@ impl OutputParser {
     pub fn new(special: Arc<SpecialTokens>, tokenizer: Arc<Tokenizer>) -> Self {
         Self {
             special,
+            text: IncrementalDecoder::new(Arc::clone(&tokenizer)),
             tokenizer,
             state: State::Content,
-            text: TextStream::default(),
             name_ids: Vec::new(),
             call_ids: Vec::new(),
             out: Vec::new(),
@@ -235,8 +185,8 @@ impl OutputParser {
             self.step(id);
         }
         match self.state {
-            State::Content => self.emit_text(false, false),
-            State::Reasoning => self.emit_text(true, false),
+            State::Content => self.emit_ready(false),
+            State::Reasoning => self.emit_ready(true),
             State::ChannelName | State::ToolCall => {}
         }
         std::mem::take(&mut self.out)
@@ -246,8 +196,8 @@ impl OutputParser {
     /// reasoning, an unterminated tool call as content).
     pub fn finish(&mut self) -> Vec<ParsedDelta> {
         match self.state {
-            State::Content => self.emit_text(false, true),
-            State::Reasoning => self.emit_text(true, true),
+            State::Content => self.end_segment(false),
+            State::Reasoning => self.end_segment(true),
             // Still within the name line, which is name-like (otherwise it had turned into
             // reasoning): nothing to show.
             State::ChannelName => self.name_ids.clear(),
@@ -258,7 +208,6 @@ impl OutputParser {
             }
         }
         self.state = State::Content;
-        self.text.clear();
         std::mem::take(&mut self.out)
     }
 
@@ -278,15 +227,14 @@ impl OutputParser {
         match self.state {
             State::Content => {
                 if id == sp.channel_start {
-                    self.emit_text(false, true);
-                    self.text.clear();
+                    self.end_segment(false);
                     self.reasoning_tokens += 1;
                     self.name_ids.clear();
                     self.state = State::ChannelName;
                 } else if id == sp.tool_call_start {
                     self.start_tool_call(false);
                 } else if !sp.is_special(id) {
-                    self.text.ids.push(id);
+                    self.text.push(&[id]);
                 }
             }
             State::ChannelName => {
@@ -298,8 +246,7 @@ impl OutputParser {
                 self.reasoning_tokens += 1;
                 if id == sp.channel_end {
                     self.end_name_line();
-                    self.emit_text(true, true);
-                    self.text.clear();
+                    self.end_segment(true);
                     self.state = State::Content;
                 } else if !sp.is_special(id) {
                     self.name_ids.push(id);
@@ -313,11 +260,10 @@ impl OutputParser {
                 }
                 self.reasoning_tokens += 1;
                 if id == sp.channel_end {
-                    self.emit_text(true, true);
-                    self.text.clear();
+                    self.end_segment(true);
                     self.state = State::Content;
                 } else if !sp.is_special(id) {
-                    self.text.ids.push(id);
+                    self.text.push(&[id]);
                 }
             }
             State::ToolCall => {
@@ -344,7 +290,6 @@ impl OutputParser {
             if is_channel_name(line) {
                 let rest = rest.to_string();
                 self.name_ids.clear();
-                self.text.clear();
                 self.state = State::Reasoning;
                 self.push_delta(ParsedDelta::Reasoning(rest));
             } else {
@@ -367,28 +312,36 @@ impl OutputParser {
     }
 
     fn name_ids_to_reasoning(&mut self) {
-        self.text.clear();
-        self.text.ids = std::mem::take(&mut self.name_ids);
+        // The segment is empty here: the previous one ended at `<|channel>`.
+        self.text.push(&std::mem::take(&mut self.name_ids));
         self.state = State::Reasoning;
     }
 
-    /// Emits what the current segment has ready, as reasoning or content.
     /// `<|tool_call>` seen: flush the pending text (reasoning or content) and collect the call.
     fn start_tool_call(&mut self, reasoning: bool) {
-        self.emit_text(reasoning, true);
-        self.text.clear();
+        self.end_segment(reasoning);
         self.call_ids.clear();
         self.state = State::ToolCall;
     }
 
-    fn emit_text(&mut self, reasoning: bool, last: bool) {
-        if let Some(text) = self.text.next_text(&self.tokenizer, last) {
-            self.push_delta(if reasoning {
-                ParsedDelta::Reasoning(text)
-            } else {
-                ParsedDelta::Content(text)
-            });
-        }
+    /// Emits the text of the current segment completed so far, as reasoning or content.
+    fn emit_ready(&mut self, reasoning: bool) {
+        let text = self.text.next_text();
+        self.push_text(reasoning, text);
+    }
+
+    /// Ends the current segment: emits the rest of its text, as reasoning or content.
+    fn end_segment(&mut self, reasoning: bool) {
+        let text = self.text.flush();
+        self.push_text(reasoning, text);
+    }
+
+    fn push_text(&mut self, reasoning: bool, text: String) {
+        self.push_delta(if reasoning {
+            ParsedDelta::Reasoning(text)
+        } else {
+            ParsedDelta::Content(text)
+        });
     }
 
     /// The collected call as text, `<|"|>` delimiters written as that literal text.
@@ -404,10 +357,9 @@ impl OutputParser {
                 for (name, arguments) in calls {
                     let index = self.calls;
                     self.calls += 1;
-                    let id = self.call_id();
                     self.push_delta(ParsedDelta::ToolCall {
                         index,
-                        id,
+                        id: crate::ids::random_id("call_"),
                         name,
                         arguments,
                     });
@@ -418,11 +370,6 @@ impl OutputParser {
                 self.push_delta(ParsedDelta::Content(text.replace(STRING_DELIM, "\"")));
             }
         }
-    }
-
-    /// `call_` + 24 base-62 characters from the parser's seed and the call's index.
-    fn call_id(&self) -> String {
-        crate::ids::random_id("call_")
     }
 
     /// Appends a delta, merging text into the previous delta of the same kind; empty text is
@@ -446,306 +393,11 @@ fn is_channel_name(line: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// The text of one tool-call block (`call:NAME{...}`, possibly several in a row) to (name, compact
-/// JSON arguments) pairs.
-fn parse_tool_calls(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut calls = Vec::new();
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err("empty tool call".into());
-    }
-    while !rest.is_empty() {
-        let body = rest
-            .strip_prefix("call:")
-            .ok_or_else(|| format!("tool call does not start with `call:`: {rest:?}"))?;
-        let brace = body.find('{').ok_or("tool call has no `{`")?;
-        let name = body[..brace].trim();
-        if name.is_empty()
-            || name.contains(|c: char| c.is_whitespace() || "}[],:".contains(c) || c == '"')
-        {
-            return Err(format!("bad tool name {name:?}"));
-        }
-        let mut p = ArgParser {
-            s: body,
-            pos: brace,
-        };
-        let args = p.value(0)?;
-        let mut arguments = String::new();
-        write_json(&args, &mut arguments);
-        calls.push((name.to_string(), arguments));
-        rest = body[p.pos..].trim_start();
-        // Tolerate separators between calls of one block.
-        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
-    }
-    Ok(calls)
-}
-
-/// The Gemma 4 tool-call argument syntax (the text between `call:NAME` braces, with `<|"|>` as the
-/// string delimiter given as the literal text `<|"|>`) to JSON.
-///
-/// Accepts either the object body (`key:<|"|>v<|"|>,n:1`) or the whole object with its braces
-/// (`{key:...}`). Grammar: `object = '{' [pair (',' pair)* [',']] '}'`, `pair = key ':' value`, keys
-/// bare (any text up to `:` without `{}[],`) or `<|"|>`-quoted, `value = <|"|>raw text<|"|> | object
-/// | '[' [value (',' value)* [',']] ']' | number | true | false | null`; whitespace between items
-/// is ignored. Leniency: a bare word that is none of these (`unit:celsius`) is taken as a string.
-/// Errors (never panics): unbalanced brackets, unterminated strings, missing `:` or key, empty
-/// values, duplicate keys, trailing text, nesting deeper than 128.
-pub fn gemma_args_to_json(text: &str) -> Result<serde_json::Value, String> {
-    let trimmed = text.trim();
-    let mut p = ArgParser { s: trimmed, pos: 0 };
-    let arg = if trimmed.starts_with('{') {
-        p.value(0)?
-    } else {
-        Arg::Obj(p.pairs(None, 0)?)
-    };
-    p.skip_ws();
-    if p.pos != trimmed.len() {
-        return Err(format!(
-            "unexpected text after the arguments at byte {}: {:?}",
-            p.pos,
-            &trimmed[p.pos..]
-        ));
-    }
-    Ok(arg.into_value())
-}
-
-/// A parsed argument value, objects in the order written.
-#[derive(Debug)]
-enum Arg {
-    Obj(Vec<(String, Arg)>),
-    List(Vec<Arg>),
-    Str(String),
-    Num(serde_json::Number),
-    Bool(bool),
-    Null,
-}
-
-impl Arg {
-    fn into_value(self) -> serde_json::Value {
-        use serde_json::Value;
-        match self {
-            Arg::Obj(pairs) => Value::Object(
-                pairs
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_value()))
-                    .collect(),
-            ),
-            Arg::List(items) => Value::Array(items.into_iter().map(Arg::into_value).collect()),
-            Arg::Str(s) => Value::String(s),
-            Arg::Num(n) => Value::Number(n),
-            Arg::Bool(b) => Value::Bool(b),
-            Arg::Null => Value::Null,
-        }
-    }
-}
-
-/// Compact JSON, keys in the order written.
-fn write_json(arg: &Arg, out: &mut String) {
-    match arg {
-        Arg::Obj(pairs) => {
-            out.push('{');
-            for (i, (k, v)) in pairs.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                out.push(':');
-                write_json(v, out);
-            }
-            out.push('}');
-        }
-        Arg::List(items) => {
-            out.push('[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_json(v, out);
-            }
-            out.push(']');
-        }
-        Arg::Str(s) => out.push_str(&serde_json::Value::String(s.clone()).to_string()),
-        Arg::Num(n) => out.push_str(&n.to_string()),
-        Arg::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Arg::Null => out.push_str("null"),
-    }
-}
-
-/// Recursive-descent parser over the argument text; `pos` is a byte offset on a char boundary.
-struct ArgParser<'a> {
-    s: &'a str,
-    pos: usize,
-}
-
-impl ArgParser<'_> {
-    fn rest(&self) -> &str {
-        &self.s[self.pos..]
-    }
-
-    fn skip_ws(&mut self) {
-        let rest = self.rest();
-        self.pos += rest.len() - rest.trim_start().len();
-    }
-
-    fn err(&self, what: &str) -> String {
-        let near: String = self.rest().chars().take(24).collect();
-        format!("{what} at byte {} (near {near:?})", self.pos)
-    }
-
-    /// A `<|"|>`-delimited string; `pos` is at the opening delimiter.
-    fn string(&mut self) -> Result<String, String> {
-        let start = self.pos + STRING_DELIM.len();
-        let len = self.s[start..]
-            .find(STRING_DELIM)
-            .ok_or_else(|| self.err("unterminated string"))?;
-        self.pos = start + len + STRING_DELIM.len();
-        Ok(self.s[start..start + len].to_string())
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Arg, String> {
-        if depth > MAX_ARGS_DEPTH {
-            return Err(self.err("arguments nested too deeply"));
-        }
-        self.skip_ws();
-        let rest = self.rest();
-        if rest.starts_with(STRING_DELIM) {
-            return self.string().map(Arg::Str);
-        }
-        match rest.chars().next() {
-            None => Err(self.err("missing value")),
-            Some('{') => {
-                self.pos += 1;
-                let pairs = self.pairs(Some('}'), depth + 1)?;
-                Ok(Arg::Obj(pairs))
-            }
-            Some('[') => {
-                self.pos += 1;
-                let mut items = Vec::new();
-                loop {
-                    self.skip_ws();
-                    if self.rest().starts_with(']') {
-                        self.pos += 1;
-                        return Ok(Arg::List(items));
-                    }
-                    items.push(self.value(depth + 1)?);
-                    self.skip_ws();
-                    match self.rest().chars().next() {
-                        Some(',') => self.pos += 1,
-                        Some(']') => {}
-                        _ => return Err(self.err("expected `,` or `]` in list")),
-                    }
-                }
-            }
-            Some(_) => self.bare(),
-        }
-    }
-
-    /// Pairs up to `close` (or the end of the text when None), the closer consumed.
-    fn pairs(&mut self, close: Option<char>, depth: usize) -> Result<Vec<(String, Arg)>, String> {
-        let mut pairs: Vec<(String, Arg)> = Vec::new();
-        loop {
-            self.skip_ws();
-            match (self.rest().chars().next(), close) {
-                (None, None) => return Ok(pairs),
-                (None, Some(_)) => return Err(self.err("unterminated object")),
-                (Some(c), Some(cl)) if c == cl => {
-                    self.pos += 1;
-                    return Ok(pairs);
-                }
-                _ => {}
-            }
-            let key = self.key()?;
-            if pairs.iter().any(|(k, _)| *k == key) {
-                return Err(self.err(&format!("duplicate key {key:?}")));
-            }
-            let value = self.value(depth)?;
-            pairs.push((key, value));
-            self.skip_ws();
-            match (self.rest().chars().next(), close) {
-                (Some(','), _) => self.pos += 1,
-                (None, None) => return Ok(pairs),
-                (Some(c), Some(cl)) if c == cl => {}
-                _ => return Err(self.err("expected `,` or the end of the object")),
-            }
-        }
-    }
-
-    /// A key and its `:`.
-    fn key(&mut self) -> Result<String, String> {
-        let key = if self.rest().starts_with(STRING_DELIM) {
-            self.string()?
-        } else {
-            let rest = self.rest();
-            let end = rest
-                .find(|c: char| ":{}[],".contains(c))
-                .unwrap_or(rest.len());
-            let key = rest[..end].trim().to_string();
-            if key.is_empty() || key.contains(STRING_DELIM) {
-                return Err(self.err("expected a key"));
-            }
-            self.pos += end;
-            key
-        };
-        self.skip_ws();
-        if !self.rest().starts_with(':') {
-            return Err(self.err("expected `:` after key"));
-        }
-        self.pos += 1;
-        Ok(key)
-    }
-
-    /// A bare value: number, true, false, null, or (lenient) a plain word taken as a string.
-    fn bare(&mut self) -> Result<Arg, String> {
-        let rest = self.rest();
-        let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
-        let word = rest[..end].trim();
-        if word.is_empty() {
-            return Err(self.err("missing value"));
-        }
-        let arg = match word {
-            "true" => Arg::Bool(true),
-            "false" => Arg::Bool(false),
-            "null" => Arg::Null,
-            _ => {
-                if let Ok(n) = serde_json::from_str::<serde_json::Number>(word) {
-                    Arg::Num(n)
-                } else if let Some(n) = word
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|x| x.is_finite())
-                    .and_then(serde_json::Number::from_f64)
-                {
-                    Arg::Num(n)
-                } else if word.contains(|c: char| ":{[\"".contains(c)) || word.contains("<|") {
-                    return Err(self.err("malformed value"));
-                } else {
-                    Arg::Str(word.to_string())
-                }
-            }
-        };
-        self.pos += end;
-        Ok(arg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::fixture::{tokenizer, TOKENIZER};
     use serde_json::{json, Value};
-    use std::sync::OnceLock;
-
-    const TOKENIZER: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../fixtures/tiny-31b-recipe/tokenizer.json"
-    );
-
-    fn tokenizer() -> Arc<Tokenizer> {
-        static TOK: OnceLock<Arc<Tokenizer>> = OnceLock::new();
-        TOK.get_or_init(|| {
-            Arc::new(Tokenizer::from_file(TOKENIZER).expect("fixture tokenizer loads"))
-        })
-        .clone()
-    }
 
     fn special() -> Arc<SpecialTokens> {
         Arc::new(SpecialTokens::from_tokenizer(&tokenizer()).expect("fixture has the markers"))
@@ -1338,98 +990,5 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 50);
-    }
-
-    #[test]
-    fn args_to_json() {
-        let d = STRING_DELIM;
-        let cases: Vec<(String, Value)> = vec![
-            (
-                format!("key:{d}text{d},n:1,flag:true,obj:{{a:{d}x{d}}},list:[1,{d}s{d}]"),
-                json!({"key": "text", "n": 1, "flag": true, "obj": {"a": "x"}, "list": [1, "s"]}),
-            ),
-            (
-                format!("{{key:{d}te{{x}},t:{d}}}"),
-                json!({"key": "te{x},t:"}),
-            ),
-            (String::new(), json!({})),
-            ("{}".into(), json!({})),
-            (
-                " { a : 1 , b : [ ] , c : { } } ".into(),
-                json!({"a": 1, "b": [], "c": {}}),
-            ),
-            (
-                "a:-2,b:1.5,c:1e-05,d:false,e:null,f:0".into(),
-                json!({"a": -2, "b": 1.5, "c": 1e-05, "d": false, "e": null, "f": 0}),
-            ),
-            (
-                format!("s:{d}line\nquote\" back\\ tab\t 日本 😀{d}"),
-                json!({"s": "line\nquote\" back\\ tab\t 日本 😀"}),
-            ),
-            (
-                format!("empty:{d}{d},l:[[1,[2]],{{}}]"),
-                json!({"empty": "", "l": [[1, [2]], {}]}),
-            ),
-            ("unit:celsius".into(), json!({"unit": "celsius"})),
-            (
-                format!("{d}my key{d}:1,trailing:2,"),
-                json!({"my key": 1, "trailing": 2}),
-            ),
-            (
-                "big:12345678901234567890".into(),
-                json!({"big": 12345678901234567890u64}),
-            ),
-        ];
-        for (text, want) in cases {
-            assert_eq!(gemma_args_to_json(&text), Ok(want), "{text:?}");
-        }
-    }
-
-    #[test]
-    fn args_to_json_malformed() {
-        let d = STRING_DELIM;
-        let bad = [
-            "{a:1".to_string(),
-            "{a:1}}".into(),
-            "a 1".into(),
-            ":1".into(),
-            "{:1}".into(),
-            "a:".into(),
-            "a:1,b:".into(),
-            "a:[1,2".into(),
-            "a:[1,2}".into(),
-            "a:{b:1]".into(),
-            format!("a:{d}unterminated"),
-            format!("a:{d}x{d}{d}y{d}"),
-            "a:1,a:2".into(),
-            "a:x:y".into(),
-            "a:1 b:2".into(),
-            "}".into(),
-            "a:\"json style\"".into(),
-            format!("a:{}", "[".repeat(10_000)),
-            format!("a:{}1{}", "[".repeat(10_000), "]".repeat(10_000)),
-        ];
-        for text in &bad {
-            assert!(
-                gemma_args_to_json(text).is_err(),
-                "{text:?} should be an error: {:?}",
-                gemma_args_to_json(text)
-            );
-        }
-        // Nesting within the limit parses.
-        let ok = format!("a:{}1{}", "[".repeat(100), "]".repeat(100));
-        assert!(gemma_args_to_json(&ok).is_ok());
-    }
-
-    #[test]
-    fn tool_call_text_parsing() {
-        assert_eq!(
-            parse_tool_calls(" call:f{a:1} "),
-            Ok(vec![("f".into(), r#"{"a":1}"#.into())])
-        );
-        assert!(parse_tool_calls("call:{a:1}").is_err());
-        assert!(parse_tool_calls("call:f").is_err());
-        assert!(parse_tool_calls("call:f{a:1}junk").is_err());
-        assert!(parse_tool_calls("").is_err());
     }
 }
