@@ -1,8 +1,9 @@
-//! The real server on a free loopback port, driven over HTTP/1.1 by a minimal client (no extra
-//! crates): chat (stream and not), concurrency, disconnects, bad requests, auth, metrics, openapi.
+//! The real server on a free loopback port, driven over HTTP/1.1 by hyper's client (already in
+//! the tree for the image fetcher): chat (stream and not), concurrency, disconnects, bad
+//! requests, auth, metrics, openapi.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -102,6 +103,56 @@ fn request(method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> 
     request_to(server().addr, method, path, body, key)
 }
 
+/// The client side's runtime (tests call from many threads; `block_on` takes `&self`).
+fn client_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// Opens a connection and sends one request; the connection's task is returned so that a test
+/// can hang up by aborting it.
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    key: Option<&str>,
+) -> (
+    hyper::Result<hyper::Response<hyper::body::Incoming>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let body =
+        http_body_util::Full::new(hyper::body::Bytes::from(body.unwrap_or_default().to_vec()));
+    let resp = sender.send_request(req.body(body).unwrap()).await;
+    (resp, conn)
+}
+
+/// One request and its whole answer; status 0 when the server closed the connection without
+/// answering (a body over the limit may be refused before it is read).
 fn request_to(
     addr: SocketAddr,
     method: &str,
@@ -109,59 +160,27 @@ fn request_to(
     body: Option<&[u8]>,
     key: Option<&str>,
 ) -> Reply {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(k) = key {
-        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-    }
-    if let Some(b) = body {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    if let Some(b) = body {
-        // A peer that refuses a huge body may close early: ignore write errors.
-        let _ = s.write_all(b);
-    }
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    parse(&raw)
-}
-
-fn parse(raw: &[u8]) -> Reply {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Reply { status, body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    client_runtime().block_on(async {
+        let answer = tokio::time::timeout(Duration::from_secs(120), async {
+            let (resp, _conn) = send(addr, method, path, body, key).await;
+            let Ok(resp) = resp else {
+                return Reply {
+                    status: 0,
+                    body: String::new(),
+                };
+            };
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Reply {
+                status,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            }
+        });
+        answer.await.expect("the server answers within 120 s")
+    })
 }
 
 fn post(path: &str, body: Value) -> Reply {
@@ -301,19 +320,27 @@ fn n_choices_and_logprobs() {
 fn disconnect_frees_the_slot() {
     let stats = server().state.engine.stats.clone();
     let cancelled_before = stats.requests_cancelled_total.load(Ordering::SeqCst);
-    let mut s = TcpStream::connect(server().addr).unwrap();
     let body = chat(json!({"max_tokens": 200, "stream": true, "messages": [{"role": "user", "content": "never ending"}], "ignore_eos": true})).to_string();
-    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    // Read a little of the stream, then hang up.
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    for _ in 0..12 {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
-    drop(reader);
-    s.shutdown(std::net::Shutdown::Both).unwrap();
-    drop(s);
+    client_runtime().block_on(async {
+        let (resp, conn) = send(
+            server().addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.as_bytes()),
+            Some(KEY),
+        )
+        .await;
+        // Read a few frames of the stream, then hang up.
+        let mut body = resp.unwrap().into_body();
+        for _ in 0..4 {
+            http_body_util::BodyExt::frame(&mut body)
+                .await
+                .expect("a frame")
+                .unwrap();
+        }
+        drop(body);
+        conn.abort();
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
     while stats.requests_cancelled_total.load(Ordering::SeqCst) == cancelled_before {
         assert!(
