@@ -18,10 +18,9 @@
 //! `known_divergences_from_jinja2` pins them). Checked against transformers renders in
 //! `fixtures/chat/cases.json` (written by `conformance/fixtures_gen/chat_renders.py`).
 //!
-//! OpenAI messages are converted to what the template reads first ([`convert_openai_messages`]):
-//! Google's Gemma 4 template reads tool results from `tool_responses` on the model message that
-//! made the calls; templates that read `role: "tool"` messages instead (like the fixtures' one)
-//! get the tool messages kept ([`ChatTemplate::convert_openai_messages`] picks by template).
+//! The messages rendered here are template messages: OpenAI messages are converted to them by
+//! `crate::openai::messages`, in the tool-result style [`ChatTemplate::tool_results`] says this
+//! template reads.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -232,11 +231,6 @@ impl ChatTemplate {
         } else {
             ToolResults::Keep
         }
-    }
-
-    /// [`convert_openai_messages_with`] in the style this template reads ([`Self::tool_results`]).
-    pub fn convert_openai_messages(&self, messages: &[Json]) -> Result<Vec<Json>, TemplateError> {
-        convert_openai_messages_with(messages, self.tool_results())
     }
 
     /// Renders template-native messages (already converted). `tools`: OpenAI tool list or None.
@@ -705,226 +699,11 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 // ---------------------------------------------------------------------------------------------
 // OpenAI messages -> template messages.
 
-/// OpenAI chat messages -> what the Gemma 4 template expects: each run of `role: "tool"` messages
-/// is attached to the preceding assistant message as `tool_responses: [{name, response}]` (the
-/// name found through `tool_call_id` among that assistant message's `tool_calls`; the content
-/// parsed as JSON when it parses, else kept as a string; content given as a list of text parts is
-/// joined), and those tool messages are removed; assistant `tool_calls[].function.arguments`
-/// given as a JSON string is parsed into an object for the template; `reasoning` or
-/// `reasoning_content` on assistant messages becomes `reasoning_content`; `developer` role is
-/// treated as `system`. Errors (tool message with no preceding assistant call, unknown
-/// tool_call_id) are Err with a message naming the message index.
-pub fn convert_openai_messages(messages: &[Json]) -> Result<Vec<Json>, TemplateError> {
-    convert_openai_messages_with(messages, ToolResults::Attach)
-}
-
-/// [`convert_openai_messages`] with the tool results in either style. Details common to both:
-/// text parts of a tool message are joined with "\n" (as vLLM does) before the JSON parse; a
-/// tool message without `tool_call_id` is matched by its `name`, else by its position in the run;
-/// `arguments` that are an empty string become `{}`, and a string that is not a JSON object stays
-/// a string.
-pub fn convert_openai_messages_with(
-    messages: &[Json],
-    style: ToolResults,
-) -> Result<Vec<Json>, TemplateError> {
-    let err = |i: usize, what: String| TemplateError(format!("messages[{i}]: {what}"));
-    let mut out: Vec<Json> = Vec::with_capacity(messages.len());
-    // Index in `out` of the assistant message whose calls the current tool run answers.
-    let mut caller: Option<usize> = None;
-    let mut run_pos = 0usize;
-    for (i, message) in messages.iter().enumerate() {
-        let Json::Object(obj) = message else {
-            return Err(err(i, "a message must be an object".to_owned()));
-        };
-        let role = obj
-            .get("role")
-            .and_then(Json::as_str)
-            .ok_or_else(|| err(i, "a message needs a string `role`".to_owned()))?;
-        if role == "tool" {
-            let a = caller.ok_or_else(|| {
-                err(
-                    i,
-                    "tool message without a preceding assistant message with tool_calls".to_owned(),
-                )
-            })?;
-            let calls: Vec<(Option<String>, String)> = out[a]
-                .get("tool_calls")
-                .and_then(Json::as_array)
-                .map(|calls| {
-                    calls
-                        .iter()
-                        .map(|c| {
-                            let id = c.get("id").and_then(Json::as_str).map(str::to_owned);
-                            let f = c.get("function").unwrap_or(c);
-                            let name = f.get("name").and_then(Json::as_str).unwrap_or_default();
-                            (id, name.to_owned())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let id = match obj.get("tool_call_id") {
-                None | Some(Json::Null) => None,
-                Some(Json::String(s)) => Some(s.as_str()),
-                Some(_) => return Err(err(i, "`tool_call_id` must be a string".to_owned())),
-            };
-            let name = match id {
-                Some(id) => calls
-                    .iter()
-                    .find(|(cid, _)| cid.as_deref() == Some(id))
-                    .map(|(_, n)| n.clone())
-                    .ok_or_else(|| {
-                        err(
-                            i,
-                            format!(
-                                "tool_call_id {id:?} matches no tool call of messages[{}]",
-                                assistant_index(messages, i)
-                            ),
-                        )
-                    })?,
-                None => match obj
-                    .get("name")
-                    .and_then(Json::as_str)
-                    .filter(|n| !n.is_empty())
-                {
-                    Some(n) => n.to_owned(),
-                    None => calls.get(run_pos).map(|(_, n)| n.clone()).ok_or_else(|| {
-                        err(
-                            i,
-                            "tool message without tool_call_id, and more results than calls"
-                                .to_owned(),
-                        )
-                    })?,
-                },
-            };
-            run_pos += 1;
-            let response = parse_json_or_keep(tool_text(obj.get("content")));
-            match style {
-                ToolResults::Attach => {
-                    let Some(Json::Object(target)) = out.get_mut(a) else {
-                        unreachable!("`caller` indexes an assistant object in `out`");
-                    };
-                    let entry = Json::Object(Map::from_iter([
-                        ("name".to_owned(), Json::String(name)),
-                        ("response".to_owned(), response),
-                    ]));
-                    match target.get_mut("tool_responses") {
-                        Some(Json::Array(list)) => list.push(entry),
-                        _ => {
-                            target.insert("tool_responses".to_owned(), Json::Array(vec![entry]));
-                        }
-                    }
-                }
-                ToolResults::Keep => {
-                    let mut kept = Map::new();
-                    kept.insert("role".to_owned(), Json::String("tool".to_owned()));
-                    if let Some(id) = id {
-                        kept.insert("tool_call_id".to_owned(), Json::String(id.to_owned()));
-                    }
-                    kept.insert("name".to_owned(), Json::String(name));
-                    kept.insert("content".to_owned(), response);
-                    out.push(Json::Object(kept));
-                }
-            }
-            continue;
-        }
-
-        run_pos = 0;
-        let mut m = obj.clone();
-        match role {
-            "developer" => {
-                m.insert("role".to_owned(), Json::String("system".to_owned()));
-                caller = None;
-            }
-            "assistant" => {
-                if let Some(r) = m.remove("reasoning") {
-                    if m.get("reasoning_content").is_none_or(Json::is_null) && !r.is_null() {
-                        m.insert("reasoning_content".to_owned(), r);
-                    }
-                }
-                let mut has_calls = false;
-                if let Some(Json::Array(calls)) = m.get_mut("tool_calls") {
-                    has_calls = !calls.is_empty();
-                    for call in calls.iter_mut() {
-                        let Json::Object(c) = call else {
-                            return Err(err(i, "a tool call must be an object".to_owned()));
-                        };
-                        let f = match c.get_mut("function") {
-                            Some(Json::Object(f)) => f,
-                            _ => c,
-                        };
-                        if let Some(Json::String(a)) = f.get("arguments") {
-                            if let Some(parsed) = parse_arguments(a) {
-                                f.insert("arguments".to_owned(), parsed);
-                            }
-                        }
-                    }
-                }
-                caller = has_calls.then_some(out.len());
-            }
-            _ => caller = None,
-        }
-        out.push(Json::Object(m));
-    }
-    Ok(out)
-}
-
-/// The index of the assistant message a tool message at `i` answers (for error messages).
-fn assistant_index(messages: &[Json], i: usize) -> usize {
-    (0..i)
-        .rev()
-        .find(|&j| messages[j].get("role").and_then(Json::as_str) != Some("tool"))
-        .unwrap_or(0)
-}
-
-/// `arguments` given as a string: an empty string is `{}`, a JSON object is parsed, anything else
-/// stays as given (None).
-fn parse_arguments(a: &str) -> Option<Json> {
-    if a.trim().is_empty() {
-        return Some(Json::Object(Map::new()));
-    }
-    match serde_json::from_str::<Json>(a) {
-        Ok(v @ Json::Object(_)) => Some(v),
-        _ => None,
-    }
-}
-
-/// A tool message's content as text: a string, or text parts joined with "\n".
-fn tool_text(content: Option<&Json>) -> String {
-    match content {
-        None | Some(Json::Null) => String::new(),
-        Some(Json::String(s)) => s.clone(),
-        Some(Json::Array(parts)) => {
-            let texts: Vec<String> = parts
-                .iter()
-                .filter_map(|p| match p {
-                    Json::String(s) => Some(s.clone()),
-                    Json::Object(o) if o.get("type").and_then(Json::as_str) == Some("text") => {
-                        Some(
-                            o.get("text")
-                                .and_then(Json::as_str)
-                                .unwrap_or_default()
-                                .to_owned(),
-                        )
-                    }
-                    _ => None,
-                })
-                .collect();
-            texts.join("\n")
-        }
-        Some(other) => other.to_string(),
-    }
-}
-
-fn parse_json_or_keep(text: String) -> Json {
-    match serde_json::from_str::<Json>(&text) {
-        Ok(v) => v,
-        Err(_) => Json::String(text),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::messages::to_template;
+    use crate::openai::protocol::Message;
     use serde_json::json;
     use std::path::PathBuf;
 
@@ -1013,23 +792,23 @@ mod tests {
                 Some("keep") => ToolResults::Keep,
                 _ => ToolResults::Attach,
             };
-            let converted = convert_openai_messages_with(array(case, "openai_messages"), style)
+            let openai: Vec<Message> =
+                serde_json::from_value(Json::Array(array(case, "openai_messages").to_vec()))
+                    .unwrap_or_else(|e| panic!("[{name}] openai_messages: {e}"));
+            let converted = to_template(&openai, style, &|i| format!("messages[{i}]"))
                 .unwrap_or_else(|e| panic!("[{name}] conversion failed: {e}"));
             let want_messages = array(case, "template_messages");
-            if converted != want_messages {
+            // The server gives the template `{"type": "image"}` for an image part (the image
+            // goes to the vision tower); the case keeps the part as sent: compare renders only.
+            let has_image = Json::Array(array(case, "openai_messages").to_vec())
+                .to_string()
+                .contains("image_url");
+            if converted != want_messages && !has_image {
                 failures.push(format!(
                     "[{name}] converted messages differ:\n  got:  {}\n  want: {}",
                     Json::Array(converted.clone()),
                     Json::Array(want_messages.to_vec())
                 ));
-            }
-            if style == ToolResults::Attach {
-                let plain =
-                    convert_openai_messages(array(case, "openai_messages")).expect("converts");
-                assert_eq!(
-                    plain, converted,
-                    "[{name}] convert_openai_messages is the Attach style"
-                );
             }
             match template.render(&converted, tools, agp, &kwargs) {
                 Ok(got) => {
@@ -1280,103 +1059,7 @@ mod tests {
     }
 
     #[test]
-    fn conversion_errors_name_the_message() {
-        let call = json!({"role": "assistant", "content": null,
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]});
-        // A tool message first.
-        let err = convert_openai_messages(&[
-            json!({"role": "tool", "tool_call_id": "c1", "content": "x"}),
-        ])
-        .unwrap_err();
-        assert!(err.0.starts_with("messages[0]:"), "{err}");
-        // After a user message instead of the assistant call.
-        let err = convert_openai_messages(&[
-            call.clone(),
-            user("u"),
-            json!({"role": "tool", "tool_call_id": "c1", "content": "x"}),
-        ])
-        .unwrap_err();
-        assert!(err.0.starts_with("messages[2]:"), "{err}");
-        // After an assistant message without calls.
-        let err = convert_openai_messages(&[
-            user("u"),
-            json!({"role": "assistant", "content": "a"}),
-            json!({"role": "tool", "tool_call_id": "c1", "content": "x"}),
-        ])
-        .unwrap_err();
-        assert!(err.0.starts_with("messages[2]:"), "{err}");
-        // Unknown id.
-        let err = convert_openai_messages(&[
-            user("u"),
-            call.clone(),
-            json!({"role": "tool", "tool_call_id": "nope", "content": "x"}),
-        ])
-        .unwrap_err();
-        assert!(
-            err.0.starts_with("messages[2]:")
-                && err.0.contains("nope")
-                && err.0.contains("messages[1]"),
-            "{err}"
-        );
-        // Not an object / no role.
-        assert!(convert_openai_messages(&[json!(3)])
-            .unwrap_err()
-            .0
-            .starts_with("messages[0]:"));
-        assert!(
-            convert_openai_messages(&[user("u"), json!({"content": "x"})])
-                .unwrap_err()
-                .0
-                .starts_with("messages[1]:")
-        );
-    }
-
-    #[test]
-    fn conversion_details() {
-        let messages = [
-            json!({"role": "developer", "content": "d"}),
-            user("u"),
-            json!({"role": "assistant", "content": "", "reasoning": "r",
-                "tool_calls": [
-                    {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": [1, 2]}"}},
-                    {"id": "b", "type": "function", "function": {"name": "g", "arguments": ""}},
-                    {"id": "c", "type": "function", "function": {"name": "h", "arguments": "[1]"}}]}),
-            json!({"role": "tool", "content": "{\"ok\": true}"}),
-            json!({"role": "tool", "name": "h", "content": [{"type": "text", "text": "line 1"}, {"type": "text", "text": "line 2"}]}),
-            json!({"role": "tool", "tool_call_id": "b", "content": "7"}),
-        ];
-        let out = convert_openai_messages(&messages).expect("converts");
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0]["role"], "system");
-        assert_eq!(out[2]["reasoning_content"], "r");
-        assert!(out[2].get("reasoning").is_none());
-        let calls = &out[2]["tool_calls"];
-        assert_eq!(calls[0]["function"]["arguments"], json!({"x": [1, 2]}));
-        assert_eq!(calls[1]["function"]["arguments"], json!({}));
-        assert_eq!(
-            calls[2]["function"]["arguments"],
-            json!("[1]"),
-            "a non-object stays a string"
-        );
-        assert_eq!(
-            out[2]["tool_responses"],
-            json!([
-                {"name": "f", "response": {"ok": true}},
-                {"name": "h", "response": "line 1\nline 2"},
-                {"name": "g", "response": 7},
-            ])
-        );
-        let kept = convert_openai_messages_with(&messages, ToolResults::Keep).expect("converts");
-        assert_eq!(kept.len(), 6);
-        assert_eq!(
-            kept[3],
-            json!({"role": "tool", "name": "f", "content": {"ok": true}})
-        );
-        assert_eq!(
-            kept[5],
-            json!({"role": "tool", "tool_call_id": "b", "name": "g", "content": 7})
-        );
-        // A template reading tool_responses picks the Attach style.
+    fn tool_results_style_follows_the_template() {
         let google_like =
             ChatTemplate::from_source("{{ messages[0].tool_responses }}", "", "").expect("loads");
         assert_eq!(google_like.tool_results(), ToolResults::Attach);

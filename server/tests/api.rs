@@ -657,7 +657,10 @@ fn reference_greedy(image: &[u8], n: usize) -> (usize, Vec<String>) {
     let template = gemma4_server::chat_template::ChatTemplate::from_dir(&dir)
         .unwrap()
         .expect("a chat template");
-    let msgs = template.convert_openai_messages(&[json!({"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]})]).unwrap();
+    // The template message the server makes of a text part and an image part.
+    let msgs = [
+        json!({"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}),
+    ];
     let text = template
         .render(&msgs, None, true, &Default::default())
         .unwrap();

@@ -102,9 +102,9 @@ pub fn to_template(
         caller = None;
         let mut m = Map::new();
         m.insert("role".into(), role.into());
-        if let Some(c) = content {
-            m.insert("content".into(), content_json(c));
-        }
+        // An assistant message without content has `content: null` (what clients send; the
+        // renderer drops None values as transformers does).
+        m.insert("content".into(), content.map_or(Value::Null, content_json));
         if let Message::Assistant {
             reasoning_content,
             tool_calls,
