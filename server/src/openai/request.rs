@@ -424,3 +424,144 @@ fn sampling(
         seed: seed.map_or_else(crate::ids::random_u64, |s| s as u64),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn defaults() -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 64,
+            top_p: 0.95,
+            min_p: 0.0,
+            seed: 0,
+        }
+    }
+
+    fn chat(extra: Value) -> Result<Generation, String> {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let req: ChatCompletionRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
+        req.validate(&defaults())
+            .map_err(|e| format!("{} [{}]", e.message, e.param.unwrap_or_default()))
+    }
+
+    #[test]
+    fn every_check_names_its_parameter() {
+        let bad = [
+            (json!({"messages": []}), "[messages]"),
+            (json!({"n": 0}), "[n]"),
+            (json!({"n": 17}), "[n]"),
+            (json!({"temperature": 2.5}), "[temperature]"),
+            (json!({"top_p": 0.0}), "[top_p]"),
+            (json!({"min_p": 1.5}), "[min_p]"),
+            (json!({"max_tokens": 0}), "[max_tokens]"),
+            (json!({"logit_bias": {"x": 1.0}}), "[logit_bias]"),
+            (json!({"top_logprobs": 3}), "[top_logprobs]"),
+            (json!({"tool_choice": "required"}), "[tool_choice]"),
+            (
+                json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                "[tool_choice]",
+            ),
+            (
+                json!({"mm_processor_kwargs": {"max_soft_tokens": 100}}),
+                "[mm_processor_kwargs]",
+            ),
+            (
+                json!({"tool_choice": "sometimes"}),
+                r#"expected "none", "auto""#,
+            ),
+            (json!({"stop": 3}), "untagged enum Stop"),
+            (json!({"tools": 1}), "expected a sequence"),
+        ];
+        for (extra, needle) in bad {
+            let e = chat(extra.clone()).unwrap_err();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn fields_reach_the_generation() {
+        let tool = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+        let g = chat(json!({
+            "n": 3, "max_completion_tokens": 9, "max_tokens": 4, "temperature": 0.5, "top_k": -1,
+            "seed": 7, "stop": ["a", ""], "logprobs": true, "top_logprobs": 50,
+            "logit_bias": {"12": 500.0}, "tools": [tool], "tool_choice": "required",
+            "reasoning_effort": "low", "stream": true, "stream_options": {"include_usage": true},
+            "mm_processor_kwargs": {"max_soft_tokens": 280},
+        }))
+        .unwrap();
+        assert_eq!((g.n, g.max_tokens), (3, Some(9)));
+        assert_eq!(g.sampling.temperature, 0.5);
+        assert_eq!((g.sampling.top_k, g.sampling.seed), (0, 7));
+        assert_eq!(g.stop, ["a"]);
+        assert_eq!(g.logprobs, Some(MAX_TOP_LOGPROBS as usize));
+        assert_eq!(g.penalties.logit_bias, [(12, 100.0)]);
+        assert_eq!(g.forced_tool, Some(ForcedTool::Any));
+        assert!(g.stream && g.include_usage);
+        let c = &g.conversation;
+        assert_eq!(c.template_kwargs["enable_thinking"], json!(true));
+        assert_eq!(c.max_soft_tokens, Some(280));
+        assert_eq!(c.tools.as_ref().map(Vec::len), Some(1));
+        // "none" hides the tools from the template.
+        let g = chat(json!({"tools": [tool], "tool_choice": "none"})).unwrap();
+        assert!(g.conversation.tools.is_none() && g.forced_tool.is_none());
+        // chat_template_kwargs.enable_thinking wins over reasoning_effort.
+        let g = chat(
+            json!({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": false}}),
+        )
+        .unwrap();
+        assert_eq!(
+            g.conversation.template_kwargs["enable_thinking"],
+            json!(false)
+        );
+    }
+
+    #[test]
+    fn responses_input_items_become_messages() {
+        let req: ResponsesRequest = serde_json::from_value(json!({
+            "instructions": "be brief",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": {"ok": true}},
+                {"type": "reasoning"},
+            ],
+            "tool_choice": {"type": "function", "name": "f"},
+            "tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "g"}],
+        }))
+        .unwrap();
+        let g = req.validate(&defaults()).unwrap();
+        let c = &g.conversation;
+        assert_eq!(
+            c.labels,
+            ["instructions", "input[0]", "input[1]", "input[3]"]
+        );
+        match &c.messages[2] {
+            Message::Assistant { tool_calls, .. } => assert_eq!(tool_calls.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        match &c.messages[3] {
+            Message::Tool {
+                content: Content::Text(t),
+                tool_call_id,
+                ..
+            } => {
+                assert_eq!(
+                    (t.as_str(), tool_call_id.as_deref()),
+                    (r#"{"ok":true}"#, Some("c1"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(g.forced_tool, Some(ForcedTool::Named("f".into())));
+        let bad: Result<ResponsesRequest, _> =
+            serde_json::from_value(json!({"input": [{"type": "web_search_call"}]}));
+        assert!(bad.unwrap_err().to_string().contains("input[0]"));
+    }
+}
