@@ -496,7 +496,37 @@ fn metrics_and_openapi() {
             "{p} missing from /openapi.json"
         );
     }
-    assert!(spec["components"]["schemas"]["ChatCompletionRequest"].is_object());
+    // The request types are documented as they are: only the required fields are required, and
+    // messages are typed down to their content parts.
+    let schemas = &spec["components"]["schemas"];
+    assert_eq!(
+        schemas["ChatCompletionRequest"]["required"],
+        json!(["messages"])
+    );
+    assert_eq!(schemas["ResponsesRequest"]["required"], json!(["input"]));
+    for typed in [
+        "Message",
+        "Content",
+        "ContentPart",
+        "Tool",
+        "ToolChoice",
+        "ResponseFormat",
+        "StreamOptions",
+        "MmProcessorKwargs",
+        "InputItem",
+    ] {
+        assert!(
+            schemas[typed].is_object(),
+            "{typed} missing from the schemas"
+        );
+    }
+    let roles: Vec<&str> = schemas["Message"]["oneOf"]
+        .as_array()
+        .expect("Message is one of the roles")
+        .iter()
+        .filter_map(|m| m["properties"]["role"]["enum"][0].as_str())
+        .collect();
+    assert_eq!(roles, ["system", "developer", "user", "assistant", "tool"]);
 }
 
 #[test]
