@@ -1,12 +1,14 @@
-//! The serving side of gemma4: an engine that runs requests over the model with continuous
-//! batching (knows nothing of HTTP), the prompt side (chat template), the output side (thinking and
-//! tool-call parser), and the OpenAI-compatible HTTP layer over them.
+//! The serving side of gemma4 over the engine (`gemma4-engine`: runs requests over the model with
+//! continuous batching, knows nothing of HTTP): the prompt side (chat template), the output side
+//! (thinking and tool-call parser), and the OpenAI-compatible HTTP layer over them.
 
 pub mod bench;
 pub mod chat_template;
-pub mod engine;
 pub mod http;
 pub mod ids;
 pub mod parser;
 pub mod serve;
 pub mod synth;
+
+// The HTTP layer names the engine crate by its old module path (`crate::engine::...`).
+use gemma4_engine as engine;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use gemma4_engine::{Engine, EngineConfig};
 use gemma4_model::Gemma4Backend;
 
 use crate::chat_template::ChatTemplate;
-use crate::engine::{Engine, EngineConfig};
 use crate::http::{self, AppState};
 use crate::parser::SpecialTokens;
 use gemma4_model::Model;
@@ -241,7 +241,7 @@ fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
         max_waiting: args.max_waiting,
     };
     let (engine, _thread) = Engine::start(engine_config, move || {
-        Ok(crate::engine::scripted::ScriptedModel {
+        Ok(gemma4_engine::scripted::ScriptedModel {
             vocab_size,
             script,
             image_token_id,
