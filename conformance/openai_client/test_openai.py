@@ -1,8 +1,12 @@
 """The real `gemma4 serve` on a free loopback port, driven by the official `openai` client.
 
-Run by .ci/run:  GEMMA4_BIN=target/debug/gemma4 pytest conformance/openai_client
+Run by scripts/test.sh:
+    GEMMA4_BIN=target/debug/gemma4 GEMMA4_SCRIPTED_BIN=target/debug/examples/scripted_serve \
+        pytest conformance/openai_client
 The server serves the bundled tiny fixture (random weights: the text is gibberish, so the tests
-assert on structure, determinism, usage counts and parsing, not on meaning).
+assert on structure, determinism, usage counts and parsing, not on meaning). Thinking and tool
+calls, which such a model never emits, come from the same server over the scripted test model
+(`server/examples/scripted_serve.rs`, a test build only).
 """
 
 import base64
@@ -33,11 +37,12 @@ WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "descri
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
-def start(extra):
-    binary = os.environ.get("GEMMA4_BIN", os.path.join(ROOT, "target", "debug", "gemma4"))
+def start(extra, command=None):
+    """`gemma4 serve` with `extra` flags, or `command` (a server taking the same flags) instead."""
+    command = command or [os.environ.get("GEMMA4_BIN", os.path.join(ROOT, "target", "debug", "gemma4")), "serve"]
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "serve", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", *extra],
+        [*command, "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", *extra],
         env={**os.environ, "GEMMA4_API_KEY": KEY},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -76,7 +81,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def scripted():
-    proc, base = start(["--scripted-output", SCRIPT])
+    binary = os.environ.get("GEMMA4_SCRIPTED_BIN", os.path.join(ROOT, "target", "debug", "examples", "scripted_serve"))
+    proc, base = start(["--scripted-output", SCRIPT], command=[binary])
     yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
     stop(proc)
 

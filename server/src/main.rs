@@ -103,52 +103,8 @@ enum Command {
     },
     /// Serve the OpenAI-compatible API (chat completions, responses, models, tokenize, metrics, ...).
     Serve {
-        /// Checkpoint directory; the bundled tiny fixture when omitted.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
-        /// Name clients use in `model` (default: the checkpoint directory's name).
-        #[arg(long)]
-        served_model_name: Option<String>,
-        /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize.
-        #[arg(long, env = "GEMMA4_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// Context limit (prompt + output); default and maximum: the model's max_position_embeddings.
-        #[arg(long)]
-        max_model_len: Option<usize>,
-        /// Requests advanced together per engine step.
-        #[arg(long, default_value_t = 16)]
-        max_num_seqs: usize,
-        /// Prompt tokens prefilled per engine step (chunked prefill): bounds how long a new long
-        /// prompt stalls the running streams.
-        #[arg(long, default_value_t = 2048)]
-        max_num_batched_tokens: usize,
-        /// Requests that may wait for a slot; beyond that the server answers 503.
-        #[arg(long, default_value_t = 256)]
-        max_waiting: usize,
-        /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
-        #[arg(long, default_value_t = 10)]
-        shutdown_grace: u64,
-        /// Fetch http:// and https:// image URLs in requests (data: URLs are always taken). Hosts
-        /// that resolve to loopback, private or link-local addresses are refused, and redirects
-        /// are not followed. https is verified against Mozilla's roots (compiled in).
-        #[arg(long)]
-        allow_image_urls: bool,
-        /// PEM file of CA certificates also trusted for https:// image URLs.
-        #[arg(long)]
-        image_ca_file: Option<PathBuf>,
-        /// Images per request; a request with more gets a 400.
-        #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_LIMIT_PER_PROMPT)]
-        limit_images_per_prompt: usize,
-        /// Seconds the fetch of one image URL may take (with --allow-image-urls).
-        #[arg(long, default_value_t = gemma4_server::http::images::DEFAULT_FETCH_TIMEOUT_SECS)]
-        image_fetch_timeout: u64,
-        /// Test mode: answer every request with this text instead of running the model.
-        #[arg(long, hide = true)]
-        scripted_output: Option<String>,
+        #[command(flatten)]
+        args: gemma4_server::serve::ServeArgs,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -485,43 +441,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve {
-            model,
-            host,
-            port,
-            served_model_name,
-            api_key,
-            max_model_len,
-            max_num_seqs,
-            max_num_batched_tokens,
-            max_waiting,
-            shutdown_grace,
-            scripted_output,
-            allow_image_urls,
-            image_ca_file,
-            limit_images_per_prompt,
-            image_fetch_timeout,
-            ..
-        } => {
-            let args = gemma4_server::serve::ServeArgs {
-                model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
-                host,
-                port,
-                served_model_name,
-                api_key,
-                max_model_len,
-                max_num_seqs,
-                max_num_batched_tokens,
-                max_waiting,
-                shutdown_grace,
-                scripted_output,
-                allow_image_urls,
-                image_ca_file,
-                limit_images_per_prompt,
-                image_fetch_timeout,
-            };
-            gemma4_server::serve::run::<B>(args, device)
-        }
+        Command::Serve { args, .. } => gemma4_server::serve::run::<B>(args, device),
         Command::Synth { .. } => unreachable!("handled before a backend is chosen"),
         Command::Check {
             model, tolerance, ..

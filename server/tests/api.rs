@@ -46,7 +46,6 @@ fn start(
         max_num_batched_tokens: chunk,
         max_waiting: 64,
         shutdown_grace: 1,
-        scripted_output: None,
         allow_image_urls,
         image_ca_file: None,
         limit_images_per_prompt: 8,
