@@ -8,7 +8,6 @@ pub mod http;
 pub mod ids;
 pub mod parser;
 pub mod serve;
-pub mod synth;
 
 // The HTTP layer names the engine crate by its old module path (`crate::engine::...`).
 use gemma4_engine as engine;

@@ -209,8 +209,8 @@ fn run(cli: Cli) -> Result<()> {
         seed,
     } = &cli.command
     {
-        let p = gemma4_server::synth::preset(preset)?;
-        let (mlp, attn, embed, other) = gemma4_server::synth::byte_budget(&p);
+        let p = gemma4_model::synth::preset(preset)?;
+        let (mlp, attn, embed, other) = gemma4_model::synth::byte_budget(&p);
         eprintln!(
             "synth {preset}: NVFP4 MLP {:.2} GB, bf16 attention {:.2} GB, bf16 embedding {:.2} GB, other {:.3} GB",
             mlp as f64 / 1e9,
@@ -218,7 +218,14 @@ fn run(cli: Cli) -> Result<()> {
             embed as f64 / 1e9,
             other as f64 / 1e9
         );
-        return gemma4_server::synth::synth(preset, out, (shard_gb * 1e9) as usize, *seed);
+        gemma4_model::synth::synth(
+            preset,
+            out,
+            (shard_gb * 1e9) as usize,
+            *seed,
+            |file, i, n| tracing::info!("wrote {file} ({i}/{n})"),
+        )?;
+        return Ok(());
     }
     let backend = match &cli.command {
         Command::Synth { .. } => unreachable!("handled above"),
