@@ -11,6 +11,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod generation;
+pub mod golden;
 pub mod linear;
 pub mod mlp;
 pub mod norm;

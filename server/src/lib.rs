@@ -2,7 +2,6 @@
 //! continuous batching, knows nothing of HTTP): the prompt side (chat template), the output side
 //! (thinking and tool-call parser), and the OpenAI-compatible HTTP layer over them.
 
-pub mod bench;
 pub mod chat_template;
 pub mod http;
 pub mod ids;

@@ -1,8 +1,16 @@
 //! The `gemma4` binary. Subcommands:
+//! - `serve`: the OpenAI-compatible API (the `gemma4_server` library);
 //! - `logits`: logits at every position of a token sequence, written to a safetensors file;
-//! - `generate`: prefill + decode with greedy or seeded sampling.
+//! - `generate`: prefill + decode with greedy or seeded sampling;
+//! - `check`: a fixture's reference logits and greedy outputs (`gemma4_model::golden`);
+//! - `bench`, `bench-kernels`, `bench-vision`: speed;
+//! - `synth`: a random-valued checkpoint in the real format (`gemma4_model::synth`).
 
-mod check;
+/// The CLI-only tools.
+mod cli {
+    pub mod bench;
+    pub mod check;
+}
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -456,9 +464,9 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let m = load::<B>(&model, &device)?;
             let dtype = m.text.embed_tokens.val().dtype();
             let tolerance =
-                tolerance.unwrap_or(gemma4_conformance::Tolerances::for_dtype(dtype).logits);
+                tolerance.unwrap_or(gemma4_model::golden::Tolerances::for_dtype(dtype).logits);
             eprintln!("checking in {dtype:?} against the f32 reference, tolerance {tolerance:.0e}");
-            check::check(&m, &model, tolerance)
+            cli::check::check(&m, &model, tolerance)
         }
         Command::Bench {
             model,
@@ -472,14 +480,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let host = matches!(backend.device, DeviceArg::Cpu);
             println!(
                 "{}",
-                gemma4_server::bench::end_to_end(
-                    &m,
-                    prompt_len,
-                    decode_tokens,
-                    repeats.max(1),
-                    batch,
-                    host
-                )?
+                cli::bench::end_to_end(&m, prompt_len, decode_tokens, repeats.max(1), batch, host)?
             );
             Ok(())
         }
@@ -490,10 +491,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             ..
         } => {
             let m = load::<B>(&model, &device)?;
-            println!(
-                "{}",
-                gemma4_server::bench::vision(&m, &model, &budgets, full_up_to)?
-            );
+            println!("{}", cli::bench::vision(&m, &model, &budgets, full_up_to)?);
             Ok(())
         }
         Command::BenchKernels {
@@ -505,7 +503,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             backend,
         } => {
             let host = matches!(backend.device, DeviceArg::Cpu);
-            let table = gemma4_server::bench::kernels::<B>(
+            let table = cli::bench::kernels::<B>(
                 &device,
                 prefill_rows.max(1),
                 context.max(1),
@@ -516,7 +514,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             if json {
                 println!("{table}");
             } else {
-                gemma4_server::bench::print_kernel_table(&table);
+                cli::bench::print_kernel_table(&table);
             }
             Ok(())
         }

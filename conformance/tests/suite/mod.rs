@@ -5,7 +5,8 @@
 
 pub mod vision;
 
-use gemma4_conformance::*;
+use gemma4_conformance::{fixtures, name};
+use gemma4_model::golden::*;
 use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
 
 /// Every kernel of `kernels` (the backend's: `fallback::CUBE_KERNELS` or `CPU_KERNELS`) launched and
@@ -38,10 +39,10 @@ fn to_vec<B: Gemma4Backend>(t: burn::tensor::Tensor<B, 2>) -> Vec<f32> {
 pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let seq = case.sequence();
-            let (expected, shape) = reference_logits(&dir, &case.name);
+            let (expected, shape) = reference_logits(&dir, &case.name).unwrap();
             assert_eq!(
                 shape,
                 [seq.len(), model.text.vocab_size],
@@ -74,7 +75,7 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
     let mut out = Vec::new();
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let tokens = case_greedy(&model.text, case).unwrap();
             println!(
@@ -101,7 +102,7 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
 pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let seq = case.sequence();
             let vocab = model.text.vocab_size;
@@ -169,7 +170,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
     // decoded together give the logits each gives alone, and match the reference.
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         let cases = &reference.cases;
         let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| model.text.new_cache()).collect();
         for (c, cache) in cases.iter().zip(caches.iter_mut()) {
@@ -186,7 +187,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
             let batched = to_vec(model.text.forward_batch(&tokens, &mut refs).unwrap());
             let vocab = model.text.vocab_size;
             for (b, c) in cases.iter().enumerate() {
-                let (expected, _) = reference_logits(&dir, &c.name);
+                let (expected, _) = reference_logits(&dir, &c.name).unwrap();
                 let pos = c.prompt_ids.len() + step;
                 let (d, _) = max_abs_diff(
                     &batched[b * vocab..(b + 1) * vocab],
