@@ -53,7 +53,7 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Toleran
             let got = case_logits(&model.text, case).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {:.0e}) at position {}",
+                "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {:.1e}) at position {}",
                 name(&dir),
                 case.name,
                 seq.len(),
@@ -134,7 +134,7 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
             assert_eq!(cache.seq_len, seq.len());
             let (d, at) = max_abs_diff(&stepped, &full);
             println!(
-                "{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.0e})",
+                "{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.1e})",
                 name(&dir),
                 case.name,
                 tol.cache
@@ -196,7 +196,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
                 worst = worst.max(d);
             }
         }
-        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.0e})", name(&dir), cases.len(), tol.logits);
+        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.1e})", name(&dir), cases.len(), tol.logits);
         assert!(worst <= tol.logits);
     }
 }

@@ -58,7 +58,7 @@ pub fn soft_tokens_match_reference<B: Gemma4Backend>(device: &B::Device, tol: To
             assert_eq!(shape[0], case.num_soft_tokens);
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} soft tokens, max|Δ| = {d:.2e} (tolerance {:.0e})",
+                "{}/{}: {} soft tokens, max|Δ| = {d:.2e} (tolerance {:.1e})",
                 name(&dir),
                 case.file,
                 shape[0],
@@ -118,7 +118,7 @@ pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, to
             let (expected, shape) = reference_logits(&dir, &case.name).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} positions, {} images, max|Δlogit| = {d:.2e} (tolerance {:.0e})",
+                "{}/{}: {} positions, {} images, max|Δlogit| = {d:.2e} (tolerance {:.1e})",
                 name(&dir),
                 case.name,
                 shape[0],

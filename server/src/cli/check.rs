@@ -26,7 +26,7 @@ pub fn check<B: Gemma4Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Resu
         let ok = d <= tolerance && greedy == case.greedy_ids;
         failures += usize::from(!ok);
         println!(
-            "{} {}: {} positions, max|Δlogit| {d:.2e} (tolerance {tolerance:.0e}), greedy {}",
+            "{} {}: {} positions, max|Δlogit| {d:.2e} (tolerance {tolerance:.1e}), greedy {}",
             if ok { "PASS" } else { "FAIL" },
             case.name,
             case.sequence().len(),
