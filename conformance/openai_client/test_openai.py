@@ -114,8 +114,9 @@ def test_chat_completion(client):
     assert r.object == "chat.completion"
     assert c.message.role == "assistant"
     assert isinstance(c.message.content, str)
-    assert c.finish_reason in ("stop", "length")
-    assert 1 <= r.usage.completion_tokens <= 8
+    # Greedy on the random fixture never samples an end-of-turn within 8 tokens.
+    assert c.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     again = client.chat.completions.create(
         model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
@@ -149,11 +150,12 @@ def test_thinking_on_reports_reasoning_fields(client):
         reasoning_effort="high",
     )
     msg = r.choices[0].message.model_dump()
-    # Both spellings are always present; with this random model the thinking may be empty.
+    # Both spellings are always present; this random model never opens a thought channel, so
+    # the thinking is empty and counts no tokens (the scripted tests below cover a real one).
     assert "reasoning" in msg and "reasoning_content" in msg
-    assert msg["reasoning"] == msg["reasoning_content"]
+    assert msg["reasoning"] is None and msg["reasoning_content"] is None
     details = r.usage.completion_tokens_details
-    assert details is not None and details.reasoning_tokens >= 0
+    assert details is not None and details.reasoning_tokens == 0
 
 
 def test_tool_declaration_is_accepted(client):
@@ -162,7 +164,7 @@ def test_tool_declaration_is_accepted(client):
     r = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, max_tokens=8, temperature=0,
     )
-    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.choices[0].finish_reason == "length"
 
 
 def test_tool_results_round_trip(client):
@@ -179,9 +181,9 @@ def test_tool_results_round_trip(client):
 
 def test_responses(client):
     r = client.responses.create(model="tiny", input="Say hi", instructions="Be brief", max_output_tokens=6, temperature=0)
-    assert r.status in ("completed", "incomplete")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert isinstance(r.output_text, str)
-    assert r.usage.output_tokens <= 6
+    assert r.usage.output_tokens == 6
 
 
 def test_responses_streaming(client):
@@ -189,9 +191,9 @@ def test_responses_streaming(client):
         model="tiny", input=[{"role": "user", "content": "Say hi"}], max_output_tokens=5, temperature=0, stream=True))
     types = [e.type for e in events]
     assert types[0] == "response.created"
-    assert types[-1] in ("response.completed", "response.incomplete")
+    assert types[-1] == "response.incomplete"
     final = events[-1].response
-    assert final.usage.output_tokens <= 5
+    assert final.usage.output_tokens == 5
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     message = [o for o in final.output if o.type == "message"]
     assert message and message[0].content[0].text == text
@@ -222,7 +224,7 @@ def test_image_chat(vision):
     parts = [{"type": "text", "text": "What is in this picture?"},
              {"type": "image_url", "image_url": {"url": image_url("noise_square.png")}}]
     r = vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6, temperature=0)
-    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.choices[0].finish_reason == "length"
     assert isinstance(r.choices[0].message.content, str)
     text_only = vision.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "What is in this picture?"}], max_tokens=1, temperature=0)
@@ -258,7 +260,7 @@ def test_responses_input_image(vision):
     r = vision.responses.create(model="tiny", input=[{"role": "user", "content": [
         {"type": "input_text", "text": "Describe it"}, {"type": "input_image", "image_url": image_url("gradient_tall.png")}]}],
         max_output_tokens=4, temperature=0)
-    assert r.status in ("completed", "incomplete")
+    assert r.status == "incomplete"
     assert r.usage.input_tokens > 64
 
 
@@ -278,7 +280,8 @@ def test_tool_call_and_thinking(scripted):
     [call] = c.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     assert json.loads(call.function.arguments) == {"city": "Paris, France", "days": 2, "units": {"temp": "C"}}
-    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    # The thought block, `<|channel>` to `<channel|>`, is 25 tokens of the fixture's tokenizer.
+    assert r.usage.completion_tokens_details.reasoning_tokens == 25
 
 
 def test_tool_call_streaming_chunks_are_complete(scripted):
