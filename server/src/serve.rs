@@ -1,4 +1,5 @@
-//! `gemma4 serve`: loads the model on the engine thread, then serves the OpenAI-compatible API.
+//! `gemma4 serve`: loads the model on the engine thread, then serves the OpenAI-compatible API
+//! (`run_with` serves over an engine started with any other `StepModel`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use gemma4_engine::{Engine, EngineConfig};
-use gemma4_model::Gemma4Backend;
+use gemma4_model::{Gemma4Backend, Model};
 
 use crate::chat_template::ChatTemplate;
 use crate::http::{self, AppState};
 use crate::parser::SpecialTokens;
-use gemma4_model::Model;
 
-/// The flags of `gemma4 serve` (and of the scripted test server, `server/examples/scripted_serve.rs`).
+/// The flags of `gemma4 serve`, and of the scripted test server
+/// (`server/examples/scripted_serve.rs`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Checkpoint directory; the bundled tiny fixture when omitted.
