@@ -1,10 +1,11 @@
-//! Every fixture on the CPU reference backend: logits within LOGITS_TOLERANCE of transformers at
+//! Every fixture on the CPU reference backend: logits within `Tolerances::F32` of transformers at
 //! every position, greedy continuations identical, decode through the KV cache equal to a full
 //! prefill, and insta snapshots of the greedy outputs.
 
 mod suite;
 
-use gemma4_conformance::*;
+use gemma4_conformance::{fixtures, name};
+use gemma4_model::golden::{load_reference, Tolerances};
 use gemma4_model::kernels::fallback;
 use gemma4_model::{CpuBackend, Logits};
 
@@ -57,7 +58,7 @@ fn batched_decode_equals_per_sequence_decode() {
 fn fresh_cache_per_request_leaks_nothing() {
     let dir = &fixtures()[0];
     let model = suite::load::<B>(dir, &Default::default());
-    let reference = load_reference(dir);
+    let reference = load_reference(dir).unwrap();
     let case = &reference.cases[0];
     let run = || {
         let mut cache = model.text.new_cache();

@@ -4,7 +4,7 @@
 mod suite;
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
-use gemma4_conformance::Tolerances;
+use gemma4_model::golden::Tolerances;
 use gemma4_model::kernels::fallback;
 
 type B = Wgpu<f32, i32>;

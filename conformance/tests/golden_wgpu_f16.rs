@@ -1,13 +1,13 @@
 //! The golden checks on wgpu in half precision (`Wgpu<f16, i32>`; Mesa's lavapipe has
 //! SHADER_F16): the model, its weights and activations in f16, every CubeCL kernel accumulating in
 //! f32, against the same f32 transformers references. Greedy continuations must be identical;
-//! logits within `Tolerances::F16` (derived in `gemma4_conformance`). This is how CI runs the
+//! logits within `Tolerances::F16` (derived in `gemma4_model::golden`). This is how CI runs the
 //! half-precision kernels without a GPU; bf16 (CUDA) is `scripts/device-check.sh`'s.
 
 mod suite;
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice, WgpuRuntime};
-use gemma4_conformance::Tolerances;
+use gemma4_model::golden::Tolerances;
 use gemma4_model::kernels::fallback;
 
 type B = Wgpu<half::f16, i32>;

@@ -3,7 +3,7 @@
 
 mod suite;
 
-use gemma4_conformance::Tolerances;
+use gemma4_model::golden::Tolerances;
 use gemma4_model::CpuBackend;
 
 #[test]

@@ -1,5 +1,6 @@
 //! Load-time errors. Every variant names the file, field or tensor at fault, so a damaged or
-//! unsupported checkpoint is refused with a message a user can act on (never a panic).
+//! unsupported checkpoint is refused with a message a user can act on (never a panic). Also the
+//! errors of a forward pass and of writing a synthetic checkpoint.
 
 use std::path::PathBuf;
 
@@ -80,4 +81,22 @@ pub enum RunError {
     NoVision,
     #[error("image: {0}")]
     Image(String),
+}
+
+/// Errors of writing a synthetic checkpoint (`synth`).
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("unknown preset `{0}` (31b, 31b-6l, small, tiny)")]
+    UnknownPreset(String),
+    #[error("writing {}: {msg}", path.display())]
+    Write { path: PathBuf, msg: String },
+}
+
+impl SynthError {
+    pub(crate) fn write(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
+        SynthError::Write {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! Gemma 4 (text tower) as Burn modules, the NVFP4 checkpoint loader, and generation.
+//! Gemma 4 (text tower) as Burn modules, the NVFP4 checkpoint loader (and `synth`, its mirror:
+//! a writer of checkpoints in the same format with random values), and generation.
 //!
 //! Reference: transformers 5.23.0 `models/gemma4/modeling_gemma4.py`; checkpoint format:
 //! nvidia-modelopt 0.47 `export_hf_checkpoint` (hf_quant_config.json, `weight`/`weight_scale`/
@@ -10,12 +11,14 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod generation;
+pub mod golden;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
 /// The NVFP4 weight format and its reference decode live with the kernels that read them.
 pub use gemma4_kernels::nvfp4;
 pub mod rope;
+pub mod synth;
 pub mod text_model;
 pub mod vision;
 pub mod weights;
@@ -32,7 +35,7 @@ use burn::prelude::Backend;
 
 pub use cache::KvCache;
 pub use config::{GenerationConfig, ModelConfig};
-pub use error::{LoadError, RunError};
+pub use error::{LoadError, RunError, SynthError};
 pub use generation::{generate, FinishReason, GenerateOutput, GenerateRequest, SamplingParams};
 pub use text_model::{Logits, TextModel};
 

@@ -13,8 +13,6 @@ use std::time::Instant;
 
 use futures_util::Stream;
 
-use crate::engine::TokenLogprob;
-use crate::engine::{EngineEvent, EngineRequest, FinishReason, RequestHandle, SubmitError};
 use crate::http::AppState;
 use crate::openai::error::ApiError;
 use crate::openai::protocol::{FunctionCall, LogprobContent, ToolCallChunk, TopLogprob};
@@ -22,6 +20,8 @@ use crate::openai::request::Generation;
 use crate::output::stop::StopMatcher;
 use crate::output::{OutputParser, ParsedDelta};
 use crate::prompt::{self, Prompt};
+use gemma4_engine::TokenLogprob;
+use gemma4_engine::{EngineEvent, EngineRequest, FinishReason, RequestHandle, SubmitError};
 
 /// One update of one choice.
 #[derive(Debug)]

@@ -1,8 +1,16 @@
 //! The `gemma4` binary. Subcommands:
+//! - `serve`: the OpenAI-compatible API (the `gemma4_server` library);
 //! - `logits`: logits at every position of a token sequence, written to a safetensors file;
-//! - `generate`: prefill + decode with greedy or seeded sampling.
+//! - `generate`: prefill + decode with greedy or seeded sampling;
+//! - `check`: a fixture's reference logits and greedy outputs (`gemma4_model::golden`);
+//! - `bench`, `bench-kernels`, `bench-vision`: speed;
+//! - `synth`: a random-valued checkpoint in the real format (`gemma4_model::synth`).
 
-mod check;
+/// The CLI-only tools.
+mod cli {
+    pub mod bench;
+    pub mod check;
+}
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -103,52 +111,8 @@ enum Command {
     },
     /// Serve the OpenAI-compatible API (chat completions, responses, models, tokenize, metrics, ...).
     Serve {
-        /// Checkpoint directory; the bundled tiny fixture when omitted.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
-        /// Name clients use in `model` (default: the checkpoint directory's name).
-        #[arg(long)]
-        served_model_name: Option<String>,
-        /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize.
-        #[arg(long, env = "GEMMA4_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// Context limit (prompt + output); default and maximum: the model's max_position_embeddings.
-        #[arg(long)]
-        max_model_len: Option<usize>,
-        /// Requests advanced together per engine step.
-        #[arg(long, default_value_t = 16)]
-        max_num_seqs: usize,
-        /// Prompt tokens prefilled per engine step (chunked prefill): bounds how long a new long
-        /// prompt stalls the running streams.
-        #[arg(long, default_value_t = 2048)]
-        max_num_batched_tokens: usize,
-        /// Requests that may wait for a slot; beyond that the server answers 503.
-        #[arg(long, default_value_t = 256)]
-        max_waiting: usize,
-        /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
-        #[arg(long, default_value_t = 10)]
-        shutdown_grace: u64,
-        /// Fetch http:// and https:// image URLs in requests (data: URLs are always taken). Hosts
-        /// that resolve to loopback, private or link-local addresses are refused, and redirects
-        /// are not followed. https is verified against Mozilla's roots (compiled in).
-        #[arg(long)]
-        allow_image_urls: bool,
-        /// PEM file of CA certificates also trusted for https:// image URLs.
-        #[arg(long)]
-        image_ca_file: Option<PathBuf>,
-        /// Images per request; a request with more gets a 400.
-        #[arg(long, default_value_t = gemma4_server::images::DEFAULT_LIMIT_PER_PROMPT)]
-        limit_images_per_prompt: usize,
-        /// Seconds the fetch of one image URL may take (with --allow-image-urls).
-        #[arg(long, default_value_t = gemma4_server::images::DEFAULT_FETCH_TIMEOUT_SECS)]
-        image_fetch_timeout: u64,
-        /// Test mode: answer every request with this text instead of running the model.
-        #[arg(long, hide = true)]
-        scripted_output: Option<String>,
+        #[command(flatten)]
+        args: gemma4_server::serve::ServeArgs,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -169,7 +133,7 @@ enum Command {
     Check {
         #[arg(long)]
         model: PathBuf,
-        /// Max |Δ logit|; default: the conformance tolerance of the dtype (1e-3 for float32,
+        /// Max |Δ logit|; default: the conformance tolerance of the dtype (1.3e-4 for float32,
         /// 0.2 for float16, 1.6 for bfloat16).
         #[arg(long)]
         tolerance: Option<f32>,
@@ -253,8 +217,8 @@ fn run(cli: Cli) -> Result<()> {
         seed,
     } = &cli.command
     {
-        let p = gemma4_server::synth::preset(preset)?;
-        let (mlp, attn, embed, other) = gemma4_server::synth::byte_budget(&p);
+        let p = gemma4_model::synth::preset(preset)?;
+        let (mlp, attn, embed, other) = gemma4_model::synth::byte_budget(&p);
         eprintln!(
             "synth {preset}: NVFP4 MLP {:.2} GB, bf16 attention {:.2} GB, bf16 embedding {:.2} GB, other {:.3} GB",
             mlp as f64 / 1e9,
@@ -262,7 +226,14 @@ fn run(cli: Cli) -> Result<()> {
             embed as f64 / 1e9,
             other as f64 / 1e9
         );
-        return gemma4_server::synth::synth(preset, out, (shard_gb * 1e9) as usize, *seed);
+        gemma4_model::synth::synth(
+            preset,
+            out,
+            (shard_gb * 1e9) as usize,
+            *seed,
+            |file, i, n| tracing::info!("wrote {file} ({i}/{n})"),
+        )?;
+        return Ok(());
     }
     let backend = match &cli.command {
         Command::Synth { .. } => unreachable!("handled above"),
@@ -485,43 +456,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve {
-            model,
-            host,
-            port,
-            served_model_name,
-            api_key,
-            max_model_len,
-            max_num_seqs,
-            max_num_batched_tokens,
-            max_waiting,
-            shutdown_grace,
-            scripted_output,
-            allow_image_urls,
-            image_ca_file,
-            limit_images_per_prompt,
-            image_fetch_timeout,
-            ..
-        } => {
-            let args = gemma4_server::serve::ServeArgs {
-                model: model.unwrap_or_else(gemma4_server::serve::bundled_model),
-                host,
-                port,
-                served_model_name,
-                api_key,
-                max_model_len,
-                max_num_seqs,
-                max_num_batched_tokens,
-                max_waiting,
-                shutdown_grace,
-                scripted_output,
-                allow_image_urls,
-                image_ca_file,
-                limit_images_per_prompt,
-                image_fetch_timeout,
-            };
-            gemma4_server::serve::run::<B>(args, device)
-        }
+        Command::Serve { args, .. } => gemma4_server::serve::run::<B>(args, device),
         Command::Synth { .. } => unreachable!("handled before a backend is chosen"),
         Command::Check {
             model, tolerance, ..
@@ -529,9 +464,9 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let m = load::<B>(&model, &device)?;
             let dtype = m.text.embed_tokens.val().dtype();
             let tolerance =
-                tolerance.unwrap_or(gemma4_conformance::Tolerances::for_dtype(dtype).logits);
-            eprintln!("checking in {dtype:?} against the f32 reference, tolerance {tolerance:.0e}");
-            check::check(&m, &model, tolerance)
+                tolerance.unwrap_or(gemma4_model::golden::Tolerances::for_dtype(dtype).logits);
+            eprintln!("checking in {dtype:?} against the f32 reference, tolerance {tolerance:.1e}");
+            cli::check::check(&m, &model, tolerance)
         }
         Command::Bench {
             model,
@@ -545,14 +480,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let host = matches!(backend.device, DeviceArg::Cpu);
             println!(
                 "{}",
-                gemma4_server::bench::end_to_end(
-                    &m,
-                    prompt_len,
-                    decode_tokens,
-                    repeats.max(1),
-                    batch,
-                    host
-                )?
+                cli::bench::end_to_end(&m, prompt_len, decode_tokens, repeats.max(1), batch, host)?
             );
             Ok(())
         }
@@ -563,10 +491,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             ..
         } => {
             let m = load::<B>(&model, &device)?;
-            println!(
-                "{}",
-                gemma4_server::bench::vision(&m, &model, &budgets, full_up_to)?
-            );
+            println!("{}", cli::bench::vision(&m, &model, &budgets, full_up_to)?);
             Ok(())
         }
         Command::BenchKernels {
@@ -578,7 +503,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             backend,
         } => {
             let host = matches!(backend.device, DeviceArg::Cpu);
-            let table = gemma4_server::bench::kernels::<B>(
+            let table = cli::bench::kernels::<B>(
                 &device,
                 prefill_rows.max(1),
                 context.max(1),
@@ -589,7 +514,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             if json {
                 println!("{table}");
             } else {
-                gemma4_server::bench::print_kernel_table(&table);
+                cli::bench::print_kernel_table(&table);
             }
             Ok(())
         }

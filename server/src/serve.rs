@@ -1,4 +1,5 @@
-//! `gemma4 serve`: loads the model on the engine thread, then serves the OpenAI-compatible API.
+//! `gemma4 serve`: loads the model on the engine thread, then serves the OpenAI-compatible API
+//! (`run_with` serves over an engine started with any other `StepModel`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,39 +8,71 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use gemma4_model::Gemma4Backend;
+use gemma4_engine::{Engine, EngineConfig};
+use gemma4_model::{Gemma4Backend, Model};
 
 use crate::chat_template::ChatTemplate;
-use crate::engine::{Engine, EngineConfig};
 use crate::http::{self, AppState};
 use crate::output::SpecialTokens;
-use gemma4_model::Model;
 
-#[derive(Debug, Clone)]
+/// The flags of `gemma4 serve`, and of the scripted test server
+/// (`server/examples/scripted_serve.rs`).
+#[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Checkpoint directory; the bundled tiny fixture when omitted.
+    #[arg(long, default_value_os_t = bundled_model(), hide_default_value = true)]
     pub model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Name clients use in `model` (default: the checkpoint directory's name).
+    #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize.
+    #[arg(long, env = "GEMMA4_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Context limit (prompt + output); default and maximum: the model's max_position_embeddings.
+    #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Requests advanced together per engine step.
+    #[arg(long, default_value_t = 16)]
     pub max_num_seqs: usize,
-    /// Prompt tokens prefilled per engine step (chunked prefill), as vLLM's option of that name.
+    /// Prompt tokens prefilled per engine step (chunked prefill, as vLLM's option of that name):
+    /// bounds how long a new long prompt stalls the running streams.
+    #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
+    /// Requests that may wait for a slot; beyond that the server answers 503.
+    #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
     /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
+    #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
-    /// Test mode: answer every request with this text (tokenized, special tokens included)
-    /// through `ScriptedModel` instead of running the weights.
-    pub scripted_output: Option<String>,
-    /// Fetch http(s):// image URLs (otherwise only data: URLs are taken).
+    /// Fetch http:// and https:// image URLs in requests (data: URLs are always taken). Hosts
+    /// that resolve to loopback, private or link-local addresses are refused, and redirects
+    /// are not followed. https is verified against Mozilla's roots (compiled in).
+    #[arg(long)]
     pub allow_image_urls: bool,
-    /// PEM CA certificates trusted for https:// image URLs besides Mozilla's roots.
+    /// PEM file of CA certificates also trusted for https:// image URLs.
+    #[arg(long)]
     pub image_ca_file: Option<PathBuf>,
-    /// Images per request; more is a 400.
+    /// Images per request; a request with more gets a 400.
+    #[arg(long, default_value_t = crate::images::DEFAULT_LIMIT_PER_PROMPT)]
     pub limit_images_per_prompt: usize,
-    /// Seconds a fetch of one image URL may take.
+    /// Seconds the fetch of one image URL may take (with --allow-image-urls).
+    #[arg(long, default_value_t = crate::images::DEFAULT_FETCH_TIMEOUT_SECS)]
     pub image_fetch_timeout: u64,
+}
+
+impl ServeArgs {
+    /// The engine's scheduling limits.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            max_num_seqs: self.max_num_seqs.max(1),
+            prefill_chunk: self.max_num_batched_tokens.max(1),
+            max_waiting: self.max_waiting,
+        }
+    }
 }
 
 /// The bundled tiny checkpoint, served when no --model is given.
@@ -119,6 +152,26 @@ pub struct ModelMeta {
     pub vision: Option<crate::images::VisionMeta>,
 }
 
+impl ModelMeta {
+    /// From the checkpoint's configs; `has_tower`: the loaded model has a vision tower.
+    pub fn from_configs(
+        dir: &std::path::Path,
+        config: &gemma4_model::ModelConfig,
+        generation: &gemma4_model::GenerationConfig,
+        has_tower: bool,
+    ) -> Result<ModelMeta> {
+        Ok(ModelMeta {
+            max_position_embeddings: config.text.max_position_embeddings,
+            num_layers: config.text.num_hidden_layers,
+            stop_ids: gemma4_model::stop_ids(config, generation),
+            suppress_ids: generation.suppress_tokens.clone(),
+            default_sampling: generation.sampling(0),
+            image_token_id: config.image_token_id,
+            vision: vision_meta(dir, config, has_tower)?,
+        })
+    }
+}
+
 /// The vision side of a checkpoint: its placeholder ids and the image processor config, when the
 /// model has a vision tower (`has_tower`) and the config names all three ids.
 fn vision_meta(
@@ -153,17 +206,9 @@ pub fn start_engine<B: Gemma4Backend>(
     device: B::Device,
     progress: bool,
 ) -> Result<(Engine, ModelMeta)> {
-    if let Some(text) = &args.scripted_output {
-        return start_scripted(args, text);
-    }
     let dir = args.model.clone();
     let (meta_tx, meta_rx) = std::sync::mpsc::channel();
-    let config = EngineConfig {
-        max_num_seqs: args.max_num_seqs.max(1),
-        prefill_chunk: args.max_num_batched_tokens.max(1),
-        max_waiting: args.max_waiting,
-    };
-    let (engine, _thread) = Engine::start::<Model<B>, _>(config, move || {
+    let (engine, _thread) = Engine::start::<Model<B>, _>(args.engine_config(), move || {
         let bar = if progress {
             indicatif::ProgressBar::new(0)
         } else {
@@ -182,15 +227,12 @@ pub fn start_engine<B: Gemma4Backend>(
         })
         .with_context(|| format!("loading {}", dir.display()))?;
         bar.finish_and_clear();
-        let meta = ModelMeta {
-            max_position_embeddings: model.config.text.max_position_embeddings,
-            num_layers: model.config.text.num_hidden_layers,
-            stop_ids: model.stop_ids(),
-            suppress_ids: model.generation.suppress_tokens.clone(),
-            default_sampling: model.default_sampling(0),
-            image_token_id: model.config.image_token_id,
-            vision: vision_meta(&dir, &model.config, model.vision.is_some())?,
-        };
+        let meta = ModelMeta::from_configs(
+            &dir,
+            &model.config,
+            &model.generation,
+            model.vision.is_some(),
+        )?;
         let r = &model.report;
         tracing::info!(
             tensors = r.tensors_used,
@@ -205,48 +247,6 @@ pub fn start_engine<B: Gemma4Backend>(
     let meta = meta_rx
         .recv()
         .context("the engine did not report the model")?;
-    Ok((engine, meta))
-}
-
-/// The scripted test model with the checkpoint's configs and tokenizer (no weights loaded).
-fn start_scripted(args: &ServeArgs, text: &str) -> Result<(Engine, ModelMeta)> {
-    let config = gemma4_model::ModelConfig::from_dir(&args.model)?;
-    let generation = gemma4_model::GenerationConfig::from_dir(&args.model)?;
-    let tok_path = args.model.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let script = tokenizer
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("tokenizing the script: {e}"))?
-        .get_ids()
-        .to_vec();
-    tracing::warn!(
-        tokens = script.len(),
-        "test mode: every request is answered with the scripted output, not the model"
-    );
-    let meta = ModelMeta {
-        max_position_embeddings: config.text.max_position_embeddings,
-        num_layers: config.text.num_hidden_layers,
-        stop_ids: gemma4_model::stop_ids(&config, &generation),
-        suppress_ids: generation.suppress_tokens.clone(),
-        default_sampling: generation.sampling(0),
-        image_token_id: config.image_token_id,
-        vision: vision_meta(&args.model, &config, config.vision.is_some())?,
-    };
-    let vocab_size = config.text.vocab_size;
-    let image_token_id = config.image_token_id;
-    let engine_config = EngineConfig {
-        max_num_seqs: args.max_num_seqs.max(1),
-        prefill_chunk: args.max_num_batched_tokens.max(1),
-        max_waiting: args.max_waiting,
-    };
-    let (engine, _thread) = Engine::start(engine_config, move || {
-        Ok(crate::engine::scripted::ScriptedModel {
-            vocab_size,
-            script,
-            image_token_id,
-        })
-    })?;
     Ok((engine, meta))
 }
 
@@ -297,6 +297,13 @@ pub fn run<B: Gemma4Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
     // the default, Strict, where a refusal is an error).
     gemma4_model::kernels::fallback::set_policy(gemma4_model::kernels::fallback::Policy::Warn);
     let (engine, meta) = start_engine::<B>(&args, device, true)?;
+    run_with(args, engine, meta)
+}
+
+/// Serves the API over an engine already started, whatever `StepModel` it runs (the checkpoint's
+/// weights in `run`; the scripted test model in `server/examples/scripted_serve.rs`), with the
+/// tokenizer and chat template of `args.model`. Returns after Ctrl-C and the grace period.
+pub fn run_with(args: ServeArgs, engine: Engine, meta: ModelMeta) -> Result<()> {
     let state = Arc::new(build_state(&args, engine, meta)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

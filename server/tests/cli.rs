@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use gemma4_model::golden::{load_reference, max_abs_diff, reference_logits, Tolerances};
+
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-31b-recipe")
 }
@@ -20,7 +22,7 @@ fn tmp(name: &str) -> PathBuf {
 
 #[test]
 fn logits_writes_every_position_equal_to_reference() {
-    let reference = gemma4_conformance::load_reference(&fixture());
+    let reference = load_reference(&fixture()).unwrap();
     let case = &reference.cases[0];
     let ids: Vec<String> = case
         .prompt_ids
@@ -50,15 +52,15 @@ fn logits_writes_every_position_equal_to_reference() {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    let (expected, shape) = gemma4_conformance::reference_logits(&fixture(), &case.name);
+    let (expected, shape) = reference_logits(&fixture(), &case.name).unwrap();
     assert_eq!(t.shape(), &shape[..]);
-    let (d, _) = gemma4_conformance::max_abs_diff(&got, &expected);
-    assert!(d <= gemma4_conformance::LOGITS_TOLERANCE, "max|Δ| {d}");
+    let (d, _) = max_abs_diff(&got, &expected);
+    assert!(d <= Tolerances::F32.logits, "max|Δ| {d}");
 }
 
 #[test]
 fn generate_json_last_line_has_tokens_and_text() {
-    let reference = gemma4_conformance::load_reference(&fixture());
+    let reference = load_reference(&fixture()).unwrap();
     let case = &reference.cases[1];
     let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
     let model = fixture();

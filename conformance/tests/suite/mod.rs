@@ -5,7 +5,8 @@
 
 pub mod vision;
 
-use gemma4_conformance::*;
+use gemma4_conformance::{fixtures, name};
+use gemma4_model::golden::*;
 use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
 
 /// Every kernel of `kernels` (the backend's: `fallback::CUBE_KERNELS` or `CPU_KERNELS`) launched and
@@ -38,10 +39,10 @@ fn to_vec<B: Gemma4Backend>(t: burn::tensor::Tensor<B, 2>) -> Vec<f32> {
 pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let seq = case.sequence();
-            let (expected, shape) = reference_logits(&dir, &case.name);
+            let (expected, shape) = reference_logits(&dir, &case.name).unwrap();
             assert_eq!(
                 shape,
                 [seq.len(), model.text.vocab_size],
@@ -52,7 +53,7 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Toleran
             let got = case_logits(&model.text, case).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {:.0e}) at position {}",
+                "{}/{}: {} positions, max|Δlogit| = {d:.2e} (tolerance {:.1e}) at position {}",
                 name(&dir),
                 case.name,
                 seq.len(),
@@ -74,7 +75,7 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
     let mut out = Vec::new();
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let tokens = case_greedy(&model.text, case).unwrap();
             println!(
@@ -101,7 +102,7 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
 pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let seq = case.sequence();
             let vocab = model.text.vocab_size;
@@ -133,7 +134,7 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
             assert_eq!(cache.seq_len, seq.len());
             let (d, at) = max_abs_diff(&stepped, &full);
             println!(
-                "{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.0e})",
+                "{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.1e})",
                 name(&dir),
                 case.name,
                 tol.cache
@@ -169,7 +170,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
     // decoded together give the logits each gives alone, and match the reference.
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
-        let reference = load_reference(&dir);
+        let reference = load_reference(&dir).unwrap();
         let cases = &reference.cases;
         let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| model.text.new_cache()).collect();
         for (c, cache) in cases.iter().zip(caches.iter_mut()) {
@@ -186,7 +187,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
             let batched = to_vec(model.text.forward_batch(&tokens, &mut refs).unwrap());
             let vocab = model.text.vocab_size;
             for (b, c) in cases.iter().enumerate() {
-                let (expected, _) = reference_logits(&dir, &c.name);
+                let (expected, _) = reference_logits(&dir, &c.name).unwrap();
                 let pos = c.prompt_ids.len() + step;
                 let (d, _) = max_abs_diff(
                     &batched[b * vocab..(b + 1) * vocab],
@@ -195,7 +196,7 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
                 worst = worst.max(d);
             }
         }
-        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.0e})", name(&dir), cases.len(), tol.logits);
+        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.1e})", name(&dir), cases.len(), tol.logits);
         assert!(worst <= tol.logits);
     }
 }

@@ -2,7 +2,8 @@
 //! our code, soft tokens from our vision tower, then logits and greedy continuations of prompts
 //! that place images among text, all against transformers.
 
-use gemma4_conformance::*;
+use gemma4_conformance::{name, vision_fixtures};
+use gemma4_model::golden::*;
 use gemma4_model::vision::preprocess::{
     decode_image, preprocess, DecodeLimits, ImageProcessorConfig,
 };
@@ -29,7 +30,7 @@ fn image_from_reference_pixels(
     tensor: &str,
     budget: usize,
 ) -> PreprocessedImage {
-    let (pixels, shape) = reference_u8(dir, tensor);
+    let (pixels, shape) = reference_u8(dir, tensor).unwrap();
     let rgb = image::RgbImage::from_raw(shape[1] as u32, shape[0] as u32, pixels)
         .expect("[h, w, 3] pixels");
     let cfg = ImageProcessorConfig::from_dir(dir).expect("processor config");
@@ -40,7 +41,7 @@ fn image_from_reference_pixels(
 pub fn soft_tokens_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in vision_fixtures() {
         let model = crate::suite::load::<B>(&dir, device);
-        for case in load_vision_reference(&dir).images {
+        for case in load_vision_reference(&dir).unwrap().images {
             let img = match (&case.decoded_tensor, case.decode_exact) {
                 // JPEG: our decoder and libjpeg differ by a few levels, which is measured in the
                 // preprocessing tests; here the tower is checked on PIL's pixels.
@@ -53,11 +54,11 @@ pub fn soft_tokens_match_reference<B: Gemma4Backend>(device: &B::Device, tol: To
                 case.file
             );
             let got = to_vec(model.encode_image(&img).unwrap());
-            let (expected, shape) = reference_f32(&dir, &case.soft_tokens_tensor);
+            let (expected, shape) = reference_f32(&dir, &case.soft_tokens_tensor).unwrap();
             assert_eq!(shape[0], case.num_soft_tokens);
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} soft tokens, max|Δ| = {d:.2e} (tolerance {:.0e})",
+                "{}/{}: {} soft tokens, max|Δ| = {d:.2e} (tolerance {:.1e})",
                 name(&dir),
                 case.file,
                 shape[0],
@@ -98,7 +99,7 @@ fn case_soft<B: Gemma4Backend>(
 pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
     for dir in vision_fixtures() {
         let model = crate::suite::load::<B>(&dir, device);
-        let reference = load_vision_reference(&dir);
+        let reference = load_vision_reference(&dir).unwrap();
         for case in &reference.multimodal_cases {
             let soft = case_soft(&model, &dir, case, &reference.images);
             let mut seq = case.prompt_ids.clone();
@@ -114,10 +115,10 @@ pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, to
                     )
                     .unwrap(),
             );
-            let (expected, shape) = reference_logits(&dir, &case.name);
+            let (expected, shape) = reference_logits(&dir, &case.name).unwrap();
             let (d, at) = max_abs_diff(&got, &expected);
             println!(
-                "{}/{}: {} positions, {} images, max|Δlogit| = {d:.2e} (tolerance {:.0e})",
+                "{}/{}: {} positions, {} images, max|Δlogit| = {d:.2e} (tolerance {:.1e})",
                 name(&dir),
                 case.name,
                 shape[0],

@@ -19,12 +19,12 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use crate::chat_template::ChatTemplate;
-use crate::engine::Engine;
 use crate::images;
 use crate::openai::error::{self, ApiError};
 use crate::openai::protocol::*;
 use crate::output::SpecialTokens;
 use crate::prompt::{self, PromptContext};
+use gemma4_engine::Engine;
 use gemma4_model::SamplingParams;
 
 pub struct AppState {

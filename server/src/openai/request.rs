@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::protocol::*;
-use crate::engine::Penalties;
+use gemma4_engine::Penalties;
 
 /// The most choices one request may ask for (`n`).
 pub const MAX_CHOICES: u32 = 16;

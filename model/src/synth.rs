@@ -6,10 +6,11 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use gemma4_model::generation::Rng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
+
+use crate::error::SynthError;
+use crate::generation::Rng;
 
 /// Shape numbers of a preset.
 #[derive(Debug, Clone)]
@@ -57,7 +58,7 @@ const VISION_SMALL: VisionPreset = VisionPreset {
     position_embedding_size: 1024,
 };
 
-pub fn preset(name: &str) -> Result<Preset> {
+pub fn preset(name: &str) -> Result<Preset, SynthError> {
     Ok(match name {
         // google/gemma-4-31B-it: fixtures/31b-config/config.json.
         "31b" => Preset {
@@ -108,7 +109,7 @@ pub fn preset(name: &str) -> Result<Preset> {
             max_positions: 4096,
             vision: VISION_SMALL,
         },
-        other => bail!("unknown preset `{other}` (31b, 31b-6l, small, tiny)"),
+        other => return Err(SynthError::UnknownPreset(other.to_string())),
     })
 }
 
@@ -421,7 +422,7 @@ pub fn config_json(p: &Preset) -> serde_json::Value {
     })
 }
 
-/// Bytes by category, as targets.md counts them: (NVFP4 MLP, bf16 attention, bf16 embedding, other).
+/// Bytes by category: (NVFP4 MLP, bf16 attention, bf16 embedding, other).
 pub fn byte_budget(p: &Preset) -> (usize, usize, usize, usize) {
     let (mut mlp, mut attn, mut embed, mut other) = (0, 0, 0, 0);
     for s in specs(p) {
@@ -440,12 +441,21 @@ pub fn byte_budget(p: &Preset) -> (usize, usize, usize, usize) {
     (mlp, attn, embed, other)
 }
 
-pub fn synth(preset_name: &str, out: &Path, shard_bytes: usize, seed: u64) -> Result<()> {
+/// Writes the preset's checkpoint into `out`, calling `written(file, shard, shards)` after each
+/// weight shard.
+pub fn synth(
+    preset_name: &str,
+    out: &Path,
+    shard_bytes: usize,
+    seed: u64,
+    mut written: impl FnMut(&str, usize, usize),
+) -> Result<(), SynthError> {
     let p = preset(preset_name)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let write_json = |name: &str, v: serde_json::Value| -> Result<()> {
-        std::fs::write(out.join(name), serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("writing {name}"))
+    std::fs::create_dir_all(out).map_err(|e| SynthError::write(out, e))?;
+    let write_json = |name: &str, v: serde_json::Value| {
+        let path = out.join(name);
+        let text = serde_json::to_string_pretty(&v).map_err(|e| SynthError::write(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| SynthError::write(&path, e))
     };
     write_json("config.json", config_json(&p))?;
     write_json(
@@ -486,23 +496,23 @@ pub fn synth(preset_name: &str, out: &Path, shard_bytes: usize, seed: u64) -> Re
         } else {
             format!("model-{:05}-of-{n:05}.safetensors", i + 1)
         };
+        let path = out.join(&file);
         let data: Vec<Vec<u8>> = shard.iter().map(|s| generate(s, &mut rng)).collect();
         let views: Vec<(String, TensorView)> = shard
             .iter()
             .zip(&data)
             .map(|(s, d)| {
-                Ok((
-                    s.name.clone(),
-                    TensorView::new(s.dtype, s.shape.clone(), d)?,
-                ))
+                let view = TensorView::new(s.dtype, s.shape.clone(), d)
+                    .map_err(|e| SynthError::write(&path, format!("tensor `{}`: {e}", s.name)))?;
+                Ok((s.name.clone(), view))
             })
-            .collect::<Result<_>>()?;
-        safetensors::serialize_to_file(views, None, &out.join(&file))
-            .with_context(|| format!("writing {file}"))?;
+            .collect::<Result<_, SynthError>>()?;
+        safetensors::serialize_to_file(views, None, &path)
+            .map_err(|e| SynthError::write(&path, e))?;
         for s in shard {
             weight_map.insert(s.name.clone(), json!(file));
         }
-        tracing::info!("wrote {file} ({}/{n})", i + 1);
+        written(&file, i + 1, n);
     }
     if n > 1 {
         write_json(
@@ -517,10 +527,11 @@ pub fn synth(preset_name: &str, out: &Path, shard_bytes: usize, seed: u64) -> Re
 mod tests {
     use super::*;
 
-    /// The 31B preset moves the bytes targets.md computes: MLP 11.71 GB (NVFP4 with scales),
-    /// attention 16.96 GB and the tied embedding 2.82 GB (bf16).
+    /// The 31B preset's bytes, as computed by hand from its shapes: MLP 60·3·5376·21504 weights
+    /// at 4.5 bits (NVFP4 with an E4M3 scale per 16) = 11.71 GB, attention 16.96 GB and the tied
+    /// embedding 262144·5376 in bf16 = 2.82 GB.
     #[test]
-    fn preset_31b_matches_targets_arithmetic() {
+    fn preset_31b_bytes_match_hand_arithmetic() {
         let (mlp, attn, embed, _) = byte_budget(&preset("31b").unwrap());
         let gb = |b: usize| (b as f64 / 1e9 * 100.0).round() / 100.0;
         assert_eq!(gb(mlp), 11.71);
@@ -532,19 +543,17 @@ mod tests {
     fn tiny_preset_loads_and_runs() {
         let dir = std::env::temp_dir().join(format!("gemma4-synth-{}", std::process::id()));
         // Small shards, to exercise the index.
-        synth("tiny", &dir, 200_000, 1).unwrap();
+        synth("tiny", &dir, 200_000, 1, |_, _, _| {}).unwrap();
         assert!(dir.join("model.safetensors.index.json").exists());
-        let model =
-            gemma4_model::Model::<gemma4_model::CpuBackend>::load(&dir, &Default::default())
-                .unwrap();
+        let model = crate::Model::<crate::CpuBackend>::load(&dir, &Default::default()).unwrap();
         assert_eq!(model.report.nvfp4_linears, 18);
         assert!(model.vision.is_some(), "the synthetic vision tower loads");
         let mut cache = model.text.new_cache();
         let logits = model
             .text
-            .forward(&[2, 10, 20, 30], &mut cache, gemma4_model::Logits::All)
+            .forward(&[2, 10, 20, 30], &mut cache, crate::Logits::All)
             .unwrap();
-        let v = gemma4_model::to_host_f32(logits);
+        let v = crate::to_host_f32(logits);
         assert_eq!(v.len(), 4 * 512);
         assert!(v.iter().all(|x| x.is_finite()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -5,11 +5,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use gemma4_conformance::{
+use gemma4_model::golden::{
     case_greedy, case_logits, load_reference, max_abs_diff, reference_logits,
 };
-use gemma4_model::Gemma4Backend;
-use gemma4_model::Model;
+use gemma4_model::{Gemma4Backend, Model};
 
 pub fn check<B: Gemma4Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Result<()> {
     if !dir.join("reference.json").exists() {
@@ -18,16 +17,16 @@ pub fn check<B: Gemma4Backend>(m: &Model<B>, dir: &Path, tolerance: f32) -> Resu
             dir.display()
         );
     }
-    let reference = load_reference(dir);
+    let reference = load_reference(dir)?;
     let mut failures = 0;
     for case in &reference.cases {
-        let (expected, _) = reference_logits(dir, &case.name);
+        let (expected, _) = reference_logits(dir, &case.name)?;
         let (d, _) = max_abs_diff(&case_logits(&m.text, case)?, &expected);
         let greedy = case_greedy(&m.text, case)?;
         let ok = d <= tolerance && greedy == case.greedy_ids;
         failures += usize::from(!ok);
         println!(
-            "{} {}: {} positions, max|Δlogit| {d:.2e} (tolerance {tolerance:.0e}), greedy {}",
+            "{} {}: {} positions, max|Δlogit| {d:.2e} (tolerance {tolerance:.1e}), greedy {}",
             if ok { "PASS" } else { "FAIL" },
             case.name,
             case.sequence().len(),

@@ -1,8 +1,8 @@
 //! A test model behind the same engine (burn-lm's test-model idea): whatever the prompt, its
 //! logits put all the mass on the next token of a fixed script. Server tests use it to drive the
 //! paths a random-weight fixture never takes (thinking blocks, tool calls) through the real
-//! engine, parser and HTTP layer. Reachable only through `gemma4 serve --scripted-output`, which
-//! is hidden from `--help`.
+//! engine, parser and HTTP layer. Compiled only with the `scripted` feature, which only test
+//! builds enable (`server/examples/scripted_serve.rs`, a dev-dependency), never the product binary.
 
 use std::ops::Range;
 use std::sync::Arc;
