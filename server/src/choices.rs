@@ -57,6 +57,12 @@ pub struct ChoiceDone {
     pub reasoning_tokens: usize,
 }
 
+/// Builds the prompt of `g` and submits its choices.
+pub async fn start(state: &Arc<AppState>, g: &Generation) -> Result<Choices, ApiError> {
+    let prompt = prompt::build(&state.prompt_context(), &g.conversation).await?;
+    submit(state, &prompt, g)
+}
+
 /// Submits `n` choices of `g` over `prompt`. Every choice is submitted before any is read, so an
 /// overloaded server answers 503 before a stream starts; choice i samples with seed + i.
 pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<Choices, ApiError> {

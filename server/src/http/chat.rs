@@ -17,7 +17,6 @@ use super::AppState;
 use crate::choices::{self, ChoiceUpdate, Choices};
 use crate::openai::error::{ApiError, ErrorBody};
 use crate::openai::protocol::*;
-use crate::prompt;
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest,
     responses((status = 200, description = "A completion, or a stream of chat.completion.chunk events", body = ChatCompletion),
@@ -26,13 +25,7 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     payload: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Response {
-    match handle(state.clone(), payload).await {
-        Ok(r) => r,
-        Err(e) => {
-            state.metrics.error();
-            e.into_response()
-        }
-    }
+    super::respond(&state, handle(state.clone(), payload).await)
 }
 
 async fn handle(
@@ -42,8 +35,7 @@ async fn handle(
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let g = req.validate(&state.default_sampling)?;
-    let prompt = prompt::build(&state.prompt_context(), &g.conversation).await?;
-    let choices = choices::submit(&state, &prompt, &g)?;
+    let choices = choices::start(&state, &g).await?;
     let head = Head {
         id: crate::ids::random_id("chatcmpl-"),
         model: state.served_model_name.clone(),

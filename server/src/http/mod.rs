@@ -263,6 +263,14 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
+/// A handler's answer; an error is counted in `/metrics` and sent as an OpenAI error object.
+fn respond(state: &AppState, answer: Result<Response, ApiError>) -> Response {
+    answer.unwrap_or_else(|e| {
+        state.metrics.error();
+        e.into_response()
+    })
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -19,7 +19,6 @@ use super::AppState;
 use crate::choices::{self, ChoiceDelta, ChoiceDone, ChoiceUpdate, Choices};
 use crate::openai::error::{ApiError, ErrorBody};
 use crate::openai::protocol::*;
-use crate::prompt;
 
 #[utoipa::path(post, path = "/v1/responses", request_body = ResponsesRequest,
     responses((status = 200, description = "A response object, or a stream of response events", body = ResponseObject),
@@ -28,13 +27,7 @@ pub async fn responses(
     State(state): State<Arc<AppState>>,
     payload: Result<Json<ResponsesRequest>, JsonRejection>,
 ) -> Response {
-    match handle(state.clone(), payload).await {
-        Ok(r) => r,
-        Err(e) => {
-            state.metrics.error();
-            e.into_response()
-        }
-    }
+    super::respond(&state, handle(state.clone(), payload).await)
 }
 
 async fn handle(
@@ -44,8 +37,7 @@ async fn handle(
     let Json(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let g = req.validate(&state.default_sampling)?;
-    let prompt = prompt::build(&state.prompt_context(), &g.conversation).await?;
-    let choices = choices::submit(&state, &prompt, &g)?;
+    let choices = choices::start(&state, &g).await?;
     let base = ResponseObject {
         id: crate::ids::random_id("resp_"),
         object: "response".into(),

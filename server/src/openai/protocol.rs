@@ -122,22 +122,47 @@ pub enum Content {
 impl TryFrom<Value> for Content {
     type Error = String;
 
-    /// By hand, so that a bad part is named by its index (an untagged enum would only say that
-    /// nothing matched).
     fn try_from(v: Value) -> Result<Self, String> {
-        match v {
-            Value::String(s) => Ok(Content::Text(s)),
-            Value::Array(parts) => parts
-                .into_iter()
-                .enumerate()
-                .map(|(j, p)| serde_json::from_value(p).map_err(|e| format!("content[{j}]: {e}")))
-                .collect::<Result<_, _>>()
-                .map(Content::Parts),
-            other => Err(format!(
-                "content must be a string or a list of content parts, not {}",
-                json_kind(&other)
-            )),
-        }
+        Ok(
+            match string_or_list(
+                v,
+                "content",
+                "content must be a string or a list of content parts",
+                |_| {},
+            )? {
+                StringOrList::String(s) => Content::Text(s),
+                StringOrList::List(parts) => Content::Parts(parts),
+            },
+        )
+    }
+}
+
+enum StringOrList<T> {
+    String(String),
+    List(Vec<T>),
+}
+
+/// A string, or a list deserialized element by element so that a bad element is named by its
+/// index (`content[1]: ...`), where an untagged enum would only say that nothing matched.
+/// `prepare` may fill in defaults of an element first.
+fn string_or_list<T: serde::de::DeserializeOwned>(
+    v: Value,
+    name: &str,
+    expected: &str,
+    prepare: impl Fn(&mut Value),
+) -> Result<StringOrList<T>, String> {
+    match v {
+        Value::String(s) => Ok(StringOrList::String(s)),
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut item)| {
+                prepare(&mut item);
+                serde_json::from_value(item).map_err(|e| format!("{name}[{i}]: {e}"))
+            })
+            .collect::<Result<_, _>>()
+            .map(StringOrList::List),
+        other => Err(format!("{expected}, not {}", json_kind(&other))),
     }
 }
 
@@ -620,25 +645,17 @@ impl TryFrom<Value> for ResponsesInput {
     type Error = String;
 
     fn try_from(v: Value) -> Result<Self, String> {
-        match v {
-            Value::String(s) => Ok(ResponsesInput::Text(s)),
-            Value::Array(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(n, mut item)| {
-                    // An item without `type` is a message, as in OpenAI's API.
-                    if let Value::Object(o) = &mut item {
-                        o.entry("type").or_insert_with(|| "message".into());
-                    }
-                    serde_json::from_value(item).map_err(|e| format!("input[{n}]: {e}"))
-                })
-                .collect::<Result<_, _>>()
-                .map(ResponsesInput::Items),
-            other => Err(format!(
-                "`input` must be a string or a list of items, not {}",
-                json_kind(&other)
-            )),
-        }
+        // An item without `type` is a message, as in OpenAI's API.
+        let default_type = |item: &mut Value| {
+            if let Value::Object(o) = item {
+                o.entry("type").or_insert_with(|| "message".into());
+            }
+        };
+        let expected = "`input` must be a string or a list of items";
+        Ok(match string_or_list(v, "input", expected, default_type)? {
+            StringOrList::String(s) => ResponsesInput::Text(s),
+            StringOrList::List(items) => ResponsesInput::Items(items),
+        })
     }
 }
 
