@@ -9,7 +9,7 @@ Writes <repo>/fixtures/chat/cases.json (run through run.sh, or directly with the
    (`template_messages`), rendered by transformers' `apply_chat_template(..., tokenize=False)` with
    the fixture tokenizer (`expected`), and tokenized (`expected_ids`, no special tokens added).
 
-   `tool_results` is "attach" for every case (serving.md): the fixture template, like Google's Gemma 4
+   `tool_results` is "attach" for every case (the server's rule): the fixture template, like Google's Gemma 4
    template, reads tool results only from `tool_responses` and ignores `role: "tool"` messages, so
    each run of tool messages becomes `tool_responses: [{name, response}]` on the assistant message
    that made the calls, and the tool messages are dropped. The call's name is looked up by
@@ -20,7 +20,7 @@ Writes <repo>/fixtures/chat/cases.json (run through run.sh, or directly with the
    the fixture template would render those conversations without their results.)
 
 2. `feature_templates`: small templates exercising the Jinja features chat templates in the wild use
-   (serving.md), rendered by the same transformers path, so the Rust environment can be checked
+   (the server's rule), rendered by the same transformers path, so the Rust environment can be checked
    feature by feature against Jinja2 as transformers configures it. `expected_error` (instead of
    `expected`) holds the message of the exception transformers raised. Jinja2 and Python behaviour
    that no published template relies on and the renderer does not emulate (Python's whitespace and
@@ -114,7 +114,7 @@ def call(id_: str, name: str, args: dict | str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# OpenAI messages -> template-native messages, written out by hand from serving.md's rule.
+# OpenAI messages -> template-native messages, written out by hand from the server's rule (server/src/openai/messages.rs).
 
 
 def _join_text(content):

@@ -794,7 +794,7 @@ mod tests {
         assert_eq!(sliding.num_key_value_heads * sliding.head_dim, 4096); // k_proj/v_proj out
         assert_eq!(t.num_attention_heads * full.head_dim, 16384); // q_proj out, full
         assert_eq!(full.num_key_value_heads * full.head_dim, 2048); // k_proj out, full
-                                                                    // Attention weights per layer as in targets.md: 132.1 M sliding, 187.2 M full.
+                                                                    // Attention weights per layer: 132.1 M sliding, 187.2 M full.
         let h = t.hidden_size;
         let s = 2 * 8192 * h + 2 * 4096 * h;
         let f = 2 * 16384 * h + 2048 * h;

@@ -1,6 +1,6 @@
 //! Memory-mapped safetensors checkpoint (one file, or shards listed in
 //! `model.safetensors.index.json`), with a record of which tensors the model consumed: a tensor
-//! left unused at the end is an error, as is a missing one (style.md: no silent skips).
+//! left unused at the end is an error, as is a missing one (no silent skips).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

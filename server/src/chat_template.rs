@@ -58,7 +58,7 @@ impl TemplateError {
 /// How tool results (OpenAI `role: "tool"` messages) reach the template.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToolResults {
-    /// serving.md's rule, for templates that read `tool_responses` (Google's Gemma 4 template):
+    /// The serving rule, for templates that read `tool_responses` (Google's Gemma 4 template):
     /// each run of tool messages becomes `tool_responses: [{name, response}]` on the preceding
     /// assistant message, and the tool messages are removed.
     Attach,
@@ -965,7 +965,7 @@ mod tests {
         json!({"role": "user", "content": text})
     }
 
-    /// serving.md's list, in one template: macros with keyword defaults and recursion,
+    /// The template features the published chat templates use, in one template: macros with keyword defaults and recursion,
     /// namespace(), dictsort, upper, trim, default, map('upper') | list, the tests mapping /
     /// sequence / string / boolean / defined / none, `.split`, slicing, `+` concatenation and
     /// loop.index0 / loop.last. (The fixture's feature templates check the same against Jinja2.)

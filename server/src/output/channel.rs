@@ -1,7 +1,7 @@
 //! Per-request output parser over generated token ids: splits what the model writes into reasoning
 //! (thinking), content and tool calls, incrementally, for the OpenAI-compatible API.
 //!
-//! What Gemma 4 writes (spec `gemma4.md` section 5):
+//! What Gemma 4 writes (the markers of its chat template and tokenizer):
 //!
 //! - Thinking: `<|channel>thought\n ...reasoning... <channel|>` then the answer. The channel name
 //!   line (`thought` and the newline after it) is stripped; the rest up to `<channel|>` is reasoning.
