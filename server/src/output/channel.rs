@@ -526,7 +526,7 @@ mod tests {
                     assert_eq!(*index, calls.len(), "{what}: indices count from 0");
                     assert!(id.starts_with("call_") && id.len() == 37, "{what}: id {id}");
                     assert!(
-                        id[5..].chars().all(|c| c.is_ascii_alphanumeric()),
+                        id[5..].chars().all(|c| c.is_ascii_hexdigit()),
                         "{what}: id {id}"
                     );
                     check_clean(name);
