@@ -74,65 +74,7 @@ impl Rng {
     }
 }
 
-/// Picks the next token from one row of logits. `suppress` ids are never chosen.
-pub fn sample(logits: &[f32], params: &SamplingParams, suppress: &[u32], rng: &mut Rng) -> u32 {
-    let allowed = |i: usize| !suppress.contains(&(i as u32)) && !logits[i].is_nan();
-    if params.temperature == 0.0 {
-        // Greedy: first maximum, as torch.argmax.
-        let mut best: Option<usize> = None;
-        for i in (0..logits.len()).filter(|&i| allowed(i)) {
-            if best.is_none_or(|b| logits[i] > logits[b]) {
-                best = Some(i);
-            }
-        }
-        return best.unwrap_or(0) as u32;
-    }
-    // Candidates sorted by logit, descending.
-    let mut cand: Vec<(usize, f64)> = (0..logits.len())
-        .filter(|&i| allowed(i))
-        .map(|i| (i, logits[i] as f64 / params.temperature as f64))
-        .collect();
-    if cand.is_empty() {
-        return 0;
-    }
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 && cand.len() > params.top_k {
-        cand.truncate(params.top_k);
-    }
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if params.top_p < 1.0 {
-        // Smallest prefix whose mass reaches top_p (always at least one token).
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= params.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        cand.truncate(keep);
-    }
-    if params.min_p > 0.0 {
-        let threshold = probs[0] * params.min_p as f64;
-        let keep = probs.iter().take_while(|p| **p >= threshold).count().max(1);
-        probs.truncate(keep);
-        cand.truncate(keep);
-    }
-    let total: f64 = probs.iter().sum();
-    let mut r = rng.next_f64() * total;
-    for (i, p) in probs.iter().enumerate() {
-        if r < *p {
-            return cand[i].0 as u32;
-        }
-        r -= p;
-    }
-    cand[cand.len() - 1].0 as u32
-}
+pub use crate::sampling::sample;
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {

@@ -18,6 +18,7 @@ pub mod norm;
 /// The NVFP4 weight format and its reference decode live with the kernels that read them.
 pub use gemma4_kernels::nvfp4;
 pub mod rope;
+pub mod sampling;
 pub mod synth;
 pub mod text_model;
 pub mod vision;

@@ -172,6 +172,17 @@ enum Command {
         #[command(flatten)]
         backend: BackendArgs,
     },
+    /// Host sampling speed at a real vocabulary: µs per sequence-token for greedy, for the 31B's
+    /// generation_config (temperature 1.0, top_k 64, top_p 0.95) by selection, and for the same
+    /// by the plain full sort, on random logit rows, in one run. One JSON line.
+    BenchSampling {
+        #[arg(long, default_value_t = 262_144)]
+        vocab: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Each kernel at the 31B shapes on random data: time, GB/s, TFLOP/s, fraction of the
     /// roofline (bytes over the copy bandwidth measured in the same run) and speed-up over the
     /// plain Burn reference.
@@ -235,8 +246,17 @@ fn run(cli: Cli) -> Result<()> {
         )?;
         return Ok(());
     }
+    if let Command::BenchSampling {
+        vocab,
+        batch,
+        repeats,
+    } = &cli.command
+    {
+        println!("{}", cli::bench::sampling(*vocab, batch, (*repeats).max(1)));
+        return Ok(());
+    }
     let backend = match &cli.command {
-        Command::Synth { .. } => unreachable!("handled above"),
+        Command::Synth { .. } | Command::BenchSampling { .. } => unreachable!("handled above"),
         Command::Logits { backend, .. }
         | Command::Generate { backend, .. }
         | Command::Bench { backend, .. }
@@ -457,7 +477,9 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             Ok(())
         }
         Command::Serve { args, .. } => gemma4_server::serve::run::<B>(args, device),
-        Command::Synth { .. } => unreachable!("handled before a backend is chosen"),
+        Command::Synth { .. } | Command::BenchSampling { .. } => {
+            unreachable!("handled before a backend is chosen")
+        }
         Command::Check {
             model, tolerance, ..
         } => {

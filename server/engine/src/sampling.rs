@@ -1,6 +1,8 @@
 //! Host-side logit processing of the engine: OpenAI/vLLM penalties and logit bias, and logprobs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use gemma4_model::sampling::top_k;
 
 /// Penalties and biases applied to a logits row before sampling.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -38,16 +40,11 @@ pub fn apply_penalties(logits: &mut [f32], p: &Penalties, prompt: &[u32], genera
     if p.is_noop() {
         return;
     }
-    let vocab = logits.len();
     if p.repetition != 1.0 && p.repetition > 0.0 {
-        let mut seen = vec![false; vocab];
-        for &t in prompt.iter().chain(generated) {
-            if let Some(s) = seen.get_mut(t as usize) {
-                *s = true;
-            }
-        }
-        for (l, s) in logits.iter_mut().zip(seen) {
-            if s {
+        // Each id of prompt and output once (not a pass over the vocabulary).
+        let seen: HashSet<u32> = prompt.iter().chain(generated).copied().collect();
+        for t in seen {
+            if let Some(l) = logits.get_mut(t as usize) {
                 *l = if *l > 0.0 {
                     *l / p.repetition
                 } else {
@@ -82,6 +79,8 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
+/// The log-softmax normaliser is one pass over the row; the `k` alternatives are found by
+/// selection (`gemma4_model::sampling::top_k`), not by sorting the vocabulary.
 pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max
@@ -90,22 +89,15 @@ pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
             .map(|l| ((l - max) as f64).exp())
             .sum::<f64>()
             .ln() as f32;
-    let lp = |i: usize| logits[i] - lse;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    let k = k.min(logits.len());
-    if k > 0 {
-        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
-        order.truncate(k);
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    } else {
-        order.clear();
-    }
     TokenLogprob {
         id: chosen,
         logprob: logits
             .get(chosen as usize)
-            .map_or(f32::NEG_INFINITY, |_| lp(chosen as usize)),
-        top: order.into_iter().map(|i| (i as u32, lp(i))).collect(),
+            .map_or(f32::NEG_INFINITY, |l| l - lse),
+        top: top_k(logits, k, &[])
+            .into_iter()
+            .map(|(i, l)| (i, l - lse))
+            .collect(),
     }
 }
 

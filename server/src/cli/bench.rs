@@ -539,3 +539,68 @@ fn host_read_bandwidth(bytes: usize, threads: usize, iters: usize) -> f64 {
     }
     (buf.len() * 8) as f64 / best
 }
+
+/// `gemma4 bench-sampling`: per batch size, the median over `repeats` of the time to pick one
+/// token for each of `batch` random rows, divided by `batch` (µs per sequence-token): greedy,
+/// the 31B's generation_config by selection (`sampling::sample`), and the same by the full sort
+/// (`sampling::sample_reference`).
+pub fn sampling(vocab: usize, batches: &[usize], repeats: usize) -> Value {
+    use gemma4_model::sampling::{sample as fast, sample_reference};
+    let config = SamplingParams {
+        temperature: 1.0,
+        top_k: 64,
+        top_p: 0.95,
+        min_p: 0.0,
+        seed: 0,
+    };
+    let greedy = SamplingParams::greedy();
+    let mut rng = Rng::new(1);
+    let mut rows_out = vec![];
+    for &batch in batches {
+        let batch = batch.max(1);
+        // Logit rows shaped like a language model's: a normal body with a heavier upper tail.
+        let rows: Vec<Vec<f32>> = (0..batch)
+            .map(|_| {
+                (0..vocab)
+                    .map(|_| {
+                        let (u, v) = (rng.next_f64().max(1e-300), rng.next_f64());
+                        let n = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+                        (n * 2.5 + if v < 1e-3 { 8.0 } else { 0.0 }) as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        let per_token = |f: &dyn Fn(&[f32], &mut Rng) -> u32| {
+            let mut times = vec![];
+            let mut sink = 0u64;
+            for r in 0..repeats {
+                let mut draw = Rng::new(r as u64);
+                let t = Instant::now();
+                for row in &rows {
+                    sink = sink.wrapping_add(f(row, &mut draw) as u64);
+                }
+                times.push(t.elapsed().as_secs_f64() * 1e6 / batch as f64);
+            }
+            std::hint::black_box(sink);
+            median(times)
+        };
+        let g = per_token(&|row, r| fast(row, &greedy, &[], r));
+        let sel = per_token(&|row, r| fast(row, &config, &[], r));
+        let sort = per_token(&|row, r| sample_reference(row, &config, &[], r));
+        rows_out.push(json!({
+            "batch": batch,
+            "greedy_us": g,
+            "generation_config_selection_us": sel,
+            "generation_config_full_sort_us": sort,
+            "speedup": sort / sel,
+        }));
+    }
+    json!({
+        "bench": "sampling",
+        "vocab": vocab,
+        "generation_config": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
+        "unit": "us per sequence-token (median of repeats)",
+        "repeats": repeats,
+        "rows": rows_out,
+    })
+}
