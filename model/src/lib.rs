@@ -15,6 +15,7 @@ pub mod golden;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod plan;
 /// The NVFP4 weight format and its reference decode live with the kernels that read them.
 pub use gemma4_kernels::nvfp4;
 pub mod rope;

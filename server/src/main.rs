@@ -51,6 +51,20 @@ enum DtypeArg {
     Float32,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum PlanDtype {
+    Bfloat16,
+    Float16,
+    Float32,
+}
+
+/// The KV cache's element type: the compute dtype's, or FP8 E4M3 (1 byte).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum KvCacheDtype {
+    Auto,
+    Fp8,
+}
+
 /// Where the model runs and in which float type.
 #[derive(clap::Args, Clone, Copy, Debug)]
 struct BackendArgs {
@@ -183,6 +197,32 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// The memory plan of serving a preset's model on a device of `--memory-gib`, without loading
+    /// weights: weight bytes, estimated activations, KV bytes per token by layer kind, blocks per
+    /// sequence at `--max-model-len`, and the maximum concurrency. One JSON line on stdout and the
+    /// summary line on stderr.
+    Plan {
+        /// A `gemma4 synth` preset (31b: the real model's shapes).
+        #[arg(long, default_value = "31b")]
+        preset: String,
+        #[arg(long)]
+        memory_gib: f64,
+        #[arg(long, default_value_t = 8192)]
+        max_model_len: usize,
+        /// The compute dtype (float weights and, unless --kv-cache-dtype fp8, the KV cache).
+        #[arg(long, value_enum, default_value = "bfloat16")]
+        dtype: PlanDtype,
+        #[arg(long, value_enum, default_value = "auto")]
+        kv_cache_dtype: KvCacheDtype,
+        #[arg(long, default_value_t = 0.9)]
+        gpu_memory_utilization: f64,
+        #[arg(long, default_value_t = 16)]
+        max_num_seqs: usize,
+        #[arg(long, default_value_t = 2048)]
+        max_num_batched_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        block_size: usize,
+    },
     /// Each kernel at the 31B shapes on random data: time, GB/s, TFLOP/s, fraction of the
     /// roofline (bytes over the copy bandwidth measured in the same run) and speed-up over the
     /// plain Burn reference.
@@ -246,6 +286,69 @@ fn run(cli: Cli) -> Result<()> {
         )?;
         return Ok(());
     }
+    if let Command::Plan {
+        preset,
+        memory_gib,
+        max_model_len,
+        dtype,
+        kv_cache_dtype,
+        gpu_memory_utilization,
+        max_num_seqs,
+        max_num_batched_tokens,
+        block_size,
+    } = &cli.command
+    {
+        let p = gemma4_model::synth::preset(preset)?;
+        let config =
+            gemma4_model::ModelConfig::from_values(&gemma4_model::synth::config_json(&p), None)?;
+        let (nvfp4, attn, embed, other) = gemma4_model::synth::byte_budget(&p);
+        let dtype_bytes = if *dtype == PlanDtype::Float32 { 4 } else { 2 };
+        let input = gemma4_model::plan::PlanInput {
+            memory_bytes: (memory_gib * (1u64 << 30) as f64) as u64,
+            gpu_memory_utilization: *gpu_memory_utilization,
+            max_model_len: *max_model_len,
+            max_num_seqs: *max_num_seqs,
+            max_num_batched_tokens: *max_num_batched_tokens,
+            block_size: *block_size,
+            dtype_bytes,
+            kv_bytes: if *kv_cache_dtype == KvCacheDtype::Fp8 {
+                1
+            } else {
+                dtype_bytes
+            },
+            nvfp4_weight_bytes: nvfp4 as u64,
+            bf16_weight_bytes: (attn + embed + other) as u64,
+        };
+        let plan = gemma4_model::plan::plan(&config.text, &input).map_err(anyhow::Error::msg)?;
+        let gib = gemma4_model::plan::gib;
+        eprintln!(
+            "{preset} on {memory_gib} GiB × {gpu_memory_utilization}: weights {:.2} GiB, activations ≈{:.2} GiB, KV cache {:.2} GiB = {} sliding + {} full blocks of {block_size} tokens; maximum concurrency for {max_model_len} tokens per request: {}",
+            gib(plan.weight_bytes),
+            gib(plan.activation_bytes),
+            gib(plan.kv_cache_bytes),
+            plan.num_blocks_sliding,
+            plan.num_blocks_full,
+            plan.max_concurrency
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "preset": preset, "memory_gib": memory_gib, "gpu_memory_utilization": gpu_memory_utilization,
+                "dtype": format!("{dtype:?}").to_lowercase(), "kv_cache_dtype": format!("{kv_cache_dtype:?}").to_lowercase(),
+                "max_model_len": max_model_len, "block_size": block_size,
+                "weight_bytes": plan.weight_bytes, "activation_bytes_estimate": plan.activation_bytes,
+                "kv_cache_bytes": plan.kv_cache_bytes,
+                "kv_bytes_per_token": {"sliding_layer": plan.kv_token_bytes_sliding, "full_layer": plan.kv_token_bytes_full,
+                    "sliding_layers": plan.sliding_layers, "full_layers": plan.full_layers},
+                "block_bytes": {"sliding": plan.block_bytes_sliding, "full": plan.block_bytes_full},
+                "blocks_per_sequence": {"sliding": plan.blocks_per_seq_sliding, "full": plan.blocks_per_seq_full},
+                "kv_bytes_per_sequence": plan.seq_bytes,
+                "max_concurrency": plan.max_concurrency,
+                "num_blocks": {"sliding": plan.num_blocks_sliding, "full": plan.num_blocks_full},
+            })
+        );
+        return Ok(());
+    }
     if let Command::BenchSampling {
         vocab,
         batch,
@@ -256,7 +359,9 @@ fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let backend = match &cli.command {
-        Command::Synth { .. } | Command::BenchSampling { .. } => unreachable!("handled above"),
+        Command::Synth { .. } | Command::BenchSampling { .. } | Command::Plan { .. } => {
+            unreachable!("handled above")
+        }
         Command::Logits { backend, .. }
         | Command::Generate { backend, .. }
         | Command::Bench { backend, .. }
@@ -477,7 +582,7 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             Ok(())
         }
         Command::Serve { args, .. } => gemma4_server::serve::run::<B>(args, device),
-        Command::Synth { .. } | Command::BenchSampling { .. } => {
+        Command::Synth { .. } | Command::BenchSampling { .. } | Command::Plan { .. } => {
             unreachable!("handled before a backend is chosen")
         }
         Command::Check {

@@ -191,3 +191,54 @@ fn clear_errors_for_bad_input() {
         assert!(String::from_utf8_lossy(&o.stderr).contains("--features cuda"));
     }
 }
+
+fn json_line(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("one JSON line")
+}
+
+#[test]
+fn plan_is_consistent_and_refuses_what_does_not_fit() {
+    let args = ["plan", "--preset", "31b", "--memory-gib", "80"];
+    let bf16 = json_line(&gemma4(&args));
+    let fp8 = json_line(&gemma4(&[&args[..], &["--kv-cache-dtype", "fp8"]].concat()));
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    for p in [&bf16, &fp8] {
+        assert_eq!(
+            n(p, "max_concurrency"),
+            n(p, "kv_cache_bytes") / n(p, "kv_bytes_per_sequence")
+        );
+    }
+    assert_eq!(
+        n(&bf16, "kv_bytes_per_sequence"),
+        2 * n(&fp8, "kv_bytes_per_sequence")
+    );
+    assert_eq!(bf16["blocks_per_sequence"]["sliding"], 1024 / 16 + 1);
+    let o = gemma4(&["plan", "--preset", "31b", "--memory-gib", "16"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exceed"));
+}
+
+#[test]
+fn bench_sampling_prints_one_json_line() {
+    let v = json_line(&gemma4(&[
+        "bench-sampling",
+        "--vocab",
+        "4096",
+        "--batch",
+        "1,3",
+        "--repeats",
+        "1",
+    ]));
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        for k in [
+            "greedy_us",
+            "generation_config_selection_us",
+            "generation_config_full_sort_us",
+        ] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+    }
+}
