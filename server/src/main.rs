@@ -166,9 +166,9 @@ enum Command {
         decode_tokens: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
-        /// Sequences in the batched decode measurement (1 skips it).
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
+        /// Batch sizes of the batched decode measurement, e.g. 1,16,64 (1 is the batch-1 decode).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
+        batch: Vec<usize>,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -607,7 +607,14 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             let host = matches!(backend.device, DeviceArg::Cpu);
             println!(
                 "{}",
-                cli::bench::end_to_end(&m, prompt_len, decode_tokens, repeats.max(1), batch, host)?
+                cli::bench::end_to_end(
+                    &m,
+                    prompt_len,
+                    decode_tokens,
+                    repeats.max(1),
+                    &batch,
+                    host
+                )?
             );
             Ok(())
         }
