@@ -16,6 +16,7 @@
 //! image's soft tokens attend to each other bidirectionally, so they must be run in one call.
 
 mod sampling;
+pub mod scheduler;
 #[cfg(feature = "scripted")]
 pub mod scripted;
 
