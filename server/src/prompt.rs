@@ -53,7 +53,12 @@ pub async fn build(cx: &PromptContext<'_>, conv: &Conversation) -> Result<Prompt
             .collect()
     });
     let text = template
-        .render(&converted, tools.as_deref(), true, &conv.template_kwargs)
+        .render(
+            &converted,
+            tools.as_deref(),
+            conv.add_generation_prompt,
+            &conv.template_kwargs,
+        )
         .map_err(|e| ApiError::bad_request(format!("rendering the chat template: {e}")))?;
     let ids = encode(cx.tokenizer, &text)?;
     // Every image placeholder of the prompt must be one of the request's images.

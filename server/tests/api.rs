@@ -450,6 +450,17 @@ fn tokenize_detokenize_roundtrip() {
     )
     .json();
     assert!(c["count"].as_u64().unwrap() > 3);
+    // Without the opening of the model's turn the prompt is a strict prefix of the one with it.
+    let bare = post(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": false}),
+    )
+    .json();
+    let (with, without) = (
+        c["tokens"].as_array().unwrap(),
+        bare["tokens"].as_array().unwrap(),
+    );
+    assert!(without.len() < with.len() && with.starts_with(without));
     assert_error(
         &post("/detokenize", json!({"tokens": [99999999]})),
         400,

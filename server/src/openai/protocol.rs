@@ -580,7 +580,10 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     /// ...or chat messages, rendered with the chat template first.
     pub messages: Option<Vec<Message>>,
+    /// For `prompt`: add the tokenizer's special tokens (default true).
     pub add_special_tokens: Option<bool>,
+    /// For `messages`: end with the opening of the model's turn (default true).
+    pub add_generation_prompt: Option<bool>,
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
     /// As in chat completions: image placeholders are expanded with this budget.

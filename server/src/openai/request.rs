@@ -31,6 +31,9 @@ pub struct Conversation {
     pub template_kwargs: Map<String, Value>,
     /// Soft tokens per image, when the request sets it (else the checkpoint's default).
     pub max_soft_tokens: Option<usize>,
+    /// End the prompt with the template's opening of the model's turn (false only for
+    /// `/tokenize` requests that ask so).
+    pub add_generation_prompt: bool,
 }
 
 impl Conversation {
@@ -120,6 +123,7 @@ impl ChatCompletionRequest {
                 tools: (!tools.is_empty() && !tools_off).then_some(tools),
                 template_kwargs: template_kwargs(self.chat_template_kwargs, thinking),
                 max_soft_tokens: max_soft_tokens(self.mm_processor_kwargs.as_ref())?,
+                add_generation_prompt: true,
                 messages: nonempty(self.messages, "messages")?,
             },
             n: n as usize,
@@ -202,6 +206,7 @@ impl ResponsesRequest {
                 tools: (!tools.is_empty() && !tools_off).then_some(tools),
                 template_kwargs: template_kwargs(None, thinking),
                 max_soft_tokens: max_soft_tokens(self.mm_processor_kwargs.as_ref())?,
+                add_generation_prompt: true,
             },
             n: 1,
             max_tokens: max_tokens(self.max_output_tokens)?,
@@ -325,6 +330,7 @@ impl TokenizeRequest {
             tools: None,
             template_kwargs: self.chat_template_kwargs.clone().unwrap_or_default(),
             max_soft_tokens: max_soft_tokens(self.mm_processor_kwargs.as_ref())?,
+            add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
         })
     }
 }
