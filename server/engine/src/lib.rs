@@ -5,9 +5,13 @@
 //! `Engine::submit`, tokens go out through each request's own channel (TGI's router,
 //! mistral.rs's engine).
 //!
-//! Each decode step runs all running sequences through the model together (`forward_batch`:
-//! linears, norms and MLP over all rows at once; attention per sequence against its own cache).
-//! Prefill of a newly admitted request runs on its own, in the step it joins.
+//! Each step is planned by `scheduler::plan` from the queues' states alone (admission, chunked
+//! prefill under the token budget, preemption under the KV block budget, cancellation) and
+//! executed by `run_loop`: the prefill chunks one by one, then one decode for all decoding
+//! sequences together (`forward_batch`: linears, norms and MLP over all rows at once; attention
+//! per sequence against its own cache). A preempted sequence loses its cache and is prefilled
+//! again from its prompt and generated tokens when readmitted; its sampler and penalties carry
+//! on, and nothing is sent twice, so the client sees only latency.
 //!
 //! Images: a request carries its preprocessed images and a prompt in which each image is a run of
 //! `n` image placeholder ids (the model's `image_token_id`). The engine encodes them (vision tower)
@@ -20,7 +24,7 @@ pub mod scheduler;
 #[cfg(feature = "scripted")]
 pub mod scripted;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +35,7 @@ use gemma4_model::generation::Rng;
 use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::Gemma4Backend;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
+use scheduler::{Limits, SeqId, SeqState, StepPlan};
 
 /// What the engine needs of a model: a fresh cache per request, and the logits of the last
 /// position after running tokens through it. Implemented by the Gemma 4 model on any backend,
@@ -224,6 +229,25 @@ pub struct EngineConfig {
     pub max_waiting: usize,
 }
 
+/// The KV block budget the scheduler admits and preempts against. Accounting only for now: each
+/// sequence still has its own cache, counted as ceil(tokens / block_size) blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockBudget {
+    /// Blocks in all; None: unlimited (no admission by memory, no preemption).
+    pub num_kv_blocks: Option<usize>,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+impl Default for BlockBudget {
+    fn default() -> Self {
+        BlockBudget {
+            num_kv_blocks: None,
+            block_size: scheduler::DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
 /// Counters shared with the HTTP layer (Prometheus /metrics and /health).
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -237,6 +261,8 @@ pub struct EngineStats {
     pub requests_finished_total: AtomicU64,
     pub requests_cancelled_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Sequences preempted for KV blocks (to be recomputed).
+    pub preemptions_total: AtomicU64,
 }
 
 /// A submitted request: its event stream. Dropping it cancels the request (the engine notices
@@ -278,9 +304,22 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread; `load` runs on it (the model never crosses threads).
-    /// Returns once the model is loaded, or the load error.
+    /// Returns once the model is loaded, or the load error. No block budget.
     pub fn start<M, F>(
         config: EngineConfig,
+        load: F,
+    ) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
+    where
+        M: StepModel,
+        F: FnOnce() -> anyhow::Result<M> + Send + 'static,
+    {
+        Self::start_with_blocks(config, BlockBudget::default(), load)
+    }
+
+    /// As `start`, scheduling against a KV block budget.
+    pub fn start_with_blocks<M, F>(
+        config: EngineConfig,
+        blocks: BlockBudget,
         load: F,
     ) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
     where
@@ -304,7 +343,7 @@ impl Engine {
                 };
                 thread_stats.ready.store(true, Ordering::SeqCst);
                 let _ = ready_tx.send(Ok(()));
-                run_loop(&model, &thread_config, &rx, &thread_stats);
+                run_loop(&model, &thread_config, &blocks, &rx, &thread_stats);
                 thread_stats.ready.store(false, Ordering::SeqCst);
             })?;
         match ready_rx.recv() {
@@ -358,29 +397,96 @@ impl Engine {
     }
 }
 
-/// One running sequence and its state (cache, sampler, counters).
+/// A request's sequence, waiting or running: its cache (while running), sampler and counters.
 struct Seq<C, S> {
+    id: SeqId,
     sub: Box<Submitted>,
-    cache: C,
+    /// None while waiting: not yet admitted, or preempted (its cache dropped).
+    cache: Option<C>,
     rng: Rng,
     generated: Vec<u32>,
-    /// Prompt tokens already run through the model (chunked prefill).
-    prefilled: usize,
-    /// Logits row for the next token; empty while the prompt is still being prefilled.
+    /// Tokens of the prompt, then of `generated`, in the cache (chunked prefill, recompute).
+    computed: usize,
+    /// Prompt tokens counted in `prompt_tokens_total`: a recompute does not count them again.
+    prompt_counted: usize,
+    /// Logits row for the next token; empty until the cache holds prompt and generated tokens.
     next_logits: Vec<f32>,
     /// Soft tokens of the request's images, from the first prefill chunk until the prompt is done.
     soft: Option<S>,
-    /// Soft-token rows already used by earlier prefill chunks (placeholders in `prompt[..prefilled]`).
+    /// Soft-token rows already used by earlier prefill chunks (placeholders in `prompt[..computed]`).
     soft_used: usize,
+}
+
+impl<C, S> Seq<C, S> {
+    fn new(id: SeqId, sub: Box<Submitted>) -> Self {
+        Seq {
+            id,
+            rng: Rng::new(sub.req.sampling.seed),
+            sub,
+            cache: None,
+            generated: vec![],
+            computed: 0,
+            prompt_counted: 0,
+            next_logits: vec![],
+            soft: None,
+            soft_used: 0,
+        }
+    }
+
+    fn state(&self) -> SeqState<'_> {
+        SeqState {
+            id: self.id,
+            prompt: &self.sub.req.prompt,
+            len: self.sub.req.prompt.len() + self.generated.len(),
+            computed: self.computed,
+            cancelled: is_gone(&self.sub),
+        }
+    }
+
+    /// Tokens `range` of the prompt followed by the generated tokens.
+    fn tokens(&self, range: Range<usize>) -> Vec<u32> {
+        let prompt = &self.sub.req.prompt;
+        prompt
+            .iter()
+            .chain(&self.generated)
+            .skip(range.start)
+            .take(range.len())
+            .copied()
+            .collect()
+    }
+
+    /// Drops the cache; the sequence will be prefilled again from its prompt and generated
+    /// tokens. The sampler, generated tokens and what was sent stay.
+    fn preempt(&mut self) {
+        self.cache = None;
+        self.computed = 0;
+        self.next_logits = vec![];
+        self.soft = None;
+        self.soft_used = 0;
+    }
+
+    fn cache_mut(&mut self) -> &mut C {
+        self.cache.as_mut().expect("a running sequence has a cache")
+    }
 }
 
 fn run_loop<M: StepModel>(
     model: &M,
     config: &EngineConfig,
+    blocks: &BlockBudget,
     rx: &mpsc::Receiver<Command>,
     stats: &EngineStats,
 ) {
-    let mut waiting: VecDeque<Box<Submitted>> = VecDeque::new();
+    let limits = Limits {
+        max_num_seqs: config.max_num_seqs,
+        token_budget: config.prefill_chunk,
+        block_size: blocks.block_size,
+        num_blocks: blocks.num_kv_blocks,
+    };
+    let image_id = model.image_token_id();
+    let mut next_id: SeqId = 0;
+    let mut waiting: VecDeque<Seq<M::Cache, M::Soft>> = VecDeque::new();
+    // In admission order: the newest last, first to be preempted.
     let mut running: Vec<Seq<M::Cache, M::Soft>> = Vec::new();
     // The last images encoded and their soft tokens: the `n` choices of one request carry the
     // same images (the same `Arc`s), which are encoded once. Replaced by the next encode, and
@@ -389,6 +495,7 @@ fn run_loop<M: StepModel>(
     loop {
         // Take new work: block only when there is nothing to do.
         let mut shutdown = false;
+        let mut submitted = Vec::new();
         if running.is_empty() && waiting.is_empty() {
             let next = match rx.try_recv() {
                 Ok(c) => Ok(c),
@@ -399,13 +506,13 @@ fn run_loop<M: StepModel>(
                 Err(mpsc::TryRecvError::Disconnected) => Err(()),
             };
             match next {
-                Ok(Command::Submit(s)) => waiting.push_back(s),
+                Ok(Command::Submit(s)) => submitted.push(s),
                 Ok(Command::Shutdown) | Err(_) => shutdown = true,
             }
         }
         while !shutdown {
             match rx.try_recv() {
-                Ok(Command::Submit(s)) => waiting.push_back(s),
+                Ok(Command::Submit(s)) => submitted.push(s),
                 Ok(Command::Shutdown) => shutdown = true,
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
@@ -413,10 +520,16 @@ fn run_loop<M: StepModel>(
                 }
             }
         }
+        for sub in submitted {
+            waiting.push_back(Seq::new(next_id, sub));
+            next_id += 1;
+        }
         if shutdown {
-            for s in running.iter().map(|s| &s.sub).chain(waiting.iter()) {
-                let _ =
-                    s.tx.send(EngineEvent::Error("the server is shutting down".into()));
+            for s in running.iter().chain(waiting.iter()) {
+                let _ = s
+                    .sub
+                    .tx
+                    .send(EngineEvent::Error("the server is shutting down".into()));
             }
             stats.running.store(0, Ordering::SeqCst);
             stats.waiting.store(0, Ordering::SeqCst);
@@ -424,96 +537,53 @@ fn run_loop<M: StepModel>(
             return;
         }
 
-        // Admit waiting requests into free slots.
-        while running.len() < config.max_num_seqs {
-            let Some(sub) = waiting.pop_front() else {
-                break;
-            };
-            stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            if is_gone(&sub) {
-                stats
-                    .requests_cancelled_total
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let rng = Rng::new(sub.req.sampling.seed);
-            running.push(Seq {
-                cache: model.new_cache(),
-                sub,
-                rng,
-                generated: vec![],
-                prefilled: 0,
-                next_logits: vec![],
-                soft: None,
-                soft_used: 0,
-            });
-        }
+        let plan = {
+            let w: Vec<SeqState> = waiting.iter().map(Seq::state).collect();
+            let r: Vec<SeqState> = running.iter().map(Seq::state).collect();
+            scheduler::plan(&w, &r, &limits, image_id)
+        };
+        apply_queue_changes(&plan, &mut waiting, &mut running, model, &limits, stats);
 
-        // Chunked prefill: at most `prefill_chunk` prompt tokens per step over all sequences,
-        // so a long prompt delays the running streams by one chunk, not by its whole length.
-        let mut budget = config.prefill_chunk.max(1);
+        let chunks: HashMap<SeqId, Range<usize>> = plan.prefill.into_iter().collect();
         let mut still = Vec::with_capacity(running.len());
         for mut seq in running.drain(..) {
-            let total = seq.sub.req.prompt.len();
-            if seq.prefilled == total || budget == 0 || is_gone(&seq.sub) {
+            let Some(chunk) = chunks.get(&seq.id) else {
                 still.push(seq);
                 continue;
-            }
-            let image_id = model.image_token_id();
-            let end = chunk_end(&seq.sub.req.prompt, seq.prefilled, budget, image_id);
-            budget = budget.saturating_sub(end - seq.prefilled);
-            let chunk = &seq.sub.req.prompt[seq.prefilled..end];
-            let placeholders = image_id.map_or(0, |id| chunk.iter().filter(|&&t| t == id).count());
-            let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>, String> {
-                if seq.prefilled == 0 && !seq.sub.req.images.is_empty() {
-                    seq.soft = encode_request_images(model, &seq.sub.req, image_id, &mut encoded)?;
-                }
-                let rows = seq.soft_used..seq.soft_used + placeholders;
-                model.forward_prefill(chunk, seq.soft.as_ref().map(|s| (s, rows)), &mut seq.cache)
-            }));
-            match result {
-                Ok(Ok(row)) => {
-                    stats
-                        .prompt_tokens_total
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    seq.prefilled = end;
-                    seq.soft_used += placeholders;
-                    if end == total {
-                        seq.next_logits = row;
-                        seq.soft = None; // the soft tokens live on in the KV cache only
-                    }
-                    still.push(seq);
-                }
-                Ok(Err(e)) => {
+            };
+            match prefill(
+                model,
+                &mut seq,
+                chunk.clone(),
+                image_id,
+                &mut encoded,
+                stats,
+            ) {
+                Ok(()) => still.push(seq),
+                Err(e) => {
                     let _ = seq.sub.tx.send(EngineEvent::Error(e));
-                }
-                Err(_) => {
-                    let _ = seq
-                        .sub
-                        .tx
-                        .send(EngineEvent::Error("internal error during prefill".into()));
                 }
             }
         }
         running = still;
 
-        // One decode step for every running sequence: sample and report each one's next token,
-        // then run all continuing sequences through the model together.
-        let mut keep = Vec::with_capacity(running.len());
-        let mut prefilling = Vec::new();
+        // One decode for the planned sequences: sample and report each one's next token, then
+        // run all continuing sequences through the model together.
+        let decode: HashSet<SeqId> = plan.decode.into_iter().collect();
+        let mut next = Vec::with_capacity(running.len());
         for mut seq in running.drain(..) {
+            if !decode.contains(&seq.id) {
+                next.push((seq, None));
+                continue;
+            }
             if is_gone(&seq.sub) {
                 stats
                     .requests_cancelled_total
                     .fetch_add(1, Ordering::Relaxed);
                 continue; // cache dropped here
             }
-            if seq.prefilled < seq.sub.req.prompt.len() {
-                prefilling.push(seq);
-                continue;
-            }
             match catch_unwind(AssertUnwindSafe(|| sample_next(&mut seq))) {
-                Ok(Next::Continue(id)) => keep.push((seq, id)),
+                Ok(Next::Continue(id)) => next.push((seq, Some(id))),
                 Ok(Next::Done(reason)) => {
                     stats
                         .requests_finished_total
@@ -535,42 +605,50 @@ fn run_loop<M: StepModel>(
                 .generation_tokens_total
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if !keep.is_empty() {
-            let tokens: Vec<u32> = keep.iter().map(|(_, id)| *id).collect();
+        let tokens: Vec<u32> = next.iter().filter_map(|(_, id)| *id).collect();
+        let mut failed = None;
+        if !tokens.is_empty() {
             let result = {
-                let mut caches: Vec<&mut M::Cache> =
-                    keep.iter_mut().map(|(s, _)| &mut s.cache).collect();
+                let mut caches: Vec<&mut M::Cache> = next
+                    .iter_mut()
+                    .filter(|(_, id)| id.is_some())
+                    .map(|(s, _)| s.cache_mut())
+                    .collect();
                 catch_unwind(AssertUnwindSafe(|| {
                     model.forward_batch(&tokens, &mut caches)
                 }))
             };
             match result {
                 Ok(Ok(rows)) => {
-                    for ((mut seq, _), row) in keep.into_iter().zip(rows) {
+                    let decoded = next.iter_mut().filter(|(_, id)| id.is_some());
+                    for ((seq, _), row) in decoded.zip(rows) {
                         seq.next_logits = row;
-                        running.push(seq);
+                        seq.computed += 1;
                     }
                 }
-                Ok(Err(msg)) => {
-                    for (seq, _) in keep {
-                        let _ = seq.sub.tx.send(EngineEvent::Error(msg.clone()));
-                    }
-                }
-                Err(_) => {
-                    for (seq, _) in keep {
-                        let _ = seq
-                            .sub
-                            .tx
-                            .send(EngineEvent::Error("internal error during decoding".into()));
-                    }
-                }
+                Ok(Err(msg)) => failed = Some(msg),
+                Err(_) => failed = Some("internal error during decoding".to_string()),
             }
         }
-        running.extend(prefilling);
+        running = next
+            .into_iter()
+            .filter_map(|(seq, id)| match (&failed, id) {
+                (Some(msg), Some(_)) => {
+                    let _ = seq.sub.tx.send(EngineEvent::Error(msg.clone()));
+                    None
+                }
+                _ => Some(seq),
+            })
+            .collect();
+
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         stats.running.store(running.len(), Ordering::SeqCst);
         stats.kv_entries.store(
-            running.iter().map(|s| model.cache_entries(&s.cache)).sum(),
+            running
+                .iter()
+                .filter_map(|s| s.cache.as_ref())
+                .map(|c| model.cache_entries(c))
+                .sum(),
             Ordering::SeqCst,
         );
         if running.is_empty() && !waiting.is_empty() {
@@ -580,17 +658,104 @@ fn run_loop<M: StepModel>(
     }
 }
 
-/// End of the next prefill chunk from `start` with `budget` tokens: at most `budget` tokens, but
-/// extended to the end of a run of image placeholders rather than ending inside one.
-fn chunk_end(prompt: &[u32], start: usize, budget: usize, image_id: Option<u32>) -> usize {
-    let total = prompt.len();
-    let mut end = total.min(start + budget.max(1));
-    if let Some(id) = image_id {
-        while end < total && end > start && prompt[end - 1] == id && prompt[end] == id {
-            end += 1;
+/// The plan's changes to the queues: cancelled and aborted sequences leave, preempted ones go
+/// back to the front of the waiting queue (oldest first), admitted ones get a fresh cache.
+fn apply_queue_changes<M: StepModel>(
+    plan: &StepPlan,
+    waiting: &mut VecDeque<Seq<M::Cache, M::Soft>>,
+    running: &mut Vec<Seq<M::Cache, M::Soft>>,
+    model: &M,
+    limits: &Limits,
+    stats: &EngineStats,
+) {
+    let mut remove = |id: SeqId| {
+        if let Some(i) = running.iter().position(|s| s.id == id) {
+            return Some(running.remove(i));
+        }
+        let i = waiting.iter().position(|s| s.id == id)?;
+        stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        waiting.remove(i)
+    };
+    for &id in &plan.dropped {
+        if remove(id).is_some() {
+            stats
+                .requests_cancelled_total
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
-    end
+    for &id in &plan.aborted {
+        if let Some(seq) = remove(id) {
+            let msg = format!(
+                "the request needs more KV cache than the engine holds ({} blocks of {} tokens)",
+                limits.num_blocks.unwrap_or(0),
+                limits.block_size
+            );
+            let _ = seq.sub.tx.send(EngineEvent::Error(msg));
+        }
+    }
+    for &id in &plan.preempted {
+        let Some(i) = running.iter().position(|s| s.id == id) else {
+            continue;
+        };
+        let mut seq = running.remove(i);
+        seq.preempt();
+        waiting.push_front(seq);
+        stats.waiting.fetch_add(1, Ordering::SeqCst);
+        stats.preemptions_total.fetch_add(1, Ordering::Relaxed);
+    }
+    for &id in &plan.admitted {
+        let Some(mut seq) = waiting.pop_front() else {
+            break;
+        };
+        debug_assert_eq!(seq.id, id, "admitted from the front");
+        stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        seq.cache = Some(model.new_cache());
+        running.push(seq);
+    }
+}
+
+/// Runs one prefill chunk (`chunk` of the prompt and generated tokens) into the sequence's
+/// cache; the logits of its last token become the pending row when the chunk completes it.
+fn prefill<M: StepModel>(
+    model: &M,
+    seq: &mut Seq<M::Cache, M::Soft>,
+    chunk: Range<usize>,
+    image_id: Option<u32>,
+    encoded: &mut Option<(Vec<Arc<PreprocessedImage>>, M::Soft)>,
+    stats: &EngineStats,
+) -> Result<(), String> {
+    let tokens = seq.tokens(chunk.clone());
+    let prompt_len = seq.sub.req.prompt.len();
+    // Only the prompt holds image placeholders (a generated one is a plain token).
+    let in_prompt = chunk.start.min(prompt_len)..chunk.end.min(prompt_len);
+    let placeholders = image_id.map_or(0, |id| {
+        seq.sub.req.prompt[in_prompt.clone()]
+            .iter()
+            .filter(|&&t| t == id)
+            .count()
+    });
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>, String> {
+        if chunk.start == 0 && !seq.sub.req.images.is_empty() {
+            seq.soft = encode_request_images(model, &seq.sub.req, image_id, encoded)?;
+        }
+        let rows = seq.soft_used..seq.soft_used + placeholders;
+        let soft = seq.soft.as_ref().map(|s| (s, rows));
+        let cache = seq.cache.as_mut().expect("a running sequence has a cache");
+        model.forward_prefill(&tokens, soft, cache)
+    }));
+    let row = result.map_err(|_| "internal error during prefill".to_string())??;
+    let new_prompt = in_prompt.end.saturating_sub(seq.prompt_counted);
+    stats
+        .prompt_tokens_total
+        .fetch_add(new_prompt as u64, Ordering::Relaxed);
+    seq.prompt_counted = seq.prompt_counted.max(in_prompt.end);
+    seq.computed = chunk.end;
+    seq.soft_used += placeholders;
+    if chunk.end == prompt_len + seq.generated.len() {
+        seq.next_logits = row;
+        seq.soft = None; // the soft tokens live on in the KV cache only
+    }
+    Ok(())
 }
 
 /// Checks that the request's images match its placeholders (one run of `num_soft_tokens` per
@@ -679,17 +844,6 @@ fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
 mod tests {
     use super::*;
     use std::sync::Mutex;
-
-    #[test]
-    fn chunks_never_end_inside_an_image_run() {
-        let p = [1, 9, 5, 5, 5, 5, 8, 2, 3];
-        assert_eq!(chunk_end(&p, 0, 3, Some(5)), 6); // [1 9 5 | 5 5 5] -> extended to the run's end
-        assert_eq!(chunk_end(&p, 0, 2, Some(5)), 2); // ends before the run
-        assert_eq!(chunk_end(&p, 0, 6, Some(5)), 6); // ends exactly at the run's end
-        assert_eq!(chunk_end(&p, 6, 100, Some(5)), 9);
-        assert_eq!(chunk_end(&p, 0, 3, None), 3);
-        assert_eq!(chunk_end(&p, 2, 0, Some(5)), 6); // a zero budget still makes progress
-    }
 
     /// Each prefill chunk and the soft rows it was given.
     type Chunks = Vec<(Vec<u32>, Range<usize>)>;
@@ -867,6 +1021,127 @@ mod tests {
             ),
             "{events:?}"
         );
+    }
+
+    /// A deterministic fake whose logits depend on every token of the sequence so far, so a
+    /// recompute that misses or reorders a token changes what comes next.
+    struct Hashing {
+        /// Held by the test while it submits, so that all requests are running together.
+        gate: Arc<Mutex<()>>,
+    }
+
+    const VOCAB: usize = 64;
+
+    impl StepModel for Hashing {
+        type Cache = Vec<u32>;
+        type Soft = ();
+        fn new_cache(&self) -> Vec<u32> {
+            vec![]
+        }
+        fn forward_last(&self, tokens: &[u32], cache: &mut Vec<u32>) -> Result<Vec<f32>, String> {
+            drop(self.gate.lock().unwrap());
+            cache.extend_from_slice(tokens);
+            let h = cache.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+                (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3)
+            });
+            Ok((0..VOCAB as u64)
+                .map(|j| {
+                    let x = (h ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                        .wrapping_mul(0xff51_afd7_ed55_8ccd);
+                    (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+                })
+                .collect())
+        }
+        fn cache_entries(&self, cache: &Vec<u32>) -> usize {
+            cache.len()
+        }
+    }
+
+    /// Runs the requests together; each one's tokens (or its error) and the engine's counters.
+    fn generate(
+        requests: &[EngineRequest],
+        config: EngineConfig,
+        blocks: BlockBudget,
+    ) -> (Vec<Result<Vec<u32>, String>>, Arc<EngineStats>) {
+        let gate = Arc::new(Mutex::new(()));
+        let g = gate.clone();
+        let (engine, thread) =
+            Engine::start_with_blocks(config, blocks, move || Ok(Hashing { gate: g })).unwrap();
+        let submitting = gate.lock().unwrap();
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        drop(submitting);
+        let mut outputs = vec![];
+        for mut h in handles {
+            let mut tokens = vec![];
+            let out = loop {
+                match h.events.blocking_recv() {
+                    Some(EngineEvent::Token { id, .. }) => tokens.push(id),
+                    Some(EngineEvent::Finished {
+                        completion_tokens, ..
+                    }) => {
+                        assert_eq!(completion_tokens, tokens.len());
+                        break Ok(tokens);
+                    }
+                    Some(EngineEvent::Error(e)) => break Err(e),
+                    None => break Err("closed".into()),
+                }
+            };
+            outputs.push(out);
+        }
+        engine.shutdown();
+        thread.join().unwrap();
+        (outputs, engine.stats.clone())
+    }
+
+    #[test]
+    fn preempted_requests_generate_what_they_generate_alone() {
+        // 24 requests, greedy and seeded, in a pool of 5 blocks of 16 tokens (the longest
+        // request needs 4): preemption is forced, and every output must equal the run alone.
+        let requests: Vec<EngineRequest> = (0..24u32)
+            .map(|i| {
+                let prompt = (0..3 + i * 7 % 38).map(|t| (t * 13 + i) % 60).collect();
+                let mut r = request(prompt, vec![]);
+                r.max_new_tokens = 5 + i as usize % 16;
+                if i % 2 == 1 {
+                    r.sampling.temperature = 1.0;
+                    r.sampling.seed = u64::from(i);
+                    r.penalties.frequency = 0.5;
+                }
+                if i % 6 == 2 {
+                    r.forced_prefix = vec![7, 8];
+                }
+                r
+            })
+            .collect();
+        let config = EngineConfig {
+            max_num_seqs: 12,
+            prefill_chunk: 16,
+            max_waiting: 64,
+        };
+        let alone: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let (mut out, _) = generate(
+                    std::slice::from_ref(r),
+                    config.clone(),
+                    BlockBudget::default(),
+                );
+                out.remove(0).unwrap()
+            })
+            .collect();
+        let blocks = BlockBudget {
+            num_kv_blocks: Some(5),
+            block_size: 16,
+        };
+        let (together, stats) = generate(&requests, config, blocks);
+        for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+            assert_eq!(Ok(a), t.as_ref(), "request {i}");
+        }
+        assert!(stats.preemptions_total.load(Ordering::SeqCst) > 0);
+        assert_eq!(stats.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[test]
