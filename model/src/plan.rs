@@ -63,9 +63,9 @@ pub fn plan(text: &TextConfig, p: &PlanInput) -> Result<Plan, String> {
     let bs = p.block_size.max(1) as u64;
     let per_token = |kind: LayerKind| -> (usize, u64) {
         let layers: Vec<_> = text.layers.iter().filter(|l| l.kind == kind).collect();
-        let bytes = layers
-            .first()
-            .map_or(0, |l| 2 * (l.num_key_value_heads * l.head_dim) as u64 * p.kv_bytes);
+        let bytes = layers.first().map_or(0, |l| {
+            2 * (l.num_key_value_heads * l.head_dim) as u64 * p.kv_bytes
+        });
         (layers.len(), bytes)
     };
     let (sliding_layers, kv_token_bytes_sliding) = per_token(LayerKind::Sliding);
@@ -179,7 +179,10 @@ mod tests {
         let fp8 = plan(&t, &input(8192, 1)).unwrap();
         assert_eq!(fp8.seq_bytes * 2, p.seq_bytes);
         let short = plan(&t, &input(100, 2)).unwrap();
-        assert_eq!((short.blocks_per_seq_sliding, short.blocks_per_seq_full), (7, 7));
+        assert_eq!(
+            (short.blocks_per_seq_sliding, short.blocks_per_seq_full),
+            (7, 7)
+        );
     }
 
     #[test]

@@ -45,6 +45,16 @@ pub struct ServeArgs {
     /// Requests that may wait for a slot; beyond that the server answers 503.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
+    /// KV cache blocks the scheduler admits and preempts against (a sequence holds
+    /// ceil(tokens / --block-size) of them; when a step needs more than are free, the newest
+    /// sequence is preempted and recomputed later). Unset: no limit. The blocks are accounting
+    /// for now: each sequence still keeps its own cache, and the size does not come from the
+    /// device's memory yet (`gemma4 plan` computes what it will be).
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = gemma4_engine::scheduler::DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
     /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
@@ -71,6 +81,10 @@ impl ServeArgs {
             max_num_seqs: self.max_num_seqs.max(1),
             prefill_chunk: self.max_num_batched_tokens.max(1),
             max_waiting: self.max_waiting,
+            blocks: gemma4_engine::BlockBudget {
+                num_kv_blocks: self.num_kv_blocks,
+                block_size: self.block_size.max(1),
+            },
         }
     }
 }
@@ -114,6 +128,14 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         images
             .add_ca_file(path)
             .map_err(|e| anyhow::anyhow!("--image-ca-file {e}"))?;
+    }
+    if let Some(blocks) = args.num_kv_blocks {
+        let tokens = blocks * args.block_size.max(1);
+        tracing::info!(
+            "KV cache budget: {blocks} blocks of {} tokens ({tokens} tokens); maximum concurrency for {max_model_len} tokens per request: {:.2}x",
+            args.block_size.max(1),
+            tokens as f64 / max_model_len.max(1) as f64
+        );
     }
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
         dir.file_name()

@@ -36,6 +36,18 @@ fn start(
     allow_image_urls: bool,
     tweak: impl FnOnce(&mut AppState),
 ) -> Server {
+    start_with_blocks(model, max_model_len, chunk, allow_image_urls, None, tweak)
+}
+
+/// As `start`, with a KV block budget (`--num-kv-blocks`).
+fn start_with_blocks(
+    model: PathBuf,
+    max_model_len: usize,
+    chunk: usize,
+    allow_image_urls: bool,
+    num_kv_blocks: Option<usize>,
+    tweak: impl FnOnce(&mut AppState),
+) -> Server {
     let args = ServeArgs {
         model,
         host: "127.0.0.1".into(),
@@ -46,6 +58,8 @@ fn start(
         max_num_seqs: 8,
         max_num_batched_tokens: chunk,
         max_waiting: 64,
+        num_kv_blocks,
+        block_size: 16,
         shutdown_grace: 1,
         allow_image_urls,
         image_ca_file: None,
@@ -469,6 +483,57 @@ fn tokenize_detokenize_roundtrip() {
 }
 
 #[test]
+fn a_small_kv_budget_preempts_without_changing_outputs() {
+    let s = start_with_blocks(bundled_model(), 256, 64, false, Some(4), |_| {});
+    let post_to = |body: Value| {
+        request_to(
+            s.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.to_string().as_bytes()),
+            Some(KEY),
+        )
+    };
+    let body = |i: usize| {
+        chat(json!({"max_tokens": 24, "ignore_eos": true,
+            "messages": [{"role": "user", "content": format!("Request number {i}")}]}))
+    };
+    let content = |r: &Reply| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["message"]["content"].clone()
+    };
+    // Each alone, then all at once in 4 blocks of 16 tokens (about two sequences' worth).
+    let alone: Vec<Value> = (0..6).map(|i| content(&post_to(body(i)))).collect();
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| sc.spawn(move || content(&post_to(body(i)))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(
+        s.state
+            .engine
+            .stats
+            .preemptions_total
+            .load(Ordering::SeqCst)
+            > 0
+    );
+    let m = request_to(s.addr, "GET", "/metrics", None, None).body;
+    assert!(
+        m.contains("gemma4_num_preemptions_total{model_name=\"tiny\"}"),
+        "{m}"
+    );
+    // A prompt that can never fit is a 400 naming the limit.
+    // (About 90 tokens: under the 256-token context, over 4 blocks of 16.)
+    let long = "word ".repeat(20);
+    let r = post_to(chat(
+        json!({"messages": [{"role": "user", "content": long}]}),
+    ));
+    assert_error(&r, 400, "--num-kv-blocks");
+}
+
+#[test]
 fn metrics_and_openapi() {
     post("/v1/chat/completions", chat(json!({})));
     let m = request("GET", "/metrics", None, None).body;
@@ -476,6 +541,8 @@ fn metrics_and_openapi() {
         "gemma4_num_requests_running",
         "gemma4_num_requests_waiting",
         "gemma4_kv_cache_usage_perc",
+        "gemma4_kv_cache_blocks_used",
+        "gemma4_num_preemptions_total",
         "gemma4_prompt_tokens_total",
         "gemma4_generation_tokens_total",
         "gemma4_time_to_first_token_seconds_bucket",

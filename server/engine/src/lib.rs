@@ -227,6 +227,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Requests that may wait for a slot before submissions get QueueFull.
     pub max_waiting: usize,
+    /// The KV block budget admission and preemption count against.
+    pub blocks: BlockBudget,
 }
 
 /// The KV block budget the scheduler admits and preempts against. Accounting only for now: each
@@ -263,6 +265,8 @@ pub struct EngineStats {
     pub steps_total: AtomicU64,
     /// Sequences preempted for KV blocks (to be recomputed).
     pub preemptions_total: AtomicU64,
+    /// KV blocks held by running sequences (ceil(cached tokens / block_size) each).
+    pub kv_blocks_used: AtomicUsize,
 }
 
 /// A submitted request: its event stream. Dropping it cancels the request (the engine notices
@@ -313,19 +317,6 @@ impl Engine {
         M: StepModel,
         F: FnOnce() -> anyhow::Result<M> + Send + 'static,
     {
-        Self::start_with_blocks(config, BlockBudget::default(), load)
-    }
-
-    /// As `start`, scheduling against a KV block budget.
-    pub fn start_with_blocks<M, F>(
-        config: EngineConfig,
-        blocks: BlockBudget,
-        load: F,
-    ) -> anyhow::Result<(Engine, std::thread::JoinHandle<()>)>
-    where
-        M: StepModel,
-        F: FnOnce() -> anyhow::Result<M> + Send + 'static,
-    {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -343,7 +334,7 @@ impl Engine {
                 };
                 thread_stats.ready.store(true, Ordering::SeqCst);
                 let _ = ready_tx.send(Ok(()));
-                run_loop(&model, &thread_config, &blocks, &rx, &thread_stats);
+                run_loop(&model, &thread_config, &rx, &thread_stats);
                 thread_stats.ready.store(false, Ordering::SeqCst);
             })?;
         match ready_rx.recv() {
@@ -473,15 +464,14 @@ impl<C, S> Seq<C, S> {
 fn run_loop<M: StepModel>(
     model: &M,
     config: &EngineConfig,
-    blocks: &BlockBudget,
     rx: &mpsc::Receiver<Command>,
     stats: &EngineStats,
 ) {
     let limits = Limits {
         max_num_seqs: config.max_num_seqs,
         token_budget: config.prefill_chunk,
-        block_size: blocks.block_size,
-        num_blocks: blocks.num_kv_blocks,
+        block_size: config.blocks.block_size,
+        num_blocks: config.blocks.num_kv_blocks,
     };
     let image_id = model.image_token_id();
     let mut next_id: SeqId = 0;
@@ -648,6 +638,14 @@ fn run_loop<M: StepModel>(
                 .iter()
                 .filter_map(|s| s.cache.as_ref())
                 .map(|c| model.cache_entries(c))
+                .sum(),
+            Ordering::SeqCst,
+        );
+        let block_size = config.blocks.block_size.max(1);
+        stats.kv_blocks_used.store(
+            running
+                .iter()
+                .map(|s| s.computed.div_ceil(block_size))
                 .sum(),
             Ordering::SeqCst,
         );
@@ -934,6 +932,7 @@ mod tests {
             max_num_seqs: 2,
             prefill_chunk: 3,
             max_waiting: 4,
+            blocks: BlockBudget::default(),
         };
         let (engine, thread) = Engine::start(config, move || {
             Ok(Recording {
@@ -1065,8 +1064,10 @@ mod tests {
     ) -> (Vec<Result<Vec<u32>, String>>, Arc<EngineStats>) {
         let gate = Arc::new(Mutex::new(()));
         let g = gate.clone();
-        let (engine, thread) =
-            Engine::start_with_blocks(config, blocks, move || Ok(Hashing { gate: g })).unwrap();
+        let (engine, thread) = Engine::start(EngineConfig { blocks, ..config }, move || {
+            Ok(Hashing { gate: g })
+        })
+        .unwrap();
         let submitting = gate.lock().unwrap();
         let handles: Vec<_> = requests
             .iter()
@@ -1120,6 +1121,7 @@ mod tests {
             max_num_seqs: 12,
             prefill_chunk: 16,
             max_waiting: 64,
+            blocks: BlockBudget::default(),
         };
         let alone: Vec<_> = requests
             .iter()
@@ -1167,6 +1169,7 @@ mod tests {
             max_num_seqs: 16,
             prefill_chunk: 32,
             max_waiting: 64,
+            blocks: BlockBudget::default(),
         };
         let run = |requests: &[EngineRequest], blocks: BlockBudget| {
             let load = move || {
@@ -1175,7 +1178,11 @@ mod tests {
                     &Default::default(),
                 )?)
             };
-            let (engine, thread) = Engine::start_with_blocks(config.clone(), blocks, load).unwrap();
+            let config = EngineConfig {
+                blocks,
+                ..config.clone()
+            };
+            let (engine, thread) = Engine::start(config, load).unwrap();
             let handles: Vec<_> = requests
                 .iter()
                 .map(|r| engine.submit(r.clone()).unwrap())

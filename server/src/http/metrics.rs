@@ -79,7 +79,13 @@ impl Metrics {
         self.http_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, stats: &EngineStats, model: &str, kv_capacity: usize) -> String {
+    pub fn render(
+        &self,
+        stats: &EngineStats,
+        model: &str,
+        kv_capacity: usize,
+        kv_blocks_total: Option<usize>,
+    ) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(
@@ -112,15 +118,25 @@ impl Metrics {
             "KV cache entries (tokens x layers) held by running requests.",
             kv as f64,
         );
+        let blocks_used = stats.kv_blocks_used.load(Ordering::SeqCst);
+        gauge(
+            &mut out,
+            "gemma4_kv_cache_blocks_used",
+            "KV cache blocks (ceil(cached tokens / block size) per sequence) held by running requests.",
+            blocks_used as f64,
+        );
+        // With a block budget, used / total blocks (vLLM's figure); without one, entries over
+        // what the running slots could hold at the context limit.
+        let usage = match kv_blocks_total {
+            Some(total) if total > 0 => blocks_used as f64 / total as f64,
+            _ if kv_capacity > 0 => kv as f64 / kv_capacity as f64,
+            _ => 0.0,
+        };
         gauge(
             &mut out,
             "gemma4_kv_cache_usage_perc",
-            "KV cache usage as a fraction of the running slots' maximum.",
-            if kv_capacity == 0 {
-                0.0
-            } else {
-                kv as f64 / kv_capacity as f64
-            },
+            "KV cache usage: used / total blocks under --num-kv-blocks, else entries over the running slots' maximum.",
+            usage,
         );
         counter(
             &mut out,
@@ -139,6 +155,12 @@ impl Metrics {
             "gemma4_request_success_total",
             "Requests finished by the engine.",
             stats.requests_finished_total.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "gemma4_num_preemptions_total",
+            "Sequences preempted for KV cache blocks (recomputed later).",
+            stats.preemptions_total.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

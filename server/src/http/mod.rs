@@ -251,6 +251,7 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
         &state.engine.stats,
         &state.served_model_name,
         state.kv_capacity,
+        state.engine.config().blocks.num_kv_blocks,
     );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
