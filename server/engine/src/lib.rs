@@ -35,16 +35,18 @@ use gemma4_model::generation::Rng;
 use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::Gemma4Backend;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
+use rayon::prelude::*;
 use scheduler::{Limits, SeqId, SeqState, StepPlan};
 
 /// What the engine needs of a model: a fresh cache per request, and the logits of the last
 /// position after running tokens through it. Implemented by the Gemma 4 model on any backend,
 /// and by `scripted::ScriptedModel` for server tests.
 pub trait StepModel: 'static {
-    type Cache;
+    /// Send: the decoding sequences are sampled on a thread pool.
+    type Cache: Send;
     /// The soft tokens (vision tower output) of one request's images, all images concatenated
     /// in prompt order: one row per image placeholder of the prompt.
-    type Soft: Clone;
+    type Soft: Clone + Send;
     fn new_cache(&self) -> Self::Cache;
     /// Runs `tokens` (the continuation of the sequence in `cache`); logits of the last one.
     fn forward_last(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>, String>;
@@ -560,19 +562,31 @@ fn run_loop<M: StepModel>(
         // One decode for the planned sequences: sample and report each one's next token, then
         // run all continuing sequences through the model together.
         let decode: HashSet<SeqId> = plan.decode.into_iter().collect();
+        // Each sequence samples on its own row with its own generator, so they run in parallel:
+        // at the real vocabulary a row takes ~0.2 ms, 13 ms for 64 sequences on one thread.
+        // None: the client went away before its token was sampled.
+        let mut sampled: HashMap<SeqId, Option<std::thread::Result<Next>>> = running
+            .par_iter_mut()
+            .filter(|seq| decode.contains(&seq.id))
+            .map(|seq| {
+                let outcome = (!is_gone(&seq.sub))
+                    .then(|| catch_unwind(AssertUnwindSafe(|| sample_next(seq))));
+                (seq.id, outcome)
+            })
+            .collect();
         let mut next = Vec::with_capacity(running.len());
-        for mut seq in running.drain(..) {
-            if !decode.contains(&seq.id) {
+        for seq in running.drain(..) {
+            let Some(outcome) = sampled.remove(&seq.id) else {
                 next.push((seq, None));
                 continue;
-            }
-            if is_gone(&seq.sub) {
+            };
+            let Some(outcome) = outcome else {
                 stats
                     .requests_cancelled_total
                     .fetch_add(1, Ordering::Relaxed);
                 continue; // cache dropped here
-            }
-            match catch_unwind(AssertUnwindSafe(|| sample_next(&mut seq))) {
+            };
+            match outcome {
                 Ok(Next::Continue(id)) => next.push((seq, Some(id))),
                 Ok(Next::Done(reason)) => {
                     stats
