@@ -75,15 +75,14 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         .param(g.conversation.param));
     }
     let blocks = state.engine.config().blocks;
-    if let Some(total) = blocks.num_kv_blocks {
-        let needed = (prompt_len + 1).div_ceil(blocks.block_size.max(1));
-        if needed > total {
-            return Err(ApiError::bad_request(format!(
-                "the prompt ({prompt_len} tokens) and one output token need {needed} KV cache blocks of {} tokens; this server has {total} (--num-kv-blocks)",
-                blocks.block_size
-            ))
-            .param(g.conversation.param));
-        }
+    if !blocks.fits(prompt_len + 1) {
+        return Err(ApiError::bad_request(format!(
+            "the prompt ({prompt_len} tokens) and one output token need {} KV cache blocks of {} tokens; this server has {} (--num-kv-blocks)",
+            blocks.blocks(prompt_len + 1),
+            blocks.block_size,
+            blocks.num_kv_blocks.unwrap_or(0)
+        ))
+        .param(g.conversation.param));
     }
     let left = limit - prompt_len;
     let max_new_tokens = g.max_tokens.map_or(left, |n| (n as usize).min(left));

@@ -36,6 +36,7 @@ use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::Gemma4Backend;
 use gemma4_model::{KvCache, Logits, Model, SamplingParams};
 use rayon::prelude::*;
+pub use scheduler::BlockBudget;
 use scheduler::{Limits, SeqId, SeqState, StepPlan};
 
 /// What the engine needs of a model: a fresh cache per request, and the logits of the last
@@ -231,25 +232,6 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// The KV block budget admission and preemption count against.
     pub blocks: BlockBudget,
-}
-
-/// The KV block budget the scheduler admits and preempts against. Accounting only for now: each
-/// sequence still has its own cache, counted as ceil(tokens / block_size) blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockBudget {
-    /// Blocks in all; None: unlimited (no admission by memory, no preemption).
-    pub num_kv_blocks: Option<usize>,
-    /// Tokens per block.
-    pub block_size: usize,
-}
-
-impl Default for BlockBudget {
-    fn default() -> Self {
-        BlockBudget {
-            num_kv_blocks: None,
-            block_size: scheduler::DEFAULT_BLOCK_SIZE,
-        }
-    }
 }
 
 /// Counters shared with the HTTP layer (Prometheus /metrics and /health).
@@ -472,8 +454,7 @@ fn run_loop<M: StepModel>(
     let limits = Limits {
         max_num_seqs: config.max_num_seqs,
         token_budget: config.prefill_chunk,
-        block_size: config.blocks.block_size,
-        num_blocks: config.blocks.num_kv_blocks,
+        blocks: config.blocks,
     };
     let image_id = model.image_token_id();
     let mut next_id: SeqId = 0;
@@ -655,11 +636,10 @@ fn run_loop<M: StepModel>(
                 .sum(),
             Ordering::SeqCst,
         );
-        let block_size = config.blocks.block_size.max(1);
         stats.kv_blocks_used.store(
             running
                 .iter()
-                .map(|s| s.computed.div_ceil(block_size))
+                .map(|s| config.blocks.blocks(s.computed))
                 .sum(),
             Ordering::SeqCst,
         );
@@ -699,8 +679,8 @@ fn apply_queue_changes<M: StepModel>(
         if let Some(seq) = remove(id) {
             let msg = format!(
                 "the request needs more KV cache than the engine holds ({} blocks of {} tokens)",
-                limits.num_blocks.unwrap_or(0),
-                limits.block_size
+                limits.blocks.num_kv_blocks.unwrap_or(0),
+                limits.blocks.block_size
             );
             let _ = seq.sub.tx.send(EngineEvent::Error(msg));
         }

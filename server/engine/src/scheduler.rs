@@ -31,6 +31,37 @@ pub type SeqId = u64;
 /// KV blocks per sequence are ceil(tokens / block_size).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
+/// The KV block budget admission and preemption count against. Accounting only for now: each
+/// sequence still has its own cache, counted as ceil(tokens / block_size) blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockBudget {
+    /// Blocks in all; None: unlimited (no admission by memory, no preemption).
+    pub num_kv_blocks: Option<usize>,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+impl Default for BlockBudget {
+    fn default() -> Self {
+        BlockBudget {
+            num_kv_blocks: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+impl BlockBudget {
+    /// The blocks `tokens` cached tokens hold.
+    pub fn blocks(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size.max(1))
+    }
+
+    /// Whether a sequence of `tokens` tokens fits the pool on its own.
+    pub fn fits(&self, tokens: usize) -> bool {
+        self.num_kv_blocks.is_none_or(|n| self.blocks(tokens) <= n)
+    }
+}
+
 /// The per-step limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -38,10 +69,7 @@ pub struct Limits {
     pub max_num_seqs: usize,
     /// Prefill tokens per step over all sequences.
     pub token_budget: usize,
-    /// Tokens per KV block.
-    pub block_size: usize,
-    /// KV blocks in all; None: unlimited (no block accounting).
-    pub num_blocks: Option<usize>,
+    pub blocks: BlockBudget,
 }
 
 /// What the scheduler sees of a sequence, waiting or running.
@@ -93,7 +121,7 @@ pub fn plan(
     image_id: Option<u32>,
 ) -> StepPlan {
     let mut plan = StepPlan::default();
-    let blocks = |tokens: usize| tokens.div_ceil(limits.block_size.max(1));
+    let blocks = |tokens: usize| limits.blocks.blocks(tokens);
     plan.dropped.extend(
         running
             .iter()
@@ -105,7 +133,8 @@ pub fn plan(
     let held: usize = running.iter().map(|s| blocks(s.computed)).sum();
     // Unlimited: as many free blocks as any step could ask for.
     let mut free = limits
-        .num_blocks
+        .blocks
+        .num_kv_blocks
         .map_or(usize::MAX, |n| n.saturating_sub(held));
     let mut budget = limits.token_budget.max(1);
 
@@ -164,12 +193,12 @@ pub fn plan(
     for s in waiting.iter().filter(|s| !s.cancelled) {
         // With a block budget, a request joins with its first chunk; without one, it may join
         // and wait for the budget, as before.
-        if slots == 0 || (budget == 0 && limits.num_blocks.is_some()) {
+        if slots == 0 || (budget == 0 && limits.blocks.num_kv_blocks.is_some()) {
             break;
         }
         let (chunk, need) = work(s, budget);
         if need > free {
-            if limits.num_blocks.is_some_and(|n| need > n) {
+            if limits.blocks.num_kv_blocks.is_some_and(|n| need > n) {
                 plan.aborted.push(s.id);
                 continue; // it could never run: not a reason to hold up the queue
             }
@@ -284,11 +313,8 @@ mod tests {
             plan(&w, &r, limits, None)
         }
 
-        fn held(&self, block_size: usize) -> usize {
-            self.running
-                .iter()
-                .map(|s| s.computed.div_ceil(block_size))
-                .sum()
+        fn held(&self, blocks: &BlockBudget) -> usize {
+            self.running.iter().map(|s| blocks.blocks(s.computed)).sum()
         }
 
         fn apply(&mut self, p: &StepPlan) {
@@ -336,8 +362,8 @@ mod tests {
                 assert!(plans.len() < 10_000, "no progress");
                 let p = self.plan(limits);
                 self.apply(&p);
-                if let Some(n) = limits.num_blocks {
-                    assert!(self.held(limits.block_size) <= n, "over the pool: {p:?}");
+                if let Some(n) = limits.blocks.num_kv_blocks {
+                    assert!(self.held(&limits.blocks) <= n, "over the pool: {p:?}");
                 }
                 assert!(self.running.len() <= limits.max_num_seqs);
                 plans.push(p);
@@ -350,8 +376,10 @@ mod tests {
         Limits {
             max_num_seqs,
             token_budget,
-            block_size: 4,
-            num_blocks,
+            blocks: BlockBudget {
+                num_kv_blocks: num_blocks,
+                block_size: 4,
+            },
         }
     }
 
