@@ -33,16 +33,14 @@ pub fn sample(logits: &[f32], params: &SamplingParams, suppress: &[u32], rng: &m
         return argmax(logits, suppress).unwrap_or(0);
     }
     let mut z = 0.0f64;
-    for_each_allowed(logits, suppress, |_, l| {
-        z += ((l as f64 - max) * inv_t).exp()
-    });
+    for_each_allowed(logits, suppress, |_, l| z += weight(l, max, inv_t));
     if params.top_p >= 1.0 && params.min_p == 0.0 {
         let mut r = rng.next_f64() * z;
         let mut last = 0;
         let mut chosen = None;
         for_each_allowed(logits, suppress, |i, l| {
             if chosen.is_none() {
-                let p = ((l as f64 - max) * inv_t).exp();
+                let p = weight(l, max, inv_t);
                 if r < p {
                     chosen = Some(i as u32);
                 }
@@ -57,10 +55,7 @@ pub fn sample(logits: &[f32], params: &SamplingParams, suppress: &[u32], rng: &m
     let mut k = 64;
     loop {
         let cand = top_k(logits, k, suppress);
-        let mass: f64 = cand
-            .iter()
-            .map(|&(_, l)| ((l as f64 - max) * inv_t).exp() / z)
-            .sum();
+        let mass: f64 = cand.iter().map(|&(_, l)| weight(l, max, inv_t) / z).sum();
         let last = cand.last().map_or(f64::NEG_INFINITY, |&(_, l)| l as f64);
         let holds_top_p = params.top_p >= 1.0 || mass >= params.top_p as f64;
         let holds_min_p = min_logit.is_none_or(|m| last < m);
@@ -105,10 +100,7 @@ fn pick(
     rng: &mut Rng,
 ) -> u32 {
     let max = cand[0].1 as f64;
-    let mut probs: Vec<f64> = cand
-        .iter()
-        .map(|&(_, l)| ((l as f64 - max) * inv_t).exp())
-        .collect();
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| weight(l, max, inv_t)).collect();
     let total = z.unwrap_or_else(|| probs.iter().sum());
     probs.iter_mut().for_each(|p| *p /= total);
     let mut keep = probs.len();
@@ -141,6 +133,11 @@ fn pick(
         r -= p;
     }
     cand[keep - 1].0
+}
+
+/// exp((l − max) / T): a logit's probability up to the normaliser, relative to the row's maximum.
+fn weight(l: f32, max: f64, inv_t: f64) -> f64 {
+    ((l as f64 - max) * inv_t).exp()
 }
 
 /// The first maximum among the allowed tokens (as torch.argmax), if any.
