@@ -322,9 +322,14 @@ pub enum ToolChoiceMode {
     Required,
 }
 
-/// Chat's `tool_choice`: a mode, or `{"type": "function", "function": {"name": ...}}`.
+/// Chat's `tool_choice`: a mode, or `{"type": "function", "function": {"name": ...}}`. The
+/// `expecting` text is the error a value of neither form gets (serde's default only says that no
+/// variant matched).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged, try_from = "Value")]
+#[serde(
+    untagged,
+    expecting = r#"expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}"#
+)]
 pub enum ToolChoice {
     Mode(ToolChoiceMode),
     Function {
@@ -332,38 +337,6 @@ pub enum ToolChoice {
         kind: FunctionType,
         function: NamedFunction,
     },
-}
-
-/// Both `tool_choice` forms through one error message that says what is accepted (an untagged
-/// enum would only say that nothing matched).
-fn untagged<T: serde::de::DeserializeOwned>(v: Value, accepted: &str) -> Result<T, String> {
-    serde_json::from_value(v.clone()).map_err(|_| format!("expected {accepted}, got {v}"))
-}
-
-impl TryFrom<Value> for ToolChoice {
-    type Error = String;
-
-    fn try_from(v: Value) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Wire {
-            Mode(ToolChoiceMode),
-            Function {
-                #[serde(rename = "type")]
-                kind: FunctionType,
-                function: NamedFunction,
-            },
-        }
-        Ok(
-            match untagged(
-                v,
-                r#""none", "auto", "required" or {"type": "function", "function": {"name": ...}}"#,
-            )? {
-                Wire::Mode(m) => ToolChoice::Mode(m),
-                Wire::Function { kind, function } => ToolChoice::Function { kind, function },
-            },
-        )
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -702,7 +675,10 @@ pub struct ResponsesTool {
 
 /// The Responses `tool_choice`: a mode, or `{"type": "function", "name": ...}`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(untagged, try_from = "Value")]
+#[serde(
+    untagged,
+    expecting = r#"expected "none", "auto", "required" or {"type": "function", "name": ...}"#
+)]
 pub enum ResponsesToolChoice {
     Mode(ToolChoiceMode),
     Function {
@@ -710,32 +686,6 @@ pub enum ResponsesToolChoice {
         kind: FunctionType,
         name: String,
     },
-}
-
-impl TryFrom<Value> for ResponsesToolChoice {
-    type Error = String;
-
-    fn try_from(v: Value) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Wire {
-            Mode(ToolChoiceMode),
-            Function {
-                #[serde(rename = "type")]
-                kind: FunctionType,
-                name: String,
-            },
-        }
-        Ok(
-            match untagged(
-                v,
-                r#""none", "auto", "required" or {"type": "function", "name": ...}"#,
-            )? {
-                Wire::Mode(m) => ResponsesToolChoice::Mode(m),
-                Wire::Function { kind, name } => ResponsesToolChoice::Function { kind, name },
-            },
-        )
-    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema, Default)]
