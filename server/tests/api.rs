@@ -196,8 +196,19 @@ fn request_to(
     })
 }
 
+/// An authenticated JSON POST to the server at `addr`.
+fn post_at(addr: SocketAddr, path: &str, body: &Value) -> Reply {
+    request_to(
+        addr,
+        "POST",
+        path,
+        Some(body.to_string().as_bytes()),
+        Some(KEY),
+    )
+}
+
 fn post(path: &str, body: Value) -> Reply {
-    request("POST", path, Some(body.to_string().as_bytes()), Some(KEY))
+    post_at(server().addr, path, &body)
 }
 
 fn chat(extra: Value) -> Value {
@@ -485,15 +496,7 @@ fn tokenize_detokenize_roundtrip() {
 #[test]
 fn a_small_kv_budget_preempts_without_changing_outputs() {
     let s = start_with_blocks(bundled_model(), 256, 64, false, Some(4), |_| {});
-    let post_to = |body: Value| {
-        request_to(
-            s.addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(body.to_string().as_bytes()),
-            Some(KEY),
-        )
-    };
+    let post_to = |body: Value| post_at(s.addr, "/v1/chat/completions", &body);
     let body = |i: usize| {
         chat(json!({"max_tokens": 24, "ignore_eos": true,
             "messages": [{"role": "user", "content": format!("Request number {i}")}]}))
@@ -714,13 +717,7 @@ fn vision_server() -> &'static Server {
 }
 
 fn vpost(path: &str, body: Value) -> Reply {
-    request_to(
-        vision_server().addr,
-        "POST",
-        path,
-        Some(body.to_string().as_bytes()),
-        Some(KEY),
-    )
+    post_at(vision_server().addr, path, &body)
 }
 
 fn fixture_image(name: &str) -> Vec<u8> {
@@ -748,6 +745,12 @@ const QUESTION: &str = "What is in this picture?";
 
 fn one_image(url: &str) -> Value {
     json!([{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}])
+}
+
+/// A 3-token chat about the image at `url`, to the server at `addr`.
+fn post_image(addr: SocketAddr, url: &str) -> Reply {
+    let body = image_chat(one_image(url), json!({"max_tokens": 3}));
+    post_at(addr, "/v1/chat/completions", &body)
 }
 
 /// The prompt length and the first `n` greedy tokens (as text) computed directly through
@@ -1029,19 +1032,7 @@ fn https_image_urls() {
             .add_ca_file(&tls_dir.join("ca.pem"))
             .expect("the test CA loads");
     });
-    let post = |srv: &Server, url: String| {
-        request_to(
-            srv.addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(
-                image_chat(one_image(&url), json!({"max_tokens": 3}))
-                    .to_string()
-                    .as_bytes(),
-            ),
-            Some(KEY),
-        )
-    };
+    let post = |srv: &Server, url: String| post_image(srv.addr, &url);
     let ok = post(
         &trusting,
         format!("https://localhost:{}/ok.png", host.port()),
@@ -1183,19 +1174,7 @@ fn image_urls_with_allow_image_urls() {
         s.images.allow_private_hosts = true;
         s.images.fetch_timeout = Duration::from_secs(2);
     });
-    let post_f = |url: String| {
-        request_to(
-            fetching.addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(
-                image_chat(one_image(&url), json!({"max_tokens": 3}))
-                    .to_string()
-                    .as_bytes(),
-            ),
-            Some(KEY),
-        )
-    };
+    let post_f = |url: String| post_image(fetching.addr, &url);
     let ok = post_f(format!("http://{host}/ok.png"));
     assert_eq!(ok.status, 200, "{}", ok.body);
     let inline = post_f(data_url(&png));
@@ -1210,17 +1189,8 @@ fn image_urls_with_allow_image_urls() {
     assert_error(&post_f(format!("http://{host}/slow")), 400, "within");
     // Without the test override, loopback hosts are refused.
     let strict = start(vision_dir(), 1024, 64, true, |_| {});
-    let r = request_to(
-        strict.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(
-            image_chat(one_image(&format!("http://{host}/ok.png")), json!({}))
-                .to_string()
-                .as_bytes(),
-        ),
-        Some(KEY),
-    );
+    let body = image_chat(one_image(&format!("http://{host}/ok.png")), json!({}));
+    let r = post_at(strict.addr, "/v1/chat/completions", &body);
     assert_error(&r, 400, "non-public");
     assert_eq!(post_f(data_url(&png)).status, 200);
 }
