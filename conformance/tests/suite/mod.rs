@@ -70,6 +70,21 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Toleran
     }
 }
 
+/// Prints a case's greedy continuation and asserts it is the reference's.
+pub fn assert_greedy(
+    dir: &std::path::Path,
+    case: &str,
+    min_margin: f64,
+    tokens: &[u32],
+    expected: &[u32],
+) {
+    println!(
+        "{}/{case}: greedy {tokens:?} (reference min margin {min_margin:.3})",
+        name(dir)
+    );
+    assert_eq!(tokens, expected, "{}/{case} greedy continuation", name(dir));
+}
+
 /// Greedy continuations identical to the reference's; returns (fixture-case, tokens) for snapshots.
 pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(String, Vec<u32>)> {
     let mut out = Vec::new();
@@ -78,19 +93,12 @@ pub fn greedy_matches_reference<B: Gemma4Backend>(device: &B::Device) -> Vec<(St
         let reference = load_reference(&dir).unwrap();
         for case in &reference.cases {
             let tokens = case_greedy(&model.text, case).unwrap();
-            println!(
-                "{}/{}: greedy {:?} (reference min margin {:.3})",
-                name(&dir),
-                case.name,
-                tokens,
-                case.min_greedy_margin
-            );
-            assert_eq!(
-                tokens,
-                case.greedy_ids,
-                "{}/{} greedy continuation",
-                name(&dir),
-                case.name
+            assert_greedy(
+                &dir,
+                &case.name,
+                case.min_greedy_margin,
+                &tokens,
+                &case.greedy_ids,
             );
             out.push((format!("{}-{}", name(&dir), case.name), tokens));
         }

@@ -144,12 +144,7 @@ pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, to
             );
             let mut tokens = Vec::new();
             for _ in 0..case.greedy_ids.len() {
-                let next = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .unwrap()
-                    .0 as u32;
+                let next = gemma4_model::sampling::argmax(&row, &[]).expect("a finite logit");
                 tokens.push(next);
                 row = to_vec(
                     model
@@ -158,18 +153,12 @@ pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, to
                         .unwrap(),
                 );
             }
-            println!(
-                "{}/{}: greedy {tokens:?} (reference min margin {:.3})",
-                name(&dir),
-                case.name,
-                case.min_greedy_margin
-            );
-            assert_eq!(
-                tokens,
-                case.greedy_ids,
-                "{}/{} greedy continuation",
-                name(&dir),
-                case.name
+            super::assert_greedy(
+                &dir,
+                &case.name,
+                case.min_greedy_margin.into(),
+                &tokens,
+                &case.greedy_ids,
             );
         }
     }
