@@ -9,7 +9,7 @@ pub mod device;
 pub mod fallback;
 pub mod fused;
 pub mod nvfp4;
-mod pool;
+pub mod pool;
 pub mod simd;
 
 #[doc(hidden)]

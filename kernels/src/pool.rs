@@ -34,3 +34,36 @@ fn pool() -> &'static ThreadPool {
 pub(crate) fn scope<'s, R>(f: impl FnOnce(&Scope<'s>) -> R) -> R {
     pool().in_place_scope(f)
 }
+
+/// Runs `f` on every item, the items split into [`threads`] contiguous ranges: the first on the
+/// calling thread, the others on the pool's workers. For host work between kernel launches (the
+/// engine samples its decoding sequences this way): the same threads as the CPU kernels, idle
+/// then, rather than rayon's global pool, whose workers would spin against the next forward.
+pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    let per = items.len().div_ceil(threads()).max(1);
+    let f = &f;
+    scope(|s| {
+        let mut ranges = items.chunks_mut(per);
+        let first = ranges.next();
+        for range in ranges {
+            s.spawn(move |_| range.iter_mut().for_each(f));
+        }
+        if let Some(range) = first {
+            range.iter_mut().for_each(f);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn for_each_mut_visits_every_item_once() {
+        for n in [0, 1, 2, 3, 17, 64] {
+            let mut items: Vec<usize> = (0..n).collect();
+            for_each_mut(&mut items, |x| *x = *x * 2 + 1);
+            assert_eq!(items, (0..n).map(|x| x * 2 + 1).collect::<Vec<_>>());
+        }
+    }
+}

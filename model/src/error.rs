@@ -86,7 +86,7 @@ pub enum RunError {
 /// Errors of writing a synthetic checkpoint (`synth`).
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
-    #[error("unknown preset `{0}` (31b, 31b-6l, small, tiny)")]
+    #[error("unknown preset `{0}` (31b, 31b-6l, 31b-2l, small, tiny)")]
     UnknownPreset(String),
     #[error("writing {}: {msg}", path.display())]
     Write { path: PathBuf, msg: String },

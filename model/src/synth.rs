@@ -81,6 +81,12 @@ pub fn preset(name: &str) -> Result<Preset, SynthError> {
             vocab: 32_768,
             ..preset("31b")?
         },
+        // The 31B's widths and its whole 262,144-token vocabulary, two layers (one sliding, one
+        // full): the engine at the real vocabulary on a machine that cannot hold 60 layers.
+        "31b-2l" => Preset {
+            layers: 2,
+            ..preset("31b")?
+        },
         "small" => Preset {
             hidden: 1024,
             intermediate: 4096,

@@ -131,7 +131,7 @@ enum Command {
         backend: BackendArgs,
     },
     /// Write a checkpoint with the real Gemma 4 names, shapes, dtypes and NVFP4 layout and random
-    /// values (for benchmarks; presets: 31b, 31b-6l, small, tiny).
+    /// values (for benchmarks; presets: 31b, 31b-6l, 31b-2l, small, tiny).
     Synth {
         #[arg(long, default_value = "31b")]
         preset: String,
