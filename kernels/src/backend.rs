@@ -6,7 +6,7 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement};
 
-use crate::attention::{self, flash, reference, AttentionParams};
+use crate::attention::{self, flash, reference, AttentionParams, PagedBatch};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
 use crate::nvfp4::{gemm as nvfp4_gemm, gemv as nvfp4_gemv};
@@ -26,6 +26,23 @@ pub trait Gemma4Backend: Backend {
         params: &AttentionParams,
     ) -> Tensor<Self, 2> {
         reference::attention(q, k, v, params)
+    }
+
+    /// Paged attention of a step's ragged batch: q `[rows, heads, d]`, this layer's K and V pools
+    /// `[kv_heads, slots, d]` -> `[rows, heads · d]` (see [`crate::attention::PagedBatch`]).
+    fn paged_attention(
+        q: Tensor<Self, 3>,
+        k_pool: Tensor<Self, 3>,
+        v_pool: Tensor<Self, 3>,
+        batch: &PagedBatch,
+    ) -> Tensor<Self, 2> {
+        reference::paged_attention(q, k_pool, v_pool, batch)
+    }
+
+    /// Writes a step's keys or values `new` `[n, kv_heads, d]` into `pool` `[kv_heads, slots, d]`
+    /// at `slots` (one per row), in place, and returns the pool.
+    fn kv_write(pool: Tensor<Self, 3>, new: Tensor<Self, 3>, slots: &[u32]) -> Tensor<Self, 3> {
+        reference::kv_write(pool, new, slots)
     }
 
     /// x · w for an unquantized weight stored transposed, `[in, out]`; x `[n, in]` -> `[n, out]`.
@@ -166,6 +183,82 @@ impl Gemma4Backend for NdArray<f32, i32> {
         fallback::run("cpu_attention", shape, kernel, || {
             reference::attention(q.clone(), k.clone(), v.clone(), params)
         })
+    }
+
+    fn paged_attention(
+        q: Tensor<Self, 3>,
+        k_pool: Tensor<Self, 3>,
+        v_pool: Tensor<Self, 3>,
+        batch: &PagedBatch,
+    ) -> Tensor<Self, 2> {
+        let ([rows, heads, d], [kv_heads, slots, dk]) = (q.dims(), k_pool.dims());
+        let kernel = || {
+            if dk != d || v_pool.dims() != k_pool.dims() || kv_heads == 0 {
+                return Err("K/V head_dim or pool shapes off".to_string());
+            }
+            if !heads.is_multiple_of(kv_heads) || rows != batch.rows() {
+                return Err(format!(
+                    "GQA grouping or rows ({} in the batch) off",
+                    batch.rows()
+                ));
+            }
+            if let Some(why) = batch.check(slots) {
+                return Err(why);
+            }
+            let mut out = vec![0f32; rows * heads * d];
+            with_host(&q, |qs| {
+                with_host(&k_pool, |ks| {
+                    with_host(&v_pool, |vs| {
+                        attention::cpu::paged_attention(
+                            qs, ks, vs, heads, kv_heads, slots, d, batch, &mut out,
+                        )
+                    })
+                })
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(out, [rows, heads * d]),
+                &q.device(),
+            ))
+        };
+        let shape = || format!("q {:?}, pools {:?}", q.dims(), k_pool.dims());
+        fallback::run("cpu_paged_attention", shape, kernel, || {
+            reference::paged_attention(q.clone(), k_pool.clone(), v_pool.clone(), batch)
+        })
+    }
+
+    /// Rows copied straight into the pool's buffer (no copy of the pool: its buffer is not
+    /// shared while the cache owns it; ndarray copies it first if it is).
+    fn kv_write(pool: Tensor<Self, 3>, new: Tensor<Self, 3>, slots: &[u32]) -> Tensor<Self, 3> {
+        use burn::backend::ndarray::NdArrayTensor;
+        use burn::tensor::TensorPrimitive;
+        let ([n, kv_heads, d], [pkv, pslots, pd]) = (new.dims(), pool.dims());
+        let fits = n == slots.len()
+            && (kv_heads, d) == (pkv, pd)
+            && slots.iter().all(|&s| (s as usize) < pslots);
+        if !fits {
+            panic!(
+                "kv_write: rows {:?} into pool {:?} at {} slots",
+                new.dims(),
+                pool.dims(),
+                slots.len()
+            );
+        }
+        let TensorPrimitive::Float(NdArrayTensor::F32(mut storage)) = pool.into_primitive() else {
+            panic!("kv_write: the CPU pool is f32");
+        };
+        let buffer = storage
+            .ensure_owned()
+            .as_slice_mut()
+            .expect("the pool is a contiguous [kv_heads, slots, d] buffer");
+        with_host(&new, |rows| {
+            for (i, &slot) in slots.iter().enumerate() {
+                for h in 0..kv_heads {
+                    let at = (h * pslots + slot as usize) * d;
+                    buffer[at..at + d].copy_from_slice(&rows[(i * kv_heads + h) * d..][..d]);
+                }
+            }
+        });
+        Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)))
     }
 
     // The fused steps as single passes over the rows (see `fused::cpu`).

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 /// The kernels [`run`] counts, by the names it takes: the CubeCL kernels ([`CUBE_KERNELS`], wgpu
 /// and CUDA), then the CPU kernels of the ndarray backend ([`CPU_KERNELS`]).
-pub const KERNELS: [&str; 15] = [
+pub const KERNELS: [&str; 16] = [
     "nvfp4_gemv",
     "nvfp4_gemm",
     "flash_attention",
@@ -30,6 +30,7 @@ pub const KERNELS: [&str; 15] = [
     "cpu_dense",
     "cpu_lm_head",
     "cpu_attention",
+    "cpu_paged_attention",
     "cpu_rms_norm",
     "cpu_rms_norm_add",
     "cpu_rms_norm_rope",

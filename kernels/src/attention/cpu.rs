@@ -8,7 +8,9 @@
 //! Rows are split between threads when there is enough work. A row that sees no key gets zeros
 //! (as the fused CubeCL kernel; the reference would give NaN).
 
-use super::AttentionParams;
+use std::ops::Range;
+
+use super::{AttentionParams, PagedBatch};
 use crate::simd::{Isa, Kernel, Simd};
 
 /// q `[t, heads, d]`, k and v `[kv_heads, s, d]` (row-major) -> out `[t, heads · d]`.
@@ -43,6 +45,113 @@ pub fn attention_with(
     p: &AttentionParams,
     out: &mut [f32],
 ) {
+    // A contiguous cache is one sequence in one block of s keys.
+    let one = [Segment {
+        rows: 0..t,
+        params: p,
+        keys: s,
+        blocks: &[0],
+        block_size: s.max(1),
+    }];
+    run(isa, q, k, v, heads, kv_heads, s, d, &one, out)
+}
+
+/// Paged attention over a ragged batch (see [`PagedBatch`]): q `[rows, heads, d]`, the pools
+/// `[kv_heads, slots, d]` -> out `[rows, heads · d]`. Each row reads its keys through its
+/// sequence's block table, in place.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    slots: usize,
+    d: usize,
+    batch: &PagedBatch,
+    out: &mut [f32],
+) {
+    paged_attention_with(
+        Isa::detect(),
+        q,
+        k_pool,
+        v_pool,
+        heads,
+        kv_heads,
+        slots,
+        d,
+        batch,
+        out,
+    )
+}
+
+/// [`paged_attention`] on a given instruction set.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_with(
+    isa: Isa,
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    slots: usize,
+    d: usize,
+    batch: &PagedBatch,
+    out: &mut [f32],
+) {
+    if let Some(why) = batch.check(slots) {
+        panic!("paged attention: {why}");
+    }
+    let segments: Vec<Segment> = batch
+        .seqs
+        .iter()
+        .map(|s| Segment {
+            rows: s.rows.clone(),
+            params: &s.params,
+            keys: s.keys,
+            blocks: &s.blocks,
+            block_size: batch.block_size,
+        })
+        .collect();
+    run(
+        isa, q, k_pool, v_pool, heads, kv_heads, slots, d, &segments, out,
+    )
+}
+
+/// The queries `rows` of one sequence, its keys `0..keys` and the blocks that hold them: key j
+/// is slot `blocks[j / block_size] · block_size + j % block_size` of each KV head.
+#[derive(Debug, Clone)]
+struct Segment<'a> {
+    rows: Range<usize>,
+    params: &'a AttentionParams,
+    keys: usize,
+    blocks: &'a [u32],
+    block_size: usize,
+}
+
+impl Segment<'_> {
+    #[inline(always)]
+    fn slot(&self, j: usize) -> usize {
+        self.blocks[j / self.block_size] as usize * self.block_size + j % self.block_size
+    }
+}
+
+/// Every (query, head) row of `segments` (whose rows follow each other from 0), k and v
+/// `[kv_heads, slots, d]`.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    slots: usize,
+    d: usize,
+    segments: &[Segment],
+    out: &mut [f32],
+) {
+    let t = segments.last().map_or(0, |s| s.rows.end);
     assert!(
         kv_heads > 0 && heads.is_multiple_of(kv_heads),
         "attention: {heads} heads over {kv_heads} KV heads"
@@ -54,8 +163,8 @@ pub fn attention_with(
     );
     assert_eq!(
         (k.len(), v.len()),
-        (kv_heads * s * d, kv_heads * s * d),
-        "attention: k/v are not [{kv_heads}, {s}, {d}]"
+        (kv_heads * slots * d, kv_heads * slots * d),
+        "attention: k/v are not [{kv_heads}, {slots}, {d}]"
     );
     assert_eq!(
         out.len(),
@@ -63,12 +172,18 @@ pub fn attention_with(
         "attention: out is not [{t}, {}]",
         heads * d
     );
-    if d == 0 {
+    if d == 0 || t == 0 {
         return;
     }
     let rows = t * heads;
+    let work: usize = segments
+        .iter()
+        .map(|s| s.rows.len() * s.keys)
+        .sum::<usize>()
+        * heads
+        * d;
     // Below ~1M multiply-adds a second thread costs more than it saves.
-    let threads = if rows * s * d < (1 << 20) {
+    let threads = if work < (1 << 20) {
         1
     } else {
         crate::pool::threads().min(rows)
@@ -82,9 +197,9 @@ pub fn attention_with(
             first: c * per,
             heads,
             kv_heads,
-            s,
+            slots,
             d,
-            p,
+            segments,
             out: chunk,
         })
     };
@@ -112,9 +227,9 @@ struct Rows<'a> {
     first: usize,
     heads: usize,
     kv_heads: usize,
-    s: usize,
+    slots: usize,
     d: usize,
-    p: &'a AttentionParams,
+    segments: &'a [Segment<'a>],
     out: &'a mut [f32],
 }
 
@@ -129,19 +244,40 @@ impl Kernel for Rows<'_> {
             first,
             heads,
             kv_heads,
-            s,
+            slots,
             d,
-            p,
+            segments,
             out,
         } = self;
-        let mut scores = Vec::with_capacity(s);
+        let mut scores = Vec::new();
+        let mut seg = 0;
         for (r, o) in out.chunks_exact_mut(d).enumerate() {
-            row(q, k, v, first + r, heads, kv_heads, s, d, p, &mut scores, o);
+            let row_index = first + r;
+            let i = row_index / heads;
+            while segments[seg].rows.end <= i {
+                seg += 1;
+            }
+            let s = &segments[seg];
+            row(
+                q,
+                k,
+                v,
+                row_index,
+                i - s.rows.start,
+                heads,
+                kv_heads,
+                slots,
+                d,
+                s,
+                &mut scores,
+                o,
+            );
         }
     }
 }
 
-/// One (query, head) row: `row` = i · heads + h.
+/// One (query, head) row: `row` = i · heads + h over the whole batch, `i_local` the query's
+/// index within its sequence `seg`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn row(
@@ -149,20 +285,22 @@ fn row(
     k: &[f32],
     v: &[f32],
     row: usize,
+    i_local: usize,
     heads: usize,
     kv_heads: usize,
-    s: usize,
+    slots: usize,
     d: usize,
-    p: &AttentionParams,
+    seg: &Segment,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
-    let (i, h) = (row / heads, row % heads);
+    let (p, s) = (seg.params, seg.keys);
+    let h = row % heads;
     let kvh = h / (heads / kv_heads);
-    let qpos = p.q_start + i;
+    let qpos = p.q_start + i_local;
     let qr = &q[row * d..(row + 1) * d];
-    let keys = &k[kvh * s * d..(kvh + 1) * s * d];
-    let vals = &v[kvh * s * d..(kvh + 1) * s * d];
+    let keys = &k[kvh * slots * d..(kvh + 1) * slots * d];
+    let vals = &v[kvh * slots * d..(kvh + 1) * slots * d];
     // Keys from the window's start to the causal bound are all visible; later ones only through
     // a bidirectional span (checked one by one).
     let lo = p
@@ -188,7 +326,8 @@ fn row(
             scores.push(f32::NEG_INFINITY);
             continue;
         }
-        let mut sc = dot(qr, &keys[j * d..(j + 1) * d]) * p.scale;
+        let at = seg.slot(j) * d;
+        let mut sc = dot(qr, &keys[at..at + d]) * p.scale;
         if let Some(cap) = p.softcap {
             sc = (sc / cap).tanh() * cap;
         }
@@ -206,7 +345,8 @@ fn row(
         }
         let w = (sc - max).exp();
         sum += w;
-        let vr = &vals[(lo + jj) * d..(lo + jj + 1) * d];
+        let at = seg.slot(lo + jj) * d;
+        let vr = &vals[at..at + d];
         o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);
     }
     let inv = 1.0 / sum;
@@ -346,6 +486,92 @@ mod tests {
                 assert!(
                     out.iter().all(|x| x.is_finite()) && err <= 1e-5 * v_max,
                     "case {n} (t {t} s {s} d {d}) {isa:?}: max |Δ| {err:e}"
+                );
+            }
+        }
+    }
+
+    /// Random ragged batches over pools with shuffled blocks: prefill chunks with a cache before
+    /// them, decode rows, windows that start mid-table, bidirectional spans, GQA; every
+    /// instruction set against the reference (which gathers each sequence's keys first).
+    #[test]
+    fn paged_matches_reference() {
+        use crate::attention::{PagedBatch, PagedSeq};
+        let dev = Default::default();
+        for case in 0..6u64 {
+            let mut rng = Lcg::new(900 + case);
+            let mut pick = |n: usize| (rng.next_f32() * n as f32) as usize % n.max(1);
+            let (heads, kv, d) = [(4, 2, 32), (8, 1, 64), (2, 2, 16)][case as usize % 3];
+            let block_size = [16, 4, 7][case as usize % 3];
+            let num_blocks = 64;
+            // A shuffled free list: each sequence's blocks are scattered over the pool.
+            let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+            for i in (1..free.len()).rev() {
+                free.swap(i, pick(i + 1));
+            }
+            let mut seqs = Vec::new();
+            let mut rows = 0;
+            for _ in 0..1 + pick(4) {
+                let t = if pick(2) == 0 { 1 } else { 1 + pick(40) };
+                let before = pick(60);
+                // Keys start at a block boundary; with a window the table may begin later.
+                let window = [None, Some(8), Some(24)][pick(3)];
+                let k_start = match window {
+                    Some(w) => (before.saturating_sub(w) / block_size) * block_size,
+                    None => 0,
+                };
+                let keys = before + t - k_start;
+                let n_blocks = keys.div_ceil(block_size);
+                if free.len() < n_blocks {
+                    break;
+                }
+                let blocks = free.split_off(free.len() - n_blocks);
+                let bidirectional = if t > 6 && pick(2) == 0 {
+                    vec![before + 2..before + 6]
+                } else {
+                    vec![]
+                };
+                seqs.push(PagedSeq {
+                    rows: rows..rows + t,
+                    params: AttentionParams {
+                        bidirectional,
+                        ..AttentionParams::causal(before, k_start, window)
+                    },
+                    keys,
+                    blocks,
+                });
+                rows += t;
+            }
+            let batch = PagedBatch { block_size, seqs };
+            let slots = num_blocks * block_size;
+            let q = random(&mut rng, rows * heads * d);
+            let k = random(&mut rng, kv * slots * d);
+            let v = random(&mut rng, kv * slots * d);
+            let expected: Vec<f32> = reference::paged_attention(
+                Tensor::<Cpu, 3>::from_data(TensorData::new(q.clone(), [rows, heads, d]), &dev),
+                Tensor::<Cpu, 3>::from_data(TensorData::new(k.clone(), [kv, slots, d]), &dev),
+                Tensor::<Cpu, 3>::from_data(TensorData::new(v.clone(), [kv, slots, d]), &dev),
+                &batch,
+            )
+            .into_data()
+            .to_vec()
+            .unwrap();
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; rows * heads * d];
+                paged_attention_with(isa, &q, &k, &v, heads, kv, slots, d, &batch, &mut out);
+                let err = out
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    out.iter().all(|x| x.is_finite()) && err <= 1e-5,
+                    "case {case} {isa:?}: max |Δ| {err:e} over {:?}",
+                    batch
+                        .seqs
+                        .iter()
+                        .map(|s| (s.rows.clone(), s.keys))
+                        .collect::<Vec<_>>()
                 );
             }
         }

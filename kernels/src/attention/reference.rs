@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::TensorData;
 
-use super::AttentionParams;
+use super::{AttentionParams, PagedBatch};
 
 /// Added to masked scores. Every causal row keeps at least its own position, so the softmax max
 /// is finite and exp(-inf - max) = 0 exactly (a large finite value sends libm's exp down its slow
@@ -40,6 +40,70 @@ pub fn attention<B: Backend>(
         .reshape([nh, t, dv])
         .swap_dims(0, 1)
         .reshape([t, nh * dv])
+}
+
+/// Paged attention over a ragged batch (see [`PagedBatch`]): q `[rows, heads, d]`, the pools
+/// `[kv_heads, slots, d]` -> `[rows, heads · d]`. The reference gathers each sequence's keys
+/// into a contiguous copy and runs [`attention`] on it; the fast kernels read the blocks in place.
+/// A sequence without rows contributes nothing; one without keys gets zero rows (as the kernels).
+pub fn paged_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k_pool: Tensor<B, 3>,
+    v_pool: Tensor<B, 3>,
+    batch: &PagedBatch,
+) -> Tensor<B, 2> {
+    let [rows, heads, d] = q.dims();
+    let [kv_heads, _, dk] = k_pool.dims();
+    let dv = v_pool.dims()[2];
+    let device = q.device();
+    let mut outs = Vec::with_capacity(batch.seqs.len());
+    for seq in batch.seqs.iter().filter(|s| !s.rows.is_empty()) {
+        let t = seq.rows.len();
+        if seq.keys == 0 {
+            outs.push(Tensor::zeros([t, heads * dv], &device));
+            continue;
+        }
+        let slots: Vec<i32> = (0..seq.keys).map(|j| batch.slot(seq, j) as i32).collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [seq.keys]), &device);
+        let k = k_pool.clone().select(1, index.clone());
+        let v = v_pool.clone().select(1, index);
+        let q = q.clone().slice([seq.rows.clone(), 0..heads, 0..d]);
+        debug_assert_eq!(k.dims(), [kv_heads, seq.keys, dk]);
+        outs.push(attention(q, k, v, &seq.params));
+    }
+    if outs.is_empty() {
+        return Tensor::zeros([rows, heads * dv], &device);
+    }
+    Tensor::cat(outs, 0)
+}
+
+/// Writes `new` `[n, kv_heads, d]` (this step's keys or values, row i for slot `slots[i]`) into
+/// `pool` `[kv_heads, slots, d]` and returns the pool: one `slice_assign` per run of
+/// consecutive slots (in place when the pool's buffer is not shared).
+pub fn kv_write<B: Backend>(pool: Tensor<B, 3>, new: Tensor<B, 3>, slots: &[u32]) -> Tensor<B, 3> {
+    let [n, kv_heads, d] = new.dims();
+    assert_eq!(
+        n,
+        slots.len(),
+        "kv_write: {n} rows for {} slots",
+        slots.len()
+    );
+    let new = new.swap_dims(0, 1);
+    let mut pool = pool;
+    let mut i = 0;
+    while i < n {
+        let mut j = i + 1;
+        while j < n && slots[j] == slots[j - 1] + 1 {
+            j += 1;
+        }
+        let at = slots[i] as usize..slots[i] as usize + (j - i);
+        pool = pool.slice_assign(
+            [0..kv_heads, at, 0..d],
+            new.clone().slice([0..kv_heads, i..j, 0..d]),
+        );
+        i = j;
+    }
+    pool
 }
 
 /// `[t, s]` additive mask: 0 where query i sees key j, MASKED elsewhere.
