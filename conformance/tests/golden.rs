@@ -27,6 +27,8 @@ fn fixtures_are_present() {
 #[test]
 fn logits_match_reference() {
     suite::logits_match_reference::<B>(&Default::default(), Tolerances::F32);
+    // The text tower attends through the paged kernel; the vision tower through the contiguous one.
+    suite::vision::soft_tokens_match_reference::<B>(&Default::default(), Tolerances::F32);
     // Every kernel of this backend ran, and none fell back to the reference.
     suite::assert_every_kernel_ran(fallback::CPU_KERNELS);
 }

@@ -1,140 +1,436 @@
-//! KV cache: state outside the modules, owned by the caller (the engine) and created per request.
-//! Sliding layers keep only the keys the next query can still see (the window minus itself);
-//! full layers keep the whole context.
+//! The paged KV cache. A [`KvPool`] holds every layer's keys and values in blocks of
+//! `block_size` tokens (`[kv_heads, num_blocks · block_size, d]` per layer, after k_norm/RoPE and
+//! v_norm), one pool of block ids per layer kind: a block id names the same slots in every layer
+//! of its kind. A sequence owns a [`SeqKv`]: one block table per kind. Full layers grow block by
+//! block; sliding layers free the blocks that fell out of the window after each step, so a
+//! sliding table holds at most `ceil((window - 1) / block_size) + 1` blocks between steps.
+//! Blocks return to the pool when the table is dropped (finish, cancel, preemption, error), so
+//! no path can leak them.
+//!
+//! A pool is bounded (the engine's, sized from memory or `--num-kv-blocks`: a step that needs
+//! more blocks than are free fails, and the scheduler sees to it that it never does) or growable
+//! (one sequence's own cache, [`KvCache`], for tests and benches: it grows by half when full).
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::LayerKind;
 use crate::Gemma4Backend;
 use burn::prelude::*;
 
-/// One layer's keys and values in preallocated buffers `[kv_heads, capacity, head_dim]`, written
-/// in place: a step appends its entries with `slice_assign` and attention reads a view of the live
-/// entries (no copy of the cache per step; the fused attention kernel reads the view's strides).
-/// Capacity grows 1.5× when it runs out (full layers); a sliding layer's entries that fell out of
-/// the window are dropped by moving the live ones to the front when the buffer fills, so each
-/// entry is copied about once.
-#[derive(Debug, Clone)]
-pub struct LayerCache<B: Gemma4Backend> {
-    /// [kv_heads, capacity, head_dim] after k_norm and RoPE.
-    k: Option<Tensor<B, 3>>,
-    /// [kv_heads, capacity, head_dim] after v_norm.
-    v: Option<Tensor<B, 3>>,
-    /// Buffer index of the first live entry, and the number of live entries.
-    first: usize,
-    len: usize,
-    /// Absolute position of the first live entry.
-    pub start: usize,
-    /// Entries kept after a step; None keeps everything.
-    pub keep: Option<usize>,
+/// Tokens per block unless configured (vLLM's default on CUDA).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Blocks of a kind: index 0 sliding, 1 full.
+pub type PerKind<T> = [T; 2];
+
+/// The index of a layer kind in [`PerKind`] arrays.
+pub fn kind_index(kind: LayerKind) -> usize {
+    match kind {
+        LayerKind::Sliding => 0,
+        LayerKind::Full => 1,
+    }
 }
 
-/// Smallest buffer a layer allocates (entries).
-const MIN_CAPACITY: usize = 64;
+/// Tokens a sliding layer keeps after a step: the keys its next query can still see.
+pub fn sliding_keep(window: usize) -> usize {
+    window.saturating_sub(1)
+}
 
-impl<B: Gemma4Backend> LayerCache<B> {
-    /// An empty cache that keeps `keep` entries after each step (None: all).
-    pub fn new(keep: Option<usize>) -> Self {
-        LayerCache {
-            k: None,
-            v: None,
-            first: 0,
-            len: 0,
-            start: 0,
-            keep,
+/// The blocks a sequence of `tokens` cached tokens holds for a layer kind that keeps `keep`
+/// tokens (None: all). The scheduler counts with this; [`SeqKv`] holds exactly this many.
+pub fn blocks_held(tokens: usize, keep: Option<usize>, block_size: usize) -> usize {
+    blocks_needed(tokens, tokens, keep, block_size)
+}
+
+/// The blocks a sequence with `computed` cached tokens holds during a step that runs tokens
+/// `computed..end` (this step's keys and the window before its first query).
+pub fn blocks_needed(computed: usize, end: usize, keep: Option<usize>, block_size: usize) -> usize {
+    let first = keep.map_or(0, |k| computed.saturating_sub(k) / block_size);
+    end.div_ceil(block_size).saturating_sub(first)
+}
+
+/// Why a step could not get its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the KV cache is out of {kind} blocks ({total} of {block_size} tokens, none free)")]
+pub struct OutOfBlocks {
+    pub kind: &'static str,
+    pub total: usize,
+    pub block_size: usize,
+}
+
+/// The block ids of one kind: how many there are, which are free, whether it may grow.
+#[derive(Debug)]
+struct Blocks {
+    total: usize,
+    free: Vec<u32>,
+    growable: bool,
+}
+
+impl Blocks {
+    fn new(total: usize, growable: bool) -> Self {
+        Blocks {
+            total,
+            // Popped from the end: low ids first.
+            free: (0..total as u32).rev().collect(),
+            growable,
         }
     }
 
-    /// Live entries.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Entries the buffers can hold.
-    pub fn capacity(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[1])
-    }
-
-    /// Appends new entries [kv_heads, n, d]; returns all keys and values visible to this step
-    /// (views of the buffers) and the absolute position of the first of them. Trims to the
-    /// window afterwards.
-    pub fn append(
-        &mut self,
-        k: Tensor<B, 3>,
-        v: Tensor<B, 3>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>, usize) {
-        let [h, n, d] = k.dims();
-        if self.first + self.len + n > self.capacity() {
-            self.regrow(h, n, d, &k.device());
+    fn take(&mut self) -> Option<u32> {
+        if self.free.is_empty() && self.growable {
+            let grown = (self.total + self.total / 2).max(self.total + 4);
+            self.free.extend((self.total as u32..grown as u32).rev());
+            self.total = grown;
         }
-        let (kb, vb) = (
-            self.k.take().expect("buffers after regrow"),
-            self.v.take().expect("buffers after regrow"),
-        );
-        let at = self.first + self.len..self.first + self.len + n;
-        let kb = kb.slice_assign([0..h, at.clone(), 0..d], k);
-        let vb = vb.slice_assign([0..h, at, 0..d], v);
-        let live = self.first..self.first + self.len + n;
-        let (k_all, v_all) = (
-            kb.clone().slice([0..h, live.clone(), 0..d]),
-            vb.clone().slice([0..h, live, 0..d]),
-        );
-        self.k = Some(kb);
-        self.v = Some(vb);
-        let start = self.start;
-        let total = self.len + n;
-        let drop = self.keep.map_or(0, |keep| total.saturating_sub(keep));
-        self.first += drop;
-        self.len = total - drop;
-        self.start += drop;
-        (k_all, v_all, start)
+        self.free.pop()
+    }
+}
+
+type Allocator = Arc<Mutex<PerKind<Blocks>>>;
+
+fn lock(a: &Allocator) -> MutexGuard<'_, PerKind<Blocks>> {
+    // A panic while the lock is held leaves the lists consistent (each change is one push/pop).
+    a.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One layer's pool: keys and values `[kv_heads, slots, d]`.
+#[derive(Debug)]
+pub struct LayerKv<B: Gemma4Backend> {
+    pub k: Tensor<B, 3>,
+    pub v: Tensor<B, 3>,
+    pub kind: LayerKind,
+}
+
+impl<B: Gemma4Backend> LayerKv<B> {
+    /// Writes a step's keys and values `[n, kv_heads, d]` at `slots`, in place.
+    pub fn write(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>, slots: &[u32]) {
+        // The buffers are moved out (an empty tensor in their place), so the write owns them
+        // and goes in place.
+        let device = self.k.device();
+        let empty = || Tensor::empty([0, 0, 0], &device);
+        let kb = std::mem::replace(&mut self.k, empty());
+        self.k = B::kv_write(kb, k, slots);
+        let vb = std::mem::replace(&mut self.v, empty());
+        self.v = B::kv_write(vb, v, slots);
+    }
+}
+
+/// Every layer's KV blocks, and the block ids of each kind.
+#[derive(Debug)]
+pub struct KvPool<B: Gemma4Backend> {
+    pub block_size: usize,
+    pub layers: Vec<LayerKv<B>>,
+    /// (kv_heads, head_dim) of each layer.
+    shapes: Vec<(usize, usize)>,
+    /// Tokens each kind keeps after a step (None: all).
+    keep: PerKind<Option<usize>>,
+    blocks: Allocator,
+    device: B::Device,
+}
+
+impl<B: Gemma4Backend> KvPool<B> {
+    /// A pool for layers of `(kind, kv_heads, head_dim)`, `num_blocks` blocks per kind (None:
+    /// growable, starting empty). `sliding_window` sets what sliding layers keep.
+    pub fn new(
+        layers: &[(LayerKind, usize, usize)],
+        sliding_window: Option<usize>,
+        block_size: usize,
+        num_blocks: Option<PerKind<usize>>,
+        device: &B::Device,
+    ) -> Self {
+        let block_size = block_size.max(1);
+        let totals = num_blocks.unwrap_or([0, 0]);
+        let blocks = [0, 1].map(|i| Blocks::new(totals[i], num_blocks.is_none()));
+        let kv = layers
+            .iter()
+            .map(|&(kind, h, d)| {
+                let slots = totals[kind_index(kind)] * block_size;
+                LayerKv {
+                    k: Tensor::zeros([h, slots, d], device),
+                    v: Tensor::zeros([h, slots, d], device),
+                    kind,
+                }
+            })
+            .collect();
+        KvPool {
+            block_size,
+            layers: kv,
+            shapes: layers.iter().map(|&(_, h, d)| (h, d)).collect(),
+            keep: [sliding_window.map(sliding_keep), None],
+            blocks: Arc::new(Mutex::new(blocks)),
+            device: device.clone(),
+        }
     }
 
-    /// Makes room for `n` more entries: live entries move to the front of a buffer of 1.5 times
-    /// what they and the new ones need (a sliding layer's stays about 1.5 windows).
-    fn regrow(&mut self, h: usize, n: usize, d: usize, device: &B::Device) {
-        let need = self.len + n;
-        let capacity = (need + need / 2).max(MIN_CAPACITY);
-        let (mut kb, mut vb) = (
-            Tensor::<B, 3>::zeros([h, capacity, d], device),
-            Tensor::<B, 3>::zeros([h, capacity, d], device),
-        );
-        if let (Some(k), Some(v)) = (self.k.take(), self.v.take()) {
-            if self.len > 0 {
-                let live = self.first..self.first + self.len;
-                kb = kb.slice_assign(
-                    [0..h, 0..self.len, 0..d],
-                    k.slice([0..h, live.clone(), 0..d]),
-                );
-                vb = vb.slice_assign([0..h, 0..self.len, 0..d], v.slice([0..h, live, 0..d]));
+    /// A new sequence's (empty) block tables.
+    pub fn new_seq(&self) -> SeqKv {
+        SeqKv {
+            seq_len: 0,
+            tables: Default::default(),
+            keep: self.keep,
+            block_size: self.block_size,
+            blocks: self.blocks.clone(),
+        }
+    }
+
+    /// Blocks of each kind: (in use, in all).
+    pub fn usage(&self) -> PerKind<(usize, usize)> {
+        let b = lock(&self.blocks);
+        [0, 1].map(|i| (b[i].total - b[i].free.len(), b[i].total))
+    }
+
+    /// Tokens each kind keeps after a step (None: all).
+    pub fn keep(&self) -> PerKind<Option<usize>> {
+        self.keep
+    }
+
+    /// Whether any layer is of kind `i`.
+    fn has_kind(&self, i: usize) -> bool {
+        self.layers.iter().any(|l| kind_index(l.kind) == i)
+    }
+
+    /// Grows the layers' buffers of a growable pool to the blocks handed out (new blocks are
+    /// zero; live ones keep their slots).
+    fn fit_buffers(&mut self) {
+        let totals = {
+            let b = lock(&self.blocks);
+            [b[0].total, b[1].total]
+        };
+        for (layer, &(h, d)) in self.layers.iter_mut().zip(&self.shapes) {
+            let slots = totals[kind_index(layer.kind)] * self.block_size;
+            let have = layer.k.dims()[1];
+            if slots > have {
+                let grow = |t: Tensor<B, 3>| {
+                    Tensor::cat(
+                        vec![t, Tensor::zeros([h, slots - have, d], &self.device)],
+                        1,
+                    )
+                };
+                layer.k = grow(layer.k.clone());
+                layer.v = grow(layer.v.clone());
             }
         }
-        self.k = Some(kb);
-        self.v = Some(vb);
-        self.first = 0;
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct KvCache<B: Gemma4Backend> {
-    pub layers: Vec<LayerCache<B>>,
+/// One sequence's block table for one layer kind: `blocks[i]` holds the sequence's tokens
+/// `(first + i) · block_size ..` (the blocks before `first` were freed: out of the window).
+#[derive(Debug, Clone, Default)]
+pub struct BlockTable {
+    pub first: usize,
+    pub blocks: Vec<u32>,
+}
+
+/// A sequence's place in a [`KvPool`]: its length and block tables. Dropping it frees its
+/// blocks.
+#[derive(Debug)]
+pub struct SeqKv {
     /// Tokens processed so far (the position of the next token).
     pub seq_len: usize,
+    pub tables: PerKind<BlockTable>,
+    keep: PerKind<Option<usize>>,
+    block_size: usize,
+    blocks: Allocator,
+}
+
+impl SeqKv {
+    /// Takes the blocks that tokens up to `end` need for the kinds in `pool` (kept on failure:
+    /// they return to the pool with the sequence).
+    fn reserve<B: Gemma4Backend>(
+        &mut self,
+        pool: &KvPool<B>,
+        end: usize,
+    ) -> Result<(), OutOfBlocks> {
+        let mut lists = lock(&self.blocks);
+        for i in (0..2).filter(|&i| pool.has_kind(i)) {
+            let table = &mut self.tables[i];
+            let need = end.div_ceil(self.block_size);
+            while table.first + table.blocks.len() < need {
+                let id = lists[i].take().ok_or(OutOfBlocks {
+                    kind: ["sliding", "full"][i],
+                    total: lists[i].total,
+                    block_size: self.block_size,
+                })?;
+                table.blocks.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool slots of positions `range` in kind `i`'s table (reserved).
+    fn slots(&self, i: usize, range: std::ops::Range<usize>) -> Vec<u32> {
+        let (bs, table) = (self.block_size, &self.tables[i]);
+        range
+            .map(|p| table.blocks[p / bs - table.first] * bs as u32 + (p % bs) as u32)
+            .collect()
+    }
+
+    /// After a step to `end`: frees the blocks a kind no longer keeps.
+    fn advance(&mut self, end: usize) {
+        self.seq_len = end;
+        let mut lists = lock(&self.blocks);
+        for i in 0..2 {
+            let Some(keep) = self.keep[i] else { continue };
+            let table = &mut self.tables[i];
+            let first = end.saturating_sub(keep) / self.block_size;
+            let drop = first.saturating_sub(table.first).min(table.blocks.len());
+            lists[i].free.extend(table.blocks.drain(..drop));
+            table.first += drop;
+        }
+    }
+
+    /// Blocks held of each kind.
+    pub fn blocks_held(&self) -> PerKind<usize> {
+        [0, 1].map(|i| self.tables[i].blocks.len())
+    }
+
+    /// Tokens cached in kind `i`'s layers (sliding: at most the window minus one).
+    pub fn tokens_held(&self, i: usize) -> usize {
+        let first = self.tables[i].first * self.block_size;
+        let start = self.keep[i].map_or(0, |k| self.seq_len.saturating_sub(k));
+        if self.tables[i].blocks.is_empty() {
+            0
+        } else {
+            self.seq_len - start.max(first)
+        }
+    }
+}
+
+impl Drop for SeqKv {
+    fn drop(&mut self) {
+        let mut lists = lock(&self.blocks);
+        for (list, table) in lists.iter_mut().zip(&mut self.tables) {
+            list.free.append(&mut table.blocks);
+        }
+    }
+}
+
+/// The positions, slots and tables of one step's sequences, for the model's layers.
+#[derive(Debug)]
+pub(crate) struct StepLayout {
+    /// Per kind: the write slots of every row, and the attention batch.
+    pub slots: PerKind<Vec<u32>>,
+    pub batches: PerKind<gemma4_kernels::attention::PagedBatch>,
+}
+
+impl<B: Gemma4Backend> KvPool<B> {
+    /// Reserves the blocks of a step (sequence b runs `lens[b]` tokens from its `seq_len`) and
+    /// lays it out; `params(i, b)` gives kind i's attention parameters of sequence b (positions
+    /// are filled in here).
+    pub(crate) fn layout(
+        &mut self,
+        seqs: &mut [&mut SeqKv],
+        lens: &[usize],
+        params: impl Fn(usize, usize) -> gemma4_kernels::attention::AttentionParams,
+    ) -> Result<StepLayout, OutOfBlocks> {
+        use gemma4_kernels::attention::{PagedBatch, PagedSeq};
+        for (seq, &t) in seqs.iter_mut().zip(lens) {
+            seq.reserve(self, seq.seq_len + t)?;
+        }
+        self.fit_buffers();
+        let mut slots: PerKind<Vec<u32>> = Default::default();
+        let mut batches: PerKind<PagedBatch> = [0, 1].map(|_| PagedBatch {
+            block_size: self.block_size,
+            seqs: Vec::with_capacity(seqs.len()),
+        });
+        for i in (0..2).filter(|&i| self.has_kind(i)) {
+            let mut row = 0;
+            for (b, (seq, &t)) in seqs.iter().zip(lens).enumerate() {
+                let (pos0, end) = (seq.seq_len, seq.seq_len + t);
+                slots[i].extend(seq.slots(i, pos0..end));
+                let table = &seq.tables[i];
+                let k_start = table.first * self.block_size;
+                let mut p = params(i, b);
+                p.q_start = pos0;
+                p.k_start = k_start;
+                batches[i].seqs.push(PagedSeq {
+                    rows: row..row + t,
+                    params: p,
+                    keys: end - k_start,
+                    blocks: table.blocks.clone(),
+                });
+                row += t;
+            }
+        }
+        Ok(StepLayout { slots, batches })
+    }
+
+    /// After the step: each sequence is `lens[b]` tokens longer and frees what it no longer keeps.
+    pub(crate) fn advance(&self, seqs: &mut [&mut SeqKv], lens: &[usize]) {
+        for (seq, &t) in seqs.iter_mut().zip(lens) {
+            let end = seq.seq_len + t;
+            seq.advance(end);
+        }
+    }
+}
+
+/// One sequence with a growable pool of its own: the cache of single-sequence runs (golden
+/// tests, `check`, benches). `TextModel::new_cache` makes one.
+#[derive(Debug)]
+pub struct KvCache<B: Gemma4Backend> {
+    pub pool: KvPool<B>,
+    pub seq: SeqKv,
 }
 
 impl<B: Gemma4Backend> KvCache<B> {
-    /// A fresh cache with one layer per item of `keep`: the entries that layer keeps after a
-    /// step (None: all). `TextModel::new_cache` gives the model's.
-    pub fn new(keep: impl IntoIterator<Item = Option<usize>>) -> Self {
-        KvCache {
-            layers: keep.into_iter().map(LayerCache::new).collect(),
-            seq_len: 0,
-        }
+    /// Tokens processed so far.
+    pub fn seq_len(&self) -> usize {
+        self.seq.seq_len
     }
 
-    /// Cached entries over all layers (for memory accounting and leak tests).
-    pub fn entries(&self) -> usize {
-        self.layers.iter().map(LayerCache::len).sum()
+    /// Tokens cached in each layer, in layer order (sliding layers: their window minus one).
+    pub fn layer_tokens(&self) -> Vec<usize> {
+        self.pool
+            .layers
+            .iter()
+            .map(|l| self.seq.tokens_held(kind_index(l.kind)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_blocks_follow_the_window() {
+        // Window 16 (keep 15), blocks of 4: after 20 tokens, positions 5..20 are kept: blocks
+        // 1..5 (4 blocks); a step running 20..30 needs blocks 1..8.
+        assert_eq!(blocks_held(20, Some(15), 4), 4);
+        assert_eq!(blocks_needed(20, 30, Some(15), 4), 7);
+        assert_eq!(blocks_held(20, None, 4), 5);
+        assert_eq!(blocks_held(0, Some(15), 4), 0);
+        assert_eq!(blocks_held(3, Some(15), 4), 1);
+    }
+
+    #[test]
+    fn tables_free_what_the_window_drops_and_everything_on_drop() {
+        type B = burn::backend::NdArray<f32, i32>;
+        let layers = [(LayerKind::Sliding, 1, 2), (LayerKind::Full, 1, 2)];
+        let mut pool = KvPool::<B>::new(&layers, Some(9), 4, Some([8, 8]), &Default::default());
+        let mut a = pool.new_seq();
+        let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
+        pool.layout(&mut [&mut a], &[10], params).unwrap();
+        assert_eq!(a.blocks_held(), [3, 3]);
+        pool.advance(&mut [&mut a], &[10]);
+        // Keep 8: positions 2..10, blocks 0..3 still (block 0 holds 2, 3).
+        assert_eq!(a.blocks_held(), [3, 3]);
+        assert_eq!(a.blocks_held()[0], blocks_held(10, Some(8), 4));
+        pool.layout(&mut [&mut a], &[7], params).unwrap();
+        pool.advance(&mut [&mut a], &[7]);
+        // 17 tokens, keep 9..17: blocks 2..5.
+        assert_eq!(a.blocks_held(), [blocks_held(17, Some(8), 4), 5]);
+        assert_eq!(a.tables[0].first, 2);
+        assert_eq!(a.tokens_held(0), 8);
+        assert_eq!(a.tokens_held(1), 17);
+        // The full kind has 3 of 8 left: a second sequence of 16 tokens does not fit (its 4
+        // sliding blocks do).
+        let mut b = pool.new_seq();
+        let err = pool.layout(&mut [&mut b], &[16], params).unwrap_err();
+        assert_eq!(err.kind, "full");
+        drop(b);
+        assert_eq!(pool.usage(), [(3, 8), (5, 8)]);
+        drop(a);
+        assert_eq!(pool.usage(), [(0, 8), (0, 8)]);
     }
 }

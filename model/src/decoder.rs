@@ -3,13 +3,12 @@
 //! h = r + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
 //! h = h · layer_scalar  (new in Gemma 4; tensor `layers.{i}.layer_scalar`, shape [1]).
 
-use std::ops::Range;
-
 use crate::Gemma4Backend;
 use burn::prelude::*;
+use gemma4_kernels::attention::PagedBatch;
 
 use crate::attention::Attention;
-use crate::cache::LayerCache;
+use crate::cache::LayerKv;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::RopeTables;
@@ -26,38 +25,21 @@ pub struct DecoderLayer<B: Gemma4Backend> {
 }
 
 impl<B: Gemma4Backend> DecoderLayer<B> {
-    /// h [t, hidden] -> [t, hidden]; `images` as in `Attention::forward`.
+    /// h [rows, hidden] -> [rows, hidden]: one step of a ragged batch (see `Attention::forward`).
     pub fn forward(
         &self,
         h: Tensor<B, 2>,
-        pos0: usize,
         rope: &RopeTables<B>,
-        cache: &mut LayerCache<B>,
-        images: &[Range<usize>],
+        kv: &mut LayerKv<B>,
+        slots: &[u32],
+        batch: &PagedBatch,
     ) -> Tensor<B, 2> {
         let attn = self.self_attn.forward(
             self.input_layernorm.forward(h.clone()),
-            pos0,
             rope,
-            cache,
-            images,
-        );
-        self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
-    }
-
-    /// Batched decode: one new token per sequence (see `Attention::forward_batch`).
-    pub fn forward_batch(
-        &self,
-        h: Tensor<B, 2>,
-        positions: &[usize],
-        rope: &RopeTables<B>,
-        caches: &mut [&mut LayerCache<B>],
-    ) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward_batch(
-            self.input_layernorm.forward(h.clone()),
-            positions,
-            rope,
-            caches,
+            kv,
+            slots,
+            batch,
         );
         self.feed_forward(self.post_attention_layernorm.forward_add(h, attn, 1.0))
     }

@@ -81,6 +81,8 @@ pub enum RunError {
     NoVision,
     #[error("image: {0}")]
     Image(String),
+    #[error(transparent)]
+    OutOfBlocks(#[from] crate::cache::OutOfBlocks),
 }
 
 /// Errors of writing a synthetic checkpoint (`synth`).

@@ -35,11 +35,11 @@ use std::path::Path;
 
 use burn::prelude::Backend;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
 pub use config::{GenerationConfig, ModelConfig};
 pub use error::{LoadError, RunError, SynthError};
 pub use generation::{generate, FinishReason, GenerateOutput, GenerateRequest, SamplingParams};
-pub use text_model::{Logits, TextModel};
+pub use text_model::{Logits, SeqStep, TextModel};
 
 /// The CPU reference backend (pure Rust, f32; NVFP4 words in i32).
 pub type CpuBackend = burn::backend::NdArray<f32, i32>;

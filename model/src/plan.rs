@@ -57,28 +57,70 @@ pub struct Plan {
     pub num_blocks_full: u64,
 }
 
-/// The plan, or why nothing fits (the weights and activations alone exceed the budget, or not
-/// one sequence of `max_model_len` tokens fits).
-pub fn plan(text: &TextConfig, p: &PlanInput) -> Result<Plan, String> {
-    let bs = p.block_size.max(1) as u64;
+/// How a KV cache of some bytes splits into blocks of each layer kind: in the proportion one
+/// sequence of `max_model_len` tokens needs them, so `max_concurrency` such sequences fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSplit {
+    /// KV bytes per token of one layer of each kind (sliding, full).
+    pub token_bytes: [u64; 2],
+    /// Layers of each kind.
+    pub layers: [usize; 2],
+    /// Bytes of one block (all layers of the kind, `block_size` tokens).
+    pub block_bytes: [u64; 2],
+    /// Blocks one sequence of `max_model_len` tokens holds, per kind.
+    pub blocks_per_seq: [u64; 2],
+    pub seq_bytes: u64,
+    pub max_concurrency: u64,
+    /// Blocks of each kind in the pool.
+    pub num_blocks: [u64; 2],
+}
+
+/// Splits `kv_cache_bytes` into blocks (see [`KvSplit`]); `kv_bytes` is the bytes of one cached
+/// element.
+pub fn split_kv(
+    text: &TextConfig,
+    kv_cache_bytes: u64,
+    max_model_len: usize,
+    block_size: usize,
+    kv_bytes: u64,
+) -> KvSplit {
+    let bs = block_size.max(1) as u64;
     let per_token = |kind: LayerKind| -> (usize, u64) {
         let layers: Vec<_> = text.layers.iter().filter(|l| l.kind == kind).collect();
         let bytes = layers.first().map_or(0, |l| {
-            2 * (l.num_key_value_heads * l.head_dim) as u64 * p.kv_bytes
+            2 * (l.num_key_value_heads * l.head_dim) as u64 * kv_bytes
         });
         (layers.len(), bytes)
     };
-    let (sliding_layers, kv_token_bytes_sliding) = per_token(LayerKind::Sliding);
-    let (full_layers, kv_token_bytes_full) = per_token(LayerKind::Full);
-    let block_bytes_sliding = bs * kv_token_bytes_sliding * sliding_layers as u64;
-    let block_bytes_full = bs * kv_token_bytes_full * full_layers as u64;
-    let len = p.max_model_len as u64;
-    let blocks_per_seq_full = len.div_ceil(bs);
+    let (sliding_layers, sliding_bytes) = per_token(LayerKind::Sliding);
+    let (full_layers, full_bytes) = per_token(LayerKind::Full);
+    let block_bytes = [
+        bs * sliding_bytes * sliding_layers as u64,
+        bs * full_bytes * full_layers as u64,
+    ];
+    let len = max_model_len as u64;
+    let full_blocks = len.div_ceil(bs);
     let window_blocks = (text.sliding_window as u64).div_ceil(bs) + 1;
-    let blocks_per_seq_sliding = blocks_per_seq_full.min(window_blocks);
-    let seq_bytes =
-        blocks_per_seq_sliding * block_bytes_sliding + blocks_per_seq_full * block_bytes_full;
+    let blocks_per_seq = [full_blocks.min(window_blocks), full_blocks];
+    let seq_bytes = blocks_per_seq[0] * block_bytes[0] + blocks_per_seq[1] * block_bytes[1];
+    let max_concurrency = kv_cache_bytes / seq_bytes.max(1);
+    // What the proportion leaves over goes to the full kind, which grows with context.
+    let sliding = max_concurrency * blocks_per_seq[0];
+    let full = kv_cache_bytes.saturating_sub(sliding * block_bytes[0]) / block_bytes[1].max(1);
+    KvSplit {
+        token_bytes: [sliding_bytes, full_bytes],
+        layers: [sliding_layers, full_layers],
+        block_bytes,
+        blocks_per_seq,
+        seq_bytes,
+        max_concurrency,
+        num_blocks: [sliding, if full_layers > 0 { full } else { 0 }],
+    }
+}
 
+/// The plan, or why nothing fits (the weights and activations alone exceed the budget, or not
+/// one sequence of `max_model_len` tokens fits).
+pub fn plan(text: &TextConfig, p: &PlanInput) -> Result<Plan, String> {
     let weight_bytes = p.nvfp4_weight_bytes + p.bf16_weight_bytes / 2 * p.dtype_bytes;
     let widest_q = text
         .layers
@@ -101,7 +143,14 @@ pub fn plan(text: &TextConfig, p: &PlanInput) -> Result<Plan, String> {
                 p.gpu_memory_utilization
             )
         })?;
-    let max_concurrency = kv_cache_bytes / seq_bytes.max(1);
+    let split = split_kv(
+        text,
+        kv_cache_bytes,
+        p.max_model_len,
+        p.block_size,
+        p.kv_bytes,
+    );
+    let (max_concurrency, seq_bytes) = (split.max_concurrency, split.seq_bytes);
     if max_concurrency == 0 {
         return Err(format!(
             "one sequence of {} tokens needs {:.2} GiB of KV cache; {:.2} GiB are left",
@@ -114,18 +163,18 @@ pub fn plan(text: &TextConfig, p: &PlanInput) -> Result<Plan, String> {
         weight_bytes,
         activation_bytes,
         kv_cache_bytes,
-        kv_token_bytes_sliding,
-        kv_token_bytes_full,
-        sliding_layers,
-        full_layers,
-        block_bytes_sliding,
-        block_bytes_full,
-        blocks_per_seq_sliding,
-        blocks_per_seq_full,
+        kv_token_bytes_sliding: split.token_bytes[0],
+        kv_token_bytes_full: split.token_bytes[1],
+        sliding_layers: split.layers[0],
+        full_layers: split.layers[1],
+        block_bytes_sliding: split.block_bytes[0],
+        block_bytes_full: split.block_bytes[1],
+        blocks_per_seq_sliding: split.blocks_per_seq[0],
+        blocks_per_seq_full: split.blocks_per_seq[1],
         seq_bytes,
         max_concurrency,
-        num_blocks_sliding: max_concurrency * blocks_per_seq_sliding,
-        num_blocks_full: max_concurrency * blocks_per_seq_full,
+        num_blocks_sliding: split.num_blocks[0],
+        num_blocks_full: split.num_blocks[1],
     })
 }
 

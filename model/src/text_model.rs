@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use crate::attention::Attention;
-use crate::cache::KvCache;
+use crate::cache::{kind_index, KvCache, KvPool, PerKind, SeqKv, DEFAULT_BLOCK_SIZE};
 use crate::config::{LayerKind, TextConfig};
 use crate::decoder::DecoderLayer;
 use crate::error::{LoadError, RunError};
@@ -17,6 +17,7 @@ use crate::norm::RmsNorm;
 use crate::nvfp4::{PackedNvfp4, GROUP_SIZE};
 use crate::rope::{Rope, RopeTables};
 use crate::weights::{check_shape, dtype_name, Checkpoint};
+use gemma4_kernels::attention::AttentionParams;
 use safetensors::tensor::Dtype;
 
 /// Which positions get logits.
@@ -48,6 +49,14 @@ pub struct TextModel<B: Gemma4Backend> {
     pub image_token_id: Option<u32>,
 }
 
+/// One sequence's part of a step: its next tokens, the soft tokens of the image placeholders
+/// among them (`[n, hidden]`, in order; None leaves them pad embeddings), and its block tables.
+pub struct SeqStep<'a, B: Gemma4Backend> {
+    pub tokens: &'a [u32],
+    pub soft: Option<Tensor<B, 2>>,
+    pub kv: &'a mut SeqKv,
+}
+
 impl<B: Gemma4Backend> TextModel<B> {
     /// Runs `tokens` (the next tokens of the sequence held by `cache`) and returns logits.
     pub fn forward(
@@ -60,11 +69,7 @@ impl<B: Gemma4Backend> TextModel<B> {
     }
 
     /// As `forward`, with `soft` `[n, hidden]` the soft tokens of the n image placeholders among
-    /// `tokens`, in order (`Gemma4Model.forward`: the placeholders embed as pad, then
-    /// `masked_scatter` puts the vision features in their rows, unscaled); `None` leaves them
-    /// as pad embeddings. Each run of
-    /// placeholders is one image: its tokens see each other in both directions on sliding
-    /// layers, so a run must not be split across calls.
+    /// `tokens` (see [`TextModel::forward_step`]).
     pub fn forward_multimodal(
         &self,
         tokens: &[u32],
@@ -72,117 +77,169 @@ impl<B: Gemma4Backend> TextModel<B> {
         cache: &mut KvCache<B>,
         which: Logits,
     ) -> Result<Tensor<B, 2>, RunError> {
-        if tokens.is_empty() {
-            return Err(RunError::EmptyInput);
-        }
-        if let Some((position, &id)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.vocab_size)
-        {
-            return Err(RunError::TokenOutOfRange {
-                id,
-                position: cache.seq_len + position,
-                vocab: self.vocab_size,
-            });
-        }
-        let t = tokens.len();
-        let pos0 = cache.seq_len;
-        let is_image = |id: u32| Some(id) == self.image_token_id;
-        let placeholders = tokens.iter().filter(|&&id| is_image(id)).count();
-        let mut h = self.embed(tokens);
-        let mut images = Vec::new();
-        // Without soft tokens the placeholders stay pad embeddings and attention stays causal,
-        // as transformers does when no pixel_values are given.
-        if let Some(soft) = soft {
-            let [n, width] = soft.dims();
-            if n != placeholders || width != self.hidden_size {
-                return Err(RunError::SoftTokens {
-                    expected: placeholders,
-                    got: n,
-                });
-            }
-            // One gather over [embeddings; soft tokens]: row i of the result is soft row k for
-            // the k-th placeholder, else embedding row i.
-            let mut k = 0;
-            let index: Vec<i32> = tokens
-                .iter()
-                .enumerate()
-                .map(|(i, &id)| {
-                    if is_image(id) {
-                        k += 1;
-                        (t + k - 1) as i32
-                    } else {
-                        i as i32
-                    }
-                })
-                .collect();
-            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [t]), &h.device());
-            h = Tensor::cat(vec![h, soft], 0).select(0, index);
-            if let Some(id) = self.image_token_id {
-                images = image_runs(tokens, id)
-                    .into_iter()
-                    .map(|r| pos0 + r.start..pos0 + r.end)
-                    .collect();
-            }
-        }
-        let positions: Vec<usize> = (pos0..pos0 + t).collect();
-        let ropes = self.step_ropes(&positions);
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let rope = ropes.get(layer.self_attn.kind());
-            h = layer.forward(h, pos0, rope, layer_cache, &images);
-        }
-        cache.seq_len += t;
-        if which == Logits::Last {
-            h = h.slice([t - 1..t, 0..self.hidden_size]);
-        }
-        Ok(self.logits(h))
+        let KvCache { pool, seq } = cache;
+        let mut step = [SeqStep {
+            tokens,
+            soft,
+            kv: seq,
+        }];
+        self.forward_step(pool, &mut step, which)
     }
 
-    pub fn forward_batch(
+    /// One forward over a ragged batch: each sequence of `steps` runs its tokens (a prefill
+    /// chunk or one decode token) from its `seq_len`, all rows through every linear together and
+    /// through one attention call per layer. Logits: `Last`, one row per sequence in order;
+    /// `All`, every row.
+    ///
+    /// Soft tokens (`Gemma4Model.forward`): the placeholders embed as pad, then `masked_scatter`
+    /// puts the vision features in their rows, unscaled. Each run of placeholders is one image:
+    /// its tokens see each other in both directions on sliding layers, so a run must not be split
+    /// across steps. Without soft tokens the placeholders stay pad embeddings and attention stays
+    /// causal, as transformers does when no pixel_values are given.
+    pub fn forward_step(
         &self,
-        tokens: &[u32],
-        caches: &mut [&mut KvCache<B>],
+        pool: &mut KvPool<B>,
+        steps: &mut [SeqStep<'_, B>],
+        which: Logits,
     ) -> Result<Tensor<B, 2>, RunError> {
-        if tokens.is_empty() || tokens.len() != caches.len() {
+        if steps.is_empty() || steps.iter().any(|s| s.tokens.is_empty()) {
             return Err(RunError::EmptyInput);
         }
-        for (b, &id) in tokens.iter().enumerate() {
-            if id as usize >= self.vocab_size {
+        for s in steps.iter() {
+            if let Some((i, &id)) = s
+                .tokens
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id as usize >= self.vocab_size)
+            {
                 return Err(RunError::TokenOutOfRange {
                     id,
-                    position: caches[b].seq_len,
+                    position: s.kv.seq_len + i,
                     vocab: self.vocab_size,
                 });
             }
         }
-        let mut h = self.embed(tokens);
-        let positions: Vec<usize> = caches.iter().map(|c| c.seq_len).collect();
-        let ropes = self.step_ropes(&positions);
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut layer_caches: Vec<&mut crate::cache::LayerCache<B>> =
-                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = layer.forward_batch(
-                h,
-                &positions,
-                ropes.get(layer.self_attn.kind()),
-                &mut layer_caches,
-            );
+        let lens: Vec<usize> = steps.iter().map(|s| s.tokens.len()).collect();
+        let rows: usize = lens.iter().sum();
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut h = self.embed(&tokens);
+
+        // Soft tokens: one gather over [embeddings; every sequence's soft tokens]: the k-th
+        // placeholder row takes soft row k, every other row its embedding.
+        let is_image = |id: u32| Some(id) == self.image_token_id;
+        let mut images: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); steps.len()];
+        let mut softs = Vec::new();
+        let mut index: Vec<i32> = (0..rows as i32).collect();
+        let (mut row0, mut soft_rows) = (0, rows);
+        for (b, s) in steps.iter_mut().enumerate() {
+            let t = s.tokens.len();
+            if let Some(soft) = s.soft.take() {
+                let placeholders = s.tokens.iter().filter(|&&id| is_image(id)).count();
+                let [n, width] = soft.dims();
+                if n != placeholders || width != self.hidden_size {
+                    return Err(RunError::SoftTokens {
+                        expected: placeholders,
+                        got: n,
+                    });
+                }
+                let mut k = 0;
+                for (i, &id) in s.tokens.iter().enumerate() {
+                    if is_image(id) {
+                        index[row0 + i] = (soft_rows + k) as i32;
+                        k += 1;
+                    }
+                }
+                soft_rows += n;
+                softs.push(soft);
+                if let Some(id) = self.image_token_id {
+                    let pos0 = s.kv.seq_len;
+                    images[b] = image_runs(s.tokens, id)
+                        .into_iter()
+                        .map(|r| pos0 + r.start..pos0 + r.end)
+                        .collect();
+                }
+            }
+            row0 += t;
         }
-        for c in caches.iter_mut() {
-            c.seq_len += 1;
+        if !softs.is_empty() {
+            let device = h.device();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows]), &device);
+            h = Tensor::cat([vec![h], softs].concat(), 0).select(0, index);
+        }
+
+        let positions: Vec<usize> = steps
+            .iter()
+            .flat_map(|s| s.kv.seq_len..s.kv.seq_len + s.tokens.len())
+            .collect();
+        let ropes = self.step_ropes(&positions);
+        let window = self.sliding_window();
+        let mut kvs: Vec<&mut SeqKv> = steps.iter_mut().map(|s| &mut *s.kv).collect();
+        // Image spans are bidirectional on sliding layers only (full layers stay causal).
+        let layout = pool.layout(&mut kvs, &lens, |kind, b| {
+            if kind == kind_index(LayerKind::Sliding) {
+                AttentionParams {
+                    bidirectional: images[b].clone(),
+                    ..AttentionParams::causal(0, 0, window)
+                }
+            } else {
+                AttentionParams::causal(0, 0, None)
+            }
+        })?;
+        for (layer, kv) in self.layers.iter().zip(pool.layers.iter_mut()) {
+            let kind = layer.self_attn.kind();
+            let i = kind_index(kind);
+            h = layer.forward(h, ropes.get(kind), kv, &layout.slots[i], &layout.batches[i]);
+        }
+        pool.advance(&mut kvs, &lens);
+        if which == Logits::Last {
+            let last: Vec<i32> = lens
+                .iter()
+                .scan(0, |end, &t| {
+                    *end += t;
+                    Some(*end as i32 - 1)
+                })
+                .collect();
+            let n = last.len();
+            let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [n]), &h.device());
+            h = h.select(0, last);
         }
         Ok(self.logits(h))
     }
 
-    /// A fresh cache shaped for this model's layers (sliding layers keep the window minus the
-    /// next query itself).
-    pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(
-            self.layers
-                .iter()
-                .map(|l| l.self_attn.sliding_window.map(|w| w - 1)),
+    /// The sliding layers' window (None without sliding layers).
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.layers.iter().find_map(|l| l.self_attn.sliding_window)
+    }
+
+    /// A KV pool for this model's layers: `num_blocks` blocks of `block_size` tokens per layer
+    /// kind (sliding, full), or None for a pool that grows as needed.
+    pub fn new_pool(&self, block_size: usize, num_blocks: Option<PerKind<usize>>) -> KvPool<B> {
+        let layers: Vec<(LayerKind, usize, usize)> = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                (a.kind(), a.num_kv_heads, a.head_dim)
+            })
+            .collect();
+        let device = self.embed_tokens.device();
+        KvPool::new(
+            &layers,
+            self.sliding_window(),
+            block_size,
+            num_blocks,
+            &device,
         )
+    }
+
+    /// One sequence's cache with a growable pool of its own.
+    pub fn new_cache(&self) -> KvCache<B> {
+        let pool = self.new_pool(DEFAULT_BLOCK_SIZE, None);
+        let seq = pool.new_seq();
+        KvCache { pool, seq }
     }
 
     /// This step's RoPE tables, one pair per layer kind present.

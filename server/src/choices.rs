@@ -76,11 +76,13 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     }
     let blocks = state.engine.config().blocks;
     if !blocks.fits(prompt_len + 1) {
+        let [need, have] = [
+            blocks.needed(0, prompt_len + 1),
+            blocks.num_kv_blocks.unwrap_or_default(),
+        ];
         return Err(ApiError::bad_request(format!(
-            "the prompt ({prompt_len} tokens) and one output token need {} KV cache blocks of {} tokens; this server has {} (--num-kv-blocks)",
-            blocks.blocks(prompt_len + 1),
-            blocks.block_size,
-            blocks.num_kv_blocks.unwrap_or(0)
+            "the prompt ({prompt_len} tokens) and one output token need {} sliding and {} full KV cache blocks of {} tokens; this server has {} and {} (--num-kv-blocks, --kv-cache-memory)",
+            need.0[0], need.0[1], blocks.block_size, have.0[0], have.0[1]
         ))
         .param(g.conversation.param));
     }

@@ -45,13 +45,17 @@ pub struct ServeArgs {
     /// Requests that may wait for a slot; beyond that the server answers 503.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
-    /// KV cache blocks the scheduler admits and preempts against (a sequence holds
-    /// ceil(tokens / --block-size) of them; when a step needs more than are free, the newest
-    /// sequence is preempted and recomputed later). Unset: no limit. The blocks are accounting
-    /// for now: each sequence still keeps its own cache, and the size does not come from the
-    /// device's memory yet (`gemma4 plan` computes what it will be).
+    /// KV cache blocks of each layer kind (sliding, full) in the paged pool, overriding
+    /// --kv-cache-memory (for tests: a small pool forces preemption). A request is admitted when
+    /// its first chunk's blocks are free; when a step needs more than are free, the newest
+    /// sequence is preempted and recomputed later. Neither flag: the pool grows as needed
+    /// (no admission by memory, no preemption).
     #[arg(long)]
     pub num_kv_blocks: Option<usize>,
+    /// Bytes of KV cache to allocate at start (vLLM's --kv-cache-memory): split into blocks of
+    /// each layer kind in the proportion a --max-model-len sequence needs them.
+    #[arg(long)]
+    pub kv_cache_memory: Option<u64>,
     /// Tokens per KV block.
     #[arg(long, default_value_t = gemma4_engine::scheduler::DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
@@ -82,8 +86,9 @@ impl ServeArgs {
             prefill_chunk: self.max_num_batched_tokens.max(1),
             max_waiting: self.max_waiting,
             blocks: gemma4_engine::BlockBudget {
-                num_kv_blocks: self.num_kv_blocks,
+                num_kv_blocks: self.num_kv_blocks.map(|n| gemma4_engine::Blocks([n, n])),
                 block_size: self.block_size.max(1),
+                ..Default::default()
             },
         }
     }
@@ -129,14 +134,6 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
             .add_ca_file(path)
             .map_err(|e| anyhow::anyhow!("--image-ca-file {e}"))?;
     }
-    if let Some(blocks) = args.num_kv_blocks {
-        let tokens = blocks * args.block_size.max(1);
-        tracing::info!(
-            "KV cache budget: {blocks} blocks of {} tokens ({tokens} tokens); maximum concurrency for {max_model_len} tokens per request: {:.2}x",
-            args.block_size.max(1),
-            tokens as f64 / max_model_len.max(1) as f64
-        );
-    }
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
         dir.file_name()
             .map(|s| s.to_string_lossy().into_owned())
@@ -154,7 +151,6 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         suppress_ids: meta.suppress_ids,
         default_sampling: meta.default_sampling,
         metrics: Default::default(),
-        kv_capacity: args.max_num_seqs * max_model_len * meta.num_layers,
         created: http::now_secs(),
         images,
     })
@@ -223,14 +219,57 @@ fn vision_meta(
 }
 
 /// Starts the engine with a model loaded on its thread (with a progress bar on stderr).
+/// The pool's blocks from --kv-cache-memory (unless --num-kv-blocks gives them), logged as vLLM
+/// does: blocks, tokens, and the maximum concurrency at the context limit.
+fn kv_pool_blocks(args: &ServeArgs, elem_bytes: u64) -> Result<Option<gemma4_engine::Blocks>> {
+    let (Some(bytes), None) = (args.kv_cache_memory, args.num_kv_blocks) else {
+        if let Some(n) = args.num_kv_blocks {
+            tracing::info!(
+                "KV cache: {n} sliding + {n} full blocks of {} tokens (--num-kv-blocks)",
+                args.block_size
+            );
+        }
+        return Ok(None);
+    };
+    let config = gemma4_model::ModelConfig::from_dir(&args.model)?;
+    let text = &config.text;
+    let max_model_len = args
+        .max_model_len
+        .unwrap_or(text.max_position_embeddings)
+        .min(text.max_position_embeddings);
+    let split =
+        gemma4_model::plan::split_kv(text, bytes, max_model_len, args.block_size, elem_bytes);
+    if split.max_concurrency == 0 {
+        anyhow::bail!(
+            "--kv-cache-memory {bytes}: one sequence of {max_model_len} tokens needs {} bytes of KV cache",
+            split.seq_bytes
+        );
+    }
+    let [sliding, full] = split.num_blocks;
+    tracing::info!(
+        "KV cache: {:.2} GiB = {sliding} sliding + {full} full blocks of {} tokens ({} tokens in full layers); maximum concurrency for {max_model_len} tokens per request: {}",
+        gemma4_model::plan::gib(bytes),
+        args.block_size,
+        full * args.block_size as u64,
+        split.max_concurrency
+    );
+    Ok(Some(gemma4_engine::Blocks([
+        sliding as usize,
+        full as usize,
+    ])))
+}
+
 pub fn start_engine<B: Gemma4Backend>(
     args: &ServeArgs,
     device: B::Device,
     progress: bool,
 ) -> Result<(Engine, ModelMeta)> {
     let dir = args.model.clone();
+    let mut config = args.engine_config();
+    let elem_bytes = std::mem::size_of::<B::FloatElem>() as u64;
+    config.blocks.num_kv_blocks = kv_pool_blocks(args, elem_bytes)?.or(config.blocks.num_kv_blocks);
     let (meta_tx, meta_rx) = std::sync::mpsc::channel();
-    let (engine, _thread) = Engine::start::<Model<B>, _>(args.engine_config(), move || {
+    let (engine, _thread) = Engine::start::<Model<B>, _>(config, move || {
         let bar = if progress {
             indicatif::ProgressBar::new(0)
         } else {

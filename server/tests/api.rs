@@ -59,6 +59,7 @@ fn start_with_blocks(
         max_num_batched_tokens: chunk,
         max_waiting: 64,
         num_kv_blocks,
+        kv_cache_memory: None,
         block_size: 16,
         shutdown_grace: 1,
         allow_image_urls,

@@ -7,7 +7,7 @@ pub mod vision;
 
 use gemma4_conformance::{fixtures, name};
 use gemma4_model::golden::*;
-use gemma4_model::{Gemma4Backend, KvCache, Logits, Model};
+use gemma4_model::{Gemma4Backend, Logits, Model, SeqStep};
 
 /// Every kernel of `kernels` (the backend's: `fallback::CUBE_KERNELS` or `CPU_KERNELS`) launched and
 /// none fell back (the policy is Strict, so a refusal would already have panicked; the counts say
@@ -139,7 +139,7 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
                     model.text.forward(&[tok], &mut cache, Logits::All).unwrap(),
                 ));
             }
-            assert_eq!(cache.seq_len, seq.len());
+            assert_eq!(cache.seq_len(), seq.len());
             let (d, at) = max_abs_diff(&stepped, &full);
             println!(
                 "{}/{}: cache vs prefill max|Δ| = {d:.2e} (tolerance {:.1e})",
@@ -155,56 +155,105 @@ pub fn decode_through_cache_equals_prefill<B: Gemma4Backend>(device: &B::Device,
                 at / vocab
             );
 
-            // Sliding layers keep only their window.
-            for (l, layer) in cache.layers.iter().zip(&model.text.layers) {
+            // Sliding layers keep only their window, in as few blocks as cover it.
+            for (held, layer) in cache.layer_tokens().iter().zip(&model.text.layers) {
                 if let Some(w) = layer.self_attn.sliding_window {
-                    assert!(
-                        l.len() < w,
-                        "sliding cache holds {} > window-1 {}",
-                        l.len(),
-                        w - 1
-                    );
+                    assert!(*held < w, "sliding cache holds {held} > window-1 {}", w - 1);
                 } else {
-                    assert_eq!(l.len(), seq.len());
+                    assert_eq!(*held, seq.len());
                 }
             }
+            let [sliding, full] = cache.seq.blocks_held();
+            let bs = cache.pool.block_size;
+            if let Some(w) = model.text.sliding_window() {
+                assert!(
+                    sliding <= (w - 1).div_ceil(bs) + 1,
+                    "{sliding} sliding blocks"
+                );
+            }
+            assert_eq!(full, seq.len().div_ceil(bs));
         }
     }
 }
 
 /// Continuous batching: one forward over sequences at different positions matches the reference.
+/// The sequences share one pool of few blocks, scattered (blocks freed by a sliding window are
+/// reused by the others), and each step mixes decode rows with a prefill chunk of a sequence
+/// that joins late.
 pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
-    // Continuous batching: sequences at different positions (some past the sliding window)
-    // decoded together give the logits each gives alone, and match the reference.
     for dir in fixtures() {
         let model = load::<B>(&dir, device);
         let reference = load_reference(&dir).unwrap();
         let cases = &reference.cases;
-        let mut caches: Vec<KvCache<B>> = cases.iter().map(|_| model.text.new_cache()).collect();
-        for (c, cache) in cases.iter().zip(caches.iter_mut()) {
-            model
-                .text
-                .forward(&c.prompt_ids, cache, Logits::Last)
-                .unwrap();
-        }
-        let steps = cases.iter().map(|c| c.greedy_ids.len()).min().unwrap();
+        let vocab = model.text.vocab_size;
+        // Blocks of 4 tokens, enough for every case at once and no more.
+        let bs = 4;
+        let longest = cases.iter().map(|c| c.sequence().len()).max().unwrap();
+        let full = cases.len() * longest.div_ceil(bs);
+        let mut pool = model.text.new_pool(bs, Some([full, full]));
+        let mut seqs: Vec<_> = cases.iter().map(|_| pool.new_seq()).collect();
+        // All but the last case prefill their prompts in one step; the last joins later.
+        let (late, early) = cases.split_last().unwrap();
+        let mut steps: Vec<SeqStep<B>> = early
+            .iter()
+            .zip(seqs.iter_mut())
+            .map(|(c, kv)| SeqStep {
+                tokens: &c.prompt_ids,
+                soft: None,
+                kv,
+            })
+            .collect();
+        model
+            .text
+            .forward_step(&mut pool, &mut steps, Logits::Last)
+            .unwrap();
+        let steps_n = cases.iter().map(|c| c.greedy_ids.len()).min().unwrap();
         let mut worst = 0f32;
-        for step in 0..steps {
-            let tokens: Vec<u32> = cases.iter().map(|c| c.greedy_ids[step]).collect();
-            let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
-            let batched = to_vec(model.text.forward_batch(&tokens, &mut refs).unwrap());
-            let vocab = model.text.vocab_size;
-            for (b, c) in cases.iter().enumerate() {
-                let (expected, _) = reference_logits(&dir, &c.name).unwrap();
-                let pos = c.prompt_ids.len() + step;
+        for step in 0..steps_n {
+            // Early cases decode their next greedy token; at step 1 the late case prefills its
+            // whole prompt in the same forward, then decodes with the others.
+            let mut rows: Vec<(usize, Vec<u32>)> = (0..early.len())
+                .map(|b| (b, vec![cases[b].greedy_ids[step]]))
+                .collect();
+            let last = cases.len() - 1;
+            let late_pos = seqs[last].seq_len;
+            if step == 1 {
+                rows.push((last, late.prompt_ids.clone()));
+            } else if step > 1 {
+                rows.push((last, vec![late.sequence()[late_pos]]));
+            }
+            let mut steps: Vec<SeqStep<B>> = Vec::new();
+            let mut kvs: Vec<Option<&mut gemma4_model::SeqKv>> =
+                seqs.iter_mut().map(Some).collect();
+            for (b, tokens) in &rows {
+                steps.push(SeqStep {
+                    tokens,
+                    soft: None,
+                    kv: kvs[*b].take().unwrap(),
+                });
+            }
+            let positions: Vec<usize> = steps
+                .iter()
+                .map(|s| s.kv.seq_len + s.tokens.len() - 1)
+                .collect();
+            let batched = to_vec(
+                model
+                    .text
+                    .forward_step(&mut pool, &mut steps, Logits::Last)
+                    .unwrap(),
+            );
+            for (r, ((b, _), pos)) in rows.iter().zip(&positions).enumerate() {
+                let (expected, _) = reference_logits(&dir, &cases[*b].name).unwrap();
                 let (d, _) = max_abs_diff(
-                    &batched[b * vocab..(b + 1) * vocab],
+                    &batched[r * vocab..(r + 1) * vocab],
                     &expected[pos * vocab..(pos + 1) * vocab],
                 );
                 worst = worst.max(d);
             }
         }
-        println!("{}: batched decode of {} sequences, {steps} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.1e})", name(&dir), cases.len(), tol.logits);
+        drop(seqs);
+        assert_eq!(pool.usage().map(|(used, _)| used), [0, 0], "blocks leaked");
+        println!("{}: batched decode of {} sequences, {steps_n} steps: max|Δ| vs reference {worst:.2e} (tolerance {:.1e})", name(&dir), cases.len(), tol.logits);
         assert!(worst <= tol.logits);
     }
 }

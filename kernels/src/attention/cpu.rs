@@ -527,7 +527,7 @@ mod tests {
                 }
                 let blocks = free.split_off(free.len() - n_blocks);
                 let bidirectional = if t > 6 && pick(2) == 0 {
-                    vec![before + 2..before + 6]
+                    std::iter::once(before + 2..before + 6).collect()
                 } else {
                     vec![]
                 };

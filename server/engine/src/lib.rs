@@ -7,9 +7,10 @@
 //!
 //! Each step is planned by `scheduler::plan` from the queues' states alone (admission, chunked
 //! prefill under the token budget, preemption under the KV block budget, cancellation) and
-//! executed by `run_loop`: the prefill chunks one by one, then one decode for all decoding
-//! sequences together (`forward_batch`: linears, norms and MLP over all rows at once; attention
-//! per sequence against its own cache). A preempted sequence loses its cache and is prefilled
+//! executed by `run_loop`: the decoding sequences sample their next tokens, then one forward
+//! (`forward_step`) runs those tokens and every planned prefill chunk together: linears, norms
+//! and MLP over all rows at once, and one paged attention call per layer in which each row reads
+//! its own sequence's blocks. A preempted sequence loses its cache (its blocks) and is prefilled
 //! again from its prompt and generated tokens when readmitted; its sampler and penalties carry
 //! on, and nothing is sent twice, so the client sees only latency.
 //!
@@ -31,26 +32,38 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use gemma4_model::config::LayerKind;
 use gemma4_model::generation::Rng;
 use gemma4_model::kernels::pool::for_each_mut;
 use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::Gemma4Backend;
-use gemma4_model::{KvCache, Logits, Model, SamplingParams};
-pub use scheduler::BlockBudget;
+use gemma4_model::{KvPool, Logits, Model, SamplingParams, SeqKv, SeqStep};
+pub use scheduler::{BlockBudget, Blocks, Keep};
 use scheduler::{Limits, SeqId, SeqState, StepPlan};
 
-/// What the engine needs of a model: a fresh cache per request, and the logits of the last
-/// position after running tokens through it. Implemented by the Gemma 4 model on any backend,
-/// and by `scripted::ScriptedModel` for server tests.
+/// What the engine needs of a model: a KV pool, a place in it per running sequence, and one
+/// forward per step over a ragged batch (prefill chunks and decode tokens of many sequences
+/// together) that returns the logits of each one's last token. Implemented by the Gemma 4 model
+/// on any backend, and by `scripted::ScriptedModel` for server tests.
 pub trait StepModel: 'static {
-    /// Send: the decoding sequences are sampled on a thread pool.
+    /// Every running sequence's KV blocks; owned by the engine thread.
+    type Pool;
+    /// A sequence's place in the pool; dropping it frees its blocks. Send: the decoding
+    /// sequences are sampled on a thread pool.
     type Cache: Send;
     /// The soft tokens (vision tower output) of one request's images, all images concatenated
     /// in prompt order: one row per image placeholder of the prompt.
     type Soft: Clone + Send;
-    fn new_cache(&self) -> Self::Cache;
-    /// Runs `tokens` (the continuation of the sequence in `cache`); logits of the last one.
-    fn forward_last(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>, String>;
+    /// What the layers of each kind (sliding, full) keep of a sequence: how the scheduler counts
+    /// blocks.
+    fn kv_keep(&self) -> [Keep; 2] {
+        [Keep::Nothing, Keep::All]
+    }
+    /// The pool: `blocks.num_kv_blocks` per kind, or growable when None.
+    fn new_pool(&self, blocks: &BlockBudget) -> Self::Pool;
+    fn new_cache(&self, pool: &Self::Pool) -> Self::Cache;
+    /// Blocks of each kind: (in use, in all).
+    fn pool_usage(&self, pool: &Self::Pool) -> [(usize, usize); 2];
     /// The image placeholder id (`<|image|>`), when the model takes images.
     fn image_token_id(&self) -> Option<u32> {
         None
@@ -66,44 +79,50 @@ pub trait StepModel: 'static {
             Err("this model does not take images".into())
         }
     }
-    /// A prefill chunk: as `forward_last`, with `soft` the request's soft tokens and the rows of
-    /// them that belong to the image placeholders among `tokens` (in order). `tokens` never
-    /// splits one image's run of placeholders.
-    fn forward_prefill(
+    /// One forward: each item runs its tokens from where its cache ends (with `soft` the
+    /// request's soft tokens and the rows of them that belong to the image placeholders among
+    /// its tokens; a run of placeholders is never split); the logits of each item's last token,
+    /// in order.
+    fn forward_step(
         &self,
-        tokens: &[u32],
-        soft: Option<(&Self::Soft, Range<usize>)>,
-        cache: &mut Self::Cache,
-    ) -> Result<Vec<f32>, String> {
-        match soft {
-            Some((_, rows)) if !rows.is_empty() => Err("this model does not take images".into()),
-            _ => self.forward_last(tokens, cache),
-        }
-    }
-    /// One new token per sequence, all sequences in one step; logits rows in order.
-    fn forward_batch(
-        &self,
-        tokens: &[u32],
-        caches: &mut [&mut Self::Cache],
-    ) -> Result<Vec<Vec<f32>>, String> {
-        tokens
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(t, c)| self.forward_last(&[*t], c))
-            .collect()
-    }
-    /// KV entries held (tokens × layers), for the usage gauge.
-    fn cache_entries(&self, cache: &Self::Cache) -> usize;
+        pool: &mut Self::Pool,
+        items: &mut [StepItem<'_, Self>],
+    ) -> Result<Vec<Vec<f32>>, String>;
+}
+
+/// One sequence's part of a step.
+pub struct StepItem<'a, M: StepModel + ?Sized> {
+    pub tokens: &'a [u32],
+    pub soft: Option<(&'a M::Soft, Range<usize>)>,
+    pub cache: &'a mut M::Cache,
 }
 
 impl<B: Gemma4Backend> StepModel for Model<B> {
-    type Cache = KvCache<B>;
+    type Pool = KvPool<B>;
+    type Cache = SeqKv;
     type Soft = burn::tensor::Tensor<B, 2>;
-    fn new_cache(&self) -> KvCache<B> {
-        self.text.new_cache()
+    fn kv_keep(&self) -> [Keep; 2] {
+        let has = |kind| self.text.layers.iter().any(|l| l.self_attn.kind() == kind);
+        let sliding = match self.text.sliding_window() {
+            Some(w) if has(LayerKind::Sliding) => Keep::Last(gemma4_model::cache::sliding_keep(w)),
+            _ => Keep::Nothing,
+        };
+        let full = if has(LayerKind::Full) {
+            Keep::All
+        } else {
+            Keep::Nothing
+        };
+        [sliding, full]
     }
-    fn forward_last(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>, String> {
-        self.forward_prefill(tokens, None, cache)
+    fn new_pool(&self, blocks: &BlockBudget) -> KvPool<B> {
+        self.text
+            .new_pool(blocks.block_size, blocks.num_kv_blocks.map(|b| b.0))
+    }
+    fn new_cache(&self, pool: &KvPool<B>) -> SeqKv {
+        pool.new_seq()
+    }
+    fn pool_usage(&self, pool: &KvPool<B>) -> [(usize, usize); 2] {
+        pool.usage()
     }
     fn image_token_id(&self) -> Option<u32> {
         self.config.image_token_id
@@ -121,37 +140,33 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(burn::tensor::Tensor::cat(soft, 0)))
     }
-    fn forward_prefill(
+    fn forward_step(
         &self,
-        tokens: &[u32],
-        soft: Option<(&Self::Soft, Range<usize>)>,
-        cache: &mut KvCache<B>,
-    ) -> Result<Vec<f32>, String> {
-        let rows = soft.filter(|(_, r)| !r.is_empty()).map(|(s, r)| {
-            let width = s.dims()[1];
-            s.clone().slice([r, 0..width])
-        });
-        let logits = self
-            .text
-            .forward_multimodal(tokens, rows, cache, Logits::Last)
-            .map_err(|e| e.to_string())?;
-        Ok(gemma4_model::to_host_f32(logits))
-    }
-    fn forward_batch(
-        &self,
-        tokens: &[u32],
-        caches: &mut [&mut KvCache<B>],
+        pool: &mut KvPool<B>,
+        items: &mut [StepItem<'_, Self>],
     ) -> Result<Vec<Vec<f32>>, String> {
+        let mut steps: Vec<SeqStep<B>> = items
+            .iter_mut()
+            .map(|item| SeqStep {
+                tokens: item.tokens,
+                soft: item
+                    .soft
+                    .as_ref()
+                    .filter(|(_, r)| !r.is_empty())
+                    .map(|(s, r)| {
+                        let width = s.dims()[1];
+                        (*s).clone().slice([r.clone(), 0..width])
+                    }),
+                kv: &mut *item.cache,
+            })
+            .collect();
         let logits = self
             .text
-            .forward_batch(tokens, caches)
+            .forward_step(pool, &mut steps, Logits::Last)
             .map_err(|e| e.to_string())?;
         let vocab = self.text.vocab_size;
         let flat = gemma4_model::to_host_f32(logits);
         Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
-    }
-    fn cache_entries(&self, cache: &KvCache<B>) -> usize {
-        cache.entries()
     }
 }
 use tokio::sync::mpsc as tokio_mpsc;
@@ -240,8 +255,6 @@ pub struct EngineStats {
     pub ready: AtomicBool,
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
-    /// KV entries (tokens × layers) held by running sequences.
-    pub kv_entries: AtomicUsize,
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub requests_finished_total: AtomicU64,
@@ -249,8 +262,9 @@ pub struct EngineStats {
     pub steps_total: AtomicU64,
     /// Sequences preempted for KV blocks (to be recomputed).
     pub preemptions_total: AtomicU64,
-    /// KV blocks held by running sequences (ceil(cached tokens / block_size) each).
+    /// KV blocks held by running sequences, and in the pool (all layer kinds).
     pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
 }
 
 /// A submitted request: its event stream. Dropping it cancels the request (the engine notices
@@ -305,7 +319,6 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_stats = stats.clone();
-        let thread_config = config.clone();
         let handle = std::thread::Builder::new()
             .name("gemma4-engine".into())
             .spawn(move || {
@@ -317,12 +330,15 @@ impl Engine {
                     }
                 };
                 thread_stats.ready.store(true, Ordering::SeqCst);
-                let _ = ready_tx.send(Ok(()));
-                run_loop(&model, &thread_config, &rx, &thread_stats);
+                // The block budget counts as the model's pool allocates.
+                let mut config = config;
+                config.blocks.keep = model.kv_keep();
+                let _ = ready_tx.send(Ok(config.clone()));
+                run_loop(&model, &config, &rx, &thread_stats);
                 thread_stats.ready.store(false, Ordering::SeqCst);
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok((
+            Ok(Ok(config)) => Ok((
                 Engine {
                     tx,
                     stats,
@@ -439,10 +455,6 @@ impl<C, S> Seq<C, S> {
         self.soft = None;
         self.soft_used = 0;
     }
-
-    fn cache_mut(&mut self) -> &mut C {
-        self.cache.as_mut().expect("a running sequence has a cache")
-    }
 }
 
 fn run_loop<M: StepModel>(
@@ -456,6 +468,7 @@ fn run_loop<M: StepModel>(
         token_budget: config.prefill_chunk,
         blocks: config.blocks,
     };
+    let mut pool = model.new_pool(&config.blocks);
     let image_id = model.image_token_id();
     let mut next_id: SeqId = 0;
     let mut waiting: VecDeque<Seq<M::Cache, M::Soft>> = VecDeque::new();
@@ -506,7 +519,7 @@ fn run_loop<M: StepModel>(
             }
             stats.running.store(0, Ordering::SeqCst);
             stats.waiting.store(0, Ordering::SeqCst);
-            stats.kv_entries.store(0, Ordering::SeqCst);
+            stats.kv_blocks_used.store(0, Ordering::SeqCst);
             return;
         }
 
@@ -515,34 +528,24 @@ fn run_loop<M: StepModel>(
             let r: Vec<SeqState> = running.iter().map(Seq::state).collect();
             scheduler::plan(&w, &r, &limits, image_id)
         };
-        apply_queue_changes(&plan, &mut waiting, &mut running, model, &limits, stats);
+        apply_queue_changes(
+            &plan,
+            &mut waiting,
+            &mut running,
+            model,
+            &pool,
+            &limits,
+            stats,
+        );
 
         let chunks: HashMap<SeqId, Range<usize>> = plan.prefill.into_iter().collect();
-        let mut still = Vec::with_capacity(running.len());
-        for mut seq in running.drain(..) {
-            let Some(chunk) = chunks.get(&seq.id) else {
-                still.push(seq);
-                continue;
-            };
-            match prefill(
-                model,
-                &mut seq,
-                chunk.clone(),
-                image_id,
-                &mut encoded,
-                stats,
-            ) {
-                Ok(()) => still.push(seq),
-                Err(e) => {
-                    let _ = seq.sub.tx.send(EngineEvent::Error(e));
-                }
-            }
-        }
-        running = still;
-
-        // One decode for the planned sequences: sample and report each one's next token, then
-        // run all continuing sequences through the model together.
-        let decode: HashSet<SeqId> = plan.decode.into_iter().collect();
+        // The decoding sequences sample their next token from their last step's logits (one
+        // whose prefill completes in this step samples at the next).
+        let decode: HashSet<SeqId> = plan
+            .decode
+            .into_iter()
+            .filter(|id| !chunks.contains_key(id))
+            .collect();
         // Each sequence samples on its own row with its own generator, so they run in parallel
         // (on the CPU kernels' threads, idle between forwards): at the real vocabulary a row
         // takes ~0.2 ms, 13 ms for 64 sequences on one thread. None: the client went away
@@ -561,20 +564,33 @@ fn run_loop<M: StepModel>(
             .into_iter()
             .filter_map(|(seq, outcome)| Some((seq.id, outcome?)))
             .collect();
-        let mut next = Vec::with_capacity(running.len());
-        for seq in running.drain(..) {
+        // This step's rows of each sequence that runs: a prefill chunk or its sampled token.
+        let mut work: Vec<(SeqOf<M>, Option<Rows>)> = Vec::with_capacity(running.len());
+        for mut seq in running.drain(..) {
+            if let Some(chunk) = chunks.get(&seq.id) {
+                match prefill_rows(model, &mut seq, chunk.clone(), image_id, &mut encoded) {
+                    Ok(rows) => work.push((seq, Some(rows))),
+                    Err(e) => {
+                        let _ = seq.sub.tx.send(EngineEvent::Error(e));
+                    }
+                }
+                continue;
+            }
             let Some(outcome) = sampled.remove(&seq.id) else {
-                next.push((seq, None));
+                work.push((seq, None));
                 continue;
             };
             let Some(outcome) = outcome else {
                 stats
                     .requests_cancelled_total
                     .fetch_add(1, Ordering::Relaxed);
-                continue; // cache dropped here
+                continue; // blocks freed here
             };
+            stats
+                .generation_tokens_total
+                .fetch_add(1, Ordering::Relaxed);
             match outcome {
-                Ok(Next::Continue(id)) => next.push((seq, Some(id))),
+                Ok(Next::Continue(id)) => work.push((seq, Some(Rows::decode(id)))),
                 Ok(Next::Done(reason)) => {
                     stats
                         .requests_finished_total
@@ -592,38 +608,42 @@ fn run_loop<M: StepModel>(
                         .send(EngineEvent::Error("internal error while sampling".into()));
                 }
             }
-            stats
-                .generation_tokens_total
-                .fetch_add(1, Ordering::Relaxed);
         }
-        let tokens: Vec<u32> = next.iter().filter_map(|(_, id)| *id).collect();
+
+        // One forward for every row of the step.
         let mut failed = None;
-        if !tokens.is_empty() {
+        if work.iter().any(|(_, rows)| rows.is_some()) {
             let result = {
-                let mut caches: Vec<&mut M::Cache> = next
+                let mut items: Vec<StepItem<M>> = work
                     .iter_mut()
-                    .filter(|(_, id)| id.is_some())
-                    .map(|(s, _)| s.cache_mut())
+                    .filter_map(|(seq, rows)| {
+                        let rows = rows.as_ref()?;
+                        let Seq { cache, soft, .. } = seq;
+                        Some(StepItem {
+                            tokens: &rows.tokens,
+                            soft: soft.as_ref().map(|s| (s, rows.soft.clone())),
+                            cache: cache.as_mut().expect("a running sequence has a cache"),
+                        })
+                    })
                     .collect();
                 catch_unwind(AssertUnwindSafe(|| {
-                    model.forward_batch(&tokens, &mut caches)
+                    model.forward_step(&mut pool, &mut items)
                 }))
             };
             match result {
-                Ok(Ok(rows)) => {
-                    let decoded = next.iter_mut().filter(|(_, id)| id.is_some());
-                    for ((seq, _), row) in decoded.zip(rows) {
-                        seq.next_logits = row;
-                        seq.computed += 1;
+                Ok(Ok(logits)) => {
+                    let ran = work.iter_mut().filter_map(|(s, r)| Some((s, r.take()?)));
+                    for ((seq, rows), row) in ran.zip(logits) {
+                        seq.ran(rows, row, stats);
                     }
                 }
                 Ok(Err(msg)) => failed = Some(msg),
-                Err(_) => failed = Some("internal error during decoding".to_string()),
+                Err(_) => failed = Some("internal error in the model's forward".to_string()),
             }
         }
-        running = next
+        running = work
             .into_iter()
-            .filter_map(|(seq, id)| match (&failed, id) {
+            .filter_map(|(seq, rows)| match (&failed, rows) {
                 (Some(msg), Some(_)) => {
                     let _ = seq.sub.tx.send(EngineEvent::Error(msg.clone()));
                     None
@@ -634,21 +654,13 @@ fn run_loop<M: StepModel>(
 
         stats.steps_total.fetch_add(1, Ordering::Relaxed);
         stats.running.store(running.len(), Ordering::SeqCst);
-        stats.kv_entries.store(
-            running
-                .iter()
-                .filter_map(|s| s.cache.as_ref())
-                .map(|c| model.cache_entries(c))
-                .sum(),
-            Ordering::SeqCst,
-        );
-        stats.kv_blocks_used.store(
-            running
-                .iter()
-                .map(|s| config.blocks.blocks(s.computed))
-                .sum(),
-            Ordering::SeqCst,
-        );
+        let usage = model.pool_usage(&pool);
+        stats
+            .kv_blocks_used
+            .store(usage[0].0 + usage[1].0, Ordering::SeqCst);
+        stats
+            .kv_blocks_total
+            .store(usage[0].1 + usage[1].1, Ordering::SeqCst);
         if running.is_empty() && !waiting.is_empty() {
             // Nothing admitted (all cancelled or failed): yield briefly before retrying.
             std::thread::sleep(Duration::from_millis(1));
@@ -663,6 +675,7 @@ fn apply_queue_changes<M: StepModel>(
     waiting: &mut VecDeque<Seq<M::Cache, M::Soft>>,
     running: &mut Vec<Seq<M::Cache, M::Soft>>,
     model: &M,
+    pool: &M::Pool,
     limits: &Limits,
     stats: &EngineStats,
 ) {
@@ -684,8 +697,8 @@ fn apply_queue_changes<M: StepModel>(
     for &id in &plan.aborted {
         if let Some(seq) = remove(id) {
             let msg = format!(
-                "the request needs more KV cache than the engine holds ({} blocks of {} tokens)",
-                limits.blocks.num_kv_blocks.unwrap_or(0),
+                "the request needs more KV cache than the engine holds ({:?} blocks of {} tokens per layer kind)",
+                limits.blocks.num_kv_blocks.unwrap_or_default().0,
                 limits.blocks.block_size
             );
             let _ = seq.sub.tx.send(EngineEvent::Error(msg));
@@ -707,21 +720,42 @@ fn apply_queue_changes<M: StepModel>(
         };
         debug_assert_eq!(seq.id, id, "admitted from the front");
         stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        seq.cache = Some(model.new_cache());
+        seq.cache = Some(model.new_cache(pool));
         running.push(seq);
     }
 }
 
-/// Runs one prefill chunk (`chunk` of the prompt and generated tokens) into the sequence's
-/// cache; the logits of its last token become the pending row when the chunk completes it.
-fn prefill<M: StepModel>(
+/// A running sequence of model `M`.
+type SeqOf<M> = Seq<<M as StepModel>::Cache, <M as StepModel>::Soft>;
+
+/// A sequence's rows in a step: its tokens, the soft-token rows of the image placeholders among
+/// them, and what running them means.
+struct Rows {
+    tokens: Vec<u32>,
+    soft: Range<usize>,
+    /// Some: a prefill chunk (positions in prompt + generated) and the prompt part of it.
+    chunk: Option<(Range<usize>, Range<usize>)>,
+}
+
+impl Rows {
+    fn decode(id: u32) -> Rows {
+        Rows {
+            tokens: vec![id],
+            soft: 0..0,
+            chunk: None,
+        }
+    }
+}
+
+/// The rows of one prefill chunk (`chunk` of the prompt and generated tokens); encodes the
+/// request's images at its first chunk.
+fn prefill_rows<M: StepModel>(
     model: &M,
     seq: &mut Seq<M::Cache, M::Soft>,
     chunk: Range<usize>,
     image_id: Option<u32>,
     encoded: &mut Option<(Vec<Arc<PreprocessedImage>>, M::Soft)>,
-    stats: &EngineStats,
-) -> Result<(), String> {
+) -> Result<Rows, String> {
     let tokens = seq.tokens(chunk.clone());
     let prompt_len = seq.sub.req.prompt.len();
     // Only the prompt holds image placeholders (a generated one is a plain token).
@@ -732,28 +766,40 @@ fn prefill<M: StepModel>(
             .filter(|&&t| t == id)
             .count()
     });
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>, String> {
-        if chunk.start == 0 && !seq.sub.req.images.is_empty() {
-            seq.soft = encode_request_images(model, &seq.sub.req, image_id, encoded)?;
-        }
-        let rows = seq.soft_used..seq.soft_used + placeholders;
-        let soft = seq.soft.as_ref().map(|s| (s, rows));
-        let cache = seq.cache.as_mut().expect("a running sequence has a cache");
-        model.forward_prefill(&tokens, soft, cache)
-    }));
-    let row = result.map_err(|_| "internal error during prefill".to_string())??;
-    let new_prompt = in_prompt.end.saturating_sub(seq.prompt_counted);
-    stats
-        .prompt_tokens_total
-        .fetch_add(new_prompt as u64, Ordering::Relaxed);
-    seq.prompt_counted = seq.prompt_counted.max(in_prompt.end);
-    seq.computed = chunk.end;
-    seq.soft_used += placeholders;
-    if chunk.end == prompt_len + seq.generated.len() {
-        seq.next_logits = row;
-        seq.soft = None; // the soft tokens live on in the KV cache only
+    if chunk.start == 0 && !seq.sub.req.images.is_empty() {
+        let soft = catch_unwind(AssertUnwindSafe(|| {
+            encode_request_images(model, &seq.sub.req, image_id, encoded)
+        }));
+        seq.soft = soft.map_err(|_| "internal error while encoding images".to_string())??;
     }
-    Ok(())
+    Ok(Rows {
+        tokens,
+        soft: seq.soft_used..seq.soft_used + placeholders,
+        chunk: Some((chunk, in_prompt)),
+    })
+}
+
+impl<C, S> Seq<C, S> {
+    /// After the forward that ran `rows`: the cache holds them; `logits` (of their last token)
+    /// become the pending row once the prompt and generated tokens are all in.
+    fn ran(&mut self, rows: Rows, logits: Vec<f32>, stats: &EngineStats) {
+        let Some((chunk, in_prompt)) = rows.chunk else {
+            self.computed += 1;
+            self.next_logits = logits;
+            return;
+        };
+        let new_prompt = in_prompt.end.saturating_sub(self.prompt_counted);
+        stats
+            .prompt_tokens_total
+            .fetch_add(new_prompt as u64, Ordering::Relaxed);
+        self.prompt_counted = self.prompt_counted.max(in_prompt.end);
+        self.computed = chunk.end;
+        self.soft_used = rows.soft.end;
+        if chunk.end == self.sub.req.prompt.len() + self.generated.len() {
+            self.next_logits = logits;
+            self.soft = None; // the soft tokens live on in the KV cache only
+        }
+    }
 }
 
 /// Checks that the request's images match its placeholders (one run of `num_soft_tokens` per
@@ -855,11 +901,13 @@ mod tests {
     }
 
     impl StepModel for Recording {
+        type Pool = ();
         type Cache = ();
         type Soft = Vec<u32>; // one "row" per soft token: its index
-        fn new_cache(&self) {}
-        fn forward_last(&self, tokens: &[u32], c: &mut ()) -> Result<Vec<f32>, String> {
-            self.forward_prefill(tokens, None, c)
+        fn new_pool(&self, _: &BlockBudget) {}
+        fn new_cache(&self, _: &()) {}
+        fn pool_usage(&self, _: &()) -> [(usize, usize); 2] {
+            [(0, 0); 2]
         }
         fn image_token_id(&self) -> Option<u32> {
             Some(5)
@@ -873,23 +921,26 @@ mod tests {
             let n: usize = images.iter().map(|i| i.num_soft_tokens).sum();
             Ok(Some((0..n as u32).collect()))
         }
-        fn forward_prefill(
+        fn forward_step(
             &self,
-            tokens: &[u32],
-            soft: Option<(&Vec<u32>, Range<usize>)>,
             _: &mut (),
-        ) -> Result<Vec<f32>, String> {
-            let rows = soft.map_or(0..0, |(s, r)| {
-                assert!(r.end <= s.len());
-                r
-            });
-            self.log.lock().unwrap().push((tokens.to_vec(), rows));
-            let mut logits = vec![0.0; 16];
-            logits[15] = 10.0;
-            Ok(logits)
-        }
-        fn cache_entries(&self, _: &()) -> usize {
-            0
+            items: &mut [StepItem<'_, Self>],
+        ) -> Result<Vec<Vec<f32>>, String> {
+            let mut rows_out = vec![];
+            for item in items.iter() {
+                let rows = item.soft.as_ref().map_or(0..0, |(s, r)| {
+                    assert!(r.end <= s.len());
+                    r.clone()
+                });
+                // Decode rows are not prefill chunks: only chunks are recorded.
+                if item.tokens.len() > 1 || !rows.is_empty() || item.soft.is_some() {
+                    self.log.lock().unwrap().push((item.tokens.to_vec(), rows));
+                }
+                let mut logits = vec![0.0; 16];
+                logits[15] = 10.0;
+                rows_out.push(logits);
+            }
+            Ok(rows_out)
         }
     }
 
@@ -1032,27 +1083,39 @@ mod tests {
     const VOCAB: usize = 64;
 
     impl StepModel for Hashing {
+        type Pool = ();
         type Cache = Vec<u32>;
         type Soft = ();
-        fn new_cache(&self) -> Vec<u32> {
+        fn new_pool(&self, _: &BlockBudget) {}
+        fn new_cache(&self, _: &()) -> Vec<u32> {
             vec![]
         }
-        fn forward_last(&self, tokens: &[u32], cache: &mut Vec<u32>) -> Result<Vec<f32>, String> {
-            drop(self.gate.lock().unwrap());
-            cache.extend_from_slice(tokens);
-            let h = cache.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
-                (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3)
-            });
-            Ok((0..VOCAB as u64)
-                .map(|j| {
-                    let x = (h ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                        .wrapping_mul(0xff51_afd7_ed55_8ccd);
-                    (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-                })
-                .collect())
+        fn pool_usage(&self, _: &()) -> [(usize, usize); 2] {
+            [(0, 0); 2]
         }
-        fn cache_entries(&self, cache: &Vec<u32>) -> usize {
-            cache.len()
+        fn forward_step(
+            &self,
+            _: &mut (),
+            items: &mut [StepItem<'_, Self>],
+        ) -> Result<Vec<Vec<f32>>, String> {
+            drop(self.gate.lock().unwrap());
+            let mut out = vec![];
+            for item in items.iter_mut() {
+                item.cache.extend_from_slice(item.tokens);
+                let h = item.cache.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+                    (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3)
+                });
+                out.push(
+                    (0..VOCAB as u64)
+                        .map(|j| {
+                            let x = (h ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                                .wrapping_mul(0xff51_afd7_ed55_8ccd);
+                            (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+                        })
+                        .collect(),
+                );
+            }
+            Ok(out)
         }
     }
 
@@ -1135,8 +1198,9 @@ mod tests {
             })
             .collect();
         let blocks = BlockBudget {
-            num_kv_blocks: Some(5),
+            num_kv_blocks: Some(Blocks([5, 5])),
             block_size: 16,
+            ..BlockBudget::default()
         };
         let (together, stats) = generate(&requests, config, blocks);
         for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
@@ -1217,8 +1281,9 @@ mod tests {
             })
             .collect();
         let blocks = BlockBudget {
-            num_kv_blocks: Some(4),
+            num_kv_blocks: Some(Blocks([4, 4])),
             block_size: 16,
+            ..BlockBudget::default()
         };
         let (together, preemptions) = run(&requests, blocks);
         assert!(preemptions > 0);

@@ -7,14 +7,18 @@
 //! - **Running sequences first, oldest first.** Each running sequence either decodes one token or
 //!   prefills its next chunk. Prefill chunks share a token budget per step (chunked prefill,
 //!   `max_num_batched_tokens`), so a long prompt delays the running streams by one chunk, not by
-//!   its whole length; decodes do not draw on it (they run in their own batched forward). A chunk
+//!   its whole length; decode rows do not draw on it (they join the same forward). A chunk
 //!   never ends inside a run of image placeholders: one image's soft tokens attend to each other
 //!   bidirectionally, so they must be run in one call. A sequence whose prefill completes in a
-//!   step also decodes in it, as it always has.
-//! - **A block budget.** The KV cache is counted in blocks of `block_size` tokens; a sequence
-//!   holds ceil(tokens in its cache / block_size). When a sequence's work does not fit the free
-//!   blocks, the most recently admitted sequence is preempted (recompute preemption): its blocks
-//!   are freed and it goes back to the front of the waiting queue, to be prefilled again from its
+//!   step is listed for a decode too, and the blocks of that decode are reserved; the runner
+//!   samples the token from the chunk's logits at the start of the next step, so each step is
+//!   one forward.
+//! - **A block budget, kept as the model's paged pool allocates.** The KV cache is counted in
+//!   blocks of `block_size` tokens per layer kind: a full layer holds every token's block, a
+//!   sliding layer only those of its window (plus, during a step, the step's own tokens). When a
+//!   sequence's work does not fit the free blocks, the most recently admitted sequence is
+//!   preempted (recompute preemption): its blocks are freed and it goes back to the front of the
+//!   waiting queue, to be prefilled again from its
 //!   prompt and generated tokens. The newest loses because it has the least work to redo and the
 //!   oldest must always be able to finish. A sequence that does not fit even alone can never run
 //!   and is aborted instead of being preempted forever.
@@ -28,17 +32,56 @@ use std::ops::Range;
 /// A sequence's identity across queues (the engine numbers requests as they arrive).
 pub type SeqId = u64;
 
-/// KV blocks per sequence are ceil(tokens / block_size).
-pub const DEFAULT_BLOCK_SIZE: usize = 16;
+/// Tokens per KV block unless configured.
+pub const DEFAULT_BLOCK_SIZE: usize = gemma4_model::DEFAULT_BLOCK_SIZE;
 
-/// The KV block budget admission and preemption count against. Accounting only for now: each
-/// sequence still has its own cache, counted as ceil(tokens / block_size) blocks.
+/// What the layers of one kind keep of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The model has no layer of this kind.
+    Nothing,
+    /// Every token (full attention).
+    All,
+    /// The last n tokens after each step (a sliding window minus the next query).
+    Last(usize),
+}
+
+/// Block counts per layer kind (sliding, full): the KV pool keeps one set of block ids per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Blocks(pub [usize; 2]);
+
+impl Blocks {
+    pub const UNLIMITED: Blocks = Blocks([usize::MAX; 2]);
+
+    /// Whether every kind fits in `free`.
+    pub fn fits_in(self, free: Blocks) -> bool {
+        self.0[0] <= free.0[0] && self.0[1] <= free.0[1]
+    }
+
+    pub fn plus(self, o: Blocks) -> Blocks {
+        Blocks([0, 1].map(|i| self.0[i].saturating_add(o.0[i])))
+    }
+
+    pub fn minus(self, o: Blocks) -> Blocks {
+        Blocks([0, 1].map(|i| self.0[i].saturating_sub(o.0[i])))
+    }
+
+    pub fn total(self) -> usize {
+        self.0[0] + self.0[1]
+    }
+}
+
+/// The KV block budget admission and preemption count against, kept exactly as the model's
+/// paged pool allocates: per kind, a sequence with `computed` cached tokens running a step to
+/// `end` holds the blocks of tokens `computed - keep .. end` (full layers: `0..end`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockBudget {
-    /// Blocks in all; None: unlimited (no admission by memory, no preemption).
-    pub num_kv_blocks: Option<usize>,
+    /// Blocks of each kind in the pool; None: unlimited (no admission by memory, no preemption).
+    pub num_kv_blocks: Option<Blocks>,
     /// Tokens per block.
     pub block_size: usize,
+    /// What each kind keeps (the engine sets it from the model at start).
+    pub keep: [Keep; 2],
 }
 
 impl Default for BlockBudget {
@@ -46,19 +89,31 @@ impl Default for BlockBudget {
         BlockBudget {
             num_kv_blocks: None,
             block_size: DEFAULT_BLOCK_SIZE,
+            keep: [Keep::Nothing, Keep::All],
         }
     }
 }
 
 impl BlockBudget {
-    /// The blocks `tokens` cached tokens hold.
-    pub fn blocks(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.block_size.max(1))
+    /// The blocks a sequence holds during a step from `computed` cached tokens to `end`.
+    pub fn needed(&self, computed: usize, end: usize) -> Blocks {
+        let bs = self.block_size.max(1);
+        Blocks(self.keep.map(|keep| match keep {
+            Keep::Nothing => 0,
+            Keep::All => gemma4_model::cache::blocks_needed(computed, end, None, bs),
+            Keep::Last(n) => gemma4_model::cache::blocks_needed(computed, end, Some(n), bs),
+        }))
     }
 
-    /// Whether a sequence of `tokens` tokens fits the pool on its own.
+    /// The blocks a sequence of `tokens` cached tokens holds between steps.
+    pub fn held(&self, tokens: usize) -> Blocks {
+        self.needed(tokens, tokens)
+    }
+
+    /// Whether a prompt of `tokens` tokens fits the pool on its own (run in one step).
     pub fn fits(&self, tokens: usize) -> bool {
-        self.num_kv_blocks.is_none_or(|n| self.blocks(tokens) <= n)
+        self.num_kv_blocks
+            .is_none_or(|n| self.needed(0, tokens).fits_in(n))
     }
 }
 
@@ -121,7 +176,8 @@ pub fn plan(
     image_id: Option<u32>,
 ) -> StepPlan {
     let mut plan = StepPlan::default();
-    let blocks = |tokens: usize| limits.blocks.blocks(tokens);
+    let held = |tokens: usize| limits.blocks.held(tokens);
+    let needed = |computed: usize, end: usize| limits.blocks.needed(computed, end);
     plan.dropped.extend(
         running
             .iter()
@@ -130,23 +186,28 @@ pub fn plan(
             .map(|s| s.id),
     );
     let mut running: Vec<&SeqState> = running.iter().filter(|s| !s.cancelled).collect();
-    let held: usize = running.iter().map(|s| blocks(s.computed)).sum();
+    let in_use = running
+        .iter()
+        .fold(Blocks::default(), |a, s| a.plus(held(s.computed)));
     // Unlimited: as many free blocks as any step could ask for.
     let mut free = limits
         .blocks
         .num_kv_blocks
-        .map_or(usize::MAX, |n| n.saturating_sub(held));
+        .map_or(Blocks::UNLIMITED, |n| n.minus(in_use));
     let mut budget = limits.token_budget.max(1);
 
     // The work a sequence asks for now: its chunk (None for a decode) and the blocks it needs.
-    let work = |s: &SeqState, budget: usize| -> (Option<Range<usize>>, usize) {
+    let work = |s: &SeqState, budget: usize| -> (Option<Range<usize>>, Blocks) {
         if s.decoding() {
-            return (None, blocks(s.len + 1) - blocks(s.computed));
+            return (None, needed(s.computed, s.len + 1).minus(held(s.computed)));
         }
         let end = chunk_end(s.prompt, s.len, s.computed, budget, image_id);
-        // A chunk that completes the prefill is followed by a decode in the same step.
+        // A chunk that completes the prefill is followed by a decode (counted here).
         let after = end + usize::from(end == s.len);
-        (Some(s.computed..end), blocks(after) - blocks(s.computed))
+        (
+            Some(s.computed..end),
+            needed(s.computed, after).minus(held(s.computed)),
+        )
     };
 
     let mut i = 0;
@@ -157,14 +218,14 @@ pub fn plan(
             continue;
         }
         let (chunk, need) = work(s, budget);
-        while need > free && running.len() > i + 1 {
+        while !need.fits_in(free) && running.len() > i + 1 {
             let victim = running.pop().expect("a newer sequence");
-            free += blocks(victim.computed);
+            free = free.plus(held(victim.computed));
             plan.preempted.push(victim.id);
         }
-        if need > free {
+        if !need.fits_in(free) {
             running.remove(i);
-            free += blocks(s.computed);
+            free = free.plus(held(s.computed));
             if i == 0 {
                 plan.aborted.push(s.id); // alone, and still does not fit
             } else {
@@ -172,7 +233,7 @@ pub fn plan(
             }
             continue;
         }
-        free -= need;
+        free = free.minus(need);
         match chunk {
             Some(c) => {
                 budget -= (c.end - c.start).min(budget);
@@ -197,14 +258,18 @@ pub fn plan(
             break;
         }
         let (chunk, need) = work(s, budget);
-        if need > free {
-            if limits.blocks.num_kv_blocks.is_some_and(|n| need > n) {
+        if !need.fits_in(free) {
+            if limits
+                .blocks
+                .num_kv_blocks
+                .is_some_and(|n| !need.fits_in(n))
+            {
                 plan.aborted.push(s.id);
                 continue; // it could never run: not a reason to hold up the queue
             }
             break; // the head waits; no later request overtakes it
         }
-        free -= need;
+        free = free.minus(need);
         slots -= 1;
         plan.admitted.push(s.id);
         if budget > 0 {
@@ -313,8 +378,10 @@ mod tests {
             plan(&w, &r, limits, None)
         }
 
-        fn held(&self, blocks: &BlockBudget) -> usize {
-            self.running.iter().map(|s| blocks.blocks(s.computed)).sum()
+        fn held(&self, blocks: &BlockBudget) -> Blocks {
+            self.running
+                .iter()
+                .fold(Blocks::default(), |a, s| a.plus(blocks.held(s.computed)))
         }
 
         fn apply(&mut self, p: &StepPlan) {
@@ -363,7 +430,7 @@ mod tests {
                 let p = self.plan(limits);
                 self.apply(&p);
                 if let Some(n) = limits.blocks.num_kv_blocks {
-                    assert!(self.held(&limits.blocks) <= n, "over the pool: {p:?}");
+                    assert!(self.held(&limits.blocks).fits_in(n), "over the pool: {p:?}");
                 }
                 assert!(self.running.len() <= limits.max_num_seqs);
                 plans.push(p);
@@ -377,8 +444,9 @@ mod tests {
             max_num_seqs,
             token_budget,
             blocks: BlockBudget {
-                num_kv_blocks: num_blocks,
+                num_kv_blocks: num_blocks.map(|n| Blocks([0, n])),
                 block_size: 4,
+                keep: [Keep::Nothing, Keep::All],
             },
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use gemma4_model::vision::PreprocessedImage;
 
-use super::StepModel;
+use super::{BlockBudget, StepItem, StepModel};
 
 pub struct ScriptedModel {
     pub vocab_size: usize,
@@ -20,21 +20,28 @@ pub struct ScriptedModel {
     pub image_token_id: Option<u32>,
 }
 
-impl StepModel for ScriptedModel {
-    /// (tokens seen, forward calls made).
-    type Cache = (usize, usize);
-    /// The number of soft-token rows (no vision tower runs).
-    type Soft = usize;
-
-    fn new_cache(&self) -> (usize, usize) {
-        (0, 0)
-    }
-
-    fn forward_last(&self, tokens: &[u32], cache: &mut (usize, usize)) -> Result<Vec<f32>, String> {
+impl ScriptedModel {
+    /// One item: checks the ids and the soft rows against the placeholders, then the script's
+    /// next token.
+    fn run(
+        &self,
+        tokens: &[u32],
+        soft: Option<(&usize, Range<usize>)>,
+        cache: &mut (usize, usize),
+    ) -> Result<Vec<f32>, String> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.vocab_size
+            ));
+        }
+        let placeholders = self
+            .image_token_id
+            .map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
+        let (total, rows) = soft.map_or((0, 0..0), |(n, r)| (*n, r));
+        if rows.len() != placeholders || rows.end > total {
+            return Err(format!(
+                "{placeholders} image placeholders but soft rows {rows:?} of {total}"
             ));
         }
         let step = cache.1;
@@ -46,6 +53,25 @@ impl StepModel for ScriptedModel {
         }
         Ok(logits)
     }
+}
+
+impl StepModel for ScriptedModel {
+    /// No KV: nothing to pool.
+    type Pool = ();
+    /// (tokens seen, forward calls made).
+    type Cache = (usize, usize);
+    /// The number of soft-token rows (no vision tower runs).
+    type Soft = usize;
+
+    fn new_pool(&self, _: &BlockBudget) {}
+
+    fn new_cache(&self, _: &()) -> (usize, usize) {
+        (0, 0)
+    }
+
+    fn pool_usage(&self, _: &()) -> [(usize, usize); 2] {
+        [(0, 0); 2]
+    }
 
     fn image_token_id(&self) -> Option<u32> {
         self.image_token_id
@@ -55,25 +81,17 @@ impl StepModel for ScriptedModel {
         Ok((!images.is_empty()).then(|| images.iter().map(|i| i.num_soft_tokens).sum()))
     }
 
-    fn forward_prefill(
+    fn forward_step(
         &self,
-        tokens: &[u32],
-        soft: Option<(&usize, Range<usize>)>,
-        cache: &mut (usize, usize),
-    ) -> Result<Vec<f32>, String> {
-        let placeholders = self
-            .image_token_id
-            .map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
-        let (total, rows) = soft.map_or((0, 0..0), |(n, r)| (*n, r));
-        if rows.len() != placeholders || rows.end > total {
-            return Err(format!(
-                "{placeholders} image placeholders but soft rows {rows:?} of {total}"
-            ));
-        }
-        self.forward_last(tokens, cache)
-    }
-
-    fn cache_entries(&self, cache: &(usize, usize)) -> usize {
-        cache.0
+        _: &mut (),
+        items: &mut [StepItem<'_, Self>],
+    ) -> Result<Vec<Vec<f32>>, String> {
+        items
+            .iter_mut()
+            .map(|item| {
+                let soft = item.soft.as_ref().map(|(n, r)| (*n, r.clone()));
+                self.run(item.tokens, soft, item.cache)
+            })
+            .collect()
     }
 }

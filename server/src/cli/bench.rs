@@ -13,7 +13,7 @@ use gemma4_model::kernels::attention::{reference, AttentionParams};
 use gemma4_model::kernels::fused::reference as fused_ref;
 use gemma4_model::kernels::pool::for_each_mut;
 use gemma4_model::nvfp4::{scale_words_per_row, Nvfp4Weight, GROUP_SIZE};
-use gemma4_model::{Gemma4Backend, KvCache, Logits, Model, SamplingParams};
+use gemma4_model::{Gemma4Backend, Logits, Model, SamplingParams, SeqKv, SeqStep};
 use serde_json::{json, Value};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -107,17 +107,34 @@ pub fn end_to_end<B: Gemma4Backend>(
     }
     let mut batched = serde_json::Map::new();
     for &batch in batches.iter().filter(|&&b| b > 1) {
-        let mut caches: Vec<KvCache<B>> = (0..batch).map(|_| m.text.new_cache()).collect();
-        for c in caches.iter_mut() {
-            read(m.text.forward(short, c, Logits::Last)?);
-        }
-        let steps = (decode_tokens / 4).max(4);
-        let tokens: Vec<u32> = (0..batch).map(|b| prompt[b % prompt.len()]).collect();
+        // One paged pool for the batch, as the engine has (it grows to what the batch needs).
+        let mut pool = m.text.new_pool(gemma4_model::DEFAULT_BLOCK_SIZE, None);
+        let mut seqs: Vec<SeqKv> = (0..batch).map(|_| pool.new_seq()).collect();
+        let mut steps: Vec<SeqStep<B>> = seqs
+            .iter_mut()
+            .map(|kv| SeqStep {
+                tokens: short,
+                soft: None,
+                kv,
+            })
+            .collect();
+        read(m.text.forward_step(&mut pool, &mut steps, Logits::Last)?);
+        let n_steps = (decode_tokens / 4).max(4);
+        let tokens: Vec<[u32; 1]> = (0..batch).map(|b| [prompt[b % prompt.len()]]).collect();
         let start = Instant::now();
-        for _ in 0..steps {
-            let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
-            read(m.text.forward_batch(&tokens, &mut refs)?);
+        for _ in 0..n_steps {
+            let mut steps: Vec<SeqStep<B>> = seqs
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(kv, t)| SeqStep {
+                    tokens: t,
+                    soft: None,
+                    kv,
+                })
+                .collect();
+            read(m.text.forward_step(&mut pool, &mut steps, Logits::Last)?);
         }
+        let steps = n_steps;
         let tok_s = (batch * steps) as f64 / start.elapsed().as_secs_f64();
         batched.insert(batch.to_string(), json!(tok_s));
     }

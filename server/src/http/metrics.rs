@@ -79,13 +79,7 @@ impl Metrics {
         self.http_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(
-        &self,
-        stats: &EngineStats,
-        model: &str,
-        kv_capacity: usize,
-        kv_blocks_total: Option<usize>,
-    ) -> String {
+    pub fn render(&self, stats: &EngineStats, model: &str, bounded: bool) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(
@@ -111,31 +105,31 @@ impl Metrics {
             "Requests waiting for a slot.",
             stats.waiting.load(Ordering::SeqCst) as f64,
         );
-        let kv = stats.kv_entries.load(Ordering::SeqCst);
-        gauge(
-            &mut out,
-            "gemma4_kv_cache_entries",
-            "KV cache entries (tokens x layers) held by running requests.",
-            kv as f64,
-        );
         let blocks_used = stats.kv_blocks_used.load(Ordering::SeqCst);
+        let blocks_total = stats.kv_blocks_total.load(Ordering::SeqCst);
         gauge(
             &mut out,
             "gemma4_kv_cache_blocks_used",
-            "KV cache blocks (ceil(cached tokens / block size) per sequence) held by running requests.",
+            "KV cache blocks (all layer kinds) held by running requests.",
             blocks_used as f64,
         );
-        // With a block budget, used / total blocks (vLLM's figure); without one, entries over
-        // what the running slots could hold at the context limit.
-        let usage = match kv_blocks_total {
-            Some(total) if total > 0 => blocks_used as f64 / total as f64,
-            _ if kv_capacity > 0 => kv as f64 / kv_capacity as f64,
-            _ => 0.0,
+        gauge(
+            &mut out,
+            "gemma4_kv_cache_blocks_total",
+            "KV cache blocks (all layer kinds) in the pool; a pool without a budget grows.",
+            blocks_total as f64,
+        );
+        // vLLM's figure: used over total blocks of a bounded pool. A growable pool (no
+        // budget) is never full: 0.
+        let usage = if bounded && blocks_total > 0 {
+            blocks_used as f64 / blocks_total as f64
+        } else {
+            0.0
         };
         gauge(
             &mut out,
             "gemma4_kv_cache_usage_perc",
-            "KV cache usage: used / total blocks under --num-kv-blocks, else entries over the running slots' maximum.",
+            "KV cache usage: used / total blocks of the pool (0 when the pool has no budget).",
             usage,
         );
         counter(

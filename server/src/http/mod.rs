@@ -40,7 +40,6 @@ pub struct AppState {
     pub default_sampling: SamplingParams,
     pub metrics: metrics::Metrics,
     /// KV entries (tokens × layers) the running slots could hold, for the usage gauge.
-    pub kv_capacity: usize,
     pub created: u64,
     /// Image inputs: the vision side of the checkpoint and the operator's limits.
     pub images: images::ImageSettings,
@@ -250,8 +249,7 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     let body = state.metrics.render(
         &state.engine.stats,
         &state.served_model_name,
-        state.kv_capacity,
-        state.engine.config().blocks.num_kv_blocks,
+        state.engine.config().blocks.num_kv_blocks.is_some(),
     );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
