@@ -130,9 +130,22 @@ struct Segment<'a> {
 }
 
 impl Segment<'_> {
+    /// Keys `lo..hi` as runs of consecutive slots, `(first key, its slot, length)`: one division
+    /// per block, not per key.
     #[inline(always)]
-    fn slot(&self, j: usize) -> usize {
-        self.blocks[j / self.block_size] as usize * self.block_size + j % self.block_size
+    fn runs(&self, lo: usize, hi: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let bs = self.block_size;
+        let mut j = lo;
+        std::iter::from_fn(move || {
+            if j >= hi {
+                return None;
+            }
+            let off = j % bs;
+            let len = (bs - off).min(hi - j);
+            let run = (j, self.blocks[j / bs] as usize * bs + off, len);
+            j += len;
+            Some(run)
+        })
     }
 }
 
@@ -321,33 +334,37 @@ fn row(
     };
     scores.clear();
     let mut max = f32::NEG_INFINITY;
-    for j in lo..hi.max(lo) {
-        if j >= causal_hi && !p.visible(qpos, p.k_start + j) {
-            scores.push(f32::NEG_INFINITY);
-            continue;
+    for (j0, slot0, n) in seg.runs(lo, hi.max(lo)) {
+        let run = &keys[slot0 * d..(slot0 + n) * d];
+        for (m, kr) in run.chunks_exact(d).enumerate() {
+            let j = j0 + m;
+            if j >= causal_hi && !p.visible(qpos, p.k_start + j) {
+                scores.push(f32::NEG_INFINITY);
+                continue;
+            }
+            let mut sc = dot(qr, kr) * p.scale;
+            if let Some(cap) = p.softcap {
+                sc = (sc / cap).tanh() * cap;
+            }
+            max = max.max(sc);
+            scores.push(sc);
         }
-        let at = seg.slot(j) * d;
-        let mut sc = dot(qr, &keys[at..at + d]) * p.scale;
-        if let Some(cap) = p.softcap {
-            sc = (sc / cap).tanh() * cap;
-        }
-        max = max.max(sc);
-        scores.push(sc);
     }
     o.fill(0.0);
     if max == f32::NEG_INFINITY {
         return;
     }
     let mut sum = 0f32;
-    for (jj, sc) in scores.iter().enumerate() {
-        if *sc == f32::NEG_INFINITY {
-            continue;
+    for (j0, slot0, n) in seg.runs(lo, hi.max(lo)) {
+        let run = &vals[slot0 * d..(slot0 + n) * d];
+        for (sc, vr) in scores[j0 - lo..j0 - lo + n].iter().zip(run.chunks_exact(d)) {
+            if *sc == f32::NEG_INFINITY {
+                continue;
+            }
+            let w = (sc - max).exp();
+            sum += w;
+            o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);
         }
-        let w = (sc - max).exp();
-        sum += w;
-        let at = seg.slot(lo + jj) * d;
-        let vr = &vals[at..at + d];
-        o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);
     }
     let inv = 1.0 / sum;
     o.iter_mut().for_each(|x| *x *= inv);

@@ -1212,14 +1212,15 @@ mod tests {
 
     #[test]
     fn the_tiny_model_generates_the_same_under_preemption() {
-        // The real fixture model on the CPU: 16 greedy requests in 4 blocks of 16 tokens (the
-        // longest needs 3). A preempted request is recomputed by prefill where it was decoded
-        // before; greedy output must not change.
+        // The real fixture model on the CPU: 32 concurrent greedy requests in a paged pool of 4
+        // blocks of 16 tokens per layer kind (the longest request needs 3 full blocks). A
+        // preempted request is recomputed by prefill where it was decoded before; greedy output
+        // must not change, and every block returns to the pool.
         let dir = std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../fixtures/tiny-31b-recipe"
         ));
-        let requests: Vec<EngineRequest> = (0..16u32)
+        let requests: Vec<EngineRequest> = (0..32u32)
             .map(|i| {
                 let prompt = (0..4 + i * 5 % 36)
                     .map(|t| 20 + (t * 37 + i * 11) % 560)
@@ -1230,7 +1231,7 @@ mod tests {
             })
             .collect();
         let config = EngineConfig {
-            max_num_seqs: 16,
+            max_num_seqs: 32,
             prefill_chunk: 32,
             max_waiting: 64,
             blocks: BlockBudget::default(),
@@ -1265,12 +1266,17 @@ mod tests {
                     tokens
                 })
                 .collect();
+            // The gauge is updated at the end of the step that finished the last request.
+            let stats = engine.stats.clone();
+            let used = || stats.kv_blocks_used.load(Ordering::SeqCst);
+            let start = std::time::Instant::now();
+            while used() > 0 && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(used(), 0, "blocks still held after every request finished");
             engine.shutdown();
             thread.join().unwrap();
-            (
-                outputs,
-                engine.stats.preemptions_total.load(Ordering::SeqCst),
-            )
+            (outputs, stats.preemptions_total.load(Ordering::SeqCst))
         };
         let alone: Vec<Vec<u32>> = requests
             .iter()
