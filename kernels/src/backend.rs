@@ -6,7 +6,7 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement};
 
-use crate::attention::{self, flash, reference, AttentionParams, PagedBatch};
+use crate::attention::{self, flash, kv_write as kv_cube, reference, AttentionParams, PagedBatch};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
 use crate::nvfp4::{gemm as nvfp4_gemm, gemv as nvfp4_gemv};
@@ -577,6 +577,67 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
             shape,
             || flash::fused_attention(q.clone(), k.clone(), v.clone(), params),
             || reference::attention(q.clone(), k.clone(), v.clone(), params),
+        )
+    }
+
+    /// The paged kernel: one launch for the whole ragged batch, keys read through the block
+    /// tables (see [`flash::paged_attention`]).
+    fn paged_attention(
+        q: Tensor<Self, 3>,
+        k_pool: Tensor<Self, 3>,
+        v_pool: Tensor<Self, 3>,
+        batch: &PagedBatch,
+    ) -> Tensor<Self, 2> {
+        let shape = || {
+            format!(
+                "q {:?}, pools {:?}, block_size {}, sequences (rows, keys) {:?}",
+                q.dims(),
+                k_pool.dims(),
+                batch.block_size,
+                batch
+                    .seqs
+                    .iter()
+                    .map(|s| (s.rows.clone(), s.keys))
+                    .collect::<Vec<_>>()
+            )
+        };
+        fallback::run(
+            "paged_attention",
+            shape,
+            || flash::paged_attention(q.clone(), k_pool.clone(), v_pool.clone(), batch),
+            || reference::paged_attention(q.clone(), k_pool.clone(), v_pool.clone(), batch),
+        )
+    }
+
+    /// The scatter kernel, in place when the pool's buffer is not shared (see
+    /// [`kv_cube::kv_write`]). The pool moves into whichever path runs, so an exclusively owned
+    /// pool stays exclusively owned.
+    fn kv_write(pool: Tensor<Self, 3>, new: Tensor<Self, 3>, slots: &[u32]) -> Tensor<Self, 3> {
+        let (pool_dims, new_dims) = (pool.dims(), new.dims());
+        let shape = || {
+            format!(
+                "rows {new_dims:?} into pool {pool_dims:?} at {} slots",
+                slots.len()
+            )
+        };
+        let pool = std::cell::RefCell::new(Some(pool));
+        let take = || {
+            pool.borrow_mut()
+                .take()
+                .expect("kv_write: the pool is taken once")
+        };
+        fallback::run(
+            "kv_write",
+            shape,
+            || {
+                let checked = kv_cube::kv_write_check(
+                    pool.borrow().as_ref().expect("kv_write: the pool is here"),
+                    &new,
+                    slots,
+                );
+                checked.and_then(|()| kv_cube::kv_write(take(), new.clone(), slots))
+            },
+            || reference::kv_write(take(), new.clone(), slots),
         )
     }
 

@@ -18,10 +18,12 @@ use std::sync::Mutex;
 
 /// The kernels [`run`] counts, by the names it takes: the CubeCL kernels ([`CUBE_KERNELS`], wgpu
 /// and CUDA), then the CPU kernels of the ndarray backend ([`CPU_KERNELS`]).
-pub const KERNELS: [&str; 16] = [
+pub const KERNELS: [&str; 18] = [
     "nvfp4_gemv",
     "nvfp4_gemm",
     "flash_attention",
+    "paged_attention",
+    "kv_write",
     "rms_norm",
     "rms_norm_add",
     "rms_norm_rope",
@@ -38,9 +40,9 @@ pub const KERNELS: [&str; 16] = [
 ];
 
 /// The CubeCL kernels among [`KERNELS`].
-pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(7).0;
+pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(9).0;
 /// The CPU kernels among [`KERNELS`].
-pub const CPU_KERNELS: &[&str] = KERNELS.split_at(7).1;
+pub const CPU_KERNELS: &[&str] = KERNELS.split_at(9).1;
 
 /// What a kernel's refusal does (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

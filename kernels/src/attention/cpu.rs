@@ -543,10 +543,11 @@ mod tests {
                     break;
                 }
                 let blocks = free.split_off(free.len() - n_blocks);
-                let bidirectional = if t > 6 && pick(2) == 0 {
+                // One image span inside the chunk.
+                let bidirectional: Vec<_> = if t > 6 && pick(2) == 0 {
                     std::iter::once(before + 2..before + 6).collect()
                 } else {
-                    vec![]
+                    Vec::new()
                 };
                 seqs.push(PagedSeq {
                     rows: rows..rows + t,

@@ -8,13 +8,27 @@
 //! Semantics are those of [`super::reference::attention`]: q `[t, heads, d]`, k and v
 //! `[kv_heads, s, d]`, output `[t, heads · d]`, query head h reads KV head h / groups, visibility
 //! per [`AttentionParams::visible`] (causal, a window that bounds the past, up to [`MAX_SPANS`]
-//! bidirectional spans), scale, optional tanh softcap.
+//! bidirectional spans), scale, optional tanh softcap; and for a paged ragged batch
+//! ([`paged_attention`]) those of [`super::reference::paged_attention`], per sequence.
 //!
 //! # Structure
-//! A cube (128 threads) owns `bq` *rows* of one KV head (`bq` = 1, 2, 4, 8 or 16); row r of the
-//! launch is query r / groups, query head kv · groups + r % groups, so every K/V tile a cube
-//! loads serves all query heads of its GQA group at once (GQA by index, K/V never copied). The
-//! cube walks its key range in tiles of `BK` = 32 keys with an online softmax in f32:
+//! One kernel serves both entry points: a launch takes a ragged batch of sequences, each with its
+//! own rows of q, positions, window and spans; [`fused_attention`] is the batch of one sequence
+//! whose keys are rows `0..s` of k and v, [`paged_attention`] reads key j of a sequence from pool
+//! row `blocks[j / block_size] · block_size + j % block_size` of its block table (the `paged`
+//! comptime flag: the contiguous kernel has no table lookup). The whole batch is one launch
+//! (plus the split reduction): grid x = row tiles of all sequences, y = KV heads, z = key splits.
+//! The host describes each tile in a small i32 metadata tensor ([`META`] fields: its sequence's
+//! first q row and row count, the tile's first row, q_start, k_start, causal, window, the tile's
+//! visible key range, keys per split, the offsets of its sequence's block table and spans in the
+//! concatenated tables, the span count), so the kernel needs no per-sequence scan.
+//!
+//! A cube (128 threads) owns `bq` *rows* of one KV head of one sequence (`bq` = 1, 2, 4, 8 or
+//! 16); row r of a sequence is its query r / groups, query head kv · groups + r % groups, so every
+//! K/V tile a cube loads serves all query heads of its GQA group at once (GQA by index, K/V never
+//! copied). A paged cube first computes the pool rows of the tile's 32 keys into shared memory
+//! (one block-table read per key per tile), then stages K and V rows from there. The cube walks
+//! its key range in tiles of `BK` = 32 keys with an online softmax in f32:
 //! - S = Q·Kᵀ: the `bq × 32` dot products are spread over the threads; q and k are staged in
 //!   shared memory in chunks of `dc` columns (`dc` = d for d ≤ 72, else 64; k rows padded by one
 //!   against bank conflicts); q stays resident when d ≤ 72;
@@ -24,15 +38,20 @@
 //!   buffer, `v_keys(d)` keys at a time (4 at d = 512, 8 at 256, 32 at ≤ 72).
 //!
 //! Shared memory per cube: 4 · (bq·dc + max(32·(dc+1), v_keys·d) + 32·bq) bytes, at most 16 000
-//! (d = 72, bq = 16) and 14 464 at d = 64/256/512 with bq = 16: within WebGPU's 16 KiB default.
+//! (d = 72, bq = 16) and 14 464 at d = 64/256/512 with bq = 16: within WebGPU's 16 KiB default;
+//! 128 bytes more for the paged kernel's pool rows.
 //!
 //! Key tiles outside the union of the visible ranges of the cube's queries (causal bound,
-//! window, spans) are never loaded. Rows without any visible key produce zeros (the reference
+//! window, spans; computed per tile on the host) are never loaded. Rows without any visible key produce zeros (the reference
 //! gives NaN; causal text always sees its own position).
 //!
-//! Split-K ("flash decoding"): with few cubes (decode: t ≤ a few, 4 KV heads on the full layers)
-//! the visible key range is cut into `splits` chunks along grid z; each cube writes its
-//! unnormalised output with its running max and sum, and [`split_reduce_kernel`] combines them.
+//! Split-K ("flash decoding"): with few cubes (decode: t ≤ a few, 4 KV heads on the full layers;
+//! a batch of decode rows) each tile's visible key range is cut into `splits` chunks along grid z
+//! (a tile with fewer keys leaves its later splits empty); each cube writes its unnormalised
+//! output with its running max and sum, and [`split_reduce_kernel`] combines them.
+//!
+//! A paged batch shares one `bq` (that of its longest sequence: a decode row in a batch with a
+//! prefill chunk fills 1..8 of 16 rows), one scale and one softcap (a mix is refused).
 //!
 //! # lavapipe
 //! Mesa's llvmpipe/lavapipe caps every shader invocation at 65 535 loop iterations in total (all
@@ -49,7 +68,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use super::AttentionParams;
+use super::{AttentionParams, PagedBatch};
 
 /// The backend of the kernels: any CubeCL runtime with float element `F` and i32 ints.
 pub type AttentionBackend<R, F = f32, BT = u32> = CubeBackend<R, F, i32, BT>;
@@ -112,6 +131,8 @@ pub enum AttentionError {
     SharedMemory { needed: usize, available: usize },
     #[error("invalid plan: {0}")]
     Plan(&'static str),
+    #[error("paged batch: {0}")]
+    Batch(String),
 }
 
 /// How a launch is cut: rows per cube and key splits. [`plan`] picks one by shape; a bench or
@@ -152,7 +173,12 @@ const fn kv_buffer_len(d: usize) -> usize {
 
 /// The key index range `[lo, hi)` that some query of `0..t` may see.
 fn visible_key_range(p: &AttentionParams, t: usize, s: usize) -> (usize, usize) {
-    let (q_lo, q_hi) = (p.q_start, p.q_start + t - 1);
+    visible_keys(p, p.q_start, p.q_start + t - 1, s)
+}
+
+/// The key index range `[lo, hi)` of keys `0..s` that some query at absolute positions
+/// `q_lo..=q_hi` may see (causal bound, window, spans), or (0, 0).
+fn visible_keys(p: &AttentionParams, q_lo: usize, q_hi: usize, s: usize) -> (usize, usize) {
     let mut lo = p.k_start;
     let mut hi = p.k_start + s;
     if let Some(w) = p.window {
@@ -177,6 +203,19 @@ fn visible_key_range(p: &AttentionParams, t: usize, s: usize) -> (usize, usize) 
     }
 }
 
+/// Key splits for `cubes` cubes whose longest visible key range is `keys`: enough to give the
+/// device about [`TARGET_CUBES`] cubes, each at least [`MIN_KEYS_PER_SPLIT`] keys.
+fn choose_splits(cubes: usize, keys: usize) -> usize {
+    let mut splits = 1;
+    if cubes < TARGET_CUBES && keys >= 2 * MIN_KEYS_PER_SPLIT {
+        splits = TARGET_CUBES
+            .div_ceil(cubes.max(1))
+            .min(keys / MIN_KEYS_PER_SPLIT)
+            .min(MAX_SPLITS);
+    }
+    splits.max(1)
+}
+
 /// The plan [`fused_attention`] uses: the smallest power-of-two row tile holding t · groups rows
 /// (at most 16), and key splits when the cubes would be too few to fill the device (decode).
 pub fn plan(t: usize, heads: usize, kv_heads: usize, s: usize, p: &AttentionParams) -> FlashPlan {
@@ -188,22 +227,43 @@ pub fn plan(t: usize, heads: usize, kv_heads: usize, s: usize, p: &AttentionPara
     } else {
         visible_key_range(p, t, s)
     };
-    let keys = hi - lo;
-    let mut splits = 1;
-    if cubes < TARGET_CUBES && keys >= 2 * MIN_KEYS_PER_SPLIT {
-        splits = TARGET_CUBES
-            .div_ceil(cubes)
-            .min(keys / MIN_KEYS_PER_SPLIT)
-            .min(MAX_SPLITS);
-    }
     FlashPlan {
         rows_per_cube,
-        splits: splits.max(1),
+        splits: choose_splits(cubes, hi - lo),
+    }
+}
+
+/// The plan [`paged_attention`] uses: the row tile of the sequence with the most rows (as
+/// [`plan`]; a tile never spans two sequences), and key splits when all tiles of all sequences
+/// make too few cubes (a decode batch), sized by the longest visible key range.
+pub fn paged_plan(batch: &PagedBatch, heads: usize, kv_heads: usize) -> FlashPlan {
+    let groups = (heads / kv_heads.max(1)).max(1);
+    let most = batch.seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0);
+    let rows_per_cube = (most * groups).next_power_of_two().min(MAX_BQ);
+    let tiles: usize = batch
+        .seqs
+        .iter()
+        .map(|s| (s.rows.len() * groups).div_ceil(rows_per_cube))
+        .sum();
+    let keys = batch
+        .seqs
+        .iter()
+        .filter(|s| !s.rows.is_empty() && s.keys > 0)
+        .map(|s| {
+            let (lo, hi) = visible_key_range(&s.params, s.rows.len(), s.keys);
+            hi - lo
+        })
+        .max()
+        .unwrap_or(0);
+    FlashPlan {
+        rows_per_cube,
+        splits: choose_splits(tiles * kv_heads, keys),
     }
 }
 
 /// Whether the query at absolute position `qa` sees the key at `ka`: [`AttentionParams::visible`]
-/// with window 0 = none and `n_spans` bidirectional spans `[start, end)` in `spans`.
+/// with window 0 = none and `n_spans` bidirectional spans `[start, end)` in `spans`, from pair
+/// `span0` on.
 #[allow(clippy::collapsible_if)] // `has_spans` is comptime: the outer `if` is resolved at expansion.
 #[cube]
 fn sees(
@@ -212,6 +272,7 @@ fn sees(
     causal: u32,
     window: usize,
     spans: &Tensor<i32>,
+    span0: usize,
     n_spans: usize,
     #[comptime] has_spans: bool,
 ) -> bool {
@@ -219,7 +280,7 @@ fn sees(
     let mut causal_ok = causal == 0 || ka <= qa;
     if has_spans {
         if !causal_ok {
-            for sp in 0..n_spans {
+            for sp in span0..span0 + n_spans {
                 let a = spans[2 * sp] as usize;
                 let b = spans[2 * sp + 1] as usize;
                 if qa >= a && qa < b && ka >= a && ka < b {
@@ -231,12 +292,14 @@ fn sees(
     window_ok && causal_ok
 }
 
-/// Stages columns `col0 .. col0 + dc` of the cube's q rows into `qs` (`[bq, dc]`, zero padded).
+/// Stages columns `col0 .. col0 + dc` of the cube's q rows into `qs` (`[bq, dc]`, zero padded);
+/// the cube's sequence starts at row `q_row` of q.
 #[cube]
 fn load_q_chunk<F: Float>(
     q: &Tensor<F>,
     qs: &mut SharedMemory<f32>,
     tid: usize,
+    q_row: usize,
     row0: usize,
     rows_total: usize,
     groups: usize,
@@ -257,7 +320,7 @@ fn load_q_chunk<F: Float>(
             let rg = row0 + rr;
             let mut val = 0.0f32;
             if rg < rows_total && col < d {
-                let i = rg / groups;
+                let i = q_row + rg / groups;
                 let h = kvh * groups + rg % groups;
                 val = f32::cast_from(q[(i * heads + h) * d + col]);
             }
@@ -266,16 +329,20 @@ fn load_q_chunk<F: Float>(
     }
 }
 
-/// Stages keys `j0 .. j0 + nkeys` of KV head `kvh` (those below `j_hi`, zero elsewhere), columns
-/// `col0 .. col0 + width`, from `src` into `dst` with row stride `stride`. `src` is `[kv_heads, s, d]`
-/// with any head and key strides (the KV cache is a view of a larger buffer), columns contiguous.
+/// Stages keys `jt + jb .. jt + jb + nkeys` of KV head `kvh` (those below `j_hi`, zero
+/// elsewhere), columns `col0 .. col0 + width`, from `src` into `dst` with row stride `stride`.
+/// `src` is `[kv_heads, s, d]` with any head and key strides (the KV cache is a view of a larger
+/// buffer, or a paged pool), columns contiguous. Contiguous keys: key j is row j of `src`; paged
+/// (`paged`): key `jt + x` of the tile starting at `jt` is in row `slots[x]`.
 #[cube]
 fn load_kv<F: Float>(
     src: &Tensor<F>,
     dst: &mut SharedMemory<f32>,
+    slots: &SharedMemory<u32>,
     tid: usize,
     kvh: usize,
-    j0: usize,
+    jt: usize,
+    jb: usize,
     j_hi: usize,
     col0: usize,
     #[comptime] d: usize,
@@ -283,6 +350,7 @@ fn load_kv<F: Float>(
     #[comptime] width: usize,
     #[comptime] stride: usize,
     #[comptime] nt: usize,
+    #[comptime] paged: bool,
 ) {
     #[unroll]
     for it in 0..(nkeys * width).div_ceil(nt) {
@@ -291,10 +359,14 @@ fn load_kv<F: Float>(
             let jj = x / width;
             let cc = x % width;
             let col = col0 + cc;
-            let key = j0 + jj;
+            let key = jt + jb + jj;
             let mut val = 0.0f32;
             if key < j_hi && col < d {
-                val = f32::cast_from(src[kvh * src.stride(0) + key * src.stride(1) + col]);
+                let mut at = key;
+                if paged {
+                    at = slots[jb + jj] as usize;
+                }
+                val = f32::cast_from(src[kvh * src.stride(0) + at * src.stride(1) + col]);
             }
             dst[jj * stride + cc] = val;
         }
@@ -332,10 +404,14 @@ const fn v_keys(d: usize) -> usize {
     n
 }
 
-/// The attention kernel. Grid: x = row tiles of `bq` rows, y = KV heads, z = key splits.
-/// Direct mode (`split` false): `out` is `[t, heads · d]`, normalised, of the element `O` = `F`.
-/// Split mode: `out` is `[splits, t · heads, d]` unnormalised, `O` = f32, and `part_ml`
-/// `[splits, t · heads, 2]` holds (max, sum).
+/// The attention kernel, for a ragged batch of sequences (a contiguous call is a batch of one).
+/// Grid: x = row tiles (`meta` row x, see [`Meta`]), y = KV heads, z = key splits. A tile holds
+/// `bq` rows (query × query head of a KV group) of one sequence. Keys are read from K/V rows
+/// `0..s` directly, or (`paged`) through the sequence's block table in `blocks`: key j is row
+/// `blocks[table + j / block_size] · block_size + j % block_size`.
+/// Direct mode (`split` false): `out` is `[rows, heads · d]`, normalised, of the element `O` = `F`.
+/// Split mode: `out` is `[splits, rows · heads, d]` unnormalised, `O` = f32, and `part_ml`
+/// `[splits, rows · heads, 2]` holds (max, sum).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn flash_attention_kernel<F: Float, O: Float>(
@@ -344,24 +420,20 @@ fn flash_attention_kernel<F: Float, O: Float>(
     v: &Tensor<F>,
     out: &mut Tensor<O>,
     part_ml: &mut Tensor<f32>,
+    meta: &Tensor<i32>,
     spans: &Tensor<i32>,
-    t: u32,
+    blocks: &Tensor<i32>,
     heads: u32,
     groups: u32,
-    q_start: u32,
-    k_start: u32,
-    causal: u32,
-    window: u32,
+    rows_out: u32,
+    block_size: u32,
     scale: f32,
     softcap: f32,
-    key_base: u32,
-    key_end: u32,
-    keys_per_split: u32,
-    n_spans: u32,
     #[comptime] d: usize,
     #[comptime] bq: usize,
     #[comptime] split: bool,
     #[comptime] has_spans: bool,
+    #[comptime] paged: bool,
 ) {
     let nt = comptime!(NT);
     let bk = comptime!(BK);
@@ -380,47 +452,37 @@ fn flash_attention_kernel<F: Float, O: Float>(
     let tid = UNIT_POS_X as usize;
     let kvh = CUBE_POS_Y as usize;
     let split_idx = CUBE_POS_Z as usize;
-    let t = t as usize;
     let heads = heads as usize;
     let groups = groups as usize;
-    let q_start = q_start as usize;
-    let k_start = k_start as usize;
-    let window = window as usize;
-    let n_spans = n_spans as usize;
+    let block_size = block_size as usize;
 
-    let rows_total = t * groups;
-    let row0 = CUBE_POS_X as usize * bq;
+    // This tile's sequence and key range (see `Meta`).
+    let mb = CUBE_POS_X as usize * comptime!(META);
+    let q_row = meta[mb] as usize;
+    let rows_total = meta[mb + 1] as usize;
+    let row0 = meta[mb + 2] as usize;
+    let q_start = meta[mb + 3] as usize;
+    let k_start = meta[mb + 4] as usize;
+    let causal = meta[mb + 5] as u32;
+    let window = meta[mb + 6] as usize;
+    let key_lo = meta[mb + 7] as usize;
+    let key_hi = meta[mb + 8] as usize;
+    let keys_per_split = meta[mb + 9] as usize;
+    let table = meta[mb + 10] as usize;
+    let span0 = meta[mb + 11] as usize;
+    let n_spans = meta[mb + 12] as usize;
+
     // The row this thread accumulates, and its lane among the row's tpr threads.
     let r = tid / tpr;
     let lane = tid % tpr;
 
-    // Keys of this cube: its split's chunk, narrowed to what its queries can see.
-    let last_row = select(row0 + bq - 1 < rows_total, row0 + bq - 1, rows_total - 1);
-    let qa_lo = q_start + row0 / groups;
-    let qa_hi = q_start + last_row / groups;
-    let mut j_lo = key_base as usize + split_idx * keys_per_split as usize;
-    let mut j_hi = j_lo + keys_per_split as usize;
-    j_hi = select(j_hi < key_end as usize, j_hi, key_end as usize);
-    if window > 0 && qa_lo + 1 > window + k_start {
-        let lo = qa_lo + 1 - window - k_start;
-        j_lo = select(lo > j_lo, lo, j_lo);
-    }
-    if causal != 0 {
-        // Keys up to the last query, or to the end of a bidirectional span holding a query.
-        let mut hi_abs = qa_hi + 1;
-        if has_spans {
-            for sp in 0..n_spans {
-                let a = spans[2 * sp] as usize;
-                let b = spans[2 * sp + 1] as usize;
-                if a < b && a <= qa_hi && b > qa_lo && b > hi_abs {
-                    hi_abs = b;
-                }
-            }
-        }
-        let hi = select(hi_abs > k_start, hi_abs - k_start, 0);
-        j_hi = select(hi < j_hi, hi, j_hi);
-    }
+    // Keys of this cube: its split's chunk of the tile's visible range (computed on the host).
+    let j_lo = key_lo + split_idx * keys_per_split;
+    let mut j_hi = j_lo + keys_per_split;
+    j_hi = select(j_hi < key_hi, j_hi, key_hi);
 
+    // Pool rows of the current key tile (paged only).
+    let mut slot_s = SharedMemory::<u32>::new(comptime!(if paged { BK } else { 1 }));
     let mut qs = SharedMemory::<f32>::new(bq * dc);
     // K chunks [BK, dc + 1] (padded rows against bank conflicts), then V sub-tiles [bkv, d].
     let mut kv = SharedMemory::<f32>::new(kv_len);
@@ -437,12 +499,25 @@ fn flash_attention_kernel<F: Float, O: Float>(
 
     if q_resident {
         load_q_chunk(
-            q, &mut qs, tid, row0, rows_total, groups, heads, kvh, 0, d, dc, bq, nt,
+            q, &mut qs, tid, q_row, row0, rows_total, groups, heads, kvh, 0, d, dc, bq, nt,
         );
     }
 
     let mut j0 = j_lo;
     while j0 < j_hi {
+        if paged {
+            // The tile's pool rows, read by the loads below (after their first sync; every
+            // load of the previous tile is behind the sync that followed it).
+            if tid < bk {
+                let key = j0 + tid;
+                let mut at = 0u32;
+                if key < j_hi {
+                    let b = blocks[table + key / block_size] as usize;
+                    at = (b * block_size + key % block_size) as u32;
+                }
+                slot_s[tid] = at;
+            }
+        }
         // S = Q · Kᵀ over the d chunks.
         #[unroll]
         for m in 0..spt {
@@ -453,10 +528,26 @@ fn flash_attention_kernel<F: Float, O: Float>(
             sync_cube();
             if !q_resident {
                 load_q_chunk(
-                    q, &mut qs, tid, row0, rows_total, groups, heads, kvh, c0, d, dc, bq, nt,
+                    q, &mut qs, tid, q_row, row0, rows_total, groups, heads, kvh, c0, d, dc, bq, nt,
                 );
             }
-            load_kv(k, &mut kv, tid, kvh, j0, j_hi, c0, d, bk, dc, dc + 1, nt);
+            load_kv(
+                k,
+                &mut kv,
+                &slot_s,
+                tid,
+                kvh,
+                j0,
+                0,
+                j_hi,
+                c0,
+                d,
+                bk,
+                dc,
+                dc + 1,
+                nt,
+                paged,
+            );
             sync_cube();
             // Runtime loop over the chunk in steps of `ud` columns, unrolled within a step: short
             // code, and few loop iterations (lavapipe caps them, see the module docs).
@@ -499,6 +590,7 @@ fn flash_attention_kernel<F: Float, O: Float>(
                         causal,
                         window,
                         spans,
+                        span0,
                         n_spans,
                         has_spans,
                     );
@@ -533,7 +625,9 @@ fn flash_attention_kernel<F: Float, O: Float>(
         let mut jb = 0;
         while jb < bk {
             sync_cube();
-            load_kv(v, &mut kv, tid, kvh, j0 + jb, j_hi, 0, d, bkv, d, d, nt);
+            load_kv(
+                v, &mut kv, &slot_s, tid, kvh, j0, jb, j_hi, 0, d, bkv, d, d, nt, paged,
+            );
             sync_cube();
             let mut j = 0;
             while j < bkv {
@@ -558,11 +652,11 @@ fn flash_attention_kernel<F: Float, O: Float>(
 
     let rg = row0 + r;
     if rg < rows_total {
-        let i = rg / groups;
+        let i = q_row + rg / groups;
         let h = kvh * groups + rg % groups;
         let row = i * heads + h;
         if split {
-            let base = (split_idx * t * heads + row) * d;
+            let base = (split_idx * rows_out as usize + row) * d;
             #[unroll]
             for x in 0..cpd {
                 let c = lane + x * tpr;
@@ -571,9 +665,9 @@ fn flash_attention_kernel<F: Float, O: Float>(
                 }
             }
             if lane == 0 {
-                let mb = (split_idx * t * heads + row) * 2;
-                part_ml[mb] = m_run;
-                part_ml[mb + 1] = l_run;
+                let ml = (split_idx * rows_out as usize + row) * 2;
+                part_ml[ml] = m_run;
+                part_ml[ml + 1] = l_run;
             }
         } else {
             let inv = select(l_run > 0.0f32, 1.0f32 / l_run, 0.0f32);
@@ -665,7 +759,8 @@ pub fn fused_attention<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
 }
 
 /// [`fused_attention`] with an explicit plan, writing into `out` (`[t, heads · d]`) when given
-/// and exclusively owned (the tests poison it first), else into a new tensor.
+/// and exclusively owned (the tests poison it first), else into a new tensor. The same kernel as
+/// [`paged_attention`]: one sequence whose keys are rows `0..s` of k and v.
 pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
     k: BurnTensor<AttentionBackend<R, F, BT>, 3>,
@@ -674,14 +769,200 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
     pl: FlashPlan,
     out: Option<BurnTensor<AttentionBackend<R, F, BT>, 2>>,
 ) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
-    if p.bidirectional.len() > MAX_SPANS {
-        return Err(AttentionError::Spans {
-            spans: p.bidirectional.len(),
-            max: MAX_SPANS,
-        });
+    let [t, _, _] = q.dims();
+    let s = k.dims()[1];
+    let seqs = vec![Seq {
+        row: 0,
+        t,
+        keys: s,
+        p,
+        table: 0,
+    }];
+    launch_flash(q, k, v, &seqs, None, pl, out)
+}
+
+/// Paged attention of a ragged batch (see [`PagedBatch`]): q `[rows, heads, d]`, this layer's K
+/// and V pools `[kv_heads, slots, d]` -> `[rows, heads · d]`, in one launch for all sequences
+/// (plus the split reduction), with the plan of [`paged_plan`]. Keys are read from the pools
+/// through each sequence's block table, never gathered. Errors (nothing launched) as
+/// [`fused_attention`], and for a batch that does not fit q or the pools.
+pub fn paged_attention<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k_pool: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    v_pool: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    batch: &PagedBatch,
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
+    let pl = paged_plan(batch, q.dims()[1], k_pool.dims()[0]);
+    paged_attention_with_plan(q, k_pool, v_pool, batch, pl, None)
+}
+
+/// [`paged_attention`] with an explicit plan, writing into `out` (`[rows, heads · d]`) when given
+/// and exclusively owned, else into a new tensor.
+pub fn paged_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k_pool: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    v_pool: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    batch: &PagedBatch,
+    pl: FlashPlan,
+    out: Option<BurnTensor<AttentionBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
+    let rows = q.dims()[0];
+    if rows != batch.rows() {
+        return Err(AttentionError::Batch(format!(
+            "q has {rows} rows, the batch {}",
+            batch.rows()
+        )));
     }
-    if p.window == Some(0) {
-        return Err(AttentionError::ZeroWindow);
+    if let Some(why) = batch.check(k_pool.dims()[1]) {
+        return Err(AttentionError::Batch(why));
+    }
+    // Every sequence's block table (the blocks holding its keys), one after the other.
+    let mut table = Vec::new();
+    let mut seqs = Vec::with_capacity(batch.seqs.len());
+    for s in &batch.seqs {
+        seqs.push(Seq {
+            row: s.rows.start,
+            t: s.rows.len(),
+            keys: s.keys,
+            p: &s.params,
+            table: table.len(),
+        });
+        let n = s.keys.div_ceil(batch.block_size);
+        table.extend(s.blocks[..n].iter().map(|&b| b as i32));
+    }
+    launch_flash(
+        q,
+        k_pool,
+        v_pool,
+        &seqs,
+        Some((table, batch.block_size)),
+        pl,
+        out,
+    )
+}
+
+/// One sequence of a launch: its rows of q, its keys, what it sees.
+struct Seq<'a> {
+    /// Its first row of q.
+    row: usize,
+    /// Its query rows.
+    t: usize,
+    /// Its keys: `0..keys`.
+    keys: usize,
+    p: &'a AttentionParams,
+    /// Where its block table starts in the concatenated table (paged launches).
+    table: usize,
+}
+
+/// i32 fields per row tile in the kernel's metadata: first q row of the tile's sequence, its
+/// rows (queries × group), the tile's first row among them, q_start, k_start, causal, window
+/// (0 = none), the tile's visible key range `[lo, hi)`, keys per split, the offset of the
+/// sequence's block table, of its spans (in pairs) and their count.
+const META: usize = 13;
+
+/// The kernel's metadata: [`META`] i32 per row tile, the bidirectional spans of every sequence
+/// (i32 pairs, one sequence after the other), and the key splits of the grid (1: direct mode).
+/// `windows` are the sequences' windows, 0 for none.
+fn tile_meta(
+    seqs: &[Seq],
+    windows: &[usize],
+    groups: usize,
+    bq: usize,
+    splits: usize,
+) -> (Vec<i32>, Vec<i32>, usize) {
+    let mut meta = Vec::new();
+    let mut spans = Vec::new();
+    let mut grid_z = 1;
+    for (s, &window) in seqs.iter().zip(windows) {
+        if s.t == 0 {
+            continue;
+        }
+        let p = s.p;
+        // Bidirectional spans (only causal attention consults them).
+        let span0 = spans.len() / 2;
+        if p.causal {
+            for r in p.bidirectional.iter().filter(|r| r.start < r.end) {
+                spans.extend([r.start as i32, r.end as i32]);
+            }
+        }
+        let n_spans = spans.len() / 2 - span0;
+        let rows = s.t * groups;
+        for row0 in (0..rows).step_by(bq) {
+            let last = (row0 + bq).min(rows) - 1;
+            let (lo, hi) = if s.keys == 0 {
+                (0, 0)
+            } else {
+                visible_keys(
+                    p,
+                    p.q_start + row0 / groups,
+                    p.q_start + last / groups,
+                    s.keys,
+                )
+            };
+            // The tile's keys cut into the splits, tile-aligned from its range start.
+            let keys = hi - lo;
+            let per_split = keys.div_ceil(BK).max(1).div_ceil(splits) * BK;
+            if splits > 1 {
+                grid_z = grid_z.max(keys.div_ceil(per_split));
+            }
+            meta.extend(
+                [
+                    s.row,
+                    rows,
+                    row0,
+                    p.q_start,
+                    p.k_start,
+                    p.causal as usize,
+                    window,
+                    lo,
+                    hi,
+                    per_split,
+                    s.table,
+                    span0,
+                    n_spans,
+                ]
+                .map(|x| x as i32),
+            );
+        }
+    }
+    (meta, spans, grid_z)
+}
+
+/// An i32 tensor of `v` on `device` (one element when `v` is empty: the kernel does not read it).
+fn int_tensor<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    mut v: Vec<i32>,
+    device: &R::Device,
+) -> CubeTensor<R> {
+    if v.is_empty() {
+        v.push(0);
+    }
+    let n = v.len();
+    BurnTensor::<AttentionBackend<R, F, BT>, 1, Int>::from_data(TensorData::new(v, [n]), device)
+        .into_primitive()
+}
+
+/// The launch behind [`fused_attention_with_plan`] (`paged` None: keys are rows `0..s` of k and
+/// v) and [`paged_attention_with_plan`] (`paged`: the concatenated block tables and the block
+/// size). Checks everything before launching anything.
+fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    v: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    seqs: &[Seq],
+    paged: Option<(Vec<i32>, usize)>,
+    pl: FlashPlan,
+    out: Option<BurnTensor<AttentionBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
+    for s in seqs {
+        if s.p.bidirectional.len() > MAX_SPANS {
+            return Err(AttentionError::Spans {
+                spans: s.p.bidirectional.len(),
+                max: MAX_SPANS,
+            });
+        }
+        if s.p.window == Some(0) {
+            return Err(AttentionError::ZeroWindow);
+        }
     }
     let [t, heads, d] = q.dims();
     let [kv_heads, s, dk] = k.dims();
@@ -714,23 +995,44 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
     if pl.splits == 0 || pl.splits > MAX_SPLITS {
         return Err(AttentionError::Plan("splits must be in 1..=MAX_SPLITS"));
     }
+    // Scale and softcap are arguments of the launch: one value for every sequence.
+    let live: Vec<&Seq> = seqs.iter().filter(|s| s.t > 0).collect();
+    let (scale, softcap) = (live[0].p.scale, live[0].p.softcap);
+    if live
+        .iter()
+        .any(|s| s.p.scale != scale || s.p.softcap != softcap)
+    {
+        return Err(AttentionError::Plan(
+            "the sequences of a batch must share scale and softcap",
+        ));
+    }
     let groups = heads / kv_heads;
-    let rows = t * groups;
-    let row_tiles = rows.div_ceil(pl.rows_per_cube);
     // Positions and every index the kernels form stay below 2^31 (u32 arithmetic, no wrap).
     let limit = (i32::MAX as usize) / 2;
-    let span_max = p.bidirectional.iter().map(|r| r.end).max().unwrap_or(0);
-    let far = p.q_start.max(p.k_start).max(span_max) + t + s;
-    // A window wider than every distance is no window.
-    let window = match p.window {
-        Some(w) if w <= far => w,
-        _ => 0,
-    };
+    let mut far_window = 0;
+    let windows: Vec<usize> = seqs
+        .iter()
+        .map(|s| {
+            let span_max = s.p.bidirectional.iter().map(|r| r.end).max().unwrap_or(0);
+            let far = s.p.q_start.max(s.p.k_start).max(span_max) + s.t + s.keys;
+            // A window wider than every distance is no window.
+            let window = match s.p.window {
+                Some(w) if w <= far => w,
+                _ => 0,
+            };
+            far_window = far_window.max(far + window);
+            window
+        })
+        .collect();
+    let (meta, spans, splits) = tile_meta(seqs, &windows, groups, pl.rows_per_cube, pl.splits);
+    let row_tiles = meta.len() / META;
+    let table_len = paged.as_ref().map_or(0, |(b, _)| b.len());
     for (what, value, lim) in [
-        ("positions", far + window, limit),
+        ("positions", far_window, limit),
         ("q elements", t * heads * d, limit),
         ("k elements", kv_heads * s * d, limit),
         ("split partials", pl.splits * t * heads * d, limit),
+        ("block table", table_len, limit),
         ("row tiles", row_tiles, MAX_GRID_AXIS),
         ("kv heads", kv_heads, MAX_GRID_AXIS),
         (
@@ -763,15 +1065,16 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
     }
     let client = q.client.clone();
     let available = client.properties().hardware.max_shared_memory_size;
-    let needed = pl.shared_bytes(d).max(4 * MAX_SPLITS);
+    let slot_bytes = if paged.is_some() { 4 * BK } else { 0 };
+    let needed = (pl.shared_bytes(d) + slot_bytes).max(4 * MAX_SPLITS);
     if needed > available {
         return Err(AttentionError::SharedMemory { needed, available });
     }
     q.assert_is_on_same_device(&k);
     q.assert_is_on_same_device(&v);
     let q = into_contiguous(q);
-    // K and V are read through their strides (a view of the KV cache's buffer is not copied);
-    // only the columns must be contiguous, and every index must stay in 32 bits.
+    // K and V are read through their strides (a view of the KV cache's buffer, or the pool, is
+    // not copied); only the columns must be contiguous, and every index must stay in 32 bits.
     let k = rows_contiguous(k);
     let v = rows_contiguous(v);
     for (what, x) in [("k span", &k), ("v span", &v)] {
@@ -821,39 +1124,13 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
         ),
     };
 
-    // Keys any query sees, cut into the splits (tile-aligned from the range start).
-    let (key_lo, key_hi) = visible_key_range(p, t, s);
-    let keys = key_hi - key_lo;
-    let tiles = keys.div_ceil(BK).max(1);
-    let keys_per_split = tiles.div_ceil(pl.splits) * BK;
-    let splits = if pl.splits > 1 {
-        keys.div_ceil(keys_per_split).max(1)
-    } else {
-        1
-    };
     let split = splits > 1;
-
-    // Bidirectional spans as i32 pairs (only causal attention consults them).
-    let spans: Vec<i32> = if p.causal {
-        p.bidirectional
-            .iter()
-            .filter(|r| r.start < r.end)
-            .flat_map(|r| [r.start as i32, r.end as i32])
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let n_spans = spans.len() / 2;
-    let has_spans = n_spans > 0;
-    let spans_t: CubeTensor<R> = if has_spans {
-        BurnTensor::<AttentionBackend<R, F, BT>, 1, Int>::from_data(
-            TensorData::new(spans, [2 * n_spans]),
-            &device,
-        )
-        .into_primitive()
-    } else {
-        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([2]), DType::I32)
-    };
+    let has_spans = !spans.is_empty();
+    let is_paged = paged.is_some();
+    let (table, block_size) = paged.unwrap_or((Vec::new(), 1));
+    let meta_t = int_tensor::<R, F, BT>(meta, &device);
+    let spans_t = int_tensor::<R, F, BT>(spans, &device);
+    let table_t = int_tensor::<R, F, BT>(table, &device);
 
     let rows_out = t * heads;
     // Split mode's f32 (max, sum) per row; direct mode does not read it.
@@ -875,24 +1152,20 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
                 v.into_tensor_arg(),
                 $out.into_tensor_arg(),
                 part_ml.clone().into_tensor_arg(),
+                meta_t.into_tensor_arg(),
                 spans_t.into_tensor_arg(),
-                t as u32,
+                table_t.into_tensor_arg(),
                 heads as u32,
                 groups as u32,
-                p.q_start as u32,
-                p.k_start as u32,
-                p.causal as u32,
-                window as u32,
-                p.scale,
-                p.softcap.unwrap_or(0.0),
-                key_lo as u32,
-                key_hi as u32,
-                keys_per_split as u32,
-                n_spans as u32,
+                rows_out as u32,
+                block_size as u32,
+                scale,
+                softcap.unwrap_or(0.0),
                 d,
                 pl.rows_per_cube,
                 split,
                 has_spans,
+                is_paged,
             );
         };
     }

@@ -1,5 +1,6 @@
 //! Attention of the Gemma 4 towers: the parameters every path shares, the plain Burn reference,
-//! and beside it the fused CubeCL kernels (`flash`) and the CPU loops of the ndarray backend (`cpu`).
+//! and beside it the fused CubeCL kernels (`flash`, and `kv_write` for the paged pool) and the CPU
+//! loops of the ndarray backend (`cpu`).
 //!
 //! Layout (the KV cache's): q `[t, heads, d]`, k and v `[kv_heads, s, d]`; query head h reads KV
 //! head h / (heads / kv_heads) (transformers' `repeat_kv` order); the output is `[t, heads · d]`.
@@ -13,6 +14,7 @@
 
 pub mod cpu;
 pub mod flash;
+pub mod kv_write;
 pub mod reference;
 
 use std::ops::Range;
