@@ -793,8 +793,8 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
         )
     }
 
-    /// No CubeCL fp8 kernel yet: a refusal (a panic under the default policy, the reference
-    /// counted and logged under `Warn`), never a silent slow path.
+    /// No CubeCL fp8 attention kernel yet: a refusal (a panic under the default policy, the
+    /// reference counted and logged under `Warn`), never a silent slow path.
     fn paged_attention_fp8(
         q: Tensor<Self, 3>,
         k_pool: Tensor<Self, 3, Int>,
@@ -828,17 +828,26 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
         let (new_dims, pool_dims) = (new.dims(), pool.dims());
         let shape = || format!("rows {new_dims:?} into fp8 pool {pool_dims:?}");
         let pool = std::cell::RefCell::new(Some(pool));
+        let take = || {
+            pool.borrow_mut()
+                .take()
+                .expect("kv_write_fp8: the pool is taken once")
+        };
         fallback::run(
             "kv_write_fp8",
             shape,
-            || Err::<Tensor<Self, 3, Int>, _>("no CubeCL fp8 scatter kernel yet"),
             || {
-                let pool = pool
-                    .borrow_mut()
-                    .take()
-                    .expect("kv_write_fp8: the pool is taken once");
-                fp8::kv_write(pool, new.clone(), slots, scale)
+                // Checked before the pool is taken: a refusal leaves it to the reference.
+                let checked = kv_cube::kv_write_fp8_check(
+                    pool.borrow()
+                        .as_ref()
+                        .expect("kv_write_fp8: the pool is here"),
+                    &new,
+                    slots,
+                );
+                checked.and_then(|()| kv_cube::kv_write_fp8(take(), new.clone(), slots, scale))
             },
+            || fp8::kv_write(take(), new.clone(), slots, scale),
         )
     }
 

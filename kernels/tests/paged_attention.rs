@@ -451,6 +451,108 @@ fn kv_write_matches_reference_f16() {
     kv_write_case::<f16>();
 }
 
+/// The fp8 scatter (quantize, pack, write) against the reference (scalar codec, slice_assign):
+/// the same words exactly. Values spread over E4M3's whole range after the scale (subnormals to
+/// past 448, saturating), plus a row of hand-checked values: ties, subnormals, saturation.
+fn kv_write_fp8_case<F: FloatElement>() {
+    use gemma4_kernels::attention::fp8;
+    let dev = WgpuDevice::default();
+    for (n, &(kv_heads, d, slots, rows, scale)) in [
+        (2usize, 64usize, 100usize, 37usize, 0.01f32),
+        (1, 512, 40, 1, 1.0),
+        (4, 72, 300, 130, 0.004),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = Lcg::new(800 + n as u64);
+        let mut order: Vec<u32> = (0..slots as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, pick(&mut rng, i + 1));
+        }
+        let at = &order[..rows];
+        let pool: Vec<i32> = (0..kv_heads * slots * d / 4)
+            .map(|_| rng.next_u32() as i32)
+            .collect();
+        // |x| / scale spread log-uniformly over 2^-12 .. 2^10.
+        let mut new: Vec<f32> = (0..rows * kv_heads * d)
+            .map(|_| {
+                let mag = 2f32.powf(rng.next_f32() * 22.0 - 12.0) * scale;
+                if rng.next_u32() & 1 == 0 {
+                    mag
+                } else {
+                    -mag
+                }
+            })
+            .collect();
+        // Row 0: hand-checked codes (see fp8::tests), times the scale.
+        let hand = [
+            1.0625f32,
+            1.1875,
+            432.0,
+            424.0,
+            248.0,
+            464.0,
+            1e6,
+            -448.0,
+            0.0625,
+            0.015625,
+            0.001953125,
+            0.0029296875,
+            0.0048828125,
+            0.0146484375,
+            1e-4,
+            -1.0,
+        ];
+        for (x, h) in new.iter_mut().zip(hand) {
+            *x = h * scale;
+        }
+        let new = round::<F>(&new);
+        let (pd, nd) = ([kv_heads, slots, d / 4], [rows, kv_heads, d]);
+        let pool_cpu = || {
+            Tensor::<Cpu, 3, burn::tensor::Int>::from_data(
+                TensorData::new(pool.clone(), pd),
+                &Default::default(),
+            )
+        };
+        let expected: Vec<i32> = fp8::kv_write(pool_cpu(), cpu(&new, nd), at, scale)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let before = fallback::launches("kv_write_fp8");
+        let pool_gpu = Tensor::<Gpu<F>, 3, burn::tensor::Int>::from_data(
+            TensorData::new(pool.clone(), pd),
+            &dev,
+        );
+        let got = <Gpu<F> as Gemma4Backend>::kv_write_fp8(
+            pool_gpu,
+            gpu::<F, 3>(&new, nd, &dev),
+            at,
+            scale,
+        )
+        .into_data()
+        .convert::<i32>()
+        .to_vec::<i32>()
+        .unwrap();
+        let diff = got.iter().zip(&expected).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diff, 0,
+            "kv_write_fp8 {kv_heads}x{slots}x{d}, {rows} rows: {diff} words differ"
+        );
+        assert!(fallback::launches("kv_write_fp8") > before);
+    }
+}
+
+#[test]
+fn kv_write_fp8_matches_reference_f32() {
+    kv_write_fp8_case::<f32>();
+}
+
+#[test]
+fn kv_write_fp8_matches_reference_f16() {
+    kv_write_fp8_case::<f16>();
+}
+
 #[test]
 fn refusals_come_before_any_launch() {
     let dev = WgpuDevice::default();
