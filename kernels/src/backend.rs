@@ -793,8 +793,8 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
         )
     }
 
-    /// No CubeCL fp8 attention kernel yet: a refusal (a panic under the default policy, the
-    /// reference counted and logged under `Warn`), never a silent slow path.
+    /// The paged flash kernel decoding the fp8 pools as it stages K/V (see
+    /// [`flash::paged_attention_fp8`]).
     fn paged_attention_fp8(
         q: Tensor<Self, 3>,
         k_pool: Tensor<Self, 3, Int>,
@@ -806,7 +806,7 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
         fallback::run(
             "paged_attention_fp8",
             shape,
-            || Err::<Tensor<Self, 2>, _>("the CubeCL flash kernel does not read fp8 pools yet"),
+            || flash::paged_attention_fp8(q.clone(), k_pool.clone(), v_pool.clone(), scales, batch),
             || {
                 reference::paged_attention_fp8(
                     q.clone(),
