@@ -6,6 +6,7 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement};
 
+use crate::attention::fp8::{self, KvScales};
 use crate::attention::{self, flash, kv_write as kv_cube, reference, AttentionParams, PagedBatch};
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
@@ -43,6 +44,29 @@ pub trait Gemma4Backend: Backend {
     /// at `slots` (one per row), in place, and returns the pool.
     fn kv_write(pool: Tensor<Self, 3>, new: Tensor<Self, 3>, slots: &[u32]) -> Tensor<Self, 3> {
         reference::kv_write(pool, new, slots)
+    }
+
+    /// Paged attention over fp8 pools `[kv_heads, slots, d / 4]` of packed E4M3 words with
+    /// per-tensor `scales` (see [`crate::attention::fp8`]); otherwise as [`Self::paged_attention`].
+    fn paged_attention_fp8(
+        q: Tensor<Self, 3>,
+        k_pool: Tensor<Self, 3, Int>,
+        v_pool: Tensor<Self, 3, Int>,
+        scales: KvScales,
+        batch: &PagedBatch,
+    ) -> Tensor<Self, 2> {
+        reference::paged_attention_fp8(q, k_pool, v_pool, scales, batch)
+    }
+
+    /// Quantizes a step's keys or values `new` `[n, kv_heads, d]` with `scale` into the fp8 pool
+    /// `[kv_heads, slots, d / 4]` at `slots`, in place, and returns the pool.
+    fn kv_write_fp8(
+        pool: Tensor<Self, 3, Int>,
+        new: Tensor<Self, 3>,
+        slots: &[u32],
+        scale: f32,
+    ) -> Tensor<Self, 3, Int> {
+        fp8::kv_write(pool, new, slots, scale)
     }
 
     /// x · w for an unquantized weight stored transposed, `[in, out]`; x `[n, in]` -> `[n, out]`.
@@ -259,6 +283,110 @@ impl Gemma4Backend for NdArray<f32, i32> {
             }
         });
         Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)))
+    }
+
+    fn paged_attention_fp8(
+        q: Tensor<Self, 3>,
+        k_pool: Tensor<Self, 3, Int>,
+        v_pool: Tensor<Self, 3, Int>,
+        scales: KvScales,
+        batch: &PagedBatch,
+    ) -> Tensor<Self, 2> {
+        let ([rows, heads, d], [kv_heads, slots, w]) = (q.dims(), k_pool.dims());
+        let kernel = || {
+            if let Some(why) = fp8::check_head_dim(d) {
+                return Err(why);
+            }
+            if w * fp8::PER_WORD != d || v_pool.dims() != k_pool.dims() || kv_heads == 0 {
+                return Err("K/V words per row or pool shapes off".to_string());
+            }
+            if !heads.is_multiple_of(kv_heads) || rows != batch.rows() {
+                return Err(format!(
+                    "GQA grouping or rows ({} in the batch) off",
+                    batch.rows()
+                ));
+            }
+            if let Some(why) = batch.check(slots) {
+                return Err(why);
+            }
+            let mut out = vec![0f32; rows * heads * d];
+            with_host(&q, |qs| {
+                with_host_int(&k_pool, |ks| {
+                    with_host_int(&v_pool, |vs| {
+                        attention::cpu::paged_attention_fp8(
+                            qs, ks, vs, scales, heads, kv_heads, slots, d, batch, &mut out,
+                        )
+                    })
+                })
+            });
+            Ok(Tensor::from_data(
+                TensorData::new(out, [rows, heads * d]),
+                &q.device(),
+            ))
+        };
+        let shape = || format!("q {:?}, fp8 pools {:?}", q.dims(), k_pool.dims());
+        fallback::run("cpu_paged_attention_fp8", shape, kernel, || {
+            reference::paged_attention_fp8(q.clone(), k_pool.clone(), v_pool.clone(), scales, batch)
+        })
+    }
+
+    /// Rows quantized straight into the pool's words (in place, as [`Self::kv_write`]).
+    fn kv_write_fp8(
+        pool: Tensor<Self, 3, Int>,
+        new: Tensor<Self, 3>,
+        slots: &[u32],
+        scale: f32,
+    ) -> Tensor<Self, 3, Int> {
+        use burn::backend::ndarray::NdArrayTensor;
+        let ([n, kv_heads, d], [pkv, pslots, pw]) = (new.dims(), pool.dims());
+        let shape = || {
+            format!(
+                "rows [{n}, {kv_heads}, {d}] into fp8 pool [{pkv}, {pslots}, {pw}] at {} slots",
+                slots.len()
+            )
+        };
+        let pool = std::cell::RefCell::new(Some(pool));
+        let take = || {
+            pool.borrow_mut()
+                .take()
+                .expect("kv_write_fp8: the pool is taken once")
+        };
+        let kernel = || {
+            if let Some(why) = fp8::check_head_dim(d) {
+                return Err(why);
+            }
+            let fits = n == slots.len()
+                && (kv_heads, d) == (pkv, pw * fp8::PER_WORD)
+                && slots.iter().all(|&s| (s as usize) < pslots);
+            if !fits {
+                return Err("rows, heads, head_dim or slots do not fit the pool".to_string());
+            }
+            let mut storage = match take().into_primitive() {
+                NdArrayTensor::I32(storage) => storage,
+                other => {
+                    *pool.borrow_mut() = Some(Tensor::from_primitive(other));
+                    return Err("the pool is not i32 words".to_string());
+                }
+            };
+            let buffer = storage
+                .ensure_owned()
+                .as_slice_mut()
+                .expect("the pool is a contiguous [kv_heads, slots, d / 4] buffer");
+            let inv = 1.0 / scale;
+            with_host(&new, |rows| {
+                for (i, &slot) in slots.iter().enumerate() {
+                    for h in 0..kv_heads {
+                        let at = (h * pslots + slot as usize) * pw;
+                        let row = &rows[(i * kv_heads + h) * d..][..d];
+                        fp8::quantize_row(row, inv, &mut buffer[at..at + pw]);
+                    }
+                }
+            });
+            Ok(Tensor::from_primitive(NdArrayTensor::I32(storage)))
+        };
+        fallback::run("cpu_kv_write_fp8", shape, kernel, || {
+            fp8::kv_write(take(), new.clone(), slots, scale)
+        })
     }
 
     // The fused steps as single passes over the rows (see `fused::cpu`).
@@ -493,6 +621,30 @@ fn with_host<const D: usize, R>(
     }
 }
 
+/// Runs `f` on an ndarray int tensor's i32 elements in row-major order (its own buffer when
+/// contiguous, else a copy).
+fn with_host_int<const D: usize, R>(
+    t: &Tensor<NdArray<f32, i32>, D, Int>,
+    f: impl FnOnce(&[i32]) -> R,
+) -> R {
+    use burn::backend::ndarray::NdArrayTensor;
+    match t.clone().into_primitive() {
+        NdArrayTensor::I32(a) => {
+            let v = a.view();
+            match v.as_slice() {
+                Some(s) => f(s),
+                None => f(&v.iter().copied().collect::<Vec<i32>>()),
+            }
+        }
+        _ => f(&t
+            .clone()
+            .into_data()
+            .convert::<i32>()
+            .to_vec::<i32>()
+            .unwrap_or_default()),
+    }
+}
+
 /// An ndarray view's elements in row-major order: its slice when it is contiguous, else a copy.
 fn contiguous<'a>(
     slice: Option<&'a [f32]>,
@@ -638,6 +790,64 @@ impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
                 checked.and_then(|()| kv_cube::kv_write(take(), new.clone(), slots))
             },
             || reference::kv_write(take(), new.clone(), slots),
+        )
+    }
+
+    /// The paged flash kernel decoding the fp8 pools as it stages K/V (see
+    /// [`flash::paged_attention_fp8`]).
+    fn paged_attention_fp8(
+        q: Tensor<Self, 3>,
+        k_pool: Tensor<Self, 3, Int>,
+        v_pool: Tensor<Self, 3, Int>,
+        scales: KvScales,
+        batch: &PagedBatch,
+    ) -> Tensor<Self, 2> {
+        let shape = || format!("q {:?}, fp8 pools {:?}", q.dims(), k_pool.dims());
+        fallback::run(
+            "paged_attention_fp8",
+            shape,
+            || flash::paged_attention_fp8(q.clone(), k_pool.clone(), v_pool.clone(), scales, batch),
+            || {
+                reference::paged_attention_fp8(
+                    q.clone(),
+                    k_pool.clone(),
+                    v_pool.clone(),
+                    scales,
+                    batch,
+                )
+            },
+        )
+    }
+
+    fn kv_write_fp8(
+        pool: Tensor<Self, 3, Int>,
+        new: Tensor<Self, 3>,
+        slots: &[u32],
+        scale: f32,
+    ) -> Tensor<Self, 3, Int> {
+        let (new_dims, pool_dims) = (new.dims(), pool.dims());
+        let shape = || format!("rows {new_dims:?} into fp8 pool {pool_dims:?}");
+        let pool = std::cell::RefCell::new(Some(pool));
+        let take = || {
+            pool.borrow_mut()
+                .take()
+                .expect("kv_write_fp8: the pool is taken once")
+        };
+        fallback::run(
+            "kv_write_fp8",
+            shape,
+            || {
+                // Checked before the pool is taken: a refusal leaves it to the reference.
+                let checked = kv_cube::kv_write_fp8_check(
+                    pool.borrow()
+                        .as_ref()
+                        .expect("kv_write_fp8: the pool is here"),
+                    &new,
+                    slots,
+                );
+                checked.and_then(|()| kv_cube::kv_write_fp8(take(), new.clone(), slots, scale))
+            },
+            || fp8::kv_write(take(), new.clone(), slots, scale),
         )
     }
 

@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 /// The kernels [`run`] counts, by the names it takes: the CubeCL kernels ([`CUBE_KERNELS`], wgpu
-/// and CUDA), then the CPU kernels of the ndarray backend ([`CPU_KERNELS`]).
-pub const KERNELS: [&str; 18] = [
+/// and CUDA), the CPU kernels of the ndarray backend ([`CPU_KERNELS`]), then the kernels of the
+/// fp8 KV cache, which run only when the pool is fp8 ([`CUBE_FP8_KERNELS`], [`CPU_FP8_KERNELS`]).
+pub const KERNELS: [&str; 22] = [
     "nvfp4_gemv",
     "nvfp4_gemm",
     "flash_attention",
@@ -37,12 +38,21 @@ pub const KERNELS: [&str; 18] = [
     "cpu_rms_norm_add",
     "cpu_rms_norm_rope",
     "cpu_gelu_tanh_mul",
+    "kv_write_fp8",
+    "paged_attention_fp8",
+    "cpu_kv_write_fp8",
+    "cpu_paged_attention_fp8",
 ];
 
-/// The CubeCL kernels among [`KERNELS`].
+/// The CubeCL kernels among [`KERNELS`] that every model step launches.
 pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(9).0;
-/// The CPU kernels among [`KERNELS`].
-pub const CPU_KERNELS: &[&str] = KERNELS.split_at(9).1;
+/// The CPU kernels among [`KERNELS`] that every model step launches.
+pub const CPU_KERNELS: &[&str] = KERNELS.split_at(9).1.split_at(9).0;
+/// The CubeCL kernels of the fp8 KV cache (in place of `kv_write` and `paged_attention`).
+pub const CUBE_FP8_KERNELS: &[&str] = KERNELS.split_at(18).1.split_at(2).0;
+/// The CPU kernels of the fp8 KV cache (in place of `cpu_paged_attention`; the float pool's
+/// write has no CPU kernel name: it is a copy).
+pub const CPU_FP8_KERNELS: &[&str] = KERNELS.split_at(20).1;
 
 /// What a kernel's refusal does (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -451,6 +451,219 @@ fn kv_write_matches_reference_f16() {
     kv_write_case::<f16>();
 }
 
+/// The flash kernel over fp8 pools (decoding while staging K/V) against the reference (gather,
+/// dequantize with tensor ops, attend) on the same words: the decoded values are the same f32
+/// numbers on both sides (code value times scale, one rounding), so the float tolerance holds.
+/// Random ragged batches as above, and a decode batch long enough for split-K.
+fn fp8_batches<F: FloatElement>() {
+    use burn::tensor::Int;
+    use gemma4_kernels::attention::fp8::{self, KvScales};
+    let dev = WgpuDevice::default();
+    let f16 = dtype::<F>() == DType::F16;
+    let configs = [
+        ("g2_d32_bs16", 4, 2, 32, 16, 24, 1.0, None, 5),
+        (
+            "g8_d64_bs7_scale_softcap",
+            8,
+            1,
+            64,
+            7,
+            64,
+            0.5,
+            Some(5.0),
+            5,
+        ),
+        ("g1_d256_bs5", 2, 2, 256, 5, 80, 1.0, None, 5),
+        ("g2_d64_bs16_decode", 4, 2, 64, 16, 96, 1.0, None, 1),
+    ];
+    let scales = KvScales { k: 0.004, v: 0.01 };
+    for (n, &(name, heads, kv_heads, d, block_size, num_blocks, scale, softcap, n_seqs)) in
+        configs.iter().enumerate()
+    {
+        let c = Config {
+            heads,
+            kv_heads,
+            d,
+            block_size,
+            num_blocks,
+            scale,
+            softcap,
+        };
+        let mut rng = Lcg::new(6000 + n as u64 + if f16 { 100 } else { 0 });
+        let mut batch = random_batch(&mut rng, &c, n_seqs);
+        if n_seqs == 1 {
+            // One decode row over all of the pool's blocks but one: split-K.
+            let keys = (num_blocks - 1) * block_size;
+            batch = PagedBatch {
+                block_size,
+                seqs: vec![PagedSeq {
+                    rows: 0..1,
+                    params: AttentionParams::causal(keys - 1, 0, None),
+                    keys,
+                    blocks: (0..num_blocks as u32 - 1).rev().collect(),
+                }],
+            };
+        }
+        let slots = num_blocks * block_size;
+        let q = round::<F>(&random(&mut rng, batch.rows() * heads * d, 1.0));
+        let k = random(&mut rng, kv_heads * slots * d, 1.0);
+        let v = random(&mut rng, kv_heads * slots * d, 1.5);
+        let (pd, wd) = ([kv_heads, slots, d], [kv_heads, slots, d / 4]);
+        let words = |x: &[f32], s: f32| -> Vec<i32> {
+            fp8::quantize(cpu(x, pd), s).into_data().to_vec().unwrap()
+        };
+        let (kw, vw) = (words(&k, scales.k), words(&v, scales.v));
+        let int_cpu = |w: &[i32]| {
+            Tensor::<Cpu, 3, Int>::from_data(TensorData::new(w.to_vec(), wd), &Default::default())
+        };
+        let int_gpu =
+            |w: &[i32]| Tensor::<Gpu<F>, 3, Int>::from_data(TensorData::new(w.to_vec(), wd), &dev);
+        let qd = [batch.rows(), heads, d];
+        let expected: Vec<f32> =
+            reference::paged_attention_fp8(cpu(&q, qd), int_cpu(&kw), int_cpu(&vw), scales, &batch)
+                .into_data()
+                .to_vec()
+                .unwrap();
+        let before = fallback::launches("paged_attention_fp8");
+        let got = read(<Gpu<F> as Gemma4Backend>::paged_attention_fp8(
+            gpu::<F, 3>(&q, qd, &dev),
+            int_gpu(&kw),
+            int_gpu(&vw),
+            scales,
+            &batch,
+        ));
+        assert!(fallback::launches("paged_attention_fp8") > before);
+        let v_max = 1.5f64;
+        let mut max_err = 0f64;
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            let diff = (*g as f64 - *e as f64).abs();
+            assert!(
+                diff <= tolerance::<F>(v_max, *e),
+                "fp8 {name} {:?}: element {i}: {g} vs {e}",
+                dtype::<F>()
+            );
+            max_err = max_err.max(diff);
+        }
+        eprintln!(
+            "paged_attention_fp8 {:?} {name:<26} splits {:>3}: max |Δ| vs reference = {max_err:.2e}",
+            dtype::<F>(),
+            paged_plan(&batch, heads, kv_heads).splits
+        );
+    }
+}
+
+#[test]
+fn paged_fp8_matches_reference_f32() {
+    fp8_batches::<f32>();
+}
+
+#[test]
+fn paged_fp8_matches_reference_f16() {
+    fp8_batches::<f16>();
+}
+
+/// The fp8 scatter (quantize, pack, write) against the reference (scalar codec, slice_assign):
+/// the same words exactly. Values spread over E4M3's whole range after the scale (subnormals to
+/// past 448, saturating), plus a row of hand-checked values: ties, subnormals, saturation.
+fn kv_write_fp8_case<F: FloatElement>() {
+    use gemma4_kernels::attention::fp8;
+    let dev = WgpuDevice::default();
+    for (n, &(kv_heads, d, slots, rows, scale)) in [
+        (2usize, 64usize, 100usize, 37usize, 0.01f32),
+        (1, 512, 40, 1, 1.0),
+        (4, 72, 300, 130, 0.004),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = Lcg::new(800 + n as u64);
+        let mut order: Vec<u32> = (0..slots as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, pick(&mut rng, i + 1));
+        }
+        let at = &order[..rows];
+        let pool: Vec<i32> = (0..kv_heads * slots * d / 4)
+            .map(|_| rng.next_u32() as i32)
+            .collect();
+        // |x| / scale spread log-uniformly over 2^-12 .. 2^10.
+        let mut new: Vec<f32> = (0..rows * kv_heads * d)
+            .map(|_| {
+                let mag = 2f32.powf(rng.next_f32() * 22.0 - 12.0) * scale;
+                if rng.next_u32() & 1 == 0 {
+                    mag
+                } else {
+                    -mag
+                }
+            })
+            .collect();
+        // Row 0: hand-checked codes (see fp8::tests), times the scale.
+        let hand = [
+            1.0625f32,
+            1.1875,
+            432.0,
+            424.0,
+            248.0,
+            464.0,
+            1e6,
+            -448.0,
+            0.0625,
+            0.015625,
+            0.001953125,
+            0.0029296875,
+            0.0048828125,
+            0.0146484375,
+            1e-4,
+            -1.0,
+        ];
+        for (x, h) in new.iter_mut().zip(hand) {
+            *x = h * scale;
+        }
+        let new = round::<F>(&new);
+        let (pd, nd) = ([kv_heads, slots, d / 4], [rows, kv_heads, d]);
+        let pool_cpu = || {
+            Tensor::<Cpu, 3, burn::tensor::Int>::from_data(
+                TensorData::new(pool.clone(), pd),
+                &Default::default(),
+            )
+        };
+        let expected: Vec<i32> = fp8::kv_write(pool_cpu(), cpu(&new, nd), at, scale)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let before = fallback::launches("kv_write_fp8");
+        let pool_gpu = Tensor::<Gpu<F>, 3, burn::tensor::Int>::from_data(
+            TensorData::new(pool.clone(), pd),
+            &dev,
+        );
+        let got = <Gpu<F> as Gemma4Backend>::kv_write_fp8(
+            pool_gpu,
+            gpu::<F, 3>(&new, nd, &dev),
+            at,
+            scale,
+        )
+        .into_data()
+        .convert::<i32>()
+        .to_vec::<i32>()
+        .unwrap();
+        let diff = got.iter().zip(&expected).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diff, 0,
+            "kv_write_fp8 {kv_heads}x{slots}x{d}, {rows} rows: {diff} words differ"
+        );
+        assert!(fallback::launches("kv_write_fp8") > before);
+    }
+}
+
+#[test]
+fn kv_write_fp8_matches_reference_f32() {
+    kv_write_fp8_case::<f32>();
+}
+
+#[test]
+fn kv_write_fp8_matches_reference_f16() {
+    kv_write_fp8_case::<f16>();
+}
+
 #[test]
 fn refusals_come_before_any_launch() {
     let dev = WgpuDevice::default();

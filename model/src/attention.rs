@@ -4,6 +4,7 @@
 //! `attention_k_eq_v` no v_proj: V = v_norm(k_proj x), while K = RoPE(k_norm(k_proj x)), so K ≠ V.
 
 use burn::prelude::*;
+use gemma4_kernels::attention::fp8::KvScales;
 use gemma4_kernels::attention::PagedBatch;
 
 use crate::Gemma4Backend;
@@ -31,6 +32,10 @@ pub struct Attention<B: Gemma4Backend> {
     pub sliding_window: Option<usize>,
     #[module(skip)]
     pub rope: Rope,
+    /// The checkpoint's FP8 KV-cache scales (`k_proj.k_scale`, `v_proj.v_scale`), 1.0 where it
+    /// has none; used only by an fp8 pool.
+    #[module(skip)]
+    pub kv_scales: KvScales,
 }
 
 impl<B: Gemma4Backend> Attention<B> {
@@ -56,7 +61,7 @@ impl<B: Gemma4Backend> Attention<B> {
     ) -> Tensor<B, 2> {
         let (q, k, v) = self.project(x, rope);
         kv.write(k, v, slots);
-        let out = B::paged_attention(q, kv.k.clone(), kv.v.clone(), batch);
+        let out = kv.attend(q, batch);
         self.o_proj.forward(out)
     }
 

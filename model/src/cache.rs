@@ -7,6 +7,10 @@
 //! Blocks return to the pool when the table is dropped (finish, cancel, preemption, error), so
 //! no path can leak them.
 //!
+//! The pool's element type is the model's float type, or with [`KvDtype::Fp8`] E4M3 codes packed
+//! four to an i32 word with one scale per layer for K and one for V (vLLM's
+//! `--kv-cache-dtype fp8`; see `gemma4_kernels::attention::fp8`).
+//!
 //! A pool is bounded (the engine's, sized from memory or `--num-kv-blocks`: a step that needs
 //! more blocks than are free fails, and the scheduler sees to it that it never does) or growable
 //! (one sequence's own cache, [`KvCache`], for tests and benches: it grows by half when full).
@@ -16,6 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::config::LayerKind;
 use crate::Gemma4Backend;
 use burn::prelude::*;
+use gemma4_kernels::attention::fp8::{self, KvScales};
+use gemma4_kernels::attention::PagedBatch;
 
 /// Tokens per block unless configured (vLLM's default on CUDA).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -93,25 +99,148 @@ fn lock(a: &Allocator) -> MutexGuard<'_, PerKind<Blocks>> {
     a.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One layer's pool: keys and values `[kv_heads, slots, d]`.
+/// What the KV cache stores: the model's float type, or E4M3 codes (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// The model's float type (`auto`): the accurate default.
+    #[default]
+    Model,
+    /// E4M3 with the checkpoint's per-layer `k_scale` / `v_scale` (1.0 where it has none).
+    Fp8,
+}
+
+impl KvDtype {
+    /// Bytes per cached element, given the model's float element size.
+    pub fn elem_bytes(self, model_elem_bytes: usize) -> usize {
+        match self {
+            KvDtype::Model => model_elem_bytes,
+            KvDtype::Fp8 => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    /// vLLM's names: `auto` (the model's dtype) and `fp8` (E4M3; `fp8_e4m3` also accepted).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KvDtype::Model),
+            "fp8" | "fp8_e4m3" => Ok(KvDtype::Fp8),
+            other => Err(format!("unknown KV cache dtype {other:?} (auto or fp8)")),
+        }
+    }
+}
+
+/// One layer's keys and values: floats `[kv_heads, slots, d]`, or fp8 words
+/// `[kv_heads, slots, d / 4]` with their scales.
+#[derive(Debug)]
+pub enum KvBuffers<B: Gemma4Backend> {
+    Float {
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+    },
+    Fp8 {
+        k: Tensor<B, 3, Int>,
+        v: Tensor<B, 3, Int>,
+        scales: KvScales,
+    },
+}
+
+impl<B: Gemma4Backend> KvBuffers<B> {
+    /// `slots` zero slots of `h` heads by `d` (fp8: code 0 is 0.0).
+    fn zeros(
+        dtype: KvDtype,
+        scales: KvScales,
+        h: usize,
+        slots: usize,
+        d: usize,
+        device: &B::Device,
+    ) -> Self {
+        match dtype {
+            KvDtype::Model => KvBuffers::Float {
+                k: Tensor::zeros([h, slots, d], device),
+                v: Tensor::zeros([h, slots, d], device),
+            },
+            KvDtype::Fp8 => KvBuffers::Fp8 {
+                k: Tensor::zeros([h, slots, d / fp8::PER_WORD], device),
+                v: Tensor::zeros([h, slots, d / fp8::PER_WORD], device),
+                scales,
+            },
+        }
+    }
+
+    /// Slots held.
+    fn slots(&self) -> usize {
+        match self {
+            KvBuffers::Float { k, .. } => k.dims()[1],
+            KvBuffers::Fp8 { k, .. } => k.dims()[1],
+        }
+    }
+
+    /// Appends `more` zero slots (live slots keep their values).
+    fn grow(&mut self, more: usize, device: &B::Device) {
+        fn cat<B: Backend, K: burn::tensor::BasicOps<B>>(
+            t: &mut Tensor<B, 3, K>,
+            more: usize,
+            device: &B::Device,
+        ) {
+            let [h, _, w] = t.dims();
+            *t = Tensor::cat(vec![t.clone(), Tensor::zeros([h, more, w], device)], 1);
+        }
+        match self {
+            KvBuffers::Float { k, v } => {
+                cat(k, more, device);
+                cat(v, more, device);
+            }
+            KvBuffers::Fp8 { k, v, .. } => {
+                cat(k, more, device);
+                cat(v, more, device);
+            }
+        }
+    }
+}
+
+/// One layer's pool.
 #[derive(Debug)]
 pub struct LayerKv<B: Gemma4Backend> {
-    pub k: Tensor<B, 3>,
-    pub v: Tensor<B, 3>,
+    pub buffers: KvBuffers<B>,
     pub kind: LayerKind,
 }
 
 impl<B: Gemma4Backend> LayerKv<B> {
-    /// Writes a step's keys and values `[n, kv_heads, d]` at `slots`, in place.
+    /// Writes a step's keys and values `[n, kv_heads, d]` at `slots`, in place (fp8: quantized
+    /// with the layer's scales).
     pub fn write(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>, slots: &[u32]) {
         // The buffers are moved out (an empty tensor in their place), so the write owns them
         // and goes in place.
-        let device = self.k.device();
-        let empty = || Tensor::empty([0, 0, 0], &device);
-        let kb = std::mem::replace(&mut self.k, empty());
-        self.k = B::kv_write(kb, k, slots);
-        let vb = std::mem::replace(&mut self.v, empty());
-        self.v = B::kv_write(vb, v, slots);
+        let device = k.device();
+        match &mut self.buffers {
+            KvBuffers::Float { k: kb, v: vb } => {
+                let empty = || Tensor::empty([0, 0, 0], &device);
+                *kb = B::kv_write(std::mem::replace(kb, empty()), k, slots);
+                *vb = B::kv_write(std::mem::replace(vb, empty()), v, slots);
+            }
+            KvBuffers::Fp8 {
+                k: kb,
+                v: vb,
+                scales,
+            } => {
+                let empty = || Tensor::empty([0, 0, 0], &device);
+                *kb = B::kv_write_fp8(std::mem::replace(kb, empty()), k, slots, scales.k);
+                *vb = B::kv_write_fp8(std::mem::replace(vb, empty()), v, slots, scales.v);
+            }
+        }
+    }
+
+    /// This step's attention: q `[rows, heads, d]` over the pool as `batch` lays it out ->
+    /// `[rows, heads · d]`.
+    pub fn attend(&self, q: Tensor<B, 3>, batch: &PagedBatch) -> Tensor<B, 2> {
+        match &self.buffers {
+            KvBuffers::Float { k, v } => B::paged_attention(q, k.clone(), v.clone(), batch),
+            KvBuffers::Fp8 { k, v, scales } => {
+                B::paged_attention_fp8(q, k.clone(), v.clone(), *scales, batch)
+            }
+        }
     }
 }
 
@@ -120,8 +249,8 @@ impl<B: Gemma4Backend> LayerKv<B> {
 pub struct KvPool<B: Gemma4Backend> {
     pub block_size: usize,
     pub layers: Vec<LayerKv<B>>,
-    /// (kv_heads, head_dim) of each layer.
-    shapes: Vec<(usize, usize)>,
+    /// What the layers store.
+    pub dtype: KvDtype,
     /// Tokens each kind keeps after a step (None: all).
     keep: PerKind<Option<usize>>,
     blocks: Allocator,
@@ -129,13 +258,15 @@ pub struct KvPool<B: Gemma4Backend> {
 }
 
 impl<B: Gemma4Backend> KvPool<B> {
-    /// A pool for layers of `(kind, kv_heads, head_dim)`, `num_blocks` blocks per kind (None:
-    /// growable, starting empty). `sliding_window` sets what sliding layers keep.
+    /// A pool for layers of `(kind, kv_heads, head_dim, fp8 scales)`, `num_blocks` blocks per
+    /// kind (None: growable, starting empty), storing `dtype` (the scales are used by fp8 only).
+    /// `sliding_window` sets what sliding layers keep.
     pub fn new(
-        layers: &[(LayerKind, usize, usize)],
+        layers: &[(LayerKind, usize, usize, KvScales)],
         sliding_window: Option<usize>,
         block_size: usize,
         num_blocks: Option<PerKind<usize>>,
+        dtype: KvDtype,
         device: &B::Device,
     ) -> Self {
         let block_size = block_size.max(1);
@@ -143,11 +274,10 @@ impl<B: Gemma4Backend> KvPool<B> {
         let blocks = [0, 1].map(|i| Blocks::new(totals[i], num_blocks.is_none()));
         let kv = layers
             .iter()
-            .map(|&(kind, h, d)| {
+            .map(|&(kind, h, d, scales)| {
                 let slots = totals[kind_index(kind)] * block_size;
                 LayerKv {
-                    k: Tensor::zeros([h, slots, d], device),
-                    v: Tensor::zeros([h, slots, d], device),
+                    buffers: KvBuffers::zeros(dtype, scales, h, slots, d, device),
                     kind,
                 }
             })
@@ -155,7 +285,7 @@ impl<B: Gemma4Backend> KvPool<B> {
         KvPool {
             block_size,
             layers: kv,
-            shapes: layers.iter().map(|&(_, h, d)| (h, d)).collect(),
+            dtype,
             keep: [sliding_window.map(sliding_keep), None],
             blocks: Arc::new(Mutex::new(blocks)),
             device: device.clone(),
@@ -196,18 +326,11 @@ impl<B: Gemma4Backend> KvPool<B> {
             let b = lock(&self.blocks);
             [b[0].total, b[1].total]
         };
-        for (layer, &(h, d)) in self.layers.iter_mut().zip(&self.shapes) {
+        for layer in self.layers.iter_mut() {
             let slots = totals[kind_index(layer.kind)] * self.block_size;
-            let have = layer.k.dims()[1];
+            let have = layer.buffers.slots();
             if slots > have {
-                let grow = |t: Tensor<B, 3>| {
-                    Tensor::cat(
-                        vec![t, Tensor::zeros([h, slots - have, d], &self.device)],
-                        1,
-                    )
-                };
-                layer.k = grow(layer.k.clone());
-                layer.v = grow(layer.v.clone());
+                layer.buffers.grow(slots - have, &self.device);
             }
         }
     }
@@ -406,8 +529,19 @@ mod tests {
     #[test]
     fn tables_free_what_the_window_drops_and_everything_on_drop() {
         type B = burn::backend::NdArray<f32, i32>;
-        let layers = [(LayerKind::Sliding, 1, 2), (LayerKind::Full, 1, 2)];
-        let mut pool = KvPool::<B>::new(&layers, Some(9), 4, Some([8, 8]), &Default::default());
+        let one = KvScales::default();
+        let layers = [
+            (LayerKind::Sliding, 1, 4, one),
+            (LayerKind::Full, 1, 4, one),
+        ];
+        let mut pool = KvPool::<B>::new(
+            &layers,
+            Some(9),
+            4,
+            Some([8, 8]),
+            KvDtype::Model,
+            &Default::default(),
+        );
         let mut a = pool.new_seq();
         let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
         pool.layout(&mut [&mut a], &[10], params).unwrap();

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use crate::attention::Attention;
-use crate::cache::{kind_index, KvCache, KvPool, PerKind, SeqKv, DEFAULT_BLOCK_SIZE};
+use crate::cache::{kind_index, KvCache, KvDtype, KvPool, PerKind, SeqKv, DEFAULT_BLOCK_SIZE};
 use crate::config::{LayerKind, TextConfig};
 use crate::decoder::DecoderLayer;
 use crate::error::{LoadError, RunError};
@@ -17,6 +17,7 @@ use crate::norm::RmsNorm;
 use crate::nvfp4::{PackedNvfp4, GROUP_SIZE};
 use crate::rope::{Rope, RopeTables};
 use crate::weights::{check_shape, dtype_name, Checkpoint};
+use gemma4_kernels::attention::fp8::KvScales;
 use gemma4_kernels::attention::AttentionParams;
 use safetensors::tensor::Dtype;
 
@@ -215,14 +216,20 @@ impl<B: Gemma4Backend> TextModel<B> {
     }
 
     /// A KV pool for this model's layers: `num_blocks` blocks of `block_size` tokens per layer
-    /// kind (sliding, full), or None for a pool that grows as needed.
-    pub fn new_pool(&self, block_size: usize, num_blocks: Option<PerKind<usize>>) -> KvPool<B> {
-        let layers: Vec<(LayerKind, usize, usize)> = self
+    /// kind (sliding, full), or None for a pool that grows as needed, storing `dtype` (fp8 with
+    /// each layer's checkpoint scales).
+    pub fn new_pool(
+        &self,
+        block_size: usize,
+        num_blocks: Option<PerKind<usize>>,
+        dtype: KvDtype,
+    ) -> KvPool<B> {
+        let layers: Vec<_> = self
             .layers
             .iter()
             .map(|l| {
                 let a = &l.self_attn;
-                (a.kind(), a.num_kv_heads, a.head_dim)
+                (a.kind(), a.num_kv_heads, a.head_dim, a.kv_scales)
             })
             .collect();
         let device = self.embed_tokens.device();
@@ -231,13 +238,14 @@ impl<B: Gemma4Backend> TextModel<B> {
             self.sliding_window(),
             block_size,
             num_blocks,
+            dtype,
             &device,
         )
     }
 
     /// One sequence's cache with a growable pool of its own.
     pub fn new_cache(&self) -> KvCache<B> {
-        let pool = self.new_pool(DEFAULT_BLOCK_SIZE, None);
+        let pool = self.new_pool(DEFAULT_BLOCK_SIZE, None, KvDtype::Model);
         let seq = pool.new_seq();
         KvCache { pool, seq }
     }
@@ -313,10 +321,12 @@ impl<B: Gemma4Backend> TextModel<B> {
             let p = format!("{prefix}.layers.{i}");
             let (nh, nkv, d) = (cfg.num_attention_heads, lc.num_key_value_heads, lc.head_dim);
             let a = format!("{p}.self_attn");
-            // FP8 KV-cache scales (kv_cache_quant_algo FP8): a bf16 cache is the accurate default.
-            for s in ["k_proj.k_scale", "v_proj.v_scale", "k_scale", "v_scale"] {
-                ckpt.skip(&format!("{a}.{s}"));
-            }
+            // FP8 KV-cache scales (kv_cache_quant_algo FP8), used by an fp8 pool only: a bf16
+            // cache is the accurate default.
+            let kv_scales = KvScales {
+                k: load_kv_scale(ckpt, &a, "k")?,
+                v: load_kv_scale(ckpt, &a, "v")?,
+            };
             let self_attn = Attention {
                 q_proj: load_linear(ckpt, &format!("{a}.q_proj"), nh * d, h, device)?,
                 k_proj: load_linear(ckpt, &format!("{a}.k_proj"), nkv * d, h, device)?,
@@ -340,6 +350,7 @@ impl<B: Gemma4Backend> TextModel<B> {
                 head_dim: d,
                 sliding_window: (lc.kind == LayerKind::Sliding).then_some(cfg.sliding_window),
                 rope: Rope::new(&lc.rope, d),
+                kv_scales,
             };
             if !lc.has_v_proj && ckpt.contains(&format!("{a}.v_proj.weight")) {
                 return Err(LoadError::config(
@@ -515,6 +526,38 @@ fn transpose<T: Copy + Default>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
         }
     }
     t
+}
+
+/// One of a layer's FP8 KV-cache scales (`which` "k" or "v"): ModelOpt writes
+/// `self_attn.k_proj.k_scale` / `self_attn.v_proj.v_scale` (also on k_eq_v layers without a
+/// v_proj), other exporters `self_attn.k_scale`; vLLM reads either. None present: 1.0, as vLLM.
+fn load_kv_scale(ckpt: &mut Checkpoint, attn: &str, which: &str) -> Result<f32, LoadError> {
+    let names = [
+        format!("{attn}.{which}_proj.{which}_scale"),
+        format!("{attn}.{which}_scale"),
+    ];
+    let present: Vec<&String> = names.iter().filter(|n| ckpt.contains(n)).collect();
+    let name = match present.as_slice() {
+        [] => return Ok(1.0),
+        [one] => *one,
+        _ => {
+            return Err(LoadError::BadValue {
+                name: names[0].clone(),
+                msg: format!(
+                    "the checkpoint also has `{}`: two scales for one cache",
+                    names[1]
+                ),
+            })
+        }
+    };
+    let scale = ckpt.scalar(name)?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(LoadError::BadValue {
+            name: name.clone(),
+            msg: format!("a KV-cache scale must be finite and positive, not {scale}"),
+        });
+    }
+    Ok(scale)
 }
 
 /// A linear `prefix` with weight [out, in]: NVFP4 when `weight` is U8 and `weight_scale` exists.

@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = gemma4_engine::scheduler::DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
+    /// What the KV cache stores (vLLM's flag): `auto`, the model's float type; `fp8`, E4M3 with
+    /// the checkpoint's per-layer k_scale/v_scale (1.0 where it has none): one byte per element,
+    /// at some accuracy cost.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: gemma4_model::KvDtype,
     /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
@@ -88,10 +93,15 @@ impl ServeArgs {
             blocks: gemma4_engine::BlockBudget {
                 num_kv_blocks: self.num_kv_blocks.map(|n| gemma4_engine::Blocks([n, n])),
                 block_size: self.block_size.max(1),
+                kv_dtype: self.kv_cache_dtype,
                 ..Default::default()
             },
         }
     }
+}
+
+fn parse_kv_dtype(s: &str) -> Result<gemma4_model::KvDtype, String> {
+    s.parse()
 }
 
 /// The bundled tiny checkpoint, served when no --model is given.
@@ -266,7 +276,9 @@ pub fn start_engine<B: Gemma4Backend>(
 ) -> Result<(Engine, ModelMeta)> {
     let dir = args.model.clone();
     let mut config = args.engine_config();
-    let elem_bytes = std::mem::size_of::<B::FloatElem>() as u64;
+    let elem_bytes = args
+        .kv_cache_dtype
+        .elem_bytes(std::mem::size_of::<B::FloatElem>()) as u64;
     config.blocks.num_kv_blocks = kv_pool_blocks(args, elem_bytes)?.or(config.blocks.num_kv_blocks);
     let (meta_tx, meta_rx) = std::sync::mpsc::channel();
     let (engine, _thread) = Engine::start::<Model<B>, _>(config, move || {

@@ -61,6 +61,7 @@ fn start_with_blocks(
         num_kv_blocks,
         kv_cache_memory: None,
         block_size: 16,
+        kv_cache_dtype: gemma4_model::KvDtype::Model,
         shutdown_grace: 1,
         allow_image_urls,
         image_ca_file: None,

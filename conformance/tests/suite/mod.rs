@@ -190,7 +190,9 @@ pub fn batched_decode_matches_reference<B: Gemma4Backend>(device: &B::Device, to
         let bs = 4;
         let longest = cases.iter().map(|c| c.sequence().len()).max().unwrap();
         let full = cases.len() * longest.div_ceil(bs);
-        let mut pool = model.text.new_pool(bs, Some([full, full]));
+        let mut pool = model
+            .text
+            .new_pool(bs, Some([full, full]), gemma4_model::KvDtype::Model);
         let mut seqs: Vec<_> = cases.iter().map(|_| pool.new_seq()).collect();
         // All but the last case prefill their prompts in one step; the last joins later.
         let (late, early) = cases.split_last().unwrap();

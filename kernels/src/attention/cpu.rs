@@ -10,6 +10,7 @@
 
 use std::ops::Range;
 
+use super::fp8::{self, KvScales};
 use super::{AttentionParams, PagedBatch};
 use crate::simd::{Isa, Kernel, Simd};
 
@@ -53,7 +54,8 @@ pub fn attention_with(
         blocks: &[0],
         block_size: s.max(1),
     }];
-    run(isa, q, k, v, heads, kv_heads, s, d, &one, out)
+    let (k, v) = (Plain::new(k, kv_heads, s, d), Plain::new(v, kv_heads, s, d));
+    run(isa, q, &k, &v, heads, kv_heads, d, &one, out)
 }
 
 /// Paged attention over a ragged batch (see [`PagedBatch`]): q `[rows, heads, d]`, the pools
@@ -99,6 +101,128 @@ pub fn paged_attention_with(
     batch: &PagedBatch,
     out: &mut [f32],
 ) {
+    let (k, v) = (
+        Plain::new(k_pool, kv_heads, slots, d),
+        Plain::new(v_pool, kv_heads, slots, d),
+    );
+    paged_run(isa, q, &k, &v, heads, kv_heads, slots, d, batch, out)
+}
+
+/// [`paged_attention`] over fp8 pools `[kv_heads, slots, d / 4]` of packed E4M3 words (see
+/// [`super::fp8`]): each key and value row is decoded (code · scale) as the loop reaches it.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_fp8(
+    q: &[f32],
+    k_pool: &[i32],
+    v_pool: &[i32],
+    scales: KvScales,
+    heads: usize,
+    kv_heads: usize,
+    slots: usize,
+    d: usize,
+    batch: &PagedBatch,
+    out: &mut [f32],
+) {
+    if let Some(why) = fp8::check_head_dim(d) {
+        panic!("paged attention: {why}");
+    }
+    let (k, v) = (
+        Fp8::new(k_pool, scales.k, kv_heads, slots, d),
+        Fp8::new(v_pool, scales.v, kv_heads, slots, d),
+    );
+    paged_run(
+        Isa::detect(),
+        q,
+        &k,
+        &v,
+        heads,
+        kv_heads,
+        slots,
+        d,
+        batch,
+        out,
+    )
+}
+
+/// Where the rows of K or V come from: an f32 pool, or fp8 words decoded per row.
+trait KvRows: Sync {
+    /// KV head `kvh`'s row at `slot`, `d` values (decoded into `buf` when stored otherwise).
+    fn row<'a>(&'a self, kvh: usize, slot: usize, buf: &'a mut [f32]) -> &'a [f32];
+}
+
+/// An f32 pool `[kv_heads, slots, d]`.
+struct Plain<'a> {
+    data: &'a [f32],
+    slots: usize,
+    d: usize,
+}
+
+impl<'a> Plain<'a> {
+    fn new(data: &'a [f32], kv_heads: usize, slots: usize, d: usize) -> Self {
+        assert_eq!(
+            data.len(),
+            kv_heads * slots * d,
+            "attention: k/v are not [{kv_heads}, {slots}, {d}]"
+        );
+        Plain { data, slots, d }
+    }
+}
+
+impl KvRows for Plain<'_> {
+    #[inline(always)]
+    fn row<'a>(&'a self, kvh: usize, slot: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &self.data[(kvh * self.slots + slot) * self.d..][..self.d]
+    }
+}
+
+/// An fp8 pool `[kv_heads, slots, d / 4]` and its scale (folded into the decode table).
+struct Fp8<'a> {
+    words: &'a [i32],
+    slots: usize,
+    w: usize,
+    table: [f32; 256],
+}
+
+impl<'a> Fp8<'a> {
+    fn new(words: &'a [i32], scale: f32, kv_heads: usize, slots: usize, d: usize) -> Self {
+        let w = d / fp8::PER_WORD;
+        assert_eq!(
+            words.len(),
+            kv_heads * slots * w,
+            "attention: fp8 k/v are not [{kv_heads}, {slots}, {w}] words"
+        );
+        let table = fp8::scaled_table(scale);
+        Fp8 {
+            words,
+            slots,
+            w,
+            table,
+        }
+    }
+}
+
+impl KvRows for Fp8<'_> {
+    #[inline(always)]
+    fn row<'a>(&'a self, kvh: usize, slot: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let words = &self.words[(kvh * self.slots + slot) * self.w..][..self.w];
+        fp8::dequantize_row(words, &self.table, buf);
+        buf
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn paged_run(
+    isa: Isa,
+    q: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
+    heads: usize,
+    kv_heads: usize,
+    slots: usize,
+    d: usize,
+    batch: &PagedBatch,
+    out: &mut [f32],
+) {
     if let Some(why) = batch.check(slots) {
         panic!("paged attention: {why}");
     }
@@ -113,9 +237,7 @@ pub fn paged_attention_with(
             block_size: batch.block_size,
         })
         .collect();
-    run(
-        isa, q, k_pool, v_pool, heads, kv_heads, slots, d, &segments, out,
-    )
+    run(isa, q, k, v, heads, kv_heads, d, &segments, out)
 }
 
 /// The queries `rows` of one sequence, its keys `0..keys` and the blocks that hold them: key j
@@ -150,16 +272,15 @@ impl Segment<'_> {
 }
 
 /// Every (query, head) row of `segments` (whose rows follow each other from 0), k and v
-/// `[kv_heads, slots, d]`.
+/// `[kv_heads, slots, d]` as `KvRows`.
 #[allow(clippy::too_many_arguments)]
-fn run(
+fn run<K: KvRows, V: KvRows>(
     isa: Isa,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &K,
+    v: &V,
     heads: usize,
     kv_heads: usize,
-    slots: usize,
     d: usize,
     segments: &[Segment],
     out: &mut [f32],
@@ -173,11 +294,6 @@ fn run(
         q.len(),
         t * heads * d,
         "attention: q is not [{t}, {heads}, {d}]"
-    );
-    assert_eq!(
-        (k.len(), v.len()),
-        (kv_heads * slots * d, kv_heads * slots * d),
-        "attention: k/v are not [{kv_heads}, {slots}, {d}]"
     );
     assert_eq!(
         out.len(),
@@ -210,7 +326,6 @@ fn run(
             first: c * per,
             heads,
             kv_heads,
-            slots,
             d,
             segments,
             out: chunk,
@@ -233,20 +348,19 @@ fn run(
 /// Consecutive (query, head) rows from `first`, one per `d` floats of `out`: [`row`] compiled for
 /// the path that runs it (the same code, autovectorized with AVX2 or AVX-512; the build's
 /// baseline is SSE2).
-struct Rows<'a> {
+struct Rows<'a, K, V> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a K,
+    v: &'a V,
     first: usize,
     heads: usize,
     kv_heads: usize,
-    slots: usize,
     d: usize,
     segments: &'a [Segment<'a>],
     out: &'a mut [f32],
 }
 
-impl Kernel for Rows<'_> {
+impl<K: KvRows, V: KvRows> Kernel for Rows<'_, K, V> {
     type Output = ();
     #[inline(always)]
     unsafe fn run<S: Simd>(self) {
@@ -257,12 +371,12 @@ impl Kernel for Rows<'_> {
             first,
             heads,
             kv_heads,
-            slots,
             d,
             segments,
             out,
         } = self;
         let mut scores = Vec::new();
+        let mut buf = vec![0f32; d];
         let mut seg = 0;
         for (r, o) in out.chunks_exact_mut(d).enumerate() {
             let row_index = first + r;
@@ -279,10 +393,10 @@ impl Kernel for Rows<'_> {
                 i - s.rows.start,
                 heads,
                 kv_heads,
-                slots,
                 d,
                 s,
                 &mut scores,
+                &mut buf,
                 o,
             );
         }
@@ -295,16 +409,16 @@ impl Kernel for Rows<'_> {
 #[allow(clippy::too_many_arguments)]
 fn row(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &impl KvRows,
+    v: &impl KvRows,
     row: usize,
     i_local: usize,
     heads: usize,
     kv_heads: usize,
-    slots: usize,
     d: usize,
     seg: &Segment,
     scores: &mut Vec<f32>,
+    buf: &mut [f32],
     o: &mut [f32],
 ) {
     let (p, s) = (seg.params, seg.keys);
@@ -312,8 +426,6 @@ fn row(
     let kvh = h / (heads / kv_heads);
     let qpos = p.q_start + i_local;
     let qr = &q[row * d..(row + 1) * d];
-    let keys = &k[kvh * slots * d..(kvh + 1) * slots * d];
-    let vals = &v[kvh * slots * d..(kvh + 1) * slots * d];
     // Keys from the window's start to the causal bound are all visible; later ones only through
     // a bidirectional span (checked one by one).
     let lo = p
@@ -335,13 +447,13 @@ fn row(
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for (j0, slot0, n) in seg.runs(lo, hi.max(lo)) {
-        let run = &keys[slot0 * d..(slot0 + n) * d];
-        for (m, kr) in run.chunks_exact(d).enumerate() {
+        for m in 0..n {
             let j = j0 + m;
             if j >= causal_hi && !p.visible(qpos, p.k_start + j) {
                 scores.push(f32::NEG_INFINITY);
                 continue;
             }
+            let kr = k.row(kvh, slot0 + m, buf);
             let mut sc = dot(qr, kr) * p.scale;
             if let Some(cap) = p.softcap {
                 sc = (sc / cap).tanh() * cap;
@@ -356,11 +468,11 @@ fn row(
     }
     let mut sum = 0f32;
     for (j0, slot0, n) in seg.runs(lo, hi.max(lo)) {
-        let run = &vals[slot0 * d..(slot0 + n) * d];
-        for (sc, vr) in scores[j0 - lo..j0 - lo + n].iter().zip(run.chunks_exact(d)) {
+        for (m, sc) in scores[j0 - lo..j0 - lo + n].iter().enumerate() {
             if *sc == f32::NEG_INFINITY {
                 continue;
             }
+            let vr = v.row(kvh, slot0 + m, buf);
             let w = (sc - max).exp();
             sum += w;
             o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);
@@ -513,54 +625,13 @@ mod tests {
     /// instruction set against the reference (which gathers each sequence's keys first).
     #[test]
     fn paged_matches_reference() {
-        use crate::attention::{PagedBatch, PagedSeq};
         let dev = Default::default();
         for case in 0..6u64 {
             let mut rng = Lcg::new(900 + case);
-            let mut pick = |n: usize| (rng.next_f32() * n as f32) as usize % n.max(1);
             let (heads, kv, d) = [(4, 2, 32), (8, 1, 64), (2, 2, 16)][case as usize % 3];
             let block_size = [16, 4, 7][case as usize % 3];
             let num_blocks = 64;
-            // A shuffled free list: each sequence's blocks are scattered over the pool.
-            let mut free: Vec<u32> = (0..num_blocks as u32).collect();
-            for i in (1..free.len()).rev() {
-                free.swap(i, pick(i + 1));
-            }
-            let mut seqs = Vec::new();
-            let mut rows = 0;
-            for _ in 0..1 + pick(4) {
-                let t = if pick(2) == 0 { 1 } else { 1 + pick(40) };
-                let before = pick(60);
-                // Keys start at a block boundary; with a window the table may begin later.
-                let window = [None, Some(8), Some(24)][pick(3)];
-                let k_start = match window {
-                    Some(w) => (before.saturating_sub(w) / block_size) * block_size,
-                    None => 0,
-                };
-                let keys = before + t - k_start;
-                let n_blocks = keys.div_ceil(block_size);
-                if free.len() < n_blocks {
-                    break;
-                }
-                let blocks = free.split_off(free.len() - n_blocks);
-                // One image span inside the chunk.
-                let bidirectional: Vec<_> = if t > 6 && pick(2) == 0 {
-                    std::iter::once(before + 2..before + 6).collect()
-                } else {
-                    Vec::new()
-                };
-                seqs.push(PagedSeq {
-                    rows: rows..rows + t,
-                    params: AttentionParams {
-                        bidirectional,
-                        ..AttentionParams::causal(before, k_start, window)
-                    },
-                    keys,
-                    blocks,
-                });
-                rows += t;
-            }
-            let batch = PagedBatch { block_size, seqs };
+            let (batch, rows) = random_paged_batch(&mut rng, block_size, num_blocks);
             let slots = num_blocks * block_size;
             let q = random(&mut rng, rows * heads * d);
             let k = random(&mut rng, kv * slots * d);
@@ -577,11 +648,7 @@ mod tests {
             for isa in Isa::available() {
                 let mut out = vec![f32::NAN; rows * heads * d];
                 paged_attention_with(isa, &q, &k, &v, heads, kv, slots, d, &batch, &mut out);
-                let err = out
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_diff(&out, &expected);
                 assert!(
                     out.iter().all(|x| x.is_finite()) && err <= 1e-5,
                     "case {case} {isa:?}: max |Δ| {err:e} over {:?}",
@@ -592,6 +659,156 @@ mod tests {
                         .collect::<Vec<_>>()
                 );
             }
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
+    /// A random ragged batch over `num_blocks` blocks handed out from a shuffled free list (each
+    /// sequence's blocks scattered over the pool): decode rows and prefill chunks after a cache,
+    /// windows whose table starts later, image spans. Returns the batch and its rows.
+    fn random_paged_batch(
+        rng: &mut Lcg,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> (crate::attention::PagedBatch, usize) {
+        use crate::attention::{PagedBatch, PagedSeq};
+        let mut pick = |n: usize| (rng.next_f32() * n as f32) as usize % n.max(1);
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, pick(i + 1));
+        }
+        let mut seqs = Vec::new();
+        let mut rows = 0;
+        for _ in 0..1 + pick(4) {
+            let t = if pick(2) == 0 { 1 } else { 1 + pick(40) };
+            let before = pick(60);
+            // Keys start at a block boundary; with a window the table may begin later.
+            let window = [None, Some(8), Some(24)][pick(3)];
+            let k_start = match window {
+                Some(w) => (before.saturating_sub(w) / block_size) * block_size,
+                None => 0,
+            };
+            let keys = before + t - k_start;
+            let n_blocks = keys.div_ceil(block_size);
+            if free.len() < n_blocks {
+                break;
+            }
+            let blocks = free.split_off(free.len() - n_blocks);
+            // One image span inside the chunk.
+            let bidirectional: Vec<_> = if t > 6 && pick(2) == 0 {
+                std::iter::once(before + 2..before + 6).collect()
+            } else {
+                Vec::new()
+            };
+            seqs.push(PagedSeq {
+                rows: rows..rows + t,
+                params: AttentionParams {
+                    bidirectional,
+                    ..AttentionParams::causal(before, k_start, window)
+                },
+                keys,
+                blocks,
+            });
+            rows += t;
+        }
+        (PagedBatch { block_size, seqs }, rows)
+    }
+
+    /// The fp8 pools: the CPU loop (decode per row) against the reference (gather, dequantize
+    /// with tensor ops, attend) on the same words: the same values, so 1e-5 as for floats; and
+    /// against float attention on the unquantized K/V, within the bound E4M3 rounding allows.
+    ///
+    /// That bound: each stored value is off by at most half an E4M3 step, 2^-4 · |x| for normals
+    /// (3 mantissa bits) and 2^-10 · scale below them. V's error moves the output by at most
+    /// ev = 2^-4 · max|v| + 2^-10 · s_v; K's moves each score by at most
+    /// δ = max_row |q|₁ · (2^-4 · max|k| + 2^-10 · s_k), which scales each softmax weight by
+    /// e^±δ, so the output moves by at most (e^{2δ} - 1) · (max|v| + ev) more.
+    #[test]
+    fn paged_fp8_matches_reference() {
+        use crate::attention::fp8;
+        let dev = Default::default();
+        for case in 0..6u64 {
+            let mut rng = Lcg::new(700 + case);
+            let (heads, kv, d) = [(4, 2, 32), (8, 1, 64), (2, 2, 16)][case as usize % 3];
+            let block_size = [16, 4, 7][case as usize % 3];
+            let num_blocks = 64;
+            let (batch, rows) = random_paged_batch(&mut rng, block_size, num_blocks);
+            let slots = num_blocks * block_size;
+            // Values spread over E4M3's range after scaling (|x| / s up to 200, down into the
+            // subnormals), queries small enough that the bound above says something.
+            let scales = KvScales {
+                k: 0.005,
+                v: 0.00125,
+            };
+            let q: Vec<f32> = random(&mut rng, rows * heads * d)
+                .iter()
+                .map(|x| x * 0.1)
+                .collect();
+            let wide = |rng: &mut Lcg, n| -> Vec<f32> {
+                random(rng, n).iter().map(|x| x * x * x).collect()
+            };
+            let k = wide(&mut rng, kv * slots * d);
+            let v: Vec<f32> = wide(&mut rng, kv * slots * d)
+                .iter()
+                .map(|x| x * 0.25)
+                .collect();
+            let t3 = |x: &[f32], dims: [usize; 3]| {
+                Tensor::<Cpu, 3>::from_data(TensorData::new(x.to_vec(), dims), &dev)
+            };
+            let kw = fp8::quantize(t3(&k, [kv, slots, d]), scales.k);
+            let vw = fp8::quantize(t3(&v, [kv, slots, d]), scales.v);
+            let qt = t3(&q, [rows, heads, d]);
+            let expected: Vec<f32> =
+                reference::paged_attention_fp8(qt.clone(), kw.clone(), vw.clone(), scales, &batch)
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+            let float: Vec<f32> = reference::paged_attention(
+                qt,
+                t3(&k, [kv, slots, d]),
+                t3(&v, [kv, slots, d]),
+                &batch,
+            )
+            .into_data()
+            .to_vec()
+            .unwrap();
+            let (kh, vh) = (
+                kw.into_data().to_vec::<i32>().unwrap(),
+                vw.into_data().to_vec::<i32>().unwrap(),
+            );
+            let mut out = vec![f32::NAN; rows * heads * d];
+            paged_attention_fp8(&q, &kh, &vh, scales, heads, kv, slots, d, &batch, &mut out);
+            let err = max_diff(&out, &expected);
+            assert!(
+                out.iter().all(|x| x.is_finite()) && err <= 1e-5,
+                "case {case}: fp8 CPU vs fp8 reference max |Δ| {err:e}"
+            );
+
+            let amax = |x: &[f32]| x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (kmax, vmax) = (amax(&k), amax(&v));
+            let q1 = q
+                .chunks_exact(d)
+                .map(|r| r.iter().map(|x| x.abs()).sum::<f32>())
+                .fold(0f32, f32::max);
+            let ulp = 2f32.powi(-4);
+            let ev = ulp * vmax + 2f32.powi(-10) * scales.v;
+            let delta = q1 * (ulp * kmax + 2f32.powi(-10) * scales.k);
+            let bound = ev + ((2.0 * delta).exp() - 1.0) * (vmax + ev);
+            let err_float = max_diff(&out, &float);
+            assert!(
+                err_float <= bound,
+                "case {case}: fp8 vs float max |Δ| {err_float:e} > bound {bound:e}"
+            );
+            eprintln!(
+                "case {case}: fp8 CPU vs fp8 reference {err:.1e}; vs float {err_float:.3e} \
+                 (bound {bound:.3e}, max|v| {vmax:.3})"
+            );
         }
     }
 

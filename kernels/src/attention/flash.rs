@@ -68,7 +68,9 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
+use super::fp8::{self, KvScales};
 use super::{AttentionParams, PagedBatch};
+use crate::nvfp4::gemv::e4m3_to_f32;
 
 /// The backend of the kernels: any CubeCL runtime with float element `F` and i32 ints.
 pub type AttentionBackend<R, F = f32, BT = u32> = CubeBackend<R, F, i32, BT>;
@@ -333,10 +335,12 @@ fn load_q_chunk<F: Float>(
 /// elsewhere), columns `col0 .. col0 + width`, from `src` into `dst` with row stride `stride`.
 /// `src` is `[kv_heads, s, d]` with any head and key strides (the KV cache is a view of a larger
 /// buffer, or a paged pool), columns contiguous. Contiguous keys: key j is row j of `src`; paged
-/// (`paged`): key `jt + x` of the tile starting at `jt` is in row `slots[x]`.
+/// (`paged`): key `jt + x` of the tile starting at `jt` is in row `slots[x]`. With `fp8`, `src`
+/// holds E4M3 codes packed 4 per i32 word along the row (see [`super::fp8`]): column `col` is
+/// byte `col % 4` of word `col / 4`, decoded and multiplied by `kv_scale` as it is staged.
 #[cube]
-fn load_kv<F: Float>(
-    src: &Tensor<F>,
+fn load_kv<KV: Numeric>(
+    src: &Tensor<KV>,
     dst: &mut SharedMemory<f32>,
     slots: &SharedMemory<u32>,
     tid: usize,
@@ -351,6 +355,8 @@ fn load_kv<F: Float>(
     #[comptime] stride: usize,
     #[comptime] nt: usize,
     #[comptime] paged: bool,
+    kv_scale: f32,
+    #[comptime] fp8: bool,
 ) {
     #[unroll]
     for it in 0..(nkeys * width).div_ceil(nt) {
@@ -366,7 +372,14 @@ fn load_kv<F: Float>(
                 if paged {
                     at = slots[jb + jj] as usize;
                 }
-                val = f32::cast_from(src[kvh * src.stride(0) + at * src.stride(1) + col]);
+                let row = kvh * src.stride(0) + at * src.stride(1);
+                if fp8 {
+                    let word = u32::cast_from(src[row + col / 4]);
+                    let code = (word >> (((col % 4) * 8) as u32)) & 0xff;
+                    val = e4m3_to_f32(code) * kv_scale;
+                } else {
+                    val = f32::cast_from(src[row + col]);
+                }
             }
             dst[jj * stride + cc] = val;
         }
@@ -414,10 +427,10 @@ const fn v_keys(d: usize) -> usize {
 /// `[splits, rows · heads, 2]` holds (max, sum).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-fn flash_attention_kernel<F: Float, O: Float>(
+fn flash_attention_kernel<F: Float, O: Float, KV: Numeric>(
     q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
+    k: &Tensor<KV>,
+    v: &Tensor<KV>,
     out: &mut Tensor<O>,
     part_ml: &mut Tensor<f32>,
     meta: &Tensor<i32>,
@@ -429,11 +442,14 @@ fn flash_attention_kernel<F: Float, O: Float>(
     block_size: u32,
     scale: f32,
     softcap: f32,
+    k_scale: f32,
+    v_scale: f32,
     #[comptime] d: usize,
     #[comptime] bq: usize,
     #[comptime] split: bool,
     #[comptime] has_spans: bool,
     #[comptime] paged: bool,
+    #[comptime] fp8: bool,
 ) {
     let nt = comptime!(NT);
     let bk = comptime!(BK);
@@ -547,6 +563,8 @@ fn flash_attention_kernel<F: Float, O: Float>(
                 dc + 1,
                 nt,
                 paged,
+                k_scale,
+                fp8,
             );
             sync_cube();
             // Runtime loop over the chunk in steps of `ud` columns, unrolled within a step: short
@@ -626,7 +644,8 @@ fn flash_attention_kernel<F: Float, O: Float>(
         while jb < bk {
             sync_cube();
             load_kv(
-                v, &mut kv, &slot_s, tid, kvh, j0, jb, j_hi, 0, d, bkv, d, d, nt, paged,
+                v, &mut kv, &slot_s, tid, kvh, j0, jb, j_hi, 0, d, bkv, d, d, nt, paged, v_scale,
+                fp8,
             );
             sync_cube();
             let mut j = 0;
@@ -778,7 +797,8 @@ pub fn fused_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
         p,
         table: 0,
     }];
-    launch_flash(q, k, v, &seqs, None, pl, out)
+    let (k, v) = (k.into_primitive().tensor(), v.into_primitive().tensor());
+    launch_flash(q, k, v, None, &seqs, None, pl, out)
 }
 
 /// Paged attention of a ragged batch (see [`PagedBatch`]): q `[rows, heads, d]`, this layer's K
@@ -806,6 +826,37 @@ pub fn paged_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
     pl: FlashPlan,
     out: Option<BurnTensor<AttentionBackend<R, F, BT>, 2>>,
 ) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
+    let (k, v) = (
+        k_pool.into_primitive().tensor(),
+        v_pool.into_primitive().tensor(),
+    );
+    paged_launch(q, k, v, None, batch, pl, out)
+}
+
+/// [`paged_attention`] over fp8 pools `[kv_heads, slots, d / 4]` of packed E4M3 words with
+/// per-tensor `scales` (see [`super::fp8`]): the same kernel, decoding each K and V element as
+/// it stages the tile in shared memory (a comptime flag: the float kernel is unchanged).
+pub fn paged_attention_fp8<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k_pool: BurnTensor<AttentionBackend<R, F, BT>, 3, Int>,
+    v_pool: BurnTensor<AttentionBackend<R, F, BT>, 3, Int>,
+    scales: KvScales,
+    batch: &PagedBatch,
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
+    let pl = paged_plan(batch, q.dims()[1], k_pool.dims()[0]);
+    let (k, v) = (k_pool.into_primitive(), v_pool.into_primitive());
+    paged_launch(q, k, v, Some(scales), batch, pl, None)
+}
+
+fn paged_launch<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k_pool: CubeTensor<R>,
+    v_pool: CubeTensor<R>,
+    fp8: Option<KvScales>,
+    batch: &PagedBatch,
+    pl: FlashPlan,
+    out: Option<BurnTensor<AttentionBackend<R, F, BT>, 2>>,
+) -> Result<BurnTensor<AttentionBackend<R, F, BT>, 2>, AttentionError> {
     let rows = q.dims()[0];
     if rows != batch.rows() {
         return Err(AttentionError::Batch(format!(
@@ -813,7 +864,7 @@ pub fn paged_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
             batch.rows()
         )));
     }
-    if let Some(why) = batch.check(k_pool.dims()[1]) {
+    if let Some(why) = batch.check(k_pool.meta.shape().dims::<3>()[1]) {
         return Err(AttentionError::Batch(why));
     }
     // Every sequence's block table (the blocks holding its keys), one after the other.
@@ -834,6 +885,7 @@ pub fn paged_attention_with_plan<R: CubeRuntime, F: FloatElement, BT: BoolElemen
         q,
         k_pool,
         v_pool,
+        fp8,
         &seqs,
         Some((table, batch.block_size)),
         pl,
@@ -944,10 +996,12 @@ fn int_tensor<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
 /// The launch behind [`fused_attention_with_plan`] (`paged` None: keys are rows `0..s` of k and
 /// v) and [`paged_attention_with_plan`] (`paged`: the concatenated block tables and the block
 /// size). Checks everything before launching anything.
+#[allow(clippy::too_many_arguments)]
 fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     q: BurnTensor<AttentionBackend<R, F, BT>, 3>,
-    k: BurnTensor<AttentionBackend<R, F, BT>, 3>,
-    v: BurnTensor<AttentionBackend<R, F, BT>, 3>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    fp8: Option<KvScales>,
     seqs: &[Seq],
     paged: Option<(Vec<i32>, usize)>,
     pl: FlashPlan,
@@ -965,15 +1019,19 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
         }
     }
     let [t, heads, d] = q.dims();
-    let [kv_heads, s, dk] = k.dims();
+    // fp8 pools hold 4 codes per word: `kw` words per row stand for `dk` = 4 · kw columns.
+    let (kdims, vdims) = (k.meta.shape().dims::<3>(), v.meta.shape().dims::<3>());
+    let [kv_heads, s, kw] = kdims;
+    let dk = if fp8.is_some() {
+        kw * fp8::PER_WORD
+    } else {
+        kw
+    };
     if dk != d {
         return Err(AttentionError::KeyDim { q: d, k: dk });
     }
-    if v.dims() != k.dims() {
-        return Err(AttentionError::ValueShape {
-            k: k.dims(),
-            v: v.dims(),
-        });
+    if vdims != kdims {
+        return Err(AttentionError::ValueShape { k: kdims, v: vdims });
     }
     if d == 0 || d > MAX_HEAD_DIM {
         return Err(AttentionError::HeadDim {
@@ -1030,7 +1088,7 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     for (what, value, lim) in [
         ("positions", far_window, limit),
         ("q elements", t * heads * d, limit),
-        ("k elements", kv_heads * s * d, limit),
+        ("k elements", kv_heads * s * kw, limit),
         ("split partials", pl.splits * t * heads * d, limit),
         ("block table", table_len, limit),
         ("row tiles", row_tiles, MAX_GRID_AXIS),
@@ -1051,15 +1109,15 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     }
 
     let q = q.into_primitive().tensor();
-    let k = k.into_primitive().tensor();
-    let v = v.into_primitive().tensor();
     let dtype = <F as Element>::dtype();
-    for (what, x) in [("q", &q), ("k", &k), ("v", &v)] {
-        if x.dtype != dtype {
+    // fp8 pools are i32 words.
+    let kv_dtype = if fp8.is_some() { DType::I32 } else { dtype };
+    for (what, x, expected) in [("q", &q, dtype), ("k", &k, kv_dtype), ("v", &v, kv_dtype)] {
+        if x.dtype != expected {
             return Err(AttentionError::Dtype {
                 what,
                 got: x.dtype,
-                expected: dtype,
+                expected,
             });
         }
     }
@@ -1079,7 +1137,7 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     let v = rows_contiguous(v);
     for (what, x) in [("k span", &k), ("v span", &v)] {
         let st = x.meta.strides();
-        let span = (kv_heads - 1) * st[0] + (s - 1) * st[1] + d;
+        let span = (kv_heads - 1) * st[0] + (s - 1) * st[1] + kw;
         if span > limit {
             return Err(AttentionError::TooLarge {
                 what,
@@ -1141,9 +1199,10 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
     };
     let part_ml = empty_device_dtype::<R>(client.clone(), device.clone(), ml_shape, DType::F32);
     // Direct mode writes the normalised output (`F`); split mode the f32 partials.
+    let scales = fp8.unwrap_or_default();
     macro_rules! launch_attention {
-        ($o:ty, $out:expr) => {
-            flash_attention_kernel::launch::<F, $o, R>(
+        ($o:ty, $kv:ty, $out:expr) => {
+            flash_attention_kernel::launch::<F, $o, $kv, R>(
                 &client,
                 CubeCount::Static(row_tiles as u32, kv_heads as u32, splits as u32),
                 CubeDim::new_1d(NT as u32),
@@ -1161,11 +1220,14 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
                 block_size as u32,
                 scale,
                 softcap.unwrap_or(0.0),
+                scales.k,
+                scales.v,
                 d,
                 pl.rows_per_cube,
                 split,
                 has_spans,
                 is_paged,
+                fp8.is_some(),
             );
         };
     }
@@ -1176,7 +1238,11 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
             Shape::new([splits, rows_out, d]),
             DType::F32,
         );
-        launch_attention!(f32, part_o.clone());
+        if fp8.is_some() {
+            launch_attention!(f32, i32, part_o.clone());
+        } else {
+            launch_attention!(f32, F, part_o.clone());
+        }
         let grid_x = rows_out.min(MAX_GRID_AXIS);
         let grid_y = rows_out.div_ceil(grid_x);
         split_reduce_kernel::launch::<F, R>(
@@ -1191,7 +1257,11 @@ fn launch_flash<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
             d,
         );
     } else {
-        launch_attention!(F, out.clone());
+        if fp8.is_some() {
+            launch_attention!(F, i32, out.clone());
+        } else {
+            launch_attention!(F, F, out.clone());
+        }
     }
     Ok(BurnTensor::from_primitive(TensorPrimitive::Float(out)))
 }

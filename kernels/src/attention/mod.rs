@@ -14,6 +14,7 @@
 
 pub mod cpu;
 pub mod flash;
+pub mod fp8;
 pub mod kv_write;
 pub mod reference;
 

@@ -3,9 +3,9 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use burn::tensor::TensorData;
+use burn::tensor::{BasicOps, TensorData};
 
-use super::{AttentionParams, PagedBatch};
+use super::{fp8, AttentionParams, PagedBatch};
 
 /// Added to masked scores. Every causal row keeps at least its own position, so the softmax max
 /// is finite and exp(-inf - max) = 0 exactly (a large finite value sends libm's exp down its slow
@@ -52,9 +52,42 @@ pub fn paged_attention<B: Backend>(
     v_pool: Tensor<B, 3>,
     batch: &PagedBatch,
 ) -> Tensor<B, 2> {
-    let [rows, heads, d] = q.dims();
-    let [kv_heads, _, dk] = k_pool.dims();
     let dv = v_pool.dims()[2];
+    paged_with(q, dv, batch, |index| {
+        (
+            k_pool.clone().select(1, index.clone()),
+            v_pool.clone().select(1, index),
+        )
+    })
+}
+
+/// [`paged_attention`] over fp8 pools `[kv_heads, slots, d / 4]` of packed E4M3 words (see
+/// [`super::fp8`]): each sequence's keys and values are gathered, dequantized (code · scale),
+/// then attended as floats.
+pub fn paged_attention_fp8<B: Backend>(
+    q: Tensor<B, 3>,
+    k_pool: Tensor<B, 3, Int>,
+    v_pool: Tensor<B, 3, Int>,
+    scales: fp8::KvScales,
+    batch: &PagedBatch,
+) -> Tensor<B, 2> {
+    let dv = v_pool.dims()[2] * fp8::PER_WORD;
+    paged_with(q, dv, batch, |index| {
+        (
+            fp8::dequantize(k_pool.clone().select(1, index.clone()), scales.k),
+            fp8::dequantize(v_pool.clone().select(1, index), scales.v),
+        )
+    })
+}
+
+/// The reference's loop: `gather(slots)` gives a sequence's K and V `[kv_heads, keys, d]`.
+fn paged_with<B: Backend>(
+    q: Tensor<B, 3>,
+    dv: usize,
+    batch: &PagedBatch,
+    gather: impl Fn(Tensor<B, 1, Int>) -> (Tensor<B, 3>, Tensor<B, 3>),
+) -> Tensor<B, 2> {
+    let [rows, heads, d] = q.dims();
     let device = q.device();
     let mut outs = Vec::with_capacity(batch.seqs.len());
     for seq in batch.seqs.iter().filter(|s| !s.rows.is_empty()) {
@@ -65,10 +98,9 @@ pub fn paged_attention<B: Backend>(
         }
         let slots: Vec<i32> = (0..seq.keys).map(|j| batch.slot(seq, j) as i32).collect();
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [seq.keys]), &device);
-        let k = k_pool.clone().select(1, index.clone());
-        let v = v_pool.clone().select(1, index);
+        let (k, v) = gather(index);
         let q = q.clone().slice([seq.rows.clone(), 0..heads, 0..d]);
-        debug_assert_eq!(k.dims(), [kv_heads, seq.keys, dk]);
+        debug_assert_eq!(k.dims()[1], seq.keys);
         outs.push(attention(q, k, v, &seq.params));
     }
     if outs.is_empty() {
@@ -81,6 +113,16 @@ pub fn paged_attention<B: Backend>(
 /// `pool` `[kv_heads, slots, d]` and returns the pool: one `slice_assign` per run of
 /// consecutive slots (in place when the pool's buffer is not shared).
 pub fn kv_write<B: Backend>(pool: Tensor<B, 3>, new: Tensor<B, 3>, slots: &[u32]) -> Tensor<B, 3> {
+    write_rows(pool, new, slots)
+}
+
+/// Writes rows `new` `[n, kv_heads, w]` into `pool` `[kv_heads, slots, w]` at `slots`: one
+/// `slice_assign` per run of consecutive slots. Any element kind (float values, fp8 words).
+pub fn write_rows<B: Backend, K: BasicOps<B>>(
+    pool: Tensor<B, 3, K>,
+    new: Tensor<B, 3, K>,
+    slots: &[u32],
+) -> Tensor<B, 3, K> {
     let [n, kv_heads, d] = new.dims();
     assert_eq!(
         n,

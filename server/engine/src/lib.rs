@@ -115,8 +115,11 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
         [sliding, full]
     }
     fn new_pool(&self, blocks: &BlockBudget) -> KvPool<B> {
-        self.text
-            .new_pool(blocks.block_size, blocks.num_kv_blocks.map(|b| b.0))
+        self.text.new_pool(
+            blocks.block_size,
+            blocks.num_kv_blocks.map(|b| b.0),
+            blocks.kv_dtype,
+        )
     }
     fn new_cache(&self, pool: &KvPool<B>) -> SeqKv {
         pool.new_seq()

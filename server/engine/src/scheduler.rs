@@ -82,6 +82,8 @@ pub struct BlockBudget {
     pub block_size: usize,
     /// What each kind keeps (the engine sets it from the model at start).
     pub keep: [Keep; 2],
+    /// What the pool stores (the model's float type, or fp8); scheduling does not depend on it.
+    pub kv_dtype: gemma4_model::KvDtype,
 }
 
 impl Default for BlockBudget {
@@ -90,6 +92,7 @@ impl Default for BlockBudget {
             num_kv_blocks: None,
             block_size: DEFAULT_BLOCK_SIZE,
             keep: [Keep::Nothing, Keep::All],
+            kv_dtype: gemma4_model::KvDtype::Model,
         }
     }
 }
@@ -447,6 +450,7 @@ mod tests {
                 num_kv_blocks: num_blocks.map(|n| Blocks([0, n])),
                 block_size: 4,
                 keep: [Keep::Nothing, Keep::All],
+                ..BlockBudget::default()
             },
         }
     }

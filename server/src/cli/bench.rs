@@ -108,7 +108,11 @@ pub fn end_to_end<B: Gemma4Backend>(
     let mut batched = serde_json::Map::new();
     for &batch in batches.iter().filter(|&&b| b > 1) {
         // One paged pool for the batch, as the engine has (it grows to what the batch needs).
-        let mut pool = m.text.new_pool(gemma4_model::DEFAULT_BLOCK_SIZE, None);
+        let mut pool = m.text.new_pool(
+            gemma4_model::DEFAULT_BLOCK_SIZE,
+            None,
+            gemma4_model::KvDtype::Model,
+        );
         let mut seqs: Vec<SeqKv> = (0..batch).map(|_| pool.new_seq()).collect();
         let mut steps: Vec<SeqStep<B>> = seqs
             .iter_mut()
