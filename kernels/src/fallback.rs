@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 /// The kernels [`run`] counts, by the names it takes: the CubeCL kernels ([`CUBE_KERNELS`], wgpu
 /// and CUDA), then the CPU kernels of the ndarray backend ([`CPU_KERNELS`]).
-pub const KERNELS: [&str; 18] = [
+pub const KERNELS: [&str; 19] = [
     "nvfp4_gemv",
     "nvfp4_gemm",
     "flash_attention",
@@ -28,6 +28,7 @@ pub const KERNELS: [&str; 18] = [
     "rms_norm_add",
     "rms_norm_rope",
     "gelu_tanh_mul",
+    "top_k",
     "cpu_nvfp4",
     "cpu_dense",
     "cpu_lm_head",
@@ -40,9 +41,9 @@ pub const KERNELS: [&str; 18] = [
 ];
 
 /// The CubeCL kernels among [`KERNELS`].
-pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(9).0;
+pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(10).0;
 /// The CPU kernels among [`KERNELS`].
-pub const CPU_KERNELS: &[&str] = KERNELS.split_at(9).1;
+pub const CPU_KERNELS: &[&str] = KERNELS.split_at(10).1;
 
 /// What a kernel's refusal does (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
