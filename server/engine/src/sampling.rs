@@ -101,6 +101,24 @@ pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
     }
 }
 
+/// [`top_logprobs`] from a row's top `(id, logit)` pairs (descending) and its log-sum-exp, when
+/// they hold the chosen id and at least `k` entries (the engine's `need` asks for that many).
+pub fn top_logprobs_of_top(top: &[(u32, f32)], lse: f32, chosen: u32, k: usize) -> TokenLogprob {
+    TokenLogprob {
+        id: chosen,
+        logprob: top
+            .iter()
+            .find(|t| t.0 == chosen)
+            .map_or(f32::NEG_INFINITY, |t| t.1 - lse),
+        top: top
+            .iter()
+            .filter(|t| !t.1.is_nan())
+            .take(k)
+            .map(|&(i, l)| (i, l - lse))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
