@@ -28,7 +28,8 @@
 //!
 //! # lavapipe
 //! Mesa's lavapipe caps an invocation at 65 535 loop iterations: a thread runs about
-//! 10 · vocab / 256 + 2 · 256 + 64, so the vocabulary is limited to [`MAX_VOCAB`].
+//! 10 · vocab / 256 (the passes over the row) + 8 · 256 (thread 0's walks over the bins) + 44
+//! (sort and tree), 43 000 at [`MAX_VOCAB`], which bounds the vocabulary.
 
 use burn::tensor::{backend::Backend, DType, Int, Shape, Tensor as BurnTensor};
 use burn_cubecl::{

@@ -14,6 +14,12 @@
 //! again from its prompt and generated tokens when readmitted; its sampler and penalties carry
 //! on, and nothing is sent twice, so the client sees only latency.
 //!
+//! Logits: each item of a forward says what its sampler will need of its row ([`Need`], decided
+//! by `need` from the request): on a model with a device top-k, greedy, top-k sampling and
+//! logprobs take only the row's top candidates and its log-sum-exp ([`StepLogits::Top`]), and
+//! `gemma4_model::sampling::sample_top` draws from them the token `sample` draws from the row;
+//! top_k = 0 sampling, penalties, logit bias and a forced token's logprob take the full row.
+//!
 //! Images: a request carries its preprocessed images and a prompt in which each image is a run of
 //! `n` image placeholder ids (the model's `image_token_id`). The engine encodes them (vision tower)
 //! on its thread at the request's first prefill chunk, then hands each prefill chunk the soft-token

@@ -134,6 +134,29 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_from_the_top_equal_those_from_the_row() {
+        // The engine's `need` fetches max(sampling's k, n) candidates and the lse: the same
+        // alternatives, and logprobs equal up to the lse's rounding (here computed alike).
+        let logits: Vec<f32> = (0..1000u32)
+            .map(|i| ((i * 7919 % 1000) as f32 / 125.0).round() - 4.0)
+            .collect();
+        let lse = {
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            m + logits
+                .iter()
+                .map(|l| ((l - m) as f64).exp())
+                .sum::<f64>()
+                .ln() as f32
+        };
+        let top = top_k(&logits, 8, &[]);
+        for chosen in [top[0].0, top[5].0] {
+            let want = top_logprobs(&logits, chosen, 5);
+            let got = top_logprobs_of_top(&top, lse, chosen, 5);
+            assert_eq!(got, want, "chosen {chosen}");
+        }
+    }
+
+    #[test]
     fn penalties_follow_their_definitions() {
         let mut l = vec![2.0f32, -2.0, 1.0, 0.5];
         let p = Penalties {
