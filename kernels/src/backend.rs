@@ -11,6 +11,7 @@ use crate::attention::{self, flash, kv_write as kv_cube, reference, AttentionPar
 use crate::fused::{cpu as fused_cpu, cube as fused, reference as fused_ref};
 use crate::nvfp4::{cpu as nvfp4_cpu, Nvfp4Weight};
 use crate::nvfp4::{gemm as nvfp4_gemm, gemv as nvfp4_gemv};
+use crate::topk::{self, TopRows};
 use crate::{cpu_dense, fallback};
 
 pub trait Gemma4Backend: Backend {
@@ -112,6 +113,13 @@ pub trait Gemma4Backend: Backend {
     fn gelu_tanh_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
         fused_ref::gelu_tanh_mul(gate, up)
     }
+
+    /// The top `k` of each row of logits `[n, vocab]` (descending, equal values lower id first)
+    /// and each row's log-sum-exp, on the host (see [`crate::topk`]): what sampling needs, without
+    /// copying the rows. `k` must be in `1..=min(vocab, topk::MAX_K)`.
+    fn top_k_rows(logits: Tensor<Self, 2>, k: usize) -> TopRows {
+        topk::reference(logits, k)
+    }
 }
 
 /// The CPU backend: the NVFP4 matmul of [`crate::nvfp4::cpu`] and the dense matmuls of
@@ -120,6 +128,12 @@ pub trait Gemma4Backend: Backend {
 /// [`fallback::run`]: an input a kernel does not take (a layout or shape the model never makes)
 /// panics by default, or runs the reference, counted and logged, under the server's policy.
 impl Gemma4Backend for NdArray<f32, i32> {
+    /// Selection on the tensor's own buffer (no kernel to refuse: any `k` in `1..=vocab`).
+    fn top_k_rows(logits: Tensor<Self, 2>, k: usize) -> TopRows {
+        let [_, vocab] = logits.dims();
+        with_host(&logits, |rows| topk::select_host(rows, vocab, k))
+    }
+
     fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         use burn::backend::ndarray::NdArrayTensor;
         use burn::tensor::TensorPrimitive;
@@ -663,6 +677,17 @@ fn contiguous<'a>(
 impl<R: CubeRuntime, F: FloatElement, BT: BoolElement> Gemma4Backend
     for CubeBackend<R, F, i32, BT>
 {
+    /// The kernel of [`topk::top_k_rows`]: one launch, and `n · (2k + 1)` words read back.
+    fn top_k_rows(logits: Tensor<Self, 2>, k: usize) -> TopRows {
+        let dims = logits.dims();
+        fallback::run(
+            "top_k",
+            || format!("logits {dims:?}, k {k}"),
+            || topk::top_k_rows(logits.clone(), k),
+            || topk::reference(logits.clone(), k),
+        )
+    }
+
     fn nvfp4_linear(x: Tensor<Self, 2>, w: &Nvfp4Weight<Self>) -> Tensor<Self, 2> {
         // Decode rows: the GEMV (codes decoded in registers); prefill: the tiled GEMM (weight
         // tiles decoded into shared memory). Both read the loader's packed words as they are.

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 /// The kernels [`run`] counts, by the names it takes: the CubeCL kernels ([`CUBE_KERNELS`], wgpu
 /// and CUDA), the CPU kernels of the ndarray backend ([`CPU_KERNELS`]), then the kernels of the
 /// fp8 KV cache, which run only when the pool is fp8 ([`CUBE_FP8_KERNELS`], [`CPU_FP8_KERNELS`]).
-pub const KERNELS: [&str; 22] = [
+pub const KERNELS: [&str; 23] = [
     "nvfp4_gemv",
     "nvfp4_gemm",
     "flash_attention",
@@ -29,6 +29,7 @@ pub const KERNELS: [&str; 22] = [
     "rms_norm_add",
     "rms_norm_rope",
     "gelu_tanh_mul",
+    "top_k",
     "cpu_nvfp4",
     "cpu_dense",
     "cpu_lm_head",
@@ -45,14 +46,14 @@ pub const KERNELS: [&str; 22] = [
 ];
 
 /// The CubeCL kernels among [`KERNELS`] that every model step launches.
-pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(9).0;
+pub const CUBE_KERNELS: &[&str] = KERNELS.split_at(10).0;
 /// The CPU kernels among [`KERNELS`] that every model step launches.
-pub const CPU_KERNELS: &[&str] = KERNELS.split_at(9).1.split_at(9).0;
+pub const CPU_KERNELS: &[&str] = KERNELS.split_at(10).1.split_at(9).0;
 /// The CubeCL kernels of the fp8 KV cache (in place of `kv_write` and `paged_attention`).
-pub const CUBE_FP8_KERNELS: &[&str] = KERNELS.split_at(18).1.split_at(2).0;
+pub const CUBE_FP8_KERNELS: &[&str] = KERNELS.split_at(19).1.split_at(2).0;
 /// The CPU kernels of the fp8 KV cache (in place of `cpu_paged_attention`; the float pool's
 /// write has no CPU kernel name: it is a copy).
-pub const CPU_FP8_KERNELS: &[&str] = KERNELS.split_at(20).1;
+pub const CPU_FP8_KERNELS: &[&str] = KERNELS.split_at(21).1;
 
 /// What a kernel's refusal does (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -11,6 +11,7 @@ pub mod fused;
 pub mod nvfp4;
 pub mod pool;
 pub mod simd;
+pub mod topk;
 
 #[doc(hidden)]
 pub mod testing;

@@ -67,6 +67,50 @@ pub fn sample(logits: &[f32], params: &SamplingParams, suppress: &[u32], rng: &m
     }
 }
 
+/// How many of a row's top logits decide [`sample`]'s token, when that is fewer than the whole
+/// row: greedy needs the first allowed one, top-k sampling the first `top_k` allowed ones (top-p
+/// and min-p then act on those alone, as [`sample`] does when top_k > 0), and each suppressed id
+/// may take a place among them. None: the draw needs the whole row (top_k = 0 at a temperature
+/// above 0: the mass of every token counts).
+pub fn top_needed(params: &SamplingParams, suppress: &[u32]) -> Option<usize> {
+    let base = if params.temperature == 0.0 {
+        1
+    } else if params.top_k > 0 {
+        params.top_k
+    } else {
+        return None;
+    };
+    let mut distinct = suppress.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    Some(base + distinct.len())
+}
+
+/// [`sample`] from a row's top logits `top` (descending, equal logits lower id first, as
+/// [`top_k`] and the backends' `top_k_rows` give them; NaN last), holding at least
+/// [`top_needed`] entries or the whole row: the token [`sample`] picks from the full row for the
+/// same generator state (one exception: a greedy row whose maximum is 0 held as both −0 and +0,
+/// where [`argmax`] takes the first of either and the top order puts +0 first).
+pub fn sample_top(
+    top: &[(u32, f32)],
+    params: &SamplingParams,
+    suppress: &[u32],
+    rng: &mut Rng,
+) -> u32 {
+    let mut allowed = top
+        .iter()
+        .copied()
+        .filter(|(i, l)| !l.is_nan() && !suppress.contains(i));
+    if params.temperature == 0.0 {
+        return allowed.next().map_or(0, |c| c.0);
+    }
+    let cand: Vec<(u32, f32)> = allowed.take(params.top_k.max(1)).collect();
+    if cand.is_empty() {
+        return 0;
+    }
+    pick(&cand, 1.0 / params.temperature as f64, None, params, rng)
+}
+
 /// The plain full sort, kept beside [`sample`] as its reference (tests, `gemma4 bench-sampling`):
 /// every allowed token sorted by logit, then top-k, top-p, min-p, one draw.
 pub fn sample_reference(
@@ -290,6 +334,49 @@ mod tests {
             }
         }
         assert!(checked > 1000, "{checked}");
+    }
+
+    #[test]
+    fn sampling_from_the_top_picks_the_full_rows_token() {
+        // What the engine does with a device top-k: the row's top `top_needed` (from a full sort,
+        // the definition the kernels are tested against), then `sample_top`.
+        let mut gen = Rng::new(11);
+        let mut checked = 0;
+        for case in 0..480 {
+            let vocab = [5, 300, 5000, 70_000][case % 4];
+            let logits = row(&mut gen, vocab, case % 3 == 0);
+            let suppress: Vec<u32> = (0..case % 3).map(|j| (j * 131 % vocab) as u32).collect();
+            let params = SamplingParams {
+                temperature: [0.0, 1.0, 0.7][case / 4 % 3],
+                top_k: [1, 64, 0][case / 12 % 3],
+                top_p: [1.0, 0.95][case / 36 % 2],
+                min_p: [0.0, 0.05][case / 72 % 2],
+                seed: case as u64,
+            };
+            let Some(need) = top_needed(&params, &suppress) else {
+                assert!(params.temperature > 0.0 && params.top_k == 0);
+                continue;
+            };
+            let mut sorted: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            // NaN last, as the kernels order them.
+            sorted.sort_by(|a, b| match (a.1.is_nan(), b.1.is_nan()) {
+                (false, false) => desc(a, b),
+                (x, y) => x.cmp(&y).then(a.0.cmp(&b.0)),
+            });
+            sorted.truncate(need);
+            for draw in 0..8 {
+                let seed = case as u64 * 131 + draw;
+                let full = sample(&logits, &params, &suppress, &mut Rng::new(seed));
+                let top = sample_top(&sorted, &params, &suppress, &mut Rng::new(seed));
+                assert_eq!(top, full, "case {case} draw {draw}: {params:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2500, "{checked}");
     }
 
     #[test]

@@ -197,6 +197,22 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// Device→host bytes and time per decode step of what sampling needs: full logit rows
+    /// against the device top-k (`k` per row, with ids and the lse), on random logits
+    /// `[batch, vocab]` on the chosen device. One JSON line.
+    BenchFetch {
+        #[arg(long, default_value_t = 262_144)]
+        vocab: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
+        batch: Vec<usize>,
+        /// The 31B's generation_config top_k.
+        #[arg(long, default_value_t = 64)]
+        k: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// The memory plan of serving a preset's model on a device of `--memory-gib`, without loading
     /// weights: weight bytes, estimated activations, KV bytes per token by layer kind, blocks per
     /// sequence at `--max-model-len`, and the maximum concurrency. One JSON line on stdout and the
@@ -366,6 +382,7 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Generate { backend, .. }
         | Command::Bench { backend, .. }
         | Command::BenchKernels { backend, .. }
+        | Command::BenchFetch { backend, .. }
         | Command::BenchVision { backend, .. }
         | Command::Check { backend, .. }
         | Command::Serve { backend, .. } => *backend,
@@ -626,6 +643,19 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
         } => {
             let m = load::<B>(&model, &device)?;
             println!("{}", cli::bench::vision(&m, &model, &budgets, full_up_to)?);
+            Ok(())
+        }
+        Command::BenchFetch {
+            vocab,
+            batch,
+            k,
+            repeats,
+            ..
+        } => {
+            println!(
+                "{}",
+                cli::bench::fetch::<B>(&device, vocab, &batch, k, repeats.max(1))?
+            );
             Ok(())
         }
         Command::BenchKernels {

@@ -66,6 +66,22 @@ pub fn logits_match_reference<B: Gemma4Backend>(device: &B::Device, tol: Toleran
                 name(&dir),
                 case.name
             );
+            // The backend's top-k of these rows (the device kernel on wgpu) is the host
+            // selection's: what the engine samples from instead of the full rows.
+            let t = burn::tensor::Tensor::<B, 2>::from_data(
+                burn::tensor::TensorData::new(got, shape),
+                device,
+            );
+            let k = 64.min(shape[1]);
+            let rows = to_vec(t.clone());
+            let want = gemma4_model::kernels::topk::select_host(&rows, shape[1], k);
+            assert_eq!(
+                B::top_k_rows(t, k).ids,
+                want.ids,
+                "{}/{} top-k",
+                name(&dir),
+                case.name
+            );
         }
     }
 }

@@ -14,6 +14,12 @@
 //! again from its prompt and generated tokens when readmitted; its sampler and penalties carry
 //! on, and nothing is sent twice, so the client sees only latency.
 //!
+//! Logits: each item of a forward says what its sampler will need of its row ([`Need`], decided
+//! by `need` from the request): on a model with a device top-k, greedy, top-k sampling and
+//! logprobs take only the row's top candidates and its log-sum-exp ([`StepLogits::Top`]), and
+//! `gemma4_model::sampling::sample_top` draws from them the token `sample` draws from the row;
+//! top_k = 0 sampling, penalties, logit bias and a forced token's logprob take the full row.
+//!
 //! Images: a request carries its preprocessed images and a prompt in which each image is a run of
 //! `n` image placeholder ids (the model's `image_token_id`). The engine encodes them (vision tower)
 //! on its thread at the request's first prefill chunk, then hands each prefill chunk the soft-token
@@ -79,20 +85,46 @@ pub trait StepModel: 'static {
             Err("this model does not take images".into())
         }
     }
+    /// The largest `k` of [`Need::Top`] this model serves (its device top-k); None: it returns
+    /// full rows only, whatever the need.
+    fn top_k_limit(&self) -> Option<usize> {
+        None
+    }
     /// One forward: each item runs its tokens from where its cache ends (with `soft` the
     /// request's soft tokens and the rows of them that belong to the image placeholders among
     /// its tokens; a run of placeholders is never split); the logits of each item's last token,
-    /// in order.
+    /// in order, as its `need` asks (a full row always serves).
     fn forward_step(
         &self,
         pool: &mut Self::Pool,
         items: &mut [StepItem<'_, Self>],
-    ) -> Result<Vec<Vec<f32>>, String>;
+    ) -> Result<Vec<StepLogits>, String>;
+}
+
+/// What the sampler of a sequence needs of its next logits row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// The whole row (top_k = 0 sampling, penalties, logit bias, a forced token's logprob).
+    Row,
+    /// The row's top `k` (descending, equal logits lower id first) and its log-sum-exp.
+    Top(usize),
+}
+
+/// An item's logits as its [`Need`] asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepLogits {
+    Row(Vec<f32>),
+    /// The row's top `(id, logit)` pairs, descending, and the row's log-sum-exp.
+    Top {
+        top: Vec<(u32, f32)>,
+        lse: f32,
+    },
 }
 
 /// One sequence's part of a step.
 pub struct StepItem<'a, M: StepModel + ?Sized> {
     pub tokens: &'a [u32],
+    pub need: Need,
     pub soft: Option<(&'a M::Soft, Range<usize>)>,
     pub cache: &'a mut M::Cache,
 }
@@ -143,11 +175,17 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(burn::tensor::Tensor::cat(soft, 0)))
     }
+    fn top_k_limit(&self) -> Option<usize> {
+        Some(self.text.vocab_size.min(gemma4_model::kernels::topk::MAX_K))
+    }
+    /// The rows that need all of it are copied to the host; for the others one top-k over the
+    /// step's rows (at the largest `k` asked) brings `2k + 1` words per row.
     fn forward_step(
         &self,
         pool: &mut KvPool<B>,
         items: &mut [StepItem<'_, Self>],
-    ) -> Result<Vec<Vec<f32>>, String> {
+    ) -> Result<Vec<StepLogits>, String> {
+        let needs: Vec<Need> = items.iter().map(|i| i.need).collect();
         let mut steps: Vec<SeqStep<B>> = items
             .iter_mut()
             .map(|item| SeqStep {
@@ -167,14 +205,61 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
             .text
             .forward_step(pool, &mut steps, Logits::Last)
             .map_err(|e| e.to_string())?;
-        let vocab = self.text.vocab_size;
-        let flat = gemma4_model::to_host_f32(logits);
-        Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        Ok(fetch_logits(logits, &needs))
     }
 }
+/// Brings to the host what each row's need asks of logits `[n, vocab]` (see
+/// [`StepModel::forward_step`]).
+pub fn fetch_logits<B: Gemma4Backend>(
+    logits: burn::tensor::Tensor<B, 2>,
+    needs: &[Need],
+) -> Vec<StepLogits> {
+    let [_, vocab] = logits.dims();
+    let k = needs
+        .iter()
+        .filter_map(|n| match n {
+            Need::Top(k) => Some(*k),
+            Need::Row => None,
+        })
+        .max();
+    let full: Vec<usize> = (0..needs.len())
+        .filter(|&i| needs[i] == Need::Row)
+        .collect();
+    let mut rows = if full.is_empty() {
+        vec![]
+    } else {
+        let device = logits.device();
+        let index = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(
+                full.iter().map(|&i| i as i32).collect::<Vec<_>>(),
+                [full.len()],
+            ),
+            &device,
+        );
+        gemma4_model::to_host_f32(logits.clone().select(0, index))
+    }
+    .into_iter();
+    let top = k.map(|k| B::top_k_rows(logits, k.clamp(1, vocab)));
+    needs
+        .iter()
+        .enumerate()
+        .map(|(i, need)| match (need, &top) {
+            (Need::Top(k), Some(top)) => {
+                let mut row = top.row(i);
+                row.truncate(*k);
+                StepLogits::Top {
+                    top: row,
+                    lse: top.lse[i],
+                }
+            }
+            _ => StepLogits::Row(rows.by_ref().take(vocab).collect()),
+        })
+        .collect()
+}
+
 use tokio::sync::mpsc as tokio_mpsc;
 
-pub use sampling::{apply_penalties, top_logprobs, Penalties, TokenLogprob};
+pub use sampling::{apply_penalties, top_logprobs, top_logprobs_of_top, Penalties, TokenLogprob};
 
 /// What a caller asks the engine to run (already tokenized and validated against the context).
 #[derive(Debug, Clone)]
@@ -403,8 +488,8 @@ struct Seq<C, S> {
     computed: usize,
     /// Prompt tokens counted in `prompt_tokens_total`: a recompute does not count them again.
     prompt_counted: usize,
-    /// Logits row for the next token; empty until the cache holds prompt and generated tokens.
-    next_logits: Vec<f32>,
+    /// Logits for the next token; an empty row until the cache holds prompt and generated tokens.
+    next_logits: StepLogits,
     /// Soft tokens of the request's images, from the first prefill chunk until the prompt is done.
     soft: Option<S>,
     /// Soft-token rows already used by earlier prefill chunks (placeholders in `prompt[..computed]`).
@@ -421,7 +506,7 @@ impl<C, S> Seq<C, S> {
             generated: vec![],
             computed: 0,
             prompt_counted: 0,
-            next_logits: vec![],
+            next_logits: StepLogits::Row(vec![]),
             soft: None,
             soft_used: 0,
         }
@@ -454,7 +539,7 @@ impl<C, S> Seq<C, S> {
     fn preempt(&mut self) {
         self.cache = None;
         self.computed = 0;
-        self.next_logits = vec![];
+        self.next_logits = StepLogits::Row(vec![]);
         self.soft = None;
         self.soft_used = 0;
     }
@@ -473,6 +558,7 @@ fn run_loop<M: StepModel>(
     };
     let mut pool = model.new_pool(&config.blocks);
     let image_id = model.image_token_id();
+    let top_limit = model.top_k_limit();
     let mut next_id: SeqId = 0;
     let mut waiting: VecDeque<Seq<M::Cache, M::Soft>> = VecDeque::new();
     // In admission order: the newest last, first to be preempted.
@@ -621,9 +707,24 @@ fn run_loop<M: StepModel>(
                     .iter_mut()
                     .filter_map(|(seq, rows)| {
                         let rows = rows.as_ref()?;
-                        let Seq { cache, soft, .. } = seq;
+                        let Seq {
+                            cache,
+                            soft,
+                            sub,
+                            generated,
+                            ..
+                        } = seq;
+                        // A prefill chunk that leaves prompt tokens for later: its logits are
+                        // dropped, so the least is fetched.
+                        let dropped = rows.chunk.as_ref().is_some_and(|(chunk, _)| {
+                            chunk.end < sub.req.prompt.len() + generated.len()
+                        });
                         Some(StepItem {
                             tokens: &rows.tokens,
+                            need: match top_limit {
+                                Some(_) if dropped => Need::Top(1),
+                                _ => need(&sub.req, generated.len(), top_limit),
+                            },
                             soft: soft.as_ref().map(|s| (s, rows.soft.clone())),
                             cache: cache.as_mut().expect("a running sequence has a cache"),
                         })
@@ -785,7 +886,7 @@ fn prefill_rows<M: StepModel>(
 impl<C, S> Seq<C, S> {
     /// After the forward that ran `rows`: the cache holds them; `logits` (of their last token)
     /// become the pending row once the prompt and generated tokens are all in.
-    fn ran(&mut self, rows: Rows, logits: Vec<f32>, stats: &EngineStats) {
+    fn ran(&mut self, rows: Rows, logits: StepLogits, stats: &EngineStats) {
         let Some((chunk, in_prompt)) = rows.chunk else {
             self.computed += 1;
             self.next_logits = logits;
@@ -852,28 +953,65 @@ enum Next {
     Done(FinishReason),
 }
 
+/// What sampling a request's next token needs of its logits (`generated` tokens so far), for a
+/// model that serves top-k up to `limit` (None: rows only): the fewest top candidates that decide
+/// the same token and logprobs as the full row, or the row itself.
+fn need(req: &EngineRequest, generated: usize, limit: Option<usize>) -> Need {
+    let Some(limit) = limit else {
+        return Need::Row;
+    };
+    // Penalties and biases change logits the top-k never saw.
+    if !req.penalties.is_noop() {
+        return Need::Row;
+    }
+    let sampling = match req.forced_prefix.get(generated) {
+        // A forced token's logprob needs its logit, wherever it ranks.
+        Some(_) if req.logprobs.is_some() => return Need::Row,
+        Some(_) => Some(1),
+        None => gemma4_model::sampling::top_needed(&req.sampling, &req.suppress_ids),
+    };
+    match sampling.map(|k| k.max(req.logprobs.unwrap_or(0))) {
+        Some(k) if k <= limit => Need::Top(k),
+        _ => Need::Row,
+    }
+}
+
 /// Samples the next token from the pending logits and reports it; says whether the request
 /// goes on (and with which token) or is finished.
 fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
     let req = &seq.sub.req;
-    // Logprobs of the model's distribution (raw logits, before penalties and temperature), as vLLM.
-    let raw = req.logprobs.map(|_| seq.next_logits.clone());
-    apply_penalties(
-        &mut seq.next_logits,
-        &req.penalties,
-        &req.prompt,
-        &seq.generated,
-    );
-    let id = match req.forced_prefix.get(seq.generated.len()) {
-        Some(&forced) => forced,
-        None => gemma4_model::generation::sample(
-            &seq.next_logits,
-            &req.sampling,
-            &req.suppress_ids,
-            &mut seq.rng,
-        ),
+    let forced = req.forced_prefix.get(seq.generated.len()).copied();
+    let (id, logprob) = match &mut seq.next_logits {
+        StepLogits::Row(row) => {
+            // Logprobs of the model's distribution (raw logits, before penalties and
+            // temperature), as vLLM.
+            let raw = req.logprobs.map(|_| row.clone());
+            apply_penalties(row, &req.penalties, &req.prompt, &seq.generated);
+            let id = forced.unwrap_or_else(|| {
+                gemma4_model::generation::sample(
+                    row,
+                    &req.sampling,
+                    &req.suppress_ids,
+                    &mut seq.rng,
+                )
+            });
+            let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
+            (id, logprob)
+        }
+        // `need` asked for these: no penalties, and enough candidates for the draw.
+        StepLogits::Top { top, lse } => {
+            let id = forced.unwrap_or_else(|| {
+                gemma4_model::sampling::sample_top(
+                    top,
+                    &req.sampling,
+                    &req.suppress_ids,
+                    &mut seq.rng,
+                )
+            });
+            let logprob = req.logprobs.map(|k| top_logprobs_of_top(top, *lse, id, k));
+            (id, logprob)
+        }
     };
-    let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
     seq.generated.push(id);
     if seq.sub.tx.send(EngineEvent::Token { id, logprob }).is_err() {
         return Next::Done(FinishReason::Stop); // receiver gone: stop now
@@ -928,7 +1066,7 @@ mod tests {
             &self,
             _: &mut (),
             items: &mut [StepItem<'_, Self>],
-        ) -> Result<Vec<Vec<f32>>, String> {
+        ) -> Result<Vec<StepLogits>, String> {
             let mut rows_out = vec![];
             for item in items.iter() {
                 let rows = item.soft.as_ref().map_or(0..0, |(s, r)| {
@@ -941,7 +1079,7 @@ mod tests {
                 }
                 let mut logits = vec![0.0; 16];
                 logits[15] = 10.0;
-                rows_out.push(logits);
+                rows_out.push(StepLogits::Row(logits));
             }
             Ok(rows_out)
         }
@@ -1081,6 +1219,8 @@ mod tests {
     struct Hashing {
         /// Held by the test while it submits, so that all requests are running together.
         gate: Arc<Mutex<()>>,
+        /// Serves [`Need::Top`] (by the host selection the CPU backend uses), else rows only.
+        top: bool,
     }
 
     const VOCAB: usize = 64;
@@ -1096,11 +1236,14 @@ mod tests {
         fn pool_usage(&self, _: &()) -> [(usize, usize); 2] {
             [(0, 0); 2]
         }
+        fn top_k_limit(&self) -> Option<usize> {
+            self.top.then_some(VOCAB)
+        }
         fn forward_step(
             &self,
             _: &mut (),
             items: &mut [StepItem<'_, Self>],
-        ) -> Result<Vec<Vec<f32>>, String> {
+        ) -> Result<Vec<StepLogits>, String> {
             drop(self.gate.lock().unwrap());
             let mut out = vec![];
             for item in items.iter_mut() {
@@ -1108,15 +1251,24 @@ mod tests {
                 let h = item.cache.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
                     (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3)
                 });
-                out.push(
-                    (0..VOCAB as u64)
-                        .map(|j| {
-                            let x = (h ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                                .wrapping_mul(0xff51_afd7_ed55_8ccd);
-                            (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-                        })
-                        .collect(),
-                );
+                let row: Vec<f32> = (0..VOCAB as u64)
+                    .map(|j| {
+                        let x = (h ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                            .wrapping_mul(0xff51_afd7_ed55_8ccd);
+                        // On a 1/16 grid: ties, which the top-k must order as the sampler does.
+                        ((x >> 40) as f32 / (1u64 << 24) as f32 * 64.0).round() / 16.0 - 2.0
+                    })
+                    .collect();
+                out.push(match item.need {
+                    Need::Top(k) if self.top => {
+                        let t = gemma4_model::kernels::topk::select_host(&row, VOCAB, k);
+                        StepLogits::Top {
+                            top: t.row(0),
+                            lse: t.lse[0],
+                        }
+                    }
+                    _ => StepLogits::Row(row),
+                });
             }
             Ok(out)
         }
@@ -1127,11 +1279,12 @@ mod tests {
         requests: &[EngineRequest],
         config: EngineConfig,
         blocks: BlockBudget,
+        top: bool,
     ) -> (Vec<Result<Vec<u32>, String>>, Arc<EngineStats>) {
         let gate = Arc::new(Mutex::new(()));
         let g = gate.clone();
         let (engine, thread) = Engine::start(EngineConfig { blocks, ..config }, move || {
-            Ok(Hashing { gate: g })
+            Ok(Hashing { gate: g, top })
         })
         .unwrap();
         let submitting = gate.lock().unwrap();
@@ -1196,6 +1349,7 @@ mod tests {
                     std::slice::from_ref(r),
                     config.clone(),
                     BlockBudget::default(),
+                    true,
                 );
                 out.remove(0).unwrap()
             })
@@ -1205,12 +1359,91 @@ mod tests {
             block_size: 16,
             ..BlockBudget::default()
         };
-        let (together, stats) = generate(&requests, config, blocks);
+        let (together, stats) = generate(&requests, config, blocks, true);
         for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
             assert_eq!(Ok(a), t.as_ref(), "request {i}");
         }
         assert!(stats.preemptions_total.load(Ordering::SeqCst) > 0);
         assert_eq!(stats.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn top_k_logits_generate_what_full_rows_generate() {
+        // The same requests on a model that returns full rows and on one that serves the top-k
+        // the engine asks for: greedy, the 31B's sampling (t 1, top_k 64, top_p 0.95) and
+        // smaller top-k with suppressed ids, min-p, logprobs, a forced prefix; top_k = 0 and
+        // penalties take rows on both. Every token must be the same.
+        let requests: Vec<EngineRequest> = (0..16u32)
+            .map(|i| {
+                let prompt = (0..3 + i % 5).map(|t| (t * 7 + i) % 60).collect();
+                let mut r = request(prompt, vec![]);
+                r.max_new_tokens = 24;
+                r.sampling.seed = u64::from(i);
+                if i % 4 != 0 {
+                    r.sampling.temperature = [1.0, 0.7, 1.3][i as usize % 3];
+                    r.sampling.top_k = [64, 5, 1, 0][i as usize / 4];
+                    r.sampling.top_p = [0.95, 1.0][i as usize % 2];
+                }
+                if i % 5 == 1 {
+                    r.suppress_ids = vec![3, 17, 40];
+                    r.sampling.top_k = r.sampling.top_k.min(8);
+                }
+                if i % 7 == 2 {
+                    r.sampling.min_p = 0.1;
+                }
+                if i % 3 == 1 {
+                    r.logprobs = Some(4);
+                }
+                if i % 6 == 3 {
+                    r.forced_prefix = vec![7, 8];
+                }
+                if i == 14 {
+                    r.penalties.frequency = 0.5;
+                }
+                r
+            })
+            .collect();
+        assert!(requests
+            .iter()
+            .any(|r| need(r, 0, Some(VOCAB)) == Need::Top(64)));
+        let config = EngineConfig {
+            max_num_seqs: 16,
+            prefill_chunk: 16,
+            max_waiting: 64,
+            blocks: BlockBudget::default(),
+        };
+        let (rows, _) = generate(&requests, config.clone(), BlockBudget::default(), false);
+        let (top, _) = generate(&requests, config, BlockBudget::default(), true);
+        for (i, (a, b)) in rows.iter().zip(&top).enumerate() {
+            assert_eq!(a, b, "request {i}: {:?}", requests[i].sampling);
+        }
+    }
+
+    #[test]
+    fn need_asks_for_the_least_that_decides() {
+        let mut r = request(vec![1, 2], vec![]);
+        assert_eq!(need(&r, 0, None), Need::Row, "a model without top-k");
+        assert_eq!(need(&r, 0, Some(256)), Need::Top(1), "greedy");
+        r.suppress_ids = vec![4, 4, 9];
+        assert_eq!(need(&r, 0, Some(256)), Need::Top(3));
+        r.logprobs = Some(5);
+        assert_eq!(need(&r, 0, Some(256)), Need::Top(5));
+        r.sampling.temperature = 1.0;
+        r.sampling.top_k = 64;
+        assert_eq!(need(&r, 0, Some(256)), Need::Top(66));
+        assert_eq!(need(&r, 0, Some(64)), Need::Row, "past the limit");
+        r.forced_prefix = vec![7];
+        assert_eq!(
+            need(&r, 0, Some(256)),
+            Need::Row,
+            "a forced token's logprob"
+        );
+        assert_eq!(need(&r, 1, Some(256)), Need::Top(66));
+        r.sampling.top_k = 0;
+        assert_eq!(need(&r, 1, Some(256)), Need::Row, "top_k 0 needs the mass");
+        r.sampling.top_k = 64;
+        r.penalties.repetition = 1.1;
+        assert_eq!(need(&r, 1, Some(256)), Need::Row, "penalties");
     }
 
     #[test]

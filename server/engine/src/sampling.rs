@@ -101,6 +101,24 @@ pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
     }
 }
 
+/// [`top_logprobs`] from a row's top `(id, logit)` pairs (descending) and its log-sum-exp, when
+/// they hold the chosen id and at least `k` entries (the engine's `need` asks for that many).
+pub fn top_logprobs_of_top(top: &[(u32, f32)], lse: f32, chosen: u32, k: usize) -> TokenLogprob {
+    TokenLogprob {
+        id: chosen,
+        logprob: top
+            .iter()
+            .find(|t| t.0 == chosen)
+            .map_or(f32::NEG_INFINITY, |t| t.1 - lse),
+        top: top
+            .iter()
+            .filter(|t| !t.1.is_nan())
+            .take(k)
+            .map(|&(i, l)| (i, l - lse))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +131,29 @@ mod tests {
         let expected = 2.0 - 3.0 - total.ln();
         assert!((t.logprob as f64 - expected).abs() < 1e-6);
         assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn logprobs_from_the_top_equal_those_from_the_row() {
+        // The engine's `need` fetches max(sampling's k, n) candidates and the lse: the same
+        // alternatives, and logprobs equal up to the lse's rounding (here computed alike).
+        let logits: Vec<f32> = (0..1000u32)
+            .map(|i| ((i * 7919 % 1000) as f32 / 125.0).round() - 4.0)
+            .collect();
+        let lse = {
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            m + logits
+                .iter()
+                .map(|l| ((l - m) as f64).exp())
+                .sum::<f64>()
+                .ln() as f32
+        };
+        let top = top_k(&logits, 8, &[]);
+        for chosen in [top[0].0, top[5].0] {
+            let want = top_logprobs(&logits, chosen, 5);
+            let got = top_logprobs_of_top(&top, lse, chosen, 5);
+            assert_eq!(got, want, "chosen {chosen}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use gemma4_model::vision::PreprocessedImage;
 
-use super::{BlockBudget, StepItem, StepModel};
+use super::{BlockBudget, StepItem, StepLogits, StepModel};
 
 pub struct ScriptedModel {
     pub vocab_size: usize,
@@ -85,12 +85,12 @@ impl StepModel for ScriptedModel {
         &self,
         _: &mut (),
         items: &mut [StepItem<'_, Self>],
-    ) -> Result<Vec<Vec<f32>>, String> {
+    ) -> Result<Vec<StepLogits>, String> {
         items
             .iter_mut()
             .map(|item| {
                 let soft = item.soft.as_ref().map(|(n, r)| (*n, r.clone()));
-                self.run(item.tokens, soft, item.cache)
+                self.run(item.tokens, soft, item.cache).map(StepLogits::Row)
             })
             .collect()
     }

@@ -645,3 +645,45 @@ pub fn sampling(vocab: usize, batches: &[usize], repeats: usize) -> Value {
         "rows": rows_out,
     })
 }
+
+/// `gemma4 bench-fetch`: what one decode step's sampling moves from the device to the host, per
+/// batch size, on random logits `[batch, vocab]` already on the device: the full rows (what the
+/// engine copied before) against the device top-k (`Gemma4Backend::top_k_rows`, `2k + 1` words
+/// a row) at the 31B's top_k. Median seconds over `repeats`, each ended by the read itself; the
+/// bytes are what crosses.
+pub fn fetch<B: Gemma4Backend>(
+    device: &B::Device,
+    vocab: usize,
+    batches: &[usize],
+    k: usize,
+    repeats: usize,
+) -> Result<Value> {
+    let mut rows_out = vec![];
+    for &batch in batches {
+        let batch = batch.max(1);
+        let logits = Tensor::<B, 2>::random([batch, vocab], Distribution::Normal(0.0, 2.5), device);
+        let full = time::<B, _>(device, repeats, || {
+            gemma4_model::to_host_f32(logits.clone())
+        })?;
+        let top = time::<B, _>(device, repeats, || B::top_k_rows(logits.clone(), k))?;
+        let full_bytes = batch * vocab * 4;
+        let top_bytes = batch * (2 * k + 1) * 4;
+        rows_out.push(json!({
+            "batch": batch,
+            "full_row_bytes": full_bytes,
+            "full_row_s": full,
+            "top_k_bytes": top_bytes,
+            "top_k_s": top,
+            "bytes_ratio": full_bytes as f64 / top_bytes as f64,
+        }));
+    }
+    Ok(json!({
+        "bench": "fetch",
+        "vocab": vocab,
+        "k": k,
+        "backend": std::any::type_name::<B>(),
+        "repeats": repeats,
+        "unit": "bytes device->host and median seconds per step",
+        "rows": rows_out,
+    }))
+}
