@@ -234,15 +234,7 @@ impl Gemma4Backend for NdArray<f32, i32> {
             if dk != d || v_pool.dims() != k_pool.dims() || kv_heads == 0 {
                 return Err("K/V head_dim or pool shapes off".to_string());
             }
-            if !heads.is_multiple_of(kv_heads) || rows != batch.rows() {
-                return Err(format!(
-                    "GQA grouping or rows ({} in the batch) off",
-                    batch.rows()
-                ));
-            }
-            if let Some(why) = batch.check(slots) {
-                return Err(why);
-            }
+            check_paged(heads, kv_heads, rows, slots, batch)?;
             let mut out = vec![0f32; rows * heads * d];
             with_host(&q, |qs| {
                 with_host(&k_pool, |ks| {
@@ -314,15 +306,7 @@ impl Gemma4Backend for NdArray<f32, i32> {
             if w * fp8::PER_WORD != d || v_pool.dims() != k_pool.dims() || kv_heads == 0 {
                 return Err("K/V words per row or pool shapes off".to_string());
             }
-            if !heads.is_multiple_of(kv_heads) || rows != batch.rows() {
-                return Err(format!(
-                    "GQA grouping or rows ({} in the batch) off",
-                    batch.rows()
-                ));
-            }
-            if let Some(why) = batch.check(slots) {
-                return Err(why);
-            }
+            check_paged(heads, kv_heads, rows, slots, batch)?;
             let mut out = vec![0f32; rows * heads * d];
             with_host(&q, |qs| {
                 with_host_int(&k_pool, |ks| {
@@ -600,6 +584,24 @@ impl Gemma4Backend for NdArray<f32, i32> {
             w.forward_reference(x.clone())
         })
     }
+}
+
+/// What the CPU paged kernels (float and fp8) ask of a batch beyond the pools' shapes: whole GQA
+/// groups, q's rows those of the batch, and block tables inside the pool's `slots`.
+fn check_paged(
+    heads: usize,
+    kv_heads: usize,
+    rows: usize,
+    slots: usize,
+    batch: &PagedBatch,
+) -> Result<(), String> {
+    if !heads.is_multiple_of(kv_heads) || rows != batch.rows() {
+        return Err(format!(
+            "GQA grouping or rows ({} in the batch) off",
+            batch.rows()
+        ));
+    }
+    batch.check(slots).map_or(Ok(()), Err)
 }
 
 /// [`with_host`] for an optional tensor (a norm's weight).

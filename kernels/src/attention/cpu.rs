@@ -607,11 +607,7 @@ mod tests {
                 let mut out = vec![f32::NAN; t * heads * d];
                 attention_with(isa, &q, &k, &v, t, heads, kv, s, d, &p, &mut out);
                 let v_max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let err = out
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_diff(&out, &expected);
                 assert!(
                     out.iter().all(|x| x.is_finite()) && err <= 1e-5 * v_max,
                     "case {n} (t {t} s {s} d {d}) {isa:?}: max |Δ| {err:e}"

@@ -119,12 +119,18 @@ pub fn kv_write_check<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
             return Err(KvWriteError::TooLarge { what, value, limit });
         }
     }
+    check_slots(slots, pslots)
+}
+
+/// Every slot inside a pool of `pool_slots` and none twice (parallel writes to one slot would
+/// leave a row at random where the reference lets the last one win): the float and fp8 writes.
+fn check_slots(slots: &[u32], pool_slots: usize) -> Result<(), KvWriteError> {
     let mut seen = HashSet::with_capacity(slots.len());
     for &slot in slots {
-        if slot as usize >= pslots {
+        if slot as usize >= pool_slots {
             return Err(KvWriteError::PastPool {
                 slot,
-                slots: pslots,
+                slots: pool_slots,
             });
         }
         if !seen.insert(slot) {
@@ -287,19 +293,7 @@ pub fn kv_write_fp8_check<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
             return Err(KvWriteError::TooLarge { what, value, limit });
         }
     }
-    let mut seen = HashSet::with_capacity(slots.len());
-    for &slot in slots {
-        if slot as usize >= pslots {
-            return Err(KvWriteError::PastPool {
-                slot,
-                slots: pslots,
-            });
-        }
-        if !seen.insert(slot) {
-            return Err(KvWriteError::Duplicate(slot));
-        }
-    }
-    Ok(())
+    check_slots(slots, pslots)
 }
 
 /// Quantizes `new` `[n, kv_heads, d]` with `scale` into the fp8 pool `[kv_heads, slots, d / 4]`

@@ -178,8 +178,8 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
     fn top_k_limit(&self) -> Option<usize> {
         Some(self.text.vocab_size.min(gemma4_model::kernels::topk::MAX_K))
     }
-    /// The rows that need all of it are copied to the host; for the others one top-k over the
-    /// step's rows (at the largest `k` asked) brings `2k + 1` words per row.
+    /// The rows that need all of it are copied to the host; for the others one top-k over those
+    /// rows (at the largest `k` asked) brings `2k + 1` words per row.
     fn forward_step(
         &self,
         pool: &mut KvPool<B>,
@@ -214,7 +214,7 @@ pub fn fetch_logits<B: Gemma4Backend>(
     logits: burn::tensor::Tensor<B, 2>,
     needs: &[Need],
 ) -> Vec<StepLogits> {
-    let [_, vocab] = logits.dims();
+    let [n, vocab] = logits.dims();
     let k = needs
         .iter()
         .filter_map(|n| match n {
@@ -222,34 +222,41 @@ pub fn fetch_logits<B: Gemma4Backend>(
             Need::Row => None,
         })
         .max();
-    let full: Vec<usize> = (0..needs.len())
-        .filter(|&i| needs[i] == Need::Row)
-        .collect();
+    let (full, top_rows): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| needs[i] == Need::Row);
+    // Rows `index` of the logits (all of them without a copy when that is every row).
+    let pick = |index: &[usize]| {
+        if index.len() == n {
+            return logits.clone();
+        }
+        let index = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(
+                index.iter().map(|&i| i as i32).collect::<Vec<_>>(),
+                [index.len()],
+            ),
+            &logits.device(),
+        );
+        logits.clone().select(0, index)
+    };
     let mut rows = if full.is_empty() {
         vec![]
     } else {
-        let device = logits.device();
-        let index = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(
-                full.iter().map(|&i| i as i32).collect::<Vec<_>>(),
-                [full.len()],
-            ),
-            &device,
-        );
-        gemma4_model::to_host_f32(logits.clone().select(0, index))
+        gemma4_model::to_host_f32(pick(&full))
     }
     .into_iter();
-    let top = k.map(|k| B::top_k_rows(logits, k.clamp(1, vocab)));
+    // One top-k over the rows that asked for it, at the largest k asked.
+    let top = k.map(|k| B::top_k_rows(pick(&top_rows), k.clamp(1, vocab)));
+    let mut next_top = 0;
     needs
         .iter()
-        .enumerate()
-        .map(|(i, need)| match (need, &top) {
+        .map(|need| match (need, &top) {
             (Need::Top(k), Some(top)) => {
-                let mut row = top.row(i);
+                let r = next_top;
+                next_top += 1;
+                let mut row = top.row(r);
                 row.truncate(*k);
                 StepLogits::Top {
                     top: row,
-                    lse: top.lse[i],
+                    lse: top.lse[r],
                 }
             }
             _ => StepLogits::Row(rows.by_ref().take(vocab).collect()),
@@ -1028,6 +1035,47 @@ fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fetch_logits_brings_each_row_what_it_needs() {
+        // Rows that need all of it come back whole; the others their top k (of the row they
+        // are, not of their index among the top rows) and the row's log-sum-exp.
+        type B = gemma4_model::CpuBackend;
+        let (n, vocab) = (5, 300);
+        let mut rng = Rng::new(7);
+        let flat: Vec<f32> = (0..n * vocab)
+            .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
+            .collect();
+        let logits = burn::tensor::Tensor::<B, 2>::from_data(
+            burn::tensor::TensorData::new(flat.clone(), [n, vocab]),
+            &Default::default(),
+        );
+        let needs = [
+            Need::Row,
+            Need::Top(3),
+            Need::Row,
+            Need::Top(7),
+            Need::Top(1),
+        ];
+        let got = fetch_logits(logits, &needs);
+        for (i, (need, got)) in needs.iter().zip(&got).enumerate() {
+            let row = &flat[i * vocab..(i + 1) * vocab];
+            match (need, got) {
+                (Need::Row, StepLogits::Row(r)) => assert_eq!(r.as_slice(), row, "row {i}"),
+                (Need::Top(k), StepLogits::Top { top, lse }) => {
+                    assert_eq!(top, &gemma4_model::sampling::top_k(row, *k, &[]), "row {i}");
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
+                    let expected = max + sum.ln() as f32;
+                    assert!(
+                        (lse - expected).abs() < 1e-4,
+                        "row {i}: lse {lse} vs {expected}"
+                    );
+                }
+                _ => panic!("row {i}: {need:?} answered by {got:?}"),
+            }
+        }
+    }
     use std::sync::Mutex;
 
     /// Each prefill chunk and the soft rows it was given.
