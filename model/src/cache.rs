@@ -15,6 +15,9 @@
 //! more blocks than are free fails, and the scheduler sees to it that it never does) or growable
 //! (one sequence's own cache, [`KvCache`], for tests and benches: it grows by half when full).
 
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::LayerKind;
@@ -64,31 +67,184 @@ pub struct OutOfBlocks {
     pub block_size: usize,
 }
 
-/// The block ids of one kind: how many there are, which are free, whether it may grow.
+/// What prefix caching found for a sequence: the tokens whose KV it reuses, and how many of
+/// the blocks holding them are held by running sequences (shared, so taking them costs nothing;
+/// the others come out of the cache, which counts as taking a block).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixHit {
+    pub tokens: usize,
+    pub in_use: PerKind<usize>,
+}
+
+/// Prefix hashes of a sequence's full blocks, chained: block j's hash covers its token ids, the
+/// hashes of the images whose placeholders it holds, and block j-1's hash, so equal hashes
+/// mean equal prefixes (two images behind the same placeholder ids hash apart). SipHash keyed at
+/// random per hasher, so that clients cannot craft collisions.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixHasher {
+    state: std::hash::RandomState,
+}
+
+impl PrefixHasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Extends `hashes` (those of the first blocks of `tokens`) to every full block of
+    /// `tokens`; `images` are the placeholder runs (positions in `tokens`) of its images and
+    /// each image's [`PrefixHasher::image`].
+    pub fn extend(
+        &self,
+        hashes: &mut Vec<u64>,
+        tokens: &[u32],
+        block_size: usize,
+        images: &[(Range<usize>, u64)],
+    ) {
+        for j in hashes.len()..tokens.len() / block_size {
+            let block = j * block_size..(j + 1) * block_size;
+            let mut h = self.state.build_hasher();
+            h.write_u64(j.checked_sub(1).map_or(0, |p| hashes[p]));
+            tokens[block.clone()].iter().for_each(|&t| h.write_u32(t));
+            for (run, image) in images {
+                if run.start < block.end && block.start < run.end {
+                    h.write_u64(*image);
+                }
+            }
+            hashes.push(h.finish());
+        }
+    }
+
+    /// An image's identity for prefix caching: its preprocessed pixels, patch grid and
+    /// soft-token count (which decide its soft tokens).
+    pub fn image(&self, image: &crate::vision::PreprocessedImage) -> u64 {
+        let mut h = self.state.build_hasher();
+        h.write_usize(image.patches_h);
+        h.write_usize(image.patches_w);
+        h.write_usize(image.num_soft_tokens);
+        let mut bytes = Vec::with_capacity(4096);
+        for chunk in image.pixel_values.chunks(1024) {
+            bytes.clear();
+            bytes.extend(chunk.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+            h.write(&bytes);
+        }
+        for p in &image.positions {
+            h.write_i64(p[0]);
+            h.write_i64(p[1]);
+        }
+        h.finish()
+    }
+}
+
+/// The block ids of one kind: how many there are, who holds them, which are free, which are
+/// cached (prefix caching: a block whose contents are registered under a prefix hash stays
+/// cached after its last holder lets go, until it is evicted, least recently released first).
 #[derive(Debug)]
 struct Blocks {
     total: usize,
-    free: Vec<u32>,
     growable: bool,
+    /// Whether full blocks are registered under their prefix hash (prefix caching on).
+    caching: bool,
+    /// Free and holding nothing reusable.
+    free: Vec<u32>,
+    /// Per block: the sequences holding it (shared prefix blocks have more than one).
+    refs: Vec<u32>,
+    /// Per block: the prefix hash its contents are registered under.
+    hash: Vec<Option<u64>>,
+    /// Registered blocks by hash, held or cached.
+    by_hash: HashMap<u64, u32>,
+    /// Cached blocks no sequence holds, by release time: evicted oldest first.
+    lru: BTreeMap<u64, u32>,
+    /// Per block: its key in `lru`.
+    released_at: Vec<u64>,
+    clock: u64,
 }
 
 impl Blocks {
     fn new(total: usize, growable: bool) -> Self {
         Blocks {
             total,
+            growable,
+            caching: false,
             // Popped from the end: low ids first.
             free: (0..total as u32).rev().collect(),
-            growable,
+            refs: vec![0; total],
+            hash: vec![None; total],
+            by_hash: HashMap::new(),
+            lru: BTreeMap::new(),
+            released_at: vec![0; total],
+            clock: 0,
         }
     }
 
+    /// A block for one holder: a free one, else the least recently released cached one (its
+    /// hash forgotten), else a new one if the pool grows. Held blocks are never taken.
     fn take(&mut self) -> Option<u32> {
-        if self.free.is_empty() && self.growable {
-            let grown = (self.total + self.total / 2).max(self.total + 4);
-            self.free.extend((self.total as u32..grown as u32).rev());
-            self.total = grown;
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => match self.lru.pop_first() {
+                Some((_, id)) => {
+                    let h = self.hash[id as usize]
+                        .take()
+                        .expect("a cached block has a hash");
+                    self.by_hash.remove(&h);
+                    id
+                }
+                None if self.growable => {
+                    let grown = (self.total + self.total / 2).max(self.total + 4);
+                    self.free.extend((self.total as u32..grown as u32).rev());
+                    self.refs.resize(grown, 0);
+                    self.hash.resize(grown, None);
+                    self.released_at.resize(grown, 0);
+                    self.total = grown;
+                    self.free.pop()?
+                }
+                None => return None,
+            },
+        };
+        self.refs[id as usize] = 1;
+        Some(id)
+    }
+
+    /// One more holder of a registered block (a prefix hit): out of the cache if it was there.
+    fn acquire(&mut self, id: u32) {
+        let i = id as usize;
+        if self.refs[i] == 0 {
+            self.lru.remove(&self.released_at[i]);
         }
-        self.free.pop()
+        self.refs[i] += 1;
+    }
+
+    /// One holder fewer: at the last, a registered block is cached, any other is free.
+    fn release(&mut self, id: u32) {
+        let i = id as usize;
+        self.refs[i] -= 1;
+        if self.refs[i] > 0 {
+            return;
+        }
+        if self.hash[i].is_some() {
+            self.clock += 1;
+            self.released_at[i] = self.clock;
+            self.lru.insert(self.clock, id);
+        } else {
+            self.free.push(id);
+        }
+    }
+
+    /// Registers a full block under its prefix hash, unless another block already holds that
+    /// prefix (two sequences computed it at once: this one stays private).
+    fn register(&mut self, id: u32, hash: u64) {
+        if !self.caching || self.hash[id as usize].is_some() {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(hash) {
+            e.insert(id);
+            self.hash[id as usize] = Some(hash);
+        }
+    }
+
+    /// Blocks a sequence can take: free or cached.
+    fn available(&self) -> usize {
+        self.free.len() + self.lru.len()
     }
 }
 
@@ -292,21 +448,124 @@ impl<B: Gemma4Backend> KvPool<B> {
         }
     }
 
+    /// Turns prefix caching on or off (off by default): with it, each full block of a
+    /// sequence is registered under its prefix hash ([`SeqKv::hashes`]) once written, and
+    /// stays cached after the sequence lets go, for [`KvPool::new_seq_reusing`] to find.
+    pub fn with_prefix_caching(self, on: bool) -> Self {
+        lock(&self.blocks).iter_mut().for_each(|b| b.caching = on);
+        self
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_caching(&self) -> bool {
+        lock(&self.blocks)[0].caching
+    }
+
     /// A new sequence's (empty) block tables.
     pub fn new_seq(&self) -> SeqKv {
         SeqKv {
             seq_len: 0,
             tables: Default::default(),
+            hashes: Vec::new(),
+            registered: 0,
             keep: self.keep,
             block_size: self.block_size,
             blocks: self.blocks.clone(),
         }
     }
 
-    /// Blocks of each kind: (in use, in all).
+    /// The longest cached prefix of a sequence whose full blocks hash to `hashes` that every
+    /// layer can reuse, ending at a multiple of the block size `p` for which `usable(p)`
+    /// holds: full layers need all its blocks, sliding layers those of the window before `p`
+    /// (where they were evicted, the hit is cut back to where they reach). Changes nothing.
+    pub fn lookup(&self, hashes: &[u64], usable: impl Fn(usize) -> bool) -> PrefixHit {
+        let lists = lock(&self.blocks);
+        self.find(&lists, hashes, usable)
+            .map_or_else(PrefixHit::default, |(k, tables)| PrefixHit {
+                tokens: k * self.block_size,
+                in_use: [0, 1].map(|i| {
+                    let refs = &lists[i].refs;
+                    tables[i]
+                        .blocks
+                        .iter()
+                        .filter(|&&b| refs[b as usize] > 0)
+                        .count()
+                }),
+            })
+    }
+
+    /// A new sequence holding the blocks of its longest reusable cached prefix (see
+    /// [`KvPool::lookup`]): it starts at `seq_len` = the tokens reused, and registers its own
+    /// blocks under `hashes` as they are written.
+    pub fn new_seq_reusing(&self, hashes: Vec<u64>, usable: impl Fn(usize) -> bool) -> SeqKv {
+        let mut seq = self.new_seq();
+        let mut lists = lock(&self.blocks);
+        if let Some((k, tables)) = self.find(&lists, &hashes, usable) {
+            for (i, table) in tables.iter().enumerate() {
+                table.blocks.iter().for_each(|&b| lists[i].acquire(b));
+            }
+            seq.tables = tables;
+            seq.seq_len = k * self.block_size;
+            seq.registered = k;
+        }
+        seq.hashes = hashes;
+        seq
+    }
+
+    /// The reusable prefix: its block count and the tables that hold it.
+    fn find(
+        &self,
+        lists: &PerKind<Blocks>,
+        hashes: &[u64],
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<(usize, PerKind<BlockTable>)> {
+        if !lists[0].caching {
+            return None;
+        }
+        let bs = self.block_size;
+        let present = |i: usize, j: usize| lists[i].by_hash.get(&hashes[j]).copied();
+        let kinds: Vec<usize> = (0..2).filter(|&i| self.has_kind(i)).collect();
+        // Full layers: the leading blocks present.
+        let longest = if kinds.contains(&1) {
+            (0..hashes.len())
+                .take_while(|&j| present(1, j).is_some())
+                .count()
+        } else {
+            hashes.len()
+        };
+        (1..=longest).rev().find_map(|k| {
+            if !usable(k * bs) {
+                return None;
+            }
+            let mut tables: PerKind<BlockTable> = Default::default();
+            for &i in &kinds {
+                let first = self.keep[i].map_or(0, |keep| (k * bs).saturating_sub(keep) / bs);
+                tables[i] = BlockTable {
+                    first,
+                    blocks: (first..k).map(|j| present(i, j)).collect::<Option<_>>()?,
+                };
+            }
+            Some((k, tables))
+        })
+    }
+
+    /// Blocks of each kind: (in use, in all). Cached blocks no sequence holds are not in use.
     pub fn usage(&self) -> PerKind<(usize, usize)> {
         let b = lock(&self.blocks);
-        [0, 1].map(|i| (b[i].total - b[i].free.len(), b[i].total))
+        [0, 1].map(|i| (b[i].total - b[i].available(), b[i].total))
+    }
+
+    /// Blocks of each kind a sequence can take now: free, or cached and held by none.
+    pub fn available(&self) -> PerKind<usize> {
+        let b = lock(&self.blocks);
+        [0, 1].map(|i| b[i].available())
+    }
+
+    /// Cached blocks of each kind that no sequence holds (what the prefix cache keeps beyond
+    /// the running sequences).
+    pub fn cached(&self) -> PerKind<usize> {
+        let b = lock(&self.blocks);
+        [0, 1].map(|i| b[i].lru.len())
     }
 
     /// Tokens each kind keeps after a step (None: all).
@@ -345,12 +604,18 @@ pub struct BlockTable {
 }
 
 /// A sequence's place in a [`KvPool`]: its length and block tables. Dropping it frees its
-/// blocks.
+/// blocks (cached ones stay in the prefix cache).
 #[derive(Debug)]
 pub struct SeqKv {
     /// Tokens processed so far (the position of the next token).
     pub seq_len: usize,
     pub tables: PerKind<BlockTable>,
+    /// Prefix hashes of the sequence's full blocks ([`PrefixHasher`]), as far as its tokens
+    /// are known (they may run ahead of `seq_len`; the caller extends them as tokens come):
+    /// with prefix caching on, each block is registered under its hash once written.
+    pub hashes: Vec<u64>,
+    /// Leading blocks already registered (or reused).
+    registered: usize,
     keep: PerKind<Option<usize>>,
     block_size: usize,
     blocks: Allocator,
@@ -388,18 +653,45 @@ impl SeqKv {
             .collect()
     }
 
-    /// After a step to `end`: frees the blocks a kind no longer keeps.
+    /// After a step to `end`: registers the blocks it filled under their hashes, then lets go
+    /// of the blocks a kind no longer keeps.
     fn advance(&mut self, end: usize) {
         self.seq_len = end;
         let mut lists = lock(&self.blocks);
+        let full = (end / self.block_size).min(self.hashes.len());
+        for j in self.registered..full {
+            for (list, table) in lists.iter_mut().zip(&self.tables) {
+                if let Some(&id) = j.checked_sub(table.first).and_then(|k| table.blocks.get(k)) {
+                    list.register(id, self.hashes[j]);
+                }
+            }
+        }
+        self.registered = self.registered.max(full);
         for i in 0..2 {
             let Some(keep) = self.keep[i] else { continue };
             let table = &mut self.tables[i];
             let first = end.saturating_sub(keep) / self.block_size;
             let drop = first.saturating_sub(table.first).min(table.blocks.len());
-            lists[i].free.extend(table.blocks.drain(..drop));
+            table
+                .blocks
+                .drain(..drop)
+                .for_each(|id| lists[i].release(id));
             table.first += drop;
         }
+    }
+
+    /// Blocks of each kind that dropping this sequence would return to the pool (those no
+    /// other sequence shares).
+    pub fn exclusive(&self) -> PerKind<usize> {
+        let lists = lock(&self.blocks);
+        [0, 1].map(|i| {
+            let refs = &lists[i].refs;
+            self.tables[i]
+                .blocks
+                .iter()
+                .filter(|&&b| refs[b as usize] == 1)
+                .count()
+        })
     }
 
     /// Blocks held of each kind.
@@ -420,10 +712,11 @@ impl SeqKv {
 }
 
 impl Drop for SeqKv {
+    /// The last blocks first: they are the first the cache evicts, the prefix the last.
     fn drop(&mut self) {
         let mut lists = lock(&self.blocks);
         for (list, table) in lists.iter_mut().zip(&mut self.tables) {
-            list.free.append(&mut table.blocks);
+            table.blocks.drain(..).rev().for_each(|id| list.release(id));
         }
     }
 }
@@ -566,5 +859,142 @@ mod tests {
         assert_eq!(pool.usage(), [(3, 8), (5, 8)]);
         drop(a);
         assert_eq!(pool.usage(), [(0, 8), (0, 8)]);
+    }
+
+    #[test]
+    fn prefix_blocks_are_shared_cached_and_evicted_oldest_first() {
+        type B = burn::backend::NdArray<f32, i32>;
+        let one = KvScales::default();
+        let layers = [
+            (LayerKind::Sliding, 1, 4, one),
+            (LayerKind::Full, 1, 4, one),
+        ];
+        // Window 9: sliding layers keep 8 tokens; blocks of 4.
+        let mut pool = KvPool::<B>::new(
+            &layers,
+            Some(9),
+            4,
+            Some([8, 8]),
+            KvDtype::Model,
+            &Default::default(),
+        )
+        .with_prefix_caching(true);
+        let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
+        let hasher = PrefixHasher::new();
+        let hashes = |tokens: &[u32]| {
+            let mut h = vec![];
+            hasher.extend(&mut h, tokens, 4, &[]);
+            h
+        };
+        let t: Vec<u32> = (0..14).collect();
+        let mut a = pool.new_seq_reusing(hashes(&t), |p| p < t.len());
+        assert_eq!(a.seq_len, 0, "nothing cached yet");
+        pool.layout(&mut [&mut a], &[14], params).unwrap();
+        pool.advance(&mut [&mut a], &[14]);
+        // a holds full blocks 0..4 and sliding blocks 1..4; sliding block 0 left the window
+        // registered, so it is cached, not free.
+        assert_eq!(a.blocks_held(), [3, 4]);
+        assert_eq!(pool.cached(), [1, 0]);
+        assert_eq!(pool.available(), [5, 4]);
+
+        // b shares a's first 12 tokens: 3 full blocks, and sliding blocks 1..3 (the window
+        // before position 12), all held by a.
+        let u: Vec<u32> = t[..12].iter().copied().chain([99; 6]).collect();
+        let hit = pool.lookup(&hashes(&u), |p| p < u.len());
+        assert_eq!(
+            hit,
+            PrefixHit {
+                tokens: 12,
+                in_use: [2, 3]
+            }
+        );
+        // Not usable there: the next block boundary down.
+        assert_eq!(pool.lookup(&hashes(&u), |p| p <= 8).tokens, 8);
+        let b = pool.new_seq_reusing(hashes(&u), |p| p < u.len());
+        assert_eq!((b.seq_len, b.tables[0].first), (12, 1));
+        assert_eq!(
+            a.exclusive(),
+            [1, 1],
+            "only a's last block of each kind is its own"
+        );
+        assert_eq!(pool.usage(), [(3, 8), (4, 8)], "shared blocks count once");
+        drop(a);
+        assert_eq!(pool.usage(), [(2, 8), (3, 8)]);
+        assert_eq!(b.exclusive(), [2, 3]);
+        drop(b);
+        assert_eq!(pool.usage(), [(0, 8), (0, 8)]);
+        assert_eq!(pool.cached(), [3, 3]);
+        assert_eq!(pool.lookup(&hashes(&u), |p| p < u.len()).in_use, [0, 0]);
+
+        // c needs 6 blocks of each kind: 5 are free, so one cached block goes, the least
+        // recently released: sliding block 0 (out of the window first) and full block 2 (b
+        // released its blocks last first). The prefix is then usable up to 8 tokens in full
+        // layers, but the sliding layers lost block 0, so nothing is reused.
+        let v: Vec<u32> = (100..124).collect();
+        let mut c = pool.new_seq_reusing(hashes(&v), |p| p < v.len());
+        pool.layout(&mut [&mut c], &[24], params).unwrap();
+        assert_eq!(pool.lookup(&hashes(&u), |p| p < u.len()).tokens, 0);
+        assert_eq!(pool.cached(), [2, 2]);
+        // Held blocks are never evicted: with c's 6 and the 2 cached of each kind, a sequence
+        // needing 3 more blocks fails instead.
+        let mut d = pool.new_seq();
+        let err = pool.layout(&mut [&mut d], &[12], params).unwrap_err();
+        assert_eq!(err.kind, "sliding");
+        drop(d);
+        assert_eq!(c.blocks_held(), [6, 6]);
+        drop(c);
+        assert_eq!(pool.usage(), [(0, 8), (0, 8)]);
+    }
+
+    #[test]
+    fn a_hit_is_cut_back_to_where_the_sliding_blocks_reach() {
+        type B = burn::backend::NdArray<f32, i32>;
+        let one = KvScales::default();
+        let layers = [
+            (LayerKind::Sliding, 1, 4, one),
+            (LayerKind::Full, 1, 4, one),
+        ];
+        let mut pool = KvPool::<B>::new(
+            &layers,
+            Some(9),
+            4,
+            Some([16, 16]),
+            KvDtype::Model,
+            &Default::default(),
+        )
+        .with_prefix_caching(true);
+        let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
+        let hasher = PrefixHasher::new();
+        let hashes = |tokens: &[u32]| {
+            let mut h = vec![];
+            hasher.extend(&mut h, tokens, 4, &[]);
+            h
+        };
+        // a runs 24 tokens: every block registered; sliding blocks 0..4 cached as they left
+        // the window.
+        let t: Vec<u32> = (0..24).collect();
+        let mut a = pool.new_seq_reusing(hashes(&t), |p| p < t.len());
+        pool.layout(&mut [&mut a], &[24], params).unwrap();
+        pool.advance(&mut [&mut a], &[24]);
+        assert_eq!(a.tables[0].first, 4);
+        // Sharing a's first 20 tokens: reusable up to 20 while a holds the window's blocks.
+        let u: Vec<u32> = t[..20].iter().copied().chain([99; 8]).collect();
+        assert_eq!(pool.lookup(&hashes(&u), |p| p < u.len()).tokens, 20);
+        // Evict a's sliding blocks 3 and 4 (by hand: pressure would take the oldest first).
+        drop(a);
+        {
+            let mut lists = lock(&pool.blocks);
+            let h = hashes(&t);
+            for j in [3, 4] {
+                let id = lists[0].by_hash[&h[j]];
+                let key = lists[0].released_at[id as usize];
+                lists[0].lru.remove(&key);
+                lists[0].by_hash.remove(&h[j]);
+                lists[0].hash[id as usize] = None;
+                lists[0].free.push(id);
+            }
+        }
+        // Reusing 20 tokens needs sliding blocks 3 and 4, 16 needs 2 and 3, 12 needs 1 and 2.
+        assert_eq!(pool.lookup(&hashes(&u), |p| p < u.len()).tokens, 12);
     }
 }

@@ -35,7 +35,7 @@ use std::path::Path;
 
 use burn::prelude::Backend;
 
-pub use cache::{KvCache, KvDtype, KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
+pub use cache::{KvCache, KvDtype, KvPool, PrefixHasher, PrefixHit, SeqKv, DEFAULT_BLOCK_SIZE};
 pub use config::{GenerationConfig, ModelConfig};
 pub use error::{LoadError, RunError, SynthError};
 pub use generation::{generate, FinishReason, GenerateOutput, GenerateRequest, SamplingParams};
