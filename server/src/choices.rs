@@ -53,6 +53,8 @@ pub struct ChoiceDone {
     /// "stop", "length" or "tool_calls".
     pub finish_reason: &'static str,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub reasoning_tokens: usize,
 }
@@ -120,6 +122,7 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
             parser: OutputParser::new(state.special.clone(), state.tokenizer.clone()),
             stop: StopMatcher::new(g.stop.clone()),
             prompt_tokens: prompt_len,
+            cached_tokens: 0,
             tokens: 0,
             tool_calls: 0,
             start: Instant::now(),
@@ -150,6 +153,7 @@ struct Choice {
     parser: OutputParser,
     stop: StopMatcher,
     prompt_tokens: usize,
+    cached_tokens: usize,
     tokens: usize,
     tool_calls: usize,
     start: Instant,
@@ -170,6 +174,7 @@ impl Choices {
         let c = &mut self.choices[i];
         let ready = &mut self.ready;
         match ev {
+            Some(EngineEvent::Admitted { cached_tokens }) => c.cached_tokens = cached_tokens,
             Some(EngineEvent::Token { id, logprob }) => {
                 let now = Instant::now();
                 match c.last {
@@ -277,6 +282,7 @@ impl Choice {
         ChoiceDone {
             finish_reason,
             prompt_tokens,
+            cached_tokens: self.cached_tokens,
             completion_tokens,
             reasoning_tokens: self.parser.reasoning_tokens(),
         }

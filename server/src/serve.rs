@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// at some accuracy cost.
     #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
     pub kv_cache_dtype: gemma4_model::KvDtype,
+    /// Turn automatic prefix caching off (vLLM's flag). On by default: a request reuses the
+    /// KV blocks of the longest prefix an earlier request computed (a conversation's earlier
+    /// turns, a shared system prompt, the other `n` choices), as long as they are cached.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
     /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
@@ -94,6 +99,7 @@ impl ServeArgs {
                 num_kv_blocks: self.num_kv_blocks.map(|n| gemma4_engine::Blocks([n, n])),
                 block_size: self.block_size.max(1),
                 kv_dtype: self.kv_cache_dtype,
+                prefix_caching: !self.no_enable_prefix_caching,
                 ..Default::default()
             },
         }

@@ -62,6 +62,7 @@ fn start_with_blocks(
         kv_cache_memory: None,
         block_size: 16,
         kv_cache_dtype: gemma4_model::KvDtype::Model,
+        no_enable_prefix_caching: false,
         shutdown_grace: 1,
         allow_image_urls,
         image_ca_file: None,

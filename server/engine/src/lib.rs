@@ -43,7 +43,9 @@ use gemma4_model::generation::Rng;
 use gemma4_model::kernels::pool::for_each_mut;
 use gemma4_model::vision::PreprocessedImage;
 use gemma4_model::Gemma4Backend;
-use gemma4_model::{KvPool, Logits, Model, SamplingParams, SeqKv, SeqStep};
+use gemma4_model::{
+    KvPool, Logits, Model, PrefixHasher, PrefixHit, SamplingParams, SeqKv, SeqStep,
+};
 pub use scheduler::{BlockBudget, Blocks, Keep};
 use scheduler::{Limits, SeqId, SeqState, StepPlan};
 
@@ -65,11 +67,43 @@ pub trait StepModel: 'static {
     fn kv_keep(&self) -> [Keep; 2] {
         [Keep::Nothing, Keep::All]
     }
-    /// The pool: `blocks.num_kv_blocks` per kind, or growable when None.
+    /// The pool: `blocks.num_kv_blocks` per kind, or growable when None; with
+    /// `blocks.prefix_caching`, it keeps and reuses the KV of prefixes.
     fn new_pool(&self, blocks: &BlockBudget) -> Self::Pool;
     fn new_cache(&self, pool: &Self::Pool) -> Self::Cache;
     /// Blocks of each kind: (in use, in all).
     fn pool_usage(&self, pool: &Self::Pool) -> [(usize, usize); 2];
+    /// Prefix caching: the longest cached prefix of a sequence whose full blocks hash to
+    /// `hashes` that its cache could reuse, ending at a block boundary `p` with `usable(p)`
+    /// (see `KvPool::lookup`). A model without a prefix cache finds nothing.
+    fn prefix_lookup(
+        &self,
+        _pool: &Self::Pool,
+        _hashes: &[u64],
+        _usable: &dyn Fn(usize) -> bool,
+    ) -> PrefixHit {
+        PrefixHit::default()
+    }
+    /// A new sequence's cache holding that prefix (it registers its own blocks under
+    /// `hashes` as they are written, extended by [`StepItem::hashes`]); the tokens it holds.
+    fn new_cache_reusing(
+        &self,
+        pool: &Self::Pool,
+        _hashes: Vec<u64>,
+        _usable: &dyn Fn(usize) -> bool,
+    ) -> (Self::Cache, usize) {
+        (self.new_cache(pool), 0)
+    }
+    /// Blocks of each kind a sequence can take now (free, or cached and held by none); None:
+    /// a pool that shares nothing, whose free blocks the scheduler counts itself.
+    fn blocks_available(&self, _pool: &Self::Pool) -> Option<[usize; 2]> {
+        None
+    }
+    /// Blocks of each kind that dropping `cache` returns (those it shares with no other
+    /// sequence); None: all it holds.
+    fn blocks_exclusive(&self, _cache: &Self::Cache) -> Option<[usize; 2]> {
+        None
+    }
     /// The image placeholder id (`<|image|>`), when the model takes images.
     fn image_token_id(&self) -> Option<u32> {
         None
@@ -124,6 +158,8 @@ pub enum StepLogits {
 /// One sequence's part of a step.
 pub struct StepItem<'a, M: StepModel + ?Sized> {
     pub tokens: &'a [u32],
+    /// Prefix hashes of the sequence's full blocks so far (empty without prefix caching).
+    pub hashes: &'a [u64],
     pub need: Need,
     pub soft: Option<(&'a M::Soft, Range<usize>)>,
     pub cache: &'a mut M::Cache,
@@ -147,17 +183,43 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
         [sliding, full]
     }
     fn new_pool(&self, blocks: &BlockBudget) -> KvPool<B> {
-        self.text.new_pool(
-            blocks.block_size,
-            blocks.num_kv_blocks.map(|b| b.0),
-            blocks.kv_dtype,
-        )
+        self.text
+            .new_pool(
+                blocks.block_size,
+                blocks.num_kv_blocks.map(|b| b.0),
+                blocks.kv_dtype,
+            )
+            .with_prefix_caching(blocks.prefix_caching)
     }
     fn new_cache(&self, pool: &KvPool<B>) -> SeqKv {
         pool.new_seq()
     }
     fn pool_usage(&self, pool: &KvPool<B>) -> [(usize, usize); 2] {
         pool.usage()
+    }
+    fn prefix_lookup(
+        &self,
+        pool: &KvPool<B>,
+        hashes: &[u64],
+        usable: &dyn Fn(usize) -> bool,
+    ) -> PrefixHit {
+        pool.lookup(hashes, usable)
+    }
+    fn new_cache_reusing(
+        &self,
+        pool: &KvPool<B>,
+        hashes: Vec<u64>,
+        usable: &dyn Fn(usize) -> bool,
+    ) -> (SeqKv, usize) {
+        let seq = pool.new_seq_reusing(hashes, usable);
+        let reused = seq.seq_len;
+        (seq, reused)
+    }
+    fn blocks_available(&self, pool: &KvPool<B>) -> Option<[usize; 2]> {
+        Some(pool.available())
+    }
+    fn blocks_exclusive(&self, cache: &SeqKv) -> Option<[usize; 2]> {
+        Some(cache.exclusive())
     }
     fn image_token_id(&self) -> Option<u32> {
         self.config.image_token_id
@@ -186,6 +248,10 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
         items: &mut [StepItem<'_, Self>],
     ) -> Result<Vec<StepLogits>, String> {
         let needs: Vec<Need> = items.iter().map(|i| i.need).collect();
+        for item in items.iter_mut() {
+            let known = item.cache.hashes.len().min(item.hashes.len());
+            item.cache.hashes.extend_from_slice(&item.hashes[known..]);
+        }
         let mut steps: Vec<SeqStep<B>> = items
             .iter_mut()
             .map(|item| SeqStep {
@@ -299,6 +365,11 @@ pub enum FinishReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
+    /// The request was admitted; `cached_tokens` of its prompt reuse the KV of a cached prefix
+    /// (prefix caching). Sent once, before its first token.
+    Admitted {
+        cached_tokens: usize,
+    },
     /// The prompt has been processed (for time-to-first-token accounting it precedes the first token).
     Token {
         id: u32,
@@ -360,6 +431,10 @@ pub struct EngineStats {
     /// KV blocks held by running sequences, and in the pool (all layer kinds).
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
+    /// Prefix caching, as vLLM counts it: prompt tokens looked up at each request's first
+    /// admission, and those found cached.
+    pub prefix_cache_queries_total: AtomicU64,
+    pub prefix_cache_hits_total: AtomicU64,
 }
 
 /// A submitted request: its event stream. Dropping it cancels the request (the engine notices
@@ -383,6 +458,8 @@ impl Drop for RequestHandle {
 
 struct Submitted {
     req: EngineRequest,
+    /// Each image's prefix-cache identity (empty without prefix caching).
+    image_hashes: Vec<u64>,
     tx: tokio_mpsc::UnboundedSender<EngineEvent>,
     cancelled: Arc<AtomicBool>,
 }
@@ -397,6 +474,8 @@ pub struct Engine {
     tx: mpsc::Sender<Command>,
     pub stats: Arc<EngineStats>,
     config: Arc<EngineConfig>,
+    /// Prefix hashes (keyed per engine); images are hashed by `submit`, off the engine thread.
+    hasher: PrefixHasher,
 }
 
 impl Engine {
@@ -412,6 +491,8 @@ impl Engine {
     {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
+        let hasher = PrefixHasher::new();
+        let thread_hasher = hasher.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
@@ -429,7 +510,7 @@ impl Engine {
                 let mut config = config;
                 config.blocks.keep = model.kv_keep();
                 let _ = ready_tx.send(Ok(config.clone()));
-                run_loop(&model, &config, &rx, &thread_stats);
+                run_loop(&model, &config, &rx, &thread_stats, &thread_hasher);
                 thread_stats.ready.store(false, Ordering::SeqCst);
             })?;
         match ready_rx.recv() {
@@ -438,6 +519,7 @@ impl Engine {
                     tx,
                     stats,
                     config: Arc::new(config),
+                    hasher,
                 },
                 handle,
             )),
@@ -457,9 +539,14 @@ impl Engine {
         }
         let (tx, rx) = tokio_mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
+        let image_hashes = match self.config.blocks.prefix_caching {
+            true => req.images.iter().map(|i| self.hasher.image(i)).collect(),
+            false => vec![],
+        };
         self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         let cmd = Command::Submit(Box::new(Submitted {
             req,
+            image_hashes,
             tx,
             cancelled: cancelled.clone(),
         }));
@@ -499,8 +586,16 @@ struct Seq<C, S> {
     next_logits: StepLogits,
     /// Soft tokens of the request's images, from the first prefill chunk until the prompt is done.
     soft: Option<S>,
-    /// Soft-token rows already used by earlier prefill chunks (placeholders in `prompt[..computed]`).
+    /// Rows of `soft` used by earlier prefill chunks.
     soft_used: usize,
+    /// Prefix hashes of the full blocks of the prompt and generated tokens (empty without
+    /// prefix caching).
+    hashes: Vec<u64>,
+    /// The image placeholder runs of the prompt and each image's hash (0 without prefix
+    /// caching).
+    image_keys: Vec<(Range<usize>, u64)>,
+    /// Admitted at least once (the prefix hit of the first admission is what is reported).
+    admitted: bool,
 }
 
 impl<C, S> Seq<C, S> {
@@ -516,16 +611,47 @@ impl<C, S> Seq<C, S> {
             next_logits: StepLogits::Row(vec![]),
             soft: None,
             soft_used: 0,
+            hashes: vec![],
+            image_keys: vec![],
+            admitted: false,
         }
     }
 
-    fn state(&self) -> SeqState<'_> {
+    /// Tokens of the prompt and generated so far.
+    fn len(&self) -> usize {
+        self.sub.req.prompt.len() + self.generated.len()
+    }
+
+    /// The scheduler's view, with `computed` tokens cached (a waiting sequence: its prefix
+    /// hit), `held` blocks it need not take and `frees` blocks preempting it returns. Gone
+    /// requests were dropped before the step was planned: one that goes now is noticed at the
+    /// next step.
+    fn state(&self, computed: usize, held: Blocks, frees: Blocks) -> SeqState<'_> {
         SeqState {
             id: self.id,
             prompt: &self.sub.req.prompt,
-            len: self.sub.req.prompt.len() + self.generated.len(),
-            computed: self.computed,
-            cancelled: is_gone(&self.sub),
+            len: self.len(),
+            computed,
+            held,
+            frees,
+            cancelled: false,
+        }
+    }
+
+    /// Whether a cached prefix of `p` tokens may be reused: at least one token is left to
+    /// compute (for logits), and `p` does not split an image (its soft tokens attend to each
+    /// other, so they run in one call).
+    fn usable(&self, p: usize, image_id: Option<u32>) -> bool {
+        let prompt = &self.sub.req.prompt;
+        let splits = |id| p > 0 && p < prompt.len() && prompt[p - 1] == id && prompt[p] == id;
+        p < self.len() && !image_id.is_some_and(splits)
+    }
+
+    /// Extends `hashes` to every full block of the prompt and generated tokens.
+    fn extend_hashes(&mut self, hasher: &PrefixHasher, block_size: usize) {
+        if self.hashes.len() < self.len() / block_size {
+            let tokens = self.tokens(0..self.len());
+            hasher.extend(&mut self.hashes, &tokens, block_size, &self.image_keys);
         }
     }
 
@@ -552,11 +678,43 @@ impl<C, S> Seq<C, S> {
     }
 }
 
+/// A new request's sequence, or the error that refuses it: its images must match the prompt's
+/// placeholder runs (one run of `num_soft_tokens` per image, in order). With prefix caching,
+/// its prompt's block hashes (with the images') are computed here.
+fn new_seq<C, S>(
+    id: SeqId,
+    sub: Box<Submitted>,
+    image_id: Option<u32>,
+    hashing: Option<(&PrefixHasher, usize)>,
+) -> Result<Seq<C, S>, (Box<Submitted>, String)> {
+    let req = &sub.req;
+    let runs = match (image_id, req.images.is_empty()) {
+        (_, true) => vec![],
+        (None, false) => return Err((sub, "this model does not take images".into())),
+        (Some(id), false) => gemma4_model::text_model::image_runs(&req.prompt, id),
+    };
+    let lens: Vec<usize> = runs.iter().map(|r| r.len()).collect();
+    let expected: Vec<usize> = req.images.iter().map(|img| img.num_soft_tokens).collect();
+    if lens != expected {
+        let msg = format!("the prompt's image placeholder runs {lens:?} do not match the images' soft-token counts {expected:?}");
+        return Err((sub, msg));
+    }
+    let hashes = sub.image_hashes.iter().copied().chain(std::iter::repeat(0));
+    let image_keys = runs.into_iter().zip(hashes).collect();
+    let mut seq = Seq::new(id, sub);
+    seq.image_keys = image_keys;
+    if let Some((hasher, block_size)) = hashing {
+        seq.extend_hashes(hasher, block_size);
+    }
+    Ok(seq)
+}
+
 fn run_loop<M: StepModel>(
     model: &M,
     config: &EngineConfig,
     rx: &mpsc::Receiver<Command>,
     stats: &EngineStats,
+    hasher: &PrefixHasher,
 ) {
     let limits = Limits {
         max_num_seqs: config.max_num_seqs,
@@ -566,6 +724,8 @@ fn run_loop<M: StepModel>(
     let mut pool = model.new_pool(&config.blocks);
     let image_id = model.image_token_id();
     let top_limit = model.top_k_limit();
+    let block_size = config.blocks.block_size.max(1);
+    let hashing = config.blocks.prefix_caching.then_some((hasher, block_size));
     let mut next_id: SeqId = 0;
     let mut waiting: VecDeque<Seq<M::Cache, M::Soft>> = VecDeque::new();
     // In admission order: the newest last, first to be preempted.
@@ -603,7 +763,13 @@ fn run_loop<M: StepModel>(
             }
         }
         for sub in submitted {
-            waiting.push_back(Seq::new(next_id, sub));
+            match new_seq(next_id, sub, image_id, hashing) {
+                Ok(seq) => waiting.push_back(seq),
+                Err((sub, msg)) => {
+                    stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sub.tx.send(EngineEvent::Error(msg));
+                }
+            }
             next_id += 1;
         }
         if shutdown {
@@ -619,10 +785,56 @@ fn run_loop<M: StepModel>(
             return;
         }
 
+        // Gone requests leave first: their blocks are free for this step, and no prefix hit
+        // counts them as held.
+        for seq in running.extract_if(.., |s| is_gone(&s.sub)) {
+            drop(seq);
+            stats
+                .requests_cancelled_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let before = waiting.len();
+        waiting.retain(|s| !is_gone(&s.sub));
+        let gone = before - waiting.len();
+        stats.waiting.fetch_sub(gone, Ordering::SeqCst);
+        stats
+            .requests_cancelled_total
+            .fetch_add(gone as u64, Ordering::Relaxed);
+
         let plan = {
-            let w: Vec<SeqState> = waiting.iter().map(Seq::state).collect();
-            let r: Vec<SeqState> = running.iter().map(Seq::state).collect();
-            scheduler::plan(&w, &r, &limits, image_id)
+            let held = |s: &Seq<_, _>| limits.blocks.held(s.computed);
+            let available = model.blocks_available(&pool).map_or_else(
+                || {
+                    let n = limits.blocks.num_kv_blocks.unwrap_or_default();
+                    n.minus(
+                        running
+                            .iter()
+                            .fold(Blocks::default(), |a, s| a.plus(held(s))),
+                    )
+                },
+                Blocks,
+            );
+            let r: Vec<SeqState> = running
+                .iter()
+                .map(|s| {
+                    let frees = s.cache.as_ref().and_then(|c| model.blocks_exclusive(c));
+                    s.state(s.computed, held(s), frees.map_or(held(s), Blocks))
+                })
+                .collect();
+            // The prefix hits of those that could be admitted now.
+            let slots = limits.max_num_seqs.saturating_sub(running.len());
+            let w: Vec<SeqState> = waiting
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let hit = match hashing.is_some() && i < slots {
+                        true => model.prefix_lookup(&pool, &s.hashes, &|p| s.usable(p, image_id)),
+                        false => PrefixHit::default(),
+                    };
+                    s.state(hit.tokens, Blocks(hit.in_use), Blocks::default())
+                })
+                .collect();
+            scheduler::plan(&w, &r, &limits, available, image_id)
         };
         apply_queue_changes(
             &plan,
@@ -632,6 +844,7 @@ fn run_loop<M: StepModel>(
             &pool,
             &limits,
             stats,
+            hashing.is_some().then_some(image_id),
         );
 
         let chunks: HashMap<SeqId, Range<usize>> = plan.prefill.into_iter().collect();
@@ -664,6 +877,12 @@ fn run_loop<M: StepModel>(
         let mut work: Vec<(SeqOf<M>, Option<Rows>)> = Vec::with_capacity(running.len());
         for mut seq in running.drain(..) {
             if let Some(chunk) = chunks.get(&seq.id) {
+                if chunk.start != seq.computed {
+                    // Planned on a prefix hit its admission did not find: never expected.
+                    let msg = "internal error: the prefix cache changed during admission";
+                    let _ = seq.sub.tx.send(EngineEvent::Error(msg.into()));
+                    continue;
+                }
                 match prefill_rows(model, &mut seq, chunk.clone(), image_id, &mut encoded) {
                     Ok(rows) => work.push((seq, Some(rows))),
                     Err(e) => {
@@ -686,7 +905,12 @@ fn run_loop<M: StepModel>(
                 .generation_tokens_total
                 .fetch_add(1, Ordering::Relaxed);
             match outcome {
-                Ok(Next::Continue(id)) => work.push((seq, Some(Rows::decode(id)))),
+                Ok(Next::Continue(id)) => {
+                    if let Some((hasher, block_size)) = hashing {
+                        seq.extend_hashes(hasher, block_size);
+                    }
+                    work.push((seq, Some(Rows::decode(id))))
+                }
                 Ok(Next::Done(reason)) => {
                     stats
                         .requests_finished_total
@@ -719,6 +943,7 @@ fn run_loop<M: StepModel>(
                             soft,
                             sub,
                             generated,
+                            hashes,
                             ..
                         } = seq;
                         // A prefill chunk that leaves prompt tokens for later: its logits are
@@ -728,6 +953,7 @@ fn run_loop<M: StepModel>(
                         });
                         Some(StepItem {
                             tokens: &rows.tokens,
+                            hashes,
                             need: match top_limit {
                                 Some(_) if dropped => Need::Top(1),
                                 _ => need(&sub.req, generated.len(), top_limit),
@@ -781,6 +1007,10 @@ fn run_loop<M: StepModel>(
 
 /// The plan's changes to the queues: cancelled and aborted sequences leave, preempted ones go
 /// back to the front of the waiting queue (oldest first), admitted ones get a fresh cache.
+///
+/// `caching`: Some(the image placeholder id) with prefix caching, under which an admitted
+/// sequence takes the blocks of its cached prefix and starts after it.
+#[allow(clippy::too_many_arguments)]
 fn apply_queue_changes<M: StepModel>(
     plan: &StepPlan,
     waiting: &mut VecDeque<Seq<M::Cache, M::Soft>>,
@@ -789,6 +1019,7 @@ fn apply_queue_changes<M: StepModel>(
     pool: &M::Pool,
     limits: &Limits,
     stats: &EngineStats,
+    caching: Option<Option<u32>>,
 ) {
     let mut remove = |id: SeqId| {
         if let Some(i) = running.iter().position(|s| s.id == id) {
@@ -831,7 +1062,29 @@ fn apply_queue_changes<M: StepModel>(
         };
         debug_assert_eq!(seq.id, id, "admitted from the front");
         stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        seq.cache = Some(model.new_cache(pool));
+        let (cache, reused) = match caching {
+            Some(image_id) => {
+                model.new_cache_reusing(pool, seq.hashes.clone(), &|p| seq.usable(p, image_id))
+            }
+            None => (model.new_cache(pool), 0),
+        };
+        seq.cache = Some(cache);
+        seq.computed = reused;
+        if !seq.admitted && caching.is_some() {
+            let prompt = seq.sub.req.prompt.len() as u64;
+            stats
+                .prefix_cache_queries_total
+                .fetch_add(prompt, Ordering::Relaxed);
+            stats
+                .prefix_cache_hits_total
+                .fetch_add(reused as u64, Ordering::Relaxed);
+        }
+        if !seq.admitted {
+            seq.admitted = true;
+            let _ = seq.sub.tx.send(EngineEvent::Admitted {
+                cached_tokens: reused,
+            });
+        }
         running.push(seq);
     }
 }
@@ -859,7 +1112,8 @@ impl Rows {
 }
 
 /// The rows of one prefill chunk (`chunk` of the prompt and generated tokens); encodes the
-/// request's images at its first chunk.
+/// request's images at its first chunk that holds placeholders: those wholly before the chunk
+/// are in the KV of a reused prefix and are not encoded again.
 fn prefill_rows<M: StepModel>(
     model: &M,
     seq: &mut Seq<M::Cache, M::Soft>,
@@ -877,11 +1131,18 @@ fn prefill_rows<M: StepModel>(
             .filter(|&&t| t == id)
             .count()
     });
-    if chunk.start == 0 && !seq.sub.req.images.is_empty() {
+    let done = seq
+        .image_keys
+        .iter()
+        .filter(|(run, _)| run.end <= chunk.start);
+    let skip = done.count();
+    if seq.soft.is_none() && skip < seq.sub.req.images.len() {
+        let images = &seq.sub.req.images[skip..];
         let soft = catch_unwind(AssertUnwindSafe(|| {
-            encode_request_images(model, &seq.sub.req, image_id, encoded)
+            encode_request_images(model, images, encoded)
         }));
         seq.soft = soft.map_err(|_| "internal error while encoding images".to_string())??;
+        seq.soft_used = 0;
     }
     Ok(Rows {
         tokens,
@@ -913,34 +1174,22 @@ impl<C, S> Seq<C, S> {
     }
 }
 
-/// Checks that the request's images match its placeholders (one run of `num_soft_tokens` per
-/// image, in order) and encodes them, or takes the soft tokens of `encoded` when those are of the
-/// same images (another choice of the same request).
+/// Encodes `images` (the request's images from the first one not yet in the KV cache), or takes
+/// the soft tokens of `encoded` when those are of the same images (another choice of the same
+/// request).
 fn encode_request_images<M: StepModel>(
     model: &M,
-    req: &EngineRequest,
-    image_id: Option<u32>,
+    images: &[Arc<PreprocessedImage>],
     encoded: &mut Option<(Vec<Arc<PreprocessedImage>>, M::Soft)>,
 ) -> Result<Option<M::Soft>, String> {
-    let Some(id) = image_id else {
-        return Err("this model does not take images".into());
-    };
-    let runs: Vec<usize> = gemma4_model::text_model::image_runs(&req.prompt, id)
-        .iter()
-        .map(|r| r.len())
-        .collect();
-    let expected: Vec<usize> = req.images.iter().map(|img| img.num_soft_tokens).collect();
-    if runs != expected {
-        return Err(format!("the prompt's image placeholder runs {runs:?} do not match the images' soft-token counts {expected:?}"));
-    }
-    if let Some((images, soft)) = encoded {
-        if same_images(images, &req.images) {
+    if let Some((done, soft)) = encoded {
+        if same_images(done, images) {
             return Ok(Some(soft.clone()));
         }
     }
-    let soft = model.encode_images(&req.images)?;
+    let soft = model.encode_images(images)?;
     if let Some(s) = &soft {
-        *encoded = Some((req.images.clone(), s.clone()));
+        *encoded = Some((images.to_vec(), s.clone()));
     }
     Ok(soft)
 }
@@ -1192,7 +1441,7 @@ mod tests {
         for mut h in handles {
             let mut events = vec![];
             while let Some(e) = h.events.blocking_recv() {
-                let done = !matches!(e, EngineEvent::Token { .. });
+                let done = matches!(e, EngineEvent::Finished { .. } | EngineEvent::Error(_));
                 events.push(e);
                 if done {
                     break;
@@ -1354,6 +1603,7 @@ mod tests {
                         break Ok(tokens);
                     }
                     Some(EngineEvent::Error(e)) => break Err(e),
+                    Some(EngineEvent::Admitted { .. }) => {}
                     None => break Err("closed".into()),
                 }
             };
@@ -1545,6 +1795,7 @@ mod tests {
                             EngineEvent::Token { id, .. } => tokens.push(id),
                             EngineEvent::Finished { .. } => break,
                             EngineEvent::Error(e) => panic!("{e}"),
+                            EngineEvent::Admitted { .. } => {}
                         }
                     }
                     tokens

@@ -22,6 +22,11 @@
 //!   prompt and generated tokens. The newest loses because it has the least work to redo and the
 //!   oldest must always be able to finish. A sequence that does not fit even alone can never run
 //!   and is aborted instead of being preempted forever.
+//! - **A prefix hit costs only what it takes.** A waiting sequence's `computed` is its
+//!   prefix-cache hit (looked up by the engine before planning): its first chunk starts there,
+//!   and it needs only the blocks that no running sequence holds (`held`; cached blocks held by
+//!   none leave the free ones when reused). Preempting a sequence frees only the blocks no
+//!   other sequence shares (`frees`). A step that preempted or aborted admits nobody.
 //! - **FIFO admission, no starvation.** Waiting requests are admitted in order while there are
 //!   sequence slots and their first chunk's blocks fit; the first one that does not fit stops
 //!   admission (it is never skipped for a later, smaller one). A step that preempted admits
@@ -84,6 +89,8 @@ pub struct BlockBudget {
     pub keep: [Keep; 2],
     /// What the pool stores (the model's float type, or fp8); scheduling does not depend on it.
     pub kv_dtype: gemma4_model::KvDtype,
+    /// Whether the pool keeps and reuses the KV of prompt prefixes (on by default, as vLLM).
+    pub prefix_caching: bool,
 }
 
 impl Default for BlockBudget {
@@ -93,6 +100,7 @@ impl Default for BlockBudget {
             block_size: DEFAULT_BLOCK_SIZE,
             keep: [Keep::Nothing, Keep::All],
             kv_dtype: gemma4_model::KvDtype::Model,
+            prefix_caching: true,
         }
     }
 }
@@ -139,8 +147,15 @@ pub struct SeqState<'a> {
     /// Tokens the cache must hold before the next token is sampled: the prompt and the
     /// generated tokens (all of them run through the model).
     pub len: usize,
-    /// Tokens in the cache now (0 while waiting).
+    /// Tokens in the cache now; while waiting, the tokens its prefix-cache hit would reuse.
     pub computed: usize,
+    /// Blocks it needs and does not have to take from the free ones: running, the blocks it
+    /// holds (`BlockBudget::held(computed)`); waiting, those of its prefix hit that running
+    /// sequences hold (shared, not taken).
+    pub held: Blocks,
+    /// Blocks preempting it returns to the free ones: those no other sequence shares (0 while
+    /// waiting).
+    pub frees: Blocks,
     pub cancelled: bool,
 }
 
@@ -171,15 +186,17 @@ pub struct StepPlan {
 }
 
 /// Plans one step. `running` is in admission order (the newest last), `waiting` in queue order;
-/// `image_id` is the placeholder whose runs a chunk must not split.
+/// `available` are the blocks of each kind a sequence can take now (free, or cached and held by
+/// none; ignored without a block budget); `image_id` is the placeholder whose runs a chunk must
+/// not split.
 pub fn plan(
     waiting: &[SeqState],
     running: &[SeqState],
     limits: &Limits,
+    available: Blocks,
     image_id: Option<u32>,
 ) -> StepPlan {
     let mut plan = StepPlan::default();
-    let held = |tokens: usize| limits.blocks.held(tokens);
     let needed = |computed: usize, end: usize| limits.blocks.needed(computed, end);
     plan.dropped.extend(
         running
@@ -188,28 +205,29 @@ pub fn plan(
             .filter(|s| s.cancelled)
             .map(|s| s.id),
     );
+    // Unlimited: as many free blocks as any step could ask for. A cancelled sequence's blocks
+    // are free for this step (a waiting sequence's hit must not count them as held by others:
+    // the engine drops what is gone before it looks prefixes up).
+    let mut free = limits.blocks.num_kv_blocks.map_or(Blocks::UNLIMITED, |_| {
+        running
+            .iter()
+            .filter(|s| s.cancelled)
+            .fold(available, |a, s| a.plus(s.frees))
+    });
     let mut running: Vec<&SeqState> = running.iter().filter(|s| !s.cancelled).collect();
-    let in_use = running
-        .iter()
-        .fold(Blocks::default(), |a, s| a.plus(held(s.computed)));
-    // Unlimited: as many free blocks as any step could ask for.
-    let mut free = limits
-        .blocks
-        .num_kv_blocks
-        .map_or(Blocks::UNLIMITED, |n| n.minus(in_use));
     let mut budget = limits.token_budget.max(1);
 
     // The work a sequence asks for now: its chunk (None for a decode) and the blocks it needs.
     let work = |s: &SeqState, budget: usize| -> (Option<Range<usize>>, Blocks) {
         if s.decoding() {
-            return (None, needed(s.computed, s.len + 1).minus(held(s.computed)));
+            return (None, needed(s.computed, s.len + 1).minus(s.held));
         }
         let end = chunk_end(s.prompt, s.len, s.computed, budget, image_id);
         // A chunk that completes the prefill is followed by a decode (counted here).
         let after = end + usize::from(end == s.len);
         (
             Some(s.computed..end),
-            needed(s.computed, after).minus(held(s.computed)),
+            needed(s.computed, after).minus(s.held),
         )
     };
 
@@ -223,12 +241,12 @@ pub fn plan(
         let (chunk, need) = work(s, budget);
         while !need.fits_in(free) && running.len() > i + 1 {
             let victim = running.pop().expect("a newer sequence");
-            free = free.plus(held(victim.computed));
+            free = free.plus(victim.frees);
             plan.preempted.push(victim.id);
         }
         if !need.fits_in(free) {
             running.remove(i);
-            free = free.plus(held(s.computed));
+            free = free.plus(s.frees);
             if i == 0 {
                 plan.aborted.push(s.id); // alone, and still does not fit
             } else {
@@ -250,7 +268,9 @@ pub fn plan(
         i += 1;
     }
 
-    if !plan.preempted.is_empty() {
+    // Blocks freed by preemption are for the running sequences; and a waiting sequence's hit
+    // may count blocks of a sequence that just left as held (free now, and counted twice).
+    if !plan.preempted.is_empty() || !plan.aborted.is_empty() {
         return plan;
     }
     let mut slots = limits.max_num_seqs.saturating_sub(running.len());
@@ -335,12 +355,15 @@ mod tests {
     }
 
     impl Sim {
-        fn state(&self) -> SeqState<'_> {
+        /// No prefix caching: a running sequence holds and frees its own blocks only.
+        fn state(&self, blocks: &BlockBudget) -> SeqState<'_> {
             SeqState {
                 id: self.id,
                 prompt: &self.prompt,
                 len: self.prompt.len() + self.generated,
                 computed: self.computed,
+                held: blocks.held(self.computed),
+                frees: blocks.held(self.computed),
                 cancelled: self.cancelled,
             }
         }
@@ -376,9 +399,18 @@ mod tests {
         }
 
         fn plan(&self, limits: &Limits) -> StepPlan {
-            let w: Vec<_> = self.waiting.iter().map(Sim::state).collect();
-            let r: Vec<_> = self.running.iter().map(Sim::state).collect();
-            plan(&w, &r, limits, None)
+            let w: Vec<_> = self
+                .waiting
+                .iter()
+                .map(|s| s.state(&limits.blocks))
+                .collect();
+            let r: Vec<_> = self
+                .running
+                .iter()
+                .map(|s| s.state(&limits.blocks))
+                .collect();
+            let n = limits.blocks.num_kv_blocks.unwrap_or_default();
+            plan(&w, &r, limits, n.minus(self.held(&limits.blocks)), None)
         }
 
         fn held(&self, blocks: &BlockBudget) -> Blocks {
@@ -634,5 +666,56 @@ mod tests {
         let mut finished = q.finished.clone();
         finished.sort();
         assert_eq!(finished, (0..24).collect::<Vec<_>>());
+    }
+
+    /// A hand-made state (prefix caching: `held` and `frees` as the pool reports them).
+    fn state(
+        id: SeqId,
+        prompt: &[u32],
+        len: usize,
+        computed: usize,
+        held: usize,
+        frees: usize,
+    ) -> SeqState<'_> {
+        SeqState {
+            id,
+            prompt,
+            len,
+            computed,
+            held: Blocks([0, held]),
+            frees: Blocks([0, frees]),
+            cancelled: false,
+        }
+    }
+
+    #[test]
+    fn a_prefix_hit_needs_only_the_blocks_it_does_not_share() {
+        // Blocks of 4. r decodes its 16th token (4 blocks held, a 5th needed); w's 20-token
+        // prompt shares r's 16 tokens: it runs 16..20 and holds 6 blocks by its first decode,
+        // 4 of them r's. With 3 blocks available both fit; without the hit w needs 6.
+        let l = limits(8, 100, Some(7));
+        let (a, b) = ([1; 16], [1; 20]);
+        let r = [state(0, &a, 16, 16, 4, 4)];
+        let p = plan(&[state(1, &b, 20, 16, 4, 0)], &r, &l, Blocks([0, 3]), None);
+        assert_eq!(p.admitted, vec![1]);
+        assert_eq!(p.prefill, vec![(1, 16..20)]);
+        let p = plan(&[state(1, &b, 20, 0, 0, 0)], &r, &l, Blocks([0, 3]), None);
+        assert!(p.admitted.is_empty());
+    }
+
+    #[test]
+    fn preemption_counts_only_the_blocks_it_frees() {
+        // a needs one more block and none is available; c (newest) shares all its blocks with
+        // a, so preempting it frees nothing, and b must go too.
+        let l = limits(8, 100, Some(20));
+        let t = [1; 16];
+        let running = [
+            state(0, &t, 16, 16, 4, 4),
+            state(1, &t, 16, 16, 4, 1),
+            state(2, &t, 16, 16, 4, 0),
+        ];
+        let p = plan(&[], &running, &l, Blocks([0, 0]), None);
+        assert_eq!(p.preempted, vec![2, 1]);
+        assert_eq!(p.decode, vec![0]);
     }
 }

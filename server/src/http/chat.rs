@@ -130,6 +130,7 @@ async fn collect(
 /// Usage over all choices (each choice counts the prompt once, as OpenAI does for `n`).
 fn add_usage(u: &mut Usage, d: &choices::ChoiceDone) {
     u.prompt_tokens += d.prompt_tokens;
+    u.prompt_tokens_details.cached_tokens += d.cached_tokens;
     u.completion_tokens += d.completion_tokens;
     u.total_tokens = u.prompt_tokens + u.completion_tokens;
     u.completion_tokens_details.reasoning_tokens += d.reasoning_tokens;

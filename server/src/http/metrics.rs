@@ -150,6 +150,19 @@ impl Metrics {
             "Requests finished by the engine.",
             stats.requests_finished_total.load(Ordering::Relaxed),
         );
+        // vLLM's prefix cache counters: prompt tokens looked up at first admission, and hits.
+        counter(
+            &mut out,
+            "gemma4_prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache (each request's first admission).",
+            stats.prefix_cache_queries_total.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "gemma4_prefix_cache_hits_total",
+            "Prompt tokens whose KV the prefix cache held.",
+            stats.prefix_cache_hits_total.load(Ordering::Relaxed),
+        );
         counter(
             &mut out,
             "gemma4_num_preemptions_total",

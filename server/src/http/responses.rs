@@ -286,7 +286,9 @@ impl ResponseEvents {
             input_tokens: d.prompt_tokens,
             output_tokens: d.completion_tokens,
             total_tokens: d.prompt_tokens + d.completion_tokens,
-            input_tokens_details: InputTokensDetails { cached_tokens: 0 },
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: d.cached_tokens,
+            },
             output_tokens_details: OutputTokensDetails {
                 reasoning_tokens: d.reasoning_tokens,
             },
