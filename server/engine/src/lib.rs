@@ -73,6 +73,10 @@ pub trait StepModel: 'static {
     fn new_cache(&self, pool: &Self::Pool) -> Self::Cache;
     /// Blocks of each kind: (in use, in all).
     fn pool_usage(&self, pool: &Self::Pool) -> [(usize, usize); 2];
+    /// Blocks of each kind the prefix cache keeps that no sequence holds.
+    fn pool_cached(&self, _pool: &Self::Pool) -> [usize; 2] {
+        [0, 0]
+    }
     /// Prefix caching: the longest cached prefix of a sequence whose full blocks hash to
     /// `hashes` that its cache could reuse, ending at a block boundary `p` with `usable(p)`
     /// (see `KvPool::lookup`). A model without a prefix cache finds nothing.
@@ -214,6 +218,9 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
         let seq = pool.new_seq_reusing(hashes, usable);
         let reused = seq.seq_len;
         (seq, reused)
+    }
+    fn pool_cached(&self, pool: &KvPool<B>) -> [usize; 2] {
+        pool.cached()
     }
     fn blocks_available(&self, pool: &KvPool<B>) -> Option<[usize; 2]> {
         Some(pool.available())
@@ -431,6 +438,8 @@ pub struct EngineStats {
     /// KV blocks held by running sequences, and in the pool (all layer kinds).
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
+    /// Blocks the prefix cache keeps that no running sequence holds (all layer kinds).
+    pub kv_blocks_cached: AtomicUsize,
     /// Prefix caching, as vLLM counts it: prompt tokens looked up at each request's first
     /// admission, and those found cached.
     pub prefix_cache_queries_total: AtomicU64,
@@ -998,6 +1007,10 @@ fn run_loop<M: StepModel>(
         stats
             .kv_blocks_total
             .store(usage[0].1 + usage[1].1, Ordering::SeqCst);
+        let cached = model.pool_cached(&pool);
+        stats
+            .kv_blocks_cached
+            .store(cached[0] + cached[1], Ordering::SeqCst);
         if running.is_empty() && !waiting.is_empty() {
             // Nothing admitted (all cancelled or failed): yield briefly before retrying.
             std::thread::sleep(Duration::from_millis(1));

@@ -119,6 +119,12 @@ impl Metrics {
             "KV cache blocks (all layer kinds) in the pool; a pool without a budget grows.",
             blocks_total as f64,
         );
+        gauge(
+            &mut out,
+            "gemma4_prefix_cache_blocks",
+            "KV cache blocks (all layer kinds) the prefix cache keeps that no running request holds (taken back when needed).",
+            stats.kv_blocks_cached.load(Ordering::SeqCst) as f64,
+        );
         // vLLM's figure: used over total blocks of a bounded pool. A growable pool (no
         // budget) is never full: 0.
         let usage = if bounded && blocks_total > 0 {
