@@ -52,6 +52,14 @@ fn decode_through_cache_equals_prefill() {
 }
 
 #[test]
+fn prefix_reuse_equals_recompute() {
+    for dir in fixtures() {
+        suite::prefix::text_cases::<B>(&dir, &Default::default(), Tolerances::F32);
+    }
+    suite::vision::prefix_cases::<B>(&Default::default(), Tolerances::F32);
+}
+
+#[test]
 fn batched_decode_equals_per_sequence_decode() {
     suite::batched_decode_matches_reference::<B>(&Default::default(), Tolerances::F32);
 }

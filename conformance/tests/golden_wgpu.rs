@@ -19,6 +19,10 @@ fn golden_fixtures_on_wgpu() {
     suite::batched_decode_matches_reference::<B>(&device, Tolerances::F32);
     suite::vision::soft_tokens_match_reference::<B>(&device, Tolerances::F32);
     suite::vision::multimodal_cases_match_reference::<B>(&device, Tolerances::F32);
+    for dir in gemma4_conformance::fixtures() {
+        suite::prefix::text_cases::<B>(&dir, &device, Tolerances::F32);
+    }
+    suite::vision::prefix_cases::<B>(&device, Tolerances::F32);
 
     // Every kernel of this backend ran, and none fell back to the reference.
     suite::assert_every_kernel_ran(fallback::CUBE_KERNELS);

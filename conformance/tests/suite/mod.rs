@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses part of the suite
 
+pub mod prefix;
 pub mod vision;
 
 use gemma4_conformance::{fixtures, name};

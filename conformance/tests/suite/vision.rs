@@ -163,3 +163,13 @@ pub fn multimodal_cases_match_reference<B: Gemma4Backend>(device: &B::Device, to
         }
     }
 }
+
+/// Prefix caching with images (`suite::prefix::image_cases`), on two fixture images of the
+/// same soft-token count.
+pub fn prefix_cases<B: Gemma4Backend>(device: &B::Device, tol: Tolerances) {
+    for dir in vision_fixtures() {
+        let a = image(&dir, "images/noise_square.png", 70);
+        let b = image(&dir, "images/checker_gray.png", 70);
+        crate::suite::prefix::image_cases::<B>(&dir, [&a, &b], device, tol);
+    }
+}
