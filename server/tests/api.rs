@@ -48,7 +48,28 @@ fn start_with_blocks(
     num_kv_blocks: Option<usize>,
     tweak: impl FnOnce(&mut AppState),
 ) -> Server {
-    let args = ServeArgs {
+    start_with_args(
+        model,
+        max_model_len,
+        chunk,
+        allow_image_urls,
+        num_kv_blocks,
+        |_| {},
+        tweak,
+    )
+}
+
+/// As `start_with_blocks`, with any other server flag set by `args`.
+fn start_with_args(
+    model: PathBuf,
+    max_model_len: usize,
+    chunk: usize,
+    allow_image_urls: bool,
+    num_kv_blocks: Option<usize>,
+    edit: impl FnOnce(&mut ServeArgs),
+    tweak: impl FnOnce(&mut AppState),
+) -> Server {
+    let mut args = ServeArgs {
         model,
         host: "127.0.0.1".into(),
         port: 0,
@@ -69,6 +90,7 @@ fn start_with_blocks(
         limit_images_per_prompt: 8,
         image_fetch_timeout: 5,
     };
+    edit(&mut args);
     let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false)
         .expect("engine starts");
     let mut state = build_state(&args, engine, meta).expect("state");
@@ -537,6 +559,95 @@ fn a_small_kv_budget_preempts_without_changing_outputs() {
         json!({"messages": [{"role": "user", "content": long}]}),
     ));
     assert_error(&r, 400, "--num-kv-blocks");
+}
+
+#[test]
+fn prefix_caching_reports_cached_tokens_and_changes_nothing() {
+    // The same two-turn conversation on a server with prefix caching (the default) and one
+    // started with --no-enable-prefix-caching: the second turn reuses the first's blocks on
+    // the first, and its tokens and logprobs are those of the full recomputation.
+    let on = start_with_blocks(bundled_model(), 512, 64, false, None, |_| {});
+    let off = start_with_args(
+        bundled_model(),
+        512,
+        64,
+        false,
+        None,
+        |a| a.no_enable_prefix_caching = true,
+        |_| {},
+    );
+    let system = "You are a careful assistant who answers in short sentences. ".repeat(4);
+    let turn = |s: &Server, messages: Value| {
+        let body = chat(json!({"messages": messages, "logprobs": true, "ignore_eos": true}));
+        let r = post_at(s.addr, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let first =
+        json!([{"role": "system", "content": system}, {"role": "user", "content": "Hello there"}]);
+    let a_on = turn(&on, first.clone());
+    let a_off = turn(&off, first.clone());
+    assert_eq!(a_on["choices"], a_off["choices"]);
+    assert_eq!(a_on["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let answer = a_on["choices"][0]["message"]["content"].clone();
+    let mut second = first.as_array().unwrap().clone();
+    second.push(json!({"role": "assistant", "content": answer}));
+    second.push(json!({"role": "user", "content": "And then?"}));
+    let b_on = turn(&on, json!(second));
+    let b_off = turn(&off, json!(second));
+    let cached = b_on["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = b_on["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached >= 32 && cached % 16 == 0 && cached < prompt,
+        "{cached} of {prompt}"
+    );
+    assert_eq!(b_off["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let logprobs = |v: &Value| -> Vec<(String, f64)> {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["token"].as_str().unwrap().into(),
+                    t["logprob"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (x, y) = (logprobs(&b_on), logprobs(&b_off));
+    assert_eq!(x.len(), y.len());
+    for ((tx, lx), (ty, ly)) in x.iter().zip(&y) {
+        assert_eq!(tx, ty);
+        assert!((lx - ly).abs() < 1e-4, "{lx} vs {ly}");
+    }
+    // The Responses API reports it as input_tokens_details.cached_tokens.
+    let body = json!({"model": "tiny", "input": "Say hi", "instructions": system, "max_output_tokens": 4, "temperature": 0});
+    post_at(on.addr, "/v1/responses", &body);
+    let r = post_at(on.addr, "/v1/responses", &body).json();
+    let cached = r["usage"]["input_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 16, "{r}");
+    // vLLM's counters, in tokens.
+    let m = request_to(on.addr, "GET", "/metrics", None, None).body;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {m}"))
+    };
+    assert!(value("gemma4_prefix_cache_hits_total") >= 48.0);
+    assert!(value("gemma4_prefix_cache_queries_total") > value("gemma4_prefix_cache_hits_total"));
+    assert!(value("gemma4_prefix_cache_blocks") > 0.0);
+    let m = request_to(off.addr, "GET", "/metrics", None, None).body;
+    assert!(
+        m.contains("gemma4_prefix_cache_hits_total{model_name=\"tiny\"} 0"),
+        "{m}"
+    );
 }
 
 #[test]
