@@ -1757,16 +1757,83 @@ mod tests {
         assert_eq!(need(&r, 1, Some(256)), Need::Row, "penalties");
     }
 
-    #[test]
-    fn the_tiny_model_generates_the_same_under_preemption() {
-        // The real fixture model on the CPU: 32 concurrent greedy requests in a paged pool of 4
-        // blocks of 16 tokens per layer kind (the longest request needs 3 full blocks). A
-        // preempted request is recomputed by prefill where it was decoded before; greedy output
-        // must not change, and every block returns to the pool.
+    /// Runs `requests` on the tiny fixture model (CPU) with the pool `blocks`; each one's
+    /// tokens and the engine's counters once every block is back.
+    fn tiny_model_run(
+        requests: &[EngineRequest],
+        config: &EngineConfig,
+        blocks: BlockBudget,
+    ) -> (Vec<Vec<u32>>, Arc<EngineStats>) {
         let dir = std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../fixtures/tiny-31b-recipe"
         ));
+        let load = move || {
+            Ok(Model::<gemma4_model::CpuBackend>::load(
+                dir,
+                &Default::default(),
+            )?)
+        };
+        let config = EngineConfig {
+            blocks,
+            ..config.clone()
+        };
+        let (engine, thread) = Engine::start(config, load).unwrap();
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        let outputs: Vec<Vec<u32>> = handles
+            .into_iter()
+            .map(|mut h| {
+                let mut tokens = vec![];
+                while let Some(e) = h.events.blocking_recv() {
+                    match e {
+                        EngineEvent::Token { id, .. } => tokens.push(id),
+                        EngineEvent::Finished { .. } => break,
+                        EngineEvent::Error(e) => panic!("{e}"),
+                        EngineEvent::Admitted { .. } => {}
+                    }
+                }
+                tokens
+            })
+            .collect();
+        // The gauge is updated at the end of the step that finished the last request.
+        let stats = engine.stats.clone();
+        let used = || stats.kv_blocks_used.load(Ordering::SeqCst);
+        let start = std::time::Instant::now();
+        while used() > 0 && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(used(), 0, "blocks still held after every request finished");
+        engine.shutdown();
+        thread.join().unwrap();
+        (outputs, stats)
+    }
+
+    /// Each request run alone, without prefix caching.
+    fn tiny_model_alone(requests: &[EngineRequest], config: &EngineConfig) -> Vec<Vec<u32>> {
+        let plain = BlockBudget {
+            prefix_caching: false,
+            ..BlockBudget::default()
+        };
+        requests
+            .iter()
+            .map(|r| {
+                tiny_model_run(std::slice::from_ref(r), config, plain)
+                    .0
+                    .remove(0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_tiny_model_generates_the_same_under_preemption() {
+        // The real fixture model on the CPU: 32 concurrent greedy requests in a paged pool of 4
+        // blocks of 16 tokens per layer kind (the longest request needs 3 full blocks). A
+        // preempted request is recomputed by prefill where it was decoded before (reusing its
+        // own cached blocks where they survived); greedy output must not change, and every
+        // block returns to the pool.
         let requests: Vec<EngineRequest> = (0..32u32)
             .map(|i| {
                 let prompt = (0..4 + i * 5 % 36)
@@ -1783,65 +1850,48 @@ mod tests {
             max_waiting: 64,
             blocks: BlockBudget::default(),
         };
-        let run = |requests: &[EngineRequest], blocks: BlockBudget| {
-            let load = move || {
-                Ok(Model::<gemma4_model::CpuBackend>::load(
-                    dir,
-                    &Default::default(),
-                )?)
-            };
-            let config = EngineConfig {
-                blocks,
-                ..config.clone()
-            };
-            let (engine, thread) = Engine::start(config, load).unwrap();
-            let handles: Vec<_> = requests
-                .iter()
-                .map(|r| engine.submit(r.clone()).unwrap())
-                .collect();
-            let outputs: Vec<Vec<u32>> = handles
-                .into_iter()
-                .map(|mut h| {
-                    let mut tokens = vec![];
-                    while let Some(e) = h.events.blocking_recv() {
-                        match e {
-                            EngineEvent::Token { id, .. } => tokens.push(id),
-                            EngineEvent::Finished { .. } => break,
-                            EngineEvent::Error(e) => panic!("{e}"),
-                            EngineEvent::Admitted { .. } => {}
-                        }
-                    }
-                    tokens
-                })
-                .collect();
-            // The gauge is updated at the end of the step that finished the last request.
-            let stats = engine.stats.clone();
-            let used = || stats.kv_blocks_used.load(Ordering::SeqCst);
-            let start = std::time::Instant::now();
-            while used() > 0 && start.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            assert_eq!(used(), 0, "blocks still held after every request finished");
-            engine.shutdown();
-            thread.join().unwrap();
-            (outputs, stats.preemptions_total.load(Ordering::SeqCst))
-        };
-        let alone: Vec<Vec<u32>> = requests
-            .iter()
-            .map(|r| {
-                run(std::slice::from_ref(r), BlockBudget::default())
-                    .0
-                    .remove(0)
-            })
-            .collect();
         let blocks = BlockBudget {
             num_kv_blocks: Some(Blocks([4, 4])),
             block_size: 16,
             ..BlockBudget::default()
         };
-        let (together, preemptions) = run(&requests, blocks);
-        assert!(preemptions > 0);
-        assert_eq!(together, alone);
+        let (together, stats) = tiny_model_run(&requests, &config, blocks);
+        assert!(stats.preemptions_total.load(Ordering::SeqCst) > 0);
+        assert_eq!(together, tiny_model_alone(&requests, &config));
+    }
+
+    #[test]
+    fn the_tiny_model_shares_a_common_prefix_exactly() {
+        // 12 requests with a common 50-token prefix (a system prompt) and their own endings,
+        // 4 running at a time in a small pool: later ones reuse the blocks of the prefix
+        // (held by running requests or cached), and generate what each generates alone
+        // without prefix caching.
+        let system: Vec<u32> = (0..50).map(|t| 20 + (t * 53) % 560).collect();
+        let requests: Vec<EngineRequest> = (0..12u32)
+            .map(|i| {
+                let own = (0..3 + i % 7).map(|t| 30 + (t * 29 + i * 13) % 500);
+                let mut r = request(system.iter().copied().chain(own).collect(), vec![]);
+                r.max_new_tokens = 6;
+                r
+            })
+            .collect();
+        let config = EngineConfig {
+            max_num_seqs: 4,
+            prefill_chunk: 64,
+            max_waiting: 64,
+            blocks: BlockBudget::default(),
+        };
+        let blocks = BlockBudget {
+            num_kv_blocks: Some(Blocks([16, 16])),
+            block_size: 16,
+            ..BlockBudget::default()
+        };
+        let (together, stats) = tiny_model_run(&requests, &config, blocks);
+        let hits = stats.prefix_cache_hits_total.load(Ordering::SeqCst);
+        // The first 4 are admitted together (nothing cached); each of the 8 others finds the
+        // prefix's 3 full blocks.
+        assert!(hits >= 8 * 48, "{hits}");
+        assert_eq!(together, tiny_model_alone(&requests, &config));
     }
 
     #[test]
