@@ -971,6 +971,46 @@ fn image_chat_equals_the_model_run_directly() {
 }
 
 #[test]
+fn image_prompts_reuse_the_cache_for_the_same_image_only() {
+    // Its own server, so that no other test's requests evict or fill its cache.
+    let s = start(vision_dir(), 1024, 16, false, |_| {});
+    let send = |png: &[u8]| {
+        let body = image_chat(
+            one_image(&data_url(png)),
+            json!({"logprobs": true, "ignore_eos": true}),
+        );
+        let r = post_at(s.addr, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap().to_string())
+            .collect();
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+        (cached.unwrap() as usize, tokens)
+    };
+    // Two images of 64 soft tokens: the same placeholder ids in the same prompt.
+    let (noise, checker) = (
+        fixture_image("noise_square.png"),
+        fixture_image("checker_gray.png"),
+    );
+    let (prompt_len, expected) = reference_greedy(&noise, 6);
+    assert_eq!(send(&noise), (0, expected.clone()));
+    // Again: everything up to the last full block before the end is reused, the image too.
+    let (cached, tokens) = send(&noise);
+    assert_eq!(cached, (prompt_len - 1) / 16 * 16);
+    assert!(cached > 64);
+    assert_eq!(tokens, expected);
+    // Another image behind the same ids: only blocks before the image are reused (the text
+    // before it), and the answer is that image's.
+    let (cached, tokens) = send(&checker);
+    assert!(cached % 16 == 0 && cached + 64 < prompt_len, "{cached} of {prompt_len}");
+    assert_eq!(tokens, reference_greedy(&checker, 6).1);
+}
+
+#[test]
 fn image_streaming_equals_non_streaming() {
     let url = data_url(&fixture_image("gradient_tall.png"));
     let whole = vpost(
