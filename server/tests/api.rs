@@ -1006,7 +1006,10 @@ fn image_prompts_reuse_the_cache_for_the_same_image_only() {
     // Another image behind the same ids: only blocks before the image are reused (the text
     // before it), and the answer is that image's.
     let (cached, tokens) = send(&checker);
-    assert!(cached % 16 == 0 && cached + 64 < prompt_len, "{cached} of {prompt_len}");
+    assert!(
+        cached % 16 == 0 && cached + 64 < prompt_len,
+        "{cached} of {prompt_len}"
+    );
     assert_eq!(tokens, reference_greedy(&checker, 6).1);
 }
 

@@ -98,6 +98,10 @@ pub trait StepModel: 'static {
     ) -> (Self::Cache, usize) {
         (self.new_cache(pool), 0)
     }
+    /// Whether the pool keeps a prefix cache (`prefix_lookup` can find something).
+    fn prefix_caching(&self) -> bool {
+        false
+    }
     /// Blocks of each kind a sequence can take now (free, or cached and held by none); None:
     /// a pool that shares nothing, whose free blocks the scheduler counts itself.
     fn blocks_available(&self, _pool: &Self::Pool) -> Option<[usize; 2]> {
@@ -218,6 +222,9 @@ impl<B: Gemma4Backend> StepModel for Model<B> {
         let seq = pool.new_seq_reusing(hashes, usable);
         let reused = seq.seq_len;
         (seq, reused)
+    }
+    fn prefix_caching(&self) -> bool {
+        true
     }
     fn pool_cached(&self, pool: &KvPool<B>) -> [usize; 2] {
         pool.cached()
@@ -518,6 +525,7 @@ impl Engine {
                 // The block budget counts as the model's pool allocates.
                 let mut config = config;
                 config.blocks.keep = model.kv_keep();
+                config.blocks.prefix_caching &= model.prefix_caching();
                 let _ = ready_tx.send(Ok(config.clone()));
                 run_loop(&model, &config, &rx, &thread_stats, &thread_hasher);
                 thread_stats.ready.store(false, Ordering::SeqCst);
@@ -830,19 +838,13 @@ fn run_loop<M: StepModel>(
                     s.state(s.computed, held(s), frees.map_or(held(s), Blocks))
                 })
                 .collect();
-            // The prefix hits of those that could be admitted now.
-            let slots = limits.max_num_seqs.saturating_sub(running.len());
-            let w: Vec<SeqState> = waiting
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let hit = match hashing.is_some() && i < slots {
-                        true => model.prefix_lookup(&pool, &s.hashes, &|p| s.usable(p, image_id)),
-                        false => PrefixHit::default(),
-                    };
-                    s.state(hit.tokens, Blocks(hit.in_use), Blocks::default())
-                })
-                .collect();
+            let w = match hashing {
+                Some(_) => waiting_with_hits(model, &pool, &waiting, &running, &limits, image_id),
+                None => waiting
+                    .iter()
+                    .map(|s| s.state(0, Blocks::default(), Blocks::default()))
+                    .collect(),
+            };
             scheduler::plan(&w, &r, &limits, available, image_id)
         };
         apply_queue_changes(
@@ -1016,6 +1018,42 @@ fn run_loop<M: StepModel>(
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// The scheduler's view of the waiting sequences, with the prefix hits of those that could be
+/// admitted now. A sequence whose next block is one that a sequence ahead of it has yet to
+/// compute (the `n` choices of a request, requests sharing a system prompt that arrive together)
+/// waits until that block is computed rather than computing it a second time: it and those
+/// behind it (FIFO) are left out of this step.
+fn waiting_with_hits<'a, M: StepModel>(
+    model: &M,
+    pool: &M::Pool,
+    waiting: &'a VecDeque<SeqOf<M>>,
+    running: &[SeqOf<M>],
+    limits: &Limits,
+    image_id: Option<u32>,
+) -> Vec<SeqState<'a>> {
+    let bs = limits.blocks.block_size.max(1);
+    let uncomputed =
+        |s: &SeqOf<M>, from: usize| s.hashes[(from / bs).min(s.hashes.len())..].to_vec();
+    let mut pending: HashSet<u64> = running
+        .iter()
+        .flat_map(|s| uncomputed(s, s.computed))
+        .collect();
+    let slots = limits.max_num_seqs.saturating_sub(running.len());
+    let mut states = Vec::with_capacity(slots);
+    for s in waiting.iter().take(slots) {
+        let hit = model.prefix_lookup(pool, &s.hashes, &|p| s.usable(p, image_id));
+        if s.hashes
+            .get(hit.tokens / bs)
+            .is_some_and(|h| pending.contains(h))
+        {
+            break;
+        }
+        pending.extend(uncomputed(s, hit.tokens));
+        states.push(s.state(hit.tokens, Blocks(hit.in_use), Blocks::default()));
+    }
+    states
 }
 
 /// The plan's changes to the queues: cancelled and aborted sequences leave, preempted ones go
@@ -1858,6 +1896,34 @@ mod tests {
         let (together, stats) = tiny_model_run(&requests, &config, blocks);
         assert!(stats.preemptions_total.load(Ordering::SeqCst) > 0);
         assert_eq!(together, tiny_model_alone(&requests, &config));
+    }
+
+    #[test]
+    fn choices_of_one_prompt_compute_it_once() {
+        // `n` = 4: four requests with one 50-token prompt arrive together. The first computes
+        // it; the others wait for its 3 full blocks and compute only the last 2 tokens.
+        let prompt: Vec<u32> = (0..50).map(|t| 20 + (t * 41) % 560).collect();
+        let mut one = request(prompt, vec![]);
+        one.max_new_tokens = 5;
+        let requests = vec![one; 4];
+        let config = EngineConfig {
+            max_num_seqs: 8,
+            prefill_chunk: 256,
+            max_waiting: 64,
+            blocks: BlockBudget::default(),
+        };
+        let blocks = BlockBudget {
+            block_size: 16,
+            ..BlockBudget::default()
+        };
+        let (together, stats) = tiny_model_run(&requests, &config, blocks);
+        assert_eq!(stats.prefix_cache_hits_total.load(Ordering::SeqCst), 3 * 48);
+        assert_eq!(
+            stats.prefix_cache_queries_total.load(Ordering::SeqCst),
+            4 * 50
+        );
+        let alone = tiny_model_alone(&requests[..1], &config).remove(0);
+        assert!(together.iter().all(|t| *t == alone));
     }
 
     #[test]
