@@ -179,6 +179,29 @@ def test_tool_results_round_trip(client):
     assert r.usage.prompt_tokens > 10
 
 
+def test_prefix_cache_reports_cached_tokens(client):
+    # A conversation's second turn resends the first: the server reuses its KV blocks (16 tokens
+    # each) and says so in the usage, streaming included.
+    system = "You are a careful assistant who answers in short sentences. " * 4
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}]
+    a = client.chat.completions.create(model="tiny", messages=first, max_tokens=6, temperature=0)
+    second = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                      {"role": "user", "content": "And then?"}]
+    b = client.chat.completions.create(model="tiny", messages=second, max_tokens=6, temperature=0)
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 16 == 0 and cached < b.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=second, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens >= cached
+    r = client.responses.create(model="tiny", input="Hello!", instructions=system, max_output_tokens=4, temperature=0)
+    again = client.responses.create(model="tiny", input="Hello!", instructions=system, max_output_tokens=4,
+                                    temperature=0)
+    assert again.usage.input_tokens_details.cached_tokens >= 32
+    assert again.output_text == r.output_text
+
+
 def test_responses(client):
     r = client.responses.create(model="tiny", input="Say hi", instructions="Be brief", max_output_tokens=6, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
