@@ -19,6 +19,9 @@ fn to_vec<B: Gemma4Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
+/// One sequence's part of a step: its cache, tokens and soft tokens.
+type Part<'a, B> = (&'a mut SeqKv, &'a [u32], Option<Tensor<B, 2>>);
+
 /// A model and a bounded pool with prefix caching.
 struct Bench<'m, B: Gemma4Backend> {
     model: &'m Model<B>,
@@ -62,7 +65,7 @@ impl<'m, B: Gemma4Backend> Bench<'m, B> {
     }
 
     /// Runs `steps` (sequence, its tokens, soft tokens) in one forward; every row's logits.
-    fn step(&mut self, steps: Vec<(&mut SeqKv, &[u32], Option<Tensor<B, 2>>)>) -> Vec<f32> {
+    fn step(&mut self, steps: Vec<Part<'_, B>>) -> Vec<f32> {
         let mut steps: Vec<SeqStep<B>> = steps
             .into_iter()
             .map(|(kv, tokens, soft)| SeqStep { tokens, soft, kv })
@@ -183,7 +186,7 @@ pub fn text_cases<B: Gemma4Backend>(dir: &std::path::Path, device: &B::Device, t
         a_tokens.push(a_next);
         let rows = t.step(vec![
             (&mut a, &[a_next], None),
-            (&mut b, &b_tokens[28..].to_vec(), None),
+            (&mut b, &b_tokens[28..], None),
         ]);
         let (mut a_got, mut b_got) = (rows[..vocab].to_vec(), rows[vocab..].to_vec());
         for _ in 0..3 {

@@ -6,8 +6,8 @@
 //! mistral.rs's engine).
 //!
 //! Each step is planned by `scheduler::plan` from the queues' states alone (admission, chunked
-//! prefill under the token budget, preemption under the KV block budget, cancellation) and
-//! executed by `run_loop`: the decoding sequences sample their next tokens, then one forward
+//! prefill under the token budget, preemption under the KV block budget; cancelled requests are
+//! dropped before) and executed by `run_loop`: the decoding sequences sample their next tokens, then one forward
 //! (`forward_step`) runs those tokens and every planned prefill chunk together: linears, norms
 //! and MLP over all rows at once, and one paged attention call per layer in which each row reads
 //! its own sequence's blocks. A preempted sequence loses its cache (its blocks) and is prefilled
@@ -19,6 +19,14 @@
 //! logprobs take only the row's top candidates and its log-sum-exp ([`StepLogits::Top`]), and
 //! `gemma4_model::sampling::sample_top` draws from them the token `sample` draws from the row;
 //! top_k = 0 sampling, penalties, logit bias and a forced token's logprob take the full row.
+//!
+//! Prefix caching (vLLM's automatic prefix caching): each sequence carries the chained hashes of
+//! its full blocks (`PrefixHasher`: token ids, and the images a block holds). Before a step is
+//! planned, each waiting sequence that could be admitted looks up the longest prefix the pool can
+//! reuse (`StepModel::prefix_lookup`); the scheduler starts its first chunk there and counts only
+//! the blocks no running sequence holds; at admission its cache takes those blocks. The pool
+//! registers each block under its hash once written, so a later request (a conversation's next
+//! turn, the same system prompt, a recompute after preemption) finds it.
 //!
 //! Images: a request carries its preprocessed images and a prompt in which each image is a run of
 //! `n` image placeholder ids (the model's `image_token_id`). The engine encodes them (vision tower)
@@ -640,9 +648,7 @@ impl<C, S> Seq<C, S> {
     }
 
     /// The scheduler's view, with `computed` tokens cached (a waiting sequence: its prefix
-    /// hit), `held` blocks it need not take and `frees` blocks preempting it returns. Gone
-    /// requests were dropped before the step was planned: one that goes now is noticed at the
-    /// next step.
+    /// hit), `held` blocks it need not take and `frees` blocks preempting it returns.
     fn state(&self, computed: usize, held: Blocks, frees: Blocks) -> SeqState<'_> {
         SeqState {
             id: self.id,
@@ -651,7 +657,6 @@ impl<C, S> Seq<C, S> {
             computed,
             held,
             frees,
-            cancelled: false,
         }
     }
 
@@ -802,8 +807,9 @@ fn run_loop<M: StepModel>(
             return;
         }
 
-        // Gone requests leave first: their blocks are free for this step, and no prefix hit
-        // counts them as held.
+        // Gone requests (cancelled, disconnected) leave before the step is planned: their
+        // blocks serve this step, and no prefix hit counts them as held by others. One that
+        // goes later in the step is noticed at the next.
         for seq in running.extract_if(.., |s| is_gone(&s.sub)) {
             drop(seq);
             stats
@@ -1056,7 +1062,7 @@ fn waiting_with_hits<'a, M: StepModel>(
     states
 }
 
-/// The plan's changes to the queues: cancelled and aborted sequences leave, preempted ones go
+/// The plan's changes to the queues: aborted sequences leave, preempted ones go
 /// back to the front of the waiting queue (oldest first), admitted ones get a fresh cache.
 ///
 /// `caching`: Some(the image placeholder id) with prefix caching, under which an admitted
@@ -1080,13 +1086,6 @@ fn apply_queue_changes<M: StepModel>(
         stats.waiting.fetch_sub(1, Ordering::SeqCst);
         waiting.remove(i)
     };
-    for &id in &plan.dropped {
-        if remove(id).is_some() {
-            stats
-                .requests_cancelled_total
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
     for &id in &plan.aborted {
         if let Some(seq) = remove(id) {
             let msg = format!(

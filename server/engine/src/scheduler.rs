@@ -2,8 +2,8 @@
 //! no model and no I/O, so every rule below is unit-tested. The runner (`run_loop`) executes the
 //! plan. vLLM's scheduler is the model:
 //!
-//! - **Cancellation frees at once.** Cancelled sequences, running or waiting, are dropped before
-//!   anything else is planned, so their blocks serve this very step.
+//! - **Cancellation frees at once.** The runner drops cancelled sequences, running or waiting,
+//!   before it plans a step (the plan never sees them), so their blocks serve that very step.
 //! - **Running sequences first, oldest first.** Each running sequence either decodes one token or
 //!   prefills its next chunk. Prefill chunks share a token budget per step (chunked prefill,
 //!   `max_num_batched_tokens`), so a long prompt delays the running streams by one chunk, not by
@@ -156,7 +156,6 @@ pub struct SeqState<'a> {
     /// Blocks preempting it returns to the free ones: those no other sequence shares (0 while
     /// waiting).
     pub frees: Blocks,
-    pub cancelled: bool,
 }
 
 impl SeqState<'_> {
@@ -165,13 +164,11 @@ impl SeqState<'_> {
     }
 }
 
-/// One step's decisions. The runner applies them in this order: drop, abort, preempt (each to
-/// the front of the waiting queue, in the order listed, so the oldest ends first), admit (from
-/// the front), then the prefill chunks, then one decode for each sequence in `decode`.
+/// One step's decisions. The runner applies them in this order: abort, preempt (each to the
+/// front of the waiting queue, in the order listed, so the oldest ends first), admit (from the
+/// front), then the prefill chunks, then one decode for each sequence in `decode`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepPlan {
-    /// Cancelled, running or waiting: their blocks are free now.
-    pub dropped: Vec<SeqId>,
     /// Need more blocks than the whole pool holds: they can never run.
     pub aborted: Vec<SeqId>,
     /// Running sequences sent back to the waiting queue, newest first.
@@ -198,23 +195,12 @@ pub fn plan(
 ) -> StepPlan {
     let mut plan = StepPlan::default();
     let needed = |computed: usize, end: usize| limits.blocks.needed(computed, end);
-    plan.dropped.extend(
-        running
-            .iter()
-            .chain(waiting)
-            .filter(|s| s.cancelled)
-            .map(|s| s.id),
-    );
-    // Unlimited: as many free blocks as any step could ask for. A cancelled sequence's blocks
-    // are free for this step (a waiting sequence's hit must not count them as held by others:
-    // the engine drops what is gone before it looks prefixes up).
-    let mut free = limits.blocks.num_kv_blocks.map_or(Blocks::UNLIMITED, |_| {
-        running
-            .iter()
-            .filter(|s| s.cancelled)
-            .fold(available, |a, s| a.plus(s.frees))
-    });
-    let mut running: Vec<&SeqState> = running.iter().filter(|s| !s.cancelled).collect();
+    // Unlimited: as many free blocks as any step could ask for.
+    let mut free = limits
+        .blocks
+        .num_kv_blocks
+        .map_or(Blocks::UNLIMITED, |_| available);
+    let mut running: Vec<&SeqState> = running.iter().collect();
     let mut budget = limits.token_budget.max(1);
 
     // The work a sequence asks for now: its chunk (None for a decode) and the blocks it needs.
@@ -274,7 +260,7 @@ pub fn plan(
         return plan;
     }
     let mut slots = limits.max_num_seqs.saturating_sub(running.len());
-    for s in waiting.iter().filter(|s| !s.cancelled) {
+    for s in waiting {
         // With a block budget, a request joins with its first chunk; without one, it may join
         // and wait for the budget, as before.
         if slots == 0 || (budget == 0 && limits.blocks.num_kv_blocks.is_some()) {
@@ -351,7 +337,6 @@ mod tests {
         max_new: usize,
         generated: usize,
         computed: usize,
-        cancelled: bool,
     }
 
     impl Sim {
@@ -364,7 +349,6 @@ mod tests {
                 computed: self.computed,
                 held: blocks.held(self.computed),
                 frees: blocks.held(self.computed),
-                cancelled: self.cancelled,
             }
         }
     }
@@ -389,7 +373,6 @@ mod tests {
                     max_new,
                     generated: 0,
                     computed: 0,
-                    cancelled: false,
                 })
                 .collect();
             Queues {
@@ -420,10 +403,6 @@ mod tests {
         }
 
         fn apply(&mut self, p: &StepPlan) {
-            for &id in &p.dropped {
-                self.running.retain(|s| s.id != id);
-                self.waiting.retain(|s| s.id != id);
-            }
             for &id in &p.aborted {
                 self.running.retain(|s| s.id != id);
                 self.waiting.retain(|s| s.id != id);
@@ -603,28 +582,6 @@ mod tests {
     }
 
     #[test]
-    fn cancellation_frees_blocks_at_once() {
-        // 0 holds 2 of 3 blocks, 1 needs 2; cancelling 0 lets 1 in during the same step.
-        let mut q = Queues::new(&[(7, 8), (7, 8)]);
-        let l = limits(8, 100, Some(3));
-        let p = q.plan(&l);
-        assert_eq!(p.admitted, vec![0]);
-        q.apply(&p);
-        assert!(q.plan(&l).admitted.is_empty());
-        q.running[0].cancelled = true;
-        let p = q.plan(&l);
-        assert_eq!(p.dropped, vec![0]);
-        assert_eq!(p.admitted, vec![1]);
-        assert_eq!(p.prefill, vec![(1, 0..7)]);
-        // A cancelled request anywhere in the queue leaves it.
-        let mut q = Queues::new(&[(3, 1), (3, 1), (3, 1)]);
-        q.waiting[1].cancelled = true;
-        let p = q.plan(&limits(1, 100, None));
-        assert_eq!(p.dropped, vec![1]);
-        assert_eq!(p.admitted, vec![0]);
-    }
-
-    #[test]
     fn the_head_of_the_queue_is_never_skipped() {
         // A big request at the head does not fit beside the running one; the small ones behind
         // it would, but wait their turn.
@@ -684,7 +641,6 @@ mod tests {
             computed,
             held: Blocks([0, held]),
             frees: Blocks([0, frees]),
-            cancelled: false,
         }
     }
 
