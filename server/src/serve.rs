@@ -395,11 +395,12 @@ pub fn run_with(args: ServeArgs, engine: Engine, meta: ModelMeta) -> Result<()> 
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(
-            "serving `{}` on http://{} (max_model_len {}, max_num_seqs {}, auth {})",
+            "serving `{}` on http://{} (max_model_len {}, max_num_seqs {}, prefix caching {}, auth {})",
             state.served_model_name,
             listener.local_addr()?,
             state.max_model_len,
             args.max_num_seqs,
+            if state.engine.config().blocks.prefix_caching { "on" } else { "off" },
             if state.api_key.is_some() { "on" } else { "off" }
         );
         serve(state, listener, Duration::from_secs(args.shutdown_grace)).await
