@@ -698,10 +698,18 @@ pub struct Conversation {
     pub block_size: usize,
 }
 
-/// What one run of the conversation measured: per turn (TTFT s, prompt tokens, cached tokens,
-/// answer), and the engine's prefix cache once its thread has ended.
+/// One turn of a run.
+struct Turn {
+    ttft_s: f64,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    answer: Vec<u32>,
+}
+
+/// What one run of the conversation measured: its turns, and the engine's prefix cache once
+/// its thread has ended.
 struct ChatRun {
-    turns: Vec<(f64, usize, usize, Vec<u32>)>,
+    turns: Vec<Turn>,
     queries: u64,
     hits: u64,
     cached_blocks: [usize; 2],
@@ -743,15 +751,19 @@ pub fn prefix<B: Gemma4Backend>(
         .map(|(k, (on, off))| {
             json!({
                 "turn": k + 1,
-                "prompt_tokens": on.1,
-                "cached_tokens": on.2,
-                "ttft_ms_off": ms(off.0),
-                "ttft_ms_on": ms(on.0),
+                "prompt_tokens": on.prompt_tokens,
+                "cached_tokens": on.cached_tokens,
+                "ttft_ms_off": ms(off.ttft_s),
+                "ttft_ms_on": ms(on.ttft_s),
             })
         })
         .collect();
-    let later = |r: &ChatRun| r.turns.iter().skip(1).map(|t| t.0).sum::<f64>();
-    let same_outputs = on.turns.iter().zip(&off.turns).all(|(a, b)| a.3 == b.3);
+    let later = |r: &ChatRun| r.turns.iter().skip(1).map(|t| t.ttft_s).sum::<f64>();
+    let same_outputs = on
+        .turns
+        .iter()
+        .zip(&off.turns)
+        .all(|(a, b)| a.answer == b.answer);
     let cache_bytes: u64 = (0..2)
         .map(|i| on.cached_blocks[i] as u64 * shape.block_bytes[i])
         .sum();
@@ -895,9 +907,14 @@ fn chat<B: Gemma4Backend>(
                 EngineEvent::Error(e) => bail!("turn {}: {e}", turns.len() + 1),
             }
         }
-        let ttft = ttft.ok_or_else(|| anyhow!("turn {}: no token", turns.len() + 1))?;
-        turns.push((ttft, prompt.len(), cached, answer.clone()));
-        prompt.extend(answer);
+        let ttft_s = ttft.ok_or_else(|| anyhow!("turn {}: no token", turns.len() + 1))?;
+        prompt.extend(&answer);
+        turns.push(Turn {
+            ttft_s,
+            prompt_tokens: prompt.len() - answer.len(),
+            cached_tokens: cached,
+            answer,
+        });
     }
     // The gauges are stored at the end of each step: once the thread has ended, they hold
     // the last one's.
