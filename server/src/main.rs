@@ -3,7 +3,7 @@
 //! - `logits`: logits at every position of a token sequence, written to a safetensors file;
 //! - `generate`: prefill + decode with greedy or seeded sampling;
 //! - `check`: a fixture's reference logits and greedy outputs (`gemma4_model::golden`);
-//! - `bench`, `bench-kernels`, `bench-vision`: speed;
+//! - `bench`, `bench-kernels`, `bench-vision`, `bench-prefix`: speed;
 //! - `synth`: a random-valued checkpoint in the real format (`gemma4_model::synth`).
 
 /// The CLI-only tools.
@@ -169,6 +169,26 @@ enum Command {
         /// Batch sizes of the batched decode measurement, e.g. 1,16,64 (1 is the batch-1 decode).
         #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
         batch: Vec<usize>,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Automatic prefix caching on a multi-turn chat of random ids through the engine: the
+    /// conversation with caching off, then on (greedy answers, fresh engines); per turn TTFT
+    /// both ways and the prompt tokens served from the cache, the hit rate, the TTFT ratio over
+    /// turns 2.., whether the answers agree, and the cache's size at the end. One JSON line.
+    BenchPrefix {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        system_tokens: usize,
+        #[arg(long, default_value_t = 10)]
+        turns: usize,
+        #[arg(long, default_value_t = 64)]
+        user_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        answer_tokens: usize,
+        #[arg(long, default_value_t = gemma4_model::DEFAULT_BLOCK_SIZE)]
+        block_size: usize,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -381,6 +401,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits { backend, .. }
         | Command::Generate { backend, .. }
         | Command::Bench { backend, .. }
+        | Command::BenchPrefix { backend, .. }
         | Command::BenchKernels { backend, .. }
         | Command::BenchFetch { backend, .. }
         | Command::BenchVision { backend, .. }
@@ -633,6 +654,27 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
                     host
                 )?
             );
+            Ok(())
+        }
+        Command::BenchPrefix {
+            model,
+            system_tokens,
+            turns,
+            user_tokens,
+            answer_tokens,
+            block_size,
+            backend,
+        } => {
+            let conv = cli::bench::Conversation {
+                system_tokens,
+                turns: turns.max(1),
+                user_tokens,
+                answer_tokens: answer_tokens.max(1),
+                block_size: block_size.max(1),
+            };
+            let mut v = cli::bench::prefix::<B>(&model, device, &conv)?;
+            v["device"] = serde_json::json!(format!("{:?}", backend.device).to_lowercase());
+            println!("{v}");
             Ok(())
         }
         Command::BenchVision {

@@ -242,3 +242,35 @@ fn bench_sampling_prints_one_json_line() {
         }
     }
 }
+
+#[test]
+fn bench_prefix_reuses_the_earlier_turns() {
+    let model = fixture();
+    let v = json_line(&gemma4(&[
+        "bench-prefix",
+        "--model",
+        model.to_str().unwrap(),
+        "--system-tokens",
+        "40",
+        "--turns",
+        "3",
+        "--user-tokens",
+        "8",
+        "--answer-tokens",
+        "4",
+        "--block-size",
+        "16",
+    ]));
+    let turns = v["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 3, "{v}");
+    let cached = |t: &serde_json::Value| t["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached(&turns[0]), 0, "{v}");
+    for t in &turns[1..] {
+        // Whole blocks of the earlier turns, the system prompt's two at least.
+        assert!(cached(t) >= 32 && cached(t) % 16 == 0, "{t}");
+        assert!(cached(t) < t["prompt_tokens"].as_u64().unwrap(), "{t}");
+    }
+    assert_eq!(v["same_outputs"], true, "{v}");
+    assert!(v["hit_rate"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["cache_bytes_end"].as_u64().unwrap() > 0, "{v}");
+}

@@ -453,8 +453,9 @@ pub struct EngineStats {
     /// KV blocks held by running sequences, and in the pool (all layer kinds).
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
-    /// Blocks the prefix cache keeps that no running sequence holds (all layer kinds).
-    pub kv_blocks_cached: AtomicUsize,
+    /// Blocks of each kind (sliding, full) the prefix cache keeps that no running sequence
+    /// holds: per kind, as their bytes differ.
+    pub kv_blocks_cached: [AtomicUsize; 2],
     /// Prefix caching, as vLLM counts it: prompt tokens looked up at each request's first
     /// admission, and those found cached.
     pub prefix_cache_queries_total: AtomicU64,
@@ -1015,10 +1016,9 @@ fn run_loop<M: StepModel>(
         stats
             .kv_blocks_total
             .store(usage[0].1 + usage[1].1, Ordering::SeqCst);
-        let cached = model.pool_cached(&pool);
-        stats
-            .kv_blocks_cached
-            .store(cached[0] + cached[1], Ordering::SeqCst);
+        for (gauge, n) in stats.kv_blocks_cached.iter().zip(model.pool_cached(&pool)) {
+            gauge.store(n, Ordering::SeqCst);
+        }
         if running.is_empty() && !waiting.is_empty() {
             // Nothing admitted (all cancelled or failed): yield briefly before retrying.
             std::thread::sleep(Duration::from_millis(1));

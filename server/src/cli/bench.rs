@@ -2,11 +2,11 @@
 //! of the engine at the 31B shapes on random data, against the plain Burn reference measured in
 //! the same run and against the roofline (bytes moved over the copy bandwidth measured in the
 //! same run). Everything goes through `Gemma4Backend`, so the same code measures the CPU fast
-//! path, wgpu and CUDA.
+//! path, wgpu and CUDA. `gemma4 bench-prefix`: prefix caching through the engine on a chat.
 
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::{Distribution, Tensor, TensorData};
 use gemma4_model::generation::{sample, Rng};
 use gemma4_model::kernels::attention::{reference, AttentionParams};
@@ -686,4 +686,248 @@ pub fn fetch<B: Gemma4Backend>(
         "unit": "bytes device->host and median seconds per step",
         "rows": rows_out,
     }))
+}
+
+/// The chat `gemma4 bench-prefix` plays: a system prompt, then turns of user tokens each
+/// answered by the model.
+pub struct Conversation {
+    pub system_tokens: usize,
+    pub turns: usize,
+    pub user_tokens: usize,
+    pub answer_tokens: usize,
+    pub block_size: usize,
+}
+
+/// One turn of a run.
+struct Turn {
+    ttft_s: f64,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    answer: Vec<u32>,
+}
+
+/// What one run of the conversation measured: its turns, and the engine's prefix cache once
+/// its thread has ended.
+struct ChatRun {
+    turns: Vec<Turn>,
+    queries: u64,
+    hits: u64,
+    cached_blocks: [usize; 2],
+}
+
+/// What the bench needs of the model, taken on the engine thread (the model stays there).
+struct ModelShape {
+    vocab: usize,
+    max_len: usize,
+    /// Ids random prompts must not contain beyond the control tokens (image, audio, ...).
+    reserved: Vec<u32>,
+    /// Past the control tokens at the bottom of the vocabulary (up to `<turn|>`, an eos id).
+    first_id: u32,
+    /// KV bytes of one block of each kind (sliding, full), over all layers of that kind.
+    block_bytes: [u64; 2],
+    dtype: String,
+}
+
+/// `gemma4 bench-prefix`: automatic prefix caching on a multi-turn chat of random ids. The
+/// conversation runs twice on the real engine, caching off then on, each on its own engine (a
+/// fresh, empty cache); turn k's prompt is the system prompt, every earlier turn's user tokens
+/// and answer, and its own user tokens, as a chat client resends them. Per turn: TTFT (submit
+/// to the first token) both ways and the tokens the cache served; overall: the hit rate, the
+/// TTFT ratio over the turns that can hit (2..), whether greedy answers agree, and what the
+/// cache holds at the end.
+pub fn prefix<B: Gemma4Backend>(
+    dir: &std::path::Path,
+    device: B::Device,
+    conv: &Conversation,
+) -> Result<Value> {
+    let (off, shape) = chat::<B>(dir, device.clone(), conv, false)?;
+    let (on, _) = chat::<B>(dir, device, conv, true)?;
+    let ms = |s: f64| s * 1e3;
+    let turns: Vec<Value> = on
+        .turns
+        .iter()
+        .zip(&off.turns)
+        .enumerate()
+        .map(|(k, (on, off))| {
+            json!({
+                "turn": k + 1,
+                "prompt_tokens": on.prompt_tokens,
+                "cached_tokens": on.cached_tokens,
+                "ttft_ms_off": ms(off.ttft_s),
+                "ttft_ms_on": ms(on.ttft_s),
+            })
+        })
+        .collect();
+    let later = |r: &ChatRun| r.turns.iter().skip(1).map(|t| t.ttft_s).sum::<f64>();
+    let same_outputs = on
+        .turns
+        .iter()
+        .zip(&off.turns)
+        .all(|(a, b)| a.answer == b.answer);
+    let cache_bytes: u64 = (0..2)
+        .map(|i| on.cached_blocks[i] as u64 * shape.block_bytes[i])
+        .sum();
+    Ok(json!({
+        "bench": "prefix",
+        "model": dir.display().to_string(),
+        "backend": std::any::type_name::<B>(),
+        "dtype": shape.dtype,
+        "system_tokens": conv.system_tokens,
+        "user_tokens": conv.user_tokens,
+        "answer_tokens": conv.answer_tokens,
+        "block_size": conv.block_size,
+        "turns": turns,
+        "prefix_cache_queries": on.queries,
+        "prefix_cache_hits": on.hits,
+        "hit_rate": on.hits as f64 / on.queries.max(1) as f64,
+        "ttft_ratio": later(&off) / later(&on),
+        "same_outputs": same_outputs,
+        "cache_blocks_end": on.cached_blocks[0] + on.cached_blocks[1],
+        "cache_blocks_end_by_kind": {"sliding": on.cached_blocks[0], "full": on.cached_blocks[1]},
+        "block_bytes": {"sliding": shape.block_bytes[0], "full": shape.block_bytes[1]},
+        "cache_bytes_end": cache_bytes,
+    }))
+}
+
+/// The conversation on a new engine over a freshly loaded model, turn after turn.
+fn chat<B: Gemma4Backend>(
+    dir: &std::path::Path,
+    device: B::Device,
+    conv: &Conversation,
+    caching: bool,
+) -> Result<(ChatRun, ModelShape)> {
+    use gemma4_engine::{BlockBudget, Engine, EngineConfig, EngineEvent, EngineRequest, Penalties};
+    use gemma4_model::cache::kind_index;
+    use std::sync::atomic::Ordering;
+
+    let config = EngineConfig {
+        // `gemma4 serve`'s defaults.
+        max_num_seqs: 16,
+        prefill_chunk: 2048,
+        max_waiting: 16,
+        blocks: BlockBudget {
+            num_kv_blocks: None,
+            block_size: conv.block_size.max(1),
+            prefix_caching: caching,
+            ..BlockBudget::default()
+        },
+    };
+    let (shape_tx, shape_rx) = std::sync::mpsc::channel();
+    let (dir_owned, block_size) = (dir.to_path_buf(), conv.block_size.max(1));
+    let (engine, thread) = Engine::start::<Model<B>, _>(config, move || {
+        let m = crate::load::<B>(&dir_owned, &device)?;
+        let elem = std::mem::size_of::<B::FloatElem>();
+        let mut block_bytes = [0u64; 2];
+        for a in m.text.layers.iter().map(|l| &l.self_attn) {
+            // K and V.
+            block_bytes[kind_index(a.kind())] +=
+                (2 * a.num_kv_heads * a.head_dim * elem * block_size) as u64;
+        }
+        let c = &m.config;
+        let reserved = [
+            c.image_token_id,
+            c.boi_token_id,
+            c.eoi_token_id,
+            c.video_token_id,
+            c.audio_token_id,
+        ];
+        let controls = c
+            .eos_token_ids
+            .iter()
+            .chain(&c.bos_token_id)
+            .chain(&c.pad_token_id);
+        let _ = shape_tx.send(ModelShape {
+            vocab: m.text.vocab_size,
+            max_len: c.text.max_position_embeddings,
+            reserved: reserved.into_iter().flatten().collect(),
+            first_id: controls.max().map_or(0, |&id| id + 1),
+            block_bytes,
+            dtype: format!("{:?}", m.text.embed_tokens.val().dtype()),
+        });
+        Ok(m)
+    })?;
+    let shape = shape_rx
+        .recv()
+        .context("the engine did not report the model")?;
+    let total = conv.system_tokens + conv.turns * (conv.user_tokens + conv.answer_tokens);
+    if total > shape.max_len {
+        bail!(
+            "the conversation reaches {total} tokens, over the model's {}",
+            shape.max_len
+        );
+    }
+    // The same ids on both runs: a fixed seed.
+    let mut rng = Rng::new(2026);
+    let lo = shape.first_id as u64;
+    let hi = (shape.vocab as u64).min(lo + 50_000);
+    if hi <= lo + shape.reserved.len() as u64 {
+        bail!(
+            "the vocabulary ({}) has no ordinary ids to draw",
+            shape.vocab
+        );
+    }
+    let mut draw = |n: usize| -> Vec<u32> {
+        let mut ids = Vec::with_capacity(n);
+        while ids.len() < n {
+            let id = (lo + rng.next_u64() % (hi - lo)) as u32;
+            if !shape.reserved.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    };
+    let mut prompt = draw(conv.system_tokens);
+    let users: Vec<Vec<u32>> = (0..conv.turns).map(|_| draw(conv.user_tokens)).collect();
+
+    let mut turns = Vec::with_capacity(conv.turns);
+    for user in users {
+        prompt.extend(&user);
+        let req = EngineRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: conv.answer_tokens,
+            sampling: SamplingParams::greedy(),
+            penalties: Penalties::none(),
+            stop_ids: vec![],
+            suppress_ids: vec![],
+            logprobs: None,
+            forced_prefix: vec![],
+            images: vec![],
+        };
+        let start = Instant::now();
+        let mut handle = engine.submit(req).map_err(|e| anyhow!("submit: {e}"))?;
+        let (mut ttft, mut cached, mut answer) = (None, 0, vec![]);
+        while let Some(event) = handle.events.blocking_recv() {
+            match event {
+                EngineEvent::Admitted { cached_tokens } => cached = cached_tokens,
+                EngineEvent::Token { id, .. } => {
+                    ttft.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                    answer.push(id);
+                }
+                EngineEvent::Finished { .. } => break,
+                EngineEvent::Error(e) => bail!("turn {}: {e}", turns.len() + 1),
+            }
+        }
+        let ttft_s = ttft.ok_or_else(|| anyhow!("turn {}: no token", turns.len() + 1))?;
+        prompt.extend(&answer);
+        turns.push(Turn {
+            ttft_s,
+            prompt_tokens: prompt.len() - answer.len(),
+            cached_tokens: cached,
+            answer,
+        });
+    }
+    // The gauges are stored at the end of each step: once the thread has ended, they hold
+    // the last one's.
+    engine.shutdown();
+    thread
+        .join()
+        .map_err(|_| anyhow!("the engine thread panicked"))?;
+    let s = &engine.stats;
+    let run = ChatRun {
+        turns,
+        queries: s.prefix_cache_queries_total.load(Ordering::SeqCst),
+        hits: s.prefix_cache_hits_total.load(Ordering::SeqCst),
+        cached_blocks: [0, 1].map(|i| s.kv_blocks_cached[i].load(Ordering::SeqCst)),
+    };
+    Ok((run, shape))
 }

@@ -123,7 +123,11 @@ impl Metrics {
             &mut out,
             "gemma4_prefix_cache_blocks",
             "KV cache blocks (all layer kinds) the prefix cache keeps that no running request holds (taken back when needed).",
-            stats.kv_blocks_cached.load(Ordering::SeqCst) as f64,
+            stats
+                .kv_blocks_cached
+                .iter()
+                .map(|n| n.load(Ordering::SeqCst))
+                .sum::<usize>() as f64,
         );
         // vLLM's figure: used over total blocks of a bounded pool. A growable pool (no
         // budget) is never full: 0.
