@@ -807,6 +807,38 @@ impl<B: Gemma4Backend> KvCache<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gemma4_kernels::attention::AttentionParams;
+
+    type B = burn::backend::NdArray<f32, i32>;
+
+    /// A pool of one sliding layer (window 9: it keeps 8 tokens) and one full layer, one head
+    /// of 4, `n` blocks of 4 tokens of each kind.
+    fn two_layer_pool(n: usize) -> KvPool<B> {
+        let one = KvScales::default();
+        let layers = [
+            (LayerKind::Sliding, 1, 4, one),
+            (LayerKind::Full, 1, 4, one),
+        ];
+        KvPool::<B>::new(
+            &layers,
+            Some(9),
+            4,
+            Some([n, n]),
+            KvDtype::Model,
+            &Default::default(),
+        )
+    }
+
+    fn params(_: usize, _: usize) -> AttentionParams {
+        AttentionParams::causal(0, 0, None)
+    }
+
+    /// The block hashes of `tokens` (blocks of 4, no images).
+    fn hashes(hasher: &PrefixHasher, tokens: &[u32]) -> Vec<u64> {
+        let mut h = vec![];
+        hasher.extend(&mut h, tokens, 4, &[]);
+        h
+    }
 
     #[test]
     fn held_blocks_follow_the_window() {
@@ -821,22 +853,8 @@ mod tests {
 
     #[test]
     fn tables_free_what_the_window_drops_and_everything_on_drop() {
-        type B = burn::backend::NdArray<f32, i32>;
-        let one = KvScales::default();
-        let layers = [
-            (LayerKind::Sliding, 1, 4, one),
-            (LayerKind::Full, 1, 4, one),
-        ];
-        let mut pool = KvPool::<B>::new(
-            &layers,
-            Some(9),
-            4,
-            Some([8, 8]),
-            KvDtype::Model,
-            &Default::default(),
-        );
+        let mut pool = two_layer_pool(8);
         let mut a = pool.new_seq();
-        let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
         pool.layout(&mut [&mut a], &[10], params).unwrap();
         assert_eq!(a.blocks_held(), [3, 3]);
         pool.advance(&mut [&mut a], &[10]);
@@ -863,29 +881,9 @@ mod tests {
 
     #[test]
     fn prefix_blocks_are_shared_cached_and_evicted_oldest_first() {
-        type B = burn::backend::NdArray<f32, i32>;
-        let one = KvScales::default();
-        let layers = [
-            (LayerKind::Sliding, 1, 4, one),
-            (LayerKind::Full, 1, 4, one),
-        ];
-        // Window 9: sliding layers keep 8 tokens; blocks of 4.
-        let mut pool = KvPool::<B>::new(
-            &layers,
-            Some(9),
-            4,
-            Some([8, 8]),
-            KvDtype::Model,
-            &Default::default(),
-        )
-        .with_prefix_caching(true);
-        let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
+        let mut pool = two_layer_pool(8).with_prefix_caching(true);
         let hasher = PrefixHasher::new();
-        let hashes = |tokens: &[u32]| {
-            let mut h = vec![];
-            hasher.extend(&mut h, tokens, 4, &[]);
-            h
-        };
+        let hashes = |tokens: &[u32]| hashes(&hasher, tokens);
         let t: Vec<u32> = (0..14).collect();
         let mut a = pool.new_seq_reusing(hashes(&t), |p| p < t.len());
         assert_eq!(a.seq_len, 0, "nothing cached yet");
@@ -948,28 +946,9 @@ mod tests {
 
     #[test]
     fn a_hit_is_cut_back_to_where_the_sliding_blocks_reach() {
-        type B = burn::backend::NdArray<f32, i32>;
-        let one = KvScales::default();
-        let layers = [
-            (LayerKind::Sliding, 1, 4, one),
-            (LayerKind::Full, 1, 4, one),
-        ];
-        let mut pool = KvPool::<B>::new(
-            &layers,
-            Some(9),
-            4,
-            Some([16, 16]),
-            KvDtype::Model,
-            &Default::default(),
-        )
-        .with_prefix_caching(true);
-        let params = |_, _| gemma4_kernels::attention::AttentionParams::causal(0, 0, None);
+        let mut pool = two_layer_pool(16).with_prefix_caching(true);
         let hasher = PrefixHasher::new();
-        let hashes = |tokens: &[u32]| {
-            let mut h = vec![];
-            hasher.extend(&mut h, tokens, 4, &[]);
-            h
-        };
+        let hashes = |tokens: &[u32]| hashes(&hasher, tokens);
         // a runs 24 tokens: every block registered; sliding blocks 0..4 cached as they left
         // the window.
         let t: Vec<u32> = (0..24).collect();

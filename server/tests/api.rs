@@ -947,12 +947,7 @@ fn image_chat_equals_the_model_run_directly() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
-    let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["token"].as_str().unwrap().to_string())
-        .collect();
+    let tokens = logprob_tokens(&v);
     let (prompt_len, expected) = reference_greedy(&png, 6);
     // 48x48 -> 384x384 at the fixture's budget of 70: 24x24 patches, 64 soft tokens.
     assert_eq!(
@@ -970,6 +965,16 @@ fn image_chat_equals_the_model_run_directly() {
     assert_eq!(t["count"].as_u64().unwrap() as usize, prompt_len);
 }
 
+/// The tokens of the first choice's logprobs.
+fn logprob_tokens(v: &Value) -> Vec<String> {
+    v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn image_prompts_reuse_the_cache_for_the_same_image_only() {
     // Its own server, so that no other test's requests evict or fill its cache.
@@ -982,14 +987,8 @@ fn image_prompts_reuse_the_cache_for_the_same_image_only() {
         let r = post_at(s.addr, "/v1/chat/completions", &body);
         assert_eq!(r.status, 200, "{}", r.body);
         let v = r.json();
-        let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["token"].as_str().unwrap().to_string())
-            .collect();
         let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
-        (cached.unwrap() as usize, tokens)
+        (cached.unwrap() as usize, logprob_tokens(&v))
     };
     // Two images of 64 soft tokens: the same placeholder ids in the same prompt.
     let (noise, checker) = (

@@ -377,6 +377,24 @@ pub struct EngineRequest {
     pub images: Vec<Arc<PreprocessedImage>>,
 }
 
+impl EngineRequest {
+    /// `prompt` continued greedily for `max_new_tokens` tokens: no stop ids, penalties,
+    /// logprobs or images (benches and tests).
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        EngineRequest {
+            prompt,
+            max_new_tokens,
+            sampling: SamplingParams::greedy(),
+            penalties: Penalties::none(),
+            stop_ids: vec![],
+            suppress_ids: vec![],
+            logprobs: None,
+            forced_prefix: vec![],
+            images: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// A stop id was produced.
@@ -1444,15 +1462,8 @@ mod tests {
 
     fn request(prompt: Vec<u32>, images: Vec<Arc<PreprocessedImage>>) -> EngineRequest {
         EngineRequest {
-            prompt,
-            max_new_tokens: 1,
-            sampling: SamplingParams::greedy(),
-            penalties: Penalties::none(),
-            stop_ids: vec![],
-            suppress_ids: vec![],
-            logprobs: None,
-            forced_prefix: vec![],
             images,
+            ..EngineRequest::greedy(prompt, 1)
         }
     }
 

@@ -796,7 +796,7 @@ fn chat<B: Gemma4Backend>(
     conv: &Conversation,
     caching: bool,
 ) -> Result<(ChatRun, ModelShape)> {
-    use gemma4_engine::{BlockBudget, Engine, EngineConfig, EngineEvent, EngineRequest, Penalties};
+    use gemma4_engine::{BlockBudget, Engine, EngineConfig, EngineEvent, EngineRequest};
     use gemma4_model::cache::kind_index;
     use std::sync::atomic::Ordering;
 
@@ -882,17 +882,7 @@ fn chat<B: Gemma4Backend>(
     let mut turns = Vec::with_capacity(conv.turns);
     for user in users {
         prompt.extend(&user);
-        let req = EngineRequest {
-            prompt: prompt.clone(),
-            max_new_tokens: conv.answer_tokens,
-            sampling: SamplingParams::greedy(),
-            penalties: Penalties::none(),
-            stop_ids: vec![],
-            suppress_ids: vec![],
-            logprobs: None,
-            forced_prefix: vec![],
-            images: vec![],
-        };
+        let req = EngineRequest::greedy(prompt.clone(), conv.answer_tokens);
         let start = Instant::now();
         let mut handle = engine.submit(req).map_err(|e| anyhow!("submit: {e}"))?;
         let (mut ttft, mut cached, mut answer) = (None, 0, vec![]);
