@@ -20,6 +20,7 @@ use crate::openai::request::Generation;
 use crate::output::stop::StopMatcher;
 use crate::output::{OutputParser, ParsedDelta};
 use crate::prompt::{self, Prompt};
+use gemma4_engine::structured::Format;
 use gemma4_engine::TokenLogprob;
 use gemma4_engine::{EngineEvent, EngineRequest, FinishReason, RequestHandle, SubmitError};
 
@@ -91,6 +92,28 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     let left = limit - prompt_len;
     let max_new_tokens = g.max_tokens.map_or(left, |n| (n as usize).min(left));
     let forced_prefix = prompt::forced_tool_prefix(&state.tokenizer, g.forced_tool.as_ref())?;
+    // With thinking on, the model may think before the answer the grammar applies to.
+    let thinking = g
+        .conversation
+        .template_kwargs
+        .get("enable_thinking")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+        .then_some((state.special.channel_start, state.special.channel_end));
+    let constraint = |(format, param): &(Format, &str)| match &state.grammars {
+        Ok(grammars) => grammars
+            .compile(format, thinking)
+            .map_err(|e| ApiError::bad_request(format!("{param}: {e}")).param(param)),
+        Err(why) => Err(ApiError::bad_request(format!(
+            "structured outputs are unavailable on this server: {why}"
+        ))
+        .param(param)),
+    };
+    // One matcher per choice, all compiled before any is submitted.
+    let mut constraints = (0..g.n)
+        .map(|_| g.format.as_ref().map(constraint).transpose())
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
     let mut choices = Vec::with_capacity(g.n);
     for i in 0..g.n {
         let mut sampling = g.sampling.clone();
@@ -111,6 +134,7 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
                 logprobs: g.logprobs,
                 forced_prefix: forced_prefix.clone(),
                 images: prompt.images.clone(),
+                constraint: constraints.next().flatten(),
             })
             .map_err(|e| match e {
                 SubmitError::QueueFull { .. } | SubmitError::NotReady => {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use gemma4_engine::structured::Grammars;
 use gemma4_engine::{Engine, EngineConfig};
 use gemma4_model::{Gemma4Backend, Model};
 
@@ -126,6 +127,16 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     let special = SpecialTokens::from_tokenizer(&tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    // The answer ends with the end of the turn once its grammar is complete.
+    let end = special.turn_end.or(special.eos);
+    let grammars = match (std::fs::read_to_string(&tok_path), end) {
+        (Ok(json), Some(end)) => Grammars::new(&json, meta.vocab_size, end),
+        (Err(e), _) => Err(e.to_string()),
+        (_, None) => Err("the tokenizer has no end-of-turn token".into()),
+    };
+    if let Err(e) = &grammars {
+        tracing::warn!("structured outputs are off (requests that ask for them get a 400): {e}");
+    }
     let template =
         ChatTemplate::from_dir(dir).map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
     if template.is_none() {
@@ -169,6 +180,7 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         metrics: Default::default(),
         created: http::now_secs(),
         images,
+        grammars,
     })
 }
 
@@ -176,6 +188,8 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
 #[derive(Debug, Clone)]
 pub struct ModelMeta {
     pub max_position_embeddings: usize,
+    /// Rows of the embedding (the logits' width).
+    pub vocab_size: usize,
     pub num_layers: usize,
     pub stop_ids: Vec<u32>,
     pub suppress_ids: Vec<u32>,
@@ -196,6 +210,7 @@ impl ModelMeta {
     ) -> Result<ModelMeta> {
         Ok(ModelMeta {
             max_position_embeddings: config.text.max_position_embeddings,
+            vocab_size: config.text.vocab_size,
             num_layers: config.text.num_hidden_layers,
             stop_ids: gemma4_model::stop_ids(config, generation),
             suppress_ids: generation.suppress_tokens.clone(),

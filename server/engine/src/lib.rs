@@ -38,6 +38,7 @@ mod sampling;
 pub mod scheduler;
 #[cfg(feature = "scripted")]
 pub mod scripted;
+pub mod structured;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -375,6 +376,9 @@ pub struct EngineRequest {
     /// The request's images in prompt order; image k is the k-th run of image placeholder ids
     /// in `prompt`, `num_soft_tokens` long. Encoded on the engine thread at the first prefill.
     pub images: Vec<Arc<PreprocessedImage>>,
+    /// The grammar the answer must follow (structured outputs), from its first token (after
+    /// the forced prefix).
+    pub constraint: Option<structured::Constraint>,
 }
 
 impl EngineRequest {
@@ -391,6 +395,7 @@ impl EngineRequest {
             logprobs: None,
             forced_prefix: vec![],
             images: vec![],
+            constraint: None,
         }
     }
 }
@@ -640,11 +645,14 @@ struct Seq<C, S> {
     image_keys: Vec<(Range<usize>, u64)>,
     /// Admitted at least once (the prefix hit of the first admission is what is reported).
     admitted: bool,
+    /// The request's grammar state (taken from the request), advanced with every token drawn.
+    constraint: Option<structured::Constraint>,
 }
 
 impl<C, S> Seq<C, S> {
-    fn new(id: SeqId, sub: Box<Submitted>) -> Self {
+    fn new(id: SeqId, mut sub: Box<Submitted>) -> Self {
         Seq {
+            constraint: sub.req.constraint.take(),
             id,
             rng: Rng::new(sub.req.sampling.seed),
             sub,
@@ -957,6 +965,9 @@ fn run_loop<M: StepModel>(
                         completion_tokens: seq.generated.len(),
                     });
                 }
+                Ok(Next::Failed(msg)) => {
+                    let _ = seq.sub.tx.send(EngineEvent::Error(msg));
+                }
                 Err(_) => {
                     let _ = seq
                         .sub
@@ -980,6 +991,7 @@ fn run_loop<M: StepModel>(
                             sub,
                             generated,
                             hashes,
+                            constraint,
                             ..
                         } = seq;
                         // A prefill chunk that leaves prompt tokens for later: its logits are
@@ -992,6 +1004,7 @@ fn run_loop<M: StepModel>(
                             hashes,
                             need: match top_limit {
                                 Some(_) if dropped => Need::Top(1),
+                                _ if constraint.is_some() => Need::Row,
                                 _ => need(&sub.req, generated.len(), top_limit),
                             },
                             soft: soft.as_ref().map(|s| (s, rows.soft.clone())),
@@ -1275,6 +1288,8 @@ enum Next {
     /// Reported; run it through the model.
     Continue(u32),
     Done(FinishReason),
+    /// The request cannot go on (its grammar failed, or allows no token).
+    Failed(String),
 }
 
 /// What sampling a request's next token needs of its logits (`generated` tokens so far), for a
@@ -1305,12 +1320,29 @@ fn need(req: &EngineRequest, generated: usize, limit: Option<usize>) -> Need {
 fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
     let req = &seq.sub.req;
     let forced = req.forced_prefix.get(seq.generated.len()).copied();
+    // The grammar's mask (a constrained sequence always has its full row: `need`).
+    let mask = match (&mut seq.constraint, forced) {
+        (Some(c), None) => match c.allowed() {
+            Ok(mask) => mask,
+            Err(e) => return Next::Failed(format!("structured output: {e}")),
+        },
+        _ => None,
+    };
     let (id, logprob) = match &mut seq.next_logits {
         StepLogits::Row(row) => {
             // Logprobs of the model's distribution (raw logits, before penalties and
             // temperature), as vLLM.
             let raw = req.logprobs.map(|_| row.clone());
             apply_penalties(row, &req.penalties, &req.prompt, &seq.generated);
+            if let Some(mask) = &mask {
+                structured::apply_mask(row, mask);
+                let open = |(i, x): (usize, &f32)| {
+                    x.is_finite() && !req.suppress_ids.contains(&(i as u32))
+                };
+                if !row.iter().enumerate().any(open) {
+                    return Next::Failed("structured output: the grammar allows no token".into());
+                }
+            }
             let id = forced.unwrap_or_else(|| {
                 gemma4_model::generation::sample(
                     row,
@@ -1322,7 +1354,10 @@ fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
             let logprob = raw.map(|row| top_logprobs(&row, id, req.logprobs.unwrap_or(0)));
             (id, logprob)
         }
-        // `need` asked for these: no penalties, and enough candidates for the draw.
+        // `need` asked for these: no penalties, no grammar, and enough candidates for the draw.
+        StepLogits::Top { .. } if mask.is_some() => {
+            return Next::Failed("internal error: a constrained sequence got no full row".into())
+        }
         StepLogits::Top { top, lse } => {
             let id = forced.unwrap_or_else(|| {
                 gemma4_model::sampling::sample_top(
@@ -1337,8 +1372,18 @@ fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
         }
     };
     seq.generated.push(id);
+    let mut grammar_done = false;
+    if let (Some(c), None) = (&mut seq.constraint, forced) {
+        if let Err(e) = c.consume(id) {
+            return Next::Failed(format!("structured output: {e}"));
+        }
+        grammar_done = c.is_done();
+    }
     if seq.sub.tx.send(EngineEvent::Token { id, logprob }).is_err() {
         return Next::Done(FinishReason::Stop); // receiver gone: stop now
+    }
+    if grammar_done {
+        return Next::Done(FinishReason::Stop);
     }
     if req.stop_ids.contains(&id) {
         return Next::Done(FinishReason::Stop);

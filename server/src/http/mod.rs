@@ -43,6 +43,8 @@ pub struct AppState {
     pub created: u64,
     /// Image inputs: the vision side of the checkpoint and the operator's limits.
     pub images: images::ImageSettings,
+    /// Structured outputs: the grammar compiler over the vocabulary, or why there is none.
+    pub grammars: Result<gemma4_engine::structured::Grammars, String>,
 }
 
 impl AppState {

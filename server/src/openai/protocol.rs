@@ -344,16 +344,54 @@ pub struct NamedFunction {
     pub name: String,
 }
 
-/// `response_format`. Accepted and not enforced yet (structured outputs are issue 13).
+/// `response_format` (OpenAI's): free text, any JSON object, or JSON valid under a schema;
+/// enforced while sampling (structured outputs). Any other `type` is a 400.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ResponseFormat {
     Text,
     JsonObject,
-    JsonSchema {
-        #[schema(value_type = Object)]
-        json_schema: Value,
-    },
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    #[schema(value_type = Object)]
+    pub schema: Option<Value>,
+    /// Accepted; the schema is enforced either way (as vLLM).
+    pub strict: Option<bool>,
+}
+
+/// The Responses API's `text` options.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ResponsesText {
+    pub format: Option<ResponsesFormat>,
+}
+
+/// `text.format`: as `response_format`, with the schema's fields inline.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponsesFormat {
+    Text,
+    JsonObject,
+    JsonSchema(JsonSchemaFormat),
+}
+
+/// vLLM's `structured_outputs`: exactly one of these.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct StructuredOutputs {
+    /// A JSON schema (an object, or its text).
+    #[schema(value_type = Object)]
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    /// A Lark grammar (llguidance's dialect).
+    pub grammar: Option<String>,
+    /// Any JSON object.
+    pub json_object: Option<bool>,
 }
 
 /// vLLM's multimodal processor options.
@@ -390,6 +428,8 @@ pub struct ChatCompletionRequest {
     /// Token id (as a string) to a bias in [-100, 100].
     pub logit_bias: Option<HashMap<String, f32>>,
     pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured outputs (json, regex, choice, grammar).
+    pub structured_outputs: Option<StructuredOutputs>,
     pub tools: Option<Vec<Tool>>,
     pub tool_choice: Option<ToolChoice>,
     /// Accepted; the model may always make several calls in one turn.
@@ -603,6 +643,8 @@ pub struct ResponsesRequest {
     pub reasoning: Option<ReasoningOptions>,
     pub tools: Option<Vec<ResponsesTool>>,
     pub tool_choice: Option<ResponsesToolChoice>,
+    /// `text.format`: the answer's format (structured outputs).
+    pub text: Option<ResponsesText>,
     pub stream: Option<bool>,
     pub seed: Option<i64>,
     /// vLLM extension, as in chat completions.

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::protocol::*;
+use gemma4_engine::structured::Format;
 use gemma4_engine::Penalties;
 
 /// The most choices one request may ask for (`n`).
@@ -66,6 +67,8 @@ pub struct Generation {
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
     pub forced_tool: Option<ForcedTool>,
+    /// What the answer must follow, and the request field it came from.
+    pub format: Option<(Format, &'static str)>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -152,6 +155,7 @@ impl ChatCompletionRequest {
             .collect(),
             logprobs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            format: chat_format(self.response_format, self.structured_outputs, &forced_tool)?,
             forced_tool,
             stream: self.stream.unwrap_or(false),
             include_usage: self
@@ -159,6 +163,85 @@ impl ChatCompletionRequest {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
         })
+    }
+}
+
+/// The format a chat request asks for: `response_format` or vLLM's `structured_outputs` (not
+/// both); a 400 names what is wrong.
+fn chat_format(
+    response_format: Option<ResponseFormat>,
+    structured: Option<StructuredOutputs>,
+    forced_tool: &Option<ForcedTool>,
+) -> Result<Option<(Format, &'static str)>, ApiError> {
+    let format = match (response_format, structured) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "give response_format or structured_outputs, not both",
+                "structured_outputs",
+            ))
+        }
+        (Some(rf), None) => response_format_of(rf)?.map(|f| (f, "response_format")),
+        (None, Some(so)) => Some((structured_outputs_of(so)?, "structured_outputs")),
+        (None, None) => None,
+    };
+    if format.is_some() && forced_tool.is_some() {
+        return Err(bad(
+            "tool_choice \"required\" or a named function cannot be combined with a response format yet",
+            "tool_choice",
+        ));
+    }
+    Ok(format)
+}
+
+fn response_format_of(rf: ResponseFormat) -> Result<Option<Format>, ApiError> {
+    Ok(match rf {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(Format::JsonObject),
+        ResponseFormat::JsonSchema { json_schema } => match json_schema.schema {
+            Some(schema) => Some(Format::JsonSchema(schema)),
+            None => {
+                return Err(bad(
+                    "response_format.json_schema.schema is required",
+                    "response_format",
+                ))
+            }
+        },
+    })
+}
+
+fn structured_outputs_of(so: StructuredOutputs) -> Result<Format, ApiError> {
+    let param = "structured_outputs";
+    let mut found = vec![];
+    if let Some(json) = so.json {
+        let schema = match json {
+            Value::String(text) => serde_json::from_str(&text)
+                .map_err(|e| bad(format!("structured_outputs.json is not JSON: {e}"), param))?,
+            v => v,
+        };
+        found.push(Format::JsonSchema(schema));
+    }
+    if let Some(rx) = so.regex {
+        found.push(Format::Regex(rx));
+    }
+    if let Some(choice) = so.choice {
+        found.push(Format::Choice(choice));
+    }
+    if let Some(grammar) = so.grammar {
+        found.push(Format::Lark(grammar));
+    }
+    if so.json_object == Some(true) {
+        found.push(Format::JsonObject);
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(bad(
+            "structured_outputs needs one of json, regex, choice, grammar, json_object",
+            param,
+        )),
+        _ => Err(bad(
+            "structured_outputs takes only one of json, regex, choice, grammar, json_object",
+            param,
+        )),
     }
 }
 
@@ -222,10 +305,35 @@ impl ResponsesRequest {
             stop: vec![],
             logprobs: None,
             ignore_eos: false,
+            format: self.format(&forced_tool)?,
             forced_tool,
             stream: self.stream.unwrap_or(false),
             include_usage: false,
         })
+    }
+
+    /// `text.format` as a format (`text`: none).
+    fn format(
+        &self,
+        forced_tool: &Option<ForcedTool>,
+    ) -> Result<Option<(Format, &'static str)>, ApiError> {
+        let rf = match self.text.as_ref().and_then(|t| t.format.clone()) {
+            None | Some(ResponsesFormat::Text) => return Ok(None),
+            Some(ResponsesFormat::JsonObject) => ResponseFormat::JsonObject,
+            Some(ResponsesFormat::JsonSchema(json_schema)) => {
+                ResponseFormat::JsonSchema { json_schema }
+            }
+        };
+        let format = response_format_of(rf)
+            .map_err(|e| e.param("text.format"))?
+            .map(|f| (f, "text.format"));
+        if format.is_some() && forced_tool.is_some() {
+            return Err(bad(
+                "tool_choice \"required\" or a named function cannot be combined with a text format yet",
+                "tool_choice",
+            ));
+        }
+        Ok(format)
     }
 
     /// Input items to chat messages: `instructions` first as a system message, consecutive

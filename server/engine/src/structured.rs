@@ -1,0 +1,224 @@
+//! Structured outputs: what a request's answer must follow (a JSON schema, any JSON object, a
+//! regex, one of several strings, a Lark grammar), compiled by llguidance into a matcher that
+//! says which tokens may come next. The sampler sets every other logit to −∞ before it draws, and
+//! advances the matcher with the token drawn, so the answer follows the grammar by construction
+//! (vLLM, SGLang and mistral.rs do the same with llguidance or XGrammar).
+//!
+//! With thinking on, the model may first think: its first token may also be the channel's opening
+//! (`<|channel>`), after which it runs free until the channel's close (`<channel|>`); the
+//! grammar applies from the first answer token.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
+use serde_json::Value;
+
+/// What an answer must follow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    /// A JSON value valid under this schema.
+    JsonSchema(Value),
+    /// Any JSON object.
+    JsonObject,
+    /// Text matching the regex (whole).
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A Lark grammar (llguidance's dialect).
+    Lark(String),
+}
+
+/// The grammar compiler of one model's vocabulary; cheap to clone and share.
+#[derive(Clone)]
+pub struct Grammars {
+    factory: Arc<ParserFactory>,
+}
+
+impl std::fmt::Debug for Grammars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Grammars")
+    }
+}
+
+impl Grammars {
+    /// The vocabulary of `tokenizer_json` (a checkpoint's `tokenizer.json`), padded to the model's
+    /// `vocab` rows (ids past the tokenizer's are never allowed); `end` is the token that ends
+    /// the answer once the grammar is complete (`<turn|>`).
+    pub fn new(tokenizer_json: &str, vocab: usize, end: u32) -> Result<Self, String> {
+        let json: Value =
+            serde_json::from_str(tokenizer_json).map_err(|e| format!("tokenizer.json: {e}"))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
+            .map_err(|e| format!("tokenizer.json: {e}"))?;
+        if words.len() > vocab {
+            return Err(format!(
+                "tokenizer.json has {} tokens, the model {vocab}",
+                words.len()
+            ));
+        }
+        words.resize(vocab, vec![]);
+        let info = TokRxInfo::new(vocab as u32, end);
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(Grammars {
+            factory: Arc::new(factory),
+        })
+    }
+
+    /// The matcher of `format`, or why it cannot be compiled (an invalid schema, regex or
+    /// grammar, or a feature llguidance does not support). `thinking`: the `<|channel>` and
+    /// `<channel|>` ids when the model may think first.
+    pub fn compile(
+        &self,
+        format: &Format,
+        thinking: Option<(u32, u32)>,
+    ) -> Result<Constraint, String> {
+        let grammar = match format {
+            Format::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact(schema)?),
+            Format::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact(&serde_json::json!({"type": "object"}))?)
+            }
+            Format::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Format::Choice(options) => {
+                if options.is_empty() {
+                    return Err("choice needs at least one option".into());
+                }
+                let alternatives: Vec<String> = options.iter().map(|o| escape(o)).collect();
+                TopLevelGrammar::from_regex(&alternatives.join("|"))
+            }
+            Format::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        };
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        Ok(Constraint {
+            matcher,
+            thinking: thinking.map(|(open, close)| Thinking {
+                open,
+                close,
+                state: ThinkState::Start,
+            }),
+        })
+    }
+}
+
+/// Compact JSON (`, ` and `: ` between items, no other whitespace): a model cannot loop on
+/// whitespace, and the answer is what `json.dumps` writes.
+fn compact(schema: &Value) -> Result<Value, String> {
+    if !schema.is_object() {
+        return Err("the JSON schema must be an object".into());
+    }
+    let mut schema = schema.clone();
+    let options = JsonCompileOptions {
+        item_separator: ", ".into(),
+        key_separator: ": ".into(),
+        whitespace_flexible: false,
+        ..JsonCompileOptions::default()
+    };
+    options.apply_to(&mut schema);
+    Ok(schema)
+}
+
+/// `s` as a regex that matches exactly it.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~/\"".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ThinkState {
+    /// Before the first token: it may open the thinking channel.
+    Start,
+    /// Inside the channel: free until it closes.
+    Inside,
+    /// The answer: the grammar applies.
+    Answer,
+}
+
+#[derive(Debug, Clone)]
+struct Thinking {
+    open: u32,
+    close: u32,
+    state: ThinkState,
+}
+
+/// One sequence's grammar state.
+#[derive(Clone)]
+pub struct Constraint {
+    matcher: Matcher,
+    thinking: Option<Thinking>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint")
+            .field("thinking", &self.thinking)
+            .finish()
+    }
+}
+
+impl Constraint {
+    /// The tokens allowed next; None: any (inside the thinking channel).
+    pub fn allowed(&mut self) -> Result<Option<SimpleVob>, String> {
+        let state = self.thinking.as_ref().map(|t| t.state);
+        if state == Some(ThinkState::Inside) {
+            return Ok(None);
+        }
+        let mut mask = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| e.to_string())?;
+        if let (Some(ThinkState::Start), Some(t)) = (state, &self.thinking) {
+            mask.allow_token(t.open);
+        }
+        Ok(Some(mask))
+    }
+
+    /// Advances past the token drawn.
+    pub fn consume(&mut self, token: u32) -> Result<(), String> {
+        if let Some(t) = self.thinking.as_mut() {
+            match t.state {
+                ThinkState::Start if token == t.open => {
+                    t.state = ThinkState::Inside;
+                    return Ok(());
+                }
+                ThinkState::Start => t.state = ThinkState::Answer,
+                ThinkState::Inside => {
+                    if token == t.close {
+                        t.state = ThinkState::Answer;
+                    }
+                    return Ok(());
+                }
+                ThinkState::Answer => {}
+            }
+        }
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// The grammar has ended (its end token was drawn): nothing more may follow.
+    pub fn is_done(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+/// Sets the logits of the tokens `mask` does not allow to −∞.
+pub fn apply_mask(row: &mut [f32], mask: &SimpleVob) {
+    for (i, x) in row.iter_mut().enumerate() {
+        if !mask.is_allowed(i as u32) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
