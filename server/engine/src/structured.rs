@@ -222,3 +222,78 @@ pub fn apply_mask(row: &mut [f32], mask: &SimpleVob) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grammars() -> (Grammars, serde_json::Map<String, Value>) {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/tiny-31b-recipe"
+        );
+        let json = std::fs::read_to_string(format!("{dir}/tokenizer.json")).unwrap();
+        let vocab: Value = serde_json::from_str(&json).unwrap();
+        let words = vocab["model"]["vocab"].as_object().unwrap().clone();
+        (Grammars::new(&json, 600, 106).unwrap(), words)
+    }
+
+    #[test]
+    fn the_mask_follows_the_grammar_and_thinking_runs_free_first() {
+        let (g, words) = grammars();
+        let id = |w: &str| words[w].as_u64().unwrap() as u32;
+        let (a, b, dot) = (id("a"), id("b"), id("."));
+        let (open, close, end) = (100, 101, 106);
+        let mut c = g
+            .compile(&Format::Regex("a+b".into()), Some((open, close)))
+            .unwrap();
+        // First token: the grammar's (`a`) or the thinking channel's opening.
+        let m = c.allowed().unwrap().unwrap();
+        assert!(m.is_allowed(a) && m.is_allowed(open));
+        assert!(!m.is_allowed(b) && !m.is_allowed(end));
+        c.consume(open).unwrap();
+        // Inside the channel anything goes, the close included.
+        assert!(c.allowed().unwrap().is_none());
+        c.consume(dot).unwrap();
+        c.consume(close).unwrap();
+        // The answer: `a`s, then `b`.
+        let m = c.allowed().unwrap().unwrap();
+        assert!(m.is_allowed(a) && !m.is_allowed(b) && !m.is_allowed(open));
+        c.consume(a).unwrap();
+        assert!(c.allowed().unwrap().unwrap().is_allowed(b));
+        // Nothing can follow `b`: the grammar is done, and only the end of the turn is left.
+        c.consume(b).unwrap();
+        assert!(c.is_done());
+        let m = c.allowed().unwrap().unwrap();
+        assert!(m.is_allowed(end) && !m.is_allowed(a));
+        // A token the grammar does not allow is an error, not a silent pass.
+        let mut c = g.compile(&Format::Regex("a+b".into()), None).unwrap();
+        assert!(
+            !c.allowed().unwrap().unwrap().is_allowed(open),
+            "no thinking"
+        );
+        assert!(c.consume(b).is_err());
+    }
+
+    #[test]
+    fn choices_match_exactly_and_bad_formats_are_refused() {
+        let (g, words) = grammars();
+        let id = |w: &str| words[w].as_u64().unwrap() as u32;
+        let mut c = g
+            .compile(&Format::Choice(vec!["a.b".into(), "b".into()]), None)
+            .unwrap();
+        // `.` is literal: after `a` only `.` may follow.
+        c.consume(id("a")).unwrap();
+        let m = c.allowed().unwrap().unwrap();
+        assert!(m.is_allowed(id(".")) && !m.is_allowed(id("b")));
+        for bad in [
+            Format::Regex("(".into()),
+            Format::Choice(vec![]),
+            Format::Lark("start: nothing_defined".into()),
+            Format::JsonSchema(Value::Bool(true)),
+            Format::JsonSchema(serde_json::json!({"type": "nonsense"})),
+        ] {
+            assert!(g.compile(&bad, None).is_err(), "{bad:?}");
+        }
+    }
+}
