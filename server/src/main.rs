@@ -3,12 +3,13 @@
 //! - `logits`: logits at every position of a token sequence, written to a safetensors file;
 //! - `generate`: prefill + decode with greedy or seeded sampling;
 //! - `check`: a fixture's reference logits and greedy outputs (`gemma4_model::golden`);
-//! - `bench`, `bench-kernels`, `bench-vision`, `bench-prefix`: speed;
+//! - `bench`, `bench-kernels`, `bench-vision`, `bench-prefix`, `bench-structured`: speed;
 //! - `synth`: a random-valued checkpoint in the real format (`gemma4_model::synth`).
 
 /// The CLI-only tools.
 mod cli {
     pub mod bench;
+    pub mod bench_structured;
     pub mod check;
 }
 
@@ -189,6 +190,25 @@ enum Command {
         answer_tokens: usize,
         #[arg(long, default_value_t = gemma4_model::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Structured outputs: llguidance's mask time per token at a --vocab-token vocabulary (a
+    /// synthetic one shaped like a real tokenizer's), and decode tok/s on --model through the
+    /// engine with and without a JSON schema, in the same run.
+    BenchStructured {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 262_144)]
+        vocab: usize,
+        /// Tokens walked through the schema for the mask times.
+        #[arg(long, default_value_t = 400)]
+        steps: usize,
+        /// Requests decoded each way.
+        #[arg(long, default_value_t = 8)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -402,6 +422,7 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Generate { backend, .. }
         | Command::Bench { backend, .. }
         | Command::BenchPrefix { backend, .. }
+        | Command::BenchStructured { backend, .. }
         | Command::BenchKernels { backend, .. }
         | Command::BenchFetch { backend, .. }
         | Command::BenchVision { backend, .. }
@@ -674,6 +695,20 @@ fn with_backend<B: Gemma4Backend>(cli: Cli, device: B::Device) -> Result<()> {
             };
             let mut v = cli::bench::prefix::<B>(&model, device, &conv)?;
             v["device"] = serde_json::json!(format!("{:?}", backend.device).to_lowercase());
+            println!("{v}");
+            Ok(())
+        }
+        Command::BenchStructured {
+            model,
+            vocab,
+            steps,
+            requests,
+            max_tokens,
+            ..
+        } => {
+            let v = cli::bench_structured::run::<B>(
+                &model, device, vocab, steps, requests, max_tokens,
+            )?;
             println!("{v}");
             Ok(())
         }

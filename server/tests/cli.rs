@@ -274,3 +274,30 @@ fn bench_prefix_reuses_the_earlier_turns() {
     assert!(v["hit_rate"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["cache_bytes_end"].as_u64().unwrap() > 0, "{v}");
 }
+
+#[test]
+fn bench_structured_reports_mask_times_and_both_decode_rates() {
+    let model = fixture();
+    let v = json_line(&gemma4(&[
+        "bench-structured",
+        "--model",
+        model.to_str().unwrap(),
+        "--vocab",
+        "4096",
+        "--steps",
+        "60",
+        "--requests",
+        "1",
+        "--max-tokens",
+        "8",
+    ]));
+    let mask = &v["mask"];
+    assert_eq!(mask["vocab"], 4096, "{v}");
+    assert!(mask["mask_us_p50"].as_f64().unwrap() > 0.0, "{v}");
+    // The schema narrows the vocabulary: on average far fewer tokens are allowed than exist.
+    assert!(mask["allowed_mean"].as_f64().unwrap() < 4096.0, "{v}");
+    for run in ["free", "json_schema"] {
+        assert_eq!(v["decode"][run]["tokens"], 7, "{v}");
+        assert!(v["decode"][run]["tok_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}

@@ -58,8 +58,15 @@ impl Grammars {
             ));
         }
         words.resize(vocab, vec![]);
+        Self::from_words(&words, end)
+    }
+
+    /// Over a vocabulary given as each token's bytes (special tokens start with 0xFF, as
+    /// llguidance reads them from tokenizer.json; empty: never allowed).
+    pub fn from_words(words: &[Vec<u8>], end: u32) -> Result<Self, String> {
+        let vocab = words.len();
         let info = TokRxInfo::new(vocab as u32, end);
-        let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, words)));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
         Ok(Grammars {
@@ -214,12 +221,15 @@ impl Constraint {
     }
 }
 
-/// Sets the logits of the tokens `mask` does not allow to −∞.
+/// Sets the logits of the tokens `mask` does not allow to −∞ (a word of the mask at a time).
 pub fn apply_mask(row: &mut [f32], mask: &SimpleVob) {
-    for (i, x) in row.iter_mut().enumerate() {
-        if !mask.is_allowed(i as u32) {
+    mask.iter_unset_entries(|i| {
+        if let Some(x) = row.get_mut(i) {
             *x = f32::NEG_INFINITY;
         }
+    });
+    if row.len() > mask.len() {
+        row[mask.len()..].fill(f32::NEG_INFINITY);
     }
 }
 
