@@ -349,6 +349,16 @@ def test_tool_call_and_thinking(scripted):
     assert r.usage.completion_tokens_details.reasoning_tokens == 25
 
 
+def test_tool_choice_none_makes_no_call(scripted):
+    # The scripted model would call the tool; with tool_choice "none" (or no tools) it cannot
+    # open a call, so none comes back.
+    for extra in ({"tools": WEATHER_TOOL, "tool_choice": "none"}, {}):
+        r = scripted.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=40, **extra)
+        c = r.choices[0]
+        assert not c.message.tool_calls and c.finish_reason != "tool_calls"
+
+
 def test_tool_call_streaming_chunks_are_complete(scripted):
     stream = scripted.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER_TOOL, stream=True)

@@ -109,6 +109,11 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         ))
         .param(param)),
     };
+    // No tools offered (none given, or `tool_choice: "none"`): the model cannot open a call.
+    let mut suppress_ids = state.suppress_ids.clone();
+    if g.conversation.tools.is_none() {
+        suppress_ids.push(state.special.tool_call_start);
+    }
     // One matcher per choice, all compiled before any is submitted.
     let mut constraints = (0..g.n)
         .map(|_| g.format.as_ref().map(constraint).transpose())
@@ -130,7 +135,7 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
                 } else {
                     state.stop_ids.clone()
                 },
-                suppress_ids: state.suppress_ids.clone(),
+                suppress_ids: suppress_ids.clone(),
                 logprobs: g.logprobs,
                 forced_prefix: forced_prefix.clone(),
                 images: prompt.images.clone(),

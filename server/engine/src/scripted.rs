@@ -15,8 +15,8 @@ pub struct ScriptedModel {
     pub vocab_size: usize,
     /// Emitted in order; after the end, the last id repeats (end it with a stop id).
     pub script: Vec<u32>,
-    /// The checkpoint's `image_token_id`: image requests are checked (soft rows against
-    /// placeholders) and otherwise ignored.
+    /// The checkpoint's `image_token_id`: chunks with soft tokens are checked (soft rows against
+    /// placeholders), and otherwise ignored.
     pub image_token_id: Option<u32>,
 }
 
@@ -35,14 +35,16 @@ impl ScriptedModel {
                 self.vocab_size
             ));
         }
-        let placeholders = self
-            .image_token_id
-            .map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
-        let (total, rows) = soft.map_or((0, 0..0), |(n, r)| (*n, r));
-        if rows.len() != placeholders || rows.end > total {
-            return Err(format!(
-                "{placeholders} image placeholders but soft rows {rows:?} of {total}"
-            ));
+        // As the model: without soft tokens a placeholder is a plain token (a generated one).
+        if let Some((&total, rows)) = soft {
+            let placeholders = self
+                .image_token_id
+                .map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
+            if rows.len() != placeholders || rows.end > total {
+                return Err(format!(
+                    "{placeholders} image placeholders but soft rows {rows:?} of {total}"
+                ));
+            }
         }
         let step = cache.1;
         cache.0 += tokens.len();
