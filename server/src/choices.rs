@@ -16,8 +16,9 @@ use futures_util::Stream;
 use crate::http::AppState;
 use crate::openai::error::ApiError;
 use crate::openai::protocol::{FunctionCall, LogprobContent, ToolCallChunk, TopLogprob};
-use crate::openai::request::Generation;
+use crate::openai::request::{ForcedTool, Generation};
 use crate::output::stop::StopMatcher;
+use crate::output::tool_grammar;
 use crate::output::{OutputParser, ParsedDelta};
 use crate::prompt::{self, Prompt};
 use gemma4_engine::structured::Format;
@@ -91,7 +92,18 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     }
     let left = limit - prompt_len;
     let max_new_tokens = g.max_tokens.map_or(left, |n| (n as usize).min(left));
-    let forced_prefix = prompt::forced_tool_prefix(&state.tokenizer, g.forced_tool.as_ref())?;
+    // A forced call (`required` or a named function) is a grammar over the allowed tools: the
+    // name and the arguments follow their schemas. Without a grammar compiler, only its
+    // opening is forced (the startup log said structured outputs are off).
+    let call_format = match (&g.forced_tool, &state.grammars) {
+        (Some(forced), Ok(_)) => Some((forced_call_grammar(state, g, forced), "tool_choice")),
+        _ => None,
+    };
+    let forced_prefix = match call_format {
+        Some(_) => vec![],
+        None => prompt::forced_tool_prefix(&state.tokenizer, g.forced_tool.as_ref())?,
+    };
+    let format = g.format.clone().or(call_format);
     // With thinking on, the model may think before the answer the grammar applies to.
     let thinking = g
         .conversation
@@ -116,7 +128,7 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     }
     // One matcher per choice, all compiled before any is submitted.
     let mut constraints = (0..g.n)
-        .map(|_| g.format.as_ref().map(constraint).transpose())
+        .map(|_| format.as_ref().map(constraint).transpose())
         .collect::<Result<Vec<_>, _>>()?
         .into_iter();
     let mut choices = Vec::with_capacity(g.n);
@@ -187,6 +199,33 @@ struct Choice {
     tool_calls: usize,
     start: Instant,
     last: Option<Instant>,
+}
+
+/// The grammar of a forced tool call: one call (or several, with `parallel_tool_calls`) to the
+/// named tool, or to any of the request's tools.
+fn forced_call_grammar(state: &AppState, g: &Generation, forced: &ForcedTool) -> Format {
+    let tools: Vec<(String, Option<serde_json::Value>)> = g
+        .conversation
+        .tools
+        .iter()
+        .flatten()
+        .filter(|t| match forced {
+            ForcedTool::Any => true,
+            ForcedTool::Named(name) => &t.function.name == name,
+        })
+        .map(|t| (t.function.name.clone(), t.function.parameters.clone()))
+        .collect();
+    let s = &state.special;
+    let tokens = tool_grammar::CallTokens {
+        open: s.tool_call_start,
+        close: s.tool_call_end,
+        quote: s.string_delim,
+    };
+    Format::Lark(tool_grammar::tool_calls(
+        &tools,
+        tokens,
+        g.parallel_tool_calls,
+    ))
 }
 
 impl Choices {

@@ -782,6 +782,69 @@ fn structured_outputs_always_follow_the_format() {
 }
 
 #[test]
+fn forced_tool_calls_always_parse_and_follow_the_schema() {
+    // Random weights at temperature 1: the call's name and arguments are the grammar's doing.
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": person_schema()}},
+        {"type": "function", "function": {"name": "set_flag", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"enum": [1, 2, 3]}}, "required": ["on"]}}},
+        {"type": "function", "function": {"name": "ping"}}
+    ]);
+    // Its own server: the tool declarations need more context than the shared one's.
+    let s = start(bundled_model(), 2048, 256, false, |_| {});
+    let call = |choice: Value, parallel: bool, seed: u64| {
+        let body = chat(
+            json!({"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": seed, "max_tokens": 200}),
+        );
+        let r = post_at(s.addr, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let mut calls = 0;
+    for seed in 0..20 {
+        for c in call(json!("required"), seed % 2 == 0, seed) {
+            let args: Value =
+                serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            match c["function"]["name"].as_str().unwrap() {
+                "get_weather" => assert!(valid_person(&args), "{args}"),
+                "set_flag" => {
+                    let o = args.as_object().unwrap();
+                    assert!(
+                        o["on"].is_boolean() && o.keys().all(|k| k == "on" || k == "level"),
+                        "{args}"
+                    );
+                    assert!(
+                        o.get("level")
+                            .is_none_or(|l| [1, 2, 3].contains(&l.as_i64().unwrap())),
+                        "{args}"
+                    );
+                }
+                "ping" => assert_eq!(args, json!({})),
+                other => panic!("unknown tool {other}"),
+            }
+            calls += 1;
+        }
+        // A named function: that one, exactly once without parallel calls.
+        let named = call(
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            false,
+            seed,
+        );
+        assert_eq!(named.len(), 1);
+        assert_eq!(named[0]["function"]["name"], "get_weather");
+        let args: Value =
+            serde_json::from_str(named[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(valid_person(&args), "{args}");
+        calls += 1;
+    }
+    println!("{calls} forced calls, all valid");
+}
+
+#[test]
 fn metrics_and_openapi() {
     post("/v1/chat/completions", chat(json!({})));
     let m = request("GET", "/metrics", None, None).body;
@@ -894,7 +957,7 @@ fn named_tool_choice_forces_the_call_syntax() {
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
     let v = post(
         "/v1/chat/completions",
-        chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "logprobs": true, "max_tokens": 12, "ignore_eos": true})),
+        chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "logprobs": true, "max_tokens": 40, "ignore_eos": true})),
     )
     .json();
     let tokens: String = v["choices"][0]["logprobs"]["content"]

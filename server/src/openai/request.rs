@@ -67,6 +67,8 @@ pub struct Generation {
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
     pub forced_tool: Option<ForcedTool>,
+    /// More than one call in a turn (`parallel_tool_calls`, default true).
+    pub parallel_tool_calls: bool,
     /// What the answer must follow, and the request field it came from.
     pub format: Option<(Format, &'static str)>,
     pub stream: bool,
@@ -157,6 +159,7 @@ impl ChatCompletionRequest {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             format: chat_format(self.response_format, self.structured_outputs, &forced_tool)?,
             forced_tool,
+            parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
             stream: self.stream.unwrap_or(false),
             include_usage: self
                 .stream_options
@@ -307,6 +310,7 @@ impl ResponsesRequest {
             ignore_eos: false,
             format: self.format(&forced_tool)?,
             forced_tool,
+            parallel_tool_calls: true,
             stream: self.stream.unwrap_or(false),
             include_usage: false,
         })

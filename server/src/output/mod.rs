@@ -11,6 +11,7 @@ mod channel;
 pub mod detokenize;
 pub mod gemma_args;
 pub mod stop;
+pub mod tool_grammar;
 
 pub use channel::{OutputParser, ParsedDelta, SpecialTokens};
 
