@@ -96,7 +96,10 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     // name and the arguments follow their schemas. Without a grammar compiler, only its
     // opening is forced (the startup log said structured outputs are off).
     let call_format = match (&g.forced_tool, &state.grammars) {
-        (Some(forced), Ok(_)) => Some((forced_call_grammar(state, g, forced), "tool_choice")),
+        (Some(forced), Ok(_)) => Some((
+            forced_call_grammar(state, g, forced, g.parallel_tool_calls),
+            "tool_choice",
+        )),
         _ => None,
     };
     let forced_prefix = match call_format {
@@ -104,6 +107,18 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         None => prompt::forced_tool_prefix(&state.tokenizer, g.forced_tool.as_ref())?,
     };
     let format = g.format.clone().or(call_format);
+    // Tools offered under `auto`: the text runs free, and a call the model opens follows the
+    // grammar (one call at a time; the next `<|tool_call>` starts another).
+    let lazy_calls = || match (&g.conversation.tools, &format, &state.grammars) {
+        (Some(_), None, Ok(grammars)) => {
+            let calls = forced_call_grammar(state, g, &ForcedTool::Any, false);
+            let trigger = state.special.tool_call_start;
+            let c = grammars.compile_lazy(&calls, trigger);
+            c.map(Some)
+                .map_err(|e| ApiError::bad_request(format!("tools: {e}")).param("tools"))
+        }
+        _ => Ok(None),
+    };
     // With thinking on, the model may think before the answer the grammar applies to.
     let thinking = g
         .conversation
@@ -128,7 +143,10 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     }
     // One matcher per choice, all compiled before any is submitted.
     let mut constraints = (0..g.n)
-        .map(|_| format.as_ref().map(constraint).transpose())
+        .map(|_| match &format {
+            Some(f) => constraint(f).map(Some),
+            None => lazy_calls(),
+        })
         .collect::<Result<Vec<_>, _>>()?
         .into_iter();
     let mut choices = Vec::with_capacity(g.n);
@@ -203,7 +221,12 @@ struct Choice {
 
 /// The grammar of a forced tool call: one call (or several, with `parallel_tool_calls`) to the
 /// named tool, or to any of the request's tools.
-fn forced_call_grammar(state: &AppState, g: &Generation, forced: &ForcedTool) -> Format {
+fn forced_call_grammar(
+    state: &AppState,
+    g: &Generation,
+    forced: &ForcedTool,
+    parallel: bool,
+) -> Format {
     let tools: Vec<(String, Option<serde_json::Value>)> = g
         .conversation
         .tools
@@ -221,11 +244,7 @@ fn forced_call_grammar(state: &AppState, g: &Generation, forced: &ForcedTool) ->
         close: s.tool_call_end,
         quote: s.string_delim,
     };
-    Format::Lark(tool_grammar::tool_calls(
-        &tools,
-        tokens,
-        g.parallel_tool_calls,
-    ))
+    Format::Lark(tool_grammar::tool_calls(&tools, tokens, parallel))
 }
 
 impl Choices {

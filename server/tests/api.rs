@@ -842,6 +842,39 @@ fn forced_tool_calls_always_parse_and_follow_the_schema() {
         calls += 1;
     }
     println!("{calls} forced calls, all valid");
+    // `auto`: the text runs free, and every call the model opens follows the grammar (a bias
+    // on `<|tool_call>`, id 48, makes the random model open calls).
+    let mut auto_calls = 0;
+    for seed in 0..20 {
+        let body = chat(
+            json!({"tools": tools, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": seed, "max_tokens": 200, "logit_bias": {"48": 10}}),
+        );
+        let r = post_at(s.addr, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        for c in v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let args: Value =
+                serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            let name = c["function"]["name"].as_str().unwrap();
+            assert!(
+                ["get_weather", "set_flag", "ping"].contains(&name),
+                "{name}"
+            );
+            if name == "get_weather" {
+                assert!(valid_person(&args), "{args}");
+            }
+            auto_calls += 1;
+        }
+    }
+    println!("auto: {auto_calls} calls in 20 answers, all valid");
+    assert!(
+        auto_calls > 0,
+        "the random model never opened a call: the test tests nothing"
+    );
 }
 
 #[test]

@@ -1004,7 +1004,10 @@ fn run_loop<M: StepModel>(
                             hashes,
                             need: match top_limit {
                                 Some(_) if dropped => Need::Top(1),
-                                _ if constraint.is_some() => Need::Row,
+                                // A mask needs the whole row to apply to.
+                                _ if constraint.as_ref().is_some_and(|c| !c.free_now()) => {
+                                    Need::Row
+                                }
                                 _ => need(&sub.req, generated.len(), top_limit),
                             },
                             soft: soft.as_ref().map(|s| (s, rows.soft.clone())),

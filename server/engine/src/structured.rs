@@ -112,8 +112,28 @@ impl Grammars {
                 close,
                 state: ThinkState::Start,
             }),
+            lazy: None,
         })
     }
+
+    /// A lazy grammar (llama.cpp's for tool calls): the text runs free until the model draws
+    /// `trigger`; from there `format` (which starts with `trigger`) applies, and once it is
+    /// complete the text runs free again, until the next `trigger`.
+    pub fn compile_lazy(&self, format: &Format, trigger: u32) -> Result<Constraint, String> {
+        let mut c = self.compile(format, None)?;
+        c.lazy = Some(Lazy {
+            trigger,
+            active: false,
+        });
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lazy {
+    trigger: u32,
+    /// Inside the grammar (since the trigger).
+    active: bool,
 }
 
 /// Compact JSON (`, ` and `: ` between items, no other whitespace): a model cannot loop on
@@ -167,12 +187,14 @@ struct Thinking {
 pub struct Constraint {
     matcher: Matcher,
     thinking: Option<Thinking>,
+    lazy: Option<Lazy>,
 }
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Constraint")
             .field("thinking", &self.thinking)
+            .field("lazy", &self.lazy)
             .finish()
     }
 }
@@ -180,6 +202,9 @@ impl std::fmt::Debug for Constraint {
 impl Constraint {
     /// The tokens allowed next; None: any (inside the thinking channel).
     pub fn allowed(&mut self) -> Result<Option<SimpleVob>, String> {
+        if self.lazy.is_some_and(|l| !l.active) {
+            return Ok(None);
+        }
         let state = self.thinking.as_ref().map(|t| t.state);
         if state == Some(ThinkState::Inside) {
             return Ok(None);
@@ -194,8 +219,35 @@ impl Constraint {
         Ok(Some(mask))
     }
 
+    /// Whether the next token runs free (before a lazy grammar's trigger, inside the thinking
+    /// channel): then its sampler needs no mask, nor a full logits row.
+    pub fn free_now(&self) -> bool {
+        self.lazy.is_some_and(|l| !l.active)
+            || self
+                .thinking
+                .as_ref()
+                .is_some_and(|t| t.state == ThinkState::Inside)
+    }
+
     /// Advances past the token drawn.
     pub fn consume(&mut self, token: u32) -> Result<(), String> {
+        if let Some(lazy) = self.lazy.as_mut() {
+            if !lazy.active {
+                lazy.active = token == lazy.trigger;
+                if !lazy.active {
+                    return Ok(());
+                }
+            }
+            self.matcher
+                .consume_token(token)
+                .map_err(|e| e.to_string())?;
+            // Complete: free again until the next trigger.
+            if self.matcher.is_stopped() {
+                self.matcher.reset().map_err(|e| e.to_string())?;
+                lazy.active = false;
+            }
+            return Ok(());
+        }
         if let Some(t) = self.thinking.as_mut() {
             match t.state {
                 ThinkState::Start if token == t.open => {
@@ -215,9 +267,10 @@ impl Constraint {
         self.matcher.consume_token(token).map_err(|e| e.to_string())
     }
 
-    /// The grammar has ended (its end token was drawn): nothing more may follow.
+    /// The grammar has ended (its end token was drawn): nothing more may follow. A lazy
+    /// grammar never ends the answer.
     pub fn is_done(&self) -> bool {
-        self.matcher.is_stopped()
+        self.lazy.is_none() && self.matcher.is_stopped()
     }
 }
 
@@ -282,6 +335,32 @@ mod tests {
             !c.allowed().unwrap().unwrap().is_allowed(open),
             "no thinking"
         );
+        assert!(c.consume(b).is_err());
+    }
+
+    #[test]
+    fn a_lazy_grammar_applies_from_its_trigger_to_its_end_each_time() {
+        let (g, words) = grammars();
+        let id = |w: &str| words[w].as_u64().unwrap() as u32;
+        let (a, b, open, close) = (id("a"), id("b"), 48, 49);
+        let lark = format!("start: <[{open}]> \"a\"+ <[{close}]>");
+        let mut c = g.compile_lazy(&Format::Lark(lark), open).unwrap();
+        for _ in 0..2 {
+            // Free text, until the trigger.
+            assert!(c.free_now() && c.allowed().unwrap().is_none());
+            c.consume(b).unwrap();
+            c.consume(open).unwrap();
+            // The grammar: `a`s, then its close; a `b` is refused.
+            assert!(!c.free_now());
+            let m = c.allowed().unwrap().unwrap();
+            assert!(m.is_allowed(a) && !m.is_allowed(b) && !m.is_allowed(close));
+            c.consume(a).unwrap();
+            assert!(c.allowed().unwrap().unwrap().is_allowed(close));
+            c.consume(close).unwrap();
+            // Complete: free again, and the answer is not over.
+            assert!(!c.is_done());
+        }
+        c.consume(open).unwrap();
         assert!(c.consume(b).is_err());
     }
 
