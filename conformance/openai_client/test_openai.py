@@ -36,8 +36,13 @@ def free_port():
 # The scripted test model answers every request with this (thinking, then a tool call).
 SCRIPT = ('<|channel>thought\nI should look up the weather.<channel|>'
           '<|tool_call>call:get_weather{city:<|"|>Paris, France<|"|>,days:2,units:{temp:<|"|>C<|"|>}}<tool_call|><|tool_response>')
+# The tool the script calls, declared with the arguments it passes: calls follow the declared
+# schema (a grammar), so the declaration must allow them.
+WEATHER_PARAMETERS = {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"},
+    "units": {"type": "object", "properties": {"temp": {"type": "string"}}}}, "required": ["city"]}
 WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+                 "parameters": WEATHER_PARAMETERS}}]
 
 
 def start(extra, command=None):
@@ -380,7 +385,7 @@ def test_tool_call_streaming_chunks_are_complete(scripted):
 
 
 def test_responses_function_call_and_reasoning(scripted):
-    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}]
     r = scripted.responses.create(model="tiny", input="Weather in Paris?", tools=tools, reasoning={"effort": "low"})
     kinds = [o.type for o in r.output]
     assert kinds == ["reasoning", "function_call"]
