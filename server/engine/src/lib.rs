@@ -981,6 +981,8 @@ fn run_loop<M: StepModel>(
         let mut failed = None;
         if work.iter().any(|(_, rows)| rows.is_some()) {
             let result = {
+                // The masks the next samplers need, computed while the forward runs.
+                let mut masks: Vec<&mut structured::Constraint> = vec![];
                 let mut items: Vec<StepItem<M>> = work
                     .iter_mut()
                     .filter_map(|(seq, rows)| {
@@ -999,15 +1001,21 @@ fn run_loop<M: StepModel>(
                         let dropped = rows.chunk.as_ref().is_some_and(|(chunk, _)| {
                             chunk.end < sub.req.prompt.len() + generated.len()
                         });
+                        // A mask needs the whole row to apply to.
+                        let masked = constraint.as_mut().filter(|c| !c.free_now());
+                        let masked = match masked {
+                            Some(c) if !dropped => {
+                                masks.push(c);
+                                true
+                            }
+                            _ => false,
+                        };
                         Some(StepItem {
                             tokens: &rows.tokens,
                             hashes,
                             need: match top_limit {
                                 Some(_) if dropped => Need::Top(1),
-                                // A mask needs the whole row to apply to.
-                                _ if constraint.as_ref().is_some_and(|c| !c.free_now()) => {
-                                    Need::Row
-                                }
+                                _ if masked => Need::Row,
                                 _ => need(&sub.req, generated.len(), top_limit),
                             },
                             soft: soft.as_ref().map(|s| (s, rows.soft.clone())),
@@ -1015,9 +1023,17 @@ fn run_loop<M: StepModel>(
                         })
                     })
                     .collect();
-                catch_unwind(AssertUnwindSafe(|| {
-                    model.forward_step(&mut pool, &mut items)
-                }))
+                std::thread::scope(|s| {
+                    if !masks.is_empty() {
+                        s.spawn(|| {
+                            let prepare = || masks.iter_mut().for_each(|c| c.prepare());
+                            let _ = catch_unwind(AssertUnwindSafe(prepare));
+                        });
+                    }
+                    catch_unwind(AssertUnwindSafe(|| {
+                        model.forward_step(&mut pool, &mut items)
+                    }))
+                })
             };
             match result {
                 Ok(Ok(logits)) => {

@@ -113,6 +113,7 @@ impl Grammars {
                 state: ThinkState::Start,
             }),
             lazy: None,
+            ready: None,
         })
     }
 
@@ -188,6 +189,8 @@ pub struct Constraint {
     matcher: Matcher,
     thinking: Option<Thinking>,
     lazy: Option<Lazy>,
+    /// The mask of the current state, computed ahead by [`Constraint::prepare`].
+    ready: Option<SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -200,8 +203,24 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
-    /// The tokens allowed next; None: any (inside the thinking channel).
+    /// Computes the next mask now (the engine does it while the forward runs, so that the
+    /// sampler finds it ready); an error is left for [`Constraint::allowed`] to report.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() && !self.free_now() {
+            self.ready = self.compute().ok().flatten();
+        }
+    }
+
+    /// The tokens allowed next; None: any (inside the thinking channel, before a lazy
+    /// grammar's trigger).
     pub fn allowed(&mut self) -> Result<Option<SimpleVob>, String> {
+        match self.ready.take() {
+            Some(mask) => Ok(Some(mask)),
+            None => self.compute(),
+        }
+    }
+
+    fn compute(&mut self) -> Result<Option<SimpleVob>, String> {
         if self.lazy.is_some_and(|l| !l.active) {
             return Ok(None);
         }
@@ -231,6 +250,7 @@ impl Constraint {
 
     /// Advances past the token drawn.
     pub fn consume(&mut self, token: u32) -> Result<(), String> {
+        self.ready = None;
         if let Some(lazy) = self.lazy.as_mut() {
             if !lazy.active {
                 lazy.active = token == lazy.trigger;
@@ -362,6 +382,22 @@ mod tests {
         }
         c.consume(open).unwrap();
         assert!(c.consume(b).is_err());
+    }
+
+    #[test]
+    fn a_prepared_mask_is_the_mask_and_is_dropped_by_the_next_token() {
+        let (g, words) = grammars();
+        let id = |w: &str| words[w].as_u64().unwrap() as u32;
+        let (a, b) = (id("a"), id("b"));
+        let mut c = g.compile(&Format::Regex("ab".into()), None).unwrap();
+        c.prepare();
+        let m = c.allowed().unwrap().unwrap();
+        assert!(m.is_allowed(a) && !m.is_allowed(b));
+        c.prepare();
+        c.consume(a).unwrap();
+        // Not the stale one: after `a`, `b`.
+        let m = c.allowed().unwrap().unwrap();
+        assert!(m.is_allowed(b) && !m.is_allowed(a));
     }
 
     #[test]
