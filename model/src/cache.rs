@@ -90,9 +90,10 @@ impl PrefixHasher {
         Self::default()
     }
 
-    /// Extends `hashes` (those of the first blocks of `tokens`) to every full block of
-    /// `tokens`; `images` are the placeholder runs (positions in `tokens`) of its images and
-    /// each image's [`PrefixHasher::image`].
+    /// Extends `hashes` (those of a sequence's first blocks) to every full block of `tokens`,
+    /// the sequence's tokens from block `hashes.len()` on (the ones already hashed are not
+    /// passed again); `images` are the placeholder runs (positions in the sequence) of its
+    /// images and each image's [`PrefixHasher::image`].
     pub fn extend(
         &self,
         hashes: &mut Vec<u64>,
@@ -100,11 +101,13 @@ impl PrefixHasher {
         block_size: usize,
         images: &[(Range<usize>, u64)],
     ) {
-        for j in hashes.len()..tokens.len() / block_size {
+        let first = hashes.len();
+        for (k, chunk) in tokens.chunks_exact(block_size).enumerate() {
+            let j = first + k;
             let block = j * block_size..(j + 1) * block_size;
             let mut h = self.state.build_hasher();
             h.write_u64(j.checked_sub(1).map_or(0, |p| hashes[p]));
-            tokens[block.clone()].iter().for_each(|&t| h.write_u32(t));
+            chunk.iter().for_each(|&t| h.write_u32(t));
             for (run, image) in images {
                 if run.start < block.end && block.start < run.end {
                     h.write_u64(*image);
@@ -454,11 +457,6 @@ impl<B: Gemma4Backend> KvPool<B> {
     pub fn with_prefix_caching(self, on: bool) -> Self {
         lock(&self.blocks).iter_mut().for_each(|b| b.caching = on);
         self
-    }
-
-    /// Whether prefix caching is on.
-    pub fn prefix_caching(&self) -> bool {
-        lock(&self.blocks)[0].caching
     }
 
     /// A new sequence's (empty) block tables.

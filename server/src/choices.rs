@@ -109,14 +109,15 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
     let format = g.format.clone().or(call_format);
     // Tools offered under `auto`: the text runs free, and a call the model opens follows the
     // grammar (one call at a time; the next `<|tool_call>` starts another).
-    let lazy_calls = || match (&g.conversation.tools, &format, &state.grammars) {
-        (Some(_), None, Ok(grammars)) => {
-            let calls = forced_call_grammar(state, g, &ForcedTool::Any, false);
-            let trigger = state.special.tool_call_start;
-            let c = grammars.compile_lazy(&calls, trigger);
-            c.map(Some)
-                .map_err(|e| ApiError::bad_request(format!("tools: {e}")).param("tools"))
-        }
+    let lazy_format = match (&g.conversation.tools, &format) {
+        (Some(_), None) => Some(forced_call_grammar(state, g, &ForcedTool::Any, false)),
+        _ => None,
+    };
+    let lazy_calls = || match (&lazy_format, &state.grammars) {
+        (Some(calls), Ok(grammars)) => grammars
+            .compile_lazy(calls, state.special.tool_call_start)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(format!("tools: {e}")).param("tools")),
         _ => Ok(None),
     };
     // With thinking on, the model may think before the answer the grammar applies to.

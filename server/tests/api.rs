@@ -773,6 +773,10 @@ fn structured_outputs_always_follow_the_format() {
         ),
         (json!({"structured_outputs": {}}), "needs one"),
         (
+            json!({"response_format": {"type": "json_object"}, "tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "cannot be combined with response_format",
+        ),
+        (
             json!({"structured_outputs": {"grammar": "start: undefined_rule"}}),
             "structured_outputs",
         ),

@@ -143,7 +143,8 @@ pub fn text_cases<B: Gemma4Backend>(dir: &std::path::Path, device: &B::Device, t
         for _ in 0..5 {
             let next = argmax(&row[row.len() - vocab..]);
             a_tokens.push(next);
-            t.hasher.extend(&mut a.hashes, &a_tokens, BS, &[]);
+            let from = a.hashes.len() * BS;
+            t.hasher.extend(&mut a.hashes, &a_tokens[from..], BS, &[]);
             if a_tokens.len() < 35 {
                 row = t.step(vec![(&mut a, &[next], None)]);
             }

@@ -696,10 +696,16 @@ impl<C, S> Seq<C, S> {
         p < self.len() && !image_id.is_some_and(splits)
     }
 
-    /// Extends `hashes` to every full block of the prompt and generated tokens.
+    /// The hashes of the blocks from the one holding token `from` on (blocks of `bs`).
+    fn hashes_from(&self, from: usize, bs: usize) -> &[u64] {
+        &self.hashes[(from / bs).min(self.hashes.len())..]
+    }
+
+    /// Extends `hashes` to every full block of the prompt and generated tokens (only the
+    /// tokens of the blocks not hashed yet are read).
     fn extend_hashes(&mut self, hasher: &PrefixHasher, block_size: usize) {
         if self.hashes.len() < self.len() / block_size {
-            let tokens = self.tokens(0..self.len());
+            let tokens = self.tokens(self.hashes.len() * block_size..self.len());
             hasher.extend(&mut self.hashes, &tokens, block_size, &self.image_keys);
         }
     }
@@ -1090,11 +1096,10 @@ fn waiting_with_hits<'a, M: StepModel>(
     image_id: Option<u32>,
 ) -> Vec<SeqState<'a>> {
     let bs = limits.blocks.block_size.max(1);
-    let uncomputed =
-        |s: &SeqOf<M>, from: usize| s.hashes[(from / bs).min(s.hashes.len())..].to_vec();
     let mut pending: HashSet<u64> = running
         .iter()
-        .flat_map(|s| uncomputed(s, s.computed))
+        .flat_map(|s| s.hashes_from(s.computed, bs))
+        .copied()
         .collect();
     let slots = limits.max_num_seqs.saturating_sub(running.len());
     let mut states = Vec::with_capacity(slots);
@@ -1106,7 +1111,7 @@ fn waiting_with_hits<'a, M: StepModel>(
         {
             break;
         }
-        pending.extend(uncomputed(s, hit.tokens));
+        pending.extend(s.hashes_from(hit.tokens, bs));
         states.push(s.state(hit.tokens, Blocks(hit.in_use), Blocks::default()));
     }
     states

@@ -221,13 +221,10 @@ impl Constraint {
     }
 
     fn compute(&mut self) -> Result<Option<SimpleVob>, String> {
-        if self.lazy.is_some_and(|l| !l.active) {
+        if self.free_now() {
             return Ok(None);
         }
         let state = self.thinking.as_ref().map(|t| t.state);
-        if state == Some(ThinkState::Inside) {
-            return Ok(None);
-        }
         let mut mask = self
             .matcher
             .compute_mask_or_eos()

@@ -187,13 +187,23 @@ fn chat_format(
         (None, Some(so)) => Some((structured_outputs_of(so)?, "structured_outputs")),
         (None, None) => None,
     };
-    if format.is_some() && forced_tool.is_some() {
-        return Err(bad(
-            "tool_choice \"required\" or a named function cannot be combined with a response format yet",
+    not_with_forced_tool(format, forced_tool)
+}
+
+/// A format and a forced tool call are not combined yet: a 400.
+fn not_with_forced_tool(
+    format: Option<(Format, &'static str)>,
+    forced_tool: &Option<ForcedTool>,
+) -> Result<Option<(Format, &'static str)>, ApiError> {
+    match (&format, forced_tool) {
+        (Some((_, param)), Some(_)) => Err(bad(
+            format!(
+                "tool_choice \"required\" or a named function cannot be combined with {param} yet"
+            ),
             "tool_choice",
-        ));
+        )),
+        _ => Ok(format),
     }
-    Ok(format)
 }
 
 fn response_format_of(rf: ResponseFormat) -> Result<Option<Format>, ApiError> {
@@ -331,13 +341,7 @@ impl ResponsesRequest {
         let format = response_format_of(rf)
             .map_err(|e| e.param("text.format"))?
             .map(|f| (f, "text.format"));
-        if format.is_some() && forced_tool.is_some() {
-            return Err(bad(
-                "tool_choice \"required\" or a named function cannot be combined with a text format yet",
-                "tool_choice",
-            ));
-        }
-        Ok(format)
+        not_with_forced_tool(format, forced_tool)
     }
 
     /// Input items to chat messages: `instructions` first as a system message, consecutive

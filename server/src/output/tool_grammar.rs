@@ -30,9 +30,12 @@ pub fn tool_calls(tools: &[(String, Option<Value>)], t: CallTokens, parallel: bo
     let calls: Vec<String> = tools
         .iter()
         .map(|(name, params)| {
+            let object = |p: &Value| {
+                p.get("type").and_then(Value::as_str) == Some("object")
+                    || p.get("properties").is_some()
+            };
             let args = match params {
-                Some(p) if p.get("type").and_then(Value::as_str) == Some("object") => g.value(p),
-                Some(p) if p.get("properties").is_some() => g.value(p),
+                Some(p) if object(p) => g.value(p),
                 // No parameters: an empty object.
                 _ => "\"{}\"".to_string(),
             };
@@ -45,12 +48,8 @@ pub fn tool_calls(tools: &[(String, Option<Value>)], t: CallTokens, parallel: bo
         calls.join(" | "),
         t.close
     );
-    let start = if parallel {
-        "start: call+".to_string()
-    } else {
-        "start: call".to_string()
-    };
-    let mut out = format!("{start}\ncall: {call}\n");
+    let calls = if parallel { "call+" } else { "call" };
+    let mut out = format!("start: {calls}\ncall: {call}\n");
     for r in &g.rules {
         out.push_str(r);
         out.push('\n');
@@ -118,11 +117,8 @@ impl Builder {
         let max = |key| schema.get(key).and_then(Value::as_u64);
         match t {
             "string" => {
-                let n = max("maxLength").map_or(String::new(), |n| n.to_string());
-                self.quoted(&format!(
-                    "/(?s:.){{0,{}}}/",
-                    if n.is_empty() { "256".into() } else { n }
-                ))
+                let n = max("maxLength").unwrap_or(256);
+                self.quoted(&format!("/(?s:.){{0,{n}}}/"))
             }
             // Bare numbers are JSON's: llguidance's JSON compiler keeps the bounds.
             "integer" | "number" => {
