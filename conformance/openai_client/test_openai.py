@@ -97,8 +97,8 @@ def scripted():
 
 @pytest.fixture(scope="module")
 def vision():
-    """The vision fixture (a tiny random model with a vision tower)."""
-    proc, base = start(["--model", os.path.join(ROOT, "fixtures", "tiny-vision")])
+    """The vision fixture (a tiny random model with a vision tower), refusing image URLs."""
+    proc, base = start(["--model", os.path.join(ROOT, "fixtures", "tiny-vision"), "--no-image-urls"])
     yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
     stop(proc)
 
@@ -318,7 +318,7 @@ def test_image_errors(vision, client):
     remote = [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]
     with pytest.raises(openai.BadRequestError) as e:
         vision.chat.completions.create(model="tiny", messages=[{"role": "user", "content": remote}], max_tokens=2)
-    assert "--allow-image-urls" in str(e.value)
+    assert "--no-image-urls" in str(e.value)
     # The text-only fixture has no vision tower.
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [

@@ -214,6 +214,19 @@ impl<B: Gemma4Backend> Model<B> {
         image: &vision::PreprocessedImage,
     ) -> Result<burn::tensor::Tensor<B, 2>, RunError> {
         let tower = self.vision.as_ref().ok_or(RunError::NoVision)?;
+        // Each patch's (x, y) indexes the tower's position table: a grid wider or taller than
+        // it has no embedding (a small vision config at a large soft-token budget).
+        let table = self
+            .config
+            .vision
+            .as_ref()
+            .map_or(0, |v| v.position_embedding_size);
+        if image.patches_w.max(image.patches_h) > table {
+            return Err(RunError::Image(format!(
+                "the patch grid {}x{} exceeds the vision tower's position table ({table} per side)",
+                image.patches_h, image.patches_w
+            )));
+        }
         Ok(tower.encode(image, &self.text.embed_tokens.device()))
     }
 

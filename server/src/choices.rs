@@ -63,7 +63,7 @@ pub struct ChoiceDone {
 
 /// Builds the prompt of `g` and submits its choices.
 pub async fn start(state: &Arc<AppState>, g: &Generation) -> Result<Choices, ApiError> {
-    let prompt = prompt::build(&state.prompt_context(), &g.conversation).await?;
+    let prompt = prompt::build(state, &g.conversation).await?;
     submit(state, &prompt, g)
 }
 
@@ -91,7 +91,24 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         .param(g.conversation.param));
     }
     let left = limit - prompt_len;
-    let max_new_tokens = g.max_tokens.map_or(left, |n| (n as usize).min(left));
+    // As vLLM: asking for more than the context leaves is an error, not a silent clamp.
+    let max_new_tokens = match g.max_tokens {
+        None => left,
+        Some((n, param)) if n as usize > left => {
+            return Err(ApiError::bad_request(format!(
+                "'{param}' is too large: {n}. This model's maximum context length is {limit} tokens and your request has {prompt_len} input tokens ({n} > {limit} - {prompt_len})."
+            ))
+            .param(param))
+        }
+        Some((n, _)) => n as usize,
+    };
+    let vocab = state.tokenizer.get_vocab_size(true) as u32;
+    if let Some((id, _)) = g.penalties.logit_bias.iter().find(|(id, _)| *id >= vocab) {
+        return Err(ApiError::bad_request(format!(
+            "logit_bias names token id {id}, outside the vocabulary (size {vocab})"
+        ))
+        .param("logit_bias"));
+    }
     // A forced call (`required` or a named function) is a grammar over the allowed tools: the
     // name and the arguments follow their schemas. Without a grammar compiler, only its
     // opening is forced (the startup log said structured outputs are off).

@@ -36,6 +36,8 @@ pub struct VisionMeta {
     pub boi_token_id: u32,
     pub eoi_token_id: u32,
     pub processor: ImageProcessorConfig,
+    /// Patches per side the vision tower has positions for (`position_embedding_size`).
+    pub max_patches_per_side: usize,
 }
 
 /// Default of `--limit-images-per-prompt`.
@@ -51,8 +53,8 @@ pub struct ImageSettings {
     /// The image placeholder id of the config, even for a text-only checkpoint (a prompt that
     /// contains it without an image is refused).
     pub image_token_id: Option<u32>,
-    /// Fetch http:// image URLs (`--allow-image-urls`).
-    pub allow_urls: bool,
+    /// Which http(s):// image URLs are fetched.
+    pub urls: UrlPolicy,
     /// Let fetched URLs reach loopback and private addresses (tests only; no flag).
     pub allow_private_hosts: bool,
     /// Images per request (`--limit-images-per-prompt`).
@@ -71,7 +73,7 @@ impl ImageSettings {
     pub fn new(
         vision: Option<VisionMeta>,
         image_token_id: Option<u32>,
-        allow_urls: bool,
+        urls: UrlPolicy,
         limit_per_prompt: usize,
         fetch_timeout: Duration,
     ) -> Self {
@@ -81,7 +83,7 @@ impl ImageSettings {
         ImageSettings {
             vision,
             image_token_id,
-            allow_urls,
+            urls,
             allow_private_hosts: false,
             limit_per_prompt,
             fetch_timeout,
@@ -105,6 +107,54 @@ impl ImageSettings {
         }
         self.tls = tls_config(&certs).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(())
+    }
+}
+
+/// Which http(s):// image URLs are fetched: none (`--no-image-urls`), or those of public hosts,
+/// restricted to some domains and their subdomains (`--allowed-media-domains`) when given.
+#[derive(Debug, Clone)]
+pub enum UrlPolicy {
+    Refuse,
+    Fetch { domains: Vec<String> },
+}
+
+impl UrlPolicy {
+    pub fn new(fetch: bool, domains: &[String]) -> Result<Self, String> {
+        let domains: Vec<String> = domains
+            .iter()
+            .map(|d| d.trim().trim_start_matches('.').to_ascii_lowercase())
+            .filter(|d| !d.is_empty())
+            .collect();
+        match (fetch, domains.is_empty()) {
+            (false, false) => Err("cannot be combined with --no-image-urls".into()),
+            (false, true) => Ok(UrlPolicy::Refuse),
+            (true, _) => Ok(UrlPolicy::Fetch { domains }),
+        }
+    }
+
+    /// Why `url` (http or https) is not fetched, if it is not.
+    fn refuses(&self, url: &str) -> Option<String> {
+        let domains = match self {
+            UrlPolicy::Refuse => {
+                return Some(
+                    "image URLs are not fetched by this server (--no-image-urls): send the image inline as a data: URL (data:image/png;base64,...)".into(),
+                )
+            }
+            UrlPolicy::Fetch { domains } if domains.is_empty() => return None,
+            UrlPolicy::Fetch { domains } => domains,
+        };
+        let host = url.parse::<Uri>().ok().and_then(|u| {
+            u.host()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        });
+        match host {
+            Some(h) if domains.iter().any(|d| h == *d || h.ends_with(&format!(".{d}"))) => None,
+            Some(h) => Some(format!(
+                "{h} is not among this server's allowed media domains ({}; --allowed-media-domains)",
+                domains.join(", ")
+            )),
+            None => Some("invalid image URL: no host".into()),
+        }
     }
 }
 
@@ -166,13 +216,10 @@ pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), Api
             .unwrap_or_default();
         match scheme.as_str() {
             "data" => {}
-            "http" | "https" if settings.allow_urls => {}
             "http" | "https" => {
-                return Err(ApiError::bad_request(format!(
-                    "{}: image URLs are not fetched by this server: send the image inline as a data: URL \
-                     (data:image/png;base64,...), or start the server with --allow-image-urls to fetch http(s):// URLs",
-                    r.location
-                )))
+                if let Some(why) = settings.urls.refuses(&r.url) {
+                    return Err(ApiError::bad_request(format!("{}: {why}", r.location)));
+                }
             }
             _ => {
                 return Err(ApiError::bad_request(format!(
@@ -215,6 +262,7 @@ pub async fn load(
             .map_err(|_| ApiError::internal("image decoding is shut down"))?;
         let limits = settings.decode;
         let processor = vision.processor;
+        let max_side = vision.max_patches_per_side;
         let location = r.location.clone();
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -224,7 +272,14 @@ pub async fn load(
             };
             let img = decode_image(&bytes, &limits).map_err(|e| e.to_string())?;
             drop(bytes);
-            preprocess(&img, &processor, budget).map_err(|e| e.to_string())
+            let p = preprocess(&img, &processor, budget).map_err(|e| e.to_string())?;
+            if p.patches_w.max(p.patches_h) > max_side {
+                return Err(format!(
+                    "the image is {}x{} patches at this soft-token budget ({budget}), more than the vision tower's {max_side} per side: send a less elongated image or a smaller mm_processor_kwargs.max_soft_tokens",
+                    p.patches_h, p.patches_w
+                ));
+            }
+            Ok(p)
         })
         .await;
         match result {
@@ -551,12 +606,46 @@ mod tests {
     }
 
     #[test]
+    fn url_policy() {
+        let domains = |d: &[&str]| {
+            UrlPolicy::new(true, &d.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+        };
+        let any = domains(&[]);
+        assert_eq!(any.refuses("https://example.com/a.png"), None);
+        let some = domains(&["Example.com", ".cdn.org"]);
+        for ok in [
+            "https://example.com/a.png",
+            "http://img.example.com:8080/a.png",
+            "https://EXAMPLE.COM./a",
+            "https://x.cdn.org/a",
+        ] {
+            assert_eq!(some.refuses(ok), None, "{ok}");
+        }
+        for no in [
+            "https://badexample.com/a.png",
+            "https://example.com.evil.net/a",
+            "https://cdn.org.evil/a",
+            "http://1.2.3.4/a",
+        ] {
+            let why = some.refuses(no).unwrap();
+            assert!(why.contains("allowed media domains"), "{no}: {why}");
+        }
+        let off = UrlPolicy::new(false, &[]).unwrap();
+        assert!(off
+            .refuses("https://example.com/a")
+            .unwrap()
+            .contains("--no-image-urls"));
+        assert!(UrlPolicy::new(false, &["example.com".into()]).is_err());
+    }
+
+    #[test]
     fn expansion() {
         let v = VisionMeta {
             image_token_id: 7,
             boi_token_id: 8,
             eoi_token_id: 9,
             processor: ImageProcessorConfig::default(),
+            max_patches_per_side: 64,
         };
         assert_eq!(
             expand_placeholders(&[1, 7, 2, 7], &v, &[2, 1]),
@@ -566,7 +655,13 @@ mod tests {
 
     #[tokio::test]
     async fn loopback_urls_are_refused() {
-        let s = ImageSettings::new(None, None, true, 8, Duration::from_secs(2));
+        let s = ImageSettings::new(
+            None,
+            None,
+            UrlPolicy::Fetch { domains: vec![] },
+            8,
+            Duration::from_secs(2),
+        );
         let e = fetch("http://127.0.0.1:9/x.png", &s).await.unwrap_err();
         assert!(e.contains("non-public"), "{e}");
         let e = fetch("http://localhost:9/x.png", &s).await.unwrap_err();

@@ -4,6 +4,7 @@
 
 pub mod chat_template;
 pub mod choices;
+pub mod cpu;
 pub mod http;
 pub mod ids;
 pub mod images;

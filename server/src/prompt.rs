@@ -8,8 +8,8 @@ use std::sync::Arc;
 use gemma4_model::vision::PreprocessedImage;
 use tokenizers::Tokenizer;
 
-use crate::chat_template::ChatTemplate;
-use crate::images::{self, ImageRef, ImageSettings};
+use crate::http::AppState;
+use crate::images::{self, ImageRef};
 use crate::openai::error::ApiError;
 use crate::openai::messages;
 use crate::openai::protocol::{Content, Message};
@@ -22,14 +22,10 @@ pub struct Prompt {
     pub images: Vec<Arc<PreprocessedImage>>,
 }
 
-/// What prompt building needs of the server.
-pub struct PromptContext<'a> {
-    pub tokenizer: &'a Tokenizer,
-    pub template: Option<&'a ChatTemplate>,
-    pub images: &'a ImageSettings,
-}
-
-pub async fn build(cx: &PromptContext<'_>, conv: &Conversation) -> Result<Prompt, ApiError> {
+/// Builds the prompt of `conv`: a cheap bound first (a conversation whose text cannot fit the
+/// context is refused before any work), then rendering and tokenizing on the CPU pool, then the
+/// images (fetched, decoded on the blocking pool).
+pub async fn build(state: &Arc<AppState>, conv: &Conversation) -> Result<Prompt, ApiError> {
     let at = |e: ApiError| {
         if e.param.is_none() && e.status == axum::http::StatusCode::BAD_REQUEST {
             e.param(conv.param)
@@ -38,31 +34,18 @@ pub async fn build(cx: &PromptContext<'_>, conv: &Conversation) -> Result<Prompt
         }
     };
     let refs = image_refs(conv)?;
-    images::check_refs(cx.images, &refs).map_err(at)?;
-    let Some(template) = cx.template else {
+    images::check_refs(&state.images, &refs).map_err(at)?;
+    if state.template.is_none() {
         return Err(ApiError::bad_request(
             "this model has no chat template; use /tokenize and a completion client",
         ));
+    }
+    check_text_fits(state, conversation_text_bytes(conv), conv.param)?;
+    let ids = {
+        let (st, conv) = (state.clone(), conv.clone());
+        state.cpu.run(move || render(&st, &conv)).await??
     };
-    let converted =
-        messages::to_template(&conv.messages, template.tool_results(), &|i| conv.label(i))
-            .map_err(|e| ApiError::bad_request(e).param(conv.param))?;
-    let tools: Option<Vec<serde_json::Value>> = conv.tools.as_ref().map(|t| {
-        t.iter()
-            .map(|t| serde_json::to_value(t).expect("tools serialize"))
-            .collect()
-    });
-    let text = template
-        .render(
-            &converted,
-            tools.as_deref(),
-            conv.add_generation_prompt,
-            &conv.template_kwargs,
-        )
-        .map_err(|e| ApiError::bad_request(format!("rendering the chat template: {e}")))?;
-    let ids = encode(cx.tokenizer, &text)?;
-    // Every image placeholder of the prompt must be one of the request's images.
-    let placeholders = cx
+    let placeholders = state
         .images
         .image_token_id
         .map_or(0, |id| ids.iter().filter(|&&t| t == id).count());
@@ -83,7 +66,7 @@ pub async fn build(cx: &PromptContext<'_>, conv: &Conversation) -> Result<Prompt
             images: vec![],
         });
     }
-    let vision = cx.images.vision.clone();
+    let vision = state.images.vision.clone();
     let budget = conv
         .max_soft_tokens
         .or(vision.as_ref().map(|v| v.processor.max_soft_tokens));
@@ -92,12 +75,99 @@ pub async fn build(cx: &PromptContext<'_>, conv: &Conversation) -> Result<Prompt
             "this model has no vision tower: image inputs are not supported",
         ));
     };
-    let loaded = images::load(cx.images, refs, budget).await.map_err(at)?;
+    let loaded = images::load(&state.images, refs, budget)
+        .await
+        .map_err(at)?;
     let counts: Vec<usize> = loaded.iter().map(|p| p.num_soft_tokens).collect();
     Ok(Prompt {
         ids: images::expand_placeholders(&ids, &vision, &counts),
         images: loaded,
     })
+}
+
+/// The chat template's text of `conv`, tokenized (on the CPU pool).
+fn render(state: &AppState, conv: &Conversation) -> Result<Vec<u32>, ApiError> {
+    let Some(template) = &state.template else {
+        return Err(ApiError::bad_request("this model has no chat template"));
+    };
+    let converted =
+        messages::to_template(&conv.messages, template.tool_results(), &|i| conv.label(i))
+            .map_err(|e| ApiError::bad_request(e).param(conv.param))?;
+    let tools: Option<Vec<serde_json::Value>> = conv.tools.as_ref().map(|t| {
+        t.iter()
+            .map(|t| serde_json::to_value(t).expect("tools serialize"))
+            .collect()
+    });
+    let text = template
+        .render(
+            &converted,
+            tools.as_deref(),
+            conv.add_generation_prompt,
+            &conv.template_kwargs,
+        )
+        .map_err(|e| ApiError::bad_request(format!("rendering the chat template: {e}")))?;
+    check_text_fits(state, text.len(), conv.param)?;
+    encode(&state.tokenizer, &text)
+}
+
+/// Bytes of the message text every template renders whole (system, developer, user and tool
+/// content; an assistant's earlier turns may be cut by the template, so they are not counted).
+fn conversation_text_bytes(conv: &Conversation) -> usize {
+    let content_bytes = |c: &Content| match c {
+        Content::Text(t) => t.len(),
+        Content::Parts(parts) => parts.iter().filter_map(|p| p.text()).map(str::len).sum(),
+    };
+    conv.messages
+        .iter()
+        .map(|m| match m {
+            Message::System { content }
+            | Message::Developer { content }
+            | Message::User { content }
+            | Message::Tool { content, .. } => content_bytes(content),
+            Message::Assistant { .. } => 0,
+        })
+        .sum()
+}
+
+/// Refuses text that cannot fit the context whatever its tokenization: no token covers more
+/// than `max_token_bytes` bytes of text, so `bytes / max_token_bytes` tokens at least.
+pub fn check_text_fits(state: &AppState, bytes: usize, param: &str) -> Result<(), ApiError> {
+    let at_least = bytes / state.max_token_bytes.max(1);
+    let limit = state.max_model_len;
+    if at_least >= limit {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {limit} tokens. However, your request has at least {at_least} input tokens ({bytes} bytes of text; no token is longer than {} bytes). Please reduce the length of the input messages.",
+            state.max_token_bytes
+        ))
+        .param(param));
+    }
+    Ok(())
+}
+
+/// The most bytes of text one token can stand for: the longest vocabulary entry, as long as
+/// the tokenizer's normalizer cannot shrink text (none, or Gemma's replacement of ' ' by '▁',
+/// which lengthens it); else no bound (1 token per byte would be wrong), so `usize::MAX`.
+pub fn max_token_bytes(tokenizer: &Tokenizer) -> usize {
+    use tokenizers::normalizers::NormalizerWrapper;
+    let lengthens_only = match tokenizer.get_normalizer() {
+        None => true,
+        Some(NormalizerWrapper::Replace(r)) => {
+            let r = serde_json::to_value(r).unwrap_or_default();
+            let from = r["pattern"]["String"].as_str().map(str::len);
+            let to = r["content"].as_str().map(str::len);
+            matches!((from, to), (Some(f), Some(t)) if f <= t)
+        }
+        Some(_) => false,
+    };
+    if !lengthens_only {
+        return usize::MAX;
+    }
+    tokenizer
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(usize::MAX)
 }
 
 /// The image parts of the conversation, in order, each with where it is in the request.

@@ -70,26 +70,52 @@ pub struct ServeArgs {
     /// turns, a shared system prompt, the other `n` choices), as long as they are cached.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
-    /// Seconds in-flight requests get to finish after Ctrl-C before they are aborted.
+    /// Seconds in-flight requests get to finish after Ctrl-C; then the rest are ended (a
+    /// stream with an error frame and `[DONE]`).
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
-    /// Fetch http:// and https:// image URLs in requests (data: URLs are always taken). Hosts
-    /// that resolve to loopback, private or link-local addresses are refused, and redirects
-    /// are not followed. https is verified against Mozilla's roots (compiled in).
+    /// Seconds a client has to send a request's headers, counted from the connection's opening
+    /// (or the end of its previous response); past it the connection is closed.
+    #[arg(long, default_value_t = 20)]
+    pub header_read_timeout: u64,
+    /// Seconds a client has to send a request's whole body once its headers arrived; past it
+    /// the answer is a 408.
+    #[arg(long, default_value_t = 60)]
+    pub body_read_timeout: u64,
+    /// Seconds an idle keep-alive connection (no request in flight, nothing received) stays
+    /// open.
+    #[arg(long, default_value_t = 15)]
+    pub keep_alive_timeout: u64,
+    /// Refuse http:// and https:// image URLs (a 400); data: URLs are still taken. Without
+    /// it, image URLs are fetched: hosts that resolve to loopback, private or link-local
+    /// addresses are refused, redirects are not followed, and https is verified against
+    /// Mozilla's roots (compiled in).
     #[arg(long)]
-    pub allow_image_urls: bool,
+    pub no_image_urls: bool,
+    /// Fetch image URLs only from these domains (comma-separated; a domain also allows its
+    /// subdomains), as vLLM's flag of that name. Default: any public host.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
     /// PEM file of CA certificates also trusted for https:// image URLs.
     #[arg(long)]
     pub image_ca_file: Option<PathBuf>,
     /// Images per request; a request with more gets a 400.
     #[arg(long, default_value_t = crate::images::DEFAULT_LIMIT_PER_PROMPT)]
     pub limit_images_per_prompt: usize,
-    /// Seconds the fetch of one image URL may take (with --allow-image-urls).
+    /// Seconds the fetch of one image URL may take.
     #[arg(long, default_value_t = crate::images::DEFAULT_FETCH_TIMEOUT_SECS)]
     pub image_fetch_timeout: u64,
 }
 
 impl ServeArgs {
+    /// The connection time limits.
+    pub fn conn_limits(&self) -> http::listener::ConnLimits {
+        http::listener::ConnLimits {
+            header_read: Duration::from_secs(self.header_read_timeout.max(1)),
+            keep_alive: Duration::from_secs(self.keep_alive_timeout.max(1)),
+        }
+    }
+
     /// The engine's scheduling limits.
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
@@ -152,7 +178,8 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
     let mut images = crate::images::ImageSettings::new(
         meta.vision,
         meta.image_token_id,
-        args.allow_image_urls,
+        crate::images::UrlPolicy::new(!args.no_image_urls, &args.allowed_media_domains)
+            .map_err(|e| anyhow::anyhow!("--allowed-media-domains: {e}"))?,
         args.limit_images_per_prompt,
         Duration::from_secs(args.image_fetch_timeout.max(1)),
     );
@@ -166,8 +193,14 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "gemma4".into())
     });
+    let max_token_bytes = crate::prompt::max_token_bytes(&tokenizer);
     Ok(AppState {
         engine,
+        max_token_bytes,
+        cpu: crate::cpu::CpuPool::per_core(),
+        limits: http::RequestLimits {
+            body_read: Duration::from_secs(args.body_read_timeout.max(1)),
+        },
         tokenizer: Arc::new(tokenizer),
         template,
         special: Arc::new(special),
@@ -246,6 +279,10 @@ fn vision_meta(
         boi_token_id: boi,
         eoi_token_id: eoi,
         processor,
+        max_patches_per_side: config
+            .vision
+            .as_ref()
+            .map_or(0, |v| v.position_embedding_size),
     }))
 }
 
@@ -344,46 +381,63 @@ pub fn start_engine<B: Gemma4Backend>(
     Ok((engine, meta))
 }
 
+/// Serves until Ctrl-C, then shuts down ([`serve_until`]).
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
+    limits: http::listener::ConnLimits,
     grace: Duration,
 ) -> Result<()> {
-    let engine = state.engine.clone();
-    let stats = engine.stats.clone();
-    let app = http::router(state.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown_signal = async move {
+    let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
-        let running = stats.running.load(Ordering::SeqCst);
-        let waiting = stats.waiting.load(Ordering::SeqCst);
-        tracing::info!(
-            running,
-            waiting,
-            "shutting down: no new requests; in-flight requests get {}s to finish",
-            grace.as_secs()
-        );
-        let _ = stop_tx.send(());
     };
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal);
-    let server = tokio::spawn(async move { server.await });
-    // After the signal, give in-flight requests the grace period, then abort what is left.
-    let _ = stop_rx.await;
-    match tokio::time::timeout(grace, server).await {
-        Ok(_) => tracing::info!("all in-flight requests finished"),
-        Err(_) => {
-            let running = state.engine.stats.running.load(Ordering::SeqCst);
-            let waiting = state.engine.stats.waiting.load(Ordering::SeqCst);
-            tracing::warn!(
-                running,
-                waiting,
-                "grace period over: aborting the remaining requests"
-            );
-        }
-    }
-    engine.shutdown();
+    serve_until(state, listener, limits, grace, ctrl_c).await;
     Ok(())
 }
+
+/// Serves the API until `stop` completes; then accepts no more connections, gives in-flight
+/// requests `grace` to finish, ends the rest through the engine (each stream gets an error
+/// frame and `[DONE]`, each waiting answer an error) and waits briefly for those last frames to
+/// be sent.
+pub async fn serve_until(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    limits: http::listener::ConnLimits,
+    grace: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let engine = state.engine.clone();
+    let stats = engine.stats.clone();
+    let server = http::listener::Listener::start(listener, http::router(state), limits);
+    stop.await;
+    tracing::info!(
+        running = stats.running.load(Ordering::SeqCst),
+        waiting = stats.waiting.load(Ordering::SeqCst),
+        "shutting down: no new requests; in-flight requests get {}s to finish",
+        grace.as_secs()
+    );
+    server.stop();
+    if server.drain(grace).await {
+        tracing::info!("all in-flight requests finished");
+    } else {
+        tracing::warn!(
+            running = stats.running.load(Ordering::SeqCst),
+            waiting = stats.waiting.load(Ordering::SeqCst),
+            "grace period over: ending the remaining requests"
+        );
+    }
+    engine.shutdown();
+    if !server.drain(SHUTDOWN_FLUSH).await {
+        tracing::warn!(
+            "{} connections still open {}s after the engine stopped: closing them",
+            server.open(),
+            SHUTDOWN_FLUSH.as_secs()
+        );
+    }
+}
+
+/// How long the last frames of ended requests get to reach their clients.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 pub fn run<B: Gemma4Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
     // A kernel refusing a shape must not take the server down: the plain reference answers
@@ -418,6 +472,12 @@ pub fn run_with(args: ServeArgs, engine: Engine, meta: ModelMeta) -> Result<()> 
             if state.engine.config().blocks.prefix_caching { "on" } else { "off" },
             if state.api_key.is_some() { "on" } else { "off" }
         );
-        serve(state, listener, Duration::from_secs(args.shutdown_grace)).await
+        serve(
+            state,
+            listener,
+            args.conn_limits(),
+            Duration::from_secs(args.shutdown_grace),
+        )
+        .await
     })
 }

@@ -19,6 +19,8 @@ const KEY: &str = "test-key";
 struct Server {
     addr: SocketAddr,
     state: Arc<AppState>,
+    /// Sending (or dropping) it shuts the server down, as Ctrl-C does.
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// One server for the whole test binary (loading once; tests run concurrently against it).
@@ -33,10 +35,10 @@ fn start(
     model: PathBuf,
     max_model_len: usize,
     chunk: usize,
-    allow_image_urls: bool,
+    image_urls: bool,
     tweak: impl FnOnce(&mut AppState),
 ) -> Server {
-    start_with_blocks(model, max_model_len, chunk, allow_image_urls, None, tweak)
+    start_with_blocks(model, max_model_len, chunk, image_urls, None, tweak)
 }
 
 /// As `start`, with a KV block budget (`--num-kv-blocks`).
@@ -44,7 +46,7 @@ fn start_with_blocks(
     model: PathBuf,
     max_model_len: usize,
     chunk: usize,
-    allow_image_urls: bool,
+    image_urls: bool,
     num_kv_blocks: Option<usize>,
     tweak: impl FnOnce(&mut AppState),
 ) -> Server {
@@ -52,7 +54,7 @@ fn start_with_blocks(
         model,
         max_model_len,
         chunk,
-        allow_image_urls,
+        image_urls,
         num_kv_blocks,
         |_| {},
         tweak,
@@ -64,7 +66,7 @@ fn start_with_args(
     model: PathBuf,
     max_model_len: usize,
     chunk: usize,
-    allow_image_urls: bool,
+    image_urls: bool,
     num_kv_blocks: Option<usize>,
     edit: impl FnOnce(&mut ServeArgs),
     tweak: impl FnOnce(&mut AppState),
@@ -85,7 +87,11 @@ fn start_with_args(
         kv_cache_dtype: gemma4_model::KvDtype::Model,
         no_enable_prefix_caching: false,
         shutdown_grace: 1,
-        allow_image_urls,
+        header_read_timeout: 20,
+        body_read_timeout: 60,
+        keep_alive_timeout: 15,
+        no_image_urls: !image_urls,
+        allowed_media_domains: vec![],
         image_ca_file: None,
         limit_images_per_prompt: 8,
         image_fetch_timeout: 5,
@@ -97,7 +103,10 @@ fn start_with_args(
     tweak(&mut state);
     let state = Arc::new(state);
     let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let st = state.clone();
+    let limits = args.conn_limits();
+    let grace = Duration::from_secs(args.shutdown_grace);
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -107,20 +116,23 @@ fn start_with_args(
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, gemma4_server::http::router(st))
-                .await
-                .unwrap();
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            gemma4_server::serve::serve_until(st, listener, limits, grace, stop).await;
         });
     });
     Server {
         addr: rx.recv().unwrap(),
         state,
+        stop: std::sync::Mutex::new(Some(stop_tx)),
     }
 }
 
 struct Reply {
     status: u16,
     body: String,
+    headers: hyper::HeaderMap,
 }
 
 impl Reply {
@@ -205,9 +217,11 @@ fn request_to(
                 return Reply {
                     status: 0,
                     body: String::new(),
+                    headers: Default::default(),
                 };
             };
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let bytes = http_body_util::BodyExt::collect(resp.into_body())
                 .await
                 .map(|b| b.to_bytes())
@@ -215,6 +229,7 @@ fn request_to(
             Reply {
                 status,
                 body: String::from_utf8_lossy(&bytes).into_owned(),
+                headers,
             }
         });
         answer.await.expect("the server answers within 120 s")
@@ -481,6 +496,350 @@ fn auth_and_unknown_model() {
     for p in ["/health", "/metrics", "/version", "/openapi.json"] {
         assert_eq!(request("GET", p, None, None).status, 200, "{p}");
     }
+}
+
+#[test]
+fn validation_matches_vllm_and_names_the_field() {
+    let tool = |parameters: Value| json!([{"type": "function", "function": {"name": "f", "parameters": parameters}}]);
+    let cases = [
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": {"a": 1}}]}),
+            "messages",
+        ),
+        (json!({"tools": tool(json!("garbage"))}), "tools"),
+        (json!({"tools": tool(json!({"type": "banana"}))}), "tools"),
+        (
+            json!({"tools": tool(json!({"type": "object", "properties": [1]}))}),
+            "tools",
+        ),
+        (json!({"presence_penalty": -3}), "presence_penalty"),
+        (json!({"frequency_penalty": 3}), "frequency_penalty"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
+        (json!({"repetition_penalty": -0.5}), "repetition_penalty"),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (json!({"reasoning_effort": "bogus"}), "reasoning_effort"),
+        (json!({"max_tokens": 300}), "max_tokens"),
+        (
+            json!({"max_completion_tokens": 250}),
+            "max_completion_tokens",
+        ),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+    ];
+    for (extra, param) in cases {
+        let r = post("/v1/chat/completions", chat(extra.clone()));
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        let e = &r.json()["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{extra}");
+        // serde's own errors (content of the wrong type) name the path in the message.
+        let named = e["param"] == param || e["message"].as_str().unwrap().contains(param);
+        assert!(named, "{extra}: {e}");
+    }
+    let r = post("/v1/chat/completions", chat(json!({"max_tokens": 300})));
+    assert_error(&r, 400, "'max_tokens' is too large: 300");
+    let responses = [
+        (
+            json!({"input": "hi", "reasoning": {"effort": "bogus"}}),
+            "reasoning",
+        ),
+        (
+            json!({"input": "hi", "max_output_tokens": 1000}),
+            "max_output_tokens",
+        ),
+        (
+            json!({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": 7}]}),
+            "tools",
+        ),
+    ];
+    for (body, param) in responses {
+        let r = post("/v1/responses", body.clone());
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+    // In range: accepted.
+    let ok = chat(
+        json!({"presence_penalty": 2, "repetition_penalty": 1.2, "reasoning_effort": "minimal",
+                          "logprobs": true, "top_logprobs": 20, "max_tokens": 4}),
+    );
+    assert_eq!(post("/v1/chat/completions", ok).status, 200);
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = client_runtime().block_on(async {
+            let tcp = tokio::net::TcpStream::connect(server().addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = hyper::Request::get("/v1/models")
+                .header("host", "localhost")
+                .header("authorization", format!("{scheme} {KEY}"))
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .unwrap();
+            sender.send_request(req).await.unwrap().status().as_u16()
+        });
+        assert_eq!(r, 200, "{scheme}");
+    }
+    assert_eq!(
+        request("GET", "/v1/models", None, Some("bearer-less")).status,
+        401
+    );
+}
+
+/// A long generation: the request holds its slot for seconds on the CPU backend.
+fn long_chat() -> Value {
+    chat(json!({"max_tokens": 230, "ignore_eos": true, "temperature": 1.0, "seed": 1}))
+}
+
+#[test]
+fn a_burst_gets_slots_plus_queue_and_the_rest_retry_after() {
+    // 2 slots + 2 waiting: of 8 requests sent at once, exactly 4 are taken.
+    let s = start_with_args(
+        bundled_model(),
+        256,
+        64,
+        false,
+        None,
+        |a| {
+            a.max_num_seqs = 2;
+            a.max_waiting = 2;
+        },
+        |_| {},
+    );
+    let body = long_chat();
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| post_at(s.addr, "/v1/chat/completions", &body)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let busy: Vec<&Reply> = replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(
+        (ok, busy.len()),
+        (4, 4),
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in busy {
+        assert_eq!(r.headers["retry-after"], "1");
+        assert_error(r, 503, "--max-num-seqs + --max-waiting");
+    }
+}
+
+/// A raw TCP client: writes `head`, then reads until the server closes or `limit` passes.
+/// Returns what was read and whether the server closed the connection in time.
+fn raw_exchange(addr: SocketAddr, head: &[u8], limit: Duration) -> (String, bool) {
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.write_all(head).unwrap();
+    tcp.set_read_timeout(Some(limit)).unwrap();
+    let mut got = vec![];
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[test]
+fn stalled_clients_are_cut_off() {
+    let s = start_with_args(
+        bundled_model(),
+        256,
+        64,
+        false,
+        None,
+        |a| {
+            a.header_read_timeout = 1;
+            a.body_read_timeout = 1;
+            a.keep_alive_timeout = 1;
+        },
+        |_| {},
+    );
+    // Many connections that never finish their headers, and one that never sends a byte.
+    let t0 = Instant::now();
+    let stalled: Vec<_> = (0..50)
+        .map(|i| {
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let head: &[u8] = if i == 0 {
+                    b""
+                } else {
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                };
+                raw_exchange(addr, head, Duration::from_secs(10))
+            })
+        })
+        .collect();
+    // Meanwhile the server answers others.
+    assert_eq!(request_to(s.addr, "GET", "/health", None, None).status, 200);
+    for t in stalled {
+        let (_, closed) = t.join().unwrap();
+        assert!(closed, "a stalled connection stayed open");
+    }
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+    // A body that stops half-way: a 408 with an error object, after the body timeout.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"messages\""
+    );
+    let (answer, _) = raw_exchange(s.addr, head.as_bytes(), Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--body-read-timeout"), "{answer}");
+    // An idle keep-alive connection is closed after its timeout, once its response is sent.
+    let t0 = Instant::now();
+    let (answer, closed) = raw_exchange(
+        s.addr,
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        closed && t0.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn shutdown_ends_cut_streams_with_an_error_frame_and_done() {
+    let s = start_with_args(
+        bundled_model(),
+        256,
+        64,
+        false,
+        None,
+        |a| a.shutdown_grace = 0,
+        |_| {},
+    );
+    let mut body = long_chat();
+    body["stream"] = json!(true);
+    let frames = client_runtime().block_on(async {
+        let (resp, _conn) = send(
+            s.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.to_string().as_bytes()),
+            Some(KEY),
+        )
+        .await;
+        let mut body = resp.unwrap().into_body();
+        let mut text = String::new();
+        let mut stopped = false;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(data));
+            }
+            // After the first tokens, the operator presses Ctrl-C.
+            if !stopped && text.matches("data: ").count() >= 3 {
+                stopped = true;
+                drop(s.stop.lock().unwrap().take());
+            }
+        }
+        text
+    });
+    let events: Vec<&str> = frames
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let n = events.len();
+    assert!(n >= 5, "{frames}");
+    assert_eq!(events[n - 1], "[DONE]", "{frames}");
+    let error: Value = serde_json::from_str(events[n - 2]).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{error}"
+    );
+    // The listener is closed.
+    assert!(std::net::TcpStream::connect(s.addr).is_err());
+}
+
+#[test]
+fn a_huge_prompt_is_refused_before_it_is_tokenized() {
+    // 4 MB of text cannot fit 256 tokens whatever the tokenization (no token is longer than
+    // the vocabulary's longest entry): refused from its length alone.
+    let text = "lorem ipsum ".repeat(350_000);
+    let t0 = Instant::now();
+    let r = post(
+        "/v1/chat/completions",
+        chat(json!({"messages": [{"role": "user", "content": text}]})),
+    );
+    assert_error(&r, 400, "at least");
+    assert_error(&r, 400, "maximum context length is 256");
+    assert_eq!(r.json()["error"]["param"], "messages");
+    let fast = t0.elapsed();
+    let r = post("/v1/responses", json!({"input": text}));
+    assert_error(&r, 400, "at least");
+    assert_eq!(r.json()["error"]["param"], "input");
+    assert!(fast < Duration::from_secs(30), "{fast:?}");
+}
+
+#[test]
+fn an_incomplete_response_has_an_incomplete_message() {
+    let r = post(
+        "/v1/responses",
+        json!({"input": "Hello", "max_output_tokens": 2, "temperature": 0}),
+    )
+    .json();
+    assert_eq!(r["status"], "incomplete", "{r}");
+    let message = r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"] == "message")
+        .unwrap();
+    assert_eq!(message["status"], "incomplete", "{r}");
+}
+
+#[test]
+fn control_token_text_in_user_content_is_the_control_token() {
+    // As vLLM and transformers: the rendered prompt is tokenized with its special tokens, so
+    // `<turn|>` typed by a user is the end-of-turn token (README: "Control tokens in text").
+    let turn_end = server()
+        .state
+        .special
+        .turn_end
+        .expect("the fixture has <turn|>");
+    let ids = |content: &str| -> Vec<u64> {
+        let t = post(
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": content}]}),
+        )
+        .json();
+        t["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let count = |v: &[u64]| v.iter().filter(|&&t| t == u64::from(turn_end)).count();
+    assert_eq!(
+        count(&ids("hello <turn|> world")),
+        count(&ids("hello world")) + 1
+    );
 }
 
 #[test]
@@ -1343,12 +1702,12 @@ fn bad_images_are_400_and_the_server_keeps_serving() {
     assert_error(
         &chat_with("http://example.com/cat.png", json!({})),
         400,
-        "--allow-image-urls",
+        "--no-image-urls",
     );
     assert_error(
         &chat_with("https://example.com/cat.png", json!({})),
         400,
-        "--allow-image-urls",
+        "--no-image-urls",
     );
     assert_error(
         &chat_with("ftp://example.com/cat.png", json!({})),
@@ -1461,8 +1820,13 @@ fn https_image_urls() {
         "TLS handshake",
     );
     // A file without certificates is refused at startup, naming it.
-    let mut settings =
-        gemma4_server::images::ImageSettings::new(None, None, true, 8, Duration::from_secs(1));
+    let mut settings = gemma4_server::images::ImageSettings::new(
+        None,
+        None,
+        gemma4_server::images::UrlPolicy::Fetch { domains: vec![] },
+        8,
+        Duration::from_secs(1),
+    );
     let e = settings
         .add_ca_file(&tls_dir.join("README.md"))
         .unwrap_err();
@@ -1566,7 +1930,7 @@ fn assert_same_usage(first: &Reply, second: &Reply) {
 }
 
 #[test]
-fn image_urls_with_allow_image_urls() {
+fn image_urls_are_fetched_from_public_or_allowed_hosts() {
     let png = fixture_image("noise_square.png");
     let host = image_host(png.clone());
     // Loopback is refused in production; this test server lets it through to reach `host`.
@@ -1593,4 +1957,51 @@ fn image_urls_with_allow_image_urls() {
     let r = post_at(strict.addr, "/v1/chat/completions", &body);
     assert_error(&r, 400, "non-public");
     assert_eq!(post_f(data_url(&png)).status, 200);
+    // --allowed-media-domains: only those hosts (and their subdomains) are fetched.
+    let domains = start_with_args(
+        vision_dir(),
+        1024,
+        64,
+        true,
+        None,
+        |a| a.allowed_media_domains = vec!["localhost".into()],
+        |s| s.images.allow_private_hosts = true,
+    );
+    let port = host.port();
+    let by_name = post_image(domains.addr, &format!("http://localhost:{port}/ok.png"));
+    assert_eq!(by_name.status, 200, "{}", by_name.body);
+    assert_eq!(
+        by_name.json()["usage"]["prompt_tokens"],
+        ok.json()["usage"]["prompt_tokens"]
+    );
+    assert_error(
+        &post_image(domains.addr, &format!("http://{host}/ok.png")),
+        400,
+        "allowed media domains",
+    );
+}
+
+#[test]
+fn an_image_beyond_the_position_table_is_a_400() {
+    // The tiny vision tower has positions for 256 patches per side; a long thin image at the
+    // largest budget would need 1119.
+    let mut png = vec![];
+    image::RgbImage::from_fn(6000, 48, |x, y| {
+        image::Rgb([(x % 251) as u8, (y * 5) as u8, 7])
+    })
+    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+    .unwrap();
+    let body = image_chat(
+        one_image(&data_url(&png)),
+        json!({"mm_processor_kwargs": {"max_soft_tokens": 1120}}),
+    );
+    let r = vpost("/v1/chat/completions", body);
+    assert_error(&r, 400, "more than the vision tower's 256 per side");
+    assert_eq!(r.json()["error"]["param"], "messages");
+    // At the default budget the same image fits, and the server kept serving.
+    let r = vpost(
+        "/v1/chat/completions",
+        image_chat(one_image(&data_url(&png)), json!({})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }

@@ -430,7 +430,7 @@ pub enum EngineEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The waiting queue is full (HTTP 503).
+    /// Every slot is taken and the waiting queue is full (HTTP 503).
     QueueFull { limit: usize },
     /// The engine is not running (still loading, failed, or shut down).
     NotReady,
@@ -441,7 +441,7 @@ impl std::fmt::Display for SubmitError {
         match self {
             SubmitError::QueueFull { limit } => write!(
                 f,
-                "the server is overloaded: {limit} requests are already waiting"
+                "the server is overloaded: {limit} requests are already running or waiting (--max-num-seqs + --max-waiting)"
             ),
             SubmitError::NotReady => write!(f, "the engine is not ready"),
         }
@@ -454,7 +454,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Prompt tokens prefilled per step, over all sequences (chunked prefill).
     pub prefill_chunk: usize,
-    /// Requests that may wait for a slot before submissions get QueueFull.
+    /// Requests that may wait for a slot: a submission finding `max_num_seqs + max_waiting`
+    /// requests held gets QueueFull.
     pub max_waiting: usize,
     /// The KV block budget admission and preemption count against.
     pub blocks: BlockBudget,
@@ -466,6 +467,9 @@ pub struct EngineStats {
     pub ready: AtomicBool,
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
+    /// Requests submitted whose handle is not dropped yet: what admission counts (the running
+    /// and waiting counts trail the engine thread, which a burst outruns).
+    pub held: AtomicUsize,
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub requests_finished_total: AtomicU64,
@@ -490,6 +494,8 @@ pub struct EngineStats {
 pub struct RequestHandle {
     pub events: tokio_mpsc::UnboundedReceiver<EngineEvent>,
     cancelled: Arc<AtomicBool>,
+    /// Counts this request in `EngineStats::held` until dropped.
+    stats: Arc<EngineStats>,
 }
 
 impl RequestHandle {
@@ -501,6 +507,7 @@ impl RequestHandle {
 impl Drop for RequestHandle {
     fn drop(&mut self) {
         self.cancel();
+        self.stats.held.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -581,10 +588,10 @@ impl Engine {
         if !self.stats.ready.load(Ordering::SeqCst) {
             return Err(SubmitError::NotReady);
         }
-        if self.stats.waiting.load(Ordering::SeqCst) >= self.config.max_waiting {
-            return Err(SubmitError::QueueFull {
-                limit: self.config.max_waiting,
-            });
+        let limit = self.config.max_num_seqs + self.config.max_waiting;
+        if self.stats.held.fetch_add(1, Ordering::SeqCst) >= limit {
+            self.stats.held.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull { limit });
         }
         let (tx, rx) = tokio_mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -601,11 +608,13 @@ impl Engine {
         }));
         if self.tx.send(cmd).is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.stats.held.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::NotReady);
         }
         Ok(RequestHandle {
             events: rx,
             cancelled,
+            stats: self.stats.clone(),
         })
     }
 
@@ -1583,6 +1592,39 @@ mod tests {
         thread.join().unwrap();
         let log = log.lock().unwrap().clone();
         (log, all, encodes.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_burst_is_admitted_up_to_slots_plus_queue() {
+        // Admission counts the requests held by clients, not the engine's trailing counts: a
+        // burst faster than the engine thread still gets exactly max_num_seqs + max_waiting.
+        let config = EngineConfig {
+            max_num_seqs: 2,
+            prefill_chunk: 3,
+            max_waiting: 3,
+            blocks: BlockBudget::default(),
+        };
+        let (engine, thread) = Engine::start(config, || {
+            Ok(Recording {
+                log: Default::default(),
+                encodes: Default::default(),
+                gate: Default::default(),
+            })
+        })
+        .unwrap();
+        let mut held: Vec<_> = (0..5)
+            .map(|_| engine.submit(request(vec![1, 2, 3], vec![])).unwrap())
+            .collect();
+        let refused = engine.submit(request(vec![1, 2, 3], vec![]));
+        assert_eq!(refused.err(), Some(SubmitError::QueueFull { limit: 5 }));
+        // A client that lets go (finished, or gone) makes room at once.
+        held.pop();
+        held.push(engine.submit(request(vec![1, 2, 3], vec![])).unwrap());
+        assert!(engine.submit(request(vec![1, 2, 3], vec![])).is_err());
+        drop(held);
+        assert_eq!(engine.stats.held.load(Ordering::SeqCst), 0);
+        engine.shutdown();
+        thread.join().unwrap();
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 
+use super::body::ApiJson;
 use super::AppState;
 use crate::choices::{self, ChoiceUpdate, Choices};
 use crate::openai::error::{ApiError, ErrorBody};
@@ -23,16 +23,16 @@ use crate::openai::protocol::*;
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    payload: Result<Json<ChatCompletionRequest>, JsonRejection>,
+    payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     super::respond(&state, handle(state.clone(), payload).await)
 }
 
 async fn handle(
     state: Arc<AppState>,
-    payload: Result<Json<ChatCompletionRequest>, JsonRejection>,
+    payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = payload?;
+    let ApiJson(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let g = req.validate(&state.default_sampling)?;
     let choices = choices::start(&state, &g).await?;

@@ -2,14 +2,15 @@
 //! output parser. Auth (bearer, constant-time) on `/v1/*`, `/tokenize`, `/detokenize`; a body limit;
 //! OpenAI error objects everywhere.
 
+pub mod body;
 pub mod chat;
+pub mod listener;
 pub mod metrics;
 pub mod responses;
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,11 +20,13 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use crate::chat_template::ChatTemplate;
+use crate::cpu::CpuPool;
 use crate::images;
 use crate::openai::error::{self, ApiError};
 use crate::openai::protocol::*;
 use crate::output::SpecialTokens;
-use crate::prompt::{self, PromptContext};
+use crate::prompt;
+use body::ApiJson;
 use gemma4_engine::Engine;
 use gemma4_model::SamplingParams;
 
@@ -45,17 +48,22 @@ pub struct AppState {
     pub images: images::ImageSettings,
     /// Structured outputs: the grammar compiler over the vocabulary, or why there is none.
     pub grammars: Result<gemma4_engine::structured::Grammars, String>,
+    /// Where request bodies are parsed and prompts rendered and tokenized.
+    pub cpu: CpuPool,
+    pub limits: RequestLimits,
+    /// The most bytes of text one token stands for ([`prompt::max_token_bytes`]): bounds a
+    /// prompt's token count from below before tokenizing.
+    pub max_token_bytes: usize,
+}
+
+/// Time limits of a request once its head has arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// The whole body must arrive within this (`--body-read-timeout`).
+    pub body_read: std::time::Duration,
 }
 
 impl AppState {
-    pub fn prompt_context(&self) -> PromptContext<'_> {
-        PromptContext {
-            tokenizer: &self.tokenizer,
-            template: self.template.as_ref(),
-            images: &self.images,
-        }
-    }
-
     /// `model` may be the served name or left out.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
@@ -143,8 +151,10 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            // The scheme is case-insensitive (RFC 9110), as vLLM takes it.
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         if !same(given.as_bytes(), key.as_bytes()) {
             state.metrics.error();
             return ApiError::new(
@@ -174,22 +184,25 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = error::ErrorBody)))]
 async fn tokenize(
     State(state): State<Arc<AppState>>,
-    payload: Result<Json<TokenizeRequest>, JsonRejection>,
+    payload: Result<ApiJson<TokenizeRequest>, ApiError>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let Json(req) = payload?;
+    let ApiJson(mut req) = payload?;
     state.check_model(req.model.as_deref())?;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => state
-            .tokenizer
-            .encode(p.as_str(), req.add_special_tokens.unwrap_or(true))
-            .map_err(|e| ApiError::bad_request(format!("tokenizing: {e}")))?
-            .get_ids()
-            .to_vec(),
+    let tokens = match (req.prompt.take(), &req.messages) {
+        (Some(p), None) => {
+            let tokenizer = state.tokenizer.clone();
+            let special = req.add_special_tokens.unwrap_or(true);
+            state
+                .cpu
+                .run(move || tokenizer.encode(p.as_str(), special))
+                .await?
+                .map_err(|e| ApiError::bad_request(format!("tokenizing: {e}")))?
+                .get_ids()
+                .to_vec()
+        }
         (None, Some(_)) => {
             let conversation = req.conversation()?;
-            prompt::build(&state.prompt_context(), &conversation)
-                .await?
-                .ids
+            prompt::build(&state, &conversation).await?.ids
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -207,9 +220,9 @@ async fn tokenize(
 #[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = error::ErrorBody)))]
 async fn detokenize(
     State(state): State<Arc<AppState>>,
-    payload: Result<Json<DetokenizeRequest>, JsonRejection>,
+    payload: Result<ApiJson<DetokenizeRequest>, ApiError>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let Json(req) = payload?;
+    let ApiJson(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let vocab = state.tokenizer.get_vocab_size(true) as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {

@@ -7,7 +7,6 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +14,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 
+use super::body::ApiJson;
 use super::AppState;
 use crate::choices::{self, ChoiceDelta, ChoiceDone, ChoiceUpdate, Choices};
 use crate::openai::error::{ApiError, ErrorBody};
@@ -25,16 +25,16 @@ use crate::openai::protocol::*;
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn responses(
     State(state): State<Arc<AppState>>,
-    payload: Result<Json<ResponsesRequest>, JsonRejection>,
+    payload: Result<ApiJson<ResponsesRequest>, ApiError>,
 ) -> Response {
     super::respond(&state, handle(state.clone(), payload).await)
 }
 
 async fn handle(
     state: Arc<AppState>,
-    payload: Result<Json<ResponsesRequest>, JsonRejection>,
+    payload: Result<ApiJson<ResponsesRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = payload?;
+    let ApiJson(req) = payload?;
     state.check_model(req.model.as_deref())?;
     let g = req.validate(&state.default_sampling)?;
     let choices = choices::start(&state, &g).await?;

@@ -56,6 +56,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_api_key"),
             StatusCode::NOT_FOUND => ("not_found_error", "model_not_found"),
             StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+            StatusCode::REQUEST_TIMEOUT => ("invalid_request_error", "request_timeout"),
             StatusCode::SERVICE_UNAVAILABLE => ("service_unavailable_error", "service_unavailable"),
             _ => ("internal_error", "internal_error"),
         };
@@ -70,9 +71,19 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is told to wait before retrying a 503 (the engine's queue is full, or it is
+/// not ready yet).
+pub const RETRY_AFTER_SECS: u32 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 

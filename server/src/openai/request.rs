@@ -58,8 +58,9 @@ pub enum ForcedTool {
 pub struct Generation {
     pub conversation: Conversation,
     pub n: usize,
-    /// As requested (at least 1); bounded by the context left after the prompt later.
-    pub max_tokens: Option<u32>,
+    /// As requested (at least 1), with the field it came from: the prompt and this must fit
+    /// the context (checked once the prompt is built).
+    pub max_tokens: Option<(u32, &'static str)>,
     pub sampling: SamplingParams,
     pub penalties: Penalties,
     pub stop: Vec<String>,
@@ -86,12 +87,18 @@ impl ChatCompletionRequest {
             .as_ref()
             .and_then(|k| k.get("enable_thinking"))
             .and_then(Value::as_bool)
-            .or(self.reasoning_effort.as_ref().map(|e| e != "none"));
+            .or(reasoning_effort(
+                self.reasoning_effort.as_deref(),
+                "reasoning_effort",
+            )?);
         let n = self.n.unwrap_or(1);
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(bad(format!("n must be between 1 and {MAX_CHOICES}"), "n"));
         }
         let tools = self.tools.unwrap_or_default();
+        for (i, t) in tools.iter().enumerate() {
+            check_tool(&t.function, &format!("tools[{i}].function"))?;
+        }
         let forced_tool = match &self.tool_choice {
             None | Some(ToolChoice::Mode(ToolChoiceMode::Auto | ToolChoiceMode::None)) => None,
             Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(ForcedTool::Any),
@@ -115,12 +122,25 @@ impl ChatCompletionRequest {
             logit_bias.push((id, v.clamp(-100.0, 100.0)));
         }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
-            (true, k) => Some(k.unwrap_or(0).min(MAX_TOP_LOGPROBS) as usize),
+            (_, Some(k)) if k > MAX_TOP_LOGPROBS => {
+                return Err(bad(
+                    format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {k}"),
+                    "top_logprobs",
+                ))
+            }
+            (true, k) => Some(k.unwrap_or(0) as usize),
             (false, Some(k)) if k > 0 => {
                 return Err(bad("top_logprobs needs logprobs: true", "top_logprobs"))
             }
             _ => None,
         };
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(bad(
+                "stream_options can only be given when stream is true",
+                "stream_options",
+            ));
+        }
         Ok(Generation {
             conversation: Conversation {
                 labels: vec![],
@@ -132,7 +152,13 @@ impl ChatCompletionRequest {
                 messages: nonempty(self.messages, "messages")?,
             },
             n: n as usize,
-            max_tokens: max_tokens(self.max_completion_tokens.or(self.max_tokens))?,
+            max_tokens: max_tokens(
+                self.max_completion_tokens.or(self.max_tokens),
+                match self.max_completion_tokens {
+                    Some(_) => "max_completion_tokens",
+                    None => "max_tokens",
+                },
+            )?,
             sampling: sampling(
                 defaults,
                 self.temperature,
@@ -141,12 +167,12 @@ impl ChatCompletionRequest {
                 self.min_p,
                 self.seed,
             )?,
-            penalties: Penalties {
-                presence: self.presence_penalty.unwrap_or(0.0),
-                frequency: self.frequency_penalty.unwrap_or(0.0),
-                repetition: self.repetition_penalty.unwrap_or(1.0),
+            penalties: penalties(
+                self.presence_penalty,
+                self.frequency_penalty,
+                self.repetition_penalty,
                 logit_bias,
-            },
+            )?,
             stop: match self.stop {
                 None => vec![],
                 Some(Stop::One(s)) => vec![s],
@@ -160,7 +186,7 @@ impl ChatCompletionRequest {
             format: chat_format(self.response_format, self.structured_outputs, &forced_tool)?,
             forced_tool,
             parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
-            stream: self.stream.unwrap_or(false),
+            stream,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -261,11 +287,10 @@ fn structured_outputs_of(so: StructuredOutputs) -> Result<Format, ApiError> {
 impl ResponsesRequest {
     pub fn validate(&self, defaults: &SamplingParams) -> Result<Generation, ApiError> {
         let (messages, labels) = self.messages()?;
-        let thinking = self
-            .reasoning
-            .as_ref()
-            .and_then(|r| r.effort.as_ref())
-            .map(|e| e != "none");
+        let thinking = reasoning_effort(
+            self.reasoning.as_ref().and_then(|r| r.effort.as_deref()),
+            "reasoning",
+        )?;
         let tools: Vec<Tool> = self
             .tools
             .iter()
@@ -280,6 +305,9 @@ impl ResponsesRequest {
                 },
             })
             .collect();
+        for (i, t) in tools.iter().enumerate() {
+            check_tool(&t.function, &format!("tools[{i}]"))?;
+        }
         let forced_tool = match &self.tool_choice {
             None | Some(ResponsesToolChoice::Mode(ToolChoiceMode::Auto | ToolChoiceMode::None)) => {
                 None
@@ -305,7 +333,7 @@ impl ResponsesRequest {
                 add_generation_prompt: true,
             },
             n: 1,
-            max_tokens: max_tokens(self.max_output_tokens)?,
+            max_tokens: max_tokens(self.max_output_tokens, "max_output_tokens")?,
             sampling: sampling(
                 defaults,
                 self.temperature,
@@ -501,10 +529,122 @@ fn max_soft_tokens(mm: Option<&MmProcessorKwargs>) -> Result<Option<usize>, ApiE
     }
 }
 
-fn max_tokens(requested: Option<u32>) -> Result<Option<u32>, ApiError> {
+fn max_tokens(
+    requested: Option<u32>,
+    param: &'static str,
+) -> Result<Option<(u32, &'static str)>, ApiError> {
     match requested {
-        Some(0) => Err(bad("max_tokens must be at least 1", "max_tokens")),
-        n => Ok(n),
+        Some(0) => Err(bad(format!("{param} must be at least 1"), param)),
+        n => Ok(n.map(|n| (n, param))),
+    }
+}
+
+/// The efforts OpenAI defines; "none" turns thinking off, any other on.
+const REASONING_EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+
+fn reasoning_effort(effort: Option<&str>, param: &str) -> Result<Option<bool>, ApiError> {
+    match effort {
+        None => Ok(None),
+        Some(e) if REASONING_EFFORTS.contains(&e) => Ok(Some(e != "none")),
+        Some(e) => Err(bad(
+            format!(
+                "reasoning effort `{e}` is not one of {}",
+                REASONING_EFFORTS.join(", ")
+            ),
+            param,
+        )),
+    }
+}
+
+/// vLLM's ranges: presence and frequency penalties in [-2, 2], a repetition penalty above 0.
+fn penalties(
+    presence: Option<f32>,
+    frequency: Option<f32>,
+    repetition: Option<f32>,
+    logit_bias: Vec<(u32, f32)>,
+) -> Result<Penalties, ApiError> {
+    for (value, param) in [
+        (presence, "presence_penalty"),
+        (frequency, "frequency_penalty"),
+    ] {
+        if let Some(v) = value.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(bad(format!("{param} must be in [-2, 2], not {v}"), param));
+        }
+    }
+    let repetition = repetition.unwrap_or(1.0);
+    if !(repetition > 0.0 && repetition.is_finite()) {
+        return Err(bad(
+            format!("repetition_penalty must be greater than 0, not {repetition}"),
+            "repetition_penalty",
+        ));
+    }
+    Ok(Penalties {
+        presence: presence.unwrap_or(0.0),
+        frequency: frequency.unwrap_or(0.0),
+        repetition,
+        logit_bias,
+    })
+}
+
+/// A tool's name must be usable in the Gemma call syntax (`call:NAME{...}`), as OpenAI's rule
+/// has it, and its parameters must look like a JSON Schema of an object's fields: the grammar
+/// of calls is built from them.
+fn check_tool(f: &FunctionDef, at: &str) -> Result<(), ApiError> {
+    let name_ok = (1..=64).contains(&f.name.len())
+        && f.name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if !name_ok {
+        return Err(bad(
+            format!(
+                "{at}.name `{}` must be 1 to 64 letters, digits, `_`, `-` or `.`",
+                f.name
+            ),
+            "tools",
+        ));
+    }
+    let Some(params) = &f.parameters else {
+        return Ok(());
+    };
+    let at = format!("{at}.parameters");
+    let schema_error = |why: String| Err(bad(format!("{at}: {why}"), "tools"));
+    let Value::Object(o) = params else {
+        return schema_error(format!(
+            "must be a JSON Schema object, not {}",
+            super::protocol::json_kind(params)
+        ));
+    };
+    const TYPES: [&str; 7] = [
+        "object", "string", "number", "integer", "boolean", "array", "null",
+    ];
+    let known = |t: &Value| t.as_str().is_some_and(|t| TYPES.contains(&t));
+    match o.get("type") {
+        None => {}
+        Some(t) if known(t) => {}
+        Some(Value::Array(ts)) if !ts.is_empty() && ts.iter().all(known) => {}
+        Some(t) => return schema_error(format!("`type` {t} is not a JSON Schema type")),
+    }
+    match o.get("properties") {
+        None => {}
+        Some(Value::Object(props)) => {
+            if let Some((k, _)) = props
+                .iter()
+                .find(|(_, v)| !matches!(v, Value::Object(_) | Value::Bool(_)))
+            {
+                return schema_error(format!("`properties.{k}` must be a schema (an object)"));
+            }
+        }
+        Some(p) => {
+            return schema_error(format!(
+                "`properties` must be an object, not {}",
+                super::protocol::json_kind(p)
+            ))
+        }
+    }
+    match o.get("required") {
+        None => Ok(()),
+        Some(Value::Array(r)) if r.iter().all(Value::is_string) => Ok(()),
+        Some(_) => schema_error("`required` must be a list of property names".into()),
     }
 }
 
@@ -584,6 +724,55 @@ mod tests {
             (json!({"max_tokens": 0}), "[max_tokens]"),
             (json!({"logit_bias": {"x": 1.0}}), "[logit_bias]"),
             (json!({"top_logprobs": 3}), "[top_logprobs]"),
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "[top_logprobs]",
+            ),
+            (json!({"presence_penalty": -3.0}), "[presence_penalty]"),
+            (json!({"frequency_penalty": 2.5}), "[frequency_penalty]"),
+            (json!({"repetition_penalty": 0.0}), "[repetition_penalty]"),
+            (json!({"repetition_penalty": -1.0}), "[repetition_penalty]"),
+            (
+                json!({"stream_options": {"include_usage": true}}),
+                "[stream_options]",
+            ),
+            (json!({"reasoning_effort": "bogus"}), "[reasoning_effort]"),
+            (
+                json!({"max_completion_tokens": 0}),
+                "[max_completion_tokens]",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}),
+                "tools[0].function.parameters: must be a JSON Schema object, not a string [tools]",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "banana"}}}]}),
+                "not a JSON Schema type [tools]",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}]}),
+                "`properties` must be an object, not a number [tools]",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": 1}}}}]}),
+                "`properties.a` must be a schema",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"required": "a"}}}]}),
+                "`required` must be a list",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "a b{"}}]}),
+                "tools[0].function.name",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": 5}]}),
+                "not a number",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": {"text": "hi"}}]}),
+                "not an object",
+            ),
             (json!({"tool_choice": "required"}), "[tool_choice]"),
             (
                 json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
@@ -611,13 +800,14 @@ mod tests {
         let tool = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
         let g = chat(json!({
             "n": 3, "max_completion_tokens": 9, "max_tokens": 4, "temperature": 0.5, "top_k": -1,
-            "seed": 7, "stop": ["a", ""], "logprobs": true, "top_logprobs": 50,
+            "seed": 7, "stop": ["a", ""], "logprobs": true, "top_logprobs": 20,
             "logit_bias": {"12": 500.0}, "tools": [tool], "tool_choice": "required",
             "reasoning_effort": "low", "stream": true, "stream_options": {"include_usage": true},
+            "presence_penalty": -2.0, "repetition_penalty": 0.5,
             "mm_processor_kwargs": {"max_soft_tokens": 280},
         }))
         .unwrap();
-        assert_eq!((g.n, g.max_tokens), (3, Some(9)));
+        assert_eq!((g.n, g.max_tokens), (3, Some((9, "max_completion_tokens"))));
         assert_eq!(g.sampling.temperature, 0.5);
         assert_eq!((g.sampling.top_k, g.sampling.seed), (0, 7));
         assert_eq!(g.stop, ["a"]);
