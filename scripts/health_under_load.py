@@ -2,11 +2,13 @@
 """`/health` latency while large request bodies are in flight.
 
 Starts `gemma4 serve` (the bundled tiny checkpoint), sends BODIES concurrent chat requests of
-SIZE_MB megabytes of user text each (far past the context), and polls `/health` meanwhile.
+SIZE_MB megabytes of user text each (far past the context), and polls `/health` meanwhile. With
+`tokenize` last, the bodies go to `/tokenize` as a plain prompt instead, which has no context bound:
+every byte is tokenized (on the CPU pool), which shows what the async workers are spared.
 Prints the latency of `/health` (median, p99, max), how long each big request took to be answered
 and with what status, and the server's peak resident memory.
 
-    python3 scripts/health_under_load.py target/release/gemma4 [BODIES] [SIZE_MB]
+    python3 scripts/health_under_load.py target/release/gemma4 [BODIES] [SIZE_MB] [tokenize]
 """
 
 import json
@@ -37,6 +39,7 @@ def main():
     binary = sys.argv[1]
     bodies = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     size_mb = float(sys.argv[3]) if len(sys.argv) > 3 else 30
+    tokenize = len(sys.argv) > 4 and sys.argv[4] == "tokenize"
     port = free_port()
     proc = subprocess.Popen([binary, "serve", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -56,13 +59,17 @@ def main():
         # Words of ordinary text, so tokenizing is not trivially fast.
         words = "the quick brown fox jumps over the lazy dog " * 64
         text = (words * (int(size_mb * 1e6) // len(words) + 1))[: int(size_mb * 1e6)]
-        body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}).encode()
+        path = "/tokenize" if tokenize else "/v1/chat/completions"
+        if tokenize:
+            body = json.dumps({"prompt": text}).encode()
+        else:
+            body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}).encode()
         results = []
 
         def big():
             t0 = time.time()
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            c.request("POST", path, body, {"Content-Type": "application/json"})
             r = c.getresponse()
             r.read()
             results.append((r.status, time.time() - t0))
@@ -90,7 +97,7 @@ def main():
         sampler.join()
         health.sort()
         pick = lambda q: health[min(len(health) - 1, int(q * len(health)))] * 1000
-        print(f"{bodies} bodies of {size_mb:.0f} MB: answered {sorted(results)} "
+        print(f"{bodies} bodies of {size_mb:.0f} MB to {path}: answered {sorted(results)} "
               f"(all done after {time.time() - start:.2f} s)")
         print(f"/health during: {len(health)} probes, median {pick(0.5):.1f} ms, "
               f"p99 {pick(0.99):.1f} ms, max {health[-1] * 1000:.1f} ms")
