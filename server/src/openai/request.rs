@@ -104,16 +104,6 @@ impl ChatCompletionRequest {
             self.tool_choice,
             Some(ToolChoice::Mode(ToolChoiceMode::None))
         );
-        let mut logit_bias = vec![];
-        for (k, v) in self.logit_bias.iter().flatten() {
-            let id: u32 = k.parse().map_err(|_| {
-                bad(
-                    format!("logit_bias key `{k}` is not a token id"),
-                    "logit_bias",
-                )
-            })?;
-            logit_bias.push((id, v.clamp(-100.0, 100.0)));
-        }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (true, k) => Some(k.unwrap_or(0).min(MAX_TOP_LOGPROBS) as usize),
             (false, Some(k)) if k > 0 => {
@@ -145,16 +135,9 @@ impl ChatCompletionRequest {
                 presence: self.presence_penalty.unwrap_or(0.0),
                 frequency: self.frequency_penalty.unwrap_or(0.0),
                 repetition: self.repetition_penalty.unwrap_or(1.0),
-                logit_bias,
+                logit_bias: logit_bias(self.logit_bias.as_ref())?,
             },
-            stop: match self.stop {
-                None => vec![],
-                Some(Stop::One(s)) => vec![s],
-                Some(Stop::Many(v)) => v,
-            }
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect(),
+            stop: stop_strings(self.stop),
             logprobs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             format: chat_format(self.response_format, self.structured_outputs, &forced_tool)?,
@@ -169,9 +152,38 @@ impl ChatCompletionRequest {
     }
 }
 
+/// `logit_bias`: token ids (as strings) to biases, clamped to [-100, 100].
+pub(crate) fn logit_bias(
+    bias: Option<&std::collections::HashMap<String, f32>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut out = vec![];
+    for (k, v) in bias.into_iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            bad(
+                format!("logit_bias key `{k}` is not a token id"),
+                "logit_bias",
+            )
+        })?;
+        out.push((id, v.clamp(-100.0, 100.0)));
+    }
+    Ok(out)
+}
+
+/// `stop` as a list, empty strings dropped.
+pub(crate) fn stop_strings(stop: Option<Stop>) -> Vec<String> {
+    match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    }
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect()
+}
+
 /// The format a chat request asks for: `response_format` or vLLM's `structured_outputs` (not
 /// both); a 400 names what is wrong.
-fn chat_format(
+pub(crate) fn chat_format(
     response_format: Option<ResponseFormat>,
     structured: Option<StructuredOutputs>,
     forced_tool: &Option<ForcedTool>,
@@ -501,7 +513,7 @@ fn max_soft_tokens(mm: Option<&MmProcessorKwargs>) -> Result<Option<usize>, ApiE
     }
 }
 
-fn max_tokens(requested: Option<u32>) -> Result<Option<u32>, ApiError> {
+pub(crate) fn max_tokens(requested: Option<u32>) -> Result<Option<u32>, ApiError> {
     match requested {
         Some(0) => Err(bad("max_tokens must be at least 1", "max_tokens")),
         n => Ok(n),
@@ -509,7 +521,7 @@ fn max_tokens(requested: Option<u32>) -> Result<Option<u32>, ApiError> {
 }
 
 /// The request's sampling over the server's defaults (the checkpoint's generation config).
-fn sampling(
+pub(crate) fn sampling(
     d: &SamplingParams,
     temperature: Option<f32>,
     top_p: Option<f32>,
