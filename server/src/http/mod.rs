@@ -3,6 +3,7 @@
 //! OpenAI error objects everywhere.
 
 pub mod chat;
+pub mod completions;
 pub mod metrics;
 pub mod responses;
 
@@ -81,6 +82,7 @@ impl AppState {
     ),
     paths(
         chat::chat_completions,
+        completions::completions,
         responses::responses,
         models,
         tokenize,
@@ -93,6 +95,8 @@ impl AppState {
         ChatCompletionRequest,
         ChatCompletion,
         ChatCompletionChunk,
+        crate::openai::completions::CompletionRequest,
+        crate::openai::completions::Completion,
         ResponsesRequest,
         ResponseObject,
         ModelList,
@@ -112,6 +116,7 @@ pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
