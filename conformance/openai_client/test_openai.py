@@ -395,3 +395,83 @@ def test_responses_function_call_and_reasoning(scripted):
     types = [e.type for e in events]
     assert "response.reasoning_text.delta" in types and "response.function_call_arguments.done" in types
     assert types[-1] == "response.completed"
+
+
+# Legacy completions (`/v1/completions`), as lm-eval and other harnesses call them.
+
+def test_completions_prompt_forms(client):
+    text = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert text.object == "text_completion" and text.id.startswith("cmpl-")
+    [c] = text.choices
+    assert c.index == 0 and c.finish_reason == "length" and c.logprobs is None
+    assert text.usage.completion_tokens == 8
+    assert text.usage.total_tokens == text.usage.prompt_tokens + 8
+    # The same prompt as token ids (the tokenizer's, <bos> first) gives the same text.
+    ids = json.loads(urllib.request.urlopen(urllib.request.Request(
+        str(client.base_url).replace("/v1/", "/tokenize"), data=json.dumps({"prompt": "Once upon a time"}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})).read())["tokens"]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == c.text
+    # A list of strings, and a list of token id lists, with n: index = prompt × n + j.
+    for prompt in (["Once upon a time", "Hello"], [ids, ids[:3]]):
+        many = client.completions.create(model="tiny", prompt=prompt, n=2, max_tokens=4, temperature=0)
+        assert [ch.index for ch in many.choices] == [0, 1, 2, 3]
+        assert many.choices[0].text == many.choices[1].text == c.text[:len(many.choices[0].text)]
+        assert many.usage.completion_tokens == 16
+
+
+def test_completions_echo_and_logprobs(client):
+    plain = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                  echo=True, logprobs=2)
+    c = r.choices[0]
+    assert c.text == "Once upon a time" + plain.choices[0].text
+    lp = c.logprobs
+    # The prompt's tokens (the first without a logprob) and then the 6 generated ones.
+    n = r.usage.prompt_tokens + 6
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+    # lm-eval's loglikelihood request: the prompt alone, with its logprobs.
+    ll = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=0, echo=True, logprobs=1)
+    assert ll.choices[0].text == "Once upon a time" and ll.usage.completion_tokens == 0
+    assert ll.choices[0].logprobs.token_logprobs[0] is None
+    assert len(ll.choices[0].logprobs.tokens) == ll.usage.prompt_tokens
+
+
+def test_completions_streaming_with_usage(client):
+    whole = client.completions.create(model="tiny", prompt=["Once upon a time", "Hello"], n=2, max_tokens=8,
+                                      temperature=0)
+    stream = client.completions.create(model="tiny", prompt=["Once upon a time", "Hello"], n=2, max_tokens=8,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    texts, finish, usage = {}, {}, None
+    for chunk in stream:
+        assert chunk.object == "text_completion"
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+    assert texts == {ch.index: ch.text for ch in whole.choices}
+    assert finish == {i: "length" for i in range(4)}
+    assert usage is not None and usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completions_bad_requests(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Once upon a time", suffix="The end.", max_tokens=4)
+    assert e.value.body["param"] == "suffix"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", logprobs=21, max_tokens=4)
+    assert e.value.body["param"] == "logprobs"
+
+
+def test_completions_text_is_not_parsed(scripted):
+    # A completion is the plain text: the thinking and the tool call of the script are not
+    # split out, only the special tokens are dropped.
+    r = scripted.completions.create(model="tiny", prompt="Weather in Paris?", max_tokens=100)
+    text = r.choices[0].text
+    assert text.startswith("thought\nI should look up the weather.call:get_weather{")
+    assert "<|" not in text and "|>" not in text

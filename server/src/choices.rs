@@ -17,6 +17,7 @@ use crate::http::AppState;
 use crate::openai::error::ApiError;
 use crate::openai::protocol::{FunctionCall, LogprobContent, ToolCallChunk, TopLogprob};
 use crate::openai::request::{ForcedTool, Generation};
+use crate::output::detokenize::IncrementalDecoder;
 use crate::output::stop::StopMatcher;
 use crate::output::tool_grammar;
 use crate::output::{OutputParser, ParsedDelta};
@@ -61,22 +62,34 @@ pub struct ChoiceDone {
     pub reasoning_tokens: usize,
 }
 
+/// How the tokens of a choice become its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Chat: reasoning, content and tool calls ([`OutputParser`]).
+    Chat,
+    /// Completions: the plain detokenized text, special tokens skipped. With `prompt_logprobs`,
+    /// the engine runs the prompt's first token and is made to emit the rest as a forced prefix
+    /// (the engine gives logprobs of emitted tokens only): the choice's first updates are then
+    /// the logprobs of the prompt's tokens after the first, without text, and the usage counts
+    /// them as prompt.
+    Text { prompt_logprobs: bool },
+}
+
 /// Builds the prompt of `g` and submits its choices.
 pub async fn start(state: &Arc<AppState>, g: &Generation) -> Result<Choices, ApiError> {
     let prompt = prompt::build(state, &g.conversation).await?;
     submit(state, &prompt, g)
 }
 
-/// Submits `n` choices of `g` over `prompt`. Every choice is submitted before any is read, so an
-/// overloaded server answers 503 before a stream starts; choice i samples with seed + i.
-pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<Choices, ApiError> {
+/// A 400 naming `param` unless a prompt of `prompt_len` tokens and one output token fit the
+/// context and the KV cache.
+pub fn check_prompt(state: &AppState, prompt_len: usize, param: &str) -> Result<(), ApiError> {
     let limit = state.max_model_len;
-    let prompt_len = prompt.ids.len();
     if prompt_len >= limit {
         return Err(ApiError::bad_request(format!(
             "This model's maximum context length is {limit} tokens. However, your request has {prompt_len} input tokens. Please reduce the length of the input messages."
         ))
-        .param(g.conversation.param));
+        .param(param));
     }
     let blocks = state.engine.config().blocks;
     if !blocks.fits(prompt_len + 1) {
@@ -88,8 +101,27 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
             "the prompt ({prompt_len} tokens) and one output token need {} sliding and {} full KV cache blocks of {} tokens; this server has {} and {} (--num-kv-blocks, --kv-cache-memory)",
             need.0[0], need.0[1], blocks.block_size, have.0[0], have.0[1]
         ))
-        .param(g.conversation.param));
+        .param(param));
     }
+    Ok(())
+}
+
+/// Submits `n` choices of `g` over `prompt`. Every choice is submitted before any is read, so an
+/// overloaded server answers 503 before a stream starts; choice i samples with seed + i.
+pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<Choices, ApiError> {
+    submit_as(state, prompt, g, Output::Chat)
+}
+
+/// [`submit`], with the choices' text made as `output` says.
+pub fn submit_as(
+    state: &Arc<AppState>,
+    prompt: &Prompt,
+    g: &Generation,
+    output: Output,
+) -> Result<Choices, ApiError> {
+    let prompt_len = prompt.ids.len();
+    check_prompt(state, prompt_len, g.conversation.param)?;
+    let limit = state.max_model_len;
     let left = limit - prompt_len;
     // As vLLM: asking for more than the context leaves is an error, not a silent clamp.
     let max_new_tokens = match g.max_tokens {
@@ -109,6 +141,14 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         ))
         .param("logit_bias"));
     }
+    // Prompt logprobs: the prompt after its first token is replayed as the first tokens of the
+    // output (text prompts only: a replayed image placeholder would not be an image).
+    let (run, replayed) = match output {
+        Output::Text {
+            prompt_logprobs: true,
+        } => prompt.ids.split_at(prompt_len.min(1)),
+        _ => (&prompt.ids[..], &[][..]),
+    };
     // A forced call (`required` or a named function) is a grammar over the allowed tools: the
     // name and the arguments follow their schemas. Without a grammar compiler, only its
     // opening is forced (the startup log said structured outputs are off).
@@ -123,6 +163,7 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         Some(_) => vec![],
         None => prompt::forced_tool_prefix(&state.tokenizer, g.forced_tool.as_ref())?,
     };
+    let forced_prefix = [replayed, &forced_prefix].concat();
     let format = g.format.clone().or(call_format);
     // Tools offered under `auto`: the text runs free, and a call the model opens follows the
     // grammar (one call at a time; the next `<|tool_call>` starts another).
@@ -155,8 +196,9 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         .param(param)),
     };
     // No tools offered (none given, or `tool_choice: "none"`): the model cannot open a call.
+    // A completion has no tools: its text is the model's, whatever it writes.
     let mut suppress_ids = state.suppress_ids.clone();
-    if g.conversation.tools.is_none() {
+    if g.conversation.tools.is_none() && output == Output::Chat {
         suppress_ids.push(state.special.tool_call_start);
     }
     // One matcher per choice, all compiled before any is submitted.
@@ -174,8 +216,8 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
         let handle = state
             .engine
             .submit(EngineRequest {
-                prompt: prompt.ids.clone(),
-                max_new_tokens,
+                prompt: run.to_vec(),
+                max_new_tokens: replayed.len() + max_new_tokens,
                 sampling,
                 penalties: g.penalties.clone(),
                 stop_ids: if g.ignore_eos {
@@ -194,10 +236,19 @@ pub fn submit(state: &Arc<AppState>, prompt: &Prompt, g: &Generation) -> Result<
                     ApiError::unavailable(e.to_string())
                 }
             })?;
+        let text = match output {
+            Output::Chat => Text::Parsed(OutputParser::new(
+                state.special.clone(),
+                state.tokenizer.clone(),
+            )),
+            Output::Text { .. } => Text::Plain(IncrementalDecoder::new(state.tokenizer.clone())),
+        };
         choices.push(Choice {
             handle: Some(handle),
-            parser: OutputParser::new(state.special.clone(), state.tokenizer.clone()),
+            text,
             stop: StopMatcher::new(g.stop.clone()),
+            replayed: replayed.len(),
+            replay_left: replayed.len(),
             prompt_tokens: prompt_len,
             cached_tokens: 0,
             tokens: 0,
@@ -227,8 +278,13 @@ pub struct Choices {
 struct Choice {
     /// None once the choice has ended (dropping the handle cancels it in the engine).
     handle: Option<RequestHandle>,
-    parser: OutputParser,
+    text: Text,
     stop: StopMatcher,
+    /// Prompt tokens replayed as the first output tokens (prompt logprobs), and those of them
+    /// still to come.
+    replayed: usize,
+    replay_left: usize,
+    /// The whole prompt, replayed tokens included.
     prompt_tokens: usize,
     cached_tokens: usize,
     tokens: usize,
@@ -292,7 +348,19 @@ impl Choices {
                 }
                 c.last = Some(now);
                 c.tokens += 1;
-                let parsed = c.parser.push(&[id]);
+                if c.replay_left > 0 {
+                    // A prompt token: its logprob only (the caller has the prompt's text).
+                    c.replay_left -= 1;
+                    if let Some(lp) = logprob {
+                        let delta = ChoiceDelta {
+                            logprobs: vec![logprob_content(state, lp)],
+                            ..Default::default()
+                        };
+                        ready.push_back((i, ChoiceUpdate::Delta(delta)));
+                    }
+                    return;
+                }
+                let parsed = c.text.push(id);
                 let (mut delta, hit) = c.deltas(parsed);
                 if let Some(lp) = logprob {
                     delta.logprobs.push(logprob_content(state, lp));
@@ -302,17 +370,17 @@ impl Choices {
                 }
                 if hit {
                     state.metrics.end_to_end(c.start.elapsed().as_secs_f64());
-                    let done = c.done("stop", c.prompt_tokens, c.tokens);
+                    let done = c.done("stop", c.tokens);
                     ready.push_back((i, ChoiceUpdate::Done(done)));
                     c.handle = None; // the rest is cancelled
                 }
             }
             Some(EngineEvent::Finished {
                 reason,
-                prompt_tokens,
                 completion_tokens,
+                ..
             }) => {
-                let parsed = c.parser.finish();
+                let parsed = c.text.finish();
                 let (mut delta, _) = c.deltas(parsed);
                 delta.content.push_str(&c.stop.flush());
                 if !delta.is_empty() {
@@ -326,7 +394,7 @@ impl Choices {
                 } else {
                     "stop"
                 };
-                let done = c.done(finish_reason, prompt_tokens, completion_tokens);
+                let done = c.done(finish_reason, completion_tokens);
                 ready.push_back((i, ChoiceUpdate::Done(done)));
                 c.handle = None;
             }
@@ -378,19 +446,50 @@ impl Choice {
         (delta, false)
     }
 
-    fn done(
-        &self,
-        finish_reason: &'static str,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    ) -> ChoiceDone {
+    /// The end of the choice after the engine emitted `emitted` tokens (replayed ones included).
+    fn done(&self, finish_reason: &'static str, emitted: usize) -> ChoiceDone {
         ChoiceDone {
             finish_reason,
-            prompt_tokens,
+            prompt_tokens: self.prompt_tokens,
             cached_tokens: self.cached_tokens,
-            completion_tokens,
-            reasoning_tokens: self.parser.reasoning_tokens(),
+            completion_tokens: emitted.saturating_sub(self.replayed),
+            reasoning_tokens: match &self.text {
+                Text::Parsed(p) => p.reasoning_tokens(),
+                Text::Plain(_) => 0,
+            },
         }
+    }
+}
+
+/// A choice's text as it is made ([`Output`]).
+enum Text {
+    Parsed(OutputParser),
+    Plain(IncrementalDecoder),
+}
+
+impl Text {
+    fn push(&mut self, id: u32) -> Vec<ParsedDelta> {
+        match self {
+            Text::Parsed(p) => p.push(&[id]),
+            Text::Plain(d) => {
+                d.push(&[id]);
+                content(d.next_text())
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Vec<ParsedDelta> {
+        match self {
+            Text::Parsed(p) => p.finish(),
+            Text::Plain(d) => content(d.flush()),
+        }
+    }
+}
+
+fn content(text: String) -> Vec<ParsedDelta> {
+    match text.is_empty() {
+        true => vec![],
+        false => vec![ParsedDelta::Content(text)],
     }
 }
 

@@ -2005,3 +2005,366 @@ fn an_image_beyond_the_position_table_is_a_400() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Legacy completions (`POST /v1/completions`).
+
+fn completion(extra: Value) -> Value {
+    let mut body =
+        json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn complete(extra: Value) -> Value {
+    let r = post("/v1/completions", completion(extra));
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// The tokenizer's ids of `text` (with `<bos>` unless `add_special_tokens` is false).
+fn token_ids(text: &str, add_special_tokens: bool) -> Vec<u64> {
+    let body = json!({"prompt": text, "add_special_tokens": add_special_tokens});
+    let v = post("/tokenize", body).json();
+    let ids = v["tokens"].as_array().unwrap();
+    ids.iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+fn usage_of(v: &Value) -> (u64, u64) {
+    let u = &v["usage"];
+    let (p, c) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), p + c, "{u}");
+    (p, c)
+}
+
+fn assert_param(r: &Reply, status: u16, param: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], param, "{}", r.body);
+}
+
+#[test]
+fn completion_greedy_text_and_ids_agree() {
+    let v = complete(json!({}));
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(v["model"], "tiny");
+    let c = &v["choices"][0];
+    assert_eq!(c["index"], 0);
+    assert_eq!(c["finish_reason"], "length");
+    assert!(c["logprobs"].is_null());
+    let text = c["text"].as_str().unwrap();
+    let ids = token_ids("Once upon a time", true);
+    assert_eq!(usage_of(&v), (ids.len() as u64, 8));
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+    // Greedy is deterministic, and the same prompt as token ids is the same prompt.
+    assert_eq!(complete(json!({}))["choices"][0]["text"], text);
+    let by_ids = complete(json!({ "prompt": ids }));
+    assert_eq!(by_ids["choices"][0]["text"], text);
+    assert_eq!(usage_of(&by_ids), usage_of(&v));
+    // Without special tokens the prompt has no <bos>.
+    let bare = complete(json!({"add_special_tokens": false}));
+    assert_eq!(usage_of(&bare).0, ids.len() as u64 - 1);
+    // The chat path runs the same engine: its answer is the completion of the chat prompt's ids.
+    let chat_ids = post(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "Hello there"}]}),
+    )
+    .json()["tokens"]
+        .clone();
+    let answer = post("/v1/chat/completions", chat(json!({}))).json();
+    let completed = complete(json!({ "prompt": chat_ids }));
+    assert_eq!(
+        completed["choices"][0]["text"],
+        answer["choices"][0]["message"]["content"]
+    );
+}
+
+#[test]
+fn completion_prompts_times_n() {
+    let prompts = ["Once upon a time", "The weather today"];
+    let v = complete(json!({"prompt": prompts, "n": 2}));
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        // Choice p × n + j is of prompt p: greedy, each is that prompt's completion alone.
+        let alone = complete(json!({"prompt": prompts[i / 2]}));
+        assert_eq!(c["text"], alone["choices"][0]["text"], "choice {i}");
+    }
+    // Each prompt counted once (as vLLM), every choice's completion tokens.
+    let prompt_tokens: usize = prompts.iter().map(|p| token_ids(p, true).len()).sum();
+    assert_eq!(usage_of(&v), (prompt_tokens as u64, 4 * 8));
+    // Lists of token ids: the same.
+    let ids: Vec<Vec<u64>> = prompts.iter().map(|p| token_ids(p, true)).collect();
+    let by_ids = complete(json!({"prompt": ids, "n": 2}));
+    assert_eq!(by_ids["choices"], v["choices"]);
+    // Seeded sampling: reproducible, and the choices of a prompt differ (seed + j).
+    let seeded =
+        json!({"prompt": prompts, "n": 2, "temperature": 1.0, "seed": 5, "max_tokens": 12});
+    let a = complete(seeded.clone());
+    assert_eq!(a["choices"], complete(seeded)["choices"]);
+    assert_ne!(a["choices"][0]["text"], a["choices"][1]["text"]);
+}
+
+#[test]
+fn completion_echo() {
+    let plain = complete(json!({}));
+    let generated = plain["choices"][0]["text"].as_str().unwrap();
+    let echoed = complete(json!({"echo": true}));
+    assert_eq!(
+        echoed["choices"][0]["text"].as_str().unwrap(),
+        format!("Once upon a time{generated}")
+    );
+    // max_tokens 0: the prompt alone.
+    let only = complete(json!({"echo": true, "max_tokens": 0, "n": 2}));
+    for c in only["choices"].as_array().unwrap() {
+        assert_eq!(c["text"], "Once upon a time");
+        assert_eq!(c["finish_reason"], "length");
+    }
+    let ids = token_ids("Once upon a time", true);
+    assert_eq!(usage_of(&only), (ids.len() as u64, 0));
+    // Token ids are echoed decoded, special tokens kept (as vLLM).
+    let by_ids = complete(json!({"prompt": ids, "echo": true, "max_tokens": 0}));
+    assert_eq!(by_ids["choices"][0]["text"], "<bos>Once upon a time");
+}
+
+/// The legacy logprobs of choice `c`: (tokens, token_logprobs, top_logprobs, text_offset).
+fn legacy_logprobs(c: &Value) -> (Vec<String>, Vec<Option<f64>>, Vec<Value>, Vec<u64>) {
+    let lp = &c["logprobs"];
+    let list = |k: &str| {
+        lp[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {k}: {lp}"))
+            .clone()
+    };
+    let tokens: Vec<String> = list("tokens")
+        .iter()
+        .map(|t| t.as_str().unwrap().into())
+        .collect();
+    let logprobs = list("token_logprobs").iter().map(Value::as_f64).collect();
+    let offsets = list("text_offset")
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    (tokens, logprobs, list("top_logprobs"), offsets)
+}
+
+#[test]
+fn completion_logprobs_shape() {
+    let v = complete(json!({"logprobs": 3, "max_tokens": 10}));
+    let c = &v["choices"][0];
+    let (tokens, logprobs, tops, offsets) = legacy_logprobs(c);
+    assert_eq!(tokens.len() as u64, usage_of(&v).1);
+    assert_eq!((logprobs.len(), tops.len(), offsets.len()), (10, 10, 10));
+    let mut at = 0;
+    for i in 0..10 {
+        let lp = logprobs[i].unwrap();
+        assert!(lp <= 0.0);
+        // The token and the 3 most likely, each text once (byte-fallback pieces all read
+        // "\u{FFFD}"): at most 4 entries.
+        let top = tops[i].as_object().unwrap();
+        assert!((1..=4).contains(&top.len()), "{top:?}");
+        assert_eq!(top[&tokens[i]].as_f64(), Some(lp));
+        // Greedy: the token is the most likely.
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(best, lp);
+        assert_eq!(offsets[i], at);
+        at += tokens[i].chars().count() as u64;
+    }
+    // logprobs 0: the token alone.
+    let v = complete(json!({"logprobs": 0}));
+    let (_, _, tops, _) = legacy_logprobs(&v["choices"][0]);
+    assert!(tops.iter().all(|t| t.as_object().unwrap().len() == 1));
+}
+
+#[test]
+fn completion_prompt_logprobs_equal_the_generated_ones() {
+    // Greedy from P gives tokens T with their logprobs; echoing P + T with max_tokens 0 must
+    // give T's positions the same logprobs (P + T replayed after its first token). An
+    // end-of-turn id inside the prompt must not cut it short.
+    let turn_end = token_ids("<turn|>", false);
+    assert_eq!(turn_end.len(), 1);
+    let mut prompt = token_ids("Once upon a time", true);
+    prompt.extend(&turn_end);
+    prompt.extend(token_ids(" there was", false));
+    let first = complete(json!({"prompt": prompt, "logprobs": 2, "max_tokens": 6}));
+    let (gen_tokens, gen_lps, gen_tops, _) = legacy_logprobs(&first["choices"][0]);
+    // The ids of T: the engine's own greedy run (the completion's tokens are those).
+    let generated = engine_greedy(&prompt, 6);
+    for (id, token) in generated.iter().zip(&gen_tokens) {
+        let text = post("/detokenize", json!({"tokens": [id]})).json()["prompt"].clone();
+        assert_eq!(&text, token);
+    }
+    let mut whole = prompt.clone();
+    whole.extend(&generated);
+    let echoed = complete(json!({"prompt": whole, "logprobs": 2, "max_tokens": 0, "echo": true}));
+    let c = &echoed["choices"][0];
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(usage_of(&echoed), (whole.len() as u64, 0));
+    let (tokens, lps, tops, _) = legacy_logprobs(c);
+    assert_eq!(tokens.len(), whole.len());
+    assert_eq!(tokens[0], "<bos>");
+    assert!(lps[0].is_none() && tops[0].is_null());
+    assert!(lps[1..].iter().all(|l| l.is_some_and(|l| l <= 0.0)));
+    let tail = whole.len() - 6;
+    for i in 0..6 {
+        let (a, b) = (gen_lps[i].unwrap(), lps[tail + i].unwrap());
+        assert!(
+            (a - b).abs() < 1e-3,
+            "position {i}: {a} generated, {b} replayed"
+        );
+        let keys = |t: &Value| {
+            let mut k: Vec<String> = t.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&gen_tops[i]), keys(&tops[tail + i]), "position {i}");
+    }
+    // With generation after the echo: the prompt's entries, then the generated ones.
+    let more = complete(json!({"prompt": prompt, "logprobs": 1, "max_tokens": 4, "echo": true}));
+    let (tokens, lps, _, _) = legacy_logprobs(&more["choices"][0]);
+    assert_eq!(usage_of(&more), (prompt.len() as u64, 4));
+    assert_eq!(
+        (tokens.len(), lps.len()),
+        (prompt.len() + 4, prompt.len() + 4)
+    );
+    // A one-token prompt has nothing to replay.
+    let one = complete(json!({"prompt": [2], "logprobs": 1, "max_tokens": 0, "echo": true}));
+    let (tokens, lps, _, _) = legacy_logprobs(&one["choices"][0]);
+    assert_eq!((tokens, lps), (vec!["<bos>".to_string()], vec![None]));
+}
+
+/// The engine's greedy continuation of `prompt`, run directly: `n` token ids.
+fn engine_greedy(prompt: &[u64], n: usize) -> Vec<u64> {
+    let ids = prompt.iter().map(|&t| t as u32).collect();
+    let req = gemma4_engine::EngineRequest::greedy(ids, n);
+    let mut handle = server().state.engine.submit(req).unwrap();
+    let mut out = vec![];
+    loop {
+        match handle.events.blocking_recv() {
+            Some(gemma4_engine::EngineEvent::Token { id, .. }) => out.push(u64::from(id)),
+            Some(gemma4_engine::EngineEvent::Error(e)) => panic!("{e}"),
+            Some(gemma4_engine::EngineEvent::Finished { .. }) | None => return out,
+            Some(_) => {}
+        }
+    }
+}
+
+/// Per choice index: the text and the logprobs lists of a streamed completion, concatenated.
+fn stream_choices(r: &Reply) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = vec![];
+    for e in r.events() {
+        if e == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(v["object"], "text_completion");
+        for c in v["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if out.len() <= i {
+                out.resize(i + 1, (String::new(), json!({})));
+            }
+            out[i].0.push_str(c["text"].as_str().unwrap());
+            if let Some(lp) = c["logprobs"].as_object() {
+                for (k, list) in lp {
+                    let acc = out[i]
+                        .1
+                        .as_object_mut()
+                        .unwrap()
+                        .entry(k.clone())
+                        .or_insert(json!([]));
+                    acc.as_array_mut()
+                        .unwrap()
+                        .extend(list.as_array().unwrap().iter().cloned());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn completion_stream_equals_non_stream() {
+    for extra in [
+        json!({"prompt": ["Once upon a time", "The weather today"], "n": 2, "max_tokens": 10}),
+        json!({"echo": true, "logprobs": 2, "max_tokens": 5}),
+        json!({"echo": true, "max_tokens": 0}),
+    ] {
+        let whole = complete(extra.clone());
+        let mut streamed = extra.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let r = post("/v1/completions", completion(streamed.clone()));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let events = r.events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"], whole["usage"], "{extra}");
+        let choices = stream_choices(&r);
+        let expected = whole["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), expected.len());
+        for (c, e) in choices.iter().zip(expected) {
+            assert_eq!(c.0, e["text"].as_str().unwrap(), "{extra}");
+            if !e["logprobs"].is_null() {
+                assert_eq!(c.1, e["logprobs"], "{extra}");
+            }
+        }
+        // Without include_usage, no usage chunk.
+        streamed["stream_options"] = json!({"include_usage": false});
+        let r = post("/v1/completions", completion(streamed));
+        assert!(r.events().iter().all(|e| !e.contains("\"usage\"")));
+    }
+}
+
+#[test]
+fn completion_stop_strings() {
+    let whole = complete(json!({"max_tokens": 16}));
+    let text = whole["choices"][0]["text"].as_str().unwrap();
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    for stop in [json!(stop), json!(["never in gibberish", stop])] {
+        let v = complete(json!({"max_tokens": 16, "stop": stop}));
+        assert_eq!(v["choices"][0]["text"], cut);
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn completion_bad_requests_name_their_param() {
+    let bad = |extra: Value| post("/v1/completions", completion(extra));
+    assert_param(&bad(json!({"suffix": "x"})), 400, "suffix");
+    assert_param(&bad(json!({"best_of": 3})), 400, "best_of");
+    assert_param(&bad(json!({"logprobs": 21})), 400, "logprobs");
+    assert_param(&bad(json!({"max_tokens": 0})), 400, "max_tokens");
+    assert_param(&bad(json!({"n": 17})), 400, "n");
+    for empty in [json!(""), json!([]), json!(["a", ""]), json!([[]])] {
+        assert_param(&bad(json!({ "prompt": empty })), 400, "prompt");
+    }
+    let r = bad(json!({"prompt": [2, 1_000_000]}));
+    assert_param(&r, 400, "prompt");
+    assert_error(&r, 400, "outside the vocabulary");
+    let r = bad(json!({"prompt": ["fine", [1]]}));
+    assert_error(&r, 400, "prompt[1]");
+    let r = bad(json!({"prompt": "word ".repeat(400)}));
+    assert_param(&r, 400, "prompt");
+    assert_error(&r, 400, "maximum context length is 256");
+    assert_error(&bad(json!({"model": "other"})), 404, "does not exist");
+    let unauthorized = request("POST", "/v1/completions", Some(b"{}"), None);
+    assert_error(&unauthorized, 401, "API key");
+    let spec = request("GET", "/openapi.json", None, None).json();
+    assert!(spec["paths"]["/v1/completions"].is_object());
+    let schemas = &spec["components"]["schemas"];
+    assert_eq!(schemas["CompletionRequest"]["required"], json!(["prompt"]));
+    assert!(schemas["Completion"].is_object());
+    assert_eq!(complete(json!({})).as_object().unwrap().len(), 6);
+}

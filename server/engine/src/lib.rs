@@ -364,7 +364,8 @@ pub struct EngineRequest {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub penalties: Penalties,
-    /// Stop after emitting one of these ids (the id is reported, then the request finishes).
+    /// Stop after sampling one of these ids (the id is reported, then the request finishes);
+    /// an id of `forced_prefix` never stops it.
     pub stop_ids: Vec<u32>,
     /// Never sampled.
     pub suppress_ids: Vec<u32>,
@@ -1418,7 +1419,9 @@ fn sample_next<C, S>(seq: &mut Seq<C, S>) -> Next {
     if grammar_done {
         return Next::Done(FinishReason::Stop);
     }
-    if req.stop_ids.contains(&id) {
+    // A forced token is the caller's, not the model's: it never ends the request (a prompt
+    // replayed for its logprobs may hold an end-of-turn id).
+    if forced.is_none() && req.stop_ids.contains(&id) {
         return Next::Done(FinishReason::Stop);
     }
     if seq.generated.len() >= req.max_new_tokens {
@@ -1887,6 +1890,23 @@ mod tests {
         for (i, (a, b)) in rows.iter().zip(&top).enumerate() {
             assert_eq!(a, b, "request {i}: {:?}", requests[i].sampling);
         }
+    }
+
+    #[test]
+    fn a_forced_stop_id_does_not_end_the_request() {
+        // The forced prefix holds a stop id: it is emitted, and the request goes on.
+        let mut r = request(vec![1, 2, 3], vec![]);
+        r.forced_prefix = vec![7, 8, 9];
+        r.stop_ids = vec![8];
+        r.max_new_tokens = 3;
+        let config = EngineConfig {
+            max_num_seqs: 4,
+            prefill_chunk: 16,
+            max_waiting: 4,
+            blocks: BlockBudget::default(),
+        };
+        let (out, _) = generate(&[r], config, BlockBudget::default(), true);
+        assert_eq!(out[0], Ok(vec![7, 8, 9]));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod chat;
+pub mod completions;
 pub mod listener;
 pub mod metrics;
 pub mod responses;
@@ -89,6 +90,7 @@ impl AppState {
     ),
     paths(
         chat::chat_completions,
+        completions::completions,
         responses::responses,
         models,
         tokenize,
@@ -101,6 +103,8 @@ impl AppState {
         ChatCompletionRequest,
         ChatCompletion,
         ChatCompletionChunk,
+        crate::openai::completions::CompletionRequest,
+        crate::openai::completions::Completion,
         ResponsesRequest,
         ResponseObject,
         ModelList,
@@ -120,6 +124,7 @@ pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))

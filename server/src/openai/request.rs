@@ -111,16 +111,6 @@ impl ChatCompletionRequest {
             self.tool_choice,
             Some(ToolChoice::Mode(ToolChoiceMode::None))
         );
-        let mut logit_bias = vec![];
-        for (k, v) in self.logit_bias.iter().flatten() {
-            let id: u32 = k.parse().map_err(|_| {
-                bad(
-                    format!("logit_bias key `{k}` is not a token id"),
-                    "logit_bias",
-                )
-            })?;
-            logit_bias.push((id, v.clamp(-100.0, 100.0)));
-        }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (_, Some(k)) if k > MAX_TOP_LOGPROBS => {
                 return Err(bad(
@@ -171,16 +161,9 @@ impl ChatCompletionRequest {
                 self.presence_penalty,
                 self.frequency_penalty,
                 self.repetition_penalty,
-                logit_bias,
+                logit_bias(self.logit_bias.as_ref())?,
             )?,
-            stop: match self.stop {
-                None => vec![],
-                Some(Stop::One(s)) => vec![s],
-                Some(Stop::Many(v)) => v,
-            }
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect(),
+            stop: stop_strings(self.stop),
             logprobs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             format: chat_format(self.response_format, self.structured_outputs, &forced_tool)?,
@@ -195,9 +178,38 @@ impl ChatCompletionRequest {
     }
 }
 
+/// `logit_bias`: token ids (as strings) to biases, clamped to [-100, 100].
+pub(crate) fn logit_bias(
+    bias: Option<&std::collections::HashMap<String, f32>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut out = vec![];
+    for (k, v) in bias.into_iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            bad(
+                format!("logit_bias key `{k}` is not a token id"),
+                "logit_bias",
+            )
+        })?;
+        out.push((id, v.clamp(-100.0, 100.0)));
+    }
+    Ok(out)
+}
+
+/// `stop` as a list, empty strings dropped.
+pub(crate) fn stop_strings(stop: Option<Stop>) -> Vec<String> {
+    match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    }
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect()
+}
+
 /// The format a chat request asks for: `response_format` or vLLM's `structured_outputs` (not
 /// both); a 400 names what is wrong.
-fn chat_format(
+pub(crate) fn chat_format(
     response_format: Option<ResponseFormat>,
     structured: Option<StructuredOutputs>,
     forced_tool: &Option<ForcedTool>,
@@ -529,7 +541,7 @@ fn max_soft_tokens(mm: Option<&MmProcessorKwargs>) -> Result<Option<usize>, ApiE
     }
 }
 
-fn max_tokens(
+pub(crate) fn max_tokens(
     requested: Option<u32>,
     param: &'static str,
 ) -> Result<Option<(u32, &'static str)>, ApiError> {
@@ -557,7 +569,7 @@ fn reasoning_effort(effort: Option<&str>, param: &str) -> Result<Option<bool>, A
 }
 
 /// vLLM's ranges: presence and frequency penalties in [-2, 2], a repetition penalty above 0.
-fn penalties(
+pub(crate) fn penalties(
     presence: Option<f32>,
     frequency: Option<f32>,
     repetition: Option<f32>,
@@ -649,7 +661,7 @@ fn check_tool(f: &FunctionDef, at: &str) -> Result<(), ApiError> {
 }
 
 /// The request's sampling over the server's defaults (the checkpoint's generation config).
-fn sampling(
+pub(crate) fn sampling(
     d: &SamplingParams,
     temperature: Option<f32>,
     top_p: Option<f32>,
