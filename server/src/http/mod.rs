@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod metrics;
+pub mod response_store;
 pub mod responses;
 
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub images: images::ImageSettings,
     /// Structured outputs: the grammar compiler over the vocabulary, or why there is none.
     pub grammars: Result<gemma4_engine::structured::Grammars, String>,
+    /// Finished Responses kept for `GET /v1/responses/{id}` and `previous_response_id`.
+    pub responses: response_store::ResponseStore,
 }
 
 impl AppState {
@@ -82,6 +85,8 @@ impl AppState {
     paths(
         chat::chat_completions,
         responses::responses,
+        responses::get_response,
+        responses::delete_response,
         models,
         tokenize,
         detokenize,
@@ -95,6 +100,7 @@ impl AppState {
         ChatCompletionChunk,
         ResponsesRequest,
         ResponseObject,
+        DeletedResponse,
         ModelList,
         TokenizeRequest,
         TokenizeResponse,
@@ -113,6 +119,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/responses", post(responses::responses))
+        .route(
+            "/v1/responses/{response_id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))

@@ -44,6 +44,16 @@ impl Conversation {
             .cloned()
             .unwrap_or_else(|| format!("{}[{i}]", self.param))
     }
+
+    /// Puts `earlier` (a stored response's conversation, `previous_response_id`) before the
+    /// request's own messages, after its first `at` (its instructions), labelled by the stored
+    /// response's id. For Responses requests, whose labels name every message.
+    pub fn continue_from(&mut self, at: usize, earlier: Vec<Message>, id: &str) {
+        let at = at.min(self.labels.len()).min(self.messages.len());
+        let labels = (0..earlier.len()).map(|k| format!("previous_response_id {id} message {k}"));
+        self.labels.splice(at..at, labels);
+        self.messages.splice(at..at, earlier);
+    }
 }
 
 /// A tool call the answer must start with (`tool_choice` "required" or a named function).
@@ -260,6 +270,9 @@ fn structured_outputs_of(so: StructuredOutputs) -> Result<Format, ApiError> {
 
 impl ResponsesRequest {
     pub fn validate(&self, defaults: &SamplingParams) -> Result<Generation, ApiError> {
+        if self.background == Some(true) {
+            return Err(bad("background responses are not supported", "background"));
+        }
         let (messages, labels) = self.messages()?;
         let thinking = self
             .reasoning
@@ -366,6 +379,17 @@ impl ResponsesRequest {
             }
             ResponsesInput::Items(items) => items,
         };
+        Self::item_messages(items, &mut msgs, &mut labels)?;
+        Ok((msgs, labels))
+    }
+
+    /// Appends input items (or a stored response's output items) to `msgs` as chat messages,
+    /// each labelled by its item.
+    pub fn item_messages(
+        items: &[InputItem],
+        msgs: &mut Vec<Message>,
+        labels: &mut Vec<String>,
+    ) -> Result<(), ApiError> {
         for (n, item) in items.iter().enumerate() {
             match item {
                 InputItem::Message { role, content } => {
@@ -432,7 +456,7 @@ impl ResponsesRequest {
                 InputItem::Reasoning {} => {}
             }
         }
-        Ok((msgs, labels))
+        Ok(())
     }
 }
 
