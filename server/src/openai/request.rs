@@ -710,4 +710,51 @@ mod tests {
             serde_json::from_value(json!({"input": [{"type": "web_search_call"}]}));
         assert!(bad.unwrap_err().to_string().contains("input[0]"));
     }
+
+    #[test]
+    fn a_continuation_goes_after_the_instructions_with_its_labels() {
+        let req: ResponsesRequest = serde_json::from_value(json!({
+            "instructions": "be brief",
+            "input": [{"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+            "previous_response_id": "resp_1",
+        }))
+        .unwrap();
+        let mut g = req.validate(&defaults()).unwrap();
+        let earlier = vec![
+            Message::User {
+                content: Content::Text("weather?".into()),
+            },
+            Message::Assistant {
+                content: None,
+                reasoning_content: None,
+                tool_calls: vec![],
+            },
+        ];
+        g.conversation.continue_from(1, earlier, "resp_1");
+        let c = &g.conversation;
+        assert_eq!(
+            c.labels,
+            [
+                "instructions",
+                "previous_response_id resp_1 message 0",
+                "previous_response_id resp_1 message 1",
+                "input[0]"
+            ]
+        );
+        let kinds: Vec<_> = c
+            .messages
+            .iter()
+            .map(|m| match m {
+                Message::System { .. } => "system",
+                Message::User { .. } => "user",
+                Message::Assistant { .. } => "assistant",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["system", "user", "assistant", "other"]);
+        let background: ResponsesRequest =
+            serde_json::from_value(json!({"input": "hi", "background": true})).unwrap();
+        let e = background.validate(&defaults()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("background"));
+    }
 }
