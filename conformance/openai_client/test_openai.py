@@ -475,3 +475,37 @@ def test_completions_text_is_not_parsed(scripted):
     text = r.choices[0].text
     assert text.startswith("thought\nI should look up the weather.call:get_weather{")
     assert "<|" not in text and "|>" not in text
+
+
+def test_stored_responses(client):
+    r = client.responses.create(model="tiny", input="Say hi", instructions="Be brief", max_output_tokens=6, temperature=0)
+    assert r.store is True and r.previous_response_id is None
+    assert client.responses.retrieve(r.id).model_dump() == r.model_dump()
+    # A continuation's prompt holds the earlier turn.
+    nxt = client.responses.create(model="tiny", input="And again?", previous_response_id=r.id, max_output_tokens=6, temperature=0)
+    alone = client.responses.create(model="tiny", input="And again?", max_output_tokens=6, temperature=0)
+    assert nxt.previous_response_id == r.id
+    assert nxt.usage.input_tokens > alone.usage.input_tokens
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.retrieve(r.id)
+    assert e.value.param == "response_id" and r.id in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model="tiny", input="x", previous_response_id=r.id)
+    assert e.value.param == "previous_response_id"
+    unkept = client.responses.create(model="tiny", input="Say hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
+def test_responses_function_call_continuation(scripted):
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}]
+    r = scripted.responses.create(model="tiny", input="Weather in Paris?", tools=tools)
+    [call] = [o for o in r.output if o.type == "function_call"]
+    result = [{"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temp": 21})}]
+    nxt = scripted.responses.create(model="tiny", input=result, previous_response_id=r.id, tools=tools)
+    assert nxt.status == "completed" and nxt.previous_response_id == r.id
+    assert nxt.usage.input_tokens > r.usage.input_tokens
+    # Without the stored call, the result answers no call: a 400.
+    with pytest.raises(openai.BadRequestError):
+        scripted.responses.create(model="tiny", input=result, tools=tools)

@@ -105,6 +105,15 @@ pub struct ServeArgs {
     /// Seconds the fetch of one image URL may take.
     #[arg(long, default_value_t = crate::images::DEFAULT_FETCH_TIMEOUT_SECS)]
     pub image_fetch_timeout: u64,
+    /// Bytes of finished Responses kept in memory (lost at restart) for `GET /v1/responses/{id}`
+    /// and `previous_response_id`, counted approximately as their conversation and output. When
+    /// a new one does not fit, the oldest are evicted first; one larger than the whole budget is
+    /// not kept (its id then answers 404). 0 keeps none.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub responses_store_max_bytes: usize,
+    /// Seconds a stored response is kept after it finished.
+    #[arg(long, default_value_t = 3600)]
+    pub responses_store_ttl: u64,
 }
 
 impl ServeArgs {
@@ -214,6 +223,10 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
         created: http::now_secs(),
         images,
         grammars,
+        responses: http::response_store::ResponseStore::new(
+            args.responses_store_max_bytes,
+            Duration::from_secs(args.responses_store_ttl),
+        ),
     })
 }
 

@@ -95,6 +95,8 @@ fn start_with_args(
         image_ca_file: None,
         limit_images_per_prompt: 8,
         image_fetch_timeout: 5,
+        responses_store_max_bytes: 256 << 20,
+        responses_store_ttl: 3600,
     };
     edit(&mut args);
     let (engine, meta) = start_engine::<gemma4_model::CpuBackend>(&args, Default::default(), false)
@@ -2367,4 +2369,178 @@ fn completion_bad_requests_name_their_param() {
     assert_eq!(schemas["CompletionRequest"]["required"], json!(["prompt"]));
     assert!(schemas["Completion"].is_object());
     assert_eq!(complete(json!({})).as_object().unwrap().len(), 6);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stored responses: GET and DELETE /v1/responses/{id}, `store`, `previous_response_id`.
+
+/// GET or DELETE of a stored response on the server at `addr`.
+fn stored_at(addr: SocketAddr, method: &str, id: &str) -> Reply {
+    request_to(
+        addr,
+        method,
+        &format!("/v1/responses/{id}"),
+        None,
+        Some(KEY),
+    )
+}
+
+fn stored(method: &str, id: &str) -> Reply {
+    stored_at(server().addr, method, id)
+}
+
+/// A 404 for the response `id`, naming it and the field it came in.
+fn assert_not_found(r: &Reply, id: &str, param: &str) {
+    assert_error(r, 404, id);
+    let e = &r.json()["error"];
+    assert_eq!(
+        (&e["param"], &e["code"]),
+        (&json!(param), &json!("response_not_found"))
+    );
+}
+
+fn response(extra: Value) -> Value {
+    let mut body =
+        json!({"model": "tiny", "input": "Hello there", "max_output_tokens": 8, "temperature": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = post("/v1/responses", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+fn output_text(r: &Value) -> String {
+    r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["type"] == "message")
+        .map(|o| o["content"][0]["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn stored_responses_get_and_delete() {
+    let r = response(json!({"instructions": "Be brief", "background": false}));
+    assert_eq!(
+        (&r["store"], &r["previous_response_id"]),
+        (&json!(true), &Value::Null)
+    );
+    let id = r["id"].as_str().unwrap();
+    assert_eq!(stored("GET", id).json(), r);
+    assert_eq!(
+        request("GET", &format!("/v1/responses/{id}"), None, None).status,
+        401
+    );
+    let deleted = stored("DELETE", id);
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(
+        deleted.json(),
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    assert_not_found(&stored("GET", id), id, "response_id");
+    assert_not_found(&stored("DELETE", id), id, "response_id");
+    // `store: false` keeps nothing.
+    let r = response(json!({"store": false}));
+    assert_eq!(r["store"], false);
+    let id = r["id"].as_str().unwrap();
+    assert_not_found(&stored("GET", id), id, "response_id");
+    assert_not_found(
+        &post(
+            "/v1/responses",
+            json!({"input": "hi", "previous_response_id": id}),
+        ),
+        id,
+        "previous_response_id",
+    );
+    let r = post("/v1/responses", json!({"input": "hi", "background": true}));
+    assert_error(&r, 400, "background");
+    assert_eq!(r.json()["error"]["param"], "background");
+    let spec = request("GET", "/openapi.json", None, None).json();
+    let path = &spec["paths"]["/v1/responses/{response_id}"];
+    assert!(
+        path["get"].is_object() && path["delete"].is_object(),
+        "{path}"
+    );
+}
+
+#[test]
+fn streamed_responses_are_stored() {
+    let s = post(
+        "/v1/responses",
+        json!({"input": "Say hi", "max_output_tokens": 4, "stream": true, "temperature": 0}),
+    );
+    let last: Value = serde_json::from_str(s.events().last().expect("events")).unwrap();
+    let r = &last["response"];
+    assert_eq!(r["status"], "incomplete", "{last}");
+    assert_eq!(stored("GET", r["id"].as_str().unwrap()).json(), *r);
+}
+
+/// A continuation prompts exactly as a request that spells out the same conversation: the
+/// earlier input and output, without the earlier instructions, after the new instructions.
+#[test]
+fn previous_response_id_continues_the_conversation() {
+    let first = response(json!({"instructions": "Be brief"}));
+    assert!(!output_text(&first).is_empty(), "{first}");
+    let again = json!({"role": "user", "content": "And again?"});
+    let next = response(json!({
+        "instructions": "Answer in French",
+        "input": [again],
+        "previous_response_id": first["id"],
+    }));
+    assert_eq!(next["previous_response_id"], first["id"]);
+    let mut items = vec![json!({"role": "user", "content": "Hello there"})];
+    items.extend(first["output"].as_array().unwrap().iter().cloned());
+    items.push(again.clone());
+    let spelled = response(json!({"instructions": "Answer in French", "input": items}));
+    let tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap();
+    assert_eq!(tokens(&next), tokens(&spelled));
+    assert_eq!(output_text(&next), output_text(&spelled));
+    let alone = response(json!({"instructions": "Answer in French", "input": [again]}));
+    assert!(tokens(&next) > tokens(&alone), "{next}\n{alone}");
+    // The continuation is stored in turn, and continues.
+    let third = response(json!({"input": "Once more", "previous_response_id": next["id"]}));
+    assert!(tokens(&third) > tokens(&next));
+}
+
+#[test]
+fn the_store_evicts_the_oldest_and_skips_what_exceeds_its_budget() {
+    let small = start_with_args(
+        bundled_model(),
+        256,
+        64,
+        false,
+        None,
+        |a| a.responses_store_max_bytes = 2000,
+        |_| {},
+    );
+    // `extra` makes a response large: tools are kept with it but, under tool_choice "none",
+    // not rendered into the prompt.
+    let create = |extra: Value| {
+        let mut body = json!({"input": "Hello there", "max_output_tokens": 2, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post_at(small.addr, "/v1/responses", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let present = |id: &String| stored_at(small.addr, "GET", id).status == 200;
+    let mut ids = vec![];
+    while ids.len() < 12 && ids.first().is_none_or(present) {
+        ids.push(create(json!({})));
+        // What is kept is always the newest ones.
+        let kept: Vec<bool> = ids.iter().map(present).collect();
+        assert!(kept.windows(2).all(|w| w[0] <= w[1]), "{kept:?}");
+        assert!(kept.last() == Some(&true));
+    }
+    assert!(!present(&ids[0]), "2000 bytes held {} responses", ids.len());
+    let kept = ids.iter().filter(|id| present(id)).count();
+    assert!(kept >= 2, "{kept}");
+    // One larger than the whole budget is answered but not kept, and evicts nothing.
+    let tools = json!([{"type": "function", "name": "f", "description": "x".repeat(2000)}]);
+    let big = create(json!({"tools": tools, "tool_choice": "none"}));
+    assert!(!present(&big));
+    assert_eq!(ids.iter().filter(|id| present(id)).count(), kept);
 }

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod completions;
 pub mod listener;
 pub mod metrics;
+pub mod response_store;
 pub mod responses;
 
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub images: images::ImageSettings,
     /// Structured outputs: the grammar compiler over the vocabulary, or why there is none.
     pub grammars: Result<gemma4_engine::structured::Grammars, String>,
+    /// Finished Responses kept for `GET /v1/responses/{id}` and `previous_response_id`.
+    pub responses: response_store::ResponseStore,
     /// Where request bodies are parsed and prompts rendered and tokenized.
     pub cpu: CpuPool,
     pub limits: RequestLimits,
@@ -92,6 +95,8 @@ impl AppState {
         chat::chat_completions,
         completions::completions,
         responses::responses,
+        responses::get_response,
+        responses::delete_response,
         models,
         tokenize,
         detokenize,
@@ -107,6 +112,7 @@ impl AppState {
         crate::openai::completions::Completion,
         ResponsesRequest,
         ResponseObject,
+        DeletedResponse,
         ModelList,
         TokenizeRequest,
         TokenizeResponse,
@@ -126,6 +132,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/responses", post(responses::responses))
+        .route(
+            "/v1/responses/{response_id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))

@@ -1,13 +1,15 @@
 //! `POST /v1/responses`: input as a string or a list of items, `instructions`, reasoning items,
 //! `max_output_tokens`, function calls, and the streaming events from `response.created` to
 //! `response.completed` (or `response.incomplete` / `response.failed`), read straight from the
-//! [`Choices`] stream.
+//! [`Choices`] stream. Finished responses are stored (`store`) for `GET` and `DELETE
+//! /v1/responses/{id}` and continued with `previous_response_id`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,6 +17,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::body::ApiJson;
+use super::response_store::StoredResponse;
 use super::AppState;
 use crate::choices::{self, ChoiceDelta, ChoiceDone, ChoiceUpdate, Choices};
 use crate::openai::error::{ApiError, ErrorBody};
@@ -36,8 +39,24 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let ApiJson(req) = payload?;
     state.check_model(req.model.as_deref())?;
-    let g = req.validate(&state.default_sampling)?;
+    let mut g = req.validate(&state.default_sampling)?;
+    // The request's own messages start after its instructions.
+    let own = usize::from(req.instructions.is_some());
+    if let Some(id) = &req.previous_response_id {
+        let earlier = state
+            .responses
+            .get(id)
+            .ok_or_else(|| ApiError::response_not_found(id, "previous_response_id"))?;
+        g.conversation
+            .continue_from(own, continuation(&earlier)?, id);
+    }
     let choices = choices::start(&state, &g).await?;
+    let store = req.store.unwrap_or(true);
+    // A continuation of this response starts from its messages without the instructions.
+    let keep = store.then(|| Keep {
+        state: state.clone(),
+        conversation: g.conversation.messages.split_off(own),
+    });
     let base = ResponseObject {
         id: crate::ids::random_id("resp_"),
         object: "response".into(),
@@ -57,16 +76,94 @@ async fn handle(
             .unwrap_or(ResponsesToolChoice::Mode(ToolChoiceMode::Auto)),
         temperature: req.temperature,
         top_p: req.top_p,
+        store,
+        previous_response_id: req.previous_response_id,
     };
     let events = ResponseEvents::new(base);
     if g.stream {
-        Ok(Sse::new(stream(events, choices)).into_response())
+        Ok(Sse::new(stream(events, choices, keep)).into_response())
     } else {
-        Ok(Json(collect(events, choices).await?).into_response())
+        Ok(Json(collect(events, choices, keep).await?).into_response())
     }
 }
 
-async fn collect(mut ev: ResponseEvents, mut choices: Choices) -> Result<ResponseObject, ApiError> {
+/// A stored response's conversation, then its output as the assistant's turn: the message's
+/// text and the function calls (reasoning is not sent again; the template drops earlier
+/// thinking anyway), read back as input items so that a continuation prompts exactly as a
+/// request that sends the same items itself.
+fn continuation(stored: &StoredResponse) -> Result<Vec<Message>, ApiError> {
+    let items = stored
+        .response
+        .output
+        .iter()
+        .map(|item| serde_json::from_value::<InputItem>(item.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::internal(format!("a stored output item does not read back: {e}")))?;
+    let mut messages = stored.conversation.clone();
+    ResponsesRequest::item_messages(&items, &mut messages, &mut vec![])?;
+    Ok(messages)
+}
+
+/// Where a finished response goes (`store`): the store, with the conversation it ran on.
+struct Keep {
+    state: Arc<AppState>,
+    conversation: Vec<Message>,
+}
+
+impl Keep {
+    fn finish(self, response: &ResponseObject) {
+        self.state.responses.insert(StoredResponse {
+            response: response.clone(),
+            conversation: self.conversation,
+        });
+    }
+}
+
+#[utoipa::path(get, path = "/v1/responses/{response_id}",
+    params(("response_id" = String, Path, description = "The `id` of a stored response")),
+    responses((status = 200, description = "The stored response, as the POST answered it", body = ResponseObject),
+              (status = 401, body = ErrorBody), (status = 404, description = "Not stored, deleted, evicted or expired", body = ErrorBody)))]
+pub async fn get_response(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let answer = response_id(id).and_then(|id| match state.responses.get(&id) {
+        Some(stored) => Ok(Json(&stored.response).into_response()),
+        None => Err(ApiError::response_not_found(&id, "response_id")),
+    });
+    super::respond(&state, answer)
+}
+
+#[utoipa::path(delete, path = "/v1/responses/{response_id}",
+    params(("response_id" = String, Path, description = "The `id` of a stored response")),
+    responses((status = 200, body = DeletedResponse),
+              (status = 401, body = ErrorBody), (status = 404, description = "Not stored, deleted, evicted or expired", body = ErrorBody)))]
+pub async fn delete_response(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let answer = response_id(id).and_then(|id| match state.responses.delete(&id) {
+        true => Ok(Json(DeletedResponse {
+            id,
+            object: "response".into(),
+            deleted: true,
+        })
+        .into_response()),
+        false => Err(ApiError::response_not_found(&id, "response_id")),
+    });
+    super::respond(&state, answer)
+}
+
+fn response_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    id.map(|Path(id)| id)
+        .map_err(|e| ApiError::bad_request(e.body_text()).param("response_id"))
+}
+
+async fn collect(
+    mut ev: ResponseEvents,
+    mut choices: Choices,
+    keep: Option<Keep>,
+) -> Result<ResponseObject, ApiError> {
     while let Some((_, update)) = choices.next().await {
         match update {
             ChoiceUpdate::Delta(d) => {
@@ -74,6 +171,9 @@ async fn collect(mut ev: ResponseEvents, mut choices: Choices) -> Result<Respons
             }
             ChoiceUpdate::Done(d) => {
                 ev.done(d);
+                if let Some(keep) = keep {
+                    keep.finish(&ev.response);
+                }
                 return Ok(ev.response);
             }
             ChoiceUpdate::Error(e) => return Err(e),
@@ -83,19 +183,21 @@ async fn collect(mut ev: ResponseEvents, mut choices: Choices) -> Result<Respons
 }
 
 /// The events of a response (`event: TYPE` + `data: {..., "type", "sequence_number"}`), then
-/// the end of the stream.
+/// the end of the stream. The finished response (completed, incomplete or failed) is stored
+/// before its last event is sent.
 fn stream(
     mut events: ResponseEvents,
     choices: Choices,
+    keep: Option<Keep>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let start = events.start();
     stream::unfold(
-        (events, choices, VecDeque::from(start), false),
-        |(mut ev, mut choices, mut queued, mut ended)| async move {
+        (events, choices, VecDeque::from(start), false, keep),
+        |(mut ev, mut choices, mut queued, mut ended, mut keep)| async move {
             loop {
                 if let Some(frame) = queued.pop_front() {
                     let event = ev.emit(frame);
-                    return Some((Ok(event), (ev, choices, queued, ended)));
+                    return Some((Ok(event), (ev, choices, queued, ended, keep)));
                 }
                 if ended {
                     return None;
@@ -116,6 +218,11 @@ fn stream(
                     }
                 };
                 queued.extend(frames);
+                if ended {
+                    if let Some(keep) = keep.take() {
+                        keep.finish(&ev.response);
+                    }
+                }
             }
         },
     )

@@ -12,6 +12,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub param: Option<String>,
+    /// The error's `code` where the status alone does not say it.
+    pub code: Option<&'static str>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -34,6 +36,7 @@ impl ApiError {
             status,
             message: message.into(),
             param: None,
+            code: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -48,6 +51,17 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+    /// 404 for a response id the store does not hold (never stored, deleted, evicted or
+    /// expired); `param` names the field that gave the id.
+    pub fn response_not_found(id: &str, param: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            format!("Response with id '{id}' not found."),
+        )
+        .param(param);
+        e.code = Some("response_not_found");
+        e
     }
 
     pub fn body(&self) -> ErrorBody {
@@ -65,7 +79,7 @@ impl ApiError {
                 message: self.message.clone(),
                 kind: kind.into(),
                 param: self.param.clone(),
-                code: Some(code.into()),
+                code: Some(self.code.unwrap_or(code).into()),
             },
         }
     }

@@ -649,6 +649,14 @@ pub struct ResponsesRequest {
     pub seed: Option<i64>,
     /// vLLM extension, as in chat completions.
     pub mm_processor_kwargs: Option<MmProcessorKwargs>,
+    /// Keep the finished response for `GET /v1/responses/{id}` and `previous_response_id`
+    /// (default true, as OpenAI).
+    pub store: Option<bool>,
+    /// Continue a stored response: its conversation and output come before `input` (its
+    /// `instructions` do not).
+    pub previous_response_id: Option<String>,
+    /// Only false: background responses are not supported (a 400).
+    pub background: Option<bool>,
 }
 
 /// A string (one user message), or a list of input items.
@@ -776,4 +784,16 @@ pub struct ResponseObject {
     pub tool_choice: ResponsesToolChoice,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// Whether the response is kept (the request's `store`, default true).
+    pub store: bool,
+    pub previous_response_id: Option<String>,
+}
+
+/// The answer of `DELETE /v1/responses/{id}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeletedResponse {
+    pub id: String,
+    /// "response".
+    pub object: String,
+    pub deleted: bool,
 }

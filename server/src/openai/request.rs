@@ -44,6 +44,16 @@ impl Conversation {
             .cloned()
             .unwrap_or_else(|| format!("{}[{i}]", self.param))
     }
+
+    /// Puts `earlier` (a stored response's conversation, `previous_response_id`) before the
+    /// request's own messages, after its first `at` (its instructions), labelled by the stored
+    /// response's id. For Responses requests, whose labels name every message.
+    pub fn continue_from(&mut self, at: usize, earlier: Vec<Message>, id: &str) {
+        let at = at.min(self.labels.len()).min(self.messages.len());
+        let labels = (0..earlier.len()).map(|k| format!("previous_response_id {id} message {k}"));
+        self.labels.splice(at..at, labels);
+        self.messages.splice(at..at, earlier);
+    }
 }
 
 /// A tool call the answer must start with (`tool_choice` "required" or a named function).
@@ -298,6 +308,9 @@ fn structured_outputs_of(so: StructuredOutputs) -> Result<Format, ApiError> {
 
 impl ResponsesRequest {
     pub fn validate(&self, defaults: &SamplingParams) -> Result<Generation, ApiError> {
+        if self.background == Some(true) {
+            return Err(bad("background responses are not supported", "background"));
+        }
         let (messages, labels) = self.messages()?;
         let thinking = reasoning_effort(
             self.reasoning.as_ref().and_then(|r| r.effort.as_deref()),
@@ -406,6 +419,17 @@ impl ResponsesRequest {
             }
             ResponsesInput::Items(items) => items,
         };
+        Self::item_messages(items, &mut msgs, &mut labels)?;
+        Ok((msgs, labels))
+    }
+
+    /// Appends input items (or a stored response's output items) to `msgs` as chat messages,
+    /// each labelled by its item.
+    pub fn item_messages(
+        items: &[InputItem],
+        msgs: &mut Vec<Message>,
+        labels: &mut Vec<String>,
+    ) -> Result<(), ApiError> {
         for (n, item) in items.iter().enumerate() {
             match item {
                 InputItem::Message { role, content } => {
@@ -472,7 +496,7 @@ impl ResponsesRequest {
                 InputItem::Reasoning {} => {}
             }
         }
-        Ok((msgs, labels))
+        Ok(())
     }
 }
 
@@ -887,5 +911,52 @@ mod tests {
         let bad: Result<ResponsesRequest, _> =
             serde_json::from_value(json!({"input": [{"type": "web_search_call"}]}));
         assert!(bad.unwrap_err().to_string().contains("input[0]"));
+    }
+
+    #[test]
+    fn a_continuation_goes_after_the_instructions_with_its_labels() {
+        let req: ResponsesRequest = serde_json::from_value(json!({
+            "instructions": "be brief",
+            "input": [{"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+            "previous_response_id": "resp_1",
+        }))
+        .unwrap();
+        let mut g = req.validate(&defaults()).unwrap();
+        let earlier = vec![
+            Message::User {
+                content: Content::Text("weather?".into()),
+            },
+            Message::Assistant {
+                content: None,
+                reasoning_content: None,
+                tool_calls: vec![],
+            },
+        ];
+        g.conversation.continue_from(1, earlier, "resp_1");
+        let c = &g.conversation;
+        assert_eq!(
+            c.labels,
+            [
+                "instructions",
+                "previous_response_id resp_1 message 0",
+                "previous_response_id resp_1 message 1",
+                "input[0]"
+            ]
+        );
+        let kinds: Vec<_> = c
+            .messages
+            .iter()
+            .map(|m| match m {
+                Message::System { .. } => "system",
+                Message::User { .. } => "user",
+                Message::Assistant { .. } => "assistant",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["system", "user", "assistant", "other"]);
+        let background: ResponsesRequest =
+            serde_json::from_value(json!({"input": "hi", "background": true})).unwrap();
+        let e = background.validate(&defaults()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("background"));
     }
 }
