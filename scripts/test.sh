@@ -15,9 +15,12 @@ cargo test --workspace
 cargo build --workspace --bins --examples
 
 VENV="${TEST_VENV:-.venv-test}"
-if [ ! -x "$VENV/bin/pytest" ]; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r conformance/openai_client/requirements.txt
+REQS=conformance/openai_client/requirements.txt
+# (Re)installs when the requirements changed since the venv was made (a copy is kept in it).
+if ! cmp -s "$REQS" "$VENV/requirements.txt"; then
+    [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
+    cp "$REQS" "$VENV/requirements.txt"
 fi
 GEMMA4_BIN="$TARGET/debug/gemma4" GEMMA4_SCRIPTED_BIN="$TARGET/debug/examples/scripted_serve" \
     "$VENV/bin/pytest" -q conformance/openai_client

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -45,12 +46,13 @@ WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "descri
                  "parameters": WEATHER_PARAMETERS}}]
 
 
-def start(extra, command=None):
+def start(extra, command=None, max_model_len=512):
     """`gemma4 serve` with `extra` flags, or `command` (a server taking the same flags) instead."""
     command = command or [os.environ.get("GEMMA4_BIN", os.path.join(ROOT, "target", "debug", "gemma4")), "serve"]
     port = free_port()
     proc = subprocess.Popen(
-        [*command, "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", *extra],
+        [*command, "--port", str(port), "--served-model-name", "tiny", "--max-model-len", str(max_model_len),
+         *extra],
         env={**os.environ, "GEMMA4_API_KEY": KEY},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -509,3 +511,27 @@ def test_responses_function_call_continuation(scripted):
     # Without the stored call, the result answers no call: a 400.
     with pytest.raises(openai.BadRequestError):
         scripted.responses.create(model="tiny", input=result, tools=tools)
+
+
+# Robustness: schemathesis generates requests from /openapi.json (valid ones, and invalid ones of
+# every kind) against the real server.
+
+def test_schemathesis_finds_no_5xx_and_no_schema_violation():
+    """Every operation of /openapi.json, a bounded number of generated cases each (fixed seed, so
+    CI reruns the same cases): no answer may be a 5xx, and every answer must match the schema
+    the server documents for its status. A short context keeps generated generations short."""
+    proc, base = start([], max_model_len=48)
+    try:
+        st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+        run = subprocess.run(
+            [st, "run", base + "/openapi.json", "--header", f"Authorization: Bearer {KEY}",
+             "--checks", "not_a_server_error,response_schema_conformance",
+             "--phases", "examples,coverage,fuzzing", "--max-examples", "40", "--seed", "1",
+             "--request-timeout", "120", "--workers", "2"],
+            capture_output=True, text=True, timeout=600)
+        summary = run.stdout[-3000:]
+        print(summary)
+        assert run.returncode == 0, summary + run.stderr[-2000:]
+        assert "generated" in summary
+    finally:
+        stop(proc)

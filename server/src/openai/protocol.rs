@@ -775,7 +775,7 @@ pub struct ResponseObject {
     pub output: Vec<Value>,
     pub usage: Option<ResponseUsage>,
     pub incomplete_details: Option<IncompleteDetails>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub error: Option<Value>,
     pub instructions: Option<String>,
     pub max_output_tokens: Option<u32>,
