@@ -27,6 +27,7 @@ use gemma4_model::vision::PreprocessedImage;
 use http_body_util::{BodyExt, Empty};
 use tokio_rustls::rustls::{self, pki_types};
 
+use crate::cpu::CpuPool;
 use crate::openai::error::ApiError;
 
 /// What the HTTP side knows of the checkpoint's vision side.
@@ -63,8 +64,6 @@ pub struct ImageSettings {
     pub fetch_timeout: Duration,
     /// Encoded size (bytes) and header dimensions (pixels) accepted, checked before decoding.
     pub decode: DecodeLimits,
-    /// Bounds the images decoded at once over all requests (decoding allocates width × height × 3).
-    pub decode_permits: Arc<tokio::sync::Semaphore>,
     /// TLS client of https:// fetches (roots: webpki-roots, plus `--image-ca-file`).
     pub tls: Arc<rustls::ClientConfig>,
 }
@@ -77,9 +76,6 @@ impl ImageSettings {
         limit_per_prompt: usize,
         fetch_timeout: Duration,
     ) -> Self {
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
         ImageSettings {
             vision,
             image_token_id,
@@ -88,7 +84,6 @@ impl ImageSettings {
             limit_per_prompt,
             fetch_timeout,
             decode: DecodeLimits::default(),
-            decode_permits: Arc::new(tokio::sync::Semaphore::new(cpus.max(1))),
             tls: tls_config(&[])
                 .unwrap_or_else(|e| unreachable!("the default TLS client config: {e}")),
         }
@@ -233,9 +228,10 @@ pub fn check_refs(settings: &ImageSettings, refs: &[ImageRef]) -> Result<(), Api
 }
 
 /// Fetches (http), decodes and preprocesses every image, in order; the decoding runs on the
-/// blocking pool, at most `decode_permits` at once.
+/// request CPU pool (which also bounds the memory of decodes at once: width × height × 3 each).
 pub async fn load(
     settings: &ImageSettings,
+    cpu: &CpuPool,
     refs: Vec<ImageRef>,
     budget: usize,
 ) -> Result<Vec<Arc<PreprocessedImage>>, ApiError> {
@@ -254,18 +250,12 @@ pub async fn load(
             })?;
             Some(bytes)
         };
-        let permit = settings
-            .decode_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::internal("image decoding is shut down"))?;
         let limits = settings.decode;
         let processor = vision.processor;
         let max_side = vision.max_patches_per_side;
         let location = r.location.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+        let decoded = cpu
+            .run(move || {
             let bytes = match fetched {
                 Some(b) => b,
                 None => decode_data_url(&r.url)?,
@@ -281,15 +271,11 @@ pub async fn load(
             }
             Ok(p)
         })
-        .await;
-        match result {
-            Ok(Ok(p)) => out.push(Arc::new(p)),
-            Ok(Err(e)) => return Err(ApiError::bad_request(format!("{location}: {e}"))),
-            Err(_) => {
-                return Err(ApiError::internal(format!(
-                    "{location}: internal error while decoding the image"
-                )))
-            }
+            .await
+            .map_err(|e| ApiError::internal(format!("{location}: {}", e.message)))?;
+        match decoded {
+            Ok(p) => out.push(Arc::new(p)),
+            Err(e) => return Err(ApiError::bad_request(format!("{location}: {e}"))),
         }
     }
     Ok(out)

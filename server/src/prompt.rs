@@ -8,6 +8,7 @@ use std::sync::Arc;
 use gemma4_model::vision::PreprocessedImage;
 use tokenizers::Tokenizer;
 
+use crate::chat_template::ChatTemplate;
 use crate::http::AppState;
 use crate::images::{self, ImageRef};
 use crate::openai::error::ApiError;
@@ -35,16 +36,20 @@ pub async fn build(state: &Arc<AppState>, conv: &Conversation) -> Result<Prompt,
     };
     let refs = image_refs(conv)?;
     images::check_refs(&state.images, &refs).map_err(at)?;
-    if state.template.is_none() {
+    let Some(template) = state.template.clone() else {
         return Err(ApiError::bad_request(
             "this model has no chat template; use /tokenize and a completion client",
         ));
-    }
+    };
     check_text_fits(state, conversation_text_bytes(conv), conv.param)?;
     let ids = {
         let (st, conv) = (state.clone(), conv.clone());
-        state.cpu.run(move || render(&st, &conv)).await??
+        state
+            .cpu
+            .run(move || render(&st, &template, &conv))
+            .await??
     };
+    // Every image placeholder of the prompt must be one of the request's images.
     let placeholders = state
         .images
         .image_token_id
@@ -75,7 +80,7 @@ pub async fn build(state: &Arc<AppState>, conv: &Conversation) -> Result<Prompt,
             "this model has no vision tower: image inputs are not supported",
         ));
     };
-    let loaded = images::load(&state.images, refs, budget)
+    let loaded = images::load(&state.images, &state.cpu, refs, budget)
         .await
         .map_err(at)?;
     let counts: Vec<usize> = loaded.iter().map(|p| p.num_soft_tokens).collect();
@@ -86,10 +91,11 @@ pub async fn build(state: &Arc<AppState>, conv: &Conversation) -> Result<Prompt,
 }
 
 /// The chat template's text of `conv`, tokenized (on the CPU pool).
-fn render(state: &AppState, conv: &Conversation) -> Result<Vec<u32>, ApiError> {
-    let Some(template) = &state.template else {
-        return Err(ApiError::bad_request("this model has no chat template"));
-    };
+fn render(
+    state: &AppState,
+    template: &ChatTemplate,
+    conv: &Conversation,
+) -> Result<Vec<u32>, ApiError> {
     let converted =
         messages::to_template(&conv.messages, template.tool_results(), &|i| conv.label(i))
             .map_err(|e| ApiError::bad_request(e).param(conv.param))?;

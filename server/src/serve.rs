@@ -211,7 +211,7 @@ pub fn build_state(args: &ServeArgs, engine: Engine, meta: ModelMeta) -> Result<
             body_read: Duration::from_secs(args.body_read_timeout.max(1)),
         },
         tokenizer: Arc::new(tokenizer),
-        template,
+        template: template.map(Arc::new),
         special: Arc::new(special),
         served_model_name,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),

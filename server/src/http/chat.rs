@@ -48,11 +48,11 @@ async fn handle(
     }
 }
 
-/// What every chunk of one completion repeats.
-struct Head {
-    id: String,
-    model: String,
-    created: u64,
+/// What every chunk of one completion repeats (chat and legacy completions alike).
+pub(super) struct Head {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
 }
 
 async fn collect(

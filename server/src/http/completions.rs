@@ -15,7 +15,7 @@ use futures_util::stream::{self, BoxStream, SelectAll, Stream, StreamExt};
 use tokenizers::Tokenizer;
 
 use super::body::ApiJson;
-use super::chat::data;
+use super::chat::{data, Head};
 use super::AppState;
 use crate::choices::{self, ChoiceDone, ChoiceUpdate, Output};
 use crate::openai::completions::*;
@@ -69,13 +69,6 @@ async fn handle(
     } else {
         Ok(Json(collect(head, &shape, &prompts, updates).await?).into_response())
     }
-}
-
-/// What every chunk of one completion repeats.
-struct Head {
-    id: String,
-    model: String,
-    created: u64,
 }
 
 /// How the choices' answers are shaped.

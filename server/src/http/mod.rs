@@ -35,7 +35,7 @@ use gemma4_model::SamplingParams;
 pub struct AppState {
     pub engine: Engine,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
-    pub template: Option<ChatTemplate>,
+    pub template: Option<Arc<ChatTemplate>>,
     pub special: Arc<SpecialTokens>,
     pub served_model_name: String,
     pub api_key: Option<String>,

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::protocol::{
     json_kind, PromptTokensDetails, ResponseFormat, Stop, StreamOptions, StructuredOutputs,
 };
-use super::request::{self, Conversation, Generation, MAX_CHOICES, MAX_TOP_LOGPROBS};
+use super::request::{self, bad, Conversation, Generation, MAX_TOP_LOGPROBS};
 
 /// `max_tokens` when the request leaves it out (OpenAI's and vLLM's default).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -151,20 +151,13 @@ pub struct CompletionJob {
     pub generation: Generation,
 }
 
-fn bad(message: impl Into<String>, param: &str) -> ApiError {
-    ApiError::bad_request(message).param(param)
-}
-
 impl CompletionRequest {
     pub fn validate(self, defaults: &SamplingParams) -> Result<CompletionJob, ApiError> {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(bad("suffix is not supported", "suffix"));
         }
-        let n = self.n.unwrap_or(1);
-        if !(1..=MAX_CHOICES).contains(&n) {
-            return Err(bad(format!("n must be between 1 and {MAX_CHOICES}"), "n"));
-        }
-        if let Some(b) = self.best_of.filter(|&b| b != 1 && b != n) {
+        let n = request::choice_count(self.n)?;
+        if let Some(b) = self.best_of.filter(|&b| b != 1 && b as usize != n) {
             return Err(bad(
                 format!("best_of {b} is not supported: only null, 1 or n ({n})"),
                 "best_of",
@@ -180,13 +173,7 @@ impl CompletionRequest {
             k => k.map(|k| k as usize),
         };
         let echo = self.echo.unwrap_or(false);
-        let stream = self.stream.unwrap_or(false);
-        if self.stream_options.is_some() && !stream {
-            return Err(bad(
-                "stream_options can only be given when stream is true",
-                "stream_options",
-            ));
-        }
+        let (stream, include_usage) = request::streaming(self.stream, self.stream_options)?;
         let max_tokens = match self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) {
             0 if echo => Some((0, "max_tokens")),
             n => request::max_tokens(Some(n), "max_tokens")?,
@@ -227,7 +214,7 @@ impl CompletionRequest {
                     max_soft_tokens: None,
                     add_generation_prompt: false,
                 },
-                n: n as usize,
+                n,
                 max_tokens,
                 sampling: request::sampling(
                     defaults,
@@ -245,10 +232,7 @@ impl CompletionRequest {
                 parallel_tool_calls: false,
                 format: request::chat_format(self.response_format, self.structured_outputs, &None)?,
                 stream,
-                include_usage: self
-                    .stream_options
-                    .and_then(|o| o.include_usage)
-                    .unwrap_or(false),
+                include_usage,
             },
         })
     }
@@ -347,17 +331,8 @@ pub struct CompletionUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::request::tests::defaults;
     use serde_json::json;
-
-    fn defaults() -> SamplingParams {
-        SamplingParams {
-            temperature: 1.0,
-            top_k: 64,
-            top_p: 0.95,
-            min_p: 0.0,
-            seed: 0,
-        }
-    }
 
     fn validate(body: Value) -> Result<CompletionJob, String> {
         let req: CompletionRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;

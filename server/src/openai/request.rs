@@ -86,7 +86,7 @@ pub struct Generation {
     pub include_usage: bool,
 }
 
-fn bad(message: impl Into<String>, param: &str) -> ApiError {
+pub(crate) fn bad(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::bad_request(message).param(param)
 }
 
@@ -101,10 +101,7 @@ impl ChatCompletionRequest {
                 self.reasoning_effort.as_deref(),
                 "reasoning_effort",
             )?);
-        let n = self.n.unwrap_or(1);
-        if !(1..=MAX_CHOICES).contains(&n) {
-            return Err(bad(format!("n must be between 1 and {MAX_CHOICES}"), "n"));
-        }
+        let n = choice_count(self.n)?;
         let tools = self.tools.unwrap_or_default();
         for (i, t) in tools.iter().enumerate() {
             check_tool(&t.function, &format!("tools[{i}].function"))?;
@@ -134,13 +131,7 @@ impl ChatCompletionRequest {
             }
             _ => None,
         };
-        let stream = self.stream.unwrap_or(false);
-        if self.stream_options.is_some() && !stream {
-            return Err(bad(
-                "stream_options can only be given when stream is true",
-                "stream_options",
-            ));
-        }
+        let (stream, include_usage) = streaming(self.stream, self.stream_options)?;
         Ok(Generation {
             conversation: Conversation {
                 labels: vec![],
@@ -151,7 +142,7 @@ impl ChatCompletionRequest {
                 add_generation_prompt: true,
                 messages: nonempty(self.messages, "messages")?,
             },
-            n: n as usize,
+            n,
             max_tokens: max_tokens(
                 self.max_completion_tokens.or(self.max_tokens),
                 match self.max_completion_tokens {
@@ -180,12 +171,36 @@ impl ChatCompletionRequest {
             forced_tool,
             parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
             stream,
-            include_usage: self
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            include_usage,
         })
     }
+}
+
+/// `n`: 1 when not given, at most [`MAX_CHOICES`].
+pub(crate) fn choice_count(n: Option<u32>) -> Result<usize, ApiError> {
+    let n = n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(bad(format!("n must be between 1 and {MAX_CHOICES}"), "n"));
+    }
+    Ok(n as usize)
+}
+
+/// `stream`, and `stream_options.include_usage`: options only with a stream, as vLLM.
+pub(crate) fn streaming(
+    stream: Option<bool>,
+    options: Option<StreamOptions>,
+) -> Result<(bool, bool), ApiError> {
+    let stream = stream.unwrap_or(false);
+    if options.is_some() && !stream {
+        return Err(bad(
+            "stream_options can only be given when stream is true",
+            "stream_options",
+        ));
+    }
+    Ok((
+        stream,
+        options.and_then(|o| o.include_usage).unwrap_or(false),
+    ))
 }
 
 /// `logit_bias`: token ids (as strings) to biases, clamped to [-100, 100].
@@ -724,11 +739,12 @@ pub(crate) fn sampling(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn defaults() -> SamplingParams {
+    /// The sampling defaults of the request tests (a checkpoint's generation config).
+    pub(crate) fn defaults() -> SamplingParams {
         SamplingParams {
             temperature: 1.0,
             top_k: 64,
